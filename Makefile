@@ -1,0 +1,21 @@
+# Two entry points: `make train` and `make test`. Each installs what it needs first.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+ARGS ?=
+
+.PHONY: setup data train test
+
+setup:
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[test]'
+
+data:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; fi; fi
+
+train: setup data
+	$(PYTHON) launch.py train $(ARGS)
+
+test: setup
+	$(PYTHON) -m pytest -q

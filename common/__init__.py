@@ -1,0 +1,1 @@
+"""Shared pieces of synthgrad: wire protocol, configuration, models, data and process helpers."""

@@ -1,0 +1,177 @@
+"""One frozen run configuration, built by launch.py, validated before any process starts.
+
+The coordinator sends it to every worker in the START handshake (as a plain dict over msgpack),
+so a worker needs nothing but the coordinator's endpoint and its stage index.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+MODES = ("backprop", "locked", "unlocked", "stale")
+MODELS = ("mlp", "cnn")
+DATASETS = ("fashion-mnist", "mnist", "synthetic")
+SG_MODELS = ("linear", "mlp")
+OPTIMIZERS = ("adam", "sgd")
+TRANSPORTS = ("ipc", "tcp")
+
+
+def opt(default: Any, help: str) -> Any:
+    """A config field with its command-line help (launch.py builds its options from these)."""
+    return field(default=default, metadata={"help": help})
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # --- what to train
+    mode: str = opt("unlocked", "backprop | locked | unlocked | stale")
+    model: str = opt("mlp", "mlp (sizes from --layers) | cnn (two conv blocks, two linear)")
+    layers: tuple[int, ...] = opt((784, 256, 256, 256, 10), "MLP sizes: input, hidden..., classes")
+    stages: Optional[int] = opt(None, "number of stage processes, layers split evenly (default: one per layer)")
+    groups: Optional[tuple[int, ...]] = opt(None, "explicit layers per stage, e.g. 2,1,1")
+    # --- data
+    dataset: str = opt("fashion-mnist", "fashion-mnist | mnist (needs --data-dir) | synthetic (generated in memory)")
+    data_dir: Optional[str] = opt(None, "folder of IDX files; None = the Debian package's folder")
+    synthetic_train: int = opt(12800, "samples in the generated set (dataset=synthetic)")
+    synthetic_test: int = opt(2560, "test samples in the generated set")
+    eval_samples: Optional[int] = opt(None, "evaluate on the first N test samples (None = all)")
+    # --- schedule
+    epochs: int = opt(3, "passes over the training set; the test set is evaluated after each")
+    steps: Optional[int] = opt(None, "stop after this many steps (overrides epochs when smaller)")
+    batch_size: int = opt(256, "samples per step (the last partial batch of an epoch is dropped)")
+    seed: int = opt(0, "seeds weights and batch order: same seed, same batches in every mode")
+    # --- stage optimiser
+    optimizer: str = opt("adam", "adam | sgd, for the layers")
+    lr: float = opt(1e-3, "learning rate of the layers")
+    momentum: float = opt(0.9, "sgd only")
+    # --- synthetic gradients
+    true_grad_every: int = opt(1, "N: every N-th step's true gradient trains the SG models")
+    sg_model: str = opt("linear", "linear | mlp (one hidden layer), last layer zero-initialised")
+    sg_hidden: int = opt(1024, "hidden width (mlp) or channels (conv activations)")
+    sg_lr: float = opt(1e-4, "learning rate of the synthetic-gradient models")
+    sg_optimizer: str = opt("adam", "adam | sgd, for the synthetic-gradient models")
+    conditioned: bool = opt(False, "cDNI: the SG model also sees the labels (one-hot)")
+    bootstrap: bool = opt(False, "train SG_i also on the next stage's synthetic gradient")
+    # --- processes and transport
+    transport: str = opt("ipc", "ipc (one host) | tcp")
+    host: str = opt("127.0.0.1", "address to bind tcp endpoints on")
+    threads_per_worker: int = opt(1, "torch threads in each stage process")
+    backprop_threads: Optional[int] = opt(None, "torch threads for mode=backprop (None = all cores)")
+    pin_cores: bool = opt(True, "pin each worker to one core with psutil (round robin)")
+    queue_depth: int = opt(2, "ZeroMQ high-water mark per link, in messages (bounds run-ahead)")
+    max_message_mb: int = opt(256, "upper bound on one message's tensor bytes")
+    # --- time limits (seconds)
+    start_timeout: float = opt(120.0, "all workers registered and ready")
+    stall_timeout: float = opt(120.0, "no message from any worker for this long = failure")
+    # --- output
+    out: Optional[str] = opt(None, "run folder; None = runs/<mode>-<time>")
+    progress_every: float = opt(2.0, "seconds between progress lines")
+    metrics_every: float = opt(1.0, "seconds between a worker's metric reports")
+
+    # ---------------------------------------------------------------- validation
+    def validate(self) -> "RunConfig":
+        """Raise ConfigError naming the field and what to change; return self when valid."""
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        need(self.mode in MODES, f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        need(self.model in MODELS, f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        need(self.dataset in DATASETS,
+             f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        need(self.sg_model in SG_MODELS,
+             f"unknown synthetic-gradient model {self.sg_model!r}; choose one of {', '.join(SG_MODELS)}")
+        need(self.optimizer in OPTIMIZERS and self.sg_optimizer in OPTIMIZERS,
+             f"optimizers must be one of {', '.join(OPTIMIZERS)}")
+        need(self.transport in TRANSPORTS,
+             f"unknown transport {self.transport!r}; choose one of {', '.join(TRANSPORTS)}")
+        if self.model == "mlp":
+            need(len(self.layers) >= 2, "--layers needs at least an input and an output size, e.g. 784,256,10")
+            need(all(int(s) > 0 for s in self.layers), f"--layers sizes must be positive, got {self.layers}")
+            need(self.layers[0] == 784,
+                 f"--layers must start with 784 (28x28 images), got {self.layers[0]}")
+            need(self.layers[-1] == 10, f"--layers must end with 10 classes, got {self.layers[-1]}")
+        need(self.batch_size >= 2, "--batch-size must be at least 2 (batch norm needs two samples)")
+        need(self.epochs >= 1, "--epochs must be at least 1")
+        need(self.steps is None or self.steps >= 1, "--steps must be at least 1")
+        need(self.lr > 0 and self.sg_lr > 0, "learning rates must be positive")
+        need(self.true_grad_every >= 1, "--true-grad-every must be at least 1")
+        need(self.sg_hidden >= 1, "--sg-hidden must be at least 1")
+        need(self.threads_per_worker >= 1, "--threads-per-worker must be at least 1")
+        need(self.queue_depth >= 1, "--queue-depth must be at least 1")
+        need(self.max_message_mb >= 1, "--max-message-mb must be at least 1")
+        need(self.synthetic_train >= self.batch_size,
+             "--synthetic-train must hold at least one batch")
+        need(self.synthetic_test >= 1, "--synthetic-test must be at least 1")
+        need(self.eval_samples is None or self.eval_samples >= 1, "--eval-samples must be at least 1")
+        n_layers = self.num_layers
+        if self.groups is not None:
+            need(all(g >= 1 for g in self.groups), f"--groups entries must be >= 1, got {self.groups}")
+            need(sum(self.groups) == n_layers,
+                 f"--groups {','.join(map(str, self.groups))} covers {sum(self.groups)} layers, "
+                 f"but the model has {n_layers}")
+            need(self.stages is None or self.stages == len(self.groups),
+                 "--stages and --groups disagree; give one of them")
+        if self.stages is not None:
+            need(self.stages >= 1, "--stages must be at least 1")
+            need(self.stages <= n_layers,
+                 f"--stages {self.stages} is more than the model's {n_layers} layers; "
+                 f"use --stages {n_layers} or fewer")
+        return self
+
+    # ---------------------------------------------------------------- derived values
+    @property
+    def num_layers(self) -> int:
+        """Layers that can be placed on stages (MLP: Linear blocks; CNN: four blocks)."""
+        return len(self.layers) - 1 if self.model == "mlp" else 4
+
+    @property
+    def stage_groups(self) -> tuple[int, ...]:
+        """Layers per stage: explicit groups, or an even split into `stages` (default one each)."""
+        if self.groups is not None:
+            return tuple(self.groups)
+        k = self.stages or self.num_layers
+        base, extra = divmod(self.num_layers, k)
+        return tuple(base + (1 if i < extra else 0) for i in range(k))
+
+    @property
+    def num_stages(self) -> int:
+        return 1 if self.mode == "backprop" else len(self.stage_groups)
+
+    def is_true_grad_step(self, step: int) -> bool:
+        """Steps count from 0; every N-th step (N-1, 2N-1, ...) carries a true gradient."""
+        if self.mode == "locked":
+            return True
+        return (step + 1) % self.true_grad_every == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown configuration fields: {', '.join(sorted(unknown))}")
+        kwargs = dict(d)
+        for k in ("layers", "groups"):
+            if kwargs.get(k) is not None:
+                kwargs[k] = tuple(int(v) for v in kwargs[k])
+        return cls(**kwargs).validate()
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes).validate()
+
+
+def default_backprop_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))

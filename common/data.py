@@ -1,0 +1,178 @@
+"""Data: an IDX reader (the MNIST file format), the data sets, and the one batch order.
+
+Stage 0 and the single-process reference both draw batches from ``train_batches``, so for a
+given seed every mode sees exactly the same batches in the same order.
+"""
+from __future__ import annotations
+
+import gzip
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+              0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+class DataError(ValueError):
+    """Missing or malformed data files; the message says how to get them."""
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read one IDX file (gzipped or raw, detected from its first bytes) into an array."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise DataError(f"{path}: corrupt gzip data ({exc})") from None
+    if len(raw) < 4:
+        raise DataError(f"{path}: too short to be an IDX file ({len(raw)} bytes)")
+    zero, code, ndim = raw[0:2], raw[2], raw[3]
+    if zero != b"\x00\x00" or code not in IDX_DTYPES or not 1 <= ndim <= 4:
+        raise DataError(f"{path}: bad IDX magic number 0x{raw[:4].hex()} "
+                        f"(expected 0x0000 then a type code in {sorted(IDX_DTYPES)} and 1-4 dims)")
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path}: truncated IDX header")
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    dtype = np.dtype(IDX_DTYPES[code])
+    need = int(np.prod(dims)) * dtype.itemsize
+    body = raw[4 + 4 * ndim:]
+    if len(body) != need:
+        raise DataError(f"{path}: IDX header says {list(dims)} ({need} bytes of data) "
+                        f"but the file holds {len(body)} bytes")
+    return np.frombuffer(body, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _find(folder: Path, prefix: str, idx: str) -> Path:
+    """Find e.g. train-images-idx3-ubyte(.gz) or train-images.idx3-ubyte in a folder."""
+    hits = sorted(p for p in folder.iterdir()
+                  if p.name.startswith(prefix) and idx in p.name and p.is_file())
+    if not hits:
+        raise DataError(f"no {prefix}*{idx}* file in {folder}")
+    hits.sort(key=lambda p: p.suffix == ".gz")  # prefer the uncompressed file when both exist
+    return hits[0]
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # float32 [N, 1, 28, 28], normalised
+    labels: torch.Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: Split
+    test: Split
+    num_classes: int = 10
+
+
+def _how_to_get(dataset: str) -> str:
+    if dataset == "fashion-mnist":
+        return ("install it with `apt-get install dataset-fashion-mnist` (files land in "
+                f"{FASHION_MNIST_DIR}) or pass --data-dir with a folder of its IDX files")
+    return ("pass --data-dir with a folder holding train-images-idx3-ubyte, "
+            "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte "
+            "(gzipped or not; torchvision's MNIST/raw folder works)")
+
+
+def load_idx_folder(folder: str | Path, name: str) -> Dataset:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{name} data folder {folder} does not exist; {_how_to_get(name)}")
+    try:
+        arrays = {key: read_idx(_find(folder, prefix, idx)) for key, prefix, idx in (
+            ("xtr", "train-images", "idx3"), ("ytr", "train-labels", "idx1"),
+            ("xte", "t10k-images", "idx3"), ("yte", "t10k-labels", "idx1"))}
+    except DataError as exc:
+        raise DataError(f"{exc}; {_how_to_get(name)}") from None
+    for x, y in (("xtr", "ytr"), ("xte", "yte")):
+        if arrays[x].shape[0] != arrays[y].shape[0] or arrays[x].shape[1:] != (28, 28):
+            raise DataError(f"{folder}: {x} has shape {arrays[x].shape} but labels "
+                            f"{arrays[y].shape}; expected [N, 28, 28] images and [N] labels")
+    xtr = torch.from_numpy(arrays["xtr"].astype(np.float32) / 255.0)
+    mean, std = float(xtr.mean()), float(xtr.std())
+    def split(x: np.ndarray, y: np.ndarray) -> Split:
+        imgs = (torch.from_numpy(x.astype(np.float32) / 255.0) - mean) / std
+        return Split(imgs.unsqueeze(1).contiguous(), torch.from_numpy(y.astype(np.int64)))
+    return Dataset(name, split(arrays["xtr"], arrays["ytr"]), split(arrays["xte"], arrays["yte"]))
+
+
+def synthetic(n_train: int, n_test: int, seed: int = 1234) -> Dataset:
+    """Ten classes, each a fixed random 28x28 pattern plus noise: learnable in a few hundred steps."""
+    g = torch.Generator().manual_seed(seed)
+    templates = torch.randn(10, 1, 28, 28, generator=g)
+    def split(n: int) -> Split:
+        labels = torch.randint(0, 10, (n,), generator=g)
+        images = 0.15 * templates[labels] + torch.randn(n, 1, 28, 28, generator=g)
+        return Split(images.contiguous(), labels)
+    return Dataset("synthetic", split(n_train), split(n_test))
+
+
+def load_dataset(name: str, data_dir: Optional[str], n_train: int = 12800,
+                 n_test: int = 2560) -> Dataset:
+    if name == "synthetic":
+        return synthetic(n_train, n_test)
+    if name == "fashion-mnist":
+        return load_idx_folder(data_dir or FASHION_MNIST_DIR, name)
+    if name == "mnist":
+        if not data_dir:
+            raise DataError(f"--dataset mnist needs --data-dir; {_how_to_get('mnist')}")
+        return load_idx_folder(data_dir, name)
+    raise DataError(f"unknown dataset {name!r}")
+
+
+def check_dataset(name: str, data_dir: Optional[str]) -> None:
+    """Fail fast, before any process starts, when the files are not there."""
+    if name == "synthetic":
+        return
+    folder = Path(data_dir or (FASHION_MNIST_DIR if name == "fashion-mnist" else ""))
+    if not data_dir and name == "mnist":
+        raise DataError(f"--dataset mnist needs --data-dir; {_how_to_get('mnist')}")
+    if not folder.is_dir():
+        raise DataError(f"{name} data folder {folder} does not exist; {_how_to_get(name)}")
+    for prefix, idx in (("train-images", "idx3"), ("train-labels", "idx1"),
+                        ("t10k-images", "idx3"), ("t10k-labels", "idx1")):
+        try:
+            _find(folder, prefix, idx)
+        except DataError as exc:
+            raise DataError(f"{exc}; {_how_to_get(name)}") from None
+
+
+def count_train(name: str, data_dir: Optional[str], n_synthetic: int) -> int:
+    """Training-set size from the labels file's header alone (the coordinator loads no data)."""
+    if name == "synthetic":
+        return n_synthetic
+    folder = Path(data_dir or FASHION_MNIST_DIR)
+    return int(read_idx(_find(folder, "train-labels", "idx1")).shape[0])
+
+
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    return n_train // batch_size  # the last partial batch is dropped so every step has one shape
+
+
+def train_batches(split: Split, batch_size: int, seed: int, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of shuffled training batches; the order depends only on (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    order = torch.randperm(len(split), generator=g)
+    for b in range(steps_per_epoch(len(split), batch_size)):
+        idx = order[b * batch_size:(b + 1) * batch_size]
+        yield split.images[idx], split.labels[idx]
+
+
+def eval_batches(split: Split, batch_size: int, limit: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    n = len(split) if limit is None else min(limit, len(split))
+    for start in range(0, n, batch_size):
+        end = min(start + batch_size, n)
+        yield split.images[start:end], split.labels[start:end]

@@ -1,0 +1,71 @@
+"""Writing run files so that a reader never sees half of one: atomic JSON and checkpoints,
+and the append-only metrics log."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, IO
+
+import torch
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write to a temporary file beside `path`, fsync it, rename over `path`, fsync the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+class JsonlLog:
+    """metrics.jsonl: one JSON record per line, flushed as written so a crash keeps the history."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+
+def load_model_state(run_dir: str | Path) -> dict[int, dict[str, torch.Tensor]]:
+    """The trained network of a run, as {unit index: state dict}, from its stage checkpoints."""
+    units: dict[int, dict[str, torch.Tensor]] = {}
+    files = sorted(Path(run_dir).glob("stage*.pt"))
+    if not files:
+        raise FileNotFoundError(f"no stage*.pt checkpoints in {run_dir}")
+    for f in files:
+        ckpt = torch.load(f, map_location="cpu", weights_only=True)
+        units.update({int(k): v for k, v in ckpt["units"].items()})
+    return units

@@ -1,0 +1,132 @@
+"""Process lifecycle, the same for every process synthgrad starts: spawn, pin, watch, stop.
+
+Shutdown escalates (ask, wait, SIGTERM, wait, SIGKILL), is safe to call twice, and runs at
+interpreter exit too, so no worker outlives the process that started it. Workers additionally
+ask the kernel for SIGTERM when their parent dies (PR_SET_PDEATHSIG) and watch the coordinator's
+pid themselves.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import multiprocessing as mp
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import psutil
+
+
+def describe_exit(code: Optional[int]) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def die_with_parent() -> None:
+    """Linux: have the kernel send SIGTERM to this process when its parent exits."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: the worker's own parent-liveness check still applies
+
+
+def pin_to_core(core: int) -> None:
+    if core < 0:
+        return
+    try:
+        psutil.Process().cpu_affinity([core])
+    except (AttributeError, psutil.Error, ValueError):
+        pass  # pinning is an optimisation; platforms without affinity run unpinned
+
+
+def available_cores() -> list[int]:
+    try:
+        return sorted(psutil.Process().cpu_affinity())
+    except (AttributeError, psutil.Error):
+        return list(range(os.cpu_count() or 1))
+
+
+def alive(pid: int) -> bool:
+    try:
+        p = psutil.Process(pid)
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+@dataclass
+class Child:
+    name: str
+    process: Any  # multiprocessing.Process (spawn context)
+
+
+class ProcessGroup:
+    """Children started with the spawn method and stopped by their own pids."""
+
+    def __init__(self) -> None:
+        self._ctx = mp.get_context("spawn")
+        self.children: list[Child] = []
+        self._closed = False
+        atexit.register(self.shutdown)
+
+    def start(self, name: str, target: Callable[..., None], *args: Any) -> Child:
+        proc = self._ctx.Process(target=target, args=args, name=name, daemon=False)
+        proc.start()
+        child = Child(name, proc)
+        self.children.append(child)
+        return child
+
+    def dead(self) -> list[Child]:
+        """Children that have exited (for any reason)."""
+        return [c for c in self.children if c.process.exitcode is not None]
+
+    def wait(self, timeout: float) -> bool:
+        """Wait for every child to exit by itself; True if all did."""
+        deadline = time.monotonic() + timeout
+        for c in self.children:
+            c.process.join(max(0.0, deadline - time.monotonic()))
+        return all(c.process.exitcode is not None for c in self.children)
+
+    def kill(self) -> None:
+        """SIGKILL every child that is still running, at once."""
+        for c in self.children:
+            if c.process.exitcode is None and c.process.pid and alive(c.process.pid):
+                try:
+                    psutil.Process(c.process.pid).kill()
+                except psutil.Error:
+                    pass
+        for c in self.children:
+            c.process.join(1.0)
+
+    def shutdown(self, grace: float = 3.0) -> None:
+        """Stop every child: wait `grace`, then SIGTERM, then SIGKILL. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        procs = [c.process for c in self.children if c.process.pid is not None]
+        self.wait(grace)
+        live = [psutil.Process(p.pid) for p in procs if p.exitcode is None and alive(p.pid)]
+        for p in live:
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
+        _, still = psutil.wait_procs(live, timeout=2.0)
+        for p in still:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(still, timeout=2.0)
+        for p in procs:
+            p.join(0.5)
+        atexit.unregister(self.shutdown)

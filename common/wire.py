@@ -1,0 +1,277 @@
+"""The wire protocol: every message type, and how it becomes ZeroMQ frames and back.
+
+A message is a multipart ZeroMQ message: frame 0 is a msgpack header
+``{"kind": int, "fields": {...}, "tensors": [[name, dtype, shape], ...]}``, then one raw frame
+per tensor, sent with ``copy=False`` and decoded with ``torch.frombuffer`` (no copy, no pickle).
+``decode`` trusts nothing: the kind must be known, the fields must be exactly the dataclass's
+with the right types, each tensor's dtype must be allowed and its frame length must equal
+``prod(shape) * itemsize``, and nothing may exceed the size bounds.
+"""
+from __future__ import annotations
+
+import math
+import typing
+import warnings
+from dataclasses import dataclass, fields
+from enum import IntEnum
+from typing import Any, Optional, Sequence, Union
+
+import msgpack
+import torch
+
+# frombuffer on a read-only ZeroMQ frame warns once; the tensors are only read, never written.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+MAX_HEADER_BYTES = 64 * 1024
+MAX_TENSOR_DIMS = 8
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class WireError(ValueError):
+    """A message that is malformed, truncated, oversized or not what the link agreed on."""
+
+
+class Kind(IntEnum):
+    REGISTER = 1  # worker -> coordinator: I am stage i, my input endpoint is ...
+    START = 2  # coordinator -> worker: the config and your downstream endpoint
+    ACTIVATION = 3  # stage i -> stage i+1: h_i with labels (or an end-of-stream marker)
+    GRAD = 4  # stage i -> coordinator -> stage i-1: dL/dh_{i-1} for one step
+    METRICS = 5  # worker -> coordinator: counters for the last interval
+    EVAL = 6  # last stage -> coordinator: test loss and accuracy for one evaluation
+    DONE = 7  # worker -> coordinator: finished, final figures, checkpoint written
+    STOP = 8  # coordinator -> worker: shut down now
+    ERROR = 9  # worker -> coordinator: I failed, here is why
+    READY = 10  # worker -> coordinator: set up (model built, data loaded, links connected)
+    BEGIN = 11  # coordinator -> worker: everyone is ready, start the clock and train
+
+
+@dataclass(frozen=True)
+class Register:
+    stage: int
+    pid: int
+    host: str
+    endpoint: str  # where this stage receives activations ("" for stage 0)
+
+
+@dataclass(frozen=True)
+class Start:
+    config: dict  # RunConfig.to_dict()
+    downstream: str  # endpoint of stage i+1 ("" for the last stage)
+    run_dir: str
+    core: int  # core to pin to, -1 = none
+
+
+@dataclass(frozen=True)
+class Ready:
+    stage: int
+
+
+@dataclass(frozen=True)
+class Begin:
+    pass
+
+
+@dataclass(frozen=True)
+class Activation:
+    step: int  # training step, or evaluation batch index
+    epoch: int
+    phase: str  # "train" | "eval" | "end"
+    true_grad: bool  # this step's true gradient will flow back
+    h: Optional[torch.Tensor] = None
+    labels: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class Grad:
+    step: int
+    to_stage: int  # the stage whose output this is the gradient of
+    is_true: bool  # true gradient (False: a bootstrapped synthetic target)
+    g: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class Metrics:
+    stage: int
+    record: dict
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    epoch: int
+    step: int
+    loss: float
+    accuracy: float
+    samples: int
+
+
+@dataclass(frozen=True)
+class Done:
+    stage: int
+    summary: dict
+
+
+@dataclass(frozen=True)
+class Stop:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Error:
+    stage: int
+    message: str
+
+
+Message = Union[Register, Start, Ready, Begin, Activation, Grad, Metrics, EvalResult, Done, Stop, Error]
+MESSAGE_TYPES: dict[Kind, type] = {
+    Kind.REGISTER: Register, Kind.START: Start, Kind.ACTIVATION: Activation, Kind.GRAD: Grad,
+    Kind.METRICS: Metrics, Kind.EVAL: EvalResult, Kind.DONE: Done, Kind.STOP: Stop,
+    Kind.ERROR: Error, Kind.READY: Ready, Kind.BEGIN: Begin,
+}
+KIND_OF = {cls: kind for kind, cls in MESSAGE_TYPES.items()}
+
+
+def _field_specs(cls: type) -> tuple[dict[str, Any], list[str]]:
+    """Header field types and tensor field names of a message class (computed once per class)."""
+    hints = typing.get_type_hints(cls)
+    header: dict[str, Any] = {}
+    tensors: list[str] = []
+    for f in fields(cls):
+        t = hints[f.name]
+        if t in (torch.Tensor, Optional[torch.Tensor]):
+            tensors.append(f.name)
+        else:
+            header[f.name] = t
+    return header, tensors
+
+
+_SPECS = {cls: _field_specs(cls) for cls in MESSAGE_TYPES.values()}
+
+
+def _type_ok(value: Any, t: Any) -> bool:
+    if t is bool:
+        return isinstance(value, bool)
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if t is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, t)
+
+
+# ------------------------------------------------------------------------------ tensors
+def tensor_frame(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes as a buffer ZeroMQ can send without copying (copies only if strided)."""
+    if t.dtype not in DTYPE_NAMES:
+        raise WireError(f"dtype {t.dtype} cannot be sent; allowed: {', '.join(DTYPES)}")
+    flat = t.detach().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def tensor_from_frame(buf: Any, dtype_name: str, shape: Sequence[int], name: str) -> torch.Tensor:
+    dtype = DTYPES[dtype_name]
+    view = memoryview(buf).cast("B")
+    expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if view.nbytes != expected:
+        raise WireError(f"tensor {name!r}: frame has {view.nbytes} bytes, "
+                        f"header says {dtype_name}{list(shape)} = {expected} bytes (truncated?)")
+    if expected == 0:
+        return torch.empty(tuple(shape), dtype=dtype)
+    return torch.frombuffer(view, dtype=dtype).reshape(tuple(shape))
+
+
+# ------------------------------------------------------------------------------ encode / decode
+def encode(msg: Message) -> list[Any]:
+    """Frames for one message: the msgpack header, then one buffer per tensor present."""
+    cls = type(msg)
+    header_types, tensor_names = _SPECS[cls]
+    specs, frames = [], []
+    for name in tensor_names:
+        t = getattr(msg, name)
+        if t is None:
+            continue
+        specs.append([name, DTYPE_NAMES.get(t.dtype, str(t.dtype)), list(t.shape)])
+        frames.append(tensor_frame(t))
+    header = {"kind": int(KIND_OF[cls]),
+              "fields": {name: getattr(msg, name) for name in header_types},
+              "tensors": specs}
+    return [msgpack.packb(header, use_bin_type=True), *frames]
+
+
+def decode(frames: Sequence[Any], *, max_tensor_bytes: int = 256 << 20) -> Message:
+    """Parse and check one multipart message; raise WireError saying what is wrong."""
+    if not frames:
+        raise WireError("empty message (no frames)")
+    raw = memoryview(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0])
+    if raw.nbytes > MAX_HEADER_BYTES:
+        raise WireError(f"header of {raw.nbytes} bytes exceeds the {MAX_HEADER_BYTES}-byte bound")
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise WireError(f"header is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict) or set(header) != {"kind", "fields", "tensors"}:
+        raise WireError("header must be a map with exactly the keys kind, fields, tensors")
+    try:
+        kind = Kind(header["kind"])
+    except (ValueError, TypeError):
+        raise WireError(f"unknown message kind {header['kind']!r}") from None
+    cls = MESSAGE_TYPES[kind]
+    header_types, tensor_names = _SPECS[cls]
+    values = header["fields"]
+    if not isinstance(values, dict) or set(values) != set(header_types):
+        got = sorted(values) if isinstance(values, dict) else type(values).__name__
+        raise WireError(f"{kind.name}: fields {got} do not match {sorted(header_types)}")
+    for name, t in header_types.items():
+        if not _type_ok(values[name], t):
+            raise WireError(f"{kind.name}.{name}: expected {t.__name__}, "
+                            f"got {type(values[name]).__name__}")
+    specs = header["tensors"]
+    if not isinstance(specs, list) or len(specs) != len(frames) - 1:
+        n = len(specs) if isinstance(specs, list) else "?"
+        raise WireError(f"{kind.name}: header lists {n} tensors but {len(frames) - 1} tensor frames came")
+    tensors: dict[str, torch.Tensor] = {}
+    total = 0
+    for spec, frame in zip(specs, frames[1:]):
+        if (not isinstance(spec, list) or len(spec) != 3 or spec[0] not in tensor_names
+                or spec[0] in tensors):
+            raise WireError(f"{kind.name}: bad tensor entry {spec!r}; allowed names {tensor_names}")
+        name, dtype_name, shape = spec
+        if dtype_name not in DTYPES:
+            raise WireError(f"{kind.name}.{name}: dtype {dtype_name!r} not allowed")
+        if (not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS
+                or not all(_type_ok(s, int) and s >= 0 for s in shape)):
+            raise WireError(f"{kind.name}.{name}: bad shape {shape!r}")
+        nbytes = math.prod(shape) * torch.empty((), dtype=DTYPES[dtype_name]).element_size()
+        total += nbytes
+        if total > max_tensor_bytes:
+            raise WireError(f"{kind.name}: tensors of {total} bytes exceed the bound of "
+                            f"{max_tensor_bytes} bytes (--max-message-mb)")
+        buf = frame.buffer if hasattr(frame, "buffer") else frame
+        tensors[name] = tensor_from_frame(buf, dtype_name, shape, name)
+    return cls(**values, **tensors)
+
+
+def check_tensor(t: Optional[torch.Tensor], what: str, dtype: torch.dtype,
+                 tail_shape: Sequence[int], max_batch: int) -> torch.Tensor:
+    """Check a received tensor against what the link agreed on: [batch<=max_batch, *tail_shape]."""
+    if t is None:
+        raise WireError(f"{what}: tensor missing")
+    if t.dtype != dtype:
+        raise WireError(f"{what}: dtype {DTYPE_NAMES.get(t.dtype, t.dtype)}, "
+                        f"expected {DTYPE_NAMES[dtype]}")
+    if t.dim() != 1 + len(tail_shape) or tuple(t.shape[1:]) != tuple(tail_shape) \
+            or not 1 <= t.shape[0] <= max_batch:
+        raise WireError(f"{what}: shape {list(t.shape)}, expected [1..{max_batch}, "
+                        f"{', '.join(map(str, tail_shape))}]")
+    return t

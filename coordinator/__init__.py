@@ -1,0 +1,1 @@
+"""The coordinator: registry, gradient relay, metrics and progress. It holds no weights."""

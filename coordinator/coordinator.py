@@ -1,0 +1,240 @@
+"""The coordinator process logic: one ROUTER socket that every worker's DEALER talks to.
+
+It registers workers and hands each the config and its downstream neighbour's endpoint, relays
+true (and bootstrapped) gradients from stage i to stage i-1 without copying their bytes,
+aggregates metrics into metrics.jsonl and progress lines, and ends the run: cleanly when every
+stage reports DONE, or with RunFailed naming the stage when one dies, reports an error, or
+everything falls silent for longer than the stall timeout.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import zmq
+
+from common import wire
+from common.config import RunConfig
+from common.data import steps_per_epoch
+from common.files import JsonlLog
+from common.procs import ProcessGroup, available_cores, describe_exit
+
+POLL_MS = 100
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on; the message names the stage and the reason."""
+
+
+class Coordinator:
+    def __init__(self, cfg: RunConfig, run_dir: Path, *, n_train: int,
+                 log: Callable[[str], None] = print, bind: Optional[str] = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.log = log
+        self.num_stages = len(cfg.stage_groups)
+        per_epoch = steps_per_epoch(n_train, cfg.batch_size)
+        self.total_steps = per_epoch * cfg.epochs if cfg.steps is None else min(cfg.steps, per_epoch * cfg.epochs)
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable message is an error, not a drop
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if bind is None:
+            bind = "ipc://*" if cfg.transport == "ipc" else f"tcp://{cfg.host}:*"
+        self.sock.bind(bind)
+        self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.metrics = JsonlLog(self.run_dir / "metrics.jsonl")
+        self.registered: dict[int, wire.Register] = {}
+        self.ready: set[int] = set()
+        self.identities: dict[int, bytes] = {}
+        self.latest: dict[int, dict] = {}
+        self.done: dict[int, dict] = {}
+        self.evals: list[dict] = []
+        self.relayed_true = [0] * self.num_stages  # true gradients delivered to each stage
+        self.relayed_bootstrap = [0] * self.num_stages
+        self.rejected = 0
+        self.t_created = time.monotonic()
+        self.t_start: Optional[float] = None
+        self.t_end: Optional[float] = None
+        self._last_msg = time.monotonic()
+        self._last_progress = time.monotonic()
+
+    # ------------------------------------------------------------------ sending
+    def _send(self, stage: int, msg: wire.Message) -> None:
+        self.sock.send_multipart([self.identities[stage], *wire.encode(msg)], copy=False)
+
+    def stop_all(self, reason: str) -> None:
+        for stage in list(self.identities):
+            try:
+                self._send(stage, wire.Stop(reason))
+            except zmq.ZMQError:
+                pass  # that worker is gone already
+
+    # ------------------------------------------------------------------ handling
+    def _handle(self, frames: list) -> None:
+        identity, body = frames[0].bytes, frames[1:]
+        try:
+            msg = wire.decode(body, max_tensor_bytes=self.cfg.max_message_mb << 20)
+        except wire.WireError as exc:
+            self.rejected += 1
+            self.log(f"[coordinator] rejected a message from {identity!r}: {exc}")
+            return
+        self._last_msg = time.monotonic()
+        if isinstance(msg, wire.Register):
+            self._on_register(identity, msg)
+        elif isinstance(msg, wire.Grad):
+            self._relay(msg, body)
+        elif isinstance(msg, wire.Metrics):
+            rec = {"event": "worker", "wall_s": self._wall(), **msg.record}
+            self.latest[msg.stage] = rec
+            self.metrics.write(rec)
+        elif isinstance(msg, wire.EvalResult):
+            rec = {"event": "eval", "wall_s": self._wall(), "epoch": msg.epoch, "step": msg.step,
+                   "test_loss": msg.loss, "test_accuracy": msg.accuracy, "test_samples": msg.samples}
+            self.evals.append(rec)
+            self.metrics.write(rec)
+            self.log(f"eval  epoch {msg.epoch + 1} step {msg.step}: test accuracy "
+                     f"{100 * msg.accuracy:.2f}%  test loss {msg.loss:.4f}  ({self._wall():.1f}s)")
+        elif isinstance(msg, wire.Ready):
+            self.ready.add(msg.stage)
+            if len(self.ready) == self.num_stages:
+                for stage in range(self.num_stages):
+                    self._send(stage, wire.Begin())
+                self.t_start = time.monotonic()
+                self.log(f"all {self.num_stages} stages ready after {self.t_start - self.t_created:.1f}s; "
+                         f"training {self.total_steps} steps")
+        elif isinstance(msg, wire.Done):
+            self.done[msg.stage] = msg.summary
+        elif isinstance(msg, wire.Error):
+            raise RunFailed(f"stage {msg.stage} failed: {msg.message}")
+        else:
+            self.rejected += 1
+            self.log(f"[coordinator] unexpected {type(msg).__name__} from {identity!r}")
+
+    def _on_register(self, identity: bytes, msg: wire.Register) -> None:
+        if not 0 <= msg.stage < self.num_stages:
+            raise RunFailed(f"a worker registered as stage {msg.stage}, but the run has stages "
+                            f"0..{self.num_stages - 1}")
+        if msg.stage in self.registered:
+            raise RunFailed(f"stage {msg.stage} registered twice (pids {self.registered[msg.stage].pid}"
+                            f" and {msg.pid})")
+        self.registered[msg.stage] = msg
+        self.identities[msg.stage] = identity
+        if len(self.registered) == self.num_stages:
+            self._start_all()
+
+    def _start_all(self) -> None:
+        cores = available_cores()
+        for stage in range(self.num_stages):
+            downstream = self.registered[stage + 1].endpoint if stage + 1 < self.num_stages else ""
+            core = cores[stage % len(cores)] if self.cfg.pin_cores else -1
+            self._send(stage, wire.Start(self.cfg.to_dict(), downstream, str(self.run_dir), core))
+
+    def _relay(self, msg: wire.Grad, body: list) -> None:
+        if msg.to_stage not in self.identities:
+            self.rejected += 1
+            self.log(f"[coordinator] gradient for unknown stage {msg.to_stage}")
+            return
+        self.sock.send_multipart([self.identities[msg.to_stage], *body], copy=False)
+        if msg.is_true:
+            self.relayed_true[msg.to_stage] += 1
+        else:
+            self.relayed_bootstrap[msg.to_stage] += 1
+
+    # ------------------------------------------------------------------ the loop
+    def _wall(self) -> float:
+        return time.monotonic() - (self.t_start or self.t_created)
+
+    def _check(self, group: Optional[ProcessGroup]) -> None:
+        now = time.monotonic()
+        if self.t_start is None and now - self.t_created > self.cfg.start_timeout:
+            missing = sorted(set(range(self.num_stages)) - set(self.registered))
+            missing = missing or sorted(set(range(self.num_stages)) - self.ready)
+            raise RunFailed(f"stages {missing} were not ready within {self.cfg.start_timeout:.0f}s "
+                            f"(start them, or raise --start-timeout)")
+        if self.t_start is not None and now - self._last_msg > self.cfg.stall_timeout:
+            raise RunFailed(f"no message from any worker for {self.cfg.stall_timeout:.0f}s; "
+                            f"stages done: {sorted(self.done)}")
+        if group is not None:
+            for child in group.dead():
+                stage = int(child.name.split("-")[1])
+                self._drain()  # an ERROR it sent before dying explains more than its exit code
+                raise RunFailed(f"stage {stage} (pid {child.process.pid}) "
+                                f"{describe_exit(child.process.exitcode)} during the run")
+
+    def _drain(self) -> None:
+        while self.sock.poll(50):
+            self._handle(self.sock.recv_multipart(copy=False))
+
+    def _progress(self) -> None:
+        now = time.monotonic()
+        if now - self._last_progress < self.cfg.progress_every or not self.latest:
+            return
+        self._last_progress = now
+        last = self.latest.get(self.num_stages - 1, {})
+        step = last.get("step", -1) + 1
+        rate = sum(r.get("samples_per_s", 0.0) for s, r in self.latest.items() if s == self.num_stages - 1)
+        pct = 100.0 * step / max(self.total_steps, 1)
+        eta = (self.total_steps - step) * self.cfg.batch_size / rate if rate > 0 else float("nan")
+        busy = " ".join(f"{self.latest[s].get('busy_fraction', 0):.2f}" for s in sorted(self.latest))
+        loss = last.get("loss")
+        self.log(f"train step {step}/{self.total_steps} ({pct:.0f}%)  {rate:.0f} samples/s  "
+                 f"loss {loss if loss is None else f'{loss:.4f}'}  busy [{busy}]  eta {eta:.0f}s")
+
+    def serve(self, group: Optional[ProcessGroup] = None) -> dict:
+        """Run until every stage is done; return the summary. Raises RunFailed."""
+        try:
+            while len(self.done) < self.num_stages:
+                if self.sock.poll(POLL_MS):
+                    while True:
+                        self._handle(self.sock.recv_multipart(copy=False))
+                        if not self.sock.poll(0):
+                            break
+                self._check(group)
+                self._progress()
+            self.t_end = time.monotonic()
+            self.stop_all("run complete")
+            if group is not None and not group.wait(15.0):
+                self.log("[coordinator] some workers did not exit after STOP; terminating them")
+            return self.summary()
+        finally:
+            self.metrics.close()
+
+    def summary(self) -> dict:
+        workers = [self.done[s] for s in sorted(self.done)]
+        last = self.done.get(self.num_stages - 1, {})
+        samples = last.get("samples", 0)
+        wall = (self.t_end or time.monotonic()) - (self.t_start or self.t_created)
+        final = self.evals[-1] if self.evals else {}
+        if self.num_stages == 1:
+            true_steps = last.get("steps", 0)
+        else:
+            true_steps = self.relayed_true[0]
+        return {
+            "mode": self.cfg.mode,
+            "steps": last.get("steps", 0),
+            "samples": samples,
+            "wall_clock_s": wall,
+            "startup_s": (self.t_start or self.t_created) - self.t_created,
+            "samples_per_s": samples / wall if wall > 0 else 0.0,
+            "test_accuracy": final.get("test_accuracy"),
+            "test_loss": final.get("test_loss"),
+            "true_gradient_steps": true_steps,
+            "true_gradients_relayed": self.relayed_true,
+            "bootstrap_gradients_relayed": self.relayed_bootstrap,
+            "rejected_messages": self.rejected + sum(w.get("rejected_messages", 0) for w in workers),
+            "num_stages": self.num_stages,
+            "evals": self.evals,
+            "workers": workers,
+            "coordinator_pid": os.getpid(),
+            "endpoint": self.endpoint,
+        }
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.sock.close(0)
+        self.ctx.term()

@@ -1,0 +1,79 @@
+"""`launch.py train` on one host: check the config, start the coordinator here and one spawned
+process per stage, run to the end, write summary.json, and stop every process it started."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from common.config import RunConfig
+from common.data import check_dataset, count_train
+from common.files import atomic_write_json
+from common.procs import ProcessGroup
+from coordinator.coordinator import Coordinator, RunFailed
+from workers.backprop import run_backprop
+from workers.worker import WorkerSpec, run_worker
+
+
+def make_run_dir(cfg: RunConfig) -> Path:
+    if cfg.out:
+        path = Path(cfg.out)
+    else:
+        path = Path("runs") / f"{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def train(cfg: RunConfig, log: Callable[[str], None] = print) -> tuple[Path, dict]:
+    """Train one run; return (run folder, summary). Raises ConfigError, DataError or RunFailed."""
+    cfg.validate()
+    check_dataset(cfg.dataset, cfg.data_dir)
+    run_dir = make_run_dir(cfg)
+    atomic_write_json(run_dir / "config.json", cfg.to_dict())
+    log(f"run folder {run_dir}  mode {cfg.mode}  stages {list(cfg.stage_groups) if cfg.mode != 'backprop' else 1}")
+    if cfg.mode == "backprop":
+        summary = run_backprop(cfg, run_dir, log)
+    else:
+        summary = _train_workers(cfg, run_dir, log)
+    summary["config"] = cfg.to_dict()
+    summary["run_dir"] = str(run_dir)
+    atomic_write_json(run_dir / "summary.json", summary)
+    return run_dir, summary
+
+
+def _train_workers(cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> dict:
+    n_train = count_train(cfg.dataset, cfg.data_dir, cfg.synthetic_train)
+    coord = Coordinator(cfg, run_dir, n_train=n_train, log=log)
+    group = ProcessGroup()
+    try:
+        for stage in range(coord.num_stages):
+            spec = WorkerSpec(stage, coord.endpoint, os.getpid(), cfg.transport, cfg.host)
+            group.start(f"stage-{stage}", run_worker, spec)
+        log(f"coordinator at {coord.endpoint}; started {coord.num_stages} workers "
+            f"(pids {', '.join(str(c.process.pid) for c in group.children)})")
+        return coord.serve(group)
+    except BaseException as exc:
+        coord.stop_all(f"run aborted: {type(exc).__name__}")
+        raise
+    finally:
+        try:
+            group.shutdown()
+        except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
+            group.kill()
+        coord.close()
+
+
+def format_summary(summary: dict) -> str:
+    acc = summary.get("test_accuracy")
+    lines = [
+        f"mode {summary['mode']}: {summary['steps']} steps, {summary['samples']} samples in "
+        f"{summary['wall_clock_s']:.1f}s = {summary['samples_per_s']:.0f} samples/s; "
+        f"test accuracy {'n/a' if acc is None else f'{100 * acc:.2f}%'}; "
+        f"true-gradient steps {summary['true_gradient_steps']}",
+    ]
+    for w in summary.get("workers", []):
+        lines.append(f"  stage {w['stage']} (pid {w['pid']}, units {w.get('units')}): "
+                     f"{w['samples_per_s']:.0f} samples/s, busy {100 * w['busy_fraction']:.0f}%")
+    lines.append(f"summary: {summary.get('run_dir', '')}/summary.json")
+    return "\n".join(lines)

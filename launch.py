@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""synthgrad's one entry point.
+
+    python launch.py train --mode unlocked --true-grad-every 10     # (train is the default)
+    python launch.py train --mode locked --stages 2 --dataset synthetic
+
+Every option of `train` is a field of common.config.RunConfig (see `train --help`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from typing import Any, Optional, Sequence
+
+from common.config import ConfigError, RunConfig
+
+SUBCOMMANDS = ("train",)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One --option per RunConfig field, typed from the field's annotation."""
+    hints = typing.get_type_hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        t = hints[f.name]
+        args = typing.get_args(t)
+        base = args[0] if typing.get_origin(t) is typing.Union else t
+        help_text = f.metadata.get("help", "")
+        default = f.default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = f"{help_text} (default: {shown})" if help_text else f"(default: {shown})"
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(base) is tuple:
+            parser.add_argument(flag, type=_int_list, default=None, metavar="N,N,...", help=help_text)
+        else:
+            parser.add_argument(flag, type=base, default=None, help=help_text)
+
+
+def config_from_args(ns: argparse.Namespace) -> RunConfig:
+    given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(RunConfig)
+             if getattr(ns, f.name, None) is not None}
+    return RunConfig(**given).validate()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    train = sub.add_parser("train", help="train one run (backprop, locked, unlocked or stale)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_options(train)
+    return parser
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from common.data import DataError
+    from coordinator.coordinator import RunFailed
+    from coordinator.train import format_summary, train
+    try:
+        cfg = config_from_args(ns)
+        _, summary = train(cfg)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RunFailed as exc:
+        print(f"run failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: every worker was stopped", file=sys.stderr)
+        return 130
+    print(format_summary(summary))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
+        argv = ["train", *argv]
+    ns = build_parser().parse_args(argv)
+    return {"train": cmd_train}[ns.command](ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

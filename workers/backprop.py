@@ -1,0 +1,120 @@
+"""mode=backprop: the whole network in one process with ordinary PyTorch autograd.
+
+This is the reference the other modes are measured against (numerically for `locked`, on the
+wall clock for all), so it uses the same units, batches, optimiser and evaluation, and writes
+the same run files. It uses every core through torch's own threads unless told otherwise.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Callable
+
+import psutil
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.config import RunConfig, default_backprop_threads
+from common.data import eval_batches, load_dataset, steps_per_epoch, train_batches
+from common.files import JsonlLog, atomic_torch_save
+from common.models import build_units, make_optimizer
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split, batch_size: int, limit) -> tuple[float, float, int]:
+    model.eval()
+    loss = correct = n = 0
+    for x, y in eval_batches(split, batch_size, limit):
+        out = model(x)
+        loss += float(F.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+        n += int(y.shape[0])
+    model.train()
+    return loss / max(n, 1), correct / max(n, 1), n
+
+
+def run_backprop(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = print) -> dict:
+    t_created = time.monotonic()
+    threads = cfg.backprop_threads or default_backprop_threads()
+    torch.set_num_threads(threads)
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.synthetic_train, cfg.synthetic_test)
+    units = build_units(cfg)
+    model = nn.Sequential(*units)
+    opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
+    per_epoch = steps_per_epoch(len(ds.train), cfg.batch_size)
+    total = per_epoch * cfg.epochs if cfg.steps is None else min(cfg.steps, per_epoch * cfg.epochs)
+    metrics = JsonlLog(run_dir / "metrics.jsonl")
+    proc = psutil.Process()
+    proc.cpu_percent(None)
+    evals: list[dict] = []
+    step = samples = 0
+    compute = 0.0
+    t_start = last_report = last_progress = time.monotonic()
+    interval_loss, interval_n, interval_samples, interval_compute = 0.0, 0, 0, 0.0
+    log(f"backprop: one process, {threads} torch threads; training {total} steps")
+    try:
+        for epoch in range(cfg.epochs):
+            for x, y in train_batches(ds.train, cfg.batch_size, cfg.seed, epoch):
+                if step >= total:
+                    break
+                t0 = time.perf_counter()
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                dt = time.perf_counter() - t0
+                compute += dt
+                interval_compute += dt
+                step += 1
+                samples += int(y.shape[0])
+                interval_samples += int(y.shape[0])
+                interval_loss += float(loss)
+                interval_n += 1
+                now = time.monotonic()
+                if now - last_report >= cfg.metrics_every:
+                    span = now - last_report
+                    metrics.write({"event": "worker", "wall_s": now - t_start, "stage": 0,
+                                   "pid": os.getpid(), "step": step - 1, "steps": step,
+                                   "samples": samples, "samples_per_s": interval_samples / span,
+                                   "busy_fraction": interval_compute / span,
+                                   "loss": interval_loss / interval_n,
+                                   "cpu_percent": proc.cpu_percent(None),
+                                   "rss_mb": proc.memory_info().rss / 2**20})
+                    if now - last_progress >= cfg.progress_every:
+                        log(f"train step {step}/{total} ({100 * step / total:.0f}%)  "
+                            f"{interval_samples / span:.0f} samples/s  loss {interval_loss / interval_n:.4f}")
+                        last_progress = now
+                    last_report = now
+                    interval_loss, interval_n, interval_samples, interval_compute = 0.0, 0, 0, 0.0
+            test_loss, test_acc, n = evaluate(model, ds.test, cfg.batch_size, cfg.eval_samples)
+            rec = {"event": "eval", "wall_s": time.monotonic() - t_start, "epoch": epoch, "step": step,
+                   "test_loss": test_loss, "test_accuracy": test_acc, "test_samples": n}
+            evals.append(rec)
+            metrics.write(rec)
+            log(f"eval  epoch {epoch + 1} step {step}: test accuracy {100 * test_acc:.2f}%  "
+                f"test loss {test_loss:.4f}  ({rec['wall_s']:.1f}s)")
+            if step >= total:
+                break
+    finally:
+        metrics.close()
+    wall = time.monotonic() - t_start
+    path = run_dir / "stage0.pt"
+    atomic_torch_save(path, {"stage": 0, "units": {i: u.state_dict() for i, u in enumerate(units)},
+                             "state": {"optimizer": opt.state_dict()}, "step": step - 1,
+                             "config": cfg.to_dict()})
+    return {
+        "mode": "backprop", "steps": step, "samples": samples, "wall_clock_s": wall,
+        "startup_s": t_start - t_created,
+        "samples_per_s": samples / wall if wall > 0 else 0.0,
+        "test_accuracy": evals[-1]["test_accuracy"] if evals else None,
+        "test_loss": evals[-1]["test_loss"] if evals else None,
+        "true_gradient_steps": step, "num_stages": 1, "threads": threads, "evals": evals,
+        "rejected_messages": 0,
+        "workers": [{"stage": 0, "pid": os.getpid(), "host": socket.gethostname(), "steps": step,
+                     "samples": samples, "samples_per_s": samples / wall if wall > 0 else 0.0,
+                     "busy_fraction": compute / wall if wall > 0 else 0.0,
+                     "units": [0, len(units)], "checkpoint": str(path)}],
+    }

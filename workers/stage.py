@@ -1,0 +1,252 @@
+"""What one stage does with a batch, free of sockets and processes (so it is testable alone).
+
+A stage owns some consecutive layers, their optimiser, and (unlocked modes) a synthetic-gradient
+model with its own optimiser. Per training step it runs forward, hands the output on, and
+updates at once:
+
+- ``locked``: no local update; ``receive_grad`` brings the true dL/dh, backprops it through the
+  kept graph and steps the optimiser; this is backprop split across processes.
+- ``unlocked``: the synthetic-gradient model predicts dL/dh and the stage steps on that now.
+  When a true (or bootstrapped) dL/dh for an earlier step arrives, it trains the predictor and,
+  for a true gradient, returns dL/dx so the wave continues towards stage 0.
+- ``stale``: like unlocked, but the update reuses the latest true dL/dh that has arrived.
+
+A step whose true gradient will come back keeps its autograd graph. In the unlocked modes the
+optimiser changes the weights before that gradient arrives, so such a step runs forward on
+differentiable clones of the weights: the kept graph then still holds the weights of that step,
+and dL/dx is exactly the gradient of the forward pass that produced h (no recomputation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from common.config import RunConfig
+from common.models import SyntheticGradient, make_optimizer
+
+MAX_KEPT_STEPS = 4096  # a safety bound; bounded queues keep the real number far below it
+
+
+@dataclass
+class Kept:
+    """What a step keeps until its true or bootstrapped gradient comes back."""
+    x: Optional[torch.Tensor]  # input leaf (requires grad) when dL/dx must be sent back
+    h: Optional[torch.Tensor]  # output still attached to its graph (true-gradient steps)
+    h_detached: torch.Tensor
+    labels: torch.Tensor
+    sg_pred: Optional[torch.Tensor] = None  # the synthetic gradient used at forward time
+
+
+@dataclass
+class StageStats:
+    """Running sums since the last metrics report (reset by ``take``)."""
+    loss_sum: float = 0.0
+    loss_n: int = 0
+    correct: int = 0
+    seen: int = 0
+    sg_loss_sum: float = 0.0
+    sg_loss_n: int = 0
+    cos_sum: float = 0.0
+    cos_n: int = 0
+    true_grads: int = 0  # true gradients received (cumulative, not reset)
+    bootstrap_grads: int = 0
+    dropped: int = 0
+
+    def take(self) -> dict:
+        rec = {
+            "loss": self.loss_sum / self.loss_n if self.loss_n else None,
+            "train_accuracy": self.correct / self.seen if self.seen else None,
+            "sg_loss": self.sg_loss_sum / self.sg_loss_n if self.sg_loss_n else None,
+            "sg_cosine": self.cos_sum / self.cos_n if self.cos_n else None,
+            "true_grads": self.true_grads,
+            "bootstrap_grads": self.bootstrap_grads,
+            "dropped_steps": self.dropped,
+        }
+        self.loss_sum = self.sg_loss_sum = self.cos_sum = 0.0
+        self.loss_n = self.correct = self.seen = self.sg_loss_n = self.cos_n = 0
+        return rec
+
+
+class StageLogic:
+    def __init__(self, cfg: RunConfig, stage: int, num_stages: int, module: nn.Module,
+                 out_shape: tuple[int, ...]):
+        self.cfg = cfg
+        self.stage = stage
+        self.is_first = stage == 0
+        self.is_last = stage == num_stages - 1
+        self.module = module
+        self.optimizer = make_optimizer(module.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
+        self.sg: Optional[SyntheticGradient] = None
+        self.sg_optimizer: Optional[torch.optim.Optimizer] = None
+        if not self.is_last and cfg.mode == "unlocked":
+            torch.manual_seed(cfg.seed * 7919 + stage)
+            self.sg = SyntheticGradient(out_shape, cfg.sg_model, cfg.sg_hidden, cfg.conditioned)
+            self.sg_optimizer = make_optimizer(self.sg.parameters(), cfg.sg_optimizer, cfg.sg_lr)
+        self.kept: dict[int, Kept] = {}
+        self.last_true: Optional[torch.Tensor] = None  # stale mode
+        self.stats = StageStats()
+        self._pending: Optional[tuple] = None  # (step, h, x, keep_graph, labels) between forward and update
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def _weights_move_before_grad(self) -> bool:
+        return self.cfg.mode in ("unlocked", "stale")
+
+    def _input(self, x: torch.Tensor, need_dx: bool) -> torch.Tensor:
+        if need_dx and not self.is_first:
+            return x.detach().requires_grad_(True)
+        return x
+
+    def _forward(self, x: torch.Tensor, snapshot: bool) -> torch.Tensor:
+        if not snapshot:
+            return self.module(x)
+        clones = {name: p.clone() for name, p in self.module.named_parameters()}
+        return functional_call(self.module, clones, (x,))
+
+    def _step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _train_sg(self, kept: Kept, g: torch.Tensor) -> None:
+        assert self.sg is not None and self.sg_optimizer is not None
+        target = g * g.shape[0]
+        pred = self.sg(kept.h_detached, kept.labels)
+        loss = F.mse_loss(pred, target)
+        self.sg_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.sg_optimizer.step()
+        self.stats.sg_loss_sum += float(loss)
+        self.stats.sg_loss_n += 1
+
+    def _bound_kept(self, step: int) -> None:
+        for old in [s for s in self.kept if s <= step - MAX_KEPT_STEPS]:
+            del self.kept[old]
+            self.stats.dropped += 1
+
+    # ------------------------------------------------------------------ middle stages
+    def forward(self, step: int, x: torch.Tensor, labels: torch.Tensor, true_step: bool) -> torch.Tensor:
+        """Forward one training batch of a non-last stage; returns h to send downstream."""
+        keep_graph = true_step or self.cfg.mode == "locked"
+        need_dx = keep_graph or self.cfg.bootstrap
+        x = self._input(x, need_dx)
+        h = self._forward(x, snapshot=keep_graph and self._weights_move_before_grad)
+        if keep_graph or self.cfg.bootstrap:
+            self._bound_kept(step)
+            self.kept[step] = Kept(x if need_dx and not self.is_first else None,
+                                   h if keep_graph else None, h.detach(), labels)
+        self._pending = (step, h, x, keep_graph, labels)
+        return h.detach()
+
+    def local_update(self, step: int) -> Optional[torch.Tensor]:
+        """Update now, without waiting (unlocked, stale). Returns a bootstrapped dL/dx for the
+        stage before, when bootstrapping on a step whose true gradient is not coming."""
+        pstep, h, x, keep_graph, labels = self._pending
+        assert pstep == step, "local_update must follow forward of the same step"
+        self._pending = None
+        mode = self.cfg.mode
+        if mode == "locked":
+            return None
+        if mode == "unlocked":
+            assert self.sg is not None
+            kept = self.kept.get(step)
+            with torch.no_grad():
+                per_sample = self.sg(h.detach(), labels)
+            if kept is not None and keep_graph:
+                kept.sg_pred = per_sample
+            grad = per_sample / h.shape[0]
+        else:  # stale
+            if self.last_true is None or self.last_true.shape != h.shape:
+                return None
+            grad = self.last_true
+        h.backward(grad, retain_graph=keep_graph)
+        self._step()
+        if self.cfg.bootstrap and not keep_graph and x is not None and x.grad is not None:
+            dx = x.grad
+            x.grad = None
+            return dx
+        if x is not None and x.requires_grad:
+            x.grad = None
+        return None
+
+    def receive_grad(self, step: int, g: torch.Tensor, is_true: bool) -> Optional[torch.Tensor]:
+        """A true or bootstrapped dL/dh for step `step` came back. Returns dL/dx to pass on
+        (true gradients only, not on stage 0), or None."""
+        kept = self.kept.pop(step, None)
+        if kept is None:
+            raise KeyError(f"stage {self.stage}: gradient for step {step}, which it does not hold")
+        if g.shape != kept.h_detached.shape:
+            raise ValueError(f"stage {self.stage}: gradient for step {step} has shape "
+                             f"{list(g.shape)}, its output had {list(kept.h_detached.shape)}")
+        if is_true:
+            self.stats.true_grads += 1
+        else:
+            self.stats.bootstrap_grads += 1
+        mode = self.cfg.mode
+        if mode == "locked":
+            assert kept.h is not None
+            kept.h.backward(g)
+            self._step()
+            return kept.x.grad if kept.x is not None else None
+        if self.sg is not None:
+            if kept.sg_pred is not None:
+                self.stats.cos_sum += float(F.cosine_similarity(
+                    kept.sg_pred.reshape(1, -1), (g * g.shape[0]).reshape(1, -1)))
+                self.stats.cos_n += 1
+            self._train_sg(kept, g)
+        if is_true:
+            if mode == "stale":
+                self.last_true = g.clone()
+            if kept.x is not None and kept.h is not None:
+                (dx,) = torch.autograd.grad(kept.h, kept.x, g)
+                return dx
+        return None
+
+    # ------------------------------------------------------------------ last stage
+    def last_step(self, step: int, x: torch.Tensor, labels: torch.Tensor,
+                  true_step: bool) -> tuple[float, Optional[torch.Tensor]]:
+        """Forward, loss, backward and update of the last stage. Returns the loss and the
+        dL/dx to send back (true steps, and every step when bootstrapping)."""
+        need_dx = true_step or self.cfg.bootstrap or self.cfg.mode == "locked"
+        x = self._input(x, need_dx)
+        out = self.module(x)
+        loss = F.cross_entropy(out, labels)
+        loss.backward()
+        self._step()
+        value = loss.item()
+        self.stats.loss_sum += value
+        self.stats.loss_n += 1
+        self.stats.correct += int((out.detach().argmax(1) == labels).sum())
+        self.stats.seen += int(labels.shape[0])
+        dx = x.grad if (need_dx and not self.is_first) else None
+        return value, dx
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.module.eval()
+        try:
+            return self.module(x)
+        finally:
+            self.module.train()
+
+    @torch.no_grad()
+    def eval_last(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+        """(summed loss, number correct) of one test batch."""
+        out = self.eval_forward(x)
+        return float(F.cross_entropy(out, labels, reduction="sum")), int((out.argmax(1) == labels).sum())
+
+    # ------------------------------------------------------------------ state
+    def outstanding(self) -> int:
+        return len(self.kept)
+
+    def state_dict(self) -> dict:
+        state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.sg is not None and self.sg_optimizer is not None:
+            state["sg"] = self.sg.state_dict()
+            state["sg_optimizer"] = self.sg_optimizer.state_dict()
+        return state

@@ -1,0 +1,470 @@
+"""The layer-worker process: the ZeroMQ shell around one stage's StageLogic.
+
+Sockets: a DEALER to the coordinator (control, gradients, metrics), a PULL bound on this host for
+activations from the stage before, a PUSH connected to the stage after. Activations flow
+stage to stage directly; gradients go through the coordinator, which relays (and counts) them.
+Every wait polls the coordinator socket too, so gradients are handled while the worker would
+otherwise sit idle, and checks that the coordinator is still alive.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket as pysocket
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import psutil
+import torch
+import torch.nn as nn
+import zmq
+
+from common import wire
+from common.config import RunConfig
+from common.data import eval_batches, load_dataset, steps_per_epoch, train_batches
+from common.files import atomic_torch_save
+from common.models import build_units, stage_bounds, stage_io_shapes
+from common.procs import alive, die_with_parent, pin_to_core
+from workers.stage import StageLogic
+
+POLL_MS = 100
+LIVENESS_EVERY_S = 1.0
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    stage: int
+    coordinator: str  # the coordinator's ROUTER endpoint
+    coordinator_pid: int = -1  # watched when on the same host; -1 = not watched
+    transport: str = "ipc"
+    host: str = "127.0.0.1"  # address this worker binds its activation input on (tcp)
+
+
+class Stopped(Exception):
+    """The coordinator said stop."""
+
+
+class CoordinatorGone(RuntimeError):
+    pass
+
+
+class Timings:
+    """Seconds spent in each activity since the last report, and in total."""
+    NAMES = ("compute", "wait_input", "wait_send", "wait_grad")
+
+    def __init__(self) -> None:
+        self.interval = dict.fromkeys(self.NAMES, 0.0)
+        self.total = dict.fromkeys(self.NAMES, 0.0)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.interval[name] += seconds
+        self.total[name] += seconds
+
+    def take(self) -> dict[str, float]:
+        out = dict(self.interval)
+        self.interval = dict.fromkeys(self.NAMES, 0.0)
+        return out
+
+
+class LayerWorker:
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.stage = spec.stage
+        self.ctx = zmq.Context()
+        self.coord = self.ctx.socket(zmq.DEALER)
+        self.coord.setsockopt(zmq.IDENTITY, f"stage-{spec.stage}".encode())
+        self.coord.setsockopt(zmq.SNDHWM, 0)  # control traffic is bounded by the forward stream
+        self.coord.setsockopt(zmq.RCVHWM, 0)
+        self.coord.setsockopt(zmq.LINGER, 2000)  # the last word (ERROR, DONE) must arrive
+        self.coord.connect(spec.coordinator)
+        self.inbox: Optional[zmq.Socket] = None
+        self.outbox: Optional[zmq.Socket] = None
+        self.endpoint = ""
+        if spec.stage > 0:
+            self.inbox = self.ctx.socket(zmq.PULL)
+            self.inbox.setsockopt(zmq.LINGER, 0)
+            self.endpoint = self._bind(self.inbox)
+        self.poller = zmq.Poller()
+        self.poller.register(self.coord, zmq.POLLIN)
+        self.timings = Timings()
+        self.rejected = 0
+        self.proc = psutil.Process()
+        self.proc.cpu_percent(None)
+        self._last_liveness = time.monotonic()
+        self._last_report = time.monotonic()
+        self._samples_since_report = 0
+        self.samples = 0
+        self.steps = 0
+        self.last_step = -1
+
+    # ------------------------------------------------------------------ sockets
+    def _bind(self, sock: zmq.Socket) -> str:
+        """Bind to a wildcard (ipc name or tcp port 0) and report what the OS gave us."""
+        if self.spec.transport == "ipc":
+            sock.bind("ipc://*")
+        else:
+            sock.bind(f"tcp://{self.spec.host}:*")
+        return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+
+    def send_coord(self, msg: wire.Message) -> None:
+        self.coord.send_multipart(wire.encode(msg), copy=False)
+
+    def _check_liveness(self) -> None:
+        now = time.monotonic()
+        if now - self._last_liveness < LIVENESS_EVERY_S:
+            return
+        self._last_liveness = now
+        if self.spec.coordinator_pid > 0 and not alive(self.spec.coordinator_pid):
+            raise CoordinatorGone(f"stage {self.stage}: coordinator (pid "
+                                  f"{self.spec.coordinator_pid}) is gone; exiting")
+
+    def _reject(self, exc: Exception) -> None:
+        self.rejected += 1
+        if self.rejected <= 10 or self.rejected % 1000 == 0:
+            print(f"[stage {self.stage}] rejected message #{self.rejected}: {exc}",
+                  file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------ handshake
+    def handshake(self) -> wire.Start:
+        self.send_coord(wire.Register(self.stage, os.getpid(), pysocket.gethostname(), self.endpoint))
+        deadline = time.monotonic() + 600.0
+        while time.monotonic() < deadline:
+            self._check_liveness()
+            if self.coord.poll(POLL_MS):
+                msg = self._decode(self.coord.recv_multipart(copy=False))
+                if isinstance(msg, wire.Start):
+                    return msg
+                if isinstance(msg, wire.Stop):
+                    raise Stopped(msg.reason)
+        raise TimeoutError(f"stage {self.stage}: no START from the coordinator within 600 s")
+
+    def setup(self, start: wire.Start) -> None:
+        cfg = RunConfig.from_dict(start.config)
+        self.cfg = cfg
+        torch.set_num_threads(cfg.threads_per_worker)
+        pin_to_core(start.core)
+        self.core = start.core
+        self.run_dir = Path(start.run_dir)
+        self.num_stages = len(cfg.stage_groups)
+        self.is_last = self.stage == self.num_stages - 1
+        self.max_bytes = cfg.max_message_mb << 20
+        units = build_units(cfg)
+        self.first_unit, self.end_unit = stage_bounds(cfg)[self.stage]
+        module = nn.Sequential(*units[self.first_unit:self.end_unit])
+        self.in_shape, self.out_shape = stage_io_shapes(cfg)[self.stage]
+        self.logic = StageLogic(cfg, self.stage, self.num_stages, module, self.out_shape)
+        if self.inbox is not None:
+            self.inbox.setsockopt(zmq.RCVHWM, cfg.queue_depth)
+            self.poller.register(self.inbox, zmq.POLLIN)
+        if not self.is_last:
+            self.outbox = self.ctx.socket(zmq.PUSH)
+            self.outbox.setsockopt(zmq.SNDHWM, cfg.queue_depth)
+            self.outbox.setsockopt(zmq.LINGER, 2000)
+            self.outbox.connect(start.downstream)
+        self.dataset = None
+        if self.stage == 0:
+            self.dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.synthetic_train, cfg.synthetic_test)
+
+    # ------------------------------------------------------------------ messages from the coordinator
+    def _decode(self, frames) -> Optional[wire.Message]:
+        try:
+            return wire.decode(frames, max_tensor_bytes=getattr(self, "max_bytes", 256 << 20))
+        except wire.WireError as exc:
+            self._reject(exc)
+            return None
+
+    def _handle_coord(self) -> None:
+        """Handle every message the coordinator has queued for us, without blocking."""
+        while self.coord.poll(0):
+            msg = self._decode(self.coord.recv_multipart(copy=False))
+            if msg is None:
+                continue
+            if isinstance(msg, wire.Stop):
+                raise Stopped(msg.reason)
+            if isinstance(msg, wire.Grad):
+                self._on_grad(msg)
+            else:
+                self._reject(ValueError(f"unexpected {type(msg).__name__} from the coordinator"))
+
+    def _on_grad(self, msg: wire.Grad) -> None:
+        t0 = time.perf_counter()
+        try:
+            if msg.to_stage != self.stage:
+                raise wire.WireError(f"gradient addressed to stage {msg.to_stage}")
+            wire.check_tensor(msg.g, "GRAD.g", torch.float32, self.out_shape, self.cfg.batch_size)
+            dx = self.logic.receive_grad(msg.step, msg.g, msg.is_true)
+        except (wire.WireError, KeyError, ValueError) as exc:
+            self._reject(exc)
+            return
+        if dx is not None and self.stage > 0:
+            self.send_coord(wire.Grad(msg.step, self.stage - 1, msg.is_true, dx))
+        self.timings.add("compute", time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ waiting
+    def _wait(self, activity: str, ready) -> None:
+        """Poll until `ready()` is true, handling coordinator messages meanwhile."""
+        t0 = time.perf_counter()
+        while True:
+            self._handle_coord()
+            if ready():
+                break
+            self._check_liveness()
+            self._maybe_report()
+            self.poller.poll(POLL_MS)
+        self.timings.add(activity, time.perf_counter() - t0)
+
+    def recv_activation(self) -> wire.Activation:
+        assert self.inbox is not None
+        while True:
+            self._wait("wait_input", lambda: bool(self.inbox.poll(0)))
+            msg = self._decode(self.inbox.recv_multipart(copy=False))
+            if not isinstance(msg, wire.Activation):
+                if msg is not None:
+                    self._reject(ValueError(f"unexpected {type(msg).__name__} on the activation link"))
+                continue
+            try:
+                if msg.phase in ("train", "eval"):
+                    wire.check_tensor(msg.h, "ACTIVATION.h", torch.float32, self.in_shape, self.cfg.batch_size)
+                    wire.check_tensor(msg.labels, "ACTIVATION.labels", torch.int64, (), msg.h.shape[0])
+                    if msg.labels.shape[0] != msg.h.shape[0]:
+                        raise wire.WireError("ACTIVATION: labels and h differ in batch size")
+                elif msg.phase not in ("eval_end", "end"):
+                    raise wire.WireError(f"ACTIVATION: unknown phase {msg.phase!r}")
+            except wire.WireError as exc:
+                self._reject(exc)
+                continue
+            return msg
+
+    def send_down(self, msg: wire.Activation) -> None:
+        assert self.outbox is not None
+        frames = wire.encode(msg)
+        self._wait("wait_send", lambda: bool(self.outbox.poll(0, zmq.POLLOUT)))
+        t0 = time.perf_counter()
+        self.outbox.send_multipart(frames, copy=False)
+        self.timings.add("wait_send", time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ training steps
+    def train_step(self, step: int, epoch: int, x: torch.Tensor, labels: torch.Tensor) -> None:
+        true_step = self.cfg.is_true_grad_step(step)
+        if self.is_last:
+            t0 = time.perf_counter()
+            _, dx = self.logic.last_step(step, x, labels, true_step)
+            self.timings.add("compute", time.perf_counter() - t0)
+            if dx is not None:
+                self.send_coord(wire.Grad(step, self.stage - 1, true_step, dx))
+        else:
+            t0 = time.perf_counter()
+            h = self.logic.forward(step, x, labels, true_step)
+            self.timings.add("compute", time.perf_counter() - t0)
+            self.send_down(wire.Activation(step, epoch, "train", true_step, h, labels))
+            t0 = time.perf_counter()
+            dx = self.logic.local_update(step)
+            self.timings.add("compute", time.perf_counter() - t0)
+            if dx is not None:
+                self.send_coord(wire.Grad(step, self.stage - 1, False, dx))
+            if self.cfg.mode == "locked":
+                self._wait("wait_grad", lambda: step not in self.logic.kept)
+        self.steps += 1
+        self.samples += int(labels.shape[0])
+        self._samples_since_report += int(labels.shape[0])
+        self.last_step = step
+        self._maybe_report()
+
+    # ------------------------------------------------------------------ the run
+    def run_first(self) -> None:
+        cfg, ds = self.cfg, self.dataset
+        per_epoch = steps_per_epoch(len(ds.train), cfg.batch_size)
+        total = per_epoch * cfg.epochs if cfg.steps is None else min(cfg.steps, per_epoch * cfg.epochs)
+        step = 0
+        for epoch in range(cfg.epochs):
+            for x, y in train_batches(ds.train, cfg.batch_size, cfg.seed, epoch):
+                if step >= total:
+                    break
+                self.train_step(step, epoch, x, y)
+                step += 1
+            self.evaluate_first(epoch, step)
+            if step >= total:
+                break
+        if not self.is_last:
+            self.send_down(wire.Activation(step, cfg.epochs, "end", False))
+
+    def evaluate_first(self, epoch: int, step: int) -> None:
+        ds = self.dataset
+        acc = _EvalAccumulator()
+        for b, (x, y) in enumerate(eval_batches(ds.test, self.cfg.batch_size, self.cfg.eval_samples)):
+            if self.is_last:
+                acc.add(*self.logic.eval_last(x, y), int(y.shape[0]))
+            else:
+                t0 = time.perf_counter()
+                h = self.logic.eval_forward(x)
+                self.timings.add("compute", time.perf_counter() - t0)
+                self.send_down(wire.Activation(b, epoch, "eval", False, h, y))
+        if self.is_last:
+            self.send_coord(acc.result(epoch, step))
+        else:
+            self.send_down(wire.Activation(step, epoch, "eval_end", False))
+
+    def run_rest(self) -> None:
+        acc = _EvalAccumulator()
+        while True:
+            msg = self.recv_activation()
+            if msg.phase == "train":
+                self.train_step(msg.step, msg.epoch, msg.h, msg.labels)
+            elif msg.phase == "eval":
+                t0 = time.perf_counter()
+                if self.is_last:
+                    acc.add(*self.logic.eval_last(msg.h, msg.labels), int(msg.labels.shape[0]))
+                else:
+                    h = self.logic.eval_forward(msg.h)
+                self.timings.add("compute", time.perf_counter() - t0)
+                if not self.is_last:
+                    self.send_down(wire.Activation(msg.step, msg.epoch, "eval", False, h, msg.labels))
+            elif msg.phase == "eval_end":
+                if self.is_last:
+                    self.send_coord(acc.result(msg.epoch, msg.step))
+                    acc = _EvalAccumulator()
+                else:
+                    self.send_down(msg)
+            else:  # end
+                if not self.is_last:
+                    self.send_down(msg)
+                return
+
+    def finish(self) -> None:
+        """Wait for the gradients still travelling back, save, report, wait for STOP."""
+        self._wait("wait_grad", lambda: self.logic.outstanding() == 0)
+        self.train_end = time.monotonic()
+        path = self.run_dir / f"stage{self.stage}.pt"
+        module = self.logic.module
+        atomic_torch_save(path, {
+            "stage": self.stage,
+            "units": {self.first_unit + j: module[j].state_dict() for j in range(len(module))},
+            "state": self.logic.state_dict(),
+            "step": self.last_step,
+            "config": self.cfg.to_dict(),
+        })
+        self._report(final=True)
+        elapsed = self.train_end - self.train_start
+        totals = self.timings.total
+        self.send_coord(wire.Done(self.stage, {
+            "stage": self.stage, "pid": os.getpid(), "host": pysocket.gethostname(),
+            "core": self.core, "units": [self.first_unit, self.end_unit],
+            "steps": self.steps, "samples": self.samples, "elapsed_s": elapsed,
+            "samples_per_s": self.samples / elapsed if elapsed > 0 else 0.0,
+            "busy_fraction": totals["compute"] / elapsed if elapsed > 0 else 0.0,
+            **{f"{k}_s": v for k, v in totals.items()},
+            "true_grads_received": self.logic.stats.true_grads,
+            "bootstrap_grads_received": self.logic.stats.bootstrap_grads,
+            "rejected_messages": self.rejected,
+            "checkpoint": str(path),
+        }))
+        while True:  # until STOP (raises Stopped) or the coordinator vanishes
+            self._wait("wait_grad", lambda: False)
+
+    def wait_begin(self) -> None:
+        self.send_coord(wire.Ready(self.stage))
+        while True:
+            self._check_liveness()
+            if self.coord.poll(POLL_MS):
+                msg = self._decode(self.coord.recv_multipart(copy=False))
+                if isinstance(msg, wire.Begin):
+                    return
+                if isinstance(msg, wire.Stop):
+                    raise Stopped(msg.reason)
+
+    def run(self) -> None:
+        start = self.handshake()
+        self.setup(start)
+        self.wait_begin()
+        self.train_start = time.monotonic()
+        self._last_report = self.train_start
+        if self.stage == 0:
+            self.run_first()
+        else:
+            self.run_rest()
+        self.finish()
+
+    # ------------------------------------------------------------------ metrics
+    def _maybe_report(self) -> None:
+        if time.monotonic() - self._last_report >= self.cfg.metrics_every:
+            self._report()
+
+    def _report(self, final: bool = False) -> None:
+        now = time.monotonic()
+        dt = max(now - self._last_report, 1e-9)
+        t = self.timings.take()
+        rec = {
+            "stage": self.stage, "pid": os.getpid(), "final": final,
+            "step": self.last_step, "steps": self.steps, "samples": self.samples,
+            "samples_per_s": self._samples_since_report / dt,
+            "busy_fraction": t["compute"] / dt,
+            **{f"{k}_fraction": v / dt for k, v in t.items() if k != "compute"},
+            "outstanding_steps": self.logic.outstanding(),
+            "cpu_percent": self.proc.cpu_percent(None),
+            "rss_mb": self.proc.memory_info().rss / 2**20,
+            "rejected_messages": self.rejected,
+            **self.logic.stats.take(),
+        }
+        self._last_report = now
+        self._samples_since_report = 0
+        self.send_coord(wire.Metrics(self.stage, rec))
+
+    def close(self) -> None:
+        for s in (self.outbox, self.inbox, self.coord):
+            if s is not None:
+                s.close()
+        self.ctx.term()
+
+
+class _EvalAccumulator:
+    def __init__(self) -> None:
+        self.loss = 0.0
+        self.correct = 0
+        self.n = 0
+
+    def add(self, loss_sum: float, correct: int, n: int) -> None:
+        self.loss += loss_sum
+        self.correct += correct
+        self.n += n
+
+    def result(self, epoch: int, step: int) -> wire.EvalResult:
+        n = max(self.n, 1)
+        return wire.EvalResult(epoch, step, self.loss / n, self.correct / n, self.n)
+
+
+def _on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def run_worker(spec: WorkerSpec) -> None:
+    """Process entry point (spawn target). Exits 0 after STOP, 1 after reporting an error."""
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    worker = LayerWorker(spec)
+    code = 0
+    try:
+        worker.run()
+    except Stopped:
+        pass
+    except CoordinatorGone as exc:
+        print(str(exc), file=sys.stderr, flush=True)
+        code = 1
+    except BaseException as exc:  # report anything, then exit non-zero
+        if isinstance(exc, SystemExit) and exc.code in (0, None):
+            raise
+        code = 1
+        tb = traceback.format_exc(limit=4)
+        msg = f"{type(exc).__name__}: {exc}"
+        print(f"[stage {spec.stage}] {tb}", file=sys.stderr, flush=True)
+        try:
+            worker.send_coord(wire.Error(spec.stage, msg))
+        except zmq.ZMQError:
+            pass
+    finally:
+        worker.close()
+    sys.exit(code)
