@@ -120,7 +120,7 @@ class StageLogic:
         self.sg_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.sg_optimizer.step()
-        self.stats.sg_loss_sum += float(loss)
+        self.stats.sg_loss_sum += loss.item()
         self.stats.sg_loss_n += 1
 
     def _bound_kept(self, step: int) -> None:

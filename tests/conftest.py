@@ -1,0 +1,56 @@
+"""Shared fixtures. Every test that starts processes is followed by a reaper that stops any
+child it left behind (terminate, then kill) and fails the test if there were any."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _reap() -> list[int]:
+    children = psutil.Process().children(recursive=True)
+    # the resource tracker / forkserver of multiprocessing are not ours to judge
+    ours = [c for c in children if "resource_tracker" not in " ".join(_cmdline(c))]
+    for c in ours:
+        try:
+            c.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(ours, timeout=3)
+    for c in alive:
+        try:
+            c.kill()
+        except psutil.Error:
+            pass
+    return [c.pid for c in ours]
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
+@pytest.fixture(autouse=True)
+def reap_children():
+    yield
+    leftovers = _reap()
+    assert not leftovers, f"test left child processes running: {leftovers}"
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """A quick run on the synthetic set: small network, few steps."""
+    from common.config import RunConfig
+    return RunConfig(dataset="synthetic", layers=(784, 64, 64, 64, 10), batch_size=64,
+                     synthetic_train=2048, synthetic_test=512, epochs=1, steps=20,
+                     out=str(tmp_path / "run"), progress_every=60.0, start_timeout=60.0,
+                     stall_timeout=30.0)

@@ -1,0 +1,66 @@
+"""Configuration errors are caught before any process starts, with a message saying what to change."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import launch
+from common.config import ConfigError, RunConfig
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"mode": "sideways"}, "unknown mode 'sideways'"),
+    ({"stages": 9}, "more than the model's 4 layers"),
+    ({"groups": (2, 1)}, "covers 3 layers, but the model has 4"),
+    ({"layers": (784,)}, "at least an input and an output"),
+    ({"layers": (100, 10)}, "must start with 784"),
+    ({"layers": (784, 0, 10)}, "must be positive"),
+    ({"true_grad_every": 0}, "at least 1"),
+    ({"batch_size": 1}, "at least 2"),
+    ({"sg_model": "transformer"}, "unknown synthetic-gradient model"),
+])
+def test_bad_config_names_the_problem(changes, needle):
+    with pytest.raises(ConfigError, match=needle):
+        RunConfig(**changes).validate()
+
+
+def test_stage_groups():
+    assert RunConfig().stage_groups == (1, 1, 1, 1)
+    assert RunConfig(stages=2).stage_groups == (2, 2)
+    assert RunConfig(stages=3).stage_groups == (2, 1, 1)
+    assert RunConfig(groups=(1, 3)).stage_groups == (1, 3)
+
+
+def test_true_grad_schedule():
+    cfg = RunConfig(true_grad_every=10)
+    assert [s for s in range(30) if cfg.is_true_grad_step(s)] == [9, 19, 29]
+    assert all(RunConfig(mode="locked", true_grad_every=10).is_true_grad_step(s) for s in range(5))
+
+
+def test_config_round_trips_through_a_dict():
+    cfg = RunConfig(groups=(2, 2), conditioned=True)
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown configuration fields: bogus"):
+        RunConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_cli_builds_config():
+    ns = launch.build_parser().parse_args(
+        ["train", "--mode", "stale", "--layers", "784,32,10", "--conditioned", "--true-grad-every", "5"])
+    cfg = launch.config_from_args(ns)
+    assert cfg.mode == "stale" and cfg.layers == (784, 32, 10) and cfg.conditioned
+    assert cfg.true_grad_every == 5 and cfg.batch_size == 256
+
+
+def test_cli_rejects_bad_config_before_starting_anything(tmp_path):
+    res = subprocess.run([sys.executable, "launch.py", "--stages", "7", "--out", str(tmp_path / "r")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert "--stages 7 is more than the model's 4 layers" in res.stderr
+    assert not (tmp_path / "r").exists()
+    res = subprocess.run([sys.executable, "launch.py", "--dataset", "mnist", "--data-dir",
+                          str(tmp_path / "none")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "does not exist" in res.stderr

@@ -1,0 +1,100 @@
+"""The IDX reader against files this test writes itself, and the data-set loader's errors."""
+from __future__ import annotations
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from common.data import (DataError, check_dataset, load_dataset, read_idx, train_batches,
+                         FASHION_MNIST_DIR)
+
+
+def write_idx(path, array: np.ndarray, code: int = 0x08, compress: bool = False) -> None:
+    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    big = array.astype(array.dtype.newbyteorder(">"))
+    data = header + big.tobytes()
+    path.write_bytes(gzip.compress(data) if compress else data)
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["raw", "gz"])
+def test_read_idx_round_trip(tmp_path, compress):
+    images = np.arange(3 * 28 * 28, dtype=np.uint8).reshape(3, 28, 28)
+    write_idx(tmp_path / "a", images, compress=compress)
+    assert np.array_equal(read_idx(tmp_path / "a"), images)
+
+
+def test_read_idx_other_types(tmp_path):
+    floats = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
+    write_idx(tmp_path / "f", floats, code=0x0D)
+    assert np.array_equal(read_idx(tmp_path / "f"), floats)
+    ints = np.array([1, -2, 300000], dtype=np.int32)
+    write_idx(tmp_path / "i", ints, code=0x0C)
+    assert np.array_equal(read_idx(tmp_path / "i"), ints)
+
+
+def test_wrong_magic_fails_clearly(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x12\x34\x08\x01" + b"\x00" * 8)
+    with pytest.raises(DataError, match="bad IDX magic number 0x12340801"):
+        read_idx(tmp_path / "bad")
+
+
+def test_truncated_file_fails_clearly(tmp_path):
+    write_idx(tmp_path / "t", np.zeros((4, 28, 28), np.uint8))
+    data = (tmp_path / "t").read_bytes()
+    (tmp_path / "t").write_bytes(data[:-10])
+    with pytest.raises(DataError, match="holds"):
+        read_idx(tmp_path / "t")
+
+
+def make_mnist_folder(folder, n_train=40, n_test=20, compress=True, names="standard"):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    sep = "-" if names == "standard" else "."
+    suffix = ".gz" if compress else ""
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(folder / f"{prefix}-images{sep}idx3-ubyte{suffix}",
+                  rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), compress=compress)
+        write_idx(folder / f"{prefix}-labels{sep}idx1-ubyte{suffix}",
+                  rng.integers(0, 10, n, dtype=np.uint8), compress=compress)
+
+
+@pytest.mark.parametrize("compress,names", [(True, "standard"), (False, "dotted")])
+def test_mnist_folder_loads(tmp_path, compress, names):
+    make_mnist_folder(tmp_path / "mnist", compress=compress, names=names)
+    check_dataset("mnist", str(tmp_path / "mnist"))
+    ds = load_dataset("mnist", str(tmp_path / "mnist"))
+    assert ds.train.images.shape == (40, 1, 28, 28) and ds.test.images.shape == (20, 1, 28, 28)
+    assert ds.train.labels.dtype == torch.int64
+    assert abs(float(ds.train.images.mean())) < 1e-4  # normalised with the training set's mean
+
+
+def test_missing_data_says_how_to_get_it(tmp_path):
+    with pytest.raises(DataError, match="--data-dir"):
+        check_dataset("mnist", None)
+    with pytest.raises(DataError, match="does not exist.*--data-dir"):
+        check_dataset("mnist", str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no train-images.*torchvision"):
+        check_dataset("mnist", str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        check_dataset("fashion-mnist", str(tmp_path / "nowhere"))
+
+
+def test_batch_order_depends_only_on_seed_and_epoch():
+    ds = load_dataset("synthetic", None, 512, 64)
+    a = [y for _, y in train_batches(ds.train, 64, seed=3, epoch=1)]
+    b = [y for _, y in train_batches(ds.train, 64, seed=3, epoch=1)]
+    c = [y for _, y in train_batches(ds.train, 64, seed=3, epoch=2)]
+    assert len(a) == 8 and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir(FASHION_MNIST_DIR),
+                    reason="Debian package dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_loads():
+    ds = load_dataset("fashion-mnist", None)
+    assert len(ds.train) == 60000 and len(ds.test) == 10000
+    assert sorted(ds.train.labels.unique().tolist()) == list(range(10))

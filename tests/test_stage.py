@@ -1,0 +1,106 @@
+"""Stage logic without processes: locked stages chained by hand are backprop; unlocked stages
+update from the synthetic gradient and return the true dL/dx of the step's own weights."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.config import RunConfig
+from common.models import SyntheticGradient, build_units, stage_bounds, stage_io_shapes
+from workers.stage import StageLogic
+
+
+def chain(cfg: RunConfig) -> list[StageLogic]:
+    units = build_units(cfg)
+    shapes = stage_io_shapes(cfg)
+    k = len(cfg.stage_groups)
+    return [StageLogic(cfg, i, k, nn.Sequential(*units[a:b]), shapes[i][1])
+            for i, (a, b) in enumerate(stage_bounds(cfg))]
+
+
+def run_step(stages: list[StageLogic], step: int, x, y, cfg: RunConfig):
+    """One step through the chain, delivering each true gradient at once."""
+    true_step = cfg.is_true_grad_step(step)
+    h = x
+    for s in stages[:-1]:
+        h = s.forward(step, h, y, true_step)
+        s.local_update(step)
+    _, g = stages[-1].last_step(step, h, y, true_step)
+    for s in reversed(stages[:-1]):
+        if g is None:
+            break
+        g = s.receive_grad(step, g, True)
+
+
+def test_locked_chain_equals_backprop():
+    cfg = RunConfig(mode="locked", layers=(784, 32, 32, 10), optimizer="sgd", lr=0.1)
+    stages = chain(cfg)
+    ref = nn.Sequential(*build_units(cfg))
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    torch.manual_seed(5)
+    for step in range(5):
+        x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+        run_step(stages, step, x, y, cfg)
+        opt.zero_grad()
+        F.cross_entropy(ref(x), y).backward()
+        opt.step()
+    got = [p for s in stages for p in s.module.parameters()]
+    for a, b in zip(got, ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_synthetic_gradient_starts_at_zero_and_conditions_on_labels():
+    sg = SyntheticGradient((8,), "mlp", 16, conditioned=True)
+    h, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 3])
+    assert torch.count_nonzero(sg(h, y)) == 0
+    with pytest.raises(ValueError, match="needs the labels"):
+        sg(h, None)
+    conv = SyntheticGradient((3, 5, 5), "linear", 4, conditioned=True)
+    assert conv(torch.randn(2, 3, 5, 5), torch.tensor([1, 2])).shape == (2, 3, 5, 5)
+
+
+def test_unlocked_true_gradient_uses_the_weights_of_its_step():
+    cfg = RunConfig(mode="unlocked", layers=(784, 32, 32, 10), true_grad_every=1, sg_lr=1e-2)
+    stages = chain(cfg)
+    mid = stages[1]
+    x, y = torch.randn(16, 32), torch.randint(0, 10, (16,))
+    frozen = copy.deepcopy(mid.module)  # the weights at forward time
+    h = mid.forward(0, x, y, True)
+    mid.local_update(0)
+    # prime the SG so that its next update moves the weights, then change them with a second step
+    g = torch.randn_like(h) / 16
+    xx = x.clone().requires_grad_(True)
+    expected = torch.autograd.grad(frozen(xx), xx, g)[0]
+    mid.forward(1, torch.randn(16, 32), y, True)
+    mid._train_sg(mid.kept[1], torch.randn_like(h))
+    mid.local_update(1)
+    assert not all(torch.equal(a, b) for a, b in zip(frozen.parameters(), mid.module.parameters()))
+    dx = mid.receive_grad(0, g, True)
+    torch.testing.assert_close(dx, expected)
+    assert mid.stats.true_grads == 1 and mid.stats.sg_loss_n == 2
+    assert mid.outstanding() == 1
+
+
+def test_unlocked_update_moves_weights_once_the_sg_has_learned():
+    cfg = RunConfig(mode="unlocked", layers=(784, 32, 10), sg_lr=1e-2)
+    first = chain(cfg)[0]
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    before = [p.clone() for p in first.module.parameters()]
+    first.forward(0, x, y, True)
+    first.local_update(0)  # the zero-initialised SG predicts zero: Adam sees zero gradients
+    torch.testing.assert_close(before[0], first.module[0][1].weight)
+    first.receive_grad(0, torch.randn(16, 32), True)
+    first.forward(1, x, y, False)
+    first.local_update(1)
+    assert not torch.equal(before[0], first.module[0][1].weight)
+
+
+def test_gradient_for_unknown_step_is_refused():
+    cfg = RunConfig(mode="unlocked", layers=(784, 32, 10))
+    first = chain(cfg)[0]
+    with pytest.raises(KeyError, match="does not hold"):
+        first.receive_grad(7, torch.zeros(4, 32), True)

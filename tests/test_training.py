@@ -1,0 +1,169 @@
+"""Real runs with real processes (spawned workers, ZeroMQ links), each under a hard timeout."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from common.files import load_model_state
+from coordinator.train import train
+from tests.conftest import ROOT
+
+quiet = lambda *_: None  # noqa: E731
+
+
+def run(cfg, **changes):
+    run_dir, summary = train(cfg.replace(**changes), log=quiet)
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk["steps"] == summary["steps"]
+    return run_dir, summary
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("groups", [None, (1, 3)], ids=["4-stages", "2-stages-1-3"])
+def test_locked_workers_reproduce_backprop(tiny_cfg, tmp_path, groups):
+    """Same seed, same batches: after 20 Adam steps every parameter and BN statistic equals the
+    single-process result within rtol=1e-5, atol=1e-6 (both use one torch thread)."""
+    ref_dir, ref = run(tiny_cfg, mode="backprop", backprop_threads=1, out=str(tmp_path / "bp"))
+    got_dir, got = run(tiny_cfg, mode="locked", groups=groups, out=str(tmp_path / "locked"))
+    assert ref["steps"] == got["steps"] == 20
+    assert got["true_gradient_steps"] == 20
+    a, b = load_model_state(ref_dir), load_model_state(got_dir)
+    assert sorted(a) == sorted(b) == [0, 1, 2, 3]
+    for unit in a:
+        assert a[unit].keys() == b[unit].keys()
+        for name in a[unit]:
+            torch.testing.assert_close(b[unit][name], a[unit][name], rtol=1e-5, atol=1e-6,
+                                       msg=f"unit {unit} {name}")
+    assert abs(got["test_accuracy"] - ref["test_accuracy"]) < 1e-6
+
+
+@pytest.mark.timeout(180)
+def test_unlocked_learns_and_counts_true_gradients(tiny_cfg):
+    n = 5
+    _, s = run(tiny_cfg, mode="unlocked", steps=120, epochs=4, true_grad_every=n, sg_lr=1e-3)
+    assert s["steps"] == 120
+    assert s["true_gradient_steps"] == 120 // n
+    # each stage but the last got exactly one true gradient per true-gradient step
+    assert s["true_gradients_relayed"] == [120 // n] * 3 + [0]
+    assert all(w["true_grads_received"] == 120 // n for w in s["workers"][:-1])
+    assert s["test_accuracy"] > 0.5, s["evals"]  # chance is 0.1
+    assert len(s["evals"]) == 4  # after each epoch (32 steps each)
+    for key in ("mode", "steps", "samples", "wall_clock_s", "samples_per_s", "test_accuracy",
+                "true_gradient_steps"):
+        assert s[key] is not None, key
+    for w in s["workers"]:
+        assert {"stage", "pid", "samples_per_s", "busy_fraction"} <= set(w)
+        assert 0 < w["busy_fraction"] <= 1
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("changes", [
+    {"mode": "stale", "true_grad_every": 4},
+    {"mode": "unlocked", "conditioned": True, "bootstrap": True, "sg_model": "mlp", "sg_hidden": 32,
+     "true_grad_every": 4, "stages": 2},
+    {"mode": "unlocked", "model": "cnn", "true_grad_every": 2, "stages": 2, "transport": "tcp"},
+], ids=["stale", "cdni-bootstrap-mlp-sg", "cnn-tcp"])
+def test_other_modes_run_to_the_end(tiny_cfg, changes):
+    run_dir, s = run(tiny_cfg, **changes)
+    assert s["steps"] == 20 and s["true_gradient_steps"] == 20 // changes["true_grad_every"]
+    if changes.get("bootstrap"):
+        assert s["bootstrap_gradients_relayed"][0] == 20 - 20 // changes["true_grad_every"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {r["event"] for r in records} == {"worker", "eval"}
+    assert all("wall_s" in r for r in records)
+    assert s["rejected_messages"] == 0
+
+
+# ---------------------------------------------------------------------------- failures
+def start_launcher(tmp_path, *extra):
+    cmd = [sys.executable, "-u", "launch.py", "train", "--dataset", "synthetic", "--mode", "unlocked",
+           "--epochs", "50", "--layers", "784,64,64,64,10", "--batch-size", "64",
+           "--synthetic-train", "4096", "--progress-every", "0.5", "--out", str(tmp_path / "run"), *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_line(proc, needle, timeout=90.0) -> tuple[str, list[str]]:
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return line, seen
+    proc.kill()
+    raise AssertionError(f"never saw {needle!r}; output:\n{''.join(seen)}")
+
+
+def worker_pids(proc) -> list[int]:
+    return [c.pid for c in psutil.Process(proc.pid).children()
+            if "resource_tracker" not in " ".join(c.cmdline())]
+
+
+def assert_all_gone(pids, timeout=10.0):
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    assert not alive, f"orphans left: {[p.pid for p in alive]}"
+
+
+@pytest.mark.timeout(120)
+def test_killed_worker_ends_the_run_with_a_clear_error(tmp_path):
+    proc = start_launcher(tmp_path)
+    try:
+        wait_for_line(proc, "train step")
+        pids = worker_pids(proc)
+        assert len(pids) == 4
+        victim = pids[2]
+        os.kill(victim, signal.SIGKILL)
+        t0 = time.monotonic()
+        out, _ = proc.communicate(timeout=30)
+        took = time.monotonic() - t0
+        assert proc.returncode == 1, out
+        assert f"stage 2 (pid {victim}) killed by SIGKILL" in out
+        assert took < 10, f"took {took:.1f}s to notice"
+        assert_all_gone(pids)
+    finally:
+        proc.kill()
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_stops_every_process(tmp_path):
+    proc = start_launcher(tmp_path)
+    try:
+        wait_for_line(proc, "train step")
+        pids = worker_pids(proc)
+        os.kill(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 130, out
+        assert "interrupted" in out
+        assert_all_gone(pids)
+    finally:
+        proc.kill()
+
+
+@pytest.mark.timeout(120)
+def test_workers_exit_when_the_launcher_is_killed(tmp_path):
+    proc = start_launcher(tmp_path)
+    try:
+        wait_for_line(proc, "train step")
+        pids = worker_pids(proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        assert_all_gone(pids, timeout=10)
+    finally:
+        proc.kill()

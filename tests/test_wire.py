@@ -1,0 +1,92 @@
+"""The wire protocol round-trips every tensor kind and rejects every malformed message."""
+from __future__ import annotations
+
+import msgpack
+import pytest
+import torch
+import zmq
+
+from common import wire
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])
+def test_round_trip_dtypes(dtype):
+    t = (torch.randn(5, 7) * 100).to(dtype)
+    msg = wire.decode(wire.encode(wire.Grad(3, 1, True, t)))
+    assert isinstance(msg, wire.Grad) and msg.step == 3 and msg.to_stage == 1 and msg.is_true
+    assert msg.g.dtype == dtype and torch.equal(msg.g, t)
+
+
+@pytest.mark.parametrize("t", [
+    torch.randn(6, 4).t(),  # non-contiguous
+    torch.randn(8, 8)[::2, 1::3],  # strided slice
+    torch.empty(0, 16),  # empty
+    torch.tensor(3.5),  # scalar
+    torch.randn(2, 3, 4, 5),
+], ids=["transposed", "strided", "empty", "scalar", "4d"])
+def test_round_trip_shapes(t):
+    msg = wire.decode(wire.encode(wire.Activation(1, 0, "train", False, t, torch.arange(2))))
+    assert msg.h.shape == t.shape and torch.equal(msg.h, t)
+    assert torch.equal(msg.labels, torch.arange(2))
+
+
+def test_round_trip_over_zeromq_without_tensors():
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        a.bind("inproc://t")
+        b.connect("inproc://t")
+        big = torch.randn(256, 256)
+        a.send_multipart(wire.encode(wire.Activation(9, 2, "eval", True, big, None)), copy=False)
+        a.send_multipart(wire.encode(wire.Metrics(1, {"x": 1.5, "y": [1, 2], "z": None})))
+        m1 = wire.decode(b.recv_multipart(copy=False))
+        m2 = wire.decode(b.recv_multipart(copy=False))
+        assert torch.equal(m1.h, big) and m1.labels is None and m1.phase == "eval"
+        assert m2 == wire.Metrics(1, {"x": 1.5, "y": [1, 2], "z": None})
+    finally:
+        a.close(0), b.close(0), ctx.term()
+
+
+def _header(kind, fields, tensors=()):
+    return msgpack.packb({"kind": kind, "fields": fields, "tensors": list(tensors)})
+
+
+GOOD_FIELDS = {"step": 1, "to_stage": 0, "is_true": True}
+
+
+@pytest.mark.parametrize("frames, needle", [
+    ([], "empty message"),
+    ([b"\xc1\xff\x00"], "not valid msgpack"),
+    ([msgpack.packb([1, 2, 3])], "must be a map"),
+    ([_header(99, {})], "unknown message kind"),
+    ([_header(4, {"step": 1})], "do not match"),
+    ([_header(4, {**GOOD_FIELDS, "extra": 1})], "do not match"),
+    ([_header(4, {**GOOD_FIELDS, "step": "one"})], "expected int"),
+    ([_header(4, {**GOOD_FIELDS, "is_true": 1})], "expected bool"),
+    ([_header(4, GOOD_FIELDS, [["g", "float32", [2, 2]]])], "tensor frames"),
+    ([_header(4, GOOD_FIELDS, [["g", "float32", [2, 2]]]), b"\x00" * 15], "truncated"),
+    ([_header(4, GOOD_FIELDS, [["g", "float32", [2, 2]]]), b"\x00" * 17], "16 bytes"),
+    ([_header(4, GOOD_FIELDS, [["g", "complex", [2]]]), b"\x00" * 8], "not allowed"),
+    ([_header(4, GOOD_FIELDS, [["nope", "float32", [1]]]), b"\x00" * 4], "bad tensor entry"),
+    ([_header(4, GOOD_FIELDS, [["g", "float32", [-1]]]), b""], "bad shape"),
+    ([_header(4, GOOD_FIELDS, [["g", "float32", [1 << 20, 1 << 10]]]), b""], "exceed the bound"),
+    ([b"\x00" * (wire.MAX_HEADER_BYTES + 1)], "exceeds"),
+], ids=["empty", "garbage", "not-map", "bad-kind", "missing-field", "extra-field", "wrong-type",
+        "int-for-bool", "missing-frame", "truncated", "too-long", "bad-dtype", "bad-name",
+        "negative-dim", "oversized", "huge-header"])
+def test_malformed_messages_rejected(frames, needle):
+    with pytest.raises(wire.WireError, match=needle):
+        wire.decode(frames, max_tensor_bytes=1 << 20)
+
+
+def test_check_tensor_enforces_link_agreement():
+    ok = torch.zeros(4, 8)
+    assert wire.check_tensor(ok, "h", torch.float32, (8,), 4) is ok
+    with pytest.raises(wire.WireError, match="dtype float16"):
+        wire.check_tensor(ok.half(), "h", torch.float32, (8,), 4)
+    with pytest.raises(wire.WireError, match=r"shape \[4, 9\]"):
+        wire.check_tensor(torch.zeros(4, 9), "h", torch.float32, (8,), 4)
+    with pytest.raises(wire.WireError, match="expected \\[1..4"):
+        wire.check_tensor(torch.zeros(5, 8), "h", torch.float32, (8,), 4)
+    with pytest.raises(wire.WireError, match="missing"):
+        wire.check_tensor(None, "h", torch.float32, (8,), 4)
