@@ -49,7 +49,7 @@ def test_locked_workers_reproduce_backprop(tiny_cfg, tmp_path, groups):
 @pytest.mark.timeout(180)
 def test_unlocked_learns_and_counts_true_gradients(tiny_cfg):
     n = 5
-    _, s = run(tiny_cfg, mode="unlocked", steps=120, epochs=4, true_grad_every=n, sg_lr=1e-3)
+    _, s = run(tiny_cfg, mode="unlocked", steps=120, epochs=4, true_grad_every=n, lr=5e-3)
     assert s["steps"] == 120
     assert s["true_gradient_steps"] == 120 // n
     # each stage but the last got exactly one true gradient per true-gradient step

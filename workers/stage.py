@@ -80,7 +80,10 @@ class StageLogic:
         self.is_first = stage == 0
         self.is_last = stage == num_stages - 1
         self.module = module
-        self.optimizer = make_optimizer(module.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
+        lr = cfg.lr
+        if not self.is_last and cfg.mode in ("unlocked", "stale"):
+            lr *= cfg.sg_update_lr_scale  # this stage steps on predicted or reused gradients
+        self.optimizer = make_optimizer(module.parameters(), cfg.optimizer, lr, cfg.momentum)
         self.sg: Optional[SyntheticGradient] = None
         self.sg_optimizer: Optional[torch.optim.Optimizer] = None
         if not self.is_last and cfg.mode == "unlocked":
