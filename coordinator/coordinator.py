@@ -139,7 +139,11 @@ class Coordinator:
             self.rejected += 1
             self.log(f"[coordinator] gradient for unknown stage {msg.to_stage}")
             return
-        self.sock.send_multipart([self.identities[msg.to_stage], *body], copy=False)
+        try:
+            self.sock.send_multipart([self.identities[msg.to_stage], *body], copy=False)
+        except zmq.ZMQError as exc:
+            raise RunFailed(f"stage {msg.to_stage} cannot be reached to deliver the gradient of "
+                            f"step {msg.step}: {exc}") from None
         if msg.is_true:
             self.relayed_true[msg.to_stage] += 1
         else:
@@ -177,7 +181,7 @@ class Coordinator:
         self._last_progress = now
         last = self.latest.get(self.num_stages - 1, {})
         step = last.get("step", -1) + 1
-        rate = sum(r.get("samples_per_s", 0.0) for s, r in self.latest.items() if s == self.num_stages - 1)
+        rate = last.get("samples_per_s", 0.0)
         pct = 100.0 * step / max(self.total_steps, 1)
         eta = (self.total_steps - step) * self.cfg.batch_size / rate if rate > 0 else float("nan")
         busy = " ".join(f"{self.latest[s].get('busy_fraction', 0):.2f}" for s in sorted(self.latest))

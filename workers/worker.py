@@ -88,8 +88,7 @@ class LayerWorker:
             self.inbox = self.ctx.socket(zmq.PULL)
             self.inbox.setsockopt(zmq.LINGER, 0)
             self.endpoint = self._bind(self.inbox)
-        self.poller = zmq.Poller()
-        self.poller.register(self.coord, zmq.POLLIN)
+        self._pollers: dict[tuple[int, int], zmq.Poller] = {}
         self.timings = Timings()
         self.rejected = 0
         self.proc = psutil.Process()
@@ -159,12 +158,11 @@ class LayerWorker:
         self.logic = StageLogic(cfg, self.stage, self.num_stages, module, self.out_shape)
         if self.inbox is not None:
             self.inbox.setsockopt(zmq.RCVHWM, cfg.queue_depth)
-            self.poller.register(self.inbox, zmq.POLLIN)
         if not self.is_last:
             self.outbox = self.ctx.socket(zmq.PUSH)
             self.outbox.setsockopt(zmq.SNDHWM, cfg.queue_depth)
             self.outbox.setsockopt(zmq.LINGER, 2000)
-            self.outbox.connect(start.downstream)
+        self.downstream = start.downstream
         self.dataset = None
         if self.stage == 0:
             self.dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.synthetic_train, cfg.synthetic_test)
@@ -205,8 +203,22 @@ class LayerWorker:
         self.timings.add("compute", time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ waiting
-    def _wait(self, activity: str, ready) -> None:
-        """Poll until `ready()` is true, handling coordinator messages meanwhile."""
+    def _poller(self, sock: Optional[zmq.Socket], event: int) -> zmq.Poller:
+        """A poller for the coordinator socket plus the one thing being waited for."""
+        key = (id(sock), event)
+        if key not in self._pollers:
+            poller = zmq.Poller()
+            poller.register(self.coord, zmq.POLLIN)
+            if sock is not None:
+                poller.register(sock, event)
+            self._pollers[key] = poller
+        return self._pollers[key]
+
+    def _wait(self, activity: str, ready, sock: Optional[zmq.Socket] = None,
+              event: int = zmq.POLLIN) -> None:
+        """Poll until `ready()` is true, handling coordinator messages meanwhile. `sock`/`event`
+        is what can make `ready()` true besides a coordinator message (wakes the poll at once)."""
+        poller = self._poller(sock, event)
         t0 = time.perf_counter()
         while True:
             self._handle_coord()
@@ -214,13 +226,13 @@ class LayerWorker:
                 break
             self._check_liveness()
             self._maybe_report()
-            self.poller.poll(POLL_MS)
+            poller.poll(POLL_MS)
         self.timings.add(activity, time.perf_counter() - t0)
 
     def recv_activation(self) -> wire.Activation:
         assert self.inbox is not None
         while True:
-            self._wait("wait_input", lambda: bool(self.inbox.poll(0)))
+            self._wait("wait_input", lambda: bool(self.inbox.poll(0)), self.inbox, zmq.POLLIN)
             msg = self._decode(self.inbox.recv_multipart(copy=False))
             if not isinstance(msg, wire.Activation):
                 if msg is not None:
@@ -242,7 +254,7 @@ class LayerWorker:
     def send_down(self, msg: wire.Activation) -> None:
         assert self.outbox is not None
         frames = wire.encode(msg)
-        self._wait("wait_send", lambda: bool(self.outbox.poll(0, zmq.POLLOUT)))
+        self._wait("wait_send", lambda: bool(self.outbox.poll(0, zmq.POLLOUT)), self.outbox, zmq.POLLOUT)
         t0 = time.perf_counter()
         self.outbox.send_multipart(frames, copy=False)
         self.timings.add("wait_send", time.perf_counter() - t0)
@@ -372,6 +384,10 @@ class LayerWorker:
             if self.coord.poll(POLL_MS):
                 msg = self._decode(self.coord.recv_multipart(copy=False))
                 if isinstance(msg, wire.Begin):
+                    # connect only now: every stage has set its receive high-water mark, which
+                    # ZeroMQ applies to connections made after it is set
+                    if self.outbox is not None:
+                        self.outbox.connect(self.downstream)
                     return
                 if isinstance(msg, wire.Stop):
                     raise Stopped(msg.reason)
