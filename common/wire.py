@@ -43,8 +43,8 @@ class WireError(ValueError):
 
 
 class Kind(IntEnum):
-    REGISTER = 1  # worker -> coordinator: I am stage i, my input endpoint is ...
-    START = 2  # coordinator -> worker: the config and your downstream endpoint
+    REGISTER = 1  # worker -> coordinator: I am stage i (pid, host)
+    START = 2  # coordinator -> worker: the config, the run folder, the core to use
     ACTIVATION = 3  # stage i -> stage i+1: h_i with labels (or an end-of-stream marker)
     GRAD = 4  # stage i -> coordinator -> stage i-1: dL/dh_{i-1} for one step
     METRICS = 5  # worker -> coordinator: counters for the last interval
@@ -52,8 +52,8 @@ class Kind(IntEnum):
     DONE = 7  # worker -> coordinator: finished, final figures, checkpoint written
     STOP = 8  # coordinator -> worker: shut down now
     ERROR = 9  # worker -> coordinator: I failed, here is why
-    READY = 10  # worker -> coordinator: set up (model built, data loaded, links connected)
-    BEGIN = 11  # coordinator -> worker: everyone is ready, start the clock and train
+    READY = 10  # worker -> coordinator: set up (model built, data loaded), input bound at ...
+    BEGIN = 11  # coordinator -> worker: everyone is ready; your downstream endpoint; train
 
 
 @dataclass(frozen=True)
@@ -61,13 +61,11 @@ class Register:
     stage: int
     pid: int
     host: str
-    endpoint: str  # where this stage receives activations ("" for stage 0)
 
 
 @dataclass(frozen=True)
 class Start:
     config: dict  # RunConfig.to_dict()
-    downstream: str  # endpoint of stage i+1 ("" for the last stage)
     run_dir: str
     core: int  # core to pin to, -1 = none
 
@@ -75,11 +73,12 @@ class Start:
 @dataclass(frozen=True)
 class Ready:
     stage: int
+    endpoint: str  # where this stage receives activations ("" for stage 0)
 
 
 @dataclass(frozen=True)
 class Begin:
-    pass
+    downstream: str  # endpoint of stage i+1 ("" for the last stage)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,13 @@ from common.procs import ProcessGroup, available_cores, describe_exit
 POLL_MS = 100
 
 
+def snake_core(stage: int, cores: list[int]) -> int:
+    """Cores in the order 0,1,..,C-1,C-1,..,1,0,0,1,..: with more stages than cores, the heavy
+    first stage (widest input) shares its core with the light last stage (the head)."""
+    lap, pos = divmod(stage, len(cores))
+    return cores[pos if lap % 2 == 0 else len(cores) - 1 - pos]
+
+
 class RunFailed(RuntimeError):
     """The run cannot go on; the message names the stage and the reason."""
 
@@ -49,7 +56,7 @@ class Coordinator:
         self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.metrics = JsonlLog(self.run_dir / "metrics.jsonl")
         self.registered: dict[int, wire.Register] = {}
-        self.ready: set[int] = set()
+        self.ready: dict[int, str] = {}  # stage -> its activation input endpoint
         self.identities: dict[int, bytes] = {}
         self.latest: dict[int, dict] = {}
         self.done: dict[int, dict] = {}
@@ -100,10 +107,11 @@ class Coordinator:
             self.log(f"eval  epoch {msg.epoch + 1} step {msg.step}: test accuracy "
                      f"{100 * msg.accuracy:.2f}%  test loss {msg.loss:.4f}  ({self._wall():.1f}s)")
         elif isinstance(msg, wire.Ready):
-            self.ready.add(msg.stage)
+            self.ready[msg.stage] = msg.endpoint
             if len(self.ready) == self.num_stages:
                 for stage in range(self.num_stages):
-                    self._send(stage, wire.Begin())
+                    downstream = self.ready[stage + 1] if stage + 1 < self.num_stages else ""
+                    self._send(stage, wire.Begin(downstream))
                 self.t_start = time.monotonic()
                 self.log(f"all {self.num_stages} stages ready after {self.t_start - self.t_created:.1f}s; "
                          f"training {self.total_steps} steps")
@@ -130,9 +138,8 @@ class Coordinator:
     def _start_all(self) -> None:
         cores = available_cores()
         for stage in range(self.num_stages):
-            downstream = self.registered[stage + 1].endpoint if stage + 1 < self.num_stages else ""
-            core = cores[stage % len(cores)] if self.cfg.pin_cores else -1
-            self._send(stage, wire.Start(self.cfg.to_dict(), downstream, str(self.run_dir), core))
+            core = snake_core(stage, cores) if self.cfg.pin_cores else -1
+            self._send(stage, wire.Start(self.cfg.to_dict(), str(self.run_dir), core))
 
     def _relay(self, msg: wire.Grad, body: list) -> None:
         if msg.to_stage not in self.identities:
@@ -157,7 +164,7 @@ class Coordinator:
         now = time.monotonic()
         if self.t_start is None and now - self.t_created > self.cfg.start_timeout:
             missing = sorted(set(range(self.num_stages)) - set(self.registered))
-            missing = missing or sorted(set(range(self.num_stages)) - self.ready)
+            missing = missing or sorted(set(range(self.num_stages)) - set(self.ready))
             raise RunFailed(f"stages {missing} were not ready within {self.cfg.start_timeout:.0f}s "
                             f"(start them, or raise --start-timeout)")
         if self.t_start is not None and now - self._last_msg > self.cfg.stall_timeout:

@@ -83,6 +83,17 @@ def test_other_modes_run_to_the_end(tiny_cfg, changes):
     assert s["rejected_messages"] == 0
 
 
+@pytest.mark.timeout(180)
+def test_queues_bound_how_far_stage_0_runs_ahead(tiny_cfg):
+    """With --queue-depth 1, stage 0 never holds more than a few steps per link awaiting their
+    true gradients (an unbounded queue lets it run hundreds of steps ahead)."""
+    q, k = 1, 4
+    _, s = run(tiny_cfg, mode="unlocked", layers=(784, 256, 256, 256, 10), batch_size=256,
+               synthetic_train=256 * 100, steps=100, queue_depth=q)
+    ahead = s["workers"][0]["max_outstanding_steps"]
+    assert 1 <= ahead <= 4 * (q + 1) * (k - 1), ahead
+
+
 # ---------------------------------------------------------------------------- failures
 def start_launcher(tmp_path, *extra):
     cmd = [sys.executable, "-u", "launch.py", "train", "--dataset", "synthetic", "--mode", "unlocked",

@@ -84,10 +84,6 @@ class LayerWorker:
         self.inbox: Optional[zmq.Socket] = None
         self.outbox: Optional[zmq.Socket] = None
         self.endpoint = ""
-        if spec.stage > 0:
-            self.inbox = self.ctx.socket(zmq.PULL)
-            self.inbox.setsockopt(zmq.LINGER, 0)
-            self.endpoint = self._bind(self.inbox)
         self._pollers: dict[tuple[int, int], zmq.Poller] = {}
         self.timings = Timings()
         self.rejected = 0
@@ -99,6 +95,7 @@ class LayerWorker:
         self.samples = 0
         self.steps = 0
         self.last_step = -1
+        self.max_outstanding = 0  # most steps held at once awaiting their gradient (staleness)
 
     # ------------------------------------------------------------------ sockets
     def _bind(self, sock: zmq.Socket) -> str:
@@ -129,7 +126,7 @@ class LayerWorker:
 
     # ------------------------------------------------------------------ handshake
     def handshake(self) -> wire.Start:
-        self.send_coord(wire.Register(self.stage, os.getpid(), pysocket.gethostname(), self.endpoint))
+        self.send_coord(wire.Register(self.stage, os.getpid(), pysocket.gethostname()))
         deadline = time.monotonic() + 600.0
         while time.monotonic() < deadline:
             self._check_liveness()
@@ -156,13 +153,16 @@ class LayerWorker:
         module = nn.Sequential(*units[self.first_unit:self.end_unit])
         self.in_shape, self.out_shape = stage_io_shapes(cfg)[self.stage]
         self.logic = StageLogic(cfg, self.stage, self.num_stages, module, self.out_shape)
-        if self.inbox is not None:
+        if self.stage > 0:
+            # the high-water mark must be set before bind: a listener copies its options then
+            self.inbox = self.ctx.socket(zmq.PULL)
+            self.inbox.setsockopt(zmq.LINGER, 0)
             self.inbox.setsockopt(zmq.RCVHWM, cfg.queue_depth)
+            self.endpoint = self._bind(self.inbox)
         if not self.is_last:
             self.outbox = self.ctx.socket(zmq.PUSH)
             self.outbox.setsockopt(zmq.SNDHWM, cfg.queue_depth)
             self.outbox.setsockopt(zmq.LINGER, 2000)
-        self.downstream = start.downstream
         self.dataset = None
         if self.stage == 0:
             self.dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.synthetic_train, cfg.synthetic_test)
@@ -284,6 +284,7 @@ class LayerWorker:
         self.samples += int(labels.shape[0])
         self._samples_since_report += int(labels.shape[0])
         self.last_step = step
+        self.max_outstanding = max(self.max_outstanding, self.logic.outstanding())
         self._maybe_report()
 
     # ------------------------------------------------------------------ the run
@@ -369,6 +370,7 @@ class LayerWorker:
             "samples_per_s": self.samples / elapsed if elapsed > 0 else 0.0,
             "busy_fraction": totals["compute"] / elapsed if elapsed > 0 else 0.0,
             **{f"{k}_s": v for k, v in totals.items()},
+            "max_outstanding_steps": self.max_outstanding,
             "true_grads_received": self.logic.stats.true_grads,
             "bootstrap_grads_received": self.logic.stats.bootstrap_grads,
             "rejected_messages": self.rejected,
@@ -378,16 +380,14 @@ class LayerWorker:
             self._wait("wait_grad", lambda: False)
 
     def wait_begin(self) -> None:
-        self.send_coord(wire.Ready(self.stage))
+        self.send_coord(wire.Ready(self.stage, self.endpoint))
         while True:
             self._check_liveness()
             if self.coord.poll(POLL_MS):
                 msg = self._decode(self.coord.recv_multipart(copy=False))
                 if isinstance(msg, wire.Begin):
-                    # connect only now: every stage has set its receive high-water mark, which
-                    # ZeroMQ applies to connections made after it is set
                     if self.outbox is not None:
-                        self.outbox.connect(self.downstream)
+                        self.outbox.connect(msg.downstream)
                     return
                 if isinstance(msg, wire.Stop):
                     raise Stopped(msg.reason)
