@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import sys
 import typing
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from common.config import ConfigError, RunConfig
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 from common.config import RunConfig
 from common.data import check_dataset, count_train
 from common.files import atomic_write_json
 from common.procs import ProcessGroup
-from coordinator.coordinator import Coordinator, RunFailed
+from coordinator.coordinator import Coordinator
 from workers.backprop import run_backprop
 from workers.worker import WorkerSpec, run_worker
 

@@ -2,7 +2,6 @@
 child it left behind (terminate, then kill) and fails the test if there were any."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

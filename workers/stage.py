@@ -18,7 +18,7 @@ and dL/dx is exactly the gradient of the forward pass that produced h (no recomp
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
