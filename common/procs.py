@@ -63,6 +63,28 @@ def alive(pid: int) -> bool:
         return False
 
 
+def terminate_then_kill(pids: list[int], timeout: float = 2.0) -> None:
+    """SIGTERM the processes, wait up to `timeout`, SIGKILL what is left, and reap."""
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.Error:
+            pass  # already gone
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, still = psutil.wait_procs(procs, timeout=timeout)
+    for p in still:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(still, timeout=timeout)
+
+
 @dataclass
 class Child:
     name: str
@@ -114,19 +136,7 @@ class ProcessGroup:
         self._closed = True
         procs = [c.process for c in self.children if c.process.pid is not None]
         self.wait(grace)
-        live = [psutil.Process(p.pid) for p in procs if p.exitcode is None and alive(p.pid)]
-        for p in live:
-            try:
-                p.terminate()
-            except psutil.Error:
-                pass
-        _, still = psutil.wait_procs(live, timeout=2.0)
-        for p in still:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(still, timeout=2.0)
+        terminate_then_kill([p.pid for p in procs if p.exitcode is None])
         for p in procs:
             p.join(0.5)
         atexit.unregister(self.shutdown)

@@ -12,23 +12,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from common.procs import terminate_then_kill  # noqa: E402
+
 
 def _reap() -> list[int]:
     children = psutil.Process().children(recursive=True)
     # the resource tracker / forkserver of multiprocessing are not ours to judge
-    ours = [c for c in children if "resource_tracker" not in " ".join(_cmdline(c))]
-    for c in ours:
-        try:
-            c.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(ours, timeout=3)
-    for c in alive:
-        try:
-            c.kill()
-        except psutil.Error:
-            pass
-    return [c.pid for c in ours]
+    ours = [c.pid for c in children if "resource_tracker" not in " ".join(_cmdline(c))]
+    terminate_then_kill(ours, timeout=3.0)
+    return ours
 
 
 def _cmdline(p: psutil.Process) -> list[str]:
