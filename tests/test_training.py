@@ -1,6 +1,7 @@
 """Real runs with real processes (spawned workers, ZeroMQ links), each under a hard timeout."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -131,12 +132,21 @@ def assert_all_gone(pids, timeout=10.0):
     assert not alive, f"orphans left: {[p.pid for p in alive]}"
 
 
-@pytest.mark.timeout(120)
-def test_killed_worker_ends_the_run_with_a_clear_error(tmp_path):
+@contextlib.contextmanager
+def training_launcher(tmp_path):
+    """A `launch.py train` subprocess that is training; yields (process, worker pids) and kills
+    the launcher afterwards whatever the test did."""
     proc = start_launcher(tmp_path)
     try:
         wait_for_line(proc, "train step")
-        pids = worker_pids(proc)
+        yield proc, worker_pids(proc)
+    finally:
+        proc.kill()
+
+
+@pytest.mark.timeout(120)
+def test_killed_worker_ends_the_run_with_a_clear_error(tmp_path):
+    with training_launcher(tmp_path) as (proc, pids):
         assert len(pids) == 4
         victim = pids[2]
         os.kill(victim, signal.SIGKILL)
@@ -147,33 +157,21 @@ def test_killed_worker_ends_the_run_with_a_clear_error(tmp_path):
         assert f"stage 2 (pid {victim}) killed by SIGKILL" in out
         assert took < 10, f"took {took:.1f}s to notice"
         assert_all_gone(pids)
-    finally:
-        proc.kill()
 
 
 @pytest.mark.timeout(120)
 def test_ctrl_c_stops_every_process(tmp_path):
-    proc = start_launcher(tmp_path)
-    try:
-        wait_for_line(proc, "train step")
-        pids = worker_pids(proc)
+    with training_launcher(tmp_path) as (proc, pids):
         os.kill(proc.pid, signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 130, out
         assert "interrupted" in out
         assert_all_gone(pids)
-    finally:
-        proc.kill()
 
 
 @pytest.mark.timeout(120)
 def test_workers_exit_when_the_launcher_is_killed(tmp_path):
-    proc = start_launcher(tmp_path)
-    try:
-        wait_for_line(proc, "train step")
-        pids = worker_pids(proc)
+    with training_launcher(tmp_path) as (proc, pids):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         assert_all_gone(pids, timeout=10)
-    finally:
-        proc.kill()
