@@ -10,7 +10,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-MODES = ("backprop", "locked", "unlocked", "stale")
+MODES = ("backprop", "pipeline", "locked", "unlocked", "stale")
+SCHEDULES = ("gpipe", "1f1b")
 MODELS = ("mlp", "cnn")
 DATASETS = ("fashion-mnist", "mnist", "synthetic")
 SG_MODELS = ("linear", "mlp")
@@ -30,7 +31,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class RunConfig:
     # --- what to train
-    mode: str = opt("unlocked", "backprop | locked | unlocked | stale")
+    mode: str = opt("unlocked", "backprop | pipeline (torch.distributed.pipelining) | locked | unlocked | stale")
     model: str = opt("mlp", "mlp (sizes from --layers) | cnn (two conv blocks, two linear)")
     layers: tuple[int, ...] = opt((784, 256, 256, 256, 10), "MLP sizes: input, hidden..., classes")
     stages: Optional[int] = opt(None, "number of stage processes, layers split evenly (default: one per layer)")
@@ -59,6 +60,9 @@ class RunConfig:
     conditioned: bool = opt(True, "cDNI: the SG model also sees the labels (one-hot)")
     sg_update_lr_scale: float = opt(0.2, "layers stepped by a synthetic or stale gradient use lr x this (Adam gives a predicted gradient's errors full-size steps)")
     bootstrap: bool = opt(False, "train SG_i also on the next stage's synthetic gradient")
+    # --- mode=pipeline (PyTorch's own pipeline parallelism, the strongest locked peer)
+    microbatches: int = opt(4, "pipeline: microbatches per batch (must divide --batch-size)")
+    schedule: str = opt("1f1b", "pipeline: gpipe | 1f1b")
     # --- processes and transport
     transport: str = opt("ipc", "ipc (one host) | tcp")
     host: str = opt("127.0.0.1", "address to bind tcp endpoints on")
@@ -90,6 +94,17 @@ class RunConfig:
              f"unknown synthetic-gradient model {self.sg_model!r}; choose one of {', '.join(SG_MODELS)}")
         need(self.optimizer in OPTIMIZERS and self.sg_optimizer in OPTIMIZERS,
              f"optimizers must be one of {', '.join(OPTIMIZERS)}")
+        need(self.schedule in SCHEDULES,
+             f"unknown pipeline schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        need(self.microbatches >= 1, "--microbatches must be at least 1")
+        if self.mode == "pipeline":
+            need(self.batch_size % self.microbatches == 0,
+                 f"--microbatches {self.microbatches} must divide --batch-size {self.batch_size}")
+            need(self.batch_size // self.microbatches >= 2,
+                 "pipeline microbatches need at least two samples each (batch norm)")
+            need(self.schedule != "1f1b" or self.microbatches >= len(self.stage_groups),
+                 f"--schedule 1f1b needs --microbatches >= stages ({len(self.stage_groups)}); "
+                 f"raise --microbatches or use --schedule gpipe")
         need(self.transport in TRANSPORTS,
              f"unknown transport {self.transport!r}; choose one of {', '.join(TRANSPORTS)}")
         if self.model == "mlp":

@@ -11,8 +11,9 @@ from common.config import RunConfig
 from common.data import check_dataset, count_train
 from common.files import atomic_write_json
 from common.procs import ProcessGroup
-from coordinator.coordinator import Coordinator
+from coordinator.coordinator import Coordinator, RunFailed
 from workers.backprop import run_backprop
+from workers.pipeline import PipelineFailed, run_pipeline
 from workers.worker import WorkerSpec, run_worker
 
 
@@ -34,6 +35,11 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> tuple[Path, dic
     log(f"run folder {run_dir}  mode {cfg.mode}  stages {list(cfg.stage_groups) if cfg.mode != 'backprop' else 1}")
     if cfg.mode == "backprop":
         summary = run_backprop(cfg, run_dir, log)
+    elif cfg.mode == "pipeline":
+        try:
+            summary = run_pipeline(cfg, run_dir, log)
+        except PipelineFailed as exc:
+            raise RunFailed(str(exc)) from None
     else:
         summary = _train_workers(cfg, run_dir, log)
     summary["config"] = cfg.to_dict()

@@ -1,0 +1,48 @@
+"""mode=pipeline: PyTorch's pipeline schedules as a contender, checked against backprop."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from common.config import ConfigError
+from common.files import load_model_state
+from tests.test_training import run
+
+
+@pytest.mark.timeout(180)
+def test_pipeline_with_one_microbatch_reproduces_backprop(tiny_cfg, tmp_path):
+    """One microbatch per batch: batch norm sees the whole batch, so two pipeline stages must end
+    where single-process backprop ends (one torch thread each, 20 Adam steps)."""
+    ref_dir, ref = run(tiny_cfg, mode="backprop", backprop_threads=1, out=str(tmp_path / "bp"))
+    got_dir, got = run(tiny_cfg, mode="pipeline", schedule="gpipe", microbatches=1, stages=2,
+                       out=str(tmp_path / "pp"))
+    assert got["steps"] == ref["steps"] == 20
+    a, b = load_model_state(ref_dir), load_model_state(got_dir)
+    assert sorted(a) == sorted(b) == [0, 1, 2, 3]
+    for unit in a:
+        for name in a[unit]:
+            torch.testing.assert_close(b[unit][name], a[unit][name], rtol=1e-5, atol=1e-6,
+                                       msg=f"unit {unit} {name}")
+    assert abs(got["test_accuracy"] - ref["test_accuracy"]) < 1e-6
+
+
+@pytest.mark.timeout(180)
+def test_pipeline_1f1b_microbatches_learns(tiny_cfg, tmp_path):
+    _, s = run(tiny_cfg, mode="pipeline", schedule="1f1b", microbatches=4, steps=60, epochs=2,
+               out=str(tmp_path / "pp"))
+    assert s["steps"] == 60 and len(s["evals"]) == 2
+    assert s["test_accuracy"] > 0.5, s["evals"]
+    assert len(s["workers"]) == 4
+    for unit in load_model_state(s["run_dir"]).values():
+        for name, t in unit.items():
+            if t.is_floating_point():
+                assert math.isfinite(float(t.abs().sum())), name  # no poisoned BN statistics
+
+
+def test_pipeline_config_errors(tiny_cfg):
+    with pytest.raises(ConfigError, match="microbatches"):
+        tiny_cfg.replace(mode="pipeline", microbatches=3)  # does not divide 64
+    with pytest.raises(ConfigError, match="1f1b"):
+        tiny_cfg.replace(mode="pipeline", schedule="1f1b", microbatches=2)  # 4 stages
