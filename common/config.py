@@ -78,6 +78,7 @@ class RunConfig:
     out: Optional[str] = opt(None, "run folder; None = runs/<mode>-<time>")
     progress_every: float = opt(2.0, "seconds between progress lines")
     metrics_every: float = opt(1.0, "seconds between a worker's metric reports")
+    timeline_steps: int = opt(48, "record each worker's compute/wait/send spans for this many first steps (timeline.json)")
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> "RunConfig":
@@ -122,6 +123,7 @@ class RunConfig:
         need(self.sg_hidden >= 1, "--sg-hidden must be at least 1")
         need(self.threads_per_worker >= 1, "--threads-per-worker must be at least 1")
         need(self.queue_depth >= 1, "--queue-depth must be at least 1")
+        need(self.timeline_steps >= 0, "--timeline-steps must be 0 or more")
         need(self.max_message_mb >= 1, "--max-message-mb must be at least 1")
         need(self.synthetic_train >= self.batch_size,
              "--synthetic-train must hold at least one batch")

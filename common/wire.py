@@ -68,6 +68,7 @@ class Start:
     config: dict  # RunConfig.to_dict()
     run_dir: str
     core: int  # core to pin to, -1 = none
+    total_steps: int  # training steps in the run (workers other than stage 0 load no data)
 
 
 @dataclass(frozen=True)

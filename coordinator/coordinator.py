@@ -18,6 +18,7 @@ import zmq
 from common import wire
 from common.config import RunConfig
 from common.data import steps_per_epoch
+from common.endpoints import bind_wildcard
 from common.files import JsonlLog
 from common.procs import ProcessGroup, available_cores, describe_exit
 
@@ -51,9 +52,10 @@ class Coordinator:
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 0)
         if bind is None:
-            bind = "ipc://*" if cfg.transport == "ipc" else f"tcp://{cfg.host}:*"
-        self.sock.bind(bind)
-        self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+            self.endpoint = bind_wildcard(self.sock, cfg.transport, cfg.host)
+        else:
+            self.sock.bind(bind)
+            self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.metrics = JsonlLog(self.run_dir / "metrics.jsonl")
         self.registered: dict[int, wire.Register] = {}
         self.ready: dict[int, str] = {}  # stage -> its activation input endpoint
@@ -139,7 +141,7 @@ class Coordinator:
         cores = available_cores()
         for stage in range(self.num_stages):
             core = snake_core(stage, cores) if self.cfg.pin_cores else -1
-            self._send(stage, wire.Start(self.cfg.to_dict(), str(self.run_dir), core))
+            self._send(stage, wire.Start(self.cfg.to_dict(), str(self.run_dir), core, self.total_steps))
 
     def _relay(self, msg: wire.Grad, body: list) -> None:
         if msg.to_stage not in self.identities:

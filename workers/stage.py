@@ -30,6 +30,16 @@ from common.config import RunConfig
 from common.models import SyntheticGradient, make_optimizer
 
 MAX_KEPT_STEPS = 4096  # a safety bound; bounded queues keep the real number far below it
+SNAPSHOT_AT = (0.0, 0.1, 0.5, 1.0)  # fractions of the run at which to keep SG-vs-true samples
+SNAPSHOT_ROWS, SNAPSHOT_COLS = 16, 64  # samples x units kept per snapshot (for a heatmap)
+
+
+def snapshot_steps(cfg: RunConfig, total_steps: int) -> frozenset[int]:
+    """The true-gradient steps nearest to each fraction of the run in SNAPSHOT_AT."""
+    true_steps = [s for s in range(total_steps) if cfg.is_true_grad_step(s)]
+    if not true_steps:
+        return frozenset()
+    return frozenset(true_steps[min(int(f * len(true_steps)), len(true_steps) - 1)] for f in SNAPSHOT_AT)
 
 
 @dataclass
@@ -74,7 +84,7 @@ class StageStats:
 
 class StageLogic:
     def __init__(self, cfg: RunConfig, stage: int, num_stages: int, module: nn.Module,
-                 out_shape: tuple[int, ...]):
+                 out_shape: tuple[int, ...], snapshot_steps: frozenset[int] = frozenset()):
         self.cfg = cfg
         self.stage = stage
         self.is_first = stage == 0
@@ -93,6 +103,8 @@ class StageLogic:
         self.kept: dict[int, Kept] = {}
         self.last_true: Optional[torch.Tensor] = None  # stale mode
         self.stats = StageStats()
+        self.snapshot_steps = snapshot_steps
+        self.snapshots: list[dict] = []  # synthetic beside true gradient at a few steps
         self._pending: Optional[tuple] = None  # (step, h, x, keep_graph, labels) between forward and update
 
     # ------------------------------------------------------------------ helpers
@@ -125,6 +137,12 @@ class StageLogic:
         self.sg_optimizer.step()
         self.stats.sg_loss_sum += loss.item()
         self.stats.sg_loss_n += 1
+
+    def _snapshot(self, step: int, predicted: torch.Tensor, true: torch.Tensor, cos: float) -> None:
+        def corner(t: torch.Tensor) -> list:
+            return t.reshape(t.shape[0], -1)[:SNAPSHOT_ROWS, :SNAPSHOT_COLS].tolist()
+        self.snapshots.append({"stage": self.stage, "step": step, "cosine": cos,
+                               "predicted": corner(predicted), "true": corner(true)})
 
     def _bound_kept(self, step: int) -> None:
         for old in [s for s in self.kept if s <= step - MAX_KEPT_STEPS]:
@@ -197,9 +215,11 @@ class StageLogic:
             return kept.x.grad if kept.x is not None else None
         if self.sg is not None:
             if kept.sg_pred is not None:
-                self.stats.cos_sum += float(F.cosine_similarity(
-                    kept.sg_pred.reshape(1, -1), (g * g.shape[0]).reshape(1, -1)))
+                cos = float(F.cosine_similarity(kept.sg_pred.reshape(1, -1), (g * g.shape[0]).reshape(1, -1)))
+                self.stats.cos_sum += cos
                 self.stats.cos_n += 1
+                if step in self.snapshot_steps:
+                    self._snapshot(step, kept.sg_pred, g * g.shape[0], cos)
             self._train_sg(kept, g)
         if is_true:
             if mode == "stale":

@@ -26,10 +26,12 @@ import zmq
 from common import wire
 from common.config import RunConfig
 from common.data import eval_batches, load_dataset, steps_per_epoch, train_batches
-from common.files import atomic_torch_save
+from common.endpoints import bind_wildcard
+from common.files import atomic_torch_save, atomic_write_json
 from common.models import build_units, stage_bounds, stage_io_shapes
 from common.procs import alive, die_with_parent, pin_to_core
-from workers.stage import StageLogic
+from workers.stage import StageLogic, snapshot_steps
+from workers.timings import MESSAGING, Timings
 
 POLL_MS = 100
 LIVENESS_EVERY_S = 1.0
@@ -50,24 +52,6 @@ class Stopped(Exception):
 
 class CoordinatorGone(RuntimeError):
     pass
-
-
-class Timings:
-    """Seconds spent in each activity since the last report, and in total."""
-    NAMES = ("compute", "wait_input", "wait_send", "wait_grad")
-
-    def __init__(self) -> None:
-        self.interval = dict.fromkeys(self.NAMES, 0.0)
-        self.total = dict.fromkeys(self.NAMES, 0.0)
-
-    def add(self, name: str, seconds: float) -> None:
-        self.interval[name] += seconds
-        self.total[name] += seconds
-
-    def take(self) -> dict[str, float]:
-        out = dict(self.interval)
-        self.interval = dict.fromkeys(self.NAMES, 0.0)
-        return out
 
 
 class LayerWorker:
@@ -98,16 +82,9 @@ class LayerWorker:
         self.max_outstanding = 0  # most steps held at once awaiting their gradient (staleness)
 
     # ------------------------------------------------------------------ sockets
-    def _bind(self, sock: zmq.Socket) -> str:
-        """Bind to a wildcard (ipc name or tcp port 0) and report what the OS gave us."""
-        if self.spec.transport == "ipc":
-            sock.bind("ipc://*")
-        else:
-            sock.bind(f"tcp://{self.spec.host}:*")
-        return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-
     def send_coord(self, msg: wire.Message) -> None:
-        self.coord.send_multipart(wire.encode(msg), copy=False)
+        with self.timings.span("send"):
+            self.coord.send_multipart(wire.encode(msg), copy=False)
 
     def _check_liveness(self) -> None:
         now = time.monotonic()
@@ -152,13 +129,14 @@ class LayerWorker:
         self.first_unit, self.end_unit = stage_bounds(cfg)[self.stage]
         module = nn.Sequential(*units[self.first_unit:self.end_unit])
         self.in_shape, self.out_shape = stage_io_shapes(cfg)[self.stage]
-        self.logic = StageLogic(cfg, self.stage, self.num_stages, module, self.out_shape)
+        self.logic = StageLogic(cfg, self.stage, self.num_stages, module, self.out_shape,
+                                snapshot_steps=snapshot_steps(cfg, start.total_steps))
         if self.stage > 0:
             # the high-water mark must be set before bind: a listener copies its options then
             self.inbox = self.ctx.socket(zmq.PULL)
             self.inbox.setsockopt(zmq.LINGER, 0)
             self.inbox.setsockopt(zmq.RCVHWM, cfg.queue_depth)
-            self.endpoint = self._bind(self.inbox)
+            self.endpoint = bind_wildcard(self.inbox, self.spec.transport, self.spec.host)
         if not self.is_last:
             self.outbox = self.ctx.socket(zmq.PUSH)
             self.outbox.setsockopt(zmq.SNDHWM, cfg.queue_depth)
@@ -178,7 +156,8 @@ class LayerWorker:
     def _handle_coord(self) -> None:
         """Handle every message the coordinator has queued for us, without blocking."""
         while self.coord.poll(0):
-            msg = self._decode(self.coord.recv_multipart(copy=False))
+            with self.timings.span("recv"):
+                msg = self._decode(self.coord.recv_multipart(copy=False))
             if msg is None:
                 continue
             if isinstance(msg, wire.Stop):
@@ -189,18 +168,17 @@ class LayerWorker:
                 self._reject(ValueError(f"unexpected {type(msg).__name__} from the coordinator"))
 
     def _on_grad(self, msg: wire.Grad) -> None:
-        t0 = time.perf_counter()
         try:
             if msg.to_stage != self.stage:
                 raise wire.WireError(f"gradient addressed to stage {msg.to_stage}")
             wire.check_tensor(msg.g, "GRAD.g", torch.float32, self.out_shape, self.cfg.batch_size)
-            dx = self.logic.receive_grad(msg.step, msg.g, msg.is_true)
+            with self.timings.span("compute"):
+                dx = self.logic.receive_grad(msg.step, msg.g, msg.is_true)
         except (wire.WireError, KeyError, ValueError) as exc:
             self._reject(exc)
             return
         if dx is not None and self.stage > 0:
             self.send_coord(wire.Grad(msg.step, self.stage - 1, msg.is_true, dx))
-        self.timings.add("compute", time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ waiting
     def _poller(self, sock: Optional[zmq.Socket], event: int) -> zmq.Poller:
@@ -219,21 +197,22 @@ class LayerWorker:
         """Poll until `ready()` is true, handling coordinator messages meanwhile. `sock`/`event`
         is what can make `ready()` true besides a coordinator message (wakes the poll at once)."""
         poller = self._poller(sock, event)
-        t0 = time.perf_counter()
         while True:
             self._handle_coord()
             if ready():
                 break
             self._check_liveness()
             self._maybe_report()
+            t0 = time.perf_counter()
             poller.poll(POLL_MS)
-        self.timings.add(activity, time.perf_counter() - t0)
+            self.timings.add(activity, t0, time.perf_counter())
 
     def recv_activation(self) -> wire.Activation:
         assert self.inbox is not None
         while True:
             self._wait("wait_input", lambda: bool(self.inbox.poll(0)), self.inbox, zmq.POLLIN)
-            msg = self._decode(self.inbox.recv_multipart(copy=False))
+            with self.timings.span("recv"):
+                msg = self._decode(self.inbox.recv_multipart(copy=False))
             if not isinstance(msg, wire.Activation):
                 if msg is not None:
                     self._reject(ValueError(f"unexpected {type(msg).__name__} on the activation link"))
@@ -253,29 +232,27 @@ class LayerWorker:
 
     def send_down(self, msg: wire.Activation) -> None:
         assert self.outbox is not None
-        frames = wire.encode(msg)
+        with self.timings.span("send"):
+            frames = wire.encode(msg)
         self._wait("wait_send", lambda: bool(self.outbox.poll(0, zmq.POLLOUT)), self.outbox, zmq.POLLOUT)
-        t0 = time.perf_counter()
-        self.outbox.send_multipart(frames, copy=False)
-        self.timings.add("wait_send", time.perf_counter() - t0)
+        with self.timings.span("send"):
+            self.outbox.send_multipart(frames, copy=False)
 
     # ------------------------------------------------------------------ training steps
     def train_step(self, step: int, epoch: int, x: torch.Tensor, labels: torch.Tensor) -> None:
         true_step = self.cfg.is_true_grad_step(step)
+        self.timings.recording = self.steps < self.cfg.timeline_steps
         if self.is_last:
-            t0 = time.perf_counter()
-            _, dx = self.logic.last_step(step, x, labels, true_step)
-            self.timings.add("compute", time.perf_counter() - t0)
+            with self.timings.span("compute"):
+                _, dx = self.logic.last_step(step, x, labels, true_step)
             if dx is not None:
                 self.send_coord(wire.Grad(step, self.stage - 1, true_step, dx))
         else:
-            t0 = time.perf_counter()
-            h = self.logic.forward(step, x, labels, true_step)
-            self.timings.add("compute", time.perf_counter() - t0)
+            with self.timings.span("compute"):
+                h = self.logic.forward(step, x, labels, true_step)
             self.send_down(wire.Activation(step, epoch, "train", true_step, h, labels))
-            t0 = time.perf_counter()
-            dx = self.logic.local_update(step)
-            self.timings.add("compute", time.perf_counter() - t0)
+            with self.timings.span("compute"):
+                dx = self.logic.local_update(step)
             if dx is not None:
                 self.send_coord(wire.Grad(step, self.stage - 1, False, dx))
             if self.cfg.mode == "locked":
@@ -312,9 +289,8 @@ class LayerWorker:
             if self.is_last:
                 acc.add(*self.logic.eval_last(x, y), int(y.shape[0]))
             else:
-                t0 = time.perf_counter()
-                h = self.logic.eval_forward(x)
-                self.timings.add("compute", time.perf_counter() - t0)
+                with self.timings.span("compute"):
+                    h = self.logic.eval_forward(x)
                 self.send_down(wire.Activation(b, epoch, "eval", False, h, y))
         if self.is_last:
             self.send_coord(acc.result(epoch, step))
@@ -328,12 +304,11 @@ class LayerWorker:
             if msg.phase == "train":
                 self.train_step(msg.step, msg.epoch, msg.h, msg.labels)
             elif msg.phase == "eval":
-                t0 = time.perf_counter()
-                if self.is_last:
-                    acc.add(*self.logic.eval_last(msg.h, msg.labels), int(msg.labels.shape[0]))
-                else:
-                    h = self.logic.eval_forward(msg.h)
-                self.timings.add("compute", time.perf_counter() - t0)
+                with self.timings.span("compute"):
+                    if self.is_last:
+                        acc.add(*self.logic.eval_last(msg.h, msg.labels), int(msg.labels.shape[0]))
+                    else:
+                        h = self.logic.eval_forward(msg.h)
                 if not self.is_last:
                     self.send_down(wire.Activation(msg.step, msg.epoch, "eval", False, h, msg.labels))
             elif msg.phase == "eval_end":
@@ -360,6 +335,10 @@ class LayerWorker:
             "step": self.last_step,
             "config": self.cfg.to_dict(),
         })
+        # traces for `launch.py compare` (too large for a control message's header bound)
+        atomic_write_json(self.run_dir / f"timeline-stage{self.stage}.json", self.timings.timeline)
+        if self.logic.snapshots:
+            atomic_write_json(self.run_dir / f"sg-snapshots-stage{self.stage}.json", self.logic.snapshots)
         self._report(final=True)
         elapsed = self.train_end - self.train_start
         totals = self.timings.total
@@ -369,6 +348,7 @@ class LayerWorker:
             "steps": self.steps, "samples": self.samples, "elapsed_s": elapsed,
             "samples_per_s": self.samples / elapsed if elapsed > 0 else 0.0,
             "busy_fraction": totals["compute"] / elapsed if elapsed > 0 else 0.0,
+            "messaging_fraction": sum(totals[k] for k in MESSAGING) / elapsed if elapsed > 0 else 0.0,
             **{f"{k}_s": v for k, v in totals.items()},
             "max_outstanding_steps": self.max_outstanding,
             "true_grads_received": self.logic.stats.true_grads,
@@ -419,6 +399,7 @@ class LayerWorker:
             "samples_per_s": self._samples_since_report / dt,
             "busy_fraction": t["compute"] / dt,
             **{f"{k}_fraction": v / dt for k, v in t.items() if k != "compute"},
+            "messaging_fraction": sum(t[k] for k in MESSAGING) / dt,
             "outstanding_steps": self.logic.outstanding(),
             "cpu_percent": self.proc.cpu_percent(None),
             "rss_mb": self.proc.memory_info().rss / 2**20,
