@@ -3,6 +3,7 @@
 
     python launch.py train --mode unlocked --true-grad-every 10     # (train is the default)
     python launch.py train --mode locked --stages 2 --dataset synthetic
+    python launch.py compare --epochs 3 --contenders backprop,pipeline,locked,unlocked,unlocked:10
 
 Every option of `train` is a field of common.config.RunConfig (see `train --help`).
 """
@@ -16,7 +17,7 @@ from typing import Optional, Sequence
 
 from common.config import ConfigError, RunConfig
 
-SUBCOMMANDS = ("train",)
+SUBCOMMANDS = ("train", "compare")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -59,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train one run (backprop, locked, unlocked or stale)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_options(train)
+    compare = sub.add_parser(
+        "compare", help="run several contenders one after another; write compare.json/.md and plots",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    compare.add_argument("--contenders", default="backprop,pipeline,locked,unlocked,stale",
+                         help="modes to run, in order; unlocked:N / stale:N set their --true-grad-every")
+    compare.add_argument("--target-accuracy", type=float, default=0.85,
+                         help="time_to_target_s is the wall clock at which a test evaluation first reaches this")
+    add_config_options(compare)  # the shared settings; --out is the comparison's folder
     return parser
 
 
@@ -82,12 +91,33 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(ns: argparse.Namespace) -> int:
+    from common.data import DataError
+    from coordinator.compare import run_compare
+    from coordinator.coordinator import RunFailed
+    try:
+        cfg = config_from_args(ns)
+        folder, _ = run_compare(cfg, ns.contenders, ns.target_accuracy)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RunFailed as exc:
+        print(f"run failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: every worker was stopped", file=sys.stderr)
+        return 130
+    print((folder / "compare.md").read_text())
+    print(f"written: {folder}/compare.json, compare.md, *.png")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["train", *argv]
     ns = build_parser().parse_args(argv)
-    return {"train": cmd_train}[ns.command](ns)
+    return {"train": cmd_train, "compare": cmd_compare}[ns.command](ns)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ class RunConfig:
     synthetic_train: int = opt(12800, "samples in the generated set (dataset=synthetic)")
     synthetic_test: int = opt(2560, "test samples in the generated set")
     eval_samples: Optional[int] = opt(None, "evaluate on the first N test samples (None = all)")
+    eval_every: Optional[int] = opt(None, "also evaluate every N training steps (None = after each epoch only)")
     # --- schedule
     epochs: int = opt(3, "passes over the training set; the test set is evaluated after each")
     steps: Optional[int] = opt(None, "stop after this many steps (overrides epochs when smaller)")
@@ -129,6 +130,7 @@ class RunConfig:
              "--synthetic-train must hold at least one batch")
         need(self.synthetic_test >= 1, "--synthetic-test must be at least 1")
         need(self.eval_samples is None or self.eval_samples >= 1, "--eval-samples must be at least 1")
+        need(self.eval_every is None or self.eval_every >= 1, "--eval-every must be at least 1")
         n_layers = self.num_layers
         if self.groups is not None:
             need(all(g >= 1 for g in self.groups), f"--groups entries must be >= 1, got {self.groups}")
@@ -168,6 +170,11 @@ class RunConfig:
         if self.mode == "locked":
             return True
         return (step + 1) % self.true_grad_every == 0
+
+    def mid_epoch_eval(self, steps_done: int, per_epoch: int, total: int) -> bool:
+        """An evaluation is due after `steps_done` steps besides the one after each epoch."""
+        return (self.eval_every is not None and steps_done % self.eval_every == 0
+                and steps_done % per_epoch != 0 and steps_done < total)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -55,6 +55,15 @@ def run_backprop(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
     t_start = last_report = last_progress = time.monotonic()
     interval_loss, interval_n, interval_samples, interval_compute = 0.0, 0, 0, 0.0
     log(f"backprop: one process, {threads} torch threads; training {total} steps")
+    def test(epoch: int, step: int) -> None:
+        test_loss, test_acc, n = evaluate(model, ds.test, cfg.batch_size, cfg.eval_samples)
+        rec = {"event": "eval", "wall_s": time.monotonic() - t_start, "epoch": epoch, "step": step,
+               "test_loss": test_loss, "test_accuracy": test_acc, "test_samples": n}
+        evals.append(rec)
+        metrics.write(rec)
+        log(f"eval  epoch {epoch + 1} step {step}: test accuracy {100 * test_acc:.2f}%  "
+            f"test loss {test_loss:.4f}  ({rec['wall_s']:.1f}s)")
+
     try:
         for epoch in range(cfg.epochs):
             for x, y in train_batches(ds.train, cfg.batch_size, cfg.seed, epoch):
@@ -73,6 +82,8 @@ def run_backprop(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
                 interval_samples += int(y.shape[0])
                 interval_loss += loss.item()
                 interval_n += 1
+                if cfg.mid_epoch_eval(step, per_epoch, total):
+                    test(epoch, step)
                 now = time.monotonic()
                 if now - last_report >= cfg.metrics_every:
                     span = now - last_report
@@ -89,13 +100,7 @@ def run_backprop(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
                         last_progress = now
                     last_report = now
                     interval_loss, interval_n, interval_samples, interval_compute = 0.0, 0, 0, 0.0
-            test_loss, test_acc, n = evaluate(model, ds.test, cfg.batch_size, cfg.eval_samples)
-            rec = {"event": "eval", "wall_s": time.monotonic() - t_start, "epoch": epoch, "step": step,
-                   "test_loss": test_loss, "test_accuracy": test_acc, "test_samples": n}
-            evals.append(rec)
-            metrics.write(rec)
-            log(f"eval  epoch {epoch + 1} step {step}: test accuracy {100 * test_acc:.2f}%  "
-                f"test loss {test_loss:.4f}  ({rec['wall_s']:.1f}s)")
+            test(epoch, step)
             if step >= total:
                 break
     finally:

@@ -105,6 +105,18 @@ def run_rank(spec: RankSpec) -> None:
             for _ in range(per_epoch):
                 yield None, None
 
+    def test(epoch: int, step: int) -> None:
+        acc = _evaluate(cfg, eval_schedule, module, ds, first, last)
+        if last:
+            loss_sum, correct, n = acc
+            rec = {"event": "eval", "wall_s": time.monotonic() - t_start, "epoch": epoch,
+                   "step": step, "test_loss": loss_sum / max(n, 1),
+                   "test_accuracy": correct / max(n, 1), "test_samples": n}
+            evals.append(rec)
+            metrics.write(rec)
+            print(f"[pipeline] eval  epoch {epoch + 1} step {step}: test accuracy "
+                  f"{100 * rec['test_accuracy']:.2f}%  ({rec['wall_s']:.1f}s)", flush=True)
+
     try:
         for epoch in range(cfg.epochs):
             for x, y in batches(epoch):
@@ -129,6 +141,8 @@ def run_rank(spec: RankSpec) -> None:
                 if last:
                     iv_loss += float(torch.stack([l.detach() for l in losses]).mean())
                     iv_n += 1
+                if cfg.mid_epoch_eval(step, per_epoch, total):
+                    test(epoch, step)
                 now = time.monotonic()
                 if last and now - last_report >= cfg.metrics_every:
                     span = now - last_report
@@ -145,16 +159,7 @@ def run_rank(spec: RankSpec) -> None:
                         last_progress = now
                     last_report = now
                     iv_loss, iv_n, iv_samples, iv_compute = 0.0, 0, 0, 0.0
-            acc = _evaluate(cfg, eval_schedule, module, ds, first, last)
-            if last:
-                loss_sum, correct, n = acc
-                rec = {"event": "eval", "wall_s": time.monotonic() - t_start, "epoch": epoch,
-                       "step": step, "test_loss": loss_sum / max(n, 1),
-                       "test_accuracy": correct / max(n, 1), "test_samples": n}
-                evals.append(rec)
-                metrics.write(rec)
-                print(f"[pipeline] eval  epoch {epoch + 1} step {step}: test accuracy "
-                      f"{100 * rec['test_accuracy']:.2f}%  ({rec['wall_s']:.1f}s)", flush=True)
+            test(epoch, step)
             if step >= total:
                 break
         dist.barrier()

@@ -276,6 +276,8 @@ class LayerWorker:
                     break
                 self.train_step(step, epoch, x, y)
                 step += 1
+                if cfg.mid_epoch_eval(step, per_epoch, total):
+                    self.evaluate_first(epoch, step)
             self.evaluate_first(epoch, step)
             if step >= total:
                 break

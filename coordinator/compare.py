@@ -1,0 +1,161 @@
+"""`launch.py compare`: the same model, data, seed, batch size and core budget under each
+contender, one after another in one invocation, so that their ratios are measured side by side.
+
+Writes compare.json (one record per contender), compare.md (the table, with ratios to the best
+locked contender) and PNG plots into the output folder; each contender's run folder is under
+runs/.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from common.config import ConfigError, RunConfig
+from common.files import atomic_write_json
+from common.procs import available_cores
+from coordinator import plots
+from coordinator.train import train
+
+LOCKED = ("backprop", "pipeline", "locked")  # every update waits for its true gradient
+DEFAULT_CONTENDERS = ("backprop", "pipeline", "locked", "unlocked", "stale")
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str  # as shown: "unlocked N=10"
+    config: RunConfig
+
+
+def parse_contenders(text: str, base: RunConfig, out: Path) -> list[Contender]:
+    """'backprop,pipeline,locked,unlocked,unlocked:10,stale:10' -> validated configs.
+    A mode's ':N' sets its --true-grad-every; without it the base config's value is used."""
+    cores = len(available_cores())
+    result: list[Contender] = []
+    for item in [t.strip() for t in text.split(",") if t.strip()]:
+        mode, _, n = item.partition(":")
+        changes: dict = {"mode": mode}
+        if n:
+            if mode not in ("unlocked", "stale"):
+                raise ConfigError(f"contender {item!r}: only unlocked and stale take ':N'")
+            try:
+                changes["true_grad_every"] = int(n)
+            except ValueError:
+                raise ConfigError(f"contender {item!r}: N must be an integer") from None
+        if mode == "backprop":
+            changes["backprop_threads"] = base.backprop_threads or cores
+        name = mode
+        if mode in ("unlocked", "stale"):
+            name = f"{mode} N={changes.get('true_grad_every', base.true_grad_every)}"
+        elif mode == "pipeline":
+            name = f"pipeline {base.schedule} x{base.microbatches}"
+        folder = name.replace(" ", "_").replace("=", "").replace(":", "")
+        try:
+            cfg = base.replace(**changes, out=str(out / "runs" / folder))
+        except ConfigError as exc:
+            raise ConfigError(f"contender {item!r}: {exc}") from None
+        if any(c.name == name for c in result):
+            raise ConfigError(f"contender {name!r} is listed twice")
+        result.append(Contender(name, cfg))
+    if not result:
+        raise ConfigError("--contenders is empty; e.g. backprop,pipeline,locked,unlocked,stale")
+    return result
+
+
+def time_to_target(evals: list[dict], target: float) -> Optional[float]:
+    """Wall-clock seconds at the first evaluation reaching `target`, or None."""
+    for e in evals:
+        if e["test_accuracy"] >= target:
+            return e["wall_s"]
+    return None
+
+
+def record(contender: Contender, summary: dict, target: float, cores: int) -> dict:
+    cfg = contender.config
+    return {
+        "contender": contender.name, "mode": cfg.mode, "cores": cores,
+        "workers": summary["num_stages"],
+        "threads": summary.get("threads", cfg.threads_per_worker),
+        "true_grad_every": cfg.true_grad_every if cfg.mode in ("unlocked", "stale") else 1,
+        "samples_per_s": summary["samples_per_s"], "wall_clock_s": summary["wall_clock_s"],
+        "startup_s": summary.get("startup_s"),
+        "test_accuracy": summary["test_accuracy"],
+        "time_to_target_s": time_to_target(summary["evals"], target),
+        "target_accuracy": target,
+        "true_gradient_steps": summary["true_gradient_steps"],
+        "messaging_fraction": max((w.get("messaging_fraction", 0.0) for w in summary["workers"]), default=0.0),
+        "run_dir": summary["run_dir"],
+    }
+
+
+def best_locked(rows: list[dict]) -> Optional[dict]:
+    locked = [r for r in rows if r["mode"] in LOCKED]
+    return max(locked, key=lambda r: r["samples_per_s"]) if locked else None
+
+
+def markdown(rows: list[dict], base: RunConfig, target: float) -> str:
+    best = best_locked(rows)
+    model = f"MLP {'-'.join(map(str, base.layers))}" if base.model == "mlp" else "CNN"
+    lines = [
+        f"# synthgrad compare: {model}, {base.dataset}, batch {base.batch_size}, "
+        f"{base.epochs} epoch(s){'' if base.steps is None else f' / {base.steps} steps'}, "
+        f"stages {list(base.stage_groups)}, {rows[0]['cores']} cores",
+        "",
+        f"Ratios are to the best locked contender ({best['contender'] if best else 'none'}), "
+        f"measured in this one invocation. Target accuracy {100 * target:.1f}%.",
+        "",
+        "| contender | processes | samples/s | x best locked | wall s | test acc | time to target s "
+        "| x best locked | true-grad steps | max messaging |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ratio = r["samples_per_s"] / best["samples_per_s"] if best else float("nan")
+        ttt = r["time_to_target_s"]
+        best_ttt = best["time_to_target_s"] if best else None
+        ttt_ratio = f"{ttt / best_ttt:.2f}" if ttt is not None and best_ttt else "-"
+        acc = "-" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:.2f}%"
+        lines.append(
+            f"| {r['contender']} | {r['workers']} | {r['samples_per_s']:.0f} | {ratio:.2f} | "
+            f"{r['wall_clock_s']:.1f} | {acc} | {'never' if ttt is None else f'{ttt:.1f}'} | "
+            f"{ttt_ratio} | {r['true_gradient_steps']} | {100 * r['messaging_fraction']:.1f}% |")
+    lines += ["", "Plots: curves.png (accuracy and loss vs wall clock), timeline.png (first steps per "
+              "worker), sg_heatmaps.png and sg_cosine.png (synthetic vs true gradients).", ""]
+    return "\n".join(lines)
+
+
+def run_compare(base: RunConfig, contenders_text: str, target: float, out: Optional[str] = None,
+                log: Callable[[str], None] = print) -> tuple[Path, list[dict]]:
+    """Run every contender; write compare.json, compare.md and plots; return (folder, rows)."""
+    if not 0 < target <= 1:
+        raise ConfigError(f"--target-accuracy must be in (0, 1], got {target}")
+    folder = Path(out or base.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    contenders = parse_contenders(contenders_text, base.validate(), folder)  # all checked up front
+    folder.mkdir(parents=True, exist_ok=True)
+    cores = len(available_cores())
+    log(f"compare: {len(contenders)} contenders on {cores} cores: {', '.join(c.name for c in contenders)}")
+    rows: list[dict] = []
+    for i, c in enumerate(contenders, 1):
+        log(f"[{i}/{len(contenders)}] {c.name}")
+        _, summary = train(c.config, log=lambda line, n=c.name: log(f"  [{n}] {line}"))
+        rows.append(record(c, summary, target, cores))
+        atomic_write_json(folder / "compare.json", rows)  # a partial table survives an abort
+    (folder / "compare.md").write_text(markdown(rows, base, target))
+    draw(folder, rows)
+    return folder, rows
+
+
+def draw(folder: Path, rows: list[dict]) -> list[Path]:
+    runs = [(r["contender"], Path(r["run_dir"])) for r in rows]
+    written = [folder / "curves.png"]
+    plots.plot_curves(runs, written[0], "Locked vs unlocked on the wall clock")
+    side = [(r["contender"], Path(r["run_dir"])) for r in rows if r["mode"] in ("locked", "unlocked")]
+    if side:
+        plots.plot_timelines(side, folder / "timeline.png")
+        written.append(folder / "timeline.png")
+    unlocked = [r for r in rows if r["mode"] == "unlocked"]
+    if unlocked and plots.plot_sg_heatmaps(Path(unlocked[0]["run_dir"]), folder / "sg_heatmaps.png"):
+        written.append(folder / "sg_heatmaps.png")
+    if plots.plot_sg_cosine([(r["contender"], Path(r["run_dir"])) for r in unlocked], folder / "sg_cosine.png"):
+        written.append(folder / "sg_cosine.png")
+    return written

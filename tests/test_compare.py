@@ -1,0 +1,62 @@
+"""`launch.py compare`: contenders run side by side and the table and plots come out."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from common.config import ConfigError, RunConfig
+from coordinator.compare import parse_contenders, time_to_target
+from tests.conftest import ROOT
+
+
+def test_time_to_target_is_first_evaluation_reaching_it():
+    evals = [{"wall_s": 1.0, "test_accuracy": 0.5}, {"wall_s": 2.0, "test_accuracy": 0.9},
+             {"wall_s": 3.0, "test_accuracy": 0.8}]
+    assert time_to_target(evals, 0.85) == 2.0
+    assert time_to_target(evals, 0.5) == 1.0
+    assert time_to_target(evals, 0.95) is None
+
+
+def test_contenders_parse_and_fail_before_anything_runs(tmp_path):
+    base = RunConfig(dataset="synthetic")
+    got = parse_contenders("backprop, unlocked:10,stale:3,locked", base, tmp_path)
+    assert [c.name for c in got] == ["backprop", "unlocked N=10", "stale N=3", "locked"]
+    assert got[1].config.true_grad_every == 10 and got[1].config.mode == "unlocked"
+    assert all(str(c.config.out).startswith(str(tmp_path / "runs")) for c in got)
+    with pytest.raises(ConfigError, match="unknown mode"):
+        parse_contenders("backprop,fast", base, tmp_path)
+    with pytest.raises(ConfigError, match="only unlocked and stale"):
+        parse_contenders("locked:3", base, tmp_path)
+    with pytest.raises(ConfigError, match="twice"):
+        parse_contenders("locked,locked", base, tmp_path)
+
+
+@pytest.mark.timeout(240)
+def test_compare_writes_table_json_and_plots(tmp_path):
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, str(ROOT / "launch.py"), "compare", "--dataset", "synthetic",
+           "--layers", "784,64,64,10", "--batch-size", "64", "--synthetic-train", "2048", "--lr", "5e-3",
+           "--synthetic-test", "256", "--epochs", "3", "--eval-every", "16", "--stages", "2",
+           "--microbatches", "2", "--contenders", "backprop,pipeline,locked,unlocked:4",
+           "--target-accuracy", "0.5", "--out", str(out), "--progress-every", "60"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=220, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((out / "compare.json").read_text())
+    assert [r["contender"] for r in rows] == ["backprop", "pipeline 1f1b x2", "locked", "unlocked N=4"]
+    for r in rows:
+        for key in ("mode", "cores", "workers", "samples_per_s", "wall_clock_s", "test_accuracy",
+                    "time_to_target_s"):
+            assert key in r, key
+        assert r["samples_per_s"] > 0 and r["wall_clock_s"] > 0
+        assert r["test_accuracy"] > 0.5  # chance is 0.1; the target was reached
+        assert r["time_to_target_s"] is not None and r["time_to_target_s"] <= r["wall_clock_s"] + 1e-6
+    assert rows[0]["workers"] == 1 and rows[1]["workers"] == rows[2]["workers"] == 2
+    assert rows[3]["true_gradient_steps"] == 96 // 4
+    table = (out / "compare.md").read_text()
+    assert "| unlocked N=4 |" in table and "best locked" in table
+    for png in ("curves.png", "timeline.png", "sg_heatmaps.png", "sg_cosine.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
