@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.config import RunConfig
-from common.data import eval_batches, load_dataset, steps_per_epoch, train_batches
+from common.data import load_dataset, steps_per_epoch, train_batches
 from common.files import JsonlLog, atomic_torch_save, atomic_write_json
 from common.models import build_units, make_optimizer, stage_bounds, stage_io_shapes
 from common.procs import ProcessGroup, available_cores, describe_exit, die_with_parent, pin_to_core
