@@ -67,7 +67,7 @@ def run_rank(spec: RankSpec) -> None:
     pin_to_core(spec.core)
     rank, world = spec.rank, spec.world
     first, last = rank == 0, rank == world - 1
-    dist.init_process_group("gloo", init_method=f"file://{run_dir / '.pipeline-rendezvous'}",
+    dist.init_process_group("gloo", init_method=(run_dir / ".pipeline-rendezvous").resolve().as_uri(),
                             rank=rank, world_size=world, timeout=timedelta(seconds=cfg.stall_timeout))
     units = build_units(cfg)
     a, b = stage_bounds(cfg)[rank]
@@ -97,6 +97,7 @@ def run_rank(spec: RankSpec) -> None:
     iv_loss, iv_n, iv_samples, iv_compute = 0.0, 0, 0, 0.0
     dist.barrier()
     t_start = last_report = last_progress = time.monotonic()
+    (run_dir / f".pipeline-rank{rank}.started").touch()  # the launcher's start check
 
     def batches(epoch: int):
         if ds is not None:
@@ -246,7 +247,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
         raise PipelineFailed("mode=pipeline needs at least two stages (--stages 2 or more)")
     rendezvous = run_dir / ".pipeline-rendezvous"
     rendezvous.unlink(missing_ok=True)
-    for old in run_dir.glob("pipeline-rank*.json"):
+    for old in [*run_dir.glob("pipeline-rank*.json"), *run_dir.glob(".pipeline-rank*.started")]:
         old.unlink()
     cores = available_cores()
     group = ProcessGroup()
@@ -257,11 +258,20 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
             group.start(f"pipeline-{rank}", run_rank, RankSpec(rank, world, cfg.to_dict(), str(run_dir), core))
         log(f"pipeline: {world} stage processes ({cfg.schedule}, {cfg.microbatches} microbatches), "
             f"pids {', '.join(str(c.process.pid) for c in group.children)}")
+        metrics = run_dir / "metrics.jsonl"
         while not all(c.process.exitcode is not None for c in group.children):
             for c in group.dead():
                 if c.process.exitcode != 0:
                     raise PipelineFailed(f"pipeline {c.name} (pid {c.process.pid}) "
                                          f"{describe_exit(c.process.exitcode)}")
+            now = time.monotonic()
+            started = len(list(run_dir.glob(".pipeline-rank*.started")))
+            if started < world and now - t_created > cfg.start_timeout:
+                raise PipelineFailed(f"only {started} of {world} pipeline stages joined the process "
+                                     f"group within {cfg.start_timeout:.0f}s (raise --start-timeout)")
+            if started == world and metrics.exists() and \
+                    time.time() - metrics.stat().st_mtime > max(cfg.stall_timeout, 2 * cfg.metrics_every):
+                raise PipelineFailed(f"the pipeline wrote no metrics for {cfg.stall_timeout:.0f}s")
             time.sleep(0.1)
         bad = [c for c in group.children if c.process.exitcode != 0]
         if bad:
@@ -269,6 +279,8 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
     finally:
         group.shutdown()
         rendezvous.unlink(missing_ok=True)
+        for marker in run_dir.glob(".pipeline-rank*.started"):
+            marker.unlink()
     ranks = [json.loads((run_dir / f"pipeline-rank{r}.json").read_text()) for r in range(world)]
     last = ranks[-1]
     evals = last.pop("evals")
