@@ -38,7 +38,10 @@ def per_step(summary: dict) -> list[tuple[float, float]]:
     out = []
     for w in summary["workers"]:
         steps = max(w["steps"], 1)
-        out.append((w.get("compute_s", 0.0) / steps, (w.get("send_s", 0.0) + w.get("recv_s", 0.0)) / steps))
+        # CPU seconds, not wall: with more stages than cores, wall time inside a compute span
+        # includes the time other stages held the core
+        compute = w.get("compute_cpu_s", w.get("compute_s", 0.0))
+        out.append((compute / steps, (w.get("send_s", 0.0) + w.get("recv_s", 0.0)) / steps))
     return out
 
 

@@ -84,7 +84,12 @@ def record(contender: Contender, summary: dict, target: float, cores: int) -> di
         "time_to_target_s": time_to_target(summary["evals"], target),
         "target_accuracy": target,
         "true_gradient_steps": summary["true_gradient_steps"],
-        "messaging_fraction": max((w.get("messaging_fraction", 0.0) for w in summary["workers"]), default=0.0),
+        # share of a worker's wall time spent encoding/decoding/sending (synthgrad workers only)
+        "messaging_fraction": max((w["messaging_fraction"] for w in summary["workers"]
+                                   if "messaging_fraction" in w), default=None),
+        # share of a stage's compute spent predicting and training its synthetic-gradient model
+        "sg_share_of_compute": max((w["sg_share_of_compute"] for w in summary["workers"]
+                                    if "sg_share_of_compute" in w), default=None),
         "run_dir": summary["run_dir"],
     }
 
@@ -115,10 +120,11 @@ def markdown(rows: list[dict], base: RunConfig, target: float) -> str:
         best_ttt = best["time_to_target_s"] if best else None
         ttt_ratio = f"{ttt / best_ttt:.2f}" if ttt is not None and best_ttt else "-"
         acc = "-" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:.2f}%"
+        msg = "n/a" if r["messaging_fraction"] is None else f"{100 * r['messaging_fraction']:.1f}%"
         lines.append(
             f"| {r['contender']} | {r['workers']} | {r['samples_per_s']:.0f} | {ratio:.2f} | "
             f"{r['wall_clock_s']:.1f} | {acc} | {'never' if ttt is None else f'{ttt:.1f}'} | "
-            f"{ttt_ratio} | {r['true_gradient_steps']} | {100 * r['messaging_fraction']:.1f}% |")
+            f"{ttt_ratio} | {r['true_gradient_steps']} | {msg} |")
     lines += ["", "Plots: curves.png (accuracy and loss vs wall clock), timeline.png (first steps per "
               "worker), sg_heatmaps.png and sg_cosine.png (synthetic vs true gradients).", ""]
     return "\n".join(lines)

@@ -18,6 +18,7 @@ and dL/dx is exactly the gradient of the forward pass that produced h (no recomp
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -66,6 +67,7 @@ class StageStats:
     true_grads: int = 0  # true gradients received (cumulative, not reset)
     bootstrap_grads: int = 0
     dropped: int = 0
+    sg_seconds: float = 0.0  # predicting and training the synthetic-gradient model (cumulative)
 
     def take(self) -> dict:
         rec = {
@@ -129,12 +131,14 @@ class StageLogic:
 
     def _train_sg(self, kept: Kept, g: torch.Tensor) -> None:
         assert self.sg is not None and self.sg_optimizer is not None
+        t0 = time.perf_counter()
         target = g * g.shape[0]
         pred = self.sg(kept.h_detached, kept.labels)
         loss = F.mse_loss(pred, target)
         self.sg_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.sg_optimizer.step()
+        self.stats.sg_seconds += time.perf_counter() - t0
         self.stats.sg_loss_sum += loss.item()
         self.stats.sg_loss_n += 1
 
@@ -175,8 +179,10 @@ class StageLogic:
         if mode == "unlocked":
             assert self.sg is not None
             kept = self.kept.get(step)
+            t0 = time.perf_counter()
             with torch.no_grad():
                 per_sample = self.sg(h.detach(), labels)
+            self.stats.sg_seconds += time.perf_counter() - t0
             if kept is not None and keep_graph:
                 kept.sg_pred = per_sample
             grad = per_sample / h.shape[0]

@@ -15,6 +15,7 @@ class Timings:
     def __init__(self) -> None:
         self.interval = dict.fromkeys(ACTIVITIES, 0.0)
         self.total = dict.fromkeys(ACTIVITIES, 0.0)
+        self.compute_cpu = 0.0  # CPU seconds inside compute spans (excludes time-slicing by others)
         self.recording = False
         self.timeline: list[list] = []  # [activity, start, end] in time.time() seconds
         self._offset = time.time() - time.perf_counter()
@@ -34,11 +35,13 @@ class Timings:
 
     @contextmanager
     def span(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             yield
         finally:
             self.add(name, t0, time.perf_counter())
+            if name == "compute":
+                self.compute_cpu += time.thread_time() - c0
 
     def take(self) -> dict[str, float]:
         """Seconds per activity since the last call."""

@@ -352,9 +352,12 @@ class LayerWorker:
             "busy_fraction": totals["compute"] / elapsed if elapsed > 0 else 0.0,
             "messaging_fraction": sum(totals[k] for k in MESSAGING) / elapsed if elapsed > 0 else 0.0,
             **{f"{k}_s": v for k, v in totals.items()},
+            "compute_cpu_s": self.timings.compute_cpu,
             "max_outstanding_steps": self.max_outstanding,
             "true_grads_received": self.logic.stats.true_grads,
             "bootstrap_grads_received": self.logic.stats.bootstrap_grads,
+            "sg_s": self.logic.stats.sg_seconds,
+            "sg_share_of_compute": self.logic.stats.sg_seconds / totals["compute"] if totals["compute"] > 0 else 0.0,
             "rejected_messages": self.rejected,
             "checkpoint": str(path),
         }))
