@@ -17,12 +17,21 @@ from workers.pipeline import PipelineFailed, run_pipeline
 from workers.worker import WorkerSpec, run_worker
 
 
+RUN_FILES = ("summary.json", "metrics.jsonl", "timeline-stage*.json", "sg-snapshots-stage*.json",
+             "pipeline-rank*.json")
+
+
 def make_run_dir(cfg: RunConfig) -> Path:
+    """The run folder, emptied of an earlier run's records (metrics.jsonl is appended to, and
+    plots read every file there): a new run into the same --out starts clean."""
     if cfg.out:
         path = Path(cfg.out)
     else:
         path = Path("runs") / f"{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
     path.mkdir(parents=True, exist_ok=True)
+    for pattern in RUN_FILES:
+        for old in path.glob(pattern):
+            old.unlink()
     return path
 
 

@@ -175,3 +175,12 @@ def test_workers_exit_when_the_launcher_is_killed(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         assert_all_gone(pids, timeout=10)
+
+
+@pytest.mark.timeout(120)
+def test_a_second_run_into_the_same_folder_starts_clean_records(tiny_cfg):
+    cfg = tiny_cfg.replace(mode="backprop", backprop_threads=1)
+    for _ in range(2):
+        run_dir, summary = run(cfg)
+    evals = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert len(evals) == len(summary["evals"]) == 1

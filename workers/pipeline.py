@@ -259,6 +259,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
         log(f"pipeline: {world} stage processes ({cfg.schedule}, {cfg.microbatches} microbatches), "
             f"pids {', '.join(str(c.process.pid) for c in group.children)}")
         metrics = run_dir / "metrics.jsonl"
+        all_started = 0.0  # time.time() when every rank had joined
         while not all(c.process.exitcode is not None for c in group.children):
             for c in group.dead():
                 if c.process.exitcode != 0:
@@ -269,9 +270,11 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
             if started < world and now - t_created > cfg.start_timeout:
                 raise PipelineFailed(f"only {started} of {world} pipeline stages joined the process "
                                      f"group within {cfg.start_timeout:.0f}s (raise --start-timeout)")
-            if started == world and metrics.exists() and \
-                    time.time() - metrics.stat().st_mtime > max(cfg.stall_timeout, 2 * cfg.metrics_every):
-                raise PipelineFailed(f"the pipeline wrote no metrics for {cfg.stall_timeout:.0f}s")
+            if started == world:
+                all_started = all_started or time.time()
+                last_sign = max(all_started, metrics.stat().st_mtime if metrics.exists() else 0.0)
+                if time.time() - last_sign > max(cfg.stall_timeout, 2 * cfg.metrics_every):
+                    raise PipelineFailed(f"the pipeline wrote no metrics for {cfg.stall_timeout:.0f}s")
             time.sleep(0.1)
         bad = [c for c in group.children if c.process.exitcode != 0]
         if bad:
