@@ -27,10 +27,12 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One --option per RunConfig field, typed from the field's annotation."""
+def add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One --option per RunConfig field (except `skip`), typed from the field's annotation."""
     hints = typing.get_type_hints(RunConfig)
     for f in dataclasses.fields(RunConfig):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         t = hints[f.name]
         args = typing.get_args(t)
@@ -58,16 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     train = sub.add_parser("train", help="train one run (backprop, locked, unlocked or stale)",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     add_config_options(train)
     compare = sub.add_parser(
         "compare", help="run several contenders one after another; write compare.json/.md and plots",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     compare.add_argument("--contenders", default="backprop,pipeline,locked,unlocked,stale",
                          help="modes to run, in order; unlocked:N / stale:N set their --true-grad-every")
     compare.add_argument("--target-accuracy", type=float, default=0.85,
                          help="time_to_target_s is the wall clock at which a test evaluation first reaches this")
-    add_config_options(compare)  # the shared settings; --out is the comparison's folder
+    add_config_options(compare, skip=("mode",))  # shared settings; --out is the comparison's folder
     return parser
 
 
