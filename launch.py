@@ -4,6 +4,7 @@
     python launch.py train --mode unlocked --true-grad-every 10     # (train is the default)
     python launch.py train --mode locked --stages 2 --dataset synthetic
     python launch.py compare --epochs 3 --contenders backprop,pipeline,locked,unlocked,unlocked:10
+    python launch.py report runs/unlocked-20261124-120000            # PNG plots of a finished run
 
 Every option of `train` is a field of common.config.RunConfig (see `train --help`).
 """
@@ -17,7 +18,7 @@ from typing import Optional, Sequence
 
 from common.config import ConfigError, RunConfig
 
-SUBCOMMANDS = ("train", "compare")
+SUBCOMMANDS = ("train", "compare", "report")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -70,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--target-accuracy", type=float, default=0.85,
                          help="time_to_target_s is the wall clock at which a test evaluation first reaches this")
     add_config_options(compare, skip=("mode",))  # shared settings; --out is the comparison's folder
+    report = sub.add_parser("report", help="draw the PNG plots of a finished run",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    report.add_argument("run_dir", help="a run folder (holds metrics.jsonl)")
+    report.add_argument("--out", default=None, help="where to write the PNGs (default: RUN_DIR)")
     return parser
 
 
@@ -114,12 +119,24 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+    run_dir = Path(ns.run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        print(f"error: {run_dir} is not a run folder (no metrics.jsonl in it)", file=sys.stderr)
+        return 2
+    from coordinator.plots import draw_run
+    for path in draw_run(run_dir, Path(ns.out) if ns.out else run_dir):
+        print(f"wrote {path}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["train", *argv]
     ns = build_parser().parse_args(argv)
-    return {"train": cmd_train, "compare": cmd_compare}[ns.command](ns)
+    return {"train": cmd_train, "compare": cmd_compare, "report": cmd_report}[ns.command](ns)
 
 
 if __name__ == "__main__":

@@ -156,3 +156,50 @@ def plot_sg_cosine(runs: Sequence[tuple[str, Path]], path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def plot_workers(run_dir: Path, path: Path) -> bool:
+    """Per-worker throughput and utilisation over the run, from metrics.jsonl."""
+    recs = [r for r in read_metrics(run_dir) if r.get("event") == "worker"]
+    if not recs:
+        return False
+    fig, (ax_rate, ax_busy) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
+    for stage in sorted({r["stage"] for r in recs}):
+        pts = [r for r in recs if r["stage"] == stage and not r.get("final")]
+        t = [r["wall_s"] for r in pts]
+        line, = ax_rate.plot(t, [r["samples_per_s"] for r in pts], label=f"stage {stage}")
+        ax_busy.plot(t, [100 * r["busy_fraction"] for r in pts], color=line.get_color(),
+                     label=f"stage {stage} computing")
+        waits = [100 * sum(r.get(k, 0.0) for k in ("wait_input_fraction", "wait_send_fraction",
+                                                     "wait_grad_fraction")) for r in pts]
+        if any(waits):
+            ax_busy.plot(t, waits, color=line.get_color(), linestyle="--", label=f"stage {stage} waiting")
+    ax_rate.set(title="Throughput per worker (about one report a second)", ylabel="samples/s")
+    ax_busy.set(title="Utilisation per worker", xlabel="wall-clock seconds since training started",
+                ylabel="% of wall time", ylim=(0, 105))
+    for ax in (ax_rate, ax_busy):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def draw_run(run_dir: Path, out: Path) -> list[Path]:
+    """Every figure one finished run's files support, written into `out`."""
+    run_dir, out = Path(run_dir), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    label = run_dir.name
+    written = [out / "curves.png"]
+    plot_curves([(label, run_dir)], written[0], f"Run {label}")
+    if plot_workers(run_dir, out / "workers.png"):
+        written.append(out / "workers.png")
+    if read_timeline(run_dir):
+        plot_timelines([(label, run_dir)], out / "timeline.png")
+        written.append(out / "timeline.png")
+    if plot_sg_heatmaps(run_dir, out / "sg_heatmaps.png"):
+        written.append(out / "sg_heatmaps.png")
+    if plot_sg_cosine([(label, run_dir)], out / "sg_cosine.png"):
+        written.append(out / "sg_cosine.png")
+    return written

@@ -60,3 +60,16 @@ def test_compare_writes_table_json_and_plots(tmp_path):
     for png in ("curves.png", "timeline.png", "sg_heatmaps.png", "sg_cosine.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
+
+
+@pytest.mark.timeout(120)
+def test_report_draws_a_finished_run(tiny_cfg, tmp_path, capsys):
+    import launch
+    from coordinator.train import train
+    run_dir, _ = train(tiny_cfg.replace(mode="unlocked", true_grad_every=2, metrics_every=0.05),
+                       log=lambda *_: None)
+    assert launch.main(["report", str(run_dir), "--out", str(tmp_path / "png")]) == 0
+    for png in ("curves.png", "workers.png", "timeline.png", "sg_heatmaps.png", "sg_cosine.png"):
+        assert (tmp_path / "png" / png).read_bytes()[:4] == b"\x89PNG", png
+    assert launch.main(["report", str(tmp_path / "png")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
