@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 from common.config import ConfigError, RunConfig
 
-SUBCOMMANDS = ("train", "compare", "report")
+SUBCOMMANDS = ("train", "compare", "report", "monitor")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     report.add_argument("run_dir", help="a run folder (holds metrics.jsonl)")
     report.add_argument("--out", default=None, help="where to write the PNGs (default: RUN_DIR)")
+    monitor = sub.add_parser("monitor", help="attach to a running coordinator's status stream",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    monitor.add_argument("--connect", required=True, help="the endpoint `train` prints after 'watch it:'")
+    monitor.add_argument("--timeout", type=float, default=30.0, help="give up after this long without a record")
+    monitor.add_argument("--count", type=int, default=None, help="exit after this many status records")
+    monitor.add_argument("--json", action="store_true", help="print each record as one JSON line")
     return parser
 
 
@@ -131,12 +137,20 @@ def cmd_report(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitor(ns: argparse.Namespace) -> int:
+    from coordinator.monitor import watch
+    try:
+        return watch(ns.connect, timeout_s=ns.timeout, count=ns.count, as_json=ns.json)
+    except KeyboardInterrupt:
+        return 0  # detaching never disturbs the run
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["train", *argv]
     ns = build_parser().parse_args(argv)
-    return {"train": cmd_train, "compare": cmd_compare, "report": cmd_report}[ns.command](ns)
+    return {"train": cmd_train, "compare": cmd_compare, "report": cmd_report, "monitor": cmd_monitor}[ns.command](ns)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from common.data import steps_per_epoch
 from common.endpoints import bind_wildcard
 from common.files import JsonlLog
 from common.procs import ProcessGroup, available_cores, describe_exit
+from coordinator.status import status_record
 
 POLL_MS = 100
 
@@ -56,6 +57,11 @@ class Coordinator:
         else:
             self.sock.bind(bind)
             self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        # monitors subscribe here; PUB never blocks the coordinator and drops for slow readers
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.SNDHWM, 64)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.monitor_endpoint = bind_wildcard(self.pub, cfg.transport, cfg.host)
         self.metrics = JsonlLog(self.run_dir / "metrics.jsonl")
         self.registered: dict[int, wire.Register] = {}
         self.ready: dict[int, str] = {}  # stage -> its activation input endpoint
@@ -71,6 +77,7 @@ class Coordinator:
         self.t_end: Optional[float] = None
         self._last_msg = time.monotonic()
         self._last_progress = time.monotonic()
+        self._last_status = time.monotonic()
 
     # ------------------------------------------------------------------ sending
     def _send(self, stage: int, msg: wire.Message) -> None:
@@ -106,6 +113,7 @@ class Coordinator:
                    "test_loss": msg.loss, "test_accuracy": msg.accuracy, "test_samples": msg.samples}
             self.evals.append(rec)
             self.metrics.write(rec)
+            self._publish(rec)
             self.log(f"eval  epoch {msg.epoch + 1} step {msg.step}: test accuracy "
                      f"{100 * msg.accuracy:.2f}%  test loss {msg.loss:.4f}  ({self._wall():.1f}s)")
         elif isinstance(msg, wire.Ready):
@@ -198,6 +206,22 @@ class Coordinator:
         self.log(f"train step {step}/{self.total_steps} ({pct:.0f}%)  {rate:.0f} samples/s  "
                  f"loss {loss if loss is None else f'{loss:.4f}'}  busy [{busy}]  eta {eta:.0f}s")
 
+    def _publish(self, record: dict) -> None:
+        self.pub.send_multipart(wire.encode(wire.Metrics(-1, record)), copy=False)
+
+    def _status(self, done: bool = False) -> None:
+        """About once a second: the run-wide status record, to metrics.jsonl and monitors."""
+        now = time.monotonic()
+        if not done and (self.t_start is None or now - self._last_status < self.cfg.metrics_every):
+            return
+        self._last_status = now
+        rec = status_record(self.latest, num_stages=self.num_stages, total_steps=self.total_steps,
+                            batch_size=self.cfg.batch_size, wall_s=self._wall(),
+                            test_accuracy=self.evals[-1]["test_accuracy"] if self.evals else None,
+                            done=done)
+        self.metrics.write(rec)
+        self._publish(rec)
+
     def serve(self, group: Optional[ProcessGroup] = None) -> dict:
         """Run until every stage is done; return the summary. Raises RunFailed."""
         try:
@@ -209,7 +233,9 @@ class Coordinator:
                             break
                 self._check(group)
                 self._progress()
+                self._status()
             self.t_end = time.monotonic()
+            self._status(done=True)
             self.stop_all("run complete")
             if group is not None and not group.wait(15.0):
                 self.log("[coordinator] some workers did not exit after STOP; terminating them")
@@ -249,5 +275,6 @@ class Coordinator:
 
     def close(self) -> None:
         self.metrics.close()
+        self.pub.close(0)
         self.sock.close(0)
         self.ctx.term()

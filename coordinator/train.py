@@ -67,6 +67,7 @@ def _train_workers(cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) ->
             group.start(f"stage-{stage}", run_worker, spec)
         log(f"coordinator at {coord.endpoint}; started {coord.num_stages} workers "
             f"(pids {', '.join(str(c.process.pid) for c in group.children)})")
+        log(f"watch it: python launch.py monitor --connect {coord.monitor_endpoint}")
         return coord.serve(group)
     except BaseException as exc:
         coord.stop_all(f"run aborted: {type(exc).__name__}")

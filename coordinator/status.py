@@ -1,0 +1,31 @@
+"""The run's status as one record, built from the workers' latest reports (about once a second):
+what the coordinator publishes to monitors and writes to metrics.jsonl as event "status"."""
+from __future__ import annotations
+
+from typing import Optional
+
+WORKER_FIELDS = ("stage", "pid", "step", "samples_per_s", "busy_fraction", "wait_input_fraction",
+                 "wait_send_fraction", "wait_grad_fraction", "send_fraction", "recv_fraction",
+                 "outstanding_steps", "cpu_percent", "rss_mb", "loss", "sg_loss", "sg_cosine")
+
+
+def status_record(latest: dict[int, dict], *, num_stages: int, total_steps: int, batch_size: int,
+                  wall_s: float, test_accuracy: Optional[float] = None, done: bool = False) -> dict:
+    """Run-wide figures plus one row per worker. `latest` maps stage -> its last report."""
+    last = latest.get(num_stages - 1, {})
+    first = latest.get(0, {})
+    steps_done = last.get("step", -1) + 1
+    rate = last.get("samples_per_s", 0.0) or 0.0
+    remaining = max(total_steps - steps_done, 0)
+    return {
+        "event": "status", "wall_s": wall_s, "done": done,
+        "step": steps_done, "total_steps": total_steps,
+        "progress": steps_done / total_steps if total_steps else 0.0,
+        "samples_per_s": rate,
+        "eta_s": remaining * batch_size / rate if rate > 0 else None,
+        # how many steps stage 0 is ahead of the last stage (0 when in lockstep)
+        "staleness_steps": max(first.get("step", -1) - last.get("step", -1), 0) if latest else 0,
+        "loss": last.get("loss"),
+        "test_accuracy": test_accuracy,
+        "workers": [{k: latest[s].get(k) for k in WORKER_FIELDS} for s in sorted(latest)],
+    }

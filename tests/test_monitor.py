@@ -1,0 +1,75 @@
+"""The status stream: monitors attach to a live run, receive its figures, and can come, go or
+be killed without slowing or stopping it."""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.test_training import start_launcher, wait_for_line
+
+WORKER_KEYS = {"stage", "pid", "samples_per_s", "busy_fraction", "wait_input_fraction",
+               "wait_send_fraction", "wait_grad_fraction", "outstanding_steps", "cpu_percent",
+               "rss_mb", "loss", "sg_loss", "sg_cosine"}
+
+
+def _monitor(endpoint: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "monitor", "--connect", endpoint,
+                             "--timeout", "30", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+
+
+@pytest.mark.timeout(240)
+def test_monitors_attach_receive_status_and_never_disturb_the_run(tmp_path):
+    run = start_launcher(tmp_path, "--epochs", "30", "--true-grad-every", "2", "--metrics-every", "0.2")
+    monitors: list[subprocess.Popen] = []
+    try:
+        line, _ = wait_for_line(run, "monitor --connect")
+        endpoint = re.search(r"monitor --connect (\S+)", line).group(1)
+        doomed = _monitor(endpoint)  # killed mid-run: the run must not notice
+        watcher = _monitor(endpoint, "--json", "--count", "8")
+        monitors += [doomed, watcher]
+        out, err = watcher.communicate(timeout=60)
+        assert watcher.returncode == 0, err
+        records = [json.loads(line) for line in out.splitlines()]
+        status = [r for r in records if r["event"] == "status"]
+        assert len(status) == 8
+        status = status[-3:]  # the first may precede the workers' first reports
+        for r in status:
+            assert {"samples_per_s", "eta_s", "staleness_steps", "step", "total_steps", "progress"} <= set(r)
+            assert r["total_steps"] == 30 * 64
+            assert {w["stage"] for w in r["workers"]} == {0, 1, 2, 3}
+            for w in r["workers"]:
+                assert WORKER_KEYS <= set(w)
+        assert any(w["rss_mb"] and w["rss_mb"] > 10 for r in status for w in r["workers"])
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait(10)
+        late = _monitor(endpoint)  # plain lines on a pipe (not a terminal), until the run ends
+        monitors.append(late)
+        run_out, _ = run.communicate(timeout=150)
+        assert run.returncode == 0, run_out[-2000:]
+        out, _ = late.communicate(timeout=30)
+        assert late.returncode == 0  # it saw the final status record
+        lines = [line for line in out.splitlines() if " samples/s " in line]
+        assert lines and all("\x1b[" not in line for line in lines)  # no terminal escape codes
+        assert "step 1920/1920 (100%)" in lines[-1]
+    finally:
+        for p in [run, *monitors]:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["event"] == "status" for r in metrics) >= 3  # the same stream is on disk
+
+
+def test_monitor_gives_up_clearly_when_nothing_is_there(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "monitor", "--connect",
+                           f"ipc://{tmp_path}/nobody", "--timeout", "1"],
+                          capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert proc.returncode == 1
+    assert "nothing from" in proc.stdout
