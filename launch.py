@@ -84,13 +84,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _train_live(cfg: RunConfig, train):
+    """Train with the live table (rich) on a terminal: one row per worker plus a progress bar;
+    log lines scroll above it."""
+    from rich.live import Live
+
+    from coordinator.monitor import status_table
+    with Live(refresh_per_second=4, transient=False) as live:
+        return train(cfg.replace(progress_every=1e9), log=live.console.print,
+                     on_status=lambda rec: live.update(status_table(rec)))
+
+
 def cmd_train(ns: argparse.Namespace) -> int:
     from common.data import DataError
     from coordinator.coordinator import RunFailed
     from coordinator.train import format_summary, train
     try:
         cfg = config_from_args(ns)
-        _, summary = train(cfg)
+        if sys.stdout.isatty() and cfg.mode in ("locked", "unlocked", "stale"):
+            _, summary = _train_live(cfg, train)
+        else:  # plain progress lines (logs, CI, pipes)
+            _, summary = train(cfg)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -39,10 +39,12 @@ class RunFailed(RuntimeError):
 
 class Coordinator:
     def __init__(self, cfg: RunConfig, run_dir: Path, *, n_train: int,
-                 log: Callable[[str], None] = print, bind: Optional[str] = None):
+                 log: Callable[[str], None] = print, bind: Optional[str] = None,
+                 on_status: Optional[Callable[[dict], None]] = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.log = log
+        self.on_status = on_status  # e.g. the live terminal view of `launch.py train`
         self.num_stages = len(cfg.stage_groups)
         per_epoch = steps_per_epoch(n_train, cfg.batch_size)
         self.total_steps = per_epoch * cfg.epochs if cfg.steps is None else min(cfg.steps, per_epoch * cfg.epochs)
@@ -221,6 +223,8 @@ class Coordinator:
                             done=done)
         self.metrics.write(rec)
         self._publish(rec)
+        if self.on_status is not None:
+            self.on_status(rec)
 
     def serve(self, group: Optional[ProcessGroup] = None) -> dict:
         """Run until every stage is done; return the summary. Raises RunFailed."""

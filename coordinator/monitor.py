@@ -34,7 +34,6 @@ def format_status(rec: dict) -> str:
 def status_table(rec: dict):
     """The live view: a progress line and one row per worker (rich renderable)."""
     from rich.console import Group
-    from rich.progress_bar import ProgressBar
     from rich.table import Table
     from rich.text import Text
 
@@ -61,7 +60,9 @@ def status_table(rec: dict):
                       pct(w.get("wait_send_fraction")), pct(w.get("wait_grad_fraction")), pct(msg),
                       num(w.get("outstanding_steps"), "d"), num(w.get("cpu_percent"), ".0f"),
                       num(w.get("rss_mb"), ".0f"), num(w.get("sg_loss"), ".4f"), num(w.get("sg_cosine"), ".2f"))
-    bar = ProgressBar(total=max(rec["total_steps"], 1), completed=rec["step"], width=60)
+    filled = int(40 * min(rec.get("progress", 0.0), 1.0))
+    bar = Text("━" * filled, style="green") + Text("━" * (40 - filled), style="grey37") + \
+        Text(f" {100 * rec.get('progress', 0.0):.0f}%")
     return Group(head, bar, table)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from common.config import RunConfig
 from common.data import check_dataset, count_train
@@ -35,8 +35,10 @@ def make_run_dir(cfg: RunConfig) -> Path:
     return path
 
 
-def train(cfg: RunConfig, log: Callable[[str], None] = print) -> tuple[Path, dict]:
-    """Train one run; return (run folder, summary). Raises ConfigError, DataError or RunFailed."""
+def train(cfg: RunConfig, log: Callable[[str], None] = print,
+          on_status: Optional[Callable[[dict], None]] = None) -> tuple[Path, dict]:
+    """Train one run; return (run folder, summary). Raises ConfigError, DataError or RunFailed.
+    `on_status` receives the coordinator's status record about once a second (worker modes)."""
     cfg.validate()
     check_dataset(cfg.dataset, cfg.data_dir)
     run_dir = make_run_dir(cfg)
@@ -50,16 +52,17 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> tuple[Path, dic
         except PipelineFailed as exc:
             raise RunFailed(str(exc)) from None
     else:
-        summary = _train_workers(cfg, run_dir, log)
+        summary = _train_workers(cfg, run_dir, log, on_status)
     summary["config"] = cfg.to_dict()
     summary["run_dir"] = str(run_dir)
     atomic_write_json(run_dir / "summary.json", summary)
     return run_dir, summary
 
 
-def _train_workers(cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> dict:
+def _train_workers(cfg: RunConfig, run_dir: Path, log: Callable[[str], None],
+                   on_status: Optional[Callable[[dict], None]] = None) -> dict:
     n_train = count_train(cfg.dataset, cfg.data_dir, cfg.synthetic_train)
-    coord = Coordinator(cfg, run_dir, n_train=n_train, log=log)
+    coord = Coordinator(cfg, run_dir, n_train=n_train, log=log, on_status=on_status)
     group = ProcessGroup()
     try:
         for stage in range(coord.num_stages):

@@ -73,3 +73,55 @@ def test_monitor_gives_up_clearly_when_nothing_is_there(tmp_path):
                           capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert proc.returncode == 1
     assert "nothing from" in proc.stdout
+
+
+def _run_on_a_terminal(cmd: list[str], timeout: float) -> tuple[int, str]:
+    """Run `cmd` with a pseudo-terminal as stdin/stdout/stderr; return (exit code, output)."""
+    import os
+    import pty
+    import select
+    import time
+    import fcntl
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))  # 50 rows, 200 columns
+    env = {**os.environ, "COLUMNS": "200", "LINES": "50"}  # rich reads these before the tty size
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=env)
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # the child closed the terminal
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+        return proc.wait(timeout=10), b"".join(chunks).decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(master)
+
+
+@pytest.mark.timeout(120)
+def test_train_draws_a_live_table_on_a_terminal_and_plain_lines_elsewhere(tmp_path):
+    args = [sys.executable, str(ROOT / "launch.py"), "train", "--dataset", "synthetic", "--epochs", "2",
+            "--metrics-every", "0.2", "--progress-every", "0.2"]
+    rc, shown = _run_on_a_terminal(args + ["--out", str(tmp_path / "tty")], timeout=100)
+    assert rc == 0, shown[-2000:]
+    assert "\x1b[" in shown  # drawn with terminal control codes
+    assert "samples/s" in shown and "wait grad" in shown and "rss MB" in shown  # the worker table
+    assert "test accuracy" in shown  # and the summary after it
+    plain = subprocess.run(args + ["--out", str(tmp_path / "pipe")], capture_output=True, text=True,
+                           timeout=100, cwd=ROOT)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert "\x1b[" not in plain.stdout
+    assert "train step" in plain.stdout and "test accuracy" in plain.stdout
