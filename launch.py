@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import sys
 import typing
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from common.config import ConfigError, RunConfig
 
@@ -95,48 +95,46 @@ def _train_live(cfg: RunConfig, train):
                      on_status=lambda rec: live.update(status_table(rec)))
 
 
-def cmd_train(ns: argparse.Namespace) -> int:
+def exit_code_of(job: Callable[[], None]) -> int:
+    """Run a training job and map how it ended to the exit code (and message) users rely on:
+    0 done, 2 bad config or data (before any process started), 1 run failed, 130 Ctrl-C."""
     from common.data import DataError
     from coordinator.coordinator import RunFailed
-    from coordinator.train import format_summary, train
     try:
+        job()
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RunFailed as exc:
+        print(f"run failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: every worker was stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from coordinator.train import format_summary, train
+
+    def job() -> None:
         cfg = config_from_args(ns)
         if sys.stdout.isatty() and cfg.mode in ("locked", "unlocked", "stale"):
             _, summary = _train_live(cfg, train)
         else:  # plain progress lines (logs, CI, pipes)
             _, summary = train(cfg)
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except RunFailed as exc:
-        print(f"run failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: every worker was stopped", file=sys.stderr)
-        return 130
-    print(format_summary(summary))
-    return 0
+        print(format_summary(summary))
+    return exit_code_of(job)
 
 
 def cmd_compare(ns: argparse.Namespace) -> int:
-    from common.data import DataError
     from coordinator.compare import run_compare
-    from coordinator.coordinator import RunFailed
-    try:
-        cfg = config_from_args(ns)
-        folder, _ = run_compare(cfg, ns.contenders, ns.target_accuracy)
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except RunFailed as exc:
-        print(f"run failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: every worker was stopped", file=sys.stderr)
-        return 130
-    print((folder / "compare.md").read_text())
-    print(f"written: {folder}/compare.json, compare.md, *.png")
-    return 0
+
+    def job() -> None:
+        folder, _ = run_compare(config_from_args(ns), ns.contenders, ns.target_accuracy)
+        print((folder / "compare.md").read_text())
+        print(f"written: {folder}/compare.json, compare.md, *.png")
+    return exit_code_of(job)
 
 
 def cmd_report(ns: argparse.Namespace) -> int:
