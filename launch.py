@@ -119,7 +119,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     def job() -> None:
         cfg = config_from_args(ns)
-        if sys.stdout.isatty() and cfg.mode in ("locked", "unlocked", "stale"):
+        if sys.stdout.isatty():
             _, summary = _train_live(cfg, train)
         else:  # plain progress lines (logs, CI, pipes)
             _, summary = train(cfg)

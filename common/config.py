@@ -6,6 +6,7 @@ so a worker needs nothing but the coordinator's endpoint and its stage index.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -79,10 +80,11 @@ class RunConfig:
     out: Optional[str] = opt(None, "run folder; None = runs/<mode>-<time>")
     progress_every: float = opt(2.0, "seconds between progress lines")
     metrics_every: float = opt(1.0, "seconds between a worker's metric reports")
+    tensorboard: bool = opt(False, "also write the status stream as TensorBoard scalars to RUN_DIR/tensorboard")
     timeline_steps: int = opt(48, "record each worker's compute/wait/send spans for this many first steps (timeline.json)")
 
     # ---------------------------------------------------------------- validation
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         """Raise ConfigError naming the field and what to change; return self when valid."""
         def need(cond: bool, msg: str) -> None:
             if not cond:
@@ -125,6 +127,9 @@ class RunConfig:
         need(self.threads_per_worker >= 1, "--threads-per-worker must be at least 1")
         need(self.queue_depth >= 1, "--queue-depth must be at least 1")
         need(self.timeline_steps >= 0, "--timeline-steps must be 0 or more")
+        if self.tensorboard:
+            need(importlib.util.find_spec("tensorboard") is not None, "--tensorboard needs the tensorboard package: "
+                 "pip install 'synthgrad[tensorboard]' (or pip install tensorboard)")
         need(self.max_message_mb >= 1, "--max-message-mb must be at least 1")
         need(self.synthetic_train >= self.batch_size,
              "--synthetic-train must hold at least one batch")
@@ -184,7 +189,7 @@ class RunConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -195,7 +200,7 @@ class RunConfig:
                 kwargs[k] = tuple(int(v) for v in kwargs[k])
         return cls(**kwargs).validate()
 
-    def replace(self, **changes: Any) -> "RunConfig":
+    def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes).validate()
 
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import gzip
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -160,6 +161,12 @@ def count_train(name: str, data_dir: Optional[str], n_synthetic: int) -> int:
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
     return n_train // batch_size  # the last partial batch is dropped so every step has one shape
+
+
+def total_steps(n_train: int, batch_size: int, epochs: int, steps: Optional[int]) -> int:
+    """The run's length in steps: every epoch, or --steps if that comes first."""
+    full = steps_per_epoch(n_train, batch_size) * epochs
+    return full if steps is None else min(steps, full)
 
 
 def train_batches(split: Split, batch_size: int, seed: int, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, IO
+from typing import IO, Any
 
 import torch
 
@@ -57,6 +58,28 @@ class JsonlLog:
     def close(self) -> None:
         if not self._f.closed:
             self._f.close()
+
+
+class JsonlTail:
+    """Follow a JSONL file another process appends to: each call returns the records completed
+    since the last call (a half-written last line waits for the next call)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._offset = 0
+        self._partial = b""
+
+    def read(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self._offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        return [json.loads(line) for line in lines if line.strip()]
 
 
 def load_model_state(run_dir: str | Path) -> dict[int, dict[str, torch.Tensor]]:

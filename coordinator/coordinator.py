@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import zmq
 
 from common import wire
 from common.config import RunConfig
-from common.data import steps_per_epoch
+from common.data import total_steps
 from common.endpoints import bind_wildcard
-from common.files import JsonlLog
 from common.procs import ProcessGroup, available_cores, describe_exit
-from coordinator.status import status_record
+from coordinator.stream import StatusStream
 
 POLL_MS = 100
 
@@ -40,14 +40,14 @@ class RunFailed(RuntimeError):
 class Coordinator:
     def __init__(self, cfg: RunConfig, run_dir: Path, *, n_train: int,
                  log: Callable[[str], None] = print, bind: Optional[str] = None,
-                 on_status: Optional[Callable[[dict], None]] = None):
+                 stream: Optional[StatusStream] = None):
+        """`stream` receives the workers' reports (train.py passes the run's); without one the
+        coordinator makes and closes its own."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.log = log
-        self.on_status = on_status  # e.g. the live terminal view of `launch.py train`
         self.num_stages = len(cfg.stage_groups)
-        per_epoch = steps_per_epoch(n_train, cfg.batch_size)
-        self.total_steps = per_epoch * cfg.epochs if cfg.steps is None else min(cfg.steps, per_epoch * cfg.epochs)
+        self.total_steps = total_steps(n_train, cfg.batch_size, cfg.epochs, cfg.steps)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable message is an error, not a drop
@@ -59,18 +59,13 @@ class Coordinator:
         else:
             self.sock.bind(bind)
             self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-        # monitors subscribe here; PUB never blocks the coordinator and drops for slow readers
-        self.pub = self.ctx.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.SNDHWM, 64)
-        self.pub.setsockopt(zmq.LINGER, 0)
-        self.monitor_endpoint = bind_wildcard(self.pub, cfg.transport, cfg.host)
-        self.metrics = JsonlLog(self.run_dir / "metrics.jsonl")
+        self._own_stream = stream is None
+        self.stream = stream or StatusStream(cfg, self.run_dir, num_stages=self.num_stages,
+                                             total_steps=self.total_steps)
         self.registered: dict[int, wire.Register] = {}
         self.ready: dict[int, str] = {}  # stage -> its activation input endpoint
         self.identities: dict[int, bytes] = {}
-        self.latest: dict[int, dict] = {}
         self.done: dict[int, dict] = {}
-        self.evals: list[dict] = []
         self.relayed_true = [0] * self.num_stages  # true gradients delivered to each stage
         self.relayed_bootstrap = [0] * self.num_stages
         self.rejected = 0
@@ -79,7 +74,6 @@ class Coordinator:
         self.t_end: Optional[float] = None
         self._last_msg = time.monotonic()
         self._last_progress = time.monotonic()
-        self._last_status = time.monotonic()
 
     # ------------------------------------------------------------------ sending
     def _send(self, stage: int, msg: wire.Message) -> None:
@@ -107,15 +101,11 @@ class Coordinator:
         elif isinstance(msg, wire.Grad):
             self._relay(msg, body)
         elif isinstance(msg, wire.Metrics):
-            rec = {"event": "worker", "wall_s": self._wall(), **msg.record}
-            self.latest[msg.stage] = rec
-            self.metrics.write(rec)
+            self.stream.worker({"event": "worker", "wall_s": self._wall(), **msg.record, "stage": msg.stage})
         elif isinstance(msg, wire.EvalResult):
             rec = {"event": "eval", "wall_s": self._wall(), "epoch": msg.epoch, "step": msg.step,
                    "test_loss": msg.loss, "test_accuracy": msg.accuracy, "test_samples": msg.samples}
-            self.evals.append(rec)
-            self.metrics.write(rec)
-            self._publish(rec)
+            self.stream.eval(rec)
             self.log(f"eval  epoch {msg.epoch + 1} step {msg.step}: test accuracy "
                      f"{100 * msg.accuracy:.2f}%  test loss {msg.loss:.4f}  ({self._wall():.1f}s)")
         elif isinstance(msg, wire.Ready):
@@ -195,36 +185,24 @@ class Coordinator:
 
     def _progress(self) -> None:
         now = time.monotonic()
-        if now - self._last_progress < self.cfg.progress_every or not self.latest:
+        if now - self._last_progress < self.cfg.progress_every or \
+                self.num_stages - 1 not in self.stream.latest:  # nothing to say before the last stage reports
             return
         self._last_progress = now
-        last = self.latest.get(self.num_stages - 1, {})
+        last = self.stream.latest.get(self.num_stages - 1, {})
         step = last.get("step", -1) + 1
         rate = last.get("samples_per_s", 0.0)
         pct = 100.0 * step / max(self.total_steps, 1)
         eta = (self.total_steps - step) * self.cfg.batch_size / rate if rate > 0 else float("nan")
-        busy = " ".join(f"{self.latest[s].get('busy_fraction', 0):.2f}" for s in sorted(self.latest))
+        busy = " ".join(f"{self.stream.latest[s].get('busy_fraction', 0):.2f}" for s in sorted(self.stream.latest))
         loss = last.get("loss")
         self.log(f"train step {step}/{self.total_steps} ({pct:.0f}%)  {rate:.0f} samples/s  "
                  f"loss {loss if loss is None else f'{loss:.4f}'}  busy [{busy}]  eta {eta:.0f}s")
 
-    def _publish(self, record: dict) -> None:
-        self.pub.send_multipart(wire.encode(wire.Metrics(-1, record)), copy=False)
-
     def _status(self, done: bool = False) -> None:
-        """About once a second: the run-wide status record, to metrics.jsonl and monitors."""
-        now = time.monotonic()
-        if not done and (self.t_start is None or now - self._last_status < self.cfg.metrics_every):
-            return
-        self._last_status = now
-        rec = status_record(self.latest, num_stages=self.num_stages, total_steps=self.total_steps,
-                            batch_size=self.cfg.batch_size, wall_s=self._wall(),
-                            test_accuracy=self.evals[-1]["test_accuracy"] if self.evals else None,
-                            done=done)
-        self.metrics.write(rec)
-        self._publish(rec)
-        if self.on_status is not None:
-            self.on_status(rec)
+        """About once a second once training runs: the status record, to every consumer."""
+        if self.t_start is not None or done:
+            self.stream.tick(self._wall(), done=done)
 
     def serve(self, group: Optional[ProcessGroup] = None) -> dict:
         """Run until every stage is done; return the summary. Raises RunFailed."""
@@ -245,14 +223,15 @@ class Coordinator:
                 self.log("[coordinator] some workers did not exit after STOP; terminating them")
             return self.summary()
         finally:
-            self.metrics.close()
+            if self._own_stream:
+                self.stream.close()
 
     def summary(self) -> dict:
         workers = [self.done[s] for s in sorted(self.done)]
         last = self.done.get(self.num_stages - 1, {})
         samples = last.get("samples", 0)
         wall = (self.t_end or time.monotonic()) - (self.t_start or self.t_created)
-        final = self.evals[-1] if self.evals else {}
+        final = self.stream.evals[-1] if self.stream.evals else {}
         if self.num_stages == 1:
             true_steps = last.get("steps", 0)
         else:
@@ -271,14 +250,14 @@ class Coordinator:
             "bootstrap_gradients_relayed": self.relayed_bootstrap,
             "rejected_messages": self.rejected + sum(w.get("rejected_messages", 0) for w in workers),
             "num_stages": self.num_stages,
-            "evals": self.evals,
+            "evals": self.stream.evals,
             "workers": workers,
             "coordinator_pid": os.getpid(),
             "endpoint": self.endpoint,
         }
 
     def close(self) -> None:
-        self.metrics.close()
-        self.pub.close(0)
+        if self._own_stream:
+            self.stream.close()
         self.sock.close(0)
         self.ctx.term()

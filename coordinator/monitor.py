@@ -44,8 +44,8 @@ def status_table(rec: dict):
                 f"{'-' if acc is None else f'{100 * acc:.2f}%'}")
     table = Table(box=None, header_style="bold")
     for col in ("stage", "pid", "step", "samples/s", "compute", "wait in", "wait send", "wait grad",
-                "send+recv", "queue", "cpu %", "rss MB", "sg loss", "sg cos"):
-        table.add_column(col, justify="right")
+                "messaging", "queue", "cpu %", "rss MB", "sg loss", "sg cos"):
+        table.add_column(col, justify="right", no_wrap=True)
 
     def pct(v) -> str:
         return "-" if v is None else f"{100 * v:.0f}%"

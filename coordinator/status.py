@@ -9,6 +9,14 @@ WORKER_FIELDS = ("stage", "pid", "step", "samples_per_s", "busy_fraction", "wait
                  "outstanding_steps", "cpu_percent", "rss_mb", "loss", "sg_loss", "sg_cosine")
 
 
+def _step_at(report: dict, wall_s: float, batch_size: int) -> float:
+    """A worker's step now, projected from its last report at its recent rate: reports arrive
+    about once a second at different moments, so comparing raw steps of two workers would mostly
+    measure how far apart their reports were sent."""
+    age = max(wall_s - report.get("wall_s", wall_s), 0.0)
+    return report.get("step", -1) + age * (report.get("samples_per_s") or 0.0) / batch_size
+
+
 def status_record(latest: dict[int, dict], *, num_stages: int, total_steps: int, batch_size: int,
                   wall_s: float, test_accuracy: Optional[float] = None, done: bool = False) -> dict:
     """Run-wide figures plus one row per worker. `latest` maps stage -> its last report."""
@@ -24,7 +32,8 @@ def status_record(latest: dict[int, dict], *, num_stages: int, total_steps: int,
         "samples_per_s": rate,
         "eta_s": remaining * batch_size / rate if rate > 0 else None,
         # how many steps stage 0 is ahead of the last stage (0 when in lockstep)
-        "staleness_steps": max(first.get("step", -1) - last.get("step", -1), 0) if latest else 0,
+        "staleness_steps": max(round(_step_at(first, wall_s, batch_size) - _step_at(last, wall_s, batch_size)), 0)
+        if first and last else 0,
         "loss": last.get("loss"),
         "test_accuracy": test_accuracy,
         "workers": [{k: latest[s].get(k) for k in WORKER_FIELDS} for s in sorted(latest)],

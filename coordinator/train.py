@@ -3,19 +3,21 @@ process per stage, run to the end, write summary.json, and stop every process it
 from __future__ import annotations
 
 import os
+import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from common.config import RunConfig
-from common.data import check_dataset, count_train
+from common.data import check_dataset, count_train, total_steps
 from common.files import atomic_write_json
 from common.procs import ProcessGroup
 from coordinator.coordinator import Coordinator, RunFailed
+from coordinator.stream import StatusStream
 from workers.backprop import run_backprop
 from workers.pipeline import PipelineFailed, run_pipeline
 from workers.worker import WorkerSpec, run_worker
-
 
 RUN_FILES = ("summary.json", "metrics.jsonl", "timeline-stage*.json", "sg-snapshots-stage*.json",
              "pipeline-rank*.json")
@@ -32,37 +34,45 @@ def make_run_dir(cfg: RunConfig) -> Path:
     for pattern in RUN_FILES:
         for old in path.glob(pattern):
             old.unlink()
+    shutil.rmtree(path / "tensorboard", ignore_errors=True)
     return path
 
 
 def train(cfg: RunConfig, log: Callable[[str], None] = print,
           on_status: Optional[Callable[[dict], None]] = None) -> tuple[Path, dict]:
     """Train one run; return (run folder, summary). Raises ConfigError, DataError or RunFailed.
-    `on_status` receives the coordinator's status record about once a second (worker modes)."""
+    `on_status` receives the run's status record about once a second (every mode)."""
     cfg.validate()
     check_dataset(cfg.dataset, cfg.data_dir)
     run_dir = make_run_dir(cfg)
     atomic_write_json(run_dir / "config.json", cfg.to_dict())
     log(f"run folder {run_dir}  mode {cfg.mode}  stages {list(cfg.stage_groups) if cfg.mode != 'backprop' else 1}")
-    if cfg.mode == "backprop":
-        summary = run_backprop(cfg, run_dir, log)
-    elif cfg.mode == "pipeline":
-        try:
-            summary = run_pipeline(cfg, run_dir, log)
-        except PipelineFailed as exc:
-            raise RunFailed(str(exc)) from None
-    else:
-        summary = _train_workers(cfg, run_dir, log, on_status)
+    n_train = count_train(cfg.dataset, cfg.data_dir, cfg.synthetic_train)
+    stream = StatusStream(cfg, run_dir, num_stages=1 if cfg.mode == "backprop" else len(cfg.stage_groups),
+                          total_steps=total_steps(n_train, cfg.batch_size, cfg.epochs, cfg.steps),
+                          on_status=on_status)
+    log(f"watch it: python launch.py monitor --connect {stream.endpoint}")
+    try:
+        if cfg.mode == "backprop":
+            summary = run_backprop(cfg, run_dir, log, stream)
+        elif cfg.mode == "pipeline":
+            try:
+                summary = run_pipeline(cfg, run_dir, log, stream)
+            except PipelineFailed as exc:
+                raise RunFailed(str(exc)) from None
+        else:
+            summary = _train_workers(cfg, run_dir, n_train, log, stream)
+    finally:
+        stream.close()
     summary["config"] = cfg.to_dict()
     summary["run_dir"] = str(run_dir)
     atomic_write_json(run_dir / "summary.json", summary)
     return run_dir, summary
 
 
-def _train_workers(cfg: RunConfig, run_dir: Path, log: Callable[[str], None],
-                   on_status: Optional[Callable[[dict], None]] = None) -> dict:
-    n_train = count_train(cfg.dataset, cfg.data_dir, cfg.synthetic_train)
-    coord = Coordinator(cfg, run_dir, n_train=n_train, log=log, on_status=on_status)
+def _train_workers(cfg: RunConfig, run_dir: Path, n_train: int, log: Callable[[str], None],
+                   stream: StatusStream) -> dict:
+    coord = Coordinator(cfg, run_dir, n_train=n_train, log=log, stream=stream)
     group = ProcessGroup()
     try:
         for stage in range(coord.num_stages):
@@ -70,7 +80,6 @@ def _train_workers(cfg: RunConfig, run_dir: Path, log: Callable[[str], None],
             group.start(f"stage-{stage}", run_worker, spec)
         log(f"coordinator at {coord.endpoint}; started {coord.num_stages} workers "
             f"(pids {', '.join(str(c.process.pid) for c in group.children)})")
-        log(f"watch it: python launch.py monitor --connect {coord.monitor_endpoint}")
         return coord.serve(group)
     except BaseException as exc:
         coord.stop_all(f"run aborted: {type(exc).__name__}")

@@ -125,3 +125,69 @@ def test_train_draws_a_live_table_on_a_terminal_and_plain_lines_elsewhere(tmp_pa
     assert plain.returncode == 0, plain.stderr[-2000:]
     assert "\x1b[" not in plain.stdout
     assert "train step" in plain.stdout and "test accuracy" in plain.stdout
+
+
+def _scalars(logdir) -> dict[str, list]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})  # 0: keep every event
+    acc.Reload()
+    return {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", ["backprop", "pipeline", "unlocked"])
+def test_every_mode_streams_status_and_tensorboard_scalars(tiny_cfg, tmp_path, mode):
+    """The same status records reach the callback (live view), metrics.jsonl and TensorBoard,
+    whoever watches the run: the coordinator, the backprop process or the pipeline launcher."""
+    from coordinator.train import train
+    seen: list[dict] = []
+    cfg = tiny_cfg.replace(mode=mode, steps=None, metrics_every=0.05, tensorboard=True, eval_every=16)
+    run_dir, summary = train(cfg, log=lambda _: None, on_status=seen.append)
+    on_disk = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    status = [r for r in on_disk if r["event"] == "status"]
+    assert status == seen and len(status) >= 2
+    final = status[-1]
+    assert final["done"] and final["step"] == final["total_steps"] == 32 and final["progress"] == 1.0
+    assert final["test_accuracy"] == summary["test_accuracy"]
+    stages = {0} if mode == "backprop" else ({3} if mode == "pipeline" else {0, 1, 2, 3})
+    assert {w["stage"] for w in final["workers"]} == stages  # pipeline: its last rank reports
+    scalars = _scalars(run_dir / "tensorboard")
+    progress = scalars["run/progress"]
+    assert len(progress) == len(status)  # one point per status record
+    assert [e.step for e in progress] == [r["step"] for r in status]
+    assert progress[-1].value == 1.0
+    assert scalars["run/samples_per_s"][-1].value == pytest.approx(final["samples_per_s"], rel=1e-6)
+    evals = [r for r in on_disk if r["event"] == "eval"]
+    assert [e.step for e in scalars["run/test_accuracy"]] == [r["step"] for r in evals] == [16, 32]
+    for stage in stages:
+        assert scalars[f"stage{stage}/samples_per_s"] and scalars[f"stage{stage}/rss_mb"][-1].value > 10
+    if mode == "unlocked":
+        assert scalars["stage0/sg_cosine"]  # synthetic-gradient quality, per worker
+
+
+def test_tensorboard_folder_of_an_earlier_run_is_cleared(tiny_cfg, tmp_path):
+    from coordinator.train import train
+    cfg = tiny_cfg.replace(mode="backprop", steps=5, tensorboard=True)
+    run_dir, _ = train(cfg, log=lambda _: None)
+    run_dir, _ = train(cfg, log=lambda _: None)
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+@pytest.mark.timeout(120)
+def test_pipeline_mode_draws_the_live_table_too(tmp_path):
+    args = [sys.executable, str(ROOT / "launch.py"), "train", "--mode", "pipeline", "--dataset",
+            "synthetic", "--steps", "60", "--metrics-every", "0.2", "--out", str(tmp_path / "tty")]
+    rc, shown = _run_on_a_terminal(args, timeout=100)
+    assert rc == 0, shown[-2000:]
+    assert "\x1b[" in shown and "rss MB" in shown and "step 60/60" in shown
+
+
+def test_staleness_compares_workers_at_the_same_moment():
+    """Reports arrive at different moments; staleness projects each to the record's time."""
+    from coordinator.status import status_record
+    rate = 100 * 64  # 100 steps/s at batch 64
+    latest = {0: {"stage": 0, "step": 100, "wall_s": 9.0, "samples_per_s": rate},
+              1: {"stage": 1, "step": 190, "wall_s": 10.0, "samples_per_s": rate}}
+    rec = status_record(latest, num_stages=2, total_steps=1000, batch_size=64, wall_s=10.0)
+    assert rec["staleness_steps"] == 10  # stage 0 is at ~200 by now, the last stage at 190
+    assert rec["step"] == 191 and rec["eta_s"] == pytest.approx((1000 - 191) / 100)

@@ -9,18 +9,25 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import psutil
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from common.config import RunConfig, default_backprop_threads
-from common.data import eval_batches, load_dataset, steps_per_epoch, train_batches
-from common.files import JsonlLog, atomic_torch_save
+from common.data import (
+    eval_batches,
+    load_dataset,
+    steps_per_epoch,
+    total_steps,
+    train_batches,
+)
+from common.files import atomic_torch_save
 from common.models import build_units, make_optimizer
+from coordinator.stream import StatusStream
 
 
 @torch.no_grad()
@@ -36,7 +43,8 @@ def evaluate(model: nn.Module, split, batch_size: int, limit) -> tuple[float, fl
     return loss / max(n, 1), correct / max(n, 1), n
 
 
-def run_backprop(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = print) -> dict:
+def run_backprop(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stream: StatusStream) -> dict:
+    """Train in this process; reports and evaluations go to `stream` (metrics.jsonl, monitors)."""
     t_created = time.monotonic()
     threads = cfg.backprop_threads or default_backprop_threads()
     torch.set_num_threads(threads)
@@ -45,8 +53,7 @@ def run_backprop(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
     model = nn.Sequential(*units)
     opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
     per_epoch = steps_per_epoch(len(ds.train), cfg.batch_size)
-    total = per_epoch * cfg.epochs if cfg.steps is None else min(cfg.steps, per_epoch * cfg.epochs)
-    metrics = JsonlLog(run_dir / "metrics.jsonl")
+    total = total_steps(len(ds.train), cfg.batch_size, cfg.epochs, cfg.steps)
     proc = psutil.Process()
     proc.cpu_percent(None)
     evals: list[dict] = []
@@ -55,57 +62,63 @@ def run_backprop(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
     t_start = last_report = last_progress = time.monotonic()
     interval_loss, interval_n, interval_samples, interval_compute = 0.0, 0, 0, 0.0
     log(f"backprop: one process, {threads} torch threads; training {total} steps")
+
     def test(epoch: int, step: int) -> None:
         test_loss, test_acc, n = evaluate(model, ds.test, cfg.batch_size, cfg.eval_samples)
         rec = {"event": "eval", "wall_s": time.monotonic() - t_start, "epoch": epoch, "step": step,
                "test_loss": test_loss, "test_accuracy": test_acc, "test_samples": n}
         evals.append(rec)
-        metrics.write(rec)
+        stream.eval(rec)
         log(f"eval  epoch {epoch + 1} step {step}: test accuracy {100 * test_acc:.2f}%  "
             f"test loss {test_loss:.4f}  ({rec['wall_s']:.1f}s)")
 
-    try:
-        for epoch in range(cfg.epochs):
-            for x, y in train_batches(ds.train, cfg.batch_size, cfg.seed, epoch):
-                if step >= total:
-                    break
-                t0 = time.perf_counter()
-                loss = F.cross_entropy(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                dt = time.perf_counter() - t0
-                compute += dt
-                interval_compute += dt
-                step += 1
-                samples += int(y.shape[0])
-                interval_samples += int(y.shape[0])
-                interval_loss += loss.item()
-                interval_n += 1
-                if cfg.mid_epoch_eval(step, per_epoch, total):
-                    test(epoch, step)
-                now = time.monotonic()
-                if now - last_report >= cfg.metrics_every:
-                    span = now - last_report
-                    metrics.write({"event": "worker", "wall_s": now - t_start, "stage": 0,
-                                   "pid": os.getpid(), "step": step - 1, "steps": step,
-                                   "samples": samples, "samples_per_s": interval_samples / span,
-                                   "busy_fraction": interval_compute / span,
-                                   "loss": interval_loss / interval_n,
-                                   "cpu_percent": proc.cpu_percent(None),
-                                   "rss_mb": proc.memory_info().rss / 2**20})
-                    if now - last_progress >= cfg.progress_every:
-                        log(f"train step {step}/{total} ({100 * step / total:.0f}%)  "
-                            f"{interval_samples / span:.0f} samples/s  loss {interval_loss / interval_n:.4f}")
-                        last_progress = now
-                    last_report = now
-                    interval_loss, interval_n, interval_samples, interval_compute = 0.0, 0, 0, 0.0
-            test(epoch, step)
+    def report(now: float, step: int, samples: int, total: int, final: bool = False) -> None:
+        """This interval's figures, to the status stream (and a progress line now and then)."""
+        nonlocal last_report, last_progress, interval_loss, interval_n, interval_samples, interval_compute
+        span = max(now - last_report, 1e-9)
+        loss = interval_loss / max(interval_n, 1)
+        stream.worker({"event": "worker", "wall_s": now - t_start, "stage": 0, "pid": os.getpid(),
+                       "final": final, "step": step - 1, "steps": step, "samples": samples,
+                       "samples_per_s": interval_samples / span, "busy_fraction": interval_compute / span,
+                       "loss": loss, "cpu_percent": proc.cpu_percent(None),
+                       "rss_mb": proc.memory_info().rss / 2**20})
+        if now - last_progress >= cfg.progress_every:
+            log(f"train step {step}/{total} ({100 * step / total:.0f}%)  "
+                f"{interval_samples / span:.0f} samples/s  loss {loss:.4f}")
+            last_progress = now
+        last_report = now
+        interval_loss, interval_n, interval_samples, interval_compute = 0.0, 0, 0, 0.0
+
+    for epoch in range(cfg.epochs):
+        for x, y in train_batches(ds.train, cfg.batch_size, cfg.seed, epoch):
             if step >= total:
                 break
-    finally:
-        metrics.close()
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            dt = time.perf_counter() - t0
+            compute += dt
+            interval_compute += dt
+            step += 1
+            samples += int(y.shape[0])
+            interval_samples += int(y.shape[0])
+            interval_loss += loss.item()
+            interval_n += 1
+            if cfg.mid_epoch_eval(step, per_epoch, total):
+                test(epoch, step)
+            now = time.monotonic()
+            if now - last_report >= cfg.metrics_every:
+                report(now, step, samples, total)
+            stream.tick(now - t_start)
+        if step >= total or epoch == cfg.epochs - 1:  # the last interval, before the final test
+            report(time.monotonic(), step, samples, total, final=True)
+        test(epoch, step)
+        if step >= total:
+            break
     wall = time.monotonic() - t_start
+    stream.tick(wall, done=True)
     path = run_dir / "stage0.pt"
     atomic_torch_save(path, {"stage": 0, "units": {i: u.state_dict() for i, u in enumerate(units)},
                              "state": {"optimizer": opt.state_dict()}, "step": step - 1,

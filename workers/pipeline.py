@@ -16,22 +16,30 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import psutil
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from common.config import RunConfig
-from common.data import load_dataset, steps_per_epoch, train_batches
-from common.files import JsonlLog, atomic_torch_save, atomic_write_json
+from common.data import load_dataset, steps_per_epoch, total_steps, train_batches
+from common.files import JsonlLog, JsonlTail, atomic_torch_save, atomic_write_json
 from common.models import build_units, make_optimizer, stage_bounds, stage_io_shapes
-from common.procs import ProcessGroup, available_cores, describe_exit, die_with_parent, pin_to_core
+from common.procs import (
+    ProcessGroup,
+    available_cores,
+    describe_exit,
+    die_with_parent,
+    pin_to_core,
+)
+from coordinator.stream import StatusStream
 
 
 class PipelineFailed(RuntimeError):
@@ -87,7 +95,7 @@ def run_rank(spec: RankSpec) -> None:
     n_train_all = torch.tensor([n_train])
     dist.all_reduce(n_train_all, op=dist.ReduceOp.MAX)  # middle ranks load no data
     per_epoch = steps_per_epoch(int(n_train_all), cfg.batch_size)
-    total = per_epoch * cfg.epochs if cfg.steps is None else min(cfg.steps, per_epoch * cfg.epochs)
+    total = total_steps(int(n_train_all), cfg.batch_size, cfg.epochs, cfg.steps)
     metrics = JsonlLog(run_dir / "metrics.jsonl") if last else None
     proc = psutil.Process()
     proc.cpu_percent(None)
@@ -96,7 +104,7 @@ def run_rank(spec: RankSpec) -> None:
     compute = 0.0
     iv_loss, iv_n, iv_samples, iv_compute = 0.0, 0, 0, 0.0
     dist.barrier()
-    t_start = last_report = last_progress = time.monotonic()
+    t_start = last_report = time.monotonic()
     (run_dir / f".pipeline-rank{rank}.started").touch()  # the launcher's start check
 
     def batches(epoch: int):
@@ -115,8 +123,18 @@ def run_rank(spec: RankSpec) -> None:
                    "test_accuracy": correct / max(n, 1), "test_samples": n}
             evals.append(rec)
             metrics.write(rec)
-            print(f"[pipeline] eval  epoch {epoch + 1} step {step}: test accuracy "
-                  f"{100 * rec['test_accuracy']:.2f}%  ({rec['wall_s']:.1f}s)", flush=True)
+
+    def report(now: float, step: int, samples: int, final: bool = False) -> None:
+        """The last rank's figures for this interval, to metrics.jsonl (the launcher follows it)."""
+        nonlocal last_report, iv_loss, iv_n, iv_samples, iv_compute
+        span = max(now - last_report, 1e-9)
+        metrics.write({"event": "worker", "wall_s": now - t_start, "stage": rank, "pid": os.getpid(),
+                       "final": final, "step": step - 1, "steps": step, "samples": samples,
+                       "samples_per_s": iv_samples / span, "busy_fraction": iv_compute / span,
+                       "loss": iv_loss / max(iv_n, 1), "cpu_percent": proc.cpu_percent(None),
+                       "rss_mb": proc.memory_info().rss / 2**20})
+        last_report = now
+        iv_loss, iv_n, iv_samples, iv_compute = 0.0, 0, 0, 0.0
 
     try:
         for epoch in range(cfg.epochs):
@@ -146,20 +164,9 @@ def run_rank(spec: RankSpec) -> None:
                     test(epoch, step)
                 now = time.monotonic()
                 if last and now - last_report >= cfg.metrics_every:
-                    span = now - last_report
-                    metrics.write({"event": "worker", "wall_s": now - t_start, "stage": rank,
-                                   "pid": os.getpid(), "step": step - 1, "steps": step,
-                                   "samples": samples, "samples_per_s": iv_samples / span,
-                                   "busy_fraction": iv_compute / span, "loss": iv_loss / max(iv_n, 1),
-                                   "cpu_percent": proc.cpu_percent(None),
-                                   "rss_mb": proc.memory_info().rss / 2**20})
-                    if now - last_progress >= cfg.progress_every:
-                        print(f"[pipeline] train step {step}/{total} ({100 * step / total:.0f}%)  "
-                              f"{iv_samples / span:.0f} samples/s  loss {iv_loss / max(iv_n, 1):.4f}",
-                              flush=True)
-                        last_progress = now
-                    last_report = now
-                    iv_loss, iv_n, iv_samples, iv_compute = 0.0, 0, 0, 0.0
+                    report(now, step, samples)
+            if last and (step >= total or epoch == cfg.epochs - 1):  # before the final test
+                report(time.monotonic(), step, samples, final=True)
             test(epoch, step)
             if step >= total:
                 break
@@ -238,9 +245,10 @@ def _pad(t: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros((rows - t.shape[0], *t.shape[1:]))])
 
 
-def run_pipeline(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = print) -> dict:
-    """Start one process per stage, wait for them (failing fast when one dies), and return the
-    run summary in the same shape as the other modes'."""
+def run_pipeline(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stream: StatusStream) -> dict:
+    """Start one process per stage, wait for them (failing fast when one dies), feed `stream`
+    from the last rank's metrics.jsonl records, and return the run summary in the same shape as
+    the other modes'."""
     from coordinator.coordinator import snake_core
     world = len(cfg.stage_groups)
     if world < 2:
@@ -258,8 +266,26 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
             group.start(f"pipeline-{rank}", run_rank, RankSpec(rank, world, cfg.to_dict(), str(run_dir), core))
         log(f"pipeline: {world} stage processes ({cfg.schedule}, {cfg.microbatches} microbatches), "
             f"pids {', '.join(str(c.process.pid) for c in group.children)}")
-        metrics = run_dir / "metrics.jsonl"
-        all_started = 0.0  # time.time() when every rank had joined
+        tail = JsonlTail(run_dir / "metrics.jsonl")  # the last rank's reports and evaluations
+        joined = None  # time.monotonic() when every rank had joined
+        last_sign = last_progress = time.monotonic()
+
+        def follow(rec: dict) -> None:
+            """Hand one of the last rank's records to the stream; log progress and evaluations."""
+            nonlocal last_progress
+            if rec.get("event") == "worker":
+                stream.worker(rec, logged=True)
+                if time.monotonic() - last_progress >= cfg.progress_every:
+                    last_progress = time.monotonic()
+                    log(f"train step {rec['steps']}/{stream.total_steps} "
+                        f"({100 * rec['steps'] / max(stream.total_steps, 1):.0f}%)  "
+                        f"{rec['samples_per_s']:.0f} samples/s  loss {rec['loss']:.4f}")
+            elif rec.get("event") == "eval":
+                stream.eval(rec, logged=True)
+                log(f"eval  epoch {rec['epoch'] + 1} step {rec['step']}: test accuracy "
+                    f"{100 * rec['test_accuracy']:.2f}%  test loss {rec['test_loss']:.4f}  "
+                    f"({rec['wall_s']:.1f}s)")
+
         while not all(c.process.exitcode is not None for c in group.children):
             for c in group.dead():
                 if c.process.exitcode != 0:
@@ -270,10 +296,14 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
             if started < world and now - t_created > cfg.start_timeout:
                 raise PipelineFailed(f"only {started} of {world} pipeline stages joined the process "
                                      f"group within {cfg.start_timeout:.0f}s (raise --start-timeout)")
-            if started == world:
-                all_started = all_started or time.time()
-                last_sign = max(all_started, metrics.stat().st_mtime if metrics.exists() else 0.0)
-                if time.time() - last_sign > max(cfg.stall_timeout, 2 * cfg.metrics_every):
+            if started == world and joined is None:
+                joined = last_sign = now
+            for rec in tail.read():
+                last_sign = now
+                follow(rec)
+            if joined is not None:
+                stream.tick(now - joined)
+                if now - last_sign > max(cfg.stall_timeout, 2 * cfg.metrics_every):
                     raise PipelineFailed(f"the pipeline wrote no metrics for {cfg.stall_timeout:.0f}s")
             time.sleep(0.1)
         bad = [c for c in group.children if c.process.exitcode != 0]
@@ -290,6 +320,9 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pri
     for r in ranks:
         r.pop("evals", None)
     wall = last["elapsed_s"]
+    for rec in tail.read():  # what the last rank wrote after the last poll
+        follow(rec)
+    stream.tick(wall, done=True)
     return {
         "mode": "pipeline", "steps": last["steps"], "samples": last["samples"],
         "wall_clock_s": wall, "startup_s": time.monotonic() - t_created - wall,

@@ -20,12 +20,18 @@ from typing import Optional
 
 import psutil
 import torch
-import torch.nn as nn
 import zmq
+from torch import nn
 
 from common import wire
 from common.config import RunConfig
-from common.data import eval_batches, load_dataset, steps_per_epoch, train_batches
+from common.data import (
+    eval_batches,
+    load_dataset,
+    steps_per_epoch,
+    total_steps,
+    train_batches,
+)
 from common.endpoints import bind_wildcard
 from common.files import atomic_torch_save, atomic_write_json
 from common.models import build_units, stage_bounds, stage_io_shapes
@@ -268,7 +274,7 @@ class LayerWorker:
     def run_first(self) -> None:
         cfg, ds = self.cfg, self.dataset
         per_epoch = steps_per_epoch(len(ds.train), cfg.batch_size)
-        total = per_epoch * cfg.epochs if cfg.steps is None else min(cfg.steps, per_epoch * cfg.epochs)
+        total = total_steps(len(ds.train), cfg.batch_size, cfg.epochs, cfg.steps)
         step = 0
         for epoch in range(cfg.epochs):
             for x, y in train_batches(ds.train, cfg.batch_size, cfg.seed, epoch):

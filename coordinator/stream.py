@@ -1,0 +1,92 @@
+"""Where a run's records go: metrics.jsonl, monitors (a PUB socket), the live terminal view and,
+with --tensorboard, TensorBoard event files.
+
+One StatusStream per run, in whichever process watches it: the coordinator (locked, unlocked,
+stale), the training process itself (backprop) or the launcher (pipeline). Each feeds it the
+workers' reports and evaluations; about once a second (`--metrics-every`) the stream turns the
+latest reports into one status record (coordinator/status.py) and hands it to every consumer.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Optional
+
+import zmq
+
+from common import wire
+from common.config import RunConfig
+from common.endpoints import bind_wildcard
+from common.files import JsonlLog
+from coordinator.status import status_record
+
+
+class StatusStream:
+    def __init__(self, cfg: RunConfig, run_dir: Path, *, num_stages: int, total_steps: int,
+                 on_status: Optional[Callable[[dict], None]] = None,
+                 ctx: Optional[zmq.Context] = None):
+        self.cfg = cfg
+        self.num_stages = num_stages
+        self.total_steps = total_steps
+        self.on_status = on_status  # e.g. the live terminal view of `launch.py train`
+        self.latest: dict[int, dict] = {}
+        self.evals: list[dict] = []
+        self._own_ctx = ctx is None
+        self.ctx = ctx or zmq.Context()
+        # monitors subscribe here; PUB never blocks the run and drops records for slow readers
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.SNDHWM, 64)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.endpoint = bind_wildcard(self.pub, cfg.transport, cfg.host)
+        self.metrics = JsonlLog(Path(run_dir) / "metrics.jsonl")
+        self.tensorboard = None
+        if cfg.tensorboard:
+            from coordinator.tensorboard import TensorBoardWriter
+            self.tensorboard = TensorBoardWriter(Path(run_dir) / "tensorboard")
+        self._last_status = time.monotonic()
+
+    def worker(self, rec: dict, logged: bool = False) -> None:
+        """A worker's periodic report (event "worker"); `logged` if it is in metrics.jsonl already."""
+        self.latest[rec["stage"]] = rec
+        if not logged:
+            self.metrics.write(rec)
+
+    def eval(self, rec: dict, logged: bool = False) -> None:
+        """A test evaluation (event "eval")."""
+        self.evals.append(rec)
+        if not logged:
+            self.metrics.write(rec)
+        self._publish(rec)
+        if self.tensorboard is not None:
+            self.tensorboard.eval(rec)
+
+    def tick(self, wall_s: float, done: bool = False) -> Optional[dict]:
+        """Emit a status record if one is due (or the run is done); return it."""
+        now = time.monotonic()
+        if not done and now - self._last_status < self.cfg.metrics_every:
+            return None
+        self._last_status = now
+        rec = status_record(self.latest, num_stages=self.num_stages, total_steps=self.total_steps,
+                            batch_size=self.cfg.batch_size, wall_s=wall_s,
+                            test_accuracy=self.evals[-1]["test_accuracy"] if self.evals else None,
+                            done=done)
+        self.metrics.write(rec)
+        self._publish(rec)
+        if self.tensorboard is not None:
+            self.tensorboard.status(rec)
+        if self.on_status is not None:
+            self.on_status(rec)
+        return rec
+
+    def _publish(self, record: dict) -> None:
+        self.pub.send_multipart(wire.encode(wire.Metrics(-1, record)), copy=False)
+
+    def close(self) -> None:
+        self.metrics.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+        self.pub.close(0)
+        if self._own_ctx:
+            self.ctx.term()
