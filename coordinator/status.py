@@ -30,11 +30,14 @@ def status_record(latest: dict[int, dict], *, num_stages: int, total_steps: int,
         "step": steps_done, "total_steps": total_steps,
         "progress": steps_done / total_steps if total_steps else 0.0,
         "samples_per_s": rate,
+        "steps_per_s": rate / batch_size,
         "eta_s": remaining * batch_size / rate if rate > 0 else None,
         # how many steps stage 0 is ahead of the last stage (0 when in lockstep)
         "staleness_steps": max(round(_step_at(first, wall_s, batch_size) - _step_at(last, wall_s, batch_size)), 0)
         if first and last else 0,
         "loss": last.get("loss"),
         "test_accuracy": test_accuracy,
-        "workers": [{k: latest[s].get(k) for k in WORKER_FIELDS} for s in sorted(latest)],
+        "workers": [{**{k: latest[s].get(k) for k in WORKER_FIELDS},
+                     "steps_per_s": (latest[s].get("samples_per_s") or 0.0) / batch_size}
+                    for s in sorted(latest)],
     }

@@ -2,8 +2,8 @@
 
     tensorboard --logdir RUN_DIR/tensorboard
 
-Tags: run/<figure> for the run as a whole (samples_per_s, loss, eta_s, staleness_steps, progress,
-test_accuracy, test_loss) and stageI/<figure> for every worker (samples_per_s, busy_fraction,
+Tags: run/<figure> for the run as a whole (samples_per_s, steps_per_s, loss, eta_s, staleness_steps, progress,
+test_accuracy, test_loss) and stageI/<figure> for every worker (samples_per_s, steps_per_s, busy_fraction,
 wait_*_fraction, send/recv_fraction, outstanding_steps, cpu_percent, rss_mb, loss, sg_loss,
 sg_cosine). The x axis is the training step the last stage has finished.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-RUN_FIGURES = ("samples_per_s", "loss", "eta_s", "staleness_steps", "progress")
-WORKER_FIGURES = ("samples_per_s", "busy_fraction", "wait_input_fraction", "wait_send_fraction",
+RUN_FIGURES = ("samples_per_s", "steps_per_s", "loss", "eta_s", "staleness_steps", "progress")
+WORKER_FIGURES = ("samples_per_s", "steps_per_s", "busy_fraction", "wait_input_fraction", "wait_send_fraction",
                   "wait_grad_fraction", "send_fraction", "recv_fraction", "outstanding_steps",
                   "cpu_percent", "rss_mb", "loss", "sg_loss", "sg_cosine")
 

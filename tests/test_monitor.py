@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import ROOT
 from tests.test_training import start_launcher, wait_for_line
 
-WORKER_KEYS = {"stage", "pid", "samples_per_s", "busy_fraction", "wait_input_fraction",
+WORKER_KEYS = {"stage", "pid", "samples_per_s", "steps_per_s", "busy_fraction", "wait_input_fraction",
                "wait_send_fraction", "wait_grad_fraction", "outstanding_steps", "cpu_percent",
                "rss_mb", "loss", "sg_loss", "sg_cosine"}
 
@@ -41,7 +41,7 @@ def test_monitors_attach_receive_status_and_never_disturb_the_run(tmp_path):
         assert len(status) == 8
         status = status[-3:]  # the first may precede the workers' first reports
         for r in status:
-            assert {"samples_per_s", "eta_s", "staleness_steps", "step", "total_steps", "progress"} <= set(r)
+            assert {"samples_per_s", "steps_per_s", "eta_s", "staleness_steps", "step", "total_steps", "progress"} <= set(r)
             assert r["total_steps"] == 30 * 64
             assert {w["stage"] for w in r["workers"]} == {0, 1, 2, 3}
             for w in r["workers"]:
