@@ -5,6 +5,8 @@
     python launch.py train --mode locked --stages 2 --dataset synthetic
     python launch.py compare --epochs 3 --contenders backprop,pipeline,locked,unlocked,unlocked:10
     python launch.py report runs/unlocked-20261124-120000            # PNG plots of a finished run
+    python launch.py coordinator --bind tcp://10.0.0.1:5555 --mode unlocked   # stages on other hosts:
+    python launch.py worker --coordinator tcp://10.0.0.1:5555 --stages 0,1    #   one command per host
 
 Every option of `train` is a field of common.config.RunConfig (see `train --help`).
 """
@@ -18,7 +20,7 @@ from typing import Callable, Optional, Sequence
 
 from common.config import ConfigError, RunConfig
 
-SUBCOMMANDS = ("train", "compare", "report", "monitor")
+SUBCOMMANDS = ("train", "compare", "report", "monitor", "coordinator", "worker")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -81,6 +83,25 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument("--timeout", type=float, default=30.0, help="give up after this long without a record")
     monitor.add_argument("--count", type=int, default=None, help="exit after this many status records")
     monitor.add_argument("--json", action="store_true", help="print each record as one JSON line")
+    coordinator = sub.add_parser(
+        "coordinator", help="run the coordinator only; stages join with `launch.py worker`",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    coordinator.add_argument("--bind", required=True,
+                             help="tcp://HOST:PORT to listen on (an address of this host; port 0 picks one)")
+    add_config_options(coordinator, skip=("transport", "host"))
+    worker = sub.add_parser("worker", help="start stage processes here for a coordinator elsewhere",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    worker.add_argument("--coordinator", required=True, help="the tcp://HOST:PORT the coordinator printed")
+    which = worker.add_mutually_exclusive_group(required=True)
+    which.add_argument("--stage", type=int, help="the stage to run")
+    which.add_argument("--stages", type=_int_list, metavar="I,J,...", help="several stages, one process each")
+    worker.add_argument("--host", default=None,
+                        help="address to receive activations on (default: this host's address towards the coordinator)")
+    worker.add_argument("--out", default="", help="folder for this host's checkpoints (default: the coordinator's run folder path)")
+    worker.add_argument("--connect-timeout", type=float, default=60.0,
+                        help="a stage gives up when the coordinator has not answered within this many seconds")
+    worker.add_argument("--pin-cores", action=argparse.BooleanOptionalAction, default=True,
+                        help="pin each stage to one of this host's cores")
     return parser
 
 
@@ -115,7 +136,17 @@ def exit_code_of(job: Callable[[], None]) -> int:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
+    from coordinator import torchrun
     from coordinator.train import format_summary, train
+    env = torchrun.detect()
+    if env is not None:  # started by torchrun: this process is the coordinator or one stage
+        def job() -> None:
+            cfg = config_from_args(ns)
+            if env.rank == 0 and sys.stdout.isatty():
+                _train_live(cfg, lambda c, **kw: torchrun.run_rank(c, env, **kw))
+            else:
+                torchrun.run_rank(cfg, env)
+        return exit_code_of(job)
 
     def job() -> None:
         cfg = config_from_args(ns)
@@ -125,6 +156,30 @@ def cmd_train(ns: argparse.Namespace) -> int:
             _, summary = train(cfg)
         print(format_summary(summary))
     return exit_code_of(job)
+
+
+def cmd_coordinator(ns: argparse.Namespace) -> int:
+    from coordinator.train import format_summary, train
+
+    def job() -> None:
+        cfg = config_from_args(ns)
+        if sys.stdout.isatty():
+            _, summary = _train_live(cfg, lambda c, **kw: train(c, bind=ns.bind, **kw))
+        else:
+            _, summary = train(cfg, bind=ns.bind)
+        print(format_summary(summary))
+    return exit_code_of(job)
+
+
+def cmd_worker(ns: argparse.Namespace) -> int:
+    from workers.remote import RemoteStages, run_stages
+    stages = (ns.stage,) if ns.stage is not None else ns.stages
+    try:
+        return run_stages(RemoteStages(ns.coordinator, tuple(stages), ns.host, ns.out, ns.pin_cores,
+                                       ns.connect_timeout))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def cmd_compare(ns: argparse.Namespace) -> int:
@@ -162,7 +217,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["train", *argv]
     ns = build_parser().parse_args(argv)
-    return {"train": cmd_train, "compare": cmd_compare, "report": cmd_report, "monitor": cmd_monitor}[ns.command](ns)
+    commands = {"train": cmd_train, "compare": cmd_compare, "report": cmd_report, "monitor": cmd_monitor,
+                "coordinator": cmd_coordinator, "worker": cmd_worker}
+    return commands[ns.command](ns)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,14 @@ address) and reports the endpoint it got, so nothing probes for free ports.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import tempfile
 
 import zmq
+
+from common.config import ConfigError
 
 
 def bind_wildcard(sock: zmq.Socket, transport: str, host: str) -> str:
@@ -17,7 +21,37 @@ def bind_wildcard(sock: zmq.Socket, transport: str, host: str) -> str:
         # libzmq makes a wildcard ipc socket's folder under $TMPDIR, or in the current
         # directory when it is unset; a killed process would leave that folder behind there.
         os.environ.setdefault("TMPDIR", tempfile.gettempdir())
-        sock.bind("ipc://*")
+        address = "ipc://*"
     else:
-        sock.bind(f"tcp://{host}:*")
+        address = f"tcp://{host}:*"
+    try:
+        sock.bind(address)
+    except zmq.ZMQError as exc:
+        raise ConfigError(f"cannot listen on {address}: {exc} (is {host!r} an address of this "
+                          f"host? set --host)") from None
     return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+
+
+def tcp_host(endpoint: str) -> str:
+    """The host part of tcp://HOST:PORT (brackets of an IPv6 literal removed)."""
+    if not endpoint.startswith("tcp://") or ":" not in endpoint[6:]:
+        raise ValueError(f"expected tcp://HOST:PORT, got {endpoint!r}")
+    return endpoint[6:].rsplit(":", 1)[0].strip("[]")
+
+
+def address_towards(host: str) -> str:
+    """This machine's address on the route to `host`: what a peer over there can connect to.
+    (A UDP 'connect' sends nothing; it only asks the kernel which source address it would use.)"""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, 9))
+        except OSError as exc:
+            raise ValueError(f"no route to {host!r}: {exc}") from None
+        return s.getsockname()[0]
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False

@@ -17,7 +17,7 @@ from typing import Optional
 import zmq
 
 from common import wire
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 from common.data import total_steps
 from common.endpoints import bind_wildcard
 from common.procs import ProcessGroup, available_cores, describe_exit
@@ -57,7 +57,13 @@ class Coordinator:
         if bind is None:
             self.endpoint = bind_wildcard(self.sock, cfg.transport, cfg.host)
         else:
-            self.sock.bind(bind)
+            try:
+                self.sock.bind(bind)
+            except zmq.ZMQError as exc:
+                self.sock.close(0)
+                self.ctx.term()
+                raise ConfigError(f"the coordinator cannot listen on {bind}: {exc} (bind an "
+                                  f"address of this host; port 0 picks a free port)") from None
             self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._own_stream = stream is None
         self.stream = stream or StatusStream(cfg, self.run_dir, num_stages=self.num_stages,
@@ -126,14 +132,23 @@ class Coordinator:
             self.log(f"[coordinator] unexpected {type(msg).__name__} from {identity!r}")
 
     def _on_register(self, identity: bytes, msg: wire.Register) -> None:
+        problem = None
         if not 0 <= msg.stage < self.num_stages:
-            raise RunFailed(f"a worker registered as stage {msg.stage}, but the run has stages "
-                            f"0..{self.num_stages - 1}")
-        if msg.stage in self.registered:
-            raise RunFailed(f"stage {msg.stage} registered twice (pids {self.registered[msg.stage].pid}"
-                            f" and {msg.pid})")
+            problem = f"this run has stages 0..{self.num_stages - 1}"
+        elif msg.stage in self.registered:
+            first = self.registered[msg.stage]
+            problem = f"stage {msg.stage} is taken (pid {first.pid} on {first.host})"
+        elif self.t_start is not None or len(self.registered) == self.num_stages:
+            problem = "the run has started"
+        if problem is not None:  # turn the newcomer away; the run goes on
+            self.rejected += 1
+            self.log(f"[coordinator] refused stage {msg.stage} (pid {msg.pid} on {msg.host}): {problem}")
+            self.sock.send_multipart([identity, *wire.encode(wire.Stop(f"refused: {problem}"))], copy=False)
+            return
         self.registered[msg.stage] = msg
         self.identities[msg.stage] = identity
+        self.log(f"[coordinator] stage {msg.stage} registered: pid {msg.pid} on {msg.host} "
+                 f"({len(self.registered)}/{self.num_stages})")
         if len(self.registered) == self.num_stages:
             self._start_all()
 

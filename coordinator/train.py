@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 from common.data import check_dataset, count_train, total_steps
+from common.endpoints import tcp_host
 from common.files import atomic_write_json
 from common.procs import ProcessGroup
 from coordinator.coordinator import Coordinator, RunFailed
@@ -19,6 +21,7 @@ from workers.backprop import run_backprop
 from workers.pipeline import PipelineFailed, run_pipeline
 from workers.worker import WorkerSpec, run_worker
 
+WORKER_MODES = ("locked", "unlocked", "stale")
 RUN_FILES = ("summary.json", "metrics.jsonl", "timeline-stage*.json", "sg-snapshots-stage*.json",
              "pipeline-rank*.json")
 
@@ -39,11 +42,20 @@ def make_run_dir(cfg: RunConfig) -> Path:
 
 
 def train(cfg: RunConfig, log: Callable[[str], None] = print,
-          on_status: Optional[Callable[[dict], None]] = None) -> tuple[Path, dict]:
+          on_status: Optional[Callable[[dict], None]] = None, *,
+          bind: Optional[str] = None, on_listening: Optional[Callable[[str], None]] = None
+          ) -> tuple[Path, dict]:
     """Train one run; return (run folder, summary). Raises ConfigError, DataError or RunFailed.
-    `on_status` receives the run's status record about once a second (every mode)."""
+    `on_status` receives the run's status record about once a second (every mode).
+
+    With `bind` (tcp://HOST:PORT, port 0 for any) this process is the coordinator only: it
+    binds there, calls `on_listening(endpoint)`, and waits for workers started elsewhere
+    (`launch.py worker`, or the other ranks under torchrun)."""
     cfg.validate()
-    check_dataset(cfg.dataset, cfg.data_dir)
+    if bind is not None:
+        cfg = _coordinator_only(cfg, bind)
+    else:
+        check_dataset(cfg.dataset, cfg.data_dir)  # stage 0 runs here
     run_dir = make_run_dir(cfg)
     atomic_write_json(run_dir / "config.json", cfg.to_dict())
     log(f"run folder {run_dir}  mode {cfg.mode}  stages {list(cfg.stage_groups) if cfg.mode != 'backprop' else 1}")
@@ -61,7 +73,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
             except PipelineFailed as exc:
                 raise RunFailed(str(exc)) from None
         else:
-            summary = _train_workers(cfg, run_dir, n_train, log, stream)
+            summary = _train_workers(cfg, run_dir, n_train, log, stream, bind, on_listening)
     finally:
         stream.close()
     summary["config"] = cfg.to_dict()
@@ -70,9 +82,40 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
     return run_dir, summary
 
 
+def _coordinator_only(cfg: RunConfig, bind: str) -> RunConfig:
+    if cfg.mode not in WORKER_MODES:
+        raise ConfigError(f"a coordinator with remote workers runs modes {', '.join(WORKER_MODES)}; "
+                          f"mode {cfg.mode!r} starts its own processes (use launch.py train)")
+    try:
+        host = tcp_host(bind)
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, 0))  # fails unless HOST is an address of this machine
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"the coordinator cannot listen on {bind}: {exc} (bind an address of "
+                          f"this host; port 0 picks a free port)") from None
+    # the status stream (monitors) listens on the same address as the coordinator
+    return cfg.replace(transport="tcp", host=host)
+
+
 def _train_workers(cfg: RunConfig, run_dir: Path, n_train: int, log: Callable[[str], None],
-                   stream: StatusStream) -> dict:
-    coord = Coordinator(cfg, run_dir, n_train=n_train, log=log, stream=stream)
+                   stream: StatusStream, bind: Optional[str] = None,
+                   on_listening: Optional[Callable[[str], None]] = None) -> dict:
+    coord = Coordinator(cfg, run_dir, n_train=n_train, log=log, stream=stream, bind=bind)
+    if bind is not None:
+        how = "" if on_listening is not None else (
+            f": python launch.py worker --coordinator {coord.endpoint} "
+            f"--stages {','.join(map(str, range(coord.num_stages)))}")
+        log(f"coordinator at {coord.endpoint}; waiting up to {cfg.start_timeout:.0f}s for "
+            f"{coord.num_stages} stages{how}")
+        try:
+            if on_listening is not None:
+                on_listening(coord.endpoint)
+            return coord.serve(None)
+        except BaseException as exc:
+            coord.stop_all(f"run aborted: {type(exc).__name__}")
+            raise
+        finally:
+            coord.close()
     group = ProcessGroup()
     try:
         for stage in range(coord.num_stages):

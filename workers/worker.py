@@ -50,6 +50,9 @@ class WorkerSpec:
     coordinator_pid: int = -1  # watched when on the same host; -1 = not watched
     transport: str = "ipc"
     host: str = "127.0.0.1"  # address this worker binds its activation input on (tcp)
+    run_dir: str = ""  # where to write checkpoints and traces; "" = the coordinator's folder
+    core: Optional[int] = None  # pin here; None = the core the coordinator assigns (same host)
+    connect_timeout: float = 600.0  # give up when no START arrives within this many seconds
 
 
 class Stopped(Exception):
@@ -60,13 +63,19 @@ class CoordinatorGone(RuntimeError):
     pass
 
 
+class Refused(RuntimeError):
+    """The coordinator turned this worker away (wrong stage number, stage already taken)."""
+
+
 class LayerWorker:
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
         self.stage = spec.stage
         self.ctx = zmq.Context()
         self.coord = self.ctx.socket(zmq.DEALER)
-        self.coord.setsockopt(zmq.IDENTITY, f"stage-{spec.stage}".encode())
+        # unique per process, so the coordinator can refuse a second stage-I instead of libzmq
+        # silently dropping the connection of a duplicate identity
+        self.coord.setsockopt(zmq.IDENTITY, f"stage-{spec.stage}-{pysocket.gethostname()}-{os.getpid()}".encode())
         self.coord.setsockopt(zmq.SNDHWM, 0)  # control traffic is bounded by the forward stream
         self.coord.setsockopt(zmq.RCVHWM, 0)
         self.coord.setsockopt(zmq.LINGER, 2000)  # the last word (ERROR, DONE) must arrive
@@ -110,7 +119,7 @@ class LayerWorker:
     # ------------------------------------------------------------------ handshake
     def handshake(self) -> wire.Start:
         self.send_coord(wire.Register(self.stage, os.getpid(), pysocket.gethostname()))
-        deadline = time.monotonic() + 600.0
+        deadline = time.monotonic() + self.spec.connect_timeout
         while time.monotonic() < deadline:
             self._check_liveness()
             if self.coord.poll(POLL_MS):
@@ -118,16 +127,19 @@ class LayerWorker:
                 if isinstance(msg, wire.Start):
                     return msg
                 if isinstance(msg, wire.Stop):
-                    raise Stopped(msg.reason)
-        raise TimeoutError(f"stage {self.stage}: no START from the coordinator within 600 s")
+                    raise Refused(f"stage {self.stage}: the coordinator stopped this worker before "
+                                  f"the run began: {msg.reason}")
+        raise TimeoutError(f"stage {self.stage}: no answer from the coordinator at {self.spec.coordinator} "
+                           f"within {self.spec.connect_timeout:.0f}s (is it running, and is this the "
+                           f"endpoint it printed after 'coordinator at'?)")
 
     def setup(self, start: wire.Start) -> None:
         cfg = RunConfig.from_dict(start.config)
         self.cfg = cfg
         torch.set_num_threads(cfg.threads_per_worker)
-        pin_to_core(start.core)
-        self.core = start.core
-        self.run_dir = Path(start.run_dir)
+        self.core = start.core if self.spec.core is None else self.spec.core
+        pin_to_core(self.core)
+        self.run_dir = Path(self.spec.run_dir or start.run_dir)
         self.num_stages = len(cfg.stage_groups)
         self.is_last = self.stage == self.num_stages - 1
         self.max_bytes = cfg.max_message_mb << 20
@@ -459,12 +471,12 @@ def run_worker(spec: WorkerSpec) -> None:
         worker.run()
     except Stopped:
         pass
-    except CoordinatorGone as exc:
+    except (CoordinatorGone, Refused, TimeoutError) as exc:
         print(str(exc), file=sys.stderr, flush=True)
         code = 1
+    except SystemExit as exc:  # SIGTERM: told to stop, nothing to report
+        code = exc.code if isinstance(exc.code, int) else 1
     except BaseException as exc:  # report anything, then exit non-zero
-        if isinstance(exc, SystemExit) and exc.code in (0, None):
-            raise
         code = 1
         tb = traceback.format_exc(limit=4)
         msg = f"{type(exc).__name__}: {exc}"

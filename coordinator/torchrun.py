@@ -1,0 +1,88 @@
+"""`torchrun ... launch.py train ...`: the same job under PyTorch's launcher (and so under Slurm
+or any cluster where torchrun runs).
+
+Rank 0 is the coordinator; rank r >= 1 runs stage r-1. The world size must be stages + 1.
+Rendezvous is torchrun's own: every rank joins a gloo process group from the environment torchrun
+sets (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE), rank 0 binds the coordinator on its address
+towards MASTER_ADDR (port 0) and broadcasts the endpoint, and the group is dissolved: from then on
+everything travels over synthgrad's own ZeroMQ links, exactly as in a hand-started run.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable, Optional
+
+from common.config import ConfigError, RunConfig
+from common.endpoints import address_towards, tcp_host
+from common.procs import available_cores
+
+
+@dataclass(frozen=True)
+class TorchrunEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def detect(environ: Optional[dict] = None) -> Optional[TorchrunEnv]:
+    """The torchrun (torch.distributed.run) environment, or None when not started by it."""
+    env = os.environ if environ is None else environ
+    if not all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        return None
+    return TorchrunEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                       env["MASTER_ADDR"], int(env["MASTER_PORT"]))
+
+
+def check_world(cfg: RunConfig, env: TorchrunEnv) -> None:
+    stages = len(cfg.stage_groups)
+    if cfg.mode not in ("locked", "unlocked", "stale"):
+        raise ConfigError(f"under torchrun the modes are locked, unlocked and stale; mode {cfg.mode!r} "
+                          f"starts its own processes (run it with python launch.py train)")
+    if env.world_size != stages + 1:
+        raise ConfigError(f"torchrun started {env.world_size} processes, but this run needs "
+                          f"{stages + 1}: rank 0 coordinates and ranks 1..{stages} run the {stages} "
+                          f"stages. Make nnodes x nproc-per-node = {stages + 1}, or pass "
+                          f"--stages {env.world_size - 1}")
+
+
+def run_rank(cfg: RunConfig, env: TorchrunEnv, log: Callable[[str], None] = print,
+             on_status: Optional[Callable[[dict], None]] = None) -> None:
+    """Run this rank's part; rank 0 returns after the run (raising what train raises), the
+    stage ranks exit the process with the worker's exit code."""
+    import torch.distributed as dist
+    cfg.validate()
+    check_world(cfg, env)
+    dist.init_process_group("gloo", init_method="env://", rank=env.rank, world_size=env.world_size,
+                            timeout=timedelta(seconds=cfg.start_timeout))
+    box: list[Optional[str]] = [None]
+    if env.rank == 0:
+        from coordinator.train import format_summary, train
+
+        def announce(endpoint: str) -> None:
+            box[0] = endpoint
+            dist.broadcast_object_list(box, src=0)
+            dist.destroy_process_group()
+
+        try:
+            host = address_towards(env.master_addr)
+            _, summary = train(cfg, log, on_status, bind=f"tcp://{host}:0", on_listening=announce)
+        finally:
+            if dist.is_initialized():  # train failed before announcing: release the others
+                dist.broadcast_object_list(box, src=0)
+                dist.destroy_process_group()
+        log(format_summary(summary))
+        return
+    from coordinator.coordinator import snake_core
+    from workers.worker import WorkerSpec, run_worker
+    dist.broadcast_object_list(box, src=0)
+    dist.destroy_process_group()
+    endpoint = box[0]
+    if endpoint is None:
+        raise SystemExit(f"rank {env.rank}: the coordinator (rank 0) failed before it started")
+    core = snake_core(env.local_rank, available_cores()) if cfg.pin_cores else -1
+    run_worker(WorkerSpec(env.rank - 1, endpoint, -1, "tcp", address_towards(tcp_host(endpoint)),
+                          "", core, connect_timeout=cfg.start_timeout))

@@ -1,0 +1,69 @@
+"""`launch.py worker`: start stage processes on this host for a coordinator elsewhere.
+
+    python launch.py worker --coordinator tcp://10.0.0.1:5555 --stages 2,3
+
+Each stage is its own process (the same LayerWorker as a local run); it registers with the
+coordinator, binds its activation input on this host's address towards the coordinator (port 0,
+reported back), and gets its neighbours' endpoints from the coordinator. The stages are pinned to
+this host's cores. The command returns when every stage has exited: 0 if all finished cleanly.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from common.config import ConfigError
+from common.endpoints import address_towards, tcp_host
+from common.procs import ProcessGroup, available_cores, describe_exit
+from coordinator.coordinator import snake_core
+from workers.worker import WorkerSpec, run_worker
+
+
+@dataclass(frozen=True)
+class RemoteStages:
+    coordinator: str  # tcp://HOST:PORT the coordinator printed
+    stages: tuple[int, ...]
+    host: Optional[str] = None  # address to bind on; None = this host's address towards the coordinator
+    run_dir: str = ""  # "" = the coordinator's run folder path, on this host
+    pin_cores: bool = True
+    connect_timeout: float = 60.0  # a stage gives up when the coordinator does not answer
+
+    def specs(self) -> list[WorkerSpec]:
+        try:
+            coord_host = tcp_host(self.coordinator)
+        except ValueError as exc:
+            raise ConfigError(f"--coordinator: {exc}") from None
+        if not self.stages or any(s < 0 for s in self.stages) or len(set(self.stages)) != len(self.stages):
+            raise ConfigError(f"--stages needs distinct stage numbers >= 0, got {list(self.stages)}")
+        try:
+            host = self.host or address_towards(coord_host)
+        except ValueError as exc:
+            raise ConfigError(f"--coordinator {self.coordinator}: {exc}") from None
+        cores = available_cores()
+        return [WorkerSpec(stage, self.coordinator, -1, "tcp", host, self.run_dir,
+                           snake_core(i, cores) if self.pin_cores else -1, self.connect_timeout)
+                for i, stage in enumerate(self.stages)]
+
+
+def run_stages(job: RemoteStages, log: Callable[[str], None] = print) -> int:
+    """Start the stages, wait for all of them, stop them on Ctrl-C; 0 if every one exited 0."""
+    specs = job.specs()
+    group = ProcessGroup()
+    try:
+        for spec in specs:
+            group.start(f"stage-{spec.stage}", run_worker, spec)
+        log(f"stages {list(job.stages)} on {specs[0].host} (pids "
+            f"{', '.join(str(c.process.pid) for c in group.children)}) -> {job.coordinator}")
+        while len(group.dead()) < len(group.children):
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        log("interrupted: stopping the stages started here")
+        group.kill()
+        return 130
+    finally:
+        group.shutdown()
+    failed = [c for c in group.children if c.process.exitcode != 0]
+    for c in failed:
+        log(f"{c.name} (pid {c.process.pid}) {describe_exit(c.process.exitcode)}")
+    return 1 if failed else 0
