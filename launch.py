@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 
 from common.config import ConfigError, RunConfig
 
-SUBCOMMANDS = ("train", "compare", "report", "monitor", "coordinator", "worker")
+SUBCOMMANDS = ("train", "compare", "report", "monitor", "coordinator", "worker", "keys")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument("--timeout", type=float, default=30.0, help="give up after this long without a record")
     monitor.add_argument("--count", type=int, default=None, help="exit after this many status records")
     monitor.add_argument("--json", action="store_true", help="print each record as one JSON line")
+    monitor.add_argument("--keys", default=None, help="keys folder, for a run with CURVE-encrypted links")
+    monitor.add_argument("--secure", action=argparse.BooleanOptionalAction, default=None,
+                         help="CURVE (default: on with --keys or when the endpoint is not loopback)")
+    keys = sub.add_parser("keys", help="make the CURVE key pairs for secure links in a folder",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    keys.add_argument("folder", help="where to write coordinator/worker/monitor .key and .key_secret")
+    keys.add_argument("--force", action="store_true", help="replace keys already there")
     coordinator = sub.add_parser(
         "coordinator", help="run the coordinator only; stages join with `launch.py worker`",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
@@ -100,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--out", default="", help="folder for this host's checkpoints (default: the coordinator's run folder path)")
     worker.add_argument("--connect-timeout", type=float, default=60.0,
                         help="a stage gives up when the coordinator has not answered within this many seconds")
+    worker.add_argument("--keys", default=None, help="keys folder (launch.py keys): CURVE on every link")
+    worker.add_argument("--secure", action=argparse.BooleanOptionalAction, default=None,
+                        help="CURVE on every link (default: on with --keys or when an address is not loopback)")
     worker.add_argument("--pin-cores", action=argparse.BooleanOptionalAction, default=True,
                         help="pin each stage to one of this host's cores")
     return parser
@@ -176,7 +186,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
     stages = (ns.stage,) if ns.stage is not None else ns.stages
     try:
         return run_stages(RemoteStages(ns.coordinator, tuple(stages), ns.host, ns.out, ns.pin_cores,
-                                       ns.connect_timeout))
+                                       ns.connect_timeout, ns.keys, ns.secure))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -207,9 +217,27 @@ def cmd_report(ns: argparse.Namespace) -> int:
 def cmd_monitor(ns: argparse.Namespace) -> int:
     from coordinator.monitor import watch
     try:
-        return watch(ns.connect, timeout_s=ns.timeout, count=ns.count, as_json=ns.json)
+        return watch(ns.connect, timeout_s=ns.timeout, count=ns.count, as_json=ns.json,
+                     keys_dir=ns.keys, secure=ns.secure)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 0  # detaching never disturbs the run
+
+
+def cmd_keys(ns: argparse.Namespace) -> int:
+    from common.security import make_keys
+    try:
+        written = make_keys(ns.folder, force=ns.force)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"wrote {path}")
+    print(f"copy {ns.folder} to every host of the run (each process reads only its own secret) "
+          f"and pass --keys {ns.folder}")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -218,7 +246,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv = ["train", *argv]
     ns = build_parser().parse_args(argv)
     commands = {"train": cmd_train, "compare": cmd_compare, "report": cmd_report, "monitor": cmd_monitor,
-                "coordinator": cmd_coordinator, "worker": cmd_worker}
+                "coordinator": cmd_coordinator, "worker": cmd_worker, "keys": cmd_keys}
     return commands[ns.command](ns)
 
 

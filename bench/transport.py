@@ -3,20 +3,24 @@
 PUSH/PULL pair, decoded and shape-checked on arrival), next to a plain memory copy of the same
 bytes measured in the same run.
 
-    python bench/transport.py                  # ipc and tcp, 4 KiB .. 16 MiB
-    python bench/transport.py --transports ipc --seconds 0.5
+    python bench/transport.py                  # ipc, tcp and tcp+curve, 4 KiB .. 16 MiB
+    python bench/transport.py --transports tcp,tcp+curve --seconds 0.5
 
 Throughput: the sender streams messages for ~--seconds; the receiver decodes each one and
 reports bytes/s. Latency: a ping-pong of one message each way, half the round trip (median).
 memcpy: torch's copy_ of the same number of bytes (one thread), the ceiling for moving bytes.
+tcp+curve: tcp with CURVE encryption and ZAP authentication, set up as a secure run does
+(common/security.py, keys made for the run in a temporary folder): what security costs.
 Writes bench/results/transport.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +33,7 @@ import zmq  # noqa: E402
 from common import wire  # noqa: E402
 from common.endpoints import bind_wildcard  # noqa: E402
 from common.procs import ProcessGroup, available_cores, pin_to_core  # noqa: E402
+from common.security import Guard, Keys, curve_client, make_keys  # noqa: E402
 
 SIZES_KIB = (4, 64, 256, 1024, 4096, 16384)
 
@@ -38,16 +43,19 @@ def _message(nbytes: int) -> wire.Activation:
     return wire.Activation(0, 0, "train", False, h, torch.zeros(64, dtype=torch.int64))
 
 
-def receiver(endpoint_file: str, transport: str, core: int) -> None:
+def receiver(endpoint_file: str, transport: str, core: int, keys_dir: str) -> None:
     """Bind, publish the endpoint, then: throughput rounds (count, then decode that many) and
-    ping-pong rounds, until told to stop."""
+    ping-pong rounds, until told to stop. With keys_dir, both listeners are CURVE servers."""
     pin_to_core(core)
     torch.set_num_threads(1)
     ctx = zmq.Context()
+    guard = Guard(ctx, Keys.load(keys_dir, "coordinator") if keys_dir else None)
     pull = ctx.socket(zmq.PULL)
     pull.setsockopt(zmq.RCVHWM, 4)
+    guard.server(pull, "bench")
     endpoint = bind_wildcard(pull, transport, "127.0.0.1")
     back = ctx.socket(zmq.PUSH)
+    guard.server(back, "bench-back")
     back_ep = bind_wildcard(back, transport, "127.0.0.1")
     Path(endpoint_file).write_text(json.dumps([endpoint, back_ep]))
     while True:
@@ -61,6 +69,7 @@ def receiver(endpoint_file: str, transport: str, core: int) -> None:
             back.send(b"ok")
     pull.close(0)
     back.close(0)
+    guard.close()
     ctx.term()
 
 
@@ -75,12 +84,18 @@ def memcpy_bytes_per_s(nbytes: int, seconds: float) -> float:
 
 
 def measure(transport: str, seconds: float, cores: list[int]) -> list[dict]:
+    base, curve = transport.split("+")[0], transport.endswith("+curve")
+    keys_dir = tempfile.mkdtemp(prefix="synthgrad-bench-keys-") if curve else ""
+    keys = None
+    if curve:
+        make_keys(Path(keys_dir))
+        keys = Keys.load(keys_dir, "worker")
     group = ProcessGroup()
-    endpoint_file = Path(f"/tmp/synthgrad-bench-{transport}-{id(group)}.json")
+    endpoint_file = Path(f"/tmp/synthgrad-bench-{base}-{id(group)}.json")
     endpoint_file.unlink(missing_ok=True)
     rows = []
     try:
-        group.start("receiver", receiver, str(endpoint_file), transport, cores[-1])
+        group.start("receiver", receiver, str(endpoint_file), base, cores[-1], keys_dir)
         deadline = time.monotonic() + 60
         while not endpoint_file.exists() or not endpoint_file.read_text():
             if time.monotonic() > deadline:
@@ -92,8 +107,11 @@ def measure(transport: str, seconds: float, cores: list[int]) -> list[dict]:
         ctx = zmq.Context()
         push = ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.SNDHWM, 4)
-        push.connect(ep)
         back = ctx.socket(zmq.PULL)
+        if keys is not None:
+            curve_client(push, keys, keys.coordinator_public)
+            curve_client(back, keys, keys.coordinator_public)
+        push.connect(ep)
         back.connect(back_ep)
         for kib in SIZES_KIB:
             msg = _message(kib * 1024)
@@ -120,7 +138,7 @@ def measure(transport: str, seconds: float, cores: list[int]) -> list[dict]:
                          "messages_per_s": bps / nbytes, "bytes_per_s": bps,
                          "latency_us": 1e6 * statistics.median(lat),
                          "memcpy_bytes_per_s": mc, "fraction_of_memcpy": bps / mc})
-            print(f"{transport:<4} {kib:>6} KiB  {bps / 2**30:7.2f} GiB/s  {bps / nbytes:9.0f} msg/s  "
+            print(f"{transport:<9} {kib:>6} KiB  {bps / 2**30:7.2f} GiB/s  {bps / nbytes:9.0f} msg/s  "
                   f"latency {rows[-1]['latency_us']:8.1f} us   memcpy {mc / 2**30:6.2f} GiB/s  "
                   f"-> {100 * bps / mc:5.1f}% of memcpy", flush=True)
         push.send(b"stop")
@@ -130,12 +148,14 @@ def measure(transport: str, seconds: float, cores: list[int]) -> list[dict]:
     finally:
         group.shutdown()
         endpoint_file.unlink(missing_ok=True)
+        if keys_dir:
+            shutil.rmtree(keys_dir, ignore_errors=True)
     return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--transports", default="ipc,tcp")
+    p.add_argument("--transports", default="ipc,tcp,tcp+curve")
     p.add_argument("--seconds", type=float, default=1.0, help="per size and measurement")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "transport.json"))
     args = p.parse_args()

@@ -68,6 +68,9 @@ class RunConfig:
     # --- processes and transport
     transport: str = opt("ipc", "ipc (one host) | tcp")
     host: str = opt("127.0.0.1", "address to bind tcp endpoints on")
+    secure: Optional[bool] = opt(None, "CURVE-encrypt and authenticate every link (default: on when a keys "
+                                 "folder is given or any endpoint is not loopback)")
+    keys: Optional[str] = opt(None, "folder made by `launch.py keys DIR` (secret keys stay there)")
     threads_per_worker: int = opt(1, "torch threads in each stage process")
     backprop_threads: Optional[int] = opt(None, "torch threads for mode=backprop (None = all cores)")
     pin_cores: bool = opt(True, "pin each worker to one core with psutil (round robin)")
@@ -80,6 +83,8 @@ class RunConfig:
     out: Optional[str] = opt(None, "run folder; None = runs/<mode>-<time>")
     progress_every: float = opt(2.0, "seconds between progress lines")
     metrics_every: float = opt(1.0, "seconds between a worker's metric reports")
+    link_delay_ms: float = opt(0.0, "testing: deliver each activation and gradient this long after it was "
+                               "sent, to simulate link latency between hosts on one machine")
     tensorboard: bool = opt(False, "also write the status stream as TensorBoard scalars to RUN_DIR/tensorboard")
     timeline_steps: int = opt(48, "record each worker's compute/wait/send spans for this many first steps (timeline.json)")
 
@@ -127,6 +132,7 @@ class RunConfig:
         need(self.threads_per_worker >= 1, "--threads-per-worker must be at least 1")
         need(self.queue_depth >= 1, "--queue-depth must be at least 1")
         need(self.timeline_steps >= 0, "--timeline-steps must be 0 or more")
+        need(0.0 <= self.link_delay_ms <= 10_000, "--link-delay-ms must be between 0 and 10000")
         if self.tensorboard:
             need(importlib.util.find_spec("tensorboard") is not None, "--tensorboard needs the tensorboard package: "
                  "pip install 'synthgrad[tensorboard]' (or pip install tensorboard)")

@@ -90,6 +90,7 @@ class Activation:
     true_grad: bool  # this step's true gradient will flow back
     h: Optional[torch.Tensor] = None
     labels: Optional[torch.Tensor] = None
+    sent_at: float = 0.0  # sender's time.monotonic(); only --link-delay-ms reads it (one host)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class Grad:
     to_stage: int  # the stage whose output this is the gradient of
     is_true: bool  # true gradient (False: a bootstrapped synthetic target)
     g: Optional[torch.Tensor] = None
+    sent_at: float = 0.0  # as Activation.sent_at
 
 
 @dataclass(frozen=True)

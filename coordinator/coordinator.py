@@ -21,6 +21,7 @@ from common.config import ConfigError, RunConfig
 from common.data import total_steps
 from common.endpoints import bind_wildcard
 from common.procs import ProcessGroup, available_cores, describe_exit
+from common.security import Guard
 from coordinator.stream import StatusStream
 
 POLL_MS = 100
@@ -40,16 +41,20 @@ class RunFailed(RuntimeError):
 class Coordinator:
     def __init__(self, cfg: RunConfig, run_dir: Path, *, n_train: int,
                  log: Callable[[str], None] = print, bind: Optional[str] = None,
-                 stream: Optional[StatusStream] = None):
+                 stream: Optional[StatusStream] = None, guard: Optional[Guard] = None):
         """`stream` receives the workers' reports (train.py passes the run's); without one the
-        coordinator makes and closes its own."""
+        coordinator makes and closes its own. `guard` makes the ROUTER a CURVE server (its
+        context is used); without one the links are plain and the context is the coordinator's."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.log = log
         self.num_stages = len(cfg.stage_groups)
         self.total_steps = total_steps(n_train, cfg.batch_size, cfg.epochs, cfg.steps)
-        self.ctx = zmq.Context()
+        self._own_ctx = guard is None
+        self.guard = guard or Guard(zmq.Context())
+        self.ctx = self.guard.ctx
         self.sock = self.ctx.socket(zmq.ROUTER)
+        self.guard.server(self.sock, "coordinator")
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable message is an error, not a drop
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
@@ -60,14 +65,13 @@ class Coordinator:
             try:
                 self.sock.bind(bind)
             except zmq.ZMQError as exc:
-                self.sock.close(0)
-                self.ctx.term()
+                self.close()
                 raise ConfigError(f"the coordinator cannot listen on {bind}: {exc} (bind an "
                                   f"address of this host; port 0 picks a free port)") from None
             self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._own_stream = stream is None
         self.stream = stream or StatusStream(cfg, self.run_dir, num_stages=self.num_stages,
-                                             total_steps=self.total_steps)
+                                             total_steps=self.total_steps, guard=self.guard)
         self.registered: dict[int, wire.Register] = {}
         self.ready: dict[int, str] = {}  # stage -> its activation input endpoint
         self.identities: dict[int, bytes] = {}
@@ -75,6 +79,8 @@ class Coordinator:
         self.relayed_true = [0] * self.num_stages  # true gradients delivered to each stage
         self.relayed_bootstrap = [0] * self.num_stages
         self.rejected = 0
+        self.refused = 0  # connections turned away by CURVE authentication
+        self._refusals: dict[str, int] = {}
         self.t_created = time.monotonic()
         self.t_start: Optional[float] = None
         self.t_end: Optional[float] = None
@@ -178,6 +184,11 @@ class Coordinator:
         return time.monotonic() - (self.t_start or self.t_created)
 
     def _check(self, group: Optional[ProcessGroup]) -> None:
+        for refusal in self.guard.take_refusals():  # CURVE: peers without an authorised key
+            self.refused += 1
+            seen = self._refusals[refusal] = self._refusals.get(refusal, 0) + 1
+            if seen in (1, 10, 100, 1000) or seen % 10000 == 0:  # a peer retrying is one problem
+                self.log(f"[coordinator] refused {refusal}" + (f" ({seen} times)" if seen > 1 else ""))
         now = time.monotonic()
         if self.t_start is None and now - self.t_created > self.cfg.start_timeout:
             missing = sorted(set(range(self.num_stages)) - set(self.registered))
@@ -264,6 +275,8 @@ class Coordinator:
             "true_gradients_relayed": self.relayed_true,
             "bootstrap_gradients_relayed": self.relayed_bootstrap,
             "rejected_messages": self.rejected + sum(w.get("rejected_messages", 0) for w in workers),
+            "refused_connections": self.refused,
+            "secure": self.guard.on,
             "num_stages": self.num_stages,
             "evals": self.stream.evals,
             "workers": workers,
@@ -272,7 +285,9 @@ class Coordinator:
         }
 
     def close(self) -> None:
-        if self._own_stream:
+        if getattr(self, "_own_stream", False):
             self.stream.close()
         self.sock.close(0)
-        self.ctx.term()
+        if self._own_ctx:
+            self.guard.close()
+            self.ctx.term()

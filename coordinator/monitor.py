@@ -14,6 +14,8 @@ from typing import Callable, Optional
 import zmq
 
 from common import wire
+from common.endpoints import tcp_host
+from common.security import curve_client, resolve_keys
 
 
 def format_status(rec: dict) -> str:
@@ -68,12 +70,17 @@ def status_table(rec: dict):
 
 def watch(endpoint: str, *, timeout_s: float = 30.0, count: Optional[int] = None,
           as_json: bool = False, live: Optional[bool] = None,
-          out: Callable[[str], None] = print) -> int:
+          out: Callable[[str], None] = print, keys_dir: Optional[str] = None,
+          secure: Optional[bool] = None) -> int:
     """Follow the stream until the run is done (0), `count` status records arrived (0), or
-    nothing arrived for `timeout_s` (1)."""
+    nothing arrived for `timeout_s` (1). With CURVE (keys_dir), connect with the monitor key."""
     live = sys.stdout.isatty() and not as_json if live is None else live
+    host = tcp_host(endpoint) if endpoint.startswith("tcp://") else "127.0.0.1"
+    keys = resolve_keys(secure, keys_dir, [host], "monitor", f"--connect {endpoint}")
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
+    if keys is not None:
+        curve_client(sub, keys, keys.coordinator_public)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.setsockopt(zmq.RCVHWM, 64)
     sub.setsockopt(zmq.LINGER, 0)
@@ -89,7 +96,8 @@ def watch(endpoint: str, *, timeout_s: float = 30.0, count: Optional[int] = None
         while True:
             if not sub.poll(200):
                 if time.monotonic() - last > timeout_s:
-                    out(f"monitor: nothing from {endpoint} for {timeout_s:.0f}s; is the run still going?")
+                    out(f"monitor: nothing from {endpoint} for {timeout_s:.0f}s; is the run still going?"
+                        + ("" if keys else " (a run with CURVE links needs --keys)"))
                     return 1
                 continue
             try:

@@ -19,23 +19,26 @@ from common import wire
 from common.config import RunConfig
 from common.endpoints import bind_wildcard
 from common.files import JsonlLog
+from common.security import Guard
 from coordinator.status import status_record
 
 
 class StatusStream:
     def __init__(self, cfg: RunConfig, run_dir: Path, *, num_stages: int, total_steps: int,
                  on_status: Optional[Callable[[dict], None]] = None,
-                 ctx: Optional[zmq.Context] = None):
+                 guard: Optional[Guard] = None):
         self.cfg = cfg
         self.num_stages = num_stages
         self.total_steps = total_steps
         self.on_status = on_status  # e.g. the live terminal view of `launch.py train`
         self.latest: dict[int, dict] = {}
         self.evals: list[dict] = []
-        self._own_ctx = ctx is None
-        self.ctx = ctx or zmq.Context()
+        self._own_ctx = guard is None
+        self.guard = guard or Guard(zmq.Context())
+        self.ctx = self.guard.ctx
         # monitors subscribe here; PUB never blocks the run and drops records for slow readers
         self.pub = self.ctx.socket(zmq.PUB)
+        self.guard.server(self.pub, "status")
         self.pub.setsockopt(zmq.SNDHWM, 64)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.endpoint = bind_wildcard(self.pub, cfg.transport, cfg.host)
@@ -89,4 +92,5 @@ class StatusStream:
             self.tensorboard = None
         self.pub.close(0)
         if self._own_ctx:
+            self.guard.close()
             self.ctx.term()

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 from common.config import ConfigError, RunConfig
 from common.endpoints import address_towards, tcp_host
 from common.procs import available_cores
+from common.security import resolve_keys
 
 
 @dataclass(frozen=True)
@@ -84,5 +85,8 @@ def run_rank(cfg: RunConfig, env: TorchrunEnv, log: Callable[[str], None] = prin
     if endpoint is None:
         raise SystemExit(f"rank {env.rank}: the coordinator (rank 0) failed before it started")
     core = snake_core(env.local_rank, available_cores()) if cfg.pin_cores else -1
-    run_worker(WorkerSpec(env.rank - 1, endpoint, -1, "tcp", address_towards(tcp_host(endpoint)),
-                          "", core, connect_timeout=cfg.start_timeout))
+    coord_host = tcp_host(endpoint)
+    host = address_towards(coord_host)
+    keys = resolve_keys(cfg.secure, cfg.keys, [coord_host, host], "worker", f"the coordinator {endpoint}")
+    run_worker(WorkerSpec(env.rank - 1, endpoint, -1, "tcp", host, "", core,
+                          connect_timeout=cfg.start_timeout, keys=cfg.keys if keys else None))

@@ -10,10 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
+import zmq
+
 from common.config import ConfigError, RunConfig
 from common.data import check_dataset, count_train, total_steps
 from common.endpoints import tcp_host
 from common.files import atomic_write_json
+from common.security import Guard, resolve_keys
 from common.procs import ProcessGroup
 from coordinator.coordinator import Coordinator, RunFailed
 from coordinator.stream import StatusStream
@@ -56,14 +59,21 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
         cfg = _coordinator_only(cfg, bind)
     else:
         check_dataset(cfg.dataset, cfg.data_dir)  # stage 0 runs here
+    listen_host = cfg.host if cfg.transport == "tcp" else "127.0.0.1"
+    keys = resolve_keys(cfg.secure, cfg.keys, [listen_host], "coordinator",
+                        f"--bind {bind}" if bind else f"--host {cfg.host}")
     run_dir = make_run_dir(cfg)
     atomic_write_json(run_dir / "config.json", cfg.to_dict())
     log(f"run folder {run_dir}  mode {cfg.mode}  stages {list(cfg.stage_groups) if cfg.mode != 'backprop' else 1}")
     n_train = count_train(cfg.dataset, cfg.data_dir, cfg.synthetic_train)
+    guard = Guard(zmq.Context(), keys)  # one context; CURVE on its listeners when keys are set
     stream = StatusStream(cfg, run_dir, num_stages=1 if cfg.mode == "backprop" else len(cfg.stage_groups),
                           total_steps=total_steps(n_train, cfg.batch_size, cfg.epochs, cfg.steps),
-                          on_status=on_status)
-    log(f"watch it: python launch.py monitor --connect {stream.endpoint}")
+                          on_status=on_status, guard=guard)
+    log(f"watch it: python launch.py monitor --connect {stream.endpoint}"
+        + (f" --keys {cfg.keys}" if guard.on else ""))
+    if guard.on:
+        log(f"links are CURVE-encrypted; peers need the keys in {cfg.keys}")
     try:
         if cfg.mode == "backprop":
             summary = run_backprop(cfg, run_dir, log, stream)
@@ -76,6 +86,8 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
             summary = _train_workers(cfg, run_dir, n_train, log, stream, bind, on_listening)
     finally:
         stream.close()
+        guard.close()
+        guard.ctx.term()
     summary["config"] = cfg.to_dict()
     summary["run_dir"] = str(run_dir)
     atomic_write_json(run_dir / "summary.json", summary)
@@ -100,7 +112,8 @@ def _coordinator_only(cfg: RunConfig, bind: str) -> RunConfig:
 def _train_workers(cfg: RunConfig, run_dir: Path, n_train: int, log: Callable[[str], None],
                    stream: StatusStream, bind: Optional[str] = None,
                    on_listening: Optional[Callable[[str], None]] = None) -> dict:
-    coord = Coordinator(cfg, run_dir, n_train=n_train, log=log, stream=stream, bind=bind)
+    coord = Coordinator(cfg, run_dir, n_train=n_train, log=log, stream=stream, bind=bind,
+                        guard=stream.guard)
     if bind is not None:
         how = "" if on_listening is not None else (
             f": python launch.py worker --coordinator {coord.endpoint} "
@@ -119,7 +132,8 @@ def _train_workers(cfg: RunConfig, run_dir: Path, n_train: int, log: Callable[[s
     group = ProcessGroup()
     try:
         for stage in range(coord.num_stages):
-            spec = WorkerSpec(stage, coord.endpoint, os.getpid(), cfg.transport, cfg.host)
+            spec = WorkerSpec(stage, coord.endpoint, os.getpid(), cfg.transport, cfg.host,
+                              keys=cfg.keys if stream.guard.on else None)
             group.start(f"stage-{stage}", run_worker, spec)
         log(f"coordinator at {coord.endpoint}; started {coord.num_stages} workers "
             f"(pids {', '.join(str(c.process.pid) for c in group.children)})")

@@ -51,7 +51,7 @@ def _header(kind, fields, tensors=()):
     return msgpack.packb({"kind": kind, "fields": fields, "tensors": list(tensors)})
 
 
-GOOD_FIELDS = {"step": 1, "to_stage": 0, "is_true": True}
+GOOD_FIELDS = {"step": 1, "to_stage": 0, "is_true": True, "sent_at": 0.0}
 
 
 @pytest.mark.parametrize("frames, needle", [

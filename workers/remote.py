@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 from common.config import ConfigError
 from common.endpoints import address_towards, tcp_host
+from common.security import resolve_keys
 from common.procs import ProcessGroup, available_cores, describe_exit
 from coordinator.coordinator import snake_core
 from workers.worker import WorkerSpec, run_worker
@@ -28,6 +29,8 @@ class RemoteStages:
     run_dir: str = ""  # "" = the coordinator's run folder path, on this host
     pin_cores: bool = True
     connect_timeout: float = 60.0  # a stage gives up when the coordinator does not answer
+    keys: Optional[str] = None  # keys folder (launch.py keys)
+    secure: Optional[bool] = None  # None: secure with keys or when any address is not loopback
 
     def specs(self) -> list[WorkerSpec]:
         try:
@@ -40,9 +43,12 @@ class RemoteStages:
             host = self.host or address_towards(coord_host)
         except ValueError as exc:
             raise ConfigError(f"--coordinator {self.coordinator}: {exc}") from None
+        keys = resolve_keys(self.secure, self.keys, [coord_host, host], "worker",
+                            f"--coordinator {self.coordinator}")  # fails here, before any process
         cores = available_cores()
         return [WorkerSpec(stage, self.coordinator, -1, "tcp", host, self.run_dir,
-                           snake_core(i, cores) if self.pin_cores else -1, self.connect_timeout)
+                           snake_core(i, cores) if self.pin_cores else -1, self.connect_timeout,
+                           keys=self.keys if keys is not None else None)
                 for i, stage in enumerate(self.stages)]
 
 

@@ -8,6 +8,9 @@ otherwise sit idle, and checks that the coordinator is still alive.
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
+import math
 import os
 import signal
 import socket as pysocket
@@ -34,6 +37,7 @@ from common.data import (
 )
 from common.endpoints import bind_wildcard
 from common.files import atomic_torch_save, atomic_write_json
+from common.security import Guard, HandshakeWatch, Keys
 from common.models import build_units, stage_bounds, stage_io_shapes
 from common.procs import alive, die_with_parent, pin_to_core
 from workers.stage import StageLogic, snapshot_steps
@@ -53,6 +57,7 @@ class WorkerSpec:
     run_dir: str = ""  # where to write checkpoints and traces; "" = the coordinator's folder
     core: Optional[int] = None  # pin here; None = the core the coordinator assigns (same host)
     connect_timeout: float = 600.0  # give up when no START arrives within this many seconds
+    keys: Optional[str] = None  # keys folder: CURVE on every link of this worker; None = plain
 
 
 class Stopped(Exception):
@@ -72,13 +77,17 @@ class LayerWorker:
         self.spec = spec
         self.stage = spec.stage
         self.ctx = zmq.Context()
+        self.guard = Guard(self.ctx, Keys.load(spec.keys, "worker") if spec.keys else None)
         self.coord = self.ctx.socket(zmq.DEALER)
+        if self.guard.on:
+            self.guard.client(self.coord, self.guard.keys.coordinator_public)
         # unique per process, so the coordinator can refuse a second stage-I instead of libzmq
         # silently dropping the connection of a duplicate identity
         self.coord.setsockopt(zmq.IDENTITY, f"stage-{spec.stage}-{pysocket.gethostname()}-{os.getpid()}".encode())
         self.coord.setsockopt(zmq.SNDHWM, 0)  # control traffic is bounded by the forward stream
         self.coord.setsockopt(zmq.RCVHWM, 0)
         self.coord.setsockopt(zmq.LINGER, 2000)  # the last word (ERROR, DONE) must arrive
+        self.handshake_watch = HandshakeWatch(self.coord)
         self.coord.connect(spec.coordinator)
         self.inbox: Optional[zmq.Socket] = None
         self.outbox: Optional[zmq.Socket] = None
@@ -95,9 +104,13 @@ class LayerWorker:
         self.steps = 0
         self.last_step = -1
         self.max_outstanding = 0  # most steps held at once awaiting their gradient (staleness)
+        self.delay = 0.0  # --link-delay-ms, in seconds (testing: simulated link latency)
+        self._held: collections.deque[tuple[float, wire.Grad]] = collections.deque()
 
     # ------------------------------------------------------------------ sockets
     def send_coord(self, msg: wire.Message) -> None:
+        if self.delay and isinstance(msg, wire.Grad):
+            msg = dataclasses.replace(msg, sent_at=time.monotonic())
         with self.timings.span("send"):
             self.coord.send_multipart(wire.encode(msg), copy=False)
 
@@ -106,6 +119,9 @@ class LayerWorker:
         if now - self._last_liveness < LIVENESS_EVERY_S:
             return
         self._last_liveness = now
+        for refusal in self.guard.take_refusals():  # CURVE: a peer without an authorised key
+            self.rejected += 1
+            print(f"[stage {self.stage}] refused {refusal}", file=sys.stderr, flush=True)
         if self.spec.coordinator_pid > 0 and not alive(self.spec.coordinator_pid):
             raise CoordinatorGone(f"stage {self.stage}: coordinator (pid "
                                   f"{self.spec.coordinator_pid}) is gone; exiting")
@@ -122,6 +138,10 @@ class LayerWorker:
         deadline = time.monotonic() + self.spec.connect_timeout
         while time.monotonic() < deadline:
             self._check_liveness()
+            why = self.handshake_watch.failure()
+            if why is not None:
+                raise Refused(f"stage {self.stage}: the coordinator at {self.spec.coordinator} "
+                              f"turned this worker away: {why}")
             if self.coord.poll(POLL_MS):
                 msg = self._decode(self.coord.recv_multipart(copy=False))
                 if isinstance(msg, wire.Start):
@@ -143,6 +163,7 @@ class LayerWorker:
         self.num_stages = len(cfg.stage_groups)
         self.is_last = self.stage == self.num_stages - 1
         self.max_bytes = cfg.max_message_mb << 20
+        self.delay = cfg.link_delay_ms / 1000.0
         units = build_units(cfg)
         self.first_unit, self.end_unit = stage_bounds(cfg)[self.stage]
         module = nn.Sequential(*units[self.first_unit:self.end_unit])
@@ -154,11 +175,14 @@ class LayerWorker:
             self.inbox = self.ctx.socket(zmq.PULL)
             self.inbox.setsockopt(zmq.LINGER, 0)
             self.inbox.setsockopt(zmq.RCVHWM, cfg.queue_depth)
+            self.guard.server(self.inbox, f"stage {self.stage} input")
             self.endpoint = bind_wildcard(self.inbox, self.spec.transport, self.spec.host)
         if not self.is_last:
             self.outbox = self.ctx.socket(zmq.PUSH)
             self.outbox.setsockopt(zmq.SNDHWM, cfg.queue_depth)
             self.outbox.setsockopt(zmq.LINGER, 2000)
+            if self.guard.on:
+                self.guard.client(self.outbox, self.guard.keys.worker_public)
         self.dataset = None
         if self.stage == 0:
             self.dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.synthetic_train, cfg.synthetic_test)
@@ -181,9 +205,14 @@ class LayerWorker:
             if isinstance(msg, wire.Stop):
                 raise Stopped(msg.reason)
             if isinstance(msg, wire.Grad):
-                self._on_grad(msg)
+                if self.delay:  # simulated latency: deliver it `delay` after it was sent
+                    self._held.append((msg.sent_at + self.delay, msg))
+                else:
+                    self._on_grad(msg)
             else:
                 self._reject(ValueError(f"unexpected {type(msg).__name__} from the coordinator"))
+        while self._held and self._held[0][0] <= time.monotonic():
+            self._on_grad(self._held.popleft()[1])
 
     def _on_grad(self, msg: wire.Grad) -> None:
         try:
@@ -211,7 +240,7 @@ class LayerWorker:
         return self._pollers[key]
 
     def _wait(self, activity: str, ready, sock: Optional[zmq.Socket] = None,
-              event: int = zmq.POLLIN) -> None:
+              event: int = zmq.POLLIN, due: Optional[float] = None) -> None:
         """Poll until `ready()` is true, handling coordinator messages meanwhile. `sock`/`event`
         is what can make `ready()` true besides a coordinator message (wakes the poll at once)."""
         poller = self._poller(sock, event)
@@ -222,8 +251,15 @@ class LayerWorker:
             self._check_liveness()
             self._maybe_report()
             t0 = time.perf_counter()
-            poller.poll(POLL_MS)
+            poller.poll(self._poll_ms(due))
             self.timings.add(activity, t0, time.perf_counter())
+
+    def _poll_ms(self, due: Optional[float] = None) -> int:
+        """How long a wait may sleep: POLL_MS, or less when a held message falls due sooner."""
+        dues = [d for d in (due, self._held[0][0] if self._held else None) if d is not None]
+        if not dues:
+            return POLL_MS
+        return max(0, min(POLL_MS, math.ceil(1000 * (min(dues) - time.monotonic()))))
 
     def recv_activation(self) -> wire.Activation:
         assert self.inbox is not None
@@ -246,10 +282,15 @@ class LayerWorker:
             except wire.WireError as exc:
                 self._reject(exc)
                 continue
+            if self.delay:  # simulated latency: use it `delay` after it was sent
+                due = msg.sent_at + self.delay
+                self._wait("wait_input", lambda: time.monotonic() >= due, due=due)
             return msg
 
     def send_down(self, msg: wire.Activation) -> None:
         assert self.outbox is not None
+        if self.delay:
+            msg = dataclasses.replace(msg, sent_at=time.monotonic())
         with self.timings.span("send"):
             frames = wire.encode(msg)
         self._wait("wait_send", lambda: bool(self.outbox.poll(0, zmq.POLLOUT)), self.outbox, zmq.POLLOUT)
@@ -364,7 +405,7 @@ class LayerWorker:
         totals = self.timings.total
         self.send_coord(wire.Done(self.stage, {
             "stage": self.stage, "pid": os.getpid(), "host": pysocket.gethostname(),
-            "core": self.core, "units": [self.first_unit, self.end_unit],
+            "input_endpoint": self.endpoint, "core": self.core, "units": [self.first_unit, self.end_unit],
             "steps": self.steps, "samples": self.samples, "elapsed_s": elapsed,
             "samples_per_s": self.samples / elapsed if elapsed > 0 else 0.0,
             "busy_fraction": totals["compute"] / elapsed if elapsed > 0 else 0.0,
@@ -434,9 +475,11 @@ class LayerWorker:
         self.send_coord(wire.Metrics(self.stage, rec))
 
     def close(self) -> None:
+        self.handshake_watch.close()
         for s in (self.outbox, self.inbox, self.coord):
             if s is not None:
                 s.close()
+        self.guard.close()
         self.ctx.term()
 
 

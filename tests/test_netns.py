@@ -1,0 +1,72 @@
+"""Three 'hosts' (network namespaces on a bridge): the coordinator in one, stages in the other
+two on their own addresses, CURVE on by default because the addresses are not loopback."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import zmq.auth
+
+from common.security import make_keys
+from tests.conftest import ROOT
+from tests.netns import Hosts, unavailable
+from tests.test_multihost import RUN, stop_all
+from tests.test_training import wait_for_line
+
+WHY = unavailable()
+pytestmark = pytest.mark.skipif(WHY is not None, reason=f"no network namespaces here: {WHY}")
+
+
+def launch_in(hosts: Hosts, host: int, *args: str):
+    import subprocess
+    return hosts.popen(host, [sys.executable, "-u", str(ROOT / "launch.py"), *args], cwd=ROOT,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("delay_ms", [0.0, 5.0], ids=["no-delay", "5ms-links"])
+def test_unlocked_run_across_three_namespaces(tmp_path, delay_ms):
+    keys, stranger = tmp_path / "keys", tmp_path / "stranger"
+    make_keys(keys)
+    stranger.mkdir()
+    (stranger / "coordinator.key").write_bytes((keys / "coordinator.key").read_bytes())
+    for role in ("worker", "monitor"):
+        zmq.auth.create_certificates(stranger, role)
+    procs = []
+    with Hosts(3) as hosts:
+        try:
+            a0, a1, a2 = hosts.addresses
+            # a non-loopback address without keys: refused before anything starts
+            bare = launch_in(hosts, 0, "coordinator", "--bind", f"tcp://{a0}:0", *RUN)
+            procs.append(bare)
+            out, _ = bare.communicate(timeout=60)
+            assert bare.returncode == 2 and "is not loopback, so every link is CURVE-encrypted" in out, out
+            coord = launch_in(hosts, 0, "coordinator", "--bind", f"tcp://{a0}:0", "--keys", str(keys),
+                              *RUN, "--link-delay-ms", str(delay_ms), "--out", str(tmp_path / "run"))
+            procs.append(coord)
+            line, seen = wait_for_line(coord, "coordinator at ", timeout=60)
+            endpoint = line.split("coordinator at ")[1].split(";")[0]
+            assert endpoint.startswith(f"tcp://{a0}:")
+            first = launch_in(hosts, 1, "worker", "--coordinator", endpoint, "--stages", "0,1", "--keys", str(keys))
+            intruder = launch_in(hosts, 2, "worker", "--coordinator", endpoint, "--stage", "3",
+                                 "--keys", str(stranger), "--connect-timeout", "30")
+            procs += [first, intruder]
+            out, _ = intruder.communicate(timeout=60)
+            assert intruder.returncode == 1 and "refused this process's key" in out, out
+            second = launch_in(hosts, 2, "worker", "--coordinator", endpoint, "--stages", "2,3",
+                               "--keys", str(keys), "--out", str(tmp_path / "host2"))
+            procs.append(second)
+            rest, _ = coord.communicate(timeout=180)
+            log = "".join(seen) + rest
+            assert coord.returncode == 0, log[-3000:]
+            assert first.wait(30) == 0 and second.wait(30) == 0
+        finally:
+            stop_all(*procs)
+    assert not Hosts.leftovers()
+    assert "refused a peer with an unauthorised key" in log
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["secure"] and summary["steps"] == 64
+    ends = {w["stage"]: w["input_endpoint"] for w in summary["workers"]}
+    assert ends[1].startswith(f"tcp://{a1}:") and ends[2].startswith(f"tcp://{a2}:")
+    assert ends[3].startswith(f"tcp://{a2}:")  # each stage listens on its own host's address
