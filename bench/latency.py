@@ -3,6 +3,7 @@
 
     python bench/latency.py                              # delays 0,1,2,5,10 ms, 4 stages
     python bench/latency.py --delays 0,5 --steps 200 --transport tcp
+    python bench/latency.py --delays 0 --curve       # each contender also with CURVE links
 
 Latency is simulated in the transport (`--link-delay-ms`): every activation and every gradient
 is delivered that long after it was sent, as over a link between hosts (this kernel has no
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from common.config import RunConfig  # noqa: E402
 from common.procs import available_cores  # noqa: E402
+from common.security import make_keys  # noqa: E402
 from coordinator.train import train  # noqa: E402
 
 
@@ -33,10 +37,17 @@ def main() -> None:
     p.add_argument("--stages", type=int, default=4)
     p.add_argument("--true-grad-every", type=int, default=10)
     p.add_argument("--transport", default="tcp")
+    p.add_argument("--curve", action="store_true",
+                   help="run each contender twice: plain and with CURVE-encrypted links (keys made here)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "latency.json"))
     args = p.parse_args()
+    keys_dir = None
+    if args.curve:
+        keys_dir = tempfile.mkdtemp(prefix="synthgrad-bench-keys-")
+        make_keys(Path(keys_dir))
     delays = [float(d) for d in args.delays.split(",")]
     contenders = [("locked", 1), ("unlocked", 1), ("unlocked", args.true_grad_every)]
+    securities = [False, True] if args.curve else [False]
     base = RunConfig(dataset="synthetic", synthetic_train=args.steps * 256, synthetic_test=512,
                      epochs=1, stages=args.stages, transport=args.transport, eval_samples=512,
                      progress_every=1e9, out=str(ROOT / "bench" / "results" / "runs" / "latency"))
@@ -44,25 +55,31 @@ def main() -> None:
     rows = []
     print(f"{cores} cores, {args.stages} stage processes, {args.steps} steps of batch 256, "
           f"transport {args.transport}")
-    print(f"{'delay ms':>8} {'mode':>12} {'samples/s':>10} {'vs locked':>9} {'test acc':>8}")
+    print(f"{'delay ms':>8} {'links':>6} {'mode':>12} {'samples/s':>10} {'vs locked':>9} {'test acc':>8}")
     for delay in delays:
-        locked_rate = None
-        for mode, n in contenders:
-            cfg = base.replace(mode=mode, true_grad_every=n, link_delay_ms=delay)
-            _, s = train(cfg, log=lambda _: None)
-            rate = s["samples_per_s"]
-            locked_rate = rate if mode == "locked" else locked_rate
-            name = mode if mode == "locked" else f"unlocked:{n}"
-            ratio = rate / locked_rate if locked_rate else None
-            rows.append({"delay_ms": delay, "mode": mode, "true_grad_every": n, "samples_per_s": rate,
-                         "ratio_to_locked": ratio, "test_accuracy": s["test_accuracy"],
-                         "cores": cores, "stages": args.stages, "steps": s["steps"]})
-            print(f"{delay:>8.1f} {name:>12} {rate:>10.0f} {ratio:>8.2f}x {100 * s['test_accuracy']:>7.2f}%",
-                  flush=True)
+        for secure in securities:
+            locked_rate = None
+            for mode, n in contenders:
+                cfg = base.replace(mode=mode, true_grad_every=n, link_delay_ms=delay,
+                                   secure=secure, keys=keys_dir if secure else None)
+                _, s = train(cfg, log=lambda _: None)
+                rate = s["samples_per_s"]
+                locked_rate = rate if mode == "locked" else locked_rate
+                name = mode if mode == "locked" else f"unlocked:{n}"
+                ratio = rate / locked_rate if locked_rate else None
+                rows.append({"delay_ms": delay, "curve": secure, "mode": mode, "true_grad_every": n,
+                             "samples_per_s": rate, "ratio_to_locked": ratio,
+                             "test_accuracy": s["test_accuracy"], "cores": cores,
+                             "stages": args.stages, "steps": s["steps"]})
+                print(f"{delay:>8.1f} {'curve' if secure else 'plain':>6} {name:>12} {rate:>10.0f} "
+                      f"{ratio:>8.2f}x {100 * s['test_accuracy']:>7.2f}%", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"cores": cores, "stages": args.stages, "steps": args.steps,
-                                          "transport": args.transport, "rows": rows}, indent=2) + "\n")
+                                          "transport": args.transport, "delays_ms": delays,
+                                          "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
+    if keys_dir:
+        shutil.rmtree(keys_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
