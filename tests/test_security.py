@@ -13,7 +13,7 @@ import zmq.auth
 from common.config import ConfigError
 from common.security import Keys, make_keys, resolve_keys
 from tests.conftest import ROOT
-from tests.test_multihost import RUN, coordinator_endpoint, launch, stop_all
+from tests.test_multihost import RUN, launch, stop_all
 from tests.test_training import wait_for_line
 
 
