@@ -2,10 +2,10 @@
 or any cluster where torchrun runs).
 
 Rank 0 is the coordinator; rank r >= 1 runs stage r-1. The world size must be stages + 1.
-Rendezvous is torchrun's own: every rank joins a gloo process group from the environment torchrun
-sets (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE), rank 0 binds the coordinator on its address
-towards MASTER_ADDR (port 0) and broadcasts the endpoint, and the group is dissolved: from then on
-everything travels over synthgrad's own ZeroMQ links, exactly as in a hand-started run.
+Rendezvous is torchrun's own: every rank opens torchrun's key-value store from the environment
+it sets (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE); rank 0 binds the coordinator on its
+address towards MASTER_ADDR (port 0) and writes the endpoint there, the stages read it. From
+then on everything travels over synthgrad's own ZeroMQ links, exactly as in a hand-started run.
 """
 from __future__ import annotations
 
@@ -50,6 +50,9 @@ def check_world(cfg: RunConfig, env: TorchrunEnv) -> None:
                           f"--stages {env.world_size - 1}")
 
 
+ENDPOINT_KEY = "synthgrad/coordinator-endpoint"
+
+
 def run_rank(cfg: RunConfig, env: TorchrunEnv, log: Callable[[str], None] = print,
              on_status: Optional[Callable[[dict], None]] = None) -> None:
     """Run this rank's part; rank 0 returns after the run (raising what train raises), the
@@ -57,32 +60,36 @@ def run_rank(cfg: RunConfig, env: TorchrunEnv, log: Callable[[str], None] = prin
     import torch.distributed as dist
     cfg.validate()
     check_world(cfg, env)
-    dist.init_process_group("gloo", init_method="env://", rank=env.rank, world_size=env.world_size,
-                            timeout=timedelta(seconds=cfg.start_timeout))
-    box: list[Optional[str]] = [None]
+    # torchrun's own store (the agent's TCPStore at MASTER_ADDR:MASTER_PORT): rank 0 writes the
+    # coordinator's endpoint there, the stages wait for it. No collective, so no gloo mesh.
+    store, _, _ = next(dist.rendezvous("env://", rank=env.rank, world_size=env.world_size,
+                                       timeout=timedelta(seconds=cfg.start_timeout)))
     if env.rank == 0:
         from coordinator.train import format_summary, train
+        announced = False
 
         def announce(endpoint: str) -> None:
-            box[0] = endpoint
-            dist.broadcast_object_list(box, src=0)
-            dist.destroy_process_group()
+            nonlocal announced
+            store.set(ENDPOINT_KEY, endpoint)
+            announced = True
 
         try:
             host = address_towards(env.master_addr)
             _, summary = train(cfg, log, on_status, bind=f"tcp://{host}:0", on_listening=announce)
         finally:
-            if dist.is_initialized():  # train failed before announcing: release the others
-                dist.broadcast_object_list(box, src=0)
-                dist.destroy_process_group()
+            if not announced:  # failed before listening: tell the stages instead of letting them wait
+                store.set(ENDPOINT_KEY, "")
         log(format_summary(summary))
         return
     from coordinator.coordinator import snake_core
     from workers.worker import WorkerSpec, run_worker
-    dist.broadcast_object_list(box, src=0)
-    dist.destroy_process_group()
-    endpoint = box[0]
-    if endpoint is None:
+    try:
+        store.wait([ENDPOINT_KEY], timedelta(seconds=cfg.start_timeout))
+    except Exception:  # torch raises DistStoreError (a RuntimeError) on timeout
+        raise SystemExit(f"rank {env.rank}: the coordinator (rank 0) did not announce itself within "
+                         f"{cfg.start_timeout:.0f}s") from None
+    endpoint = store.get(ENDPOINT_KEY).decode()
+    if not endpoint:
         raise SystemExit(f"rank {env.rank}: the coordinator (rank 0) failed before it started")
     core = snake_core(env.local_rank, available_cores()) if cfg.pin_cores else -1
     coord_host = tcp_host(endpoint)

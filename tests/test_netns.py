@@ -70,3 +70,37 @@ def test_unlocked_run_across_three_namespaces(tmp_path, delay_ms):
     ends = {w["stage"]: w["input_endpoint"] for w in summary["workers"]}
     assert ends[1].startswith(f"tcp://{a1}:") and ends[2].startswith(f"tcp://{a2}:")
     assert ends[3].startswith(f"tcp://{a2}:")  # each stage listens on its own host's address
+
+
+@pytest.mark.timeout(240)
+def test_torchrun_across_two_namespaces(tmp_path):
+    """The README's two-host torchrun example, on two 'hosts': 2 x 3 ranks = coordinator + 5 stages."""
+    import shutil
+    import subprocess
+    keys = tmp_path / "keys"
+    make_keys(keys)
+    exe = shutil.which("torchrun")
+    args = ["--mode", "unlocked", "--keys", str(keys), "--dataset", "synthetic", "--layers",
+            "784,64,64,64,64,10", "--stages", "5", "--batch-size", "64", "--synthetic-train", "2048",
+            "--epochs", "1", "--start-timeout", "90", "--stall-timeout", "30", "--out", str(tmp_path / "run")]
+    procs = []
+    with Hosts(2) as hosts:
+        try:
+            for node in (0, 1):
+                cmd = [exe, "--nnodes", "2", "--nproc-per-node", "3", "--node-rank", str(node),
+                       "--master-addr", hosts.addresses[0], "--master-port", "29500",
+                       str(ROOT / "launch.py"), "train", *args]
+                procs.append(hosts.popen(node, cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True))
+            outs = [p.communicate(timeout=200)[0] for p in procs]
+            assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(o[-2000:] for o in outs)
+        finally:
+            stop_all(*procs)
+    assert not Hosts.leftovers()
+    assert "mode unlocked: 32 steps" in outs[0]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["secure"] and len(summary["workers"]) == 5
+    addresses = {w["stage"]: w["input_endpoint"].split("//")[1].split(":")[0]
+                 for w in summary["workers"] if w["stage"] > 0}  # stage 0 has no input link
+    # ranks 1,2 (stages 0,1) on node 0, ranks 3-5 (stages 2-4) on node 1
+    assert addresses[1] == hosts.addresses[0] and {addresses[s] for s in (2, 3, 4)} == {hosts.addresses[1]}
