@@ -78,15 +78,23 @@ class RunConfig:
     max_message_mb: int = opt(256, "upper bound on one message's tensor bytes")
     # --- time limits (seconds)
     start_timeout: float = opt(120.0, "all workers registered and ready")
-    stall_timeout: float = opt(120.0, "no message from any worker for this long = failure")
+    stall_timeout: float = opt(120.0, "no training progress (new step, evaluation) for this long = failure")
     # --- output
     out: Optional[str] = opt(None, "run folder; None = runs/<mode>-<time>")
     progress_every: float = opt(2.0, "seconds between progress lines")
     metrics_every: float = opt(1.0, "seconds between a worker's metric reports")
+    heartbeat_timeout: float = opt(10.0, "a worker or coordinator that sends nothing for this many seconds "
+                                   "during training is dead or hung: the run stops (heartbeats every "
+                                   "timeout/10 s, at most 1 s; keep it above the longest compute step)")
     link_delay_ms: float = opt(0.0, "testing: deliver each activation and gradient this long after it was "
                                "sent, to simulate link latency between hosts on one machine")
     tensorboard: bool = opt(False, "also write the status stream as TensorBoard scalars to RUN_DIR/tensorboard")
     timeline_steps: int = opt(48, "record each worker's compute/wait/send spans for this many first steps (timeline.json)")
+
+    @property
+    def heartbeat_every(self) -> float:
+        """Seconds between heartbeats: ten per timeout, at most one a second."""
+        return min(1.0, self.heartbeat_timeout / 10)
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> RunConfig:
@@ -132,6 +140,7 @@ class RunConfig:
         need(self.threads_per_worker >= 1, "--threads-per-worker must be at least 1")
         need(self.queue_depth >= 1, "--queue-depth must be at least 1")
         need(self.timeline_steps >= 0, "--timeline-steps must be 0 or more")
+        need(self.heartbeat_timeout >= 0.5, "--heartbeat-timeout must be at least 0.5 s")
         need(0.0 <= self.link_delay_ms <= 10_000, "--link-delay-ms must be between 0 and 10000")
         if self.tensorboard:
             need(importlib.util.find_spec("tensorboard") is not None, "--tensorboard needs the tensorboard package: "

@@ -55,3 +55,14 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
     except (OSError, ValueError):
         return False
+
+
+def set_heartbeats(sock: zmq.Socket, timeout_s: float) -> None:
+    """ZeroMQ's own heartbeats (ZMTP PING/PONG) on a connection-oriented socket: libzmq drops a
+    connection whose peer stopped answering (a vanished host, a half-open TCP link), so sends
+    to it fail and it can reconnect. The application-level check (wire.Heartbeat) decides
+    what a silent peer means for the run."""
+    ivl = max(100, int(1000 * min(1.0, timeout_s / 10)))
+    sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(ivl, int(1000 * timeout_s)))
+    sock.setsockopt(zmq.HEARTBEAT_TTL, max(ivl, int(1000 * timeout_s)))

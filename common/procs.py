@@ -85,6 +85,13 @@ def terminate_then_kill(pids: list[int], timeout: float = 2.0) -> None:
     psutil.wait_procs(still, timeout=timeout)
 
 
+def _stopped(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+    except psutil.Error:
+        return False
+
+
 @dataclass
 class Child:
     name: str
@@ -135,6 +142,8 @@ class ProcessGroup:
             return
         self._closed = True
         procs = [c.process for c in self.children if c.process.pid is not None]
+        frozen = [p.pid for p in procs if p.exitcode is None and _stopped(p.pid)]
+        terminate_then_kill(frozen, timeout=0.0)  # a stopped process cannot act on STOP or SIGTERM
         self.wait(grace)
         terminate_then_kill([p.pid for p in procs if p.exitcode is None])
         for p in procs:

@@ -54,6 +54,7 @@ class Kind(IntEnum):
     ERROR = 9  # worker -> coordinator: I failed, here is why
     READY = 10  # worker -> coordinator: set up (model built, data loaded), input bound at ...
     BEGIN = 11  # coordinator -> worker: everyone is ready; your downstream endpoint; train
+    HEARTBEAT = 12  # both ways, when nothing else was sent for a while: I am alive
 
 
 @dataclass(frozen=True)
@@ -134,11 +135,17 @@ class Error:
     message: str
 
 
-Message = Union[Register, Start, Ready, Begin, Activation, Grad, Metrics, EvalResult, Done, Stop, Error]
+@dataclass(frozen=True)
+class Heartbeat:
+    stage: int  # the sender's stage; -1 from the coordinator
+
+
+Message = Union[Register, Start, Ready, Begin, Activation, Grad, Metrics, EvalResult, Done, Stop, Error,
+                Heartbeat]
 MESSAGE_TYPES: dict[Kind, type] = {
     Kind.REGISTER: Register, Kind.START: Start, Kind.ACTIVATION: Activation, Kind.GRAD: Grad,
     Kind.METRICS: Metrics, Kind.EVAL: EvalResult, Kind.DONE: Done, Kind.STOP: Stop,
-    Kind.ERROR: Error, Kind.READY: Ready, Kind.BEGIN: Begin,
+    Kind.ERROR: Error, Kind.READY: Ready, Kind.BEGIN: Begin, Kind.HEARTBEAT: Heartbeat,
 }
 KIND_OF = {cls: kind for kind, cls in MESSAGE_TYPES.items()}
 

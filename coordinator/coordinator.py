@@ -19,7 +19,7 @@ import zmq
 from common import wire
 from common.config import ConfigError, RunConfig
 from common.data import total_steps
-from common.endpoints import bind_wildcard
+from common.endpoints import bind_wildcard, set_heartbeats
 from common.procs import ProcessGroup, available_cores, describe_exit
 from common.security import Guard
 from coordinator.stream import StatusStream
@@ -59,6 +59,7 @@ class Coordinator:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 0)
+        set_heartbeats(self.sock, cfg.heartbeat_timeout)
         if bind is None:
             self.endpoint = bind_wildcard(self.sock, cfg.transport, cfg.host)
         else:
@@ -84,7 +85,11 @@ class Coordinator:
         self.t_created = time.monotonic()
         self.t_start: Optional[float] = None
         self.t_end: Optional[float] = None
-        self._last_msg = time.monotonic()
+        self._last_advance = time.monotonic()  # when a step, evaluation or DONE last came in
+        self._max_step = -1
+        self.stage_of: dict[bytes, int] = {}
+        self.last_heard: dict[int, float] = {}  # stage -> when it last sent anything
+        self._last_beat = 0.0
         self._last_progress = time.monotonic()
 
     # ------------------------------------------------------------------ sending
@@ -107,17 +112,24 @@ class Coordinator:
             self.rejected += 1
             self.log(f"[coordinator] rejected a message from {identity!r}: {exc}")
             return
-        self._last_msg = time.monotonic()
+        now = time.monotonic()
+        if identity in self.stage_of:
+            self.last_heard[self.stage_of[identity]] = now
+        if isinstance(msg, wire.Heartbeat):
+            return
         if isinstance(msg, wire.Register):
             self._on_register(identity, msg)
         elif isinstance(msg, wire.Grad):
             self._relay(msg, body)
         elif isinstance(msg, wire.Metrics):
+            if isinstance(msg.record.get("step"), int) and msg.record["step"] > self._max_step:
+                self._max_step, self._last_advance = msg.record["step"], now
             self.stream.worker({"event": "worker", "wall_s": self._wall(), **msg.record, "stage": msg.stage})
         elif isinstance(msg, wire.EvalResult):
             rec = {"event": "eval", "wall_s": self._wall(), "epoch": msg.epoch, "step": msg.step,
                    "test_loss": msg.loss, "test_accuracy": msg.accuracy, "test_samples": msg.samples}
             self.stream.eval(rec)
+            self._last_advance = now
             self.log(f"eval  epoch {msg.epoch + 1} step {msg.step}: test accuracy "
                      f"{100 * msg.accuracy:.2f}%  test loss {msg.loss:.4f}  ({self._wall():.1f}s)")
         elif isinstance(msg, wire.Ready):
@@ -126,10 +138,11 @@ class Coordinator:
                 for stage in range(self.num_stages):
                     downstream = self.ready[stage + 1] if stage + 1 < self.num_stages else ""
                     self._send(stage, wire.Begin(downstream))
-                self.t_start = time.monotonic()
+                self.t_start = self._last_advance = time.monotonic()
                 self.log(f"all {self.num_stages} stages ready after {self.t_start - self.t_created:.1f}s; "
                          f"training {self.total_steps} steps")
         elif isinstance(msg, wire.Done):
+            self._last_advance = now
             self.done[msg.stage] = msg.summary
         elif isinstance(msg, wire.Error):
             raise RunFailed(f"stage {msg.stage} failed: {msg.message}")
@@ -153,6 +166,8 @@ class Coordinator:
             return
         self.registered[msg.stage] = msg
         self.identities[msg.stage] = identity
+        self.stage_of[identity] = msg.stage
+        self.last_heard[msg.stage] = time.monotonic()
         self.log(f"[coordinator] stage {msg.stage} registered: pid {msg.pid} on {msg.host} "
                  f"({len(self.registered)}/{self.num_stages})")
         if len(self.registered) == self.num_stages:
@@ -195,8 +210,15 @@ class Coordinator:
             missing = missing or sorted(set(range(self.num_stages)) - set(self.ready))
             raise RunFailed(f"stages {missing} were not ready within {self.cfg.start_timeout:.0f}s "
                             f"(start them, or raise --start-timeout)")
-        if self.t_start is not None and now - self._last_msg > self.cfg.stall_timeout:
-            raise RunFailed(f"no message from any worker for {self.cfg.stall_timeout:.0f}s; "
+        if self.t_start is not None:
+            for stage, heard in self.last_heard.items():
+                if now - heard > self.cfg.heartbeat_timeout:
+                    raise RunFailed(f"stage {stage} ({self._who(stage)}) sent nothing for "
+                                    f"{now - heard:.1f}s: it is hung or unreachable "
+                                    f"(--heartbeat-timeout {self.cfg.heartbeat_timeout:g})")
+        if self.t_start is not None and now - self._last_advance > self.cfg.stall_timeout:
+            raise RunFailed(f"no progress (no new step, evaluation or DONE) for "
+                            f"{self.cfg.stall_timeout:.0f}s although every stage is alive; "
                             f"stages done: {sorted(self.done)}")
         if group is not None:
             for child in group.dead():
@@ -204,6 +226,22 @@ class Coordinator:
                 self._drain()  # an ERROR it sent before dying explains more than its exit code
                 raise RunFailed(f"stage {stage} (pid {child.process.pid}) "
                                 f"{describe_exit(child.process.exitcode)} during the run")
+
+    def _heartbeat(self) -> None:
+        """Tell every registered worker, about every heartbeat_every, that the coordinator lives."""
+        now = time.monotonic()
+        if now - self._last_beat < self.cfg.heartbeat_every:
+            return
+        self._last_beat = now
+        for stage in list(self.identities):
+            try:
+                self._send(stage, wire.Heartbeat(-1))
+            except zmq.ZMQError as exc:
+                raise RunFailed(f"stage {stage} ({self._who(stage)}) cannot be reached: {exc}") from None
+
+    def _who(self, stage: int) -> str:
+        reg = self.registered.get(stage)
+        return f"pid {reg.pid} on {reg.host}" if reg else "not registered"
 
     def _drain(self) -> None:
         while self.sock.poll(50):
@@ -219,11 +257,11 @@ class Coordinator:
         step = last.get("step", -1) + 1
         rate = last.get("samples_per_s", 0.0)
         pct = 100.0 * step / max(self.total_steps, 1)
-        eta = (self.total_steps - step) * self.cfg.batch_size / rate if rate > 0 else float("nan")
+        eta = f"{(self.total_steps - step) * self.cfg.batch_size / rate:.0f}s" if rate > 0 else "?"
         busy = " ".join(f"{self.stream.latest[s].get('busy_fraction', 0):.2f}" for s in sorted(self.stream.latest))
         loss = last.get("loss")
         self.log(f"train step {step}/{self.total_steps} ({pct:.0f}%)  {rate:.0f} samples/s  "
-                 f"loss {loss if loss is None else f'{loss:.4f}'}  busy [{busy}]  eta {eta:.0f}s")
+                 f"loss {'-' if loss is None else f'{loss:.4f}'}  busy [{busy}]  eta {eta}")
 
     def _status(self, done: bool = False) -> None:
         """About once a second once training runs: the status record, to every consumer."""
@@ -240,6 +278,7 @@ class Coordinator:
                         if not self.sock.poll(0):
                             break
                 self._check(group)
+                self._heartbeat()
                 self._progress()
                 self._status()
             self.t_end = time.monotonic()

@@ -133,10 +133,10 @@ def assert_all_gone(pids, timeout=10.0):
 
 
 @contextlib.contextmanager
-def training_launcher(tmp_path):
+def training_launcher(tmp_path, *extra):
     """A `launch.py train` subprocess that is training; yields (process, worker pids) and kills
     the launcher afterwards whatever the test did."""
-    proc = start_launcher(tmp_path)
+    proc = start_launcher(tmp_path, *extra)
     try:
         wait_for_line(proc, "train step")
         yield proc, worker_pids(proc)

@@ -35,7 +35,7 @@ from common.data import (
     total_steps,
     train_batches,
 )
-from common.endpoints import bind_wildcard
+from common.endpoints import bind_wildcard, set_heartbeats
 from common.files import atomic_torch_save, atomic_write_json
 from common.security import Guard, HandshakeWatch, Keys
 from common.models import build_units, stage_bounds, stage_io_shapes
@@ -87,6 +87,7 @@ class LayerWorker:
         self.coord.setsockopt(zmq.SNDHWM, 0)  # control traffic is bounded by the forward stream
         self.coord.setsockopt(zmq.RCVHWM, 0)
         self.coord.setsockopt(zmq.LINGER, 2000)  # the last word (ERROR, DONE) must arrive
+        set_heartbeats(self.coord, RunConfig.heartbeat_timeout)  # before the config arrives
         self.handshake_watch = HandshakeWatch(self.coord)
         self.coord.connect(spec.coordinator)
         self.inbox: Optional[zmq.Socket] = None
@@ -106,6 +107,7 @@ class LayerWorker:
         self.max_outstanding = 0  # most steps held at once awaiting their gradient (staleness)
         self.delay = 0.0  # --link-delay-ms, in seconds (testing: simulated link latency)
         self._held: collections.deque[tuple[float, wire.Grad]] = collections.deque()
+        self._last_from_coord = self._last_to_coord = time.monotonic()
 
     # ------------------------------------------------------------------ sockets
     def send_coord(self, msg: wire.Message) -> None:
@@ -113,9 +115,26 @@ class LayerWorker:
             msg = dataclasses.replace(msg, sent_at=time.monotonic())
         with self.timings.span("send"):
             self.coord.send_multipart(wire.encode(msg), copy=False)
+        self._last_to_coord = time.monotonic()
+
+    def _recv_coord(self) -> Optional[wire.Message]:
+        """One message from the coordinator (None for a heartbeat or a malformed message);
+        anything that arrives proves the coordinator alive."""
+        msg = self._decode(self.coord.recv_multipart(copy=False))
+        self._last_from_coord = time.monotonic()
+        return None if isinstance(msg, wire.Heartbeat) else msg
 
     def _check_liveness(self) -> None:
         now = time.monotonic()
+        cfg = getattr(self, "cfg", None)
+        if cfg is not None:  # after START: heartbeats both ways
+            if now - self._last_to_coord >= cfg.heartbeat_every:
+                self.send_coord(wire.Heartbeat(self.stage))
+            if now - self._last_from_coord > cfg.heartbeat_timeout and not self.coord.poll(0):
+                raise CoordinatorGone(
+                    f"stage {self.stage}: no word from the coordinator at {self.spec.coordinator} for "
+                    f"{now - self._last_from_coord:.1f}s (dead, hung or unreachable; "
+                    f"--heartbeat-timeout {cfg.heartbeat_timeout:g}); exiting")
         if now - self._last_liveness < LIVENESS_EVERY_S:
             return
         self._last_liveness = now
@@ -143,7 +162,7 @@ class LayerWorker:
                 raise Refused(f"stage {self.stage}: the coordinator at {self.spec.coordinator} "
                               f"turned this worker away: {why}")
             if self.coord.poll(POLL_MS):
-                msg = self._decode(self.coord.recv_multipart(copy=False))
+                msg = self._recv_coord()
                 if isinstance(msg, wire.Start):
                     return msg
                 if isinstance(msg, wire.Stop):
@@ -199,7 +218,7 @@ class LayerWorker:
         """Handle every message the coordinator has queued for us, without blocking."""
         while self.coord.poll(0):
             with self.timings.span("recv"):
-                msg = self._decode(self.coord.recv_multipart(copy=False))
+                msg = self._recv_coord()
             if msg is None:
                 continue
             if isinstance(msg, wire.Stop):
@@ -424,11 +443,12 @@ class LayerWorker:
             self._wait("wait_grad", lambda: False)
 
     def wait_begin(self) -> None:
+        self._last_from_coord = time.monotonic()  # setup() blocked; what came meanwhile is queued
         self.send_coord(wire.Ready(self.stage, self.endpoint))
         while True:
             self._check_liveness()
             if self.coord.poll(POLL_MS):
-                msg = self._decode(self.coord.recv_multipart(copy=False))
+                msg = self._recv_coord()
                 if isinstance(msg, wire.Begin):
                     if self.outbox is not None:
                         self.outbox.connect(msg.downstream)
