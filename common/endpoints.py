@@ -66,3 +66,10 @@ def set_heartbeats(sock: zmq.Socket, timeout_s: float) -> None:
     sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(ivl, int(1000 * timeout_s)))
     sock.setsockopt(zmq.HEARTBEAT_TTL, max(ivl, int(1000 * timeout_s)))
+
+
+def max_frame_bytes(cfg) -> int:
+    """ZMQ_MAXMSGSIZE for listeners: twice the tensor bound (--max-message-mb) plus room for a
+    header. Frames up to it reach the wire checks and are rejected and counted there; libzmq
+    disconnects a peer that sends anything bigger, before it is held in memory."""
+    return 2 * (cfg.max_message_mb << 20) + (64 << 10)

@@ -19,7 +19,7 @@ import zmq
 from common import wire
 from common.config import ConfigError, RunConfig
 from common.data import total_steps
-from common.endpoints import bind_wildcard, set_heartbeats
+from common.endpoints import bind_wildcard, max_frame_bytes, set_heartbeats
 from common.procs import ProcessGroup, available_cores, describe_exit
 from common.security import Guard
 from coordinator.stream import StatusStream
@@ -32,6 +32,22 @@ def snake_core(stage: int, cores: list[int]) -> int:
     first stage (widest input) shares its core with the light last stage (the head)."""
     lap, pos = divmod(stage, len(cores))
     return cores[pos if lap % 2 == 0 else len(cores) - 1 - pos]
+
+
+def _sender_problem(msg: wire.Message, sender: Optional[int]) -> Optional[str]:
+    """Why `msg` may not come from this peer (None when it may): only REGISTER comes from a
+    peer the coordinator does not know; a stage speaks only for itself, and sends gradients
+    only to the stage before it."""
+    if isinstance(msg, wire.Register):
+        return None
+    if sender is None:
+        return f"{type(msg).__name__} from a peer that never registered"
+    claimed = getattr(msg, "stage", sender)
+    if isinstance(msg, (wire.Metrics, wire.Done, wire.Ready, wire.Error, wire.Heartbeat)) and claimed != sender:
+        return f"{type(msg).__name__} for stage {claimed} from stage {sender}"
+    if isinstance(msg, wire.Grad) and msg.to_stage != sender - 1:
+        return f"stage {sender} sent a gradient for stage {msg.to_stage}"
+    return None
 
 
 class RunFailed(RuntimeError):
@@ -60,6 +76,7 @@ class Coordinator:
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 0)
         set_heartbeats(self.sock, cfg.heartbeat_timeout)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes(cfg))  # libzmq drops bigger frames
         if bind is None:
             self.endpoint = bind_wildcard(self.sock, cfg.transport, cfg.host)
         else:
@@ -109,12 +126,16 @@ class Coordinator:
         try:
             msg = wire.decode(body, max_tensor_bytes=self.cfg.max_message_mb << 20)
         except wire.WireError as exc:
-            self.rejected += 1
-            self.log(f"[coordinator] rejected a message from {identity!r}: {exc}")
+            self._reject(identity, str(exc))
             return
         now = time.monotonic()
-        if identity in self.stage_of:
-            self.last_heard[self.stage_of[identity]] = now
+        sender = self.stage_of.get(identity)
+        problem = _sender_problem(msg, sender)
+        if problem is not None:  # decoded fine, but not from who may send it
+            self._reject(identity, problem)
+            return
+        if sender is not None:
+            self.last_heard[sender] = now
         if isinstance(msg, wire.Heartbeat):
             return
         if isinstance(msg, wire.Register):
@@ -141,14 +162,14 @@ class Coordinator:
                 self.t_start = self._last_advance = time.monotonic()
                 self.log(f"all {self.num_stages} stages ready after {self.t_start - self.t_created:.1f}s; "
                          f"training {self.total_steps} steps")
+                self.log("stage inputs: " + "  ".join(f"{s}={self.ready[s]}" for s in range(1, self.num_stages)))
         elif isinstance(msg, wire.Done):
             self._last_advance = now
             self.done[msg.stage] = msg.summary
         elif isinstance(msg, wire.Error):
             raise RunFailed(f"stage {msg.stage} failed: {msg.message}")
         else:
-            self.rejected += 1
-            self.log(f"[coordinator] unexpected {type(msg).__name__} from {identity!r}")
+            self._reject(identity, f"unexpected {type(msg).__name__}")
 
     def _on_register(self, identity: bytes, msg: wire.Register) -> None:
         problem = None
@@ -179,10 +200,16 @@ class Coordinator:
             core = snake_core(stage, cores) if self.cfg.pin_cores else -1
             self._send(stage, wire.Start(self.cfg.to_dict(), str(self.run_dir), core, self.total_steps))
 
+    def _reject(self, identity: bytes, why: str) -> None:
+        """Count a bad message and log it (the first ten, then every thousandth): a flood of
+        garbage must not become a flood of log lines."""
+        self.rejected += 1
+        if self.rejected <= 10 or self.rejected % 1000 == 0:
+            self.log(f"[coordinator] rejected message #{self.rejected} from {identity[:40]!r}: {why}")
+
     def _relay(self, msg: wire.Grad, body: list) -> None:
         if msg.to_stage not in self.identities:
-            self.rejected += 1
-            self.log(f"[coordinator] gradient for unknown stage {msg.to_stage}")
+            self._reject(self.identities.get(msg.to_stage + 1, b"?"), f"gradient for unknown stage {msg.to_stage}")
             return
         try:
             self.sock.send_multipart([self.identities[msg.to_stage], *body], copy=False)

@@ -35,7 +35,7 @@ from common.data import (
     total_steps,
     train_batches,
 )
-from common.endpoints import bind_wildcard, set_heartbeats
+from common.endpoints import bind_wildcard, max_frame_bytes, set_heartbeats
 from common.files import atomic_torch_save, atomic_write_json
 from common.security import Guard, HandshakeWatch, Keys
 from common.models import build_units, stage_bounds, stage_io_shapes
@@ -194,6 +194,7 @@ class LayerWorker:
             self.inbox = self.ctx.socket(zmq.PULL)
             self.inbox.setsockopt(zmq.LINGER, 0)
             self.inbox.setsockopt(zmq.RCVHWM, cfg.queue_depth)
+            self.inbox.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes(cfg))
             self.guard.server(self.inbox, f"stage {self.stage} input")
             self.endpoint = bind_wildcard(self.inbox, self.spec.transport, self.spec.host)
         if not self.is_last:

@@ -1,0 +1,97 @@
+"""A hostile peer for tests: connects to a worker's activation input (PUSH) and the
+coordinator's socket (DEALER) and sends malformed frames of every kind, then reports how many.
+
+    python tests/fuzz.py ENDPOINT_KIND=ENDPOINT ... --count N --seed S
+
+ENDPOINT_KIND is `inbox` or `coordinator`. Every message is invalid: random bytes, a valid
+header with a truncated tensor frame, a tensor larger than the bound, a message kind that does
+not belong on that socket, wrong field types, missing frames. Prints one JSON line of counts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import zmq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from common import wire  # noqa: E402
+
+
+def _header(kind: int, fields: dict, tensors: list) -> bytes:
+    return msgpack.packb({"kind": kind, "fields": fields, "tensors": tensors}, use_bin_type=True)
+
+
+def bad_messages(rng: random.Random, target: str, max_bytes: int):
+    """An endless stream of (name, frames), each of them wrong for `target`."""
+    act = {"step": 1, "epoch": 0, "phase": "train", "true_grad": False, "sent_at": 0.0}
+    grad = {"step": 1, "to_stage": 0, "is_true": True, "sent_at": 0.0}
+    while True:
+        choice = rng.randrange(8)
+        if choice == 0:
+            yield "random-bytes", [rng.randbytes(rng.randrange(1, 300))]
+        elif choice == 1:
+            yield "empty-frame", [b""]
+        elif choice == 2:  # header promises 64x256 floats, frame carries fewer
+            yield "truncated", [_header(3, act, [["h", "float32", [64, 256]], ["labels", "int64", [64]]]),
+                                rng.randbytes(1000), rng.randbytes(64 * 8)]
+        elif choice == 3:  # a tensor above the bound (sent for real: the receiver must not keep it)
+            rows = max_bytes // (4 * 256) + 64
+            yield "oversized", [_header(3, act, [["h", "float32", [rows, 256]], ["labels", "int64", [rows]]]),
+                                bytes(rows * 256 * 4), bytes(rows * 8)]
+        elif choice == 4:  # a well-formed message of the wrong kind for this socket
+            if target == "inbox":
+                yield "wrong-kind", wire.encode(wire.Stop("fuzz"))
+            else:
+                yield "wrong-kind", wire.encode(wire.Begin("tcp://127.0.0.1:9"))
+        elif choice == 5:
+            yield "wrong-field-type", [_header(4 if target == "coordinator" else 3,
+                                               {**(grad if target == "coordinator" else act), "step": "x"}, [])]
+        elif choice == 6:
+            yield "unknown-kind", [_header(99, {}, [])]
+        else:  # header lists two tensors, only one frame follows
+            yield "missing-frame", [_header(3, act, [["h", "float32", [1, 4]], ["labels", "int64", [1]]]),
+                                    bytes(16)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("targets", nargs="+", help="inbox=EP or coordinator=EP")
+    p.add_argument("--count", type=int, default=200, help="messages per target")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-bytes", type=int, default=1 << 20)
+    p.add_argument("--pause-ms", type=float, default=2.0)
+    args = p.parse_args()
+    rng = random.Random(args.seed)
+    ctx = zmq.Context()
+    socks = []
+    for target in args.targets:
+        kind, endpoint = target.split("=", 1)
+        sock = ctx.socket(zmq.PUSH if kind == "inbox" else zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 5000)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.connect(endpoint)
+        socks.append((kind, sock, bad_messages(rng, kind, args.max_bytes)))
+    sent: dict[str, dict[str, int]] = {}
+    for _ in range(args.count):
+        for kind, sock, stream in socks:
+            name, frames = next(stream)
+            sock.send_multipart(frames)
+            sent.setdefault(kind, {}).setdefault(name, 0)
+            sent[kind][name] += 1
+        time.sleep(args.pause_ms / 1000)
+    for _, sock, _ in socks:
+        sock.close()  # LINGER: deliver what is queued
+    ctx.term()
+    print(json.dumps(sent), flush=True)
+
+
+if __name__ == "__main__":
+    main()
