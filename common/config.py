@@ -86,6 +86,8 @@ class RunConfig:
     heartbeat_timeout: float = opt(10.0, "a worker or coordinator that sends nothing for this many seconds "
                                    "during training is dead or hung: the run stops (heartbeats every "
                                    "timeout/10 s, at most 1 s; keep it above the longest compute step)")
+    slow_stage: Optional[tuple[int, ...]] = opt(None, "testing: STAGE,MS makes stage STAGE sleep MS ms in "
+                                                "every training step (a slow stage)")
     link_delay_ms: float = opt(0.0, "testing: deliver each activation and gradient this long after it was "
                                "sent, to simulate link latency between hosts on one machine")
     tensorboard: bool = opt(False, "also write the status stream as TensorBoard scalars to RUN_DIR/tensorboard")
@@ -140,6 +142,10 @@ class RunConfig:
         need(self.threads_per_worker >= 1, "--threads-per-worker must be at least 1")
         need(self.queue_depth >= 1, "--queue-depth must be at least 1")
         need(self.timeline_steps >= 0, "--timeline-steps must be 0 or more")
+        if self.slow_stage is not None:
+            need(len(self.slow_stage) == 2 and 0 <= self.slow_stage[0] < len(self.stage_groups)
+                 and self.slow_stage[1] >= 0,
+                 f"--slow-stage needs STAGE,MS with STAGE in 0..{len(self.stage_groups) - 1}, got {self.slow_stage}")
         need(self.heartbeat_timeout >= 0.5, "--heartbeat-timeout must be at least 0.5 s")
         need(0.0 <= self.link_delay_ms <= 10_000, "--link-delay-ms must be between 0 and 10000")
         if self.tensorboard:

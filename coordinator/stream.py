@@ -8,11 +8,13 @@ latest reports into one status record (coordinator/status.py) and hands it to ev
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
+import psutil
 import zmq
 
 from common import wire
@@ -48,6 +50,7 @@ class StatusStream:
             from coordinator.tensorboard import TensorBoardWriter
             self.tensorboard = TensorBoardWriter(Path(run_dir) / "tensorboard")
         self._last_status = time.monotonic()
+        self._proc = psutil.Process()
 
     def worker(self, rec: dict, logged: bool = False) -> None:
         """A worker's periodic report (event "worker"); `logged` if it is in metrics.jsonl already."""
@@ -74,6 +77,8 @@ class StatusStream:
                             batch_size=self.cfg.batch_size, wall_s=wall_s,
                             test_accuracy=self.evals[-1]["test_accuracy"] if self.evals else None,
                             done=done)
+        rec["coordinator_pid"] = os.getpid()  # the process publishing this (backprop: the trainer)
+        rec["coordinator_rss_mb"] = self._proc.memory_info().rss / 2**20
         self.metrics.write(rec)
         self._publish(rec)
         if self.tensorboard is not None:

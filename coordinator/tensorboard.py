@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-RUN_FIGURES = ("samples_per_s", "steps_per_s", "loss", "eta_s", "staleness_steps", "progress")
+RUN_FIGURES = ("samples_per_s", "steps_per_s", "coordinator_rss_mb", "loss", "eta_s", "staleness_steps", "progress")
 WORKER_FIGURES = ("samples_per_s", "steps_per_s", "busy_fraction", "wait_input_fraction", "wait_send_fraction",
                   "wait_grad_fraction", "send_fraction", "recv_fraction", "outstanding_steps",
                   "cpu_percent", "rss_mb", "loss", "sg_loss", "sg_cosine")

@@ -183,6 +183,8 @@ class LayerWorker:
         self.is_last = self.stage == self.num_stages - 1
         self.max_bytes = cfg.max_message_mb << 20
         self.delay = cfg.link_delay_ms / 1000.0
+        slow = cfg.slow_stage
+        self.slow_s = slow[1] / 1000.0 if slow is not None and slow[0] == self.stage else 0.0
         units = build_units(cfg)
         self.first_unit, self.end_unit = stage_bounds(cfg)[self.stage]
         module = nn.Sequential(*units[self.first_unit:self.end_unit])
@@ -321,6 +323,9 @@ class LayerWorker:
     def train_step(self, step: int, epoch: int, x: torch.Tensor, labels: torch.Tensor) -> None:
         true_step = self.cfg.is_true_grad_step(step)
         self.timings.recording = self.steps < self.cfg.timeline_steps
+        if self.slow_s:  # --slow-stage (testing): this stage is the bottleneck
+            with self.timings.span("compute"):
+                time.sleep(self.slow_s)
         if self.is_last:
             with self.timings.span("compute"):
                 _, dx = self.logic.last_step(step, x, labels, true_step)
