@@ -55,6 +55,8 @@ class Kind(IntEnum):
     READY = 10  # worker -> coordinator: set up (model built, data loaded), input bound at ...
     BEGIN = 11  # coordinator -> worker: everyone is ready; your downstream endpoint; train
     HEARTBEAT = 12  # both ways, when nothing else was sent for a while: I am alive
+    CHECKPOINT = 13  # coordinator -> stage 0: save at the next step boundary (a marker follows the stream)
+    SAVED = 14  # worker -> coordinator: my state after step N is on disk at PATH
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ class Begin:
 class Activation:
     step: int  # training step, or evaluation batch index
     epoch: int
-    phase: str  # "train" | "eval" | "end"
+    phase: str  # "train" | "eval" | "eval_end" | "checkpoint" (marker: save after `step`) | "end"
     true_grad: bool  # this step's true gradient will flow back
     h: Optional[torch.Tensor] = None
     labels: Optional[torch.Tensor] = None
@@ -136,16 +138,30 @@ class Error:
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    reason: str  # "every N s", "interrupted", ... (for the log)
+
+
+@dataclass(frozen=True)
+class Saved:
+    stage: int
+    step: int  # the last step whose update (and every gradient up to it) is in the file
+    path: str
+    host: str
+
+
+@dataclass(frozen=True)
 class Heartbeat:
     stage: int  # the sender's stage; -1 from the coordinator
 
 
 Message = Union[Register, Start, Ready, Begin, Activation, Grad, Metrics, EvalResult, Done, Stop, Error,
-                Heartbeat]
+                Heartbeat, Checkpoint, Saved]
 MESSAGE_TYPES: dict[Kind, type] = {
     Kind.REGISTER: Register, Kind.START: Start, Kind.ACTIVATION: Activation, Kind.GRAD: Grad,
     Kind.METRICS: Metrics, Kind.EVAL: EvalResult, Kind.DONE: Done, Kind.STOP: Stop,
     Kind.ERROR: Error, Kind.READY: Ready, Kind.BEGIN: Begin, Kind.HEARTBEAT: Heartbeat,
+    Kind.CHECKPOINT: Checkpoint, Kind.SAVED: Saved,
 }
 KIND_OF = {cls: kind for kind, cls in MESSAGE_TYPES.items()}
 

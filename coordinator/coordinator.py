@@ -9,6 +9,8 @@ everything falls silent for longer than the stall timeout.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +21,7 @@ import zmq
 from common import wire
 from common.config import ConfigError, RunConfig
 from common.data import total_steps
+from common.files import atomic_write_json
 from common.endpoints import bind_wildcard, max_frame_bytes, set_heartbeats
 from common.procs import ProcessGroup, available_cores, describe_exit
 from common.security import Guard
@@ -43,7 +46,8 @@ def _sender_problem(msg: wire.Message, sender: Optional[int]) -> Optional[str]:
     if sender is None:
         return f"{type(msg).__name__} from a peer that never registered"
     claimed = getattr(msg, "stage", sender)
-    if isinstance(msg, (wire.Metrics, wire.Done, wire.Ready, wire.Error, wire.Heartbeat)) and claimed != sender:
+    if isinstance(msg, (wire.Metrics, wire.Done, wire.Ready, wire.Error, wire.Heartbeat, wire.Saved)) \
+            and claimed != sender:
         return f"{type(msg).__name__} for stage {claimed} from stage {sender}"
     if isinstance(msg, wire.Grad) and msg.to_stage != sender - 1:
         return f"stage {sender} sent a gradient for stage {msg.to_stage}"
@@ -98,6 +102,14 @@ class Coordinator:
         self.relayed_bootstrap = [0] * self.num_stages
         self.rejected = 0
         self.refused = 0  # connections turned away by CURVE authentication
+        self._ckpt_asked: Optional[float] = None  # when the checkpoint in flight was asked for
+        self._last_ckpt = time.monotonic()
+        self._saved: dict[int, dict[int, dict]] = {}  # step -> stage -> where it was saved
+        self.checkpoints: list[dict] = []
+        self.last_checkpoint_step: Optional[int] = None
+        self._interrupted: Optional[str] = None
+        self._stop_by: Optional[float] = None
+        self._step_before_stop: Optional[int] = None
         self._refusals: dict[str, int] = {}
         self.t_created = time.monotonic()
         self.t_start: Optional[float] = None
@@ -159,10 +171,12 @@ class Coordinator:
                 for stage in range(self.num_stages):
                     downstream = self.ready[stage + 1] if stage + 1 < self.num_stages else ""
                     self._send(stage, wire.Begin(downstream))
-                self.t_start = self._last_advance = time.monotonic()
+                self.t_start = self._last_advance = self._last_ckpt = time.monotonic()
                 self.log(f"all {self.num_stages} stages ready after {self.t_start - self.t_created:.1f}s; "
                          f"training {self.total_steps} steps")
                 self.log("stage inputs: " + "  ".join(f"{s}={self.ready[s]}" for s in range(1, self.num_stages)))
+        elif isinstance(msg, wire.Saved):
+            self._on_saved(msg)
         elif isinstance(msg, wire.Done):
             self._last_advance = now
             self.done[msg.stage] = msg.summary
@@ -295,8 +309,75 @@ class Coordinator:
         if self.t_start is not None or done:
             self.stream.tick(self._wall(), done=done)
 
+    # ------------------------------------------------------------------ checkpoints
+    def request_checkpoint(self, reason: str) -> None:
+        """Ask stage 0 to save at its next step boundary; its marker takes the request down the
+        stages. One checkpoint at a time."""
+        if self._ckpt_asked is not None or 0 not in self.identities or 0 in self.done:
+            return
+        self._ckpt_asked = time.monotonic()
+        self._send(0, wire.Checkpoint(reason))
+
+    def _maybe_checkpoint(self) -> None:
+        every = self.cfg.checkpoint_every
+        if every > 0 and self.t_start is not None and time.monotonic() - self._last_ckpt >= every:
+            self._last_ckpt = time.monotonic()
+            self.request_checkpoint(f"every {every:g}s")
+
+    def _on_saved(self, msg: wire.Saved) -> None:
+        saved = self._saved.setdefault(msg.step, {})
+        saved[msg.stage] = {"path": msg.path, "host": msg.host}
+        if len(saved) < self.num_stages:
+            return
+        took = time.monotonic() - (self._ckpt_asked or time.monotonic())
+        self._ckpt_asked = None
+        self._write_manifest(msg.step, saved, final=False)
+        del self._saved[msg.step]
+        self.checkpoints.append({"step": msg.step, "wall_s": self._wall(), "took_s": took})
+        self.log(f"checkpoint: step {msg.step} saved on every stage in {took:.2f}s "
+                 f"({self.run_dir / 'checkpoints' / 'manifest.json'})")
+
+    def _write_manifest(self, step: int, stages: dict[int, dict], final: bool) -> None:
+        """checkpoints/manifest.json names the last step that is complete on every stage."""
+        atomic_write_json(self.run_dir / "checkpoints" / "manifest.json", {
+            "step": step, "final": final, "mode": self.cfg.mode, "num_stages": self.num_stages,
+            "stages": {str(s): stages[s] for s in sorted(stages)}, "wall_s": self._wall(),
+            "written_at": time.time(), "config": self.cfg.to_dict()})
+        self.last_checkpoint_step = step
+
+    def _on_interrupt(self, signum, frame) -> None:
+        """First Ctrl-C / SIGTERM: checkpoint, then stop (the loop sees the flag). Second: now."""
+        if self._interrupted:
+            raise KeyboardInterrupt
+        self._interrupted = signal.Signals(signum).name
+
+    def _graceful_stop(self) -> None:
+        """After an interrupt: wait for a checkpoint at the next step, then raise
+        KeyboardInterrupt (the launcher exits 130). Bounded by heartbeat_timeout x 3."""
+        if self._stop_by is None:
+            self._stop_by = time.monotonic() + 3 * self.cfg.heartbeat_timeout
+            done_before = self.last_checkpoint_step
+            self.log(f"{self._interrupted}: saving every stage at the next step, then stopping "
+                     f"(press Ctrl-C again to stop at once)")
+            self._ckpt_asked = None  # a periodic request in flight still completes; ask anew
+            self.request_checkpoint("interrupted")
+            self._step_before_stop = done_before
+            if self.t_start is None or 0 in self.done:
+                raise KeyboardInterrupt  # nothing to save mid-run
+        if self._ckpt_asked is None and self.last_checkpoint_step != self._step_before_stop:
+            self.log(f"stopped after the checkpoint at step {self.last_checkpoint_step}")
+            raise KeyboardInterrupt
+        if time.monotonic() > self._stop_by:
+            self.log("no checkpoint within the time allowed; stopping without one")
+            raise KeyboardInterrupt
+
     def serve(self, group: Optional[ProcessGroup] = None) -> dict:
-        """Run until every stage is done; return the summary. Raises RunFailed."""
+        """Run until every stage is done; return the summary. Raises RunFailed, or
+        KeyboardInterrupt after Ctrl-C / SIGTERM (once a checkpoint is written)."""
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handlers[sig] = signal.signal(sig, self._on_interrupt)
         try:
             while len(self.done) < self.num_stages:
                 if self.sock.poll(POLL_MS):
@@ -306,15 +387,23 @@ class Coordinator:
                             break
                 self._check(group)
                 self._heartbeat()
+                self._maybe_checkpoint()
+                if self._interrupted:
+                    self._graceful_stop()
                 self._progress()
                 self._status()
             self.t_end = time.monotonic()
+            self._write_manifest(max(d.get("last_step", -1) for d in self.done.values()),
+                                 {s: {"path": d["checkpoint"], "host": d["host"]} for s, d in self.done.items()},
+                                 final=True)
             self._status(done=True)
             self.stop_all("run complete")
             if group is not None and not group.wait(15.0):
                 self.log("[coordinator] some workers did not exit after STOP; terminating them")
             return self.summary()
         finally:
+            for sig, old in handlers.items():
+                signal.signal(sig, old)
             if self._own_stream:
                 self.stream.close()
 
@@ -342,6 +431,7 @@ class Coordinator:
             "bootstrap_gradients_relayed": self.relayed_bootstrap,
             "rejected_messages": self.rejected + sum(w.get("rejected_messages", 0) for w in workers),
             "refused_connections": self.refused,
+            "checkpoints": self.checkpoints,
             "secure": self.guard.on,
             "num_stages": self.num_stages,
             "evals": self.stream.evals,

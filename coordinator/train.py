@@ -41,6 +41,8 @@ def make_run_dir(cfg: RunConfig) -> Path:
         for old in path.glob(pattern):
             old.unlink()
     shutil.rmtree(path / "tensorboard", ignore_errors=True)
+    if (path / "checkpoints").exists():  # never delete a checkpoint: move an earlier run's aside
+        (path / "checkpoints").rename(path / f"checkpoints.before-{time.strftime('%Y%m%d-%H%M%S')}")
     return path
 
 

@@ -274,8 +274,12 @@ class StageLogic:
         return len(self.kept)
 
     def state_dict(self) -> dict:
+        """Everything training needs to continue: layers, optimizer, synthetic-gradient model and
+        its optimizer, and (stale mode) the gradient being reused."""
         state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
         if self.sg is not None and self.sg_optimizer is not None:
             state["sg"] = self.sg.state_dict()
             state["sg_optimizer"] = self.sg_optimizer.state_dict()
+        if self.last_true is not None:
+            state["last_true"] = self.last_true
         return state

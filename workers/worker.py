@@ -108,6 +108,8 @@ class LayerWorker:
         self.delay = 0.0  # --link-delay-ms, in seconds (testing: simulated link latency)
         self._held: collections.deque[tuple[float, wire.Grad]] = collections.deque()
         self._last_from_coord = self._last_to_coord = time.monotonic()
+        self._checkpoint_asked: Optional[str] = None
+        self._saved_paths: list[Path] = []
 
     # ------------------------------------------------------------------ sockets
     def send_coord(self, msg: wire.Message) -> None:
@@ -226,6 +228,9 @@ class LayerWorker:
                 continue
             if isinstance(msg, wire.Stop):
                 raise Stopped(msg.reason)
+            if isinstance(msg, wire.Checkpoint):
+                self._checkpoint_asked = msg.reason  # stage 0 acts at its next step boundary
+                continue
             if isinstance(msg, wire.Grad):
                 if self.delay:  # simulated latency: deliver it `delay` after it was sent
                     self._held.append((msg.sent_at + self.delay, msg))
@@ -299,7 +304,7 @@ class LayerWorker:
                     wire.check_tensor(msg.labels, "ACTIVATION.labels", torch.int64, (), msg.h.shape[0])
                     if msg.labels.shape[0] != msg.h.shape[0]:
                         raise wire.WireError("ACTIVATION: labels and h differ in batch size")
-                elif msg.phase not in ("eval_end", "end"):
+                elif msg.phase not in ("eval_end", "checkpoint", "end"):
                     raise wire.WireError(f"ACTIVATION: unknown phase {msg.phase!r}")
             except wire.WireError as exc:
                 self._reject(exc)
@@ -360,6 +365,9 @@ class LayerWorker:
                     break
                 self.train_step(step, epoch, x, y)
                 step += 1
+                if self._checkpoint_asked is not None and step < total:
+                    self._checkpoint_asked = None
+                    self.checkpoint(step - 1, epoch)
                 if cfg.mid_epoch_eval(step, per_epoch, total):
                     self.evaluate_first(epoch, step)
             self.evaluate_first(epoch, step)
@@ -397,6 +405,8 @@ class LayerWorker:
                         h = self.logic.eval_forward(msg.h)
                 if not self.is_last:
                     self.send_down(wire.Activation(msg.step, msg.epoch, "eval", False, h, msg.labels))
+            elif msg.phase == "checkpoint":
+                self.checkpoint(msg.step, msg.epoch)
             elif msg.phase == "eval_end":
                 if self.is_last:
                     self.send_coord(acc.result(msg.epoch, msg.step))
@@ -408,19 +418,45 @@ class LayerWorker:
                     self.send_down(msg)
                 return
 
-    def finish(self) -> None:
-        """Wait for the gradients still travelling back, save, report, wait for STOP."""
-        self._wait("wait_grad", lambda: self.logic.outstanding() == 0)
-        self.train_end = time.monotonic()
-        path = self.run_dir / f"stage{self.stage}.pt"
+    def save(self, path: Path, step: int) -> None:
+        """This stage's state after `step`, written atomically (temporary file, fsync, rename)."""
         module = self.logic.module
         atomic_torch_save(path, {
             "stage": self.stage,
             "units": {self.first_unit + j: module[j].state_dict() for j in range(len(module))},
             "state": self.logic.state_dict(),
-            "step": self.last_step,
+            "step": step,
             "config": self.cfg.to_dict(),
         })
+
+    def checkpoint(self, step: int, epoch: int) -> None:
+        """Save at `step` on every stage: pass the marker on first (the stages after this one
+        save concurrently), then wait for every gradient of steps <= `step`, save, tell the
+        coordinator. The marker follows step `step` down each FIFO link, so every stage saves
+        the state right after the same step."""
+        if not self.is_last:
+            self.send_down(wire.Activation(step, epoch, "checkpoint", False))
+        self._wait("wait_grad", lambda: self.logic.outstanding() == 0)
+        path = self.run_dir / "checkpoints" / f"step-{step:09d}" / f"stage{self.stage}.pt"
+        self.save(path, step)
+        self.send_coord(wire.Saved(self.stage, step, str(path), pysocket.gethostname()))
+        # the coordinator asks for one checkpoint at a time, so the one before this was complete
+        # on every stage: keep it and this one, delete older ones
+        self._saved_paths.append(path)
+        while len(self._saved_paths) > 2:
+            old = self._saved_paths.pop(0)
+            old.unlink(missing_ok=True)
+            try:
+                old.parent.rmdir()  # once every stage on this host has removed its file
+            except OSError:
+                pass
+
+    def finish(self) -> None:
+        """Wait for the gradients still travelling back, save, report, wait for STOP."""
+        self._wait("wait_grad", lambda: self.logic.outstanding() == 0)
+        self.train_end = time.monotonic()
+        path = self.run_dir / f"stage{self.stage}.pt"
+        self.save(path, self.last_step)
         # traces for `launch.py compare` (too large for a control message's header bound)
         atomic_write_json(self.run_dir / f"timeline-stage{self.stage}.json", self.timings.timeline)
         if self.logic.snapshots:
@@ -431,7 +467,7 @@ class LayerWorker:
         self.send_coord(wire.Done(self.stage, {
             "stage": self.stage, "pid": os.getpid(), "host": pysocket.gethostname(),
             "input_endpoint": self.endpoint, "core": self.core, "units": [self.first_unit, self.end_unit],
-            "steps": self.steps, "samples": self.samples, "elapsed_s": elapsed,
+            "steps": self.steps, "last_step": self.last_step, "samples": self.samples, "elapsed_s": elapsed,
             "samples_per_s": self.samples / elapsed if elapsed > 0 else 0.0,
             "busy_fraction": totals["compute"] / elapsed if elapsed > 0 else 0.0,
             "messaging_fraction": sum(totals[k] for k in MESSAGING) / elapsed if elapsed > 0 else 0.0,

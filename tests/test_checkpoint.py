@@ -1,0 +1,73 @@
+"""Checkpoints on the coordinator's command: every stage saves right after the same step (a
+marker follows that step down the stages), atomically, and a manifest names the step complete on
+every stage. Ctrl-C saves one before stopping."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from tests.test_training import assert_all_gone, run, training_launcher, wait_for_line
+
+
+def _units(files) -> dict[int, dict[str, torch.Tensor]]:
+    units = {}
+    for f in files:
+        units.update({int(k): v for k, v in torch.load(f, weights_only=True)["units"].items()})
+    return units
+
+
+@pytest.mark.timeout(240)
+def test_periodic_checkpoint_holds_every_stage_after_the_same_step(tiny_cfg, tmp_path):
+    """Locked is exact backprop, so the stages saved at step T must equal single-process
+    backprop after T+1 steps (rtol 1e-5, atol 1e-6)."""
+    run_dir, s = run(tiny_cfg, mode="locked", steps=60, epochs=2, checkpoint_every=0.2,
+                     link_delay_ms=4, out=str(tmp_path / "locked"))  # >= 1.4 s: several checkpoints
+    assert len(s["checkpoints"]) >= 2, s["checkpoints"]
+    manifest = json.loads((run_dir / "checkpoints" / "manifest.json").read_text())
+    assert manifest["final"] and manifest["step"] == 59  # the end of the run is the last checkpoint
+    folders = sorted((run_dir / "checkpoints").glob("step-*"))
+    assert len(folders) == 2  # the two latest periodic checkpoints are kept
+    step = int(folders[-1].name.split("-")[1])
+    assert step == s["checkpoints"][-1]["step"] and 0 <= step < 59
+    files = sorted(folders[-1].glob("stage*.pt"))
+    assert [f.name for f in files] == ["stage0.pt", "stage1.pt", "stage2.pt", "stage3.pt"]
+    assert {torch.load(f, weights_only=True)["step"] for f in files} == {step}
+    ref_dir, _ = run(tiny_cfg, mode="backprop", backprop_threads=1, steps=step + 1, epochs=2,
+                     out=str(tmp_path / "bp"))
+    a, b = _units(sorted(ref_dir.glob("stage*.pt"))), _units(files)
+    assert sorted(a) == sorted(b) == [0, 1, 2, 3]
+    for unit in a:
+        for name in a[unit]:
+            torch.testing.assert_close(b[unit][name], a[unit][name], rtol=1e-5, atol=1e-6,
+                                       msg=f"unit {unit} {name} at step {step}")
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_saves_a_checkpoint_then_stops(tmp_path):
+    with training_launcher(tmp_path, "--checkpoint-every", "0") as (proc, pids):
+        os.kill(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130, out
+        assert "saving every stage at the next step" in out and "stopped after the checkpoint at step" in out
+        assert_all_gone(pids)
+    manifest = json.loads((tmp_path / "run" / "checkpoints" / "manifest.json").read_text())
+    assert not manifest["final"] and manifest["step"] > 0
+    for stage, where in manifest["stages"].items():
+        state = torch.load(where["path"], weights_only=True)
+        assert state["step"] == manifest["step"] and state["stage"] == int(stage)
+        assert {"module", "optimizer", "sg", "sg_optimizer"} <= set(state["state"]) or int(stage) == 3
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_saves_a_checkpoint_too(tmp_path):
+    with training_launcher(tmp_path, "--checkpoint-every", "0") as (proc, pids):
+        os.kill(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130, out
+        assert "SIGTERM: saving every stage" in out
+        assert_all_gone(pids)
+    assert (tmp_path / "run" / "checkpoints" / "manifest.json").exists()
