@@ -55,6 +55,9 @@ def add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = 
 def config_from_args(ns: argparse.Namespace) -> RunConfig:
     given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(RunConfig)
              if getattr(ns, f.name, None) is not None}
+    if given.get("resume"):
+        from coordinator.resume import resume_config
+        return resume_config(given["resume"], given).validate()
     return RunConfig(**given).validate()
 
 

@@ -83,6 +83,8 @@ class RunConfig:
     out: Optional[str] = opt(None, "run folder; None = runs/<mode>-<time>")
     progress_every: float = opt(2.0, "seconds between progress lines")
     metrics_every: float = opt(1.0, "seconds between a worker's metric reports")
+    resume: Optional[str] = opt(None, "continue the run in this folder from its last complete checkpoint "
+                                "(its config; only run length and monitoring options may change)")
     checkpoint_every: float = opt(300.0, "save every stage at one step about this often, in seconds "
                                   "(0: only at the end and on Ctrl-C / SIGTERM)")
     heartbeat_timeout: float = opt(10.0, "a worker or coordinator that sends nothing for this many seconds "
@@ -148,6 +150,8 @@ class RunConfig:
             need(len(self.slow_stage) == 2 and 0 <= self.slow_stage[0] < len(self.stage_groups)
                  and self.slow_stage[1] >= 0,
                  f"--slow-stage needs STAGE,MS with STAGE in 0..{len(self.stage_groups) - 1}, got {self.slow_stage}")
+        need(not self.resume or self.mode in ("locked", "unlocked", "stale"),
+             f"--resume continues locked, unlocked and stale runs, not {self.mode}")
         need(self.checkpoint_every >= 0, "--checkpoint-every must be 0 (off) or more seconds")
         need(self.heartbeat_timeout >= 0.5, "--heartbeat-timeout must be at least 0.5 s")
         need(0.0 <= self.link_delay_ms <= 10_000, "--link-delay-ms must be between 0 and 10000")

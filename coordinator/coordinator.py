@@ -61,12 +61,16 @@ class RunFailed(RuntimeError):
 class Coordinator:
     def __init__(self, cfg: RunConfig, run_dir: Path, *, n_train: int,
                  log: Callable[[str], None] = print, bind: Optional[str] = None,
-                 stream: Optional[StatusStream] = None, guard: Optional[Guard] = None):
+                 stream: Optional[StatusStream] = None, guard: Optional[Guard] = None,
+                 resume: Optional[dict] = None):
         """`stream` receives the workers' reports (train.py passes the run's); without one the
         coordinator makes and closes its own. `guard` makes the ROUTER a CURVE server (its
         context is used); without one the links are plain and the context is the coordinator's."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.resume = resume  # the manifest to continue from, or None
+        self.resume_step = resume["step"] if resume else -1
+        self.wall_offset = resume["wall_s"] if resume else 0.0  # curves continue the old run's
         self.log = log
         self.num_stages = len(cfg.stage_groups)
         self.total_steps = total_steps(n_train, cfg.batch_size, cfg.epochs, cfg.steps)
@@ -212,7 +216,9 @@ class Coordinator:
         cores = available_cores()
         for stage in range(self.num_stages):
             core = snake_core(stage, cores) if self.cfg.pin_cores else -1
-            self._send(stage, wire.Start(self.cfg.to_dict(), str(self.run_dir), core, self.total_steps))
+            resume = self.resume["stages"][str(stage)]["path"] if self.resume else ""
+            self._send(stage, wire.Start(self.cfg.to_dict(), str(self.run_dir), core, self.total_steps,
+                                         self.resume_step, resume))
 
     def _reject(self, identity: bytes, why: str) -> None:
         """Count a bad message and log it (the first ten, then every thousandth): a flood of
@@ -237,7 +243,7 @@ class Coordinator:
 
     # ------------------------------------------------------------------ the loop
     def _wall(self) -> float:
-        return time.monotonic() - (self.t_start or self.t_created)
+        return self.wall_offset + time.monotonic() - (self.t_start or self.t_created)
 
     def _check(self, group: Optional[ProcessGroup]) -> None:
         for refusal in self.guard.take_refusals():  # CURVE: peers without an authorised key
@@ -432,6 +438,7 @@ class Coordinator:
             "rejected_messages": self.rejected + sum(w.get("rejected_messages", 0) for w in workers),
             "refused_connections": self.refused,
             "checkpoints": self.checkpoints,
+            "resumed_from_step": self.resume_step if self.resume else None,
             "secure": self.guard.on,
             "num_stages": self.num_stages,
             "evals": self.stream.evals,

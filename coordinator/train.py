@@ -19,6 +19,7 @@ from common.files import atomic_write_json
 from common.security import Guard, resolve_keys
 from common.procs import ProcessGroup
 from coordinator.coordinator import Coordinator, RunFailed
+from coordinator.resume import read_manifest
 from coordinator.stream import StatusStream
 from workers.backprop import run_backprop
 from workers.pipeline import PipelineFailed, run_pipeline
@@ -32,6 +33,8 @@ RUN_FILES = ("summary.json", "metrics.jsonl", "timeline-stage*.json", "sg-snapsh
 def make_run_dir(cfg: RunConfig) -> Path:
     """The run folder, emptied of an earlier run's records (metrics.jsonl is appended to, and
     plots read every file there): a new run into the same --out starts clean."""
+    if cfg.resume:  # the same folder, records kept: the resumed run's curves continue them
+        return Path(cfg.resume)
     if cfg.out:
         path = Path(cfg.out)
     else:
@@ -68,6 +71,14 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
     atomic_write_json(run_dir / "config.json", cfg.to_dict())
     log(f"run folder {run_dir}  mode {cfg.mode}  stages {list(cfg.stage_groups) if cfg.mode != 'backprop' else 1}")
     n_train = count_train(cfg.dataset, cfg.data_dir, cfg.synthetic_train)
+    resume = None
+    if cfg.resume:
+        resume = read_manifest(run_dir)
+        total = total_steps(n_train, cfg.batch_size, cfg.epochs, cfg.steps)
+        if resume["step"] + 1 >= total:
+            raise ConfigError(f"{run_dir} finished step {resume['step']} of {total}: nothing left to "
+                              f"train (raise --epochs or --steps to go on)")
+        log(f"resuming from the checkpoint at step {resume['step']} ({run_dir}/checkpoints/manifest.json)")
     guard = Guard(zmq.Context(), keys)  # one context; CURVE on its listeners when keys are set
     stream = StatusStream(cfg, run_dir, num_stages=1 if cfg.mode == "backprop" else len(cfg.stage_groups),
                           total_steps=total_steps(n_train, cfg.batch_size, cfg.epochs, cfg.steps),
@@ -85,7 +96,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
             except PipelineFailed as exc:
                 raise RunFailed(str(exc)) from None
         else:
-            summary = _train_workers(cfg, run_dir, n_train, log, stream, bind, on_listening)
+            summary = _train_workers(cfg, run_dir, n_train, log, stream, bind, on_listening, resume)
     finally:
         stream.close()
         guard.close()
@@ -113,9 +124,10 @@ def _coordinator_only(cfg: RunConfig, bind: str) -> RunConfig:
 
 def _train_workers(cfg: RunConfig, run_dir: Path, n_train: int, log: Callable[[str], None],
                    stream: StatusStream, bind: Optional[str] = None,
-                   on_listening: Optional[Callable[[str], None]] = None) -> dict:
+                   on_listening: Optional[Callable[[str], None]] = None,
+                   resume: Optional[dict] = None) -> dict:
     coord = Coordinator(cfg, run_dir, n_train=n_train, log=log, stream=stream, bind=bind,
-                        guard=stream.guard)
+                        guard=stream.guard, resume=resume)
     if bind is not None:
         how = "" if on_listening is not None else (
             f": python launch.py worker --coordinator {coord.endpoint} "

@@ -283,3 +283,12 @@ class StageLogic:
         if self.last_true is not None:
             state["last_true"] = self.last_true
         return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """The inverse of state_dict (resuming from a checkpoint)."""
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sg is not None and self.sg_optimizer is not None:
+            self.sg.load_state_dict(state["sg"])
+            self.sg_optimizer.load_state_dict(state["sg_optimizer"])
+        self.last_true = state.get("last_true")

@@ -207,6 +207,9 @@ class LayerWorker:
             self.outbox.setsockopt(zmq.LINGER, 2000)
             if self.guard.on:
                 self.guard.client(self.outbox, self.guard.keys.worker_public)
+        self.first_step = start.resume_step + 1
+        if start.resume_path:
+            self._load(Path(start.resume_path), start.resume_step)
         self.dataset = None
         if self.stage == 0:
             self.dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.synthetic_train, cfg.synthetic_test)
@@ -360,16 +363,23 @@ class LayerWorker:
         total = total_steps(len(ds.train), cfg.batch_size, cfg.epochs, cfg.steps)
         step = 0
         for epoch in range(cfg.epochs):
+            if (epoch + 1) * per_epoch <= self.first_step:  # resumed: this epoch and its test are done
+                step = (epoch + 1) * per_epoch
+                continue
             for x, y in train_batches(ds.train, cfg.batch_size, cfg.seed, epoch):
                 if step >= total:
                     break
+                if step < self.first_step:  # resumed: the same batches as before, skipped
+                    step += 1
+                    continue
                 self.train_step(step, epoch, x, y)
                 step += 1
-                if self._checkpoint_asked is not None and step < total:
-                    self._checkpoint_asked = None
-                    self.checkpoint(step - 1, epoch)
                 if cfg.mid_epoch_eval(step, per_epoch, total):
                     self.evaluate_first(epoch, step)
+                # not at an epoch's last step: its test comes first, so a resume never skips it
+                if self._checkpoint_asked is not None and step < total and step % per_epoch:
+                    self._checkpoint_asked = None
+                    self.checkpoint(step - 1, epoch)
             self.evaluate_first(epoch, step)
             if step >= total:
                 break
@@ -417,6 +427,17 @@ class LayerWorker:
                 if not self.is_last:
                     self.send_down(msg)
                 return
+
+    def _load(self, path: Path, step: int) -> None:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError) as exc:
+            raise RuntimeError(f"stage {self.stage}: cannot read checkpoint {path}: {exc}") from None
+        if ckpt.get("stage") != self.stage or ckpt.get("step") != step:
+            raise RuntimeError(f"stage {self.stage}: {path} holds stage {ckpt.get('stage')} at step "
+                               f"{ckpt.get('step')}, expected stage {self.stage} at step {step}")
+        self.logic.load_state_dict(ckpt["state"])
+        self.last_step = step
 
     def save(self, path: Path, step: int) -> None:
         """This stage's state after `step`, written atomically (temporary file, fsync, rename)."""

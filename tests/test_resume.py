@@ -1,0 +1,72 @@
+"""`launch.py train --resume RUN_DIR`: a locked run stopped with Ctrl-C and resumed ends with the
+same parameters as one never interrupted, and its records continue the old ones."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from common.files import load_model_state
+from tests.conftest import ROOT
+from tests.test_training import wait_for_line
+
+LOCKED = ["--dataset", "synthetic", "--mode", "locked", "--layers", "784,64,64,64,10", "--batch-size", "64",
+          "--synthetic-train", "2048", "--synthetic-test", "512", "--epochs", "6", "--checkpoint-every", "0",
+          "--metrics-every", "0.2", "--progress-every", "0.2", "--start-timeout", "60"]
+
+
+def _launch(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-u", str(ROOT / "launch.py"), "train", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.timeout(240)
+def test_locked_run_resumed_after_ctrl_c_equals_an_uninterrupted_one(tmp_path):
+    run_dir = tmp_path / "interrupted"
+    first = _launch(*LOCKED, "--link-delay-ms", "3", "--out", str(run_dir))  # >= 3.5 s of training
+    try:
+        wait_for_line(first, "train step", timeout=90)
+        os.kill(first.pid, signal.SIGINT)
+        out, _ = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(10)
+    assert first.returncode == 130, out
+    stopped_at = json.loads((run_dir / "checkpoints" / "manifest.json").read_text())["step"]
+    assert 0 <= stopped_at < 191, stopped_at
+    resumed = _launch("--resume", str(run_dir))  # no delay this time: timing is not part of the result
+    out, _ = resumed.communicate(timeout=150)
+    assert resumed.returncode == 0, out
+    assert f"resuming from the checkpoint at step {stopped_at}" in out
+    whole = _launch(*LOCKED, "--out", str(tmp_path / "whole"))
+    whole_out, _ = whole.communicate(timeout=150)
+    assert whole.returncode == 0, whole_out
+    a, b = load_model_state(tmp_path / "whole"), load_model_state(run_dir)
+    for unit in a:
+        for name in a[unit]:
+            assert torch.equal(a[unit][name], b[unit][name]), f"unit {unit} {name} differs after resume"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from_step"] == stopped_at and summary["steps"] == 191 - stopped_at
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in recs if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == sorted(r["step"] for r in evals)  # one curve, in order
+    assert evals[-1]["step"] == 192 and all(b["wall_s"] >= a["wall_s"] for a, b in zip(evals, evals[1:]))
+
+
+def test_resume_refuses_what_it_cannot_do(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, str(ROOT / "launch.py"), "train", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+    nothing = run("--resume", str(tmp_path))
+    assert nothing.returncode == 2 and "not a run folder" in nothing.stderr
+    (tmp_path / "config.json").write_text(json.dumps({"mode": "locked", "dataset": "synthetic"}))
+    empty = run("--resume", str(tmp_path))
+    assert empty.returncode == 2 and "nothing to resume" in empty.stderr
+    changed = run("--resume", str(tmp_path), "--layers", "784,32,10")
+    assert changed.returncode == 2 and "drop --layers" in changed.stderr
