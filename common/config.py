@@ -85,6 +85,9 @@ class RunConfig:
     metrics_every: float = opt(1.0, "seconds between a worker's metric reports")
     resume: Optional[str] = opt(None, "continue the run in this folder from its last complete checkpoint "
                                 "(its config; only run length and monitoring options may change)")
+    on_failure: str = opt("stop", "when a stage process dies or hangs: stop the run, or restart every stage "
+                          "from the last complete checkpoint (local stages; up to --max-restarts)")
+    max_restarts: int = opt(3, "with --on-failure restart: give up after this many restarts")
     checkpoint_every: float = opt(300.0, "save every stage at one step about this often, in seconds "
                                   "(0: only at the end and on Ctrl-C / SIGTERM)")
     heartbeat_timeout: float = opt(10.0, "a worker or coordinator that sends nothing for this many seconds "
@@ -152,6 +155,8 @@ class RunConfig:
                  f"--slow-stage needs STAGE,MS with STAGE in 0..{len(self.stage_groups) - 1}, got {self.slow_stage}")
         need(not self.resume or self.mode in ("locked", "unlocked", "stale"),
              f"--resume continues locked, unlocked and stale runs, not {self.mode}")
+        need(self.on_failure in ("stop", "restart"), f"--on-failure must be stop or restart, got {self.on_failure!r}")
+        need(self.max_restarts >= 0, "--max-restarts must be 0 or more")
         need(self.checkpoint_every >= 0, "--checkpoint-every must be 0 (off) or more seconds")
         need(self.heartbeat_timeout >= 0.5, "--heartbeat-timeout must be at least 0.5 s")
         need(0.0 <= self.link_delay_ms <= 10_000, "--link-delay-ms must be between 0 and 10000")

@@ -95,6 +95,8 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
                 summary = run_pipeline(cfg, run_dir, log, stream)
             except PipelineFailed as exc:
                 raise RunFailed(str(exc)) from None
+        elif bind is None and cfg.on_failure == "restart":
+            summary = _train_restarting(cfg, run_dir, n_train, log, stream, resume)
         else:
             summary = _train_workers(cfg, run_dir, n_train, log, stream, bind, on_listening, resume)
     finally:
@@ -105,6 +107,46 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
     summary["run_dir"] = str(run_dir)
     atomic_write_json(run_dir / "summary.json", summary)
     return run_dir, summary
+
+
+def _train_restarting(cfg: RunConfig, run_dir: Path, n_train: int, log: Callable[[str], None],
+                      stream: StatusStream, resume: Optional[dict]) -> dict:
+    """--on-failure restart: when the run fails (a stage died, hung or reported an error), stop
+    every stage and start them all again from the last checkpoint complete on every stage: the
+    surviving stages have moved past it, and one consistent cut is what makes the result exact."""
+    failures: list[dict] = []
+    t_run = time.monotonic()
+    wall0 = resume["wall_s"] if resume else 0.0
+    while True:
+        t_try = time.monotonic()
+        if failures:
+            failures[-1]["shutdown_s"] = t_try - failures[-1].pop("_failed_at")
+        try:
+            summary = _train_workers(cfg, run_dir, n_train, log, stream, resume=resume)
+            if failures:  # failure noticed -> training again
+                failures[-1]["restart_s"] = failures[-1]["shutdown_s"] + summary["startup_s"]
+            break
+        except RunFailed as exc:
+            failed_at = time.monotonic()
+            if len(failures) >= cfg.max_restarts:
+                raise RunFailed(f"{exc} (after {len(failures)} restarts; --max-restarts {cfg.max_restarts})") from None
+            manifest = (run_dir / "checkpoints" / "manifest.json")
+            resume = read_manifest(run_dir) if manifest.is_file() else resume
+            if resume is not None and resume.get("final"):
+                resume = None  # a final manifest of an earlier run in this folder is not ours
+            reached = stream.latest.get(len(cfg.stage_groups) - 1, {}).get("step", -1)
+            restart_from = resume["step"] if resume else -1
+            failures.append({"error": str(exc), "after_s": failed_at - t_try, "reached_step": reached,
+                             "restarted_from_step": restart_from,
+                             "steps_lost": max(reached - restart_from, 0), "_failed_at": failed_at})
+            if resume is not None:  # the wall clock of the run goes on across restarts
+                resume = {**resume, "wall_s": wall0 + time.monotonic() - t_run}
+            log(f"run failed: {exc}")
+            log(f"restarting every stage from " + (f"the checkpoint at step {restart_from}" if resume else
+                "the beginning (no checkpoint yet)") + f" (restart {len(failures)} of at most {cfg.max_restarts})")
+    summary["failures"] = failures
+    summary["restarts"] = len(failures)
+    return summary
 
 
 def _coordinator_only(cfg: RunConfig, bind: str) -> RunConfig:

@@ -1,0 +1,53 @@
+"""--on-failure restart: a stage killed mid-run is noticed, every stage restarts from the last
+complete checkpoint, and a locked run still ends exactly where an undisturbed one does."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+import torch
+
+from common.files import load_model_state
+from tests.conftest import ROOT
+from tests.test_resume import LOCKED
+from tests.test_training import wait_for_line
+
+
+@pytest.mark.timeout(240)
+def test_killed_stage_restarts_from_the_checkpoint_and_the_result_is_unchanged(tmp_path):
+    run_dir = tmp_path / "restarted"
+    cmd = [sys.executable, "-u", str(ROOT / "launch.py"), "train", *LOCKED, "--checkpoint-every", "0.5",
+           "--on-failure", "restart", "--link-delay-ms", "3", "--out", str(run_dir)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _, seen = wait_for_line(proc, "checkpoint: step", timeout=90)
+        stages = [c for c in psutil.Process(proc.pid).children()
+                  if "resource_tracker" not in " ".join(c.cmdline())]
+        victim = stages[2].pid
+        os.kill(victim, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=150)
+        out = "".join(seen) + out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, out[-3000:]
+    assert f"stage 2 (pid {victim}) killed by SIGKILL" in out and "restarting every stage from the checkpoint" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["restarts"] == 1
+    failure = summary["failures"][0]
+    assert "killed by SIGKILL" in failure["error"] and failure["restarted_from_step"] >= 0
+    assert failure["steps_lost"] >= 0 and failure["restart_s"] > 0
+    whole = subprocess.run([sys.executable, str(ROOT / "launch.py"), "train", *LOCKED, "--out",
+                            str(tmp_path / "whole")], cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert whole.returncode == 0, whole.stdout[-2000:]
+    a, b = load_model_state(tmp_path / "whole"), load_model_state(run_dir)
+    for unit in a:
+        for name in a[unit]:
+            assert torch.equal(a[unit][name], b[unit][name]), f"unit {unit} {name} differs after the restart"
+    print(json.dumps(failure))  # the figures the README reports (pytest -s)
