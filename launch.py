@@ -142,6 +142,9 @@ def exit_code_of(job: Callable[[], None]) -> int:
     except RunFailed as exc:
         print(f"run failed: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # e.g. a full disk while writing the summary
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: every worker was stopped", file=sys.stderr)
         return 130

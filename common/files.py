@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -49,15 +50,26 @@ class JsonlLog:
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
         self._f = open(path, "a", encoding="utf-8")
+        self.dropped = 0  # records lost to a write error (a full disk): training goes on
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+        except OSError as exc:
+            self.dropped += 1
+            if self.dropped == 1:
+                print(f"warning: cannot write {self.path}: {exc}; training goes on, records are dropped "
+                      f"until it can", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if not self._f.closed:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:
+                pass  # what could not be flushed was counted in `dropped` or is lost with the disk
 
 
 class JsonlTail:

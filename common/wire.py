@@ -150,6 +150,7 @@ class Saved:
     step: int  # the last step whose update (and every gradient up to it) is in the file
     path: str
     host: str
+    error: str = ""  # why it could not be saved (a full disk, ...); then path is ""
 
 
 @dataclass(frozen=True)

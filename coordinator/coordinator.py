@@ -110,6 +110,7 @@ class Coordinator:
         self._last_ckpt = time.monotonic()
         self._saved: dict[int, dict[int, dict]] = {}  # step -> stage -> where it was saved
         self.checkpoints: list[dict] = []
+        self.checkpoint_failures = 0
         self.last_checkpoint_step: Optional[int] = None
         self._interrupted: Optional[str] = None
         self._stop_by: Optional[float] = None
@@ -185,7 +186,10 @@ class Coordinator:
             self._last_advance = now
             self.done[msg.stage] = msg.summary
         elif isinstance(msg, wire.Error):
-            raise RunFailed(f"stage {msg.stage} failed: {msg.message}")
+            last = self.last_checkpoint_step
+            raise RunFailed(f"stage {msg.stage} failed: {msg.message}" + (
+                "" if last is None else f" (the last complete checkpoint is step {last}: "
+                                        f"--resume {self.run_dir})"))
         else:
             self._reject(identity, f"unexpected {type(msg).__name__}")
 
@@ -331,13 +335,29 @@ class Coordinator:
             self.request_checkpoint(f"every {every:g}s")
 
     def _on_saved(self, msg: wire.Saved) -> None:
+        if msg.error:  # this checkpoint is incomplete for good; the last complete one stands
+            self._saved.pop(msg.step, None)
+            self._ckpt_asked = None
+            self.checkpoint_failures += 1
+            self.log(f"[coordinator] checkpoint at step {msg.step} failed on stage {msg.stage}: "
+                     f"{msg.error}; the last complete checkpoint stays step {self.last_checkpoint_step}")
+            return
+        if msg.step not in self._saved and self._ckpt_asked is None:
+            return  # a late SAVED of a checkpoint already given up
         saved = self._saved.setdefault(msg.step, {})
         saved[msg.stage] = {"path": msg.path, "host": msg.host}
         if len(saved) < self.num_stages:
             return
         took = time.monotonic() - (self._ckpt_asked or time.monotonic())
         self._ckpt_asked = None
-        self._write_manifest(msg.step, saved, final=False)
+        try:
+            self._write_manifest(msg.step, saved, final=False)
+        except OSError as exc:
+            self.checkpoint_failures += 1
+            self.log(f"[coordinator] cannot write the manifest of step {msg.step}: {exc}; the last "
+                     f"complete checkpoint stays step {self.last_checkpoint_step}")
+            del self._saved[msg.step]
+            return
         del self._saved[msg.step]
         self.checkpoints.append({"step": msg.step, "wall_s": self._wall(), "took_s": took})
         self.log(f"checkpoint: step {msg.step} saved on every stage in {took:.2f}s "
@@ -399,9 +419,12 @@ class Coordinator:
                 self._progress()
                 self._status()
             self.t_end = time.monotonic()
-            self._write_manifest(max(d.get("last_step", -1) for d in self.done.values()),
-                                 {s: {"path": d["checkpoint"], "host": d["host"]} for s, d in self.done.items()},
-                                 final=True)
+            try:
+                self._write_manifest(max(d.get("last_step", -1) for d in self.done.values()),
+                                     {s: {"path": d["checkpoint"], "host": d["host"]} for s, d in self.done.items()},
+                                     final=True)
+            except OSError as exc:
+                self.log(f"[coordinator] cannot write the final manifest: {exc}")
             self._status(done=True)
             self.stop_all("run complete")
             if group is not None and not group.wait(15.0):
@@ -438,6 +461,7 @@ class Coordinator:
             "rejected_messages": self.rejected + sum(w.get("rejected_messages", 0) for w in workers),
             "refused_connections": self.refused,
             "checkpoints": self.checkpoints,
+            "checkpoint_failures": self.checkpoint_failures,
             "resumed_from_step": self.resume_step if self.resume else None,
             "secure": self.guard.on,
             "num_stages": self.num_stages,

@@ -71,3 +71,16 @@ def test_sigterm_saves_a_checkpoint_too(tmp_path):
         assert "SIGTERM: saving every stage" in out
         assert_all_gone(pids)
     assert (tmp_path / "run" / "checkpoints" / "manifest.json").exists()
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_twice_stops_at_once_and_leaves_no_orphans(tmp_path):
+    import time
+    with training_launcher(tmp_path, "--checkpoint-every", "0", "--link-delay-ms", "20") as (proc, pids):
+        os.kill(proc.pid, signal.SIGINT)
+        time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130, out
+        assert "interrupted" in out
+        assert_all_gone(pids)

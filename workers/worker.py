@@ -459,7 +459,12 @@ class LayerWorker:
             self.send_down(wire.Activation(step, epoch, "checkpoint", False))
         self._wait("wait_grad", lambda: self.logic.outstanding() == 0)
         path = self.run_dir / "checkpoints" / f"step-{step:09d}" / f"stage{self.stage}.pt"
-        self.save(path, step)
+        try:
+            self.save(path, step)
+        except OSError as exc:  # a full disk fails this checkpoint, not the run
+            print(f"[stage {self.stage}] checkpoint at step {step} failed: {exc}", file=sys.stderr, flush=True)
+            self.send_coord(wire.Saved(self.stage, step, "", pysocket.gethostname(), str(exc)))
+            return
         self.send_coord(wire.Saved(self.stage, step, str(path), pysocket.gethostname()))
         # the coordinator asks for one checkpoint at a time, so the one before this was complete
         # on every stage: keep it and this one, delete older ones
