@@ -21,6 +21,12 @@ from tests.conftest import ROOT
     ({"true_grad_every": 0}, "at least 1"),
     ({"batch_size": 1}, "at least 2"),
     ({"sg_model": "transformer"}, "unknown synthetic-gradient model"),
+    ({"on_failure": "retry"}, "--on-failure must be stop or restart"),
+    ({"slow_stage": (7, 5)}, "--slow-stage needs STAGE,MS with STAGE in 0..3"),
+    ({"heartbeat_timeout": 0.1}, "--heartbeat-timeout must be at least 0.5"),
+    ({"checkpoint_every": -1.0}, "--checkpoint-every must be 0"),
+    ({"link_delay_ms": -1.0}, "--link-delay-ms must be between 0 and 10000"),
+    ({"mode": "backprop", "resume": "/nowhere"}, "--resume continues locked, unlocked and stale runs"),
 ])
 def test_bad_config_names_the_problem(changes, needle):
     with pytest.raises(ConfigError, match=needle):
