@@ -45,3 +45,22 @@ def tiny_cfg(tmp_path):
                      synthetic_train=2048, synthetic_test=512, epochs=1, steps=20,
                      out=str(tmp_path / "run"), progress_every=60.0, start_timeout=60.0,
                      stall_timeout=30.0)
+
+
+# a small locked run (192 steps) that resume, restart and full-disk tests compare against
+LOCKED = ["--dataset", "synthetic", "--mode", "locked", "--layers", "784,64,64,64,10", "--batch-size", "64",
+          "--synthetic-train", "2048", "--synthetic-test", "512", "--epochs", "6", "--checkpoint-every", "0",
+          "--metrics-every", "0.2", "--progress-every", "0.2", "--start-timeout", "60"]
+
+
+@pytest.fixture(scope="session")
+def locked_reference(tmp_path_factory):
+    """The parameters of LOCKED run undisturbed (computed once per test session)."""
+    import subprocess
+
+    from common.files import load_model_state
+    out = tmp_path_factory.mktemp("locked-reference")
+    done = subprocess.run([sys.executable, str(ROOT / "launch.py"), "train", *LOCKED, "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return load_model_state(out)

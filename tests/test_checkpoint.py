@@ -10,7 +10,7 @@ import signal
 import pytest
 import torch
 
-from tests.test_training import assert_all_gone, run, training_launcher, wait_for_line
+from tests.test_training import assert_all_gone, run, training_launcher
 
 
 def _units(files) -> dict[int, dict[str, torch.Tensor]]:

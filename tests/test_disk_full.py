@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from common.files import load_model_state
-from tests.conftest import ROOT
-from tests.test_resume import LOCKED
+from tests.conftest import LOCKED, ROOT
 from tests.test_training import wait_for_line
 
 
@@ -39,7 +38,7 @@ def _fill(folder: Path) -> Path:
 
 
 @pytest.mark.timeout(240)
-def test_full_disk_fails_checkpoints_not_the_last_good_one(tmp_path):
+def test_full_disk_fails_checkpoints_not_the_last_good_one(tmp_path, locked_reference):
     disk = tmp_path / "disk"
     if os.geteuid() != 0 or not _tmpfs(disk, "16m"):
         pytest.skip("needs root to mount a small tmpfs")
@@ -68,10 +67,7 @@ def test_full_disk_fails_checkpoints_not_the_last_good_one(tmp_path):
                                  cwd=ROOT, capture_output=True, text=True, timeout=150)
         assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
         assert f"resuming from the checkpoint at step {step}" in resumed.stdout
-        whole = subprocess.run([sys.executable, str(ROOT / "launch.py"), "train", *LOCKED, "--out",
-                                str(tmp_path / "whole")], cwd=ROOT, capture_output=True, text=True, timeout=150)
-        assert whole.returncode == 0, whole.stdout[-2000:]
-        a, b = load_model_state(tmp_path / "whole"), load_model_state(run_dir)
+        a, b = locked_reference, load_model_state(run_dir)
         for unit in a:
             for name in a[unit]:
                 assert torch.equal(a[unit][name], b[unit][name]), f"unit {unit} {name}"

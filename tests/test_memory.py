@@ -11,7 +11,7 @@ from tests.test_training import run
 
 @pytest.mark.timeout(180)
 def test_slow_stage_throttles_stage_0_and_memory_stays_flat(tiny_cfg):
-    q, k, steps = 2, 4, 2000
+    q, k, steps = 2, 4, 1200
     run_dir, s = run(tiny_cfg, mode="unlocked", true_grad_every=10, steps=steps, epochs=100,
                      synthetic_train=4096, eval_samples=256, queue_depth=q, metrics_every=0.25,
                      slow_stage=(2, 4))  # stage 2 sleeps 4 ms a step: at most 16k samples/s

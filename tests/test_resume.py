@@ -12,12 +12,9 @@ import pytest
 import torch
 
 from common.files import load_model_state
-from tests.conftest import ROOT
+from tests.conftest import LOCKED, ROOT
 from tests.test_training import wait_for_line
 
-LOCKED = ["--dataset", "synthetic", "--mode", "locked", "--layers", "784,64,64,64,10", "--batch-size", "64",
-          "--synthetic-train", "2048", "--synthetic-test", "512", "--epochs", "6", "--checkpoint-every", "0",
-          "--metrics-every", "0.2", "--progress-every", "0.2", "--start-timeout", "60"]
 
 
 def _launch(*args: str) -> subprocess.Popen:
@@ -26,7 +23,7 @@ def _launch(*args: str) -> subprocess.Popen:
 
 
 @pytest.mark.timeout(240)
-def test_locked_run_resumed_after_ctrl_c_equals_an_uninterrupted_one(tmp_path):
+def test_locked_run_resumed_after_ctrl_c_equals_an_uninterrupted_one(tmp_path, locked_reference):
     run_dir = tmp_path / "interrupted"
     first = _launch(*LOCKED, "--link-delay-ms", "3", "--out", str(run_dir))  # >= 3.5 s of training
     try:
@@ -44,10 +41,7 @@ def test_locked_run_resumed_after_ctrl_c_equals_an_uninterrupted_one(tmp_path):
     out, _ = resumed.communicate(timeout=150)
     assert resumed.returncode == 0, out
     assert f"resuming from the checkpoint at step {stopped_at}" in out
-    whole = _launch(*LOCKED, "--out", str(tmp_path / "whole"))
-    whole_out, _ = whole.communicate(timeout=150)
-    assert whole.returncode == 0, whole_out
-    a, b = load_model_state(tmp_path / "whole"), load_model_state(run_dir)
+    a, b = locked_reference, load_model_state(run_dir)
     for unit in a:
         for name in a[unit]:
             assert torch.equal(a[unit][name], b[unit][name]), f"unit {unit} {name} differs after resume"
