@@ -16,7 +16,7 @@ from tests.conftest import ROOT
 from tests.test_training import wait_for_line
 
 RUN = ["--dataset", "synthetic", "--mode", "locked", "--layers", "784,64,64,64,10", "--batch-size", "64",
-       "--synthetic-train", "4096", "--synthetic-test", "512", "--epochs", "3", "--max-message-mb", "1",
+       "--synthetic-train", "4096", "--synthetic-test", "512", "--epochs", "2", "--max-message-mb", "1",
        "--metrics-every", "0.2", "--start-timeout", "60", "--stall-timeout", "30"]
 
 
@@ -27,7 +27,7 @@ def _train(out, *extra) -> subprocess.Popen:
 
 @pytest.mark.timeout(240)
 def test_malformed_frames_are_rejected_counted_and_change_nothing(tmp_path):
-    # the fuzzed run is slowed down (>= 11 s: 192 locked steps, 6 links of 10 ms each) so all the
+    # the fuzzed run is slowed down (>= 7.6 s: 128 locked steps, 6 links of 10 ms each) so all the
     # fuzz arrives while every stage still reads its input; the delay changes timing only
     run = _train(tmp_path / "fuzzed", "--link-delay-ms", "10")
     fuzz = None
