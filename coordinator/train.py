@@ -142,7 +142,7 @@ def _train_restarting(cfg: RunConfig, run_dir: Path, n_train: int, log: Callable
             if resume is not None:  # the wall clock of the run goes on across restarts
                 resume = {**resume, "wall_s": wall0 + time.monotonic() - t_run}
             log(f"run failed: {exc}")
-            log(f"restarting every stage from " + (f"the checkpoint at step {restart_from}" if resume else
+            log("restarting every stage from " + (f"the checkpoint at step {restart_from}" if resume else
                 "the beginning (no checkpoint yet)") + f" (restart {len(failures)} of at most {cfg.max_restarts})")
     summary["failures"] = failures
     summary["restarts"] = len(failures)
