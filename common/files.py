@@ -104,3 +104,18 @@ def load_model_state(run_dir: str | Path) -> dict[int, dict[str, torch.Tensor]]:
         ckpt = torch.load(f, map_location="cpu", weights_only=True)
         units.update({int(k): v for k, v in ckpt["units"].items()})
     return units
+
+
+def largest_difference(expected: dict[int, dict[str, torch.Tensor]],
+                       got: dict[int, dict[str, torch.Tensor]]) -> tuple[float, str]:
+    """How far apart two runs' parameters are: the largest element-wise |got - expected| over
+    every floating-point tensor of every unit (both from load_model_state), and where it is."""
+    worst, where = 0.0, "nowhere"
+    for unit in expected:
+        for name, a in expected[unit].items():
+            b = got[unit][name]
+            if a.is_floating_point() and a.numel():
+                d = float((b.double() - a.double()).abs().max())
+                if d > worst:
+                    worst, where = d, f"unit {unit} {name}"
+    return worst, where

@@ -19,23 +19,28 @@ NUM_CLASSES = 10
 
 
 def mlp_units(sizes: Sequence[int]) -> list[nn.Module]:
-    """Hidden layers are Linear + BatchNorm + ReLU (as in the DNI paper), the last a plain Linear."""
+    """Hidden layers are Linear + BatchNorm + ReLU (as in the DNI paper), the last a plain Linear.
+
+    A layer followed by BatchNorm has no bias: the batch mean is subtracted, so its true gradient
+    is exactly zero and autograd would hand the optimiser only rounding noise (which Adam turns
+    into full-size steps of either sign)."""
     units: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         head = [nn.Flatten()] if i == 0 else []
         if i == len(sizes) - 2:
             units.append(nn.Sequential(*head, nn.Linear(n_in, n_out)))
         else:
-            units.append(nn.Sequential(*head, nn.Linear(n_in, n_out), nn.BatchNorm1d(n_out), nn.ReLU()))
+            units.append(nn.Sequential(*head, nn.Linear(n_in, n_out, bias=False), nn.BatchNorm1d(n_out), nn.ReLU()))
     return units
 
 
 def cnn_units() -> list[nn.Module]:
-    """A small CNN in four units: two conv blocks, a hidden Linear block, the classifier."""
+    """A small CNN in four units: two conv blocks, a hidden Linear block, the classifier (no bias
+    before BatchNorm, as in mlp_units)."""
     return [
-        nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2)),
-        nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2)),
-        nn.Sequential(nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.BatchNorm1d(128), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2)),
+        nn.Sequential(nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2)),
+        nn.Sequential(nn.Flatten(), nn.Linear(64 * 7 * 7, 128, bias=False), nn.BatchNorm1d(128), nn.ReLU()),
         nn.Sequential(nn.Linear(128, NUM_CLASSES)),
     ]
 

@@ -24,6 +24,10 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSOR_DIMS = 8
+# torch's CPU allocator starts every tensor on a 64-byte boundary. MKL chooses how to block (and
+# so how to round) a matrix product by its operands' alignment: a tensor read in place from a
+# ZeroMQ frame at another offset makes `locked` round differently from single-process backprop.
+ALIGNMENT = 64
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -207,7 +211,10 @@ def tensor_frame(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
-def tensor_from_frame(buf: Any, dtype_name: str, shape: Sequence[int], name: str) -> torch.Tensor:
+def tensor_from_frame(buf: Any, dtype_name: str, shape: Sequence[int], name: str,
+                      align: bool = True) -> torch.Tensor:
+    """The tensor in the frame, read in place; copied once onto an ALIGNMENT boundary when the
+    frame is not on one (`align`), so that kernels compute on it exactly as on any tensor."""
     dtype = DTYPES[dtype_name]
     view = memoryview(buf).cast("B")
     expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
@@ -216,7 +223,10 @@ def tensor_from_frame(buf: Any, dtype_name: str, shape: Sequence[int], name: str
                         f"header says {dtype_name}{list(shape)} = {expected} bytes (truncated?)")
     if expected == 0:
         return torch.empty(tuple(shape), dtype=dtype)
-    return torch.frombuffer(view, dtype=dtype).reshape(tuple(shape))
+    t = torch.frombuffer(view, dtype=dtype).reshape(tuple(shape))
+    if align and t.data_ptr() % ALIGNMENT:
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
 
 
 # ------------------------------------------------------------------------------ encode / decode
@@ -237,8 +247,9 @@ def encode(msg: Message) -> list[Any]:
     return [msgpack.packb(header, use_bin_type=True), *frames]
 
 
-def decode(frames: Sequence[Any], *, max_tensor_bytes: int = 256 << 20) -> Message:
-    """Parse and check one multipart message; raise WireError saying what is wrong."""
+def decode(frames: Sequence[Any], *, max_tensor_bytes: int = 256 << 20, align: bool = True) -> Message:
+    """Parse and check one multipart message; raise WireError saying what is wrong. `align=False`
+    leaves every tensor in its frame (for a reader that only checks or relays it)."""
     if not frames:
         raise WireError("empty message (no frames)")
     raw = memoryview(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0])
@@ -286,7 +297,7 @@ def decode(frames: Sequence[Any], *, max_tensor_bytes: int = 256 << 20) -> Messa
             raise WireError(f"{kind.name}: tensors of {total} bytes exceed the bound of "
                             f"{max_tensor_bytes} bytes (--max-message-mb)")
         buf = frame.buffer if hasattr(frame, "buffer") else frame
-        tensors[name] = tensor_from_frame(buf, dtype_name, shape, name)
+        tensors[name] = tensor_from_frame(buf, dtype_name, shape, name, align)
     return cls(**values, **tensors)
 
 

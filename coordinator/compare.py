@@ -125,6 +125,15 @@ def markdown(rows: list[dict], base: RunConfig, target: float) -> str:
             f"| {r['contender']} | {r['workers']} | {r['samples_per_s']:.0f} | {ratio:.2f} | "
             f"{r['wall_clock_s']:.1f} | {acc} | {'never' if ttt is None else f'{ttt:.1f}'} | "
             f"{ttt_ratio} | {r['true_gradient_steps']} | {msg} |")
+    bp = next((r for r in rows if r["mode"] == "backprop"), None)
+    if bp is not None and any(r["mode"] == "locked" for r in rows):
+        lines += ["", f"What equals what: `locked` (one torch thread per stage) performs the operations "
+                  f"of `backprop` on one thread (`--backprop-threads 1`) on the same data, so its "
+                  f"parameters equal them bit for bit on the machines measured (bench/equivalence.py). "
+                  f"`backprop` here uses {bp['threads']} threads, which sum in another order: its "
+                  f"parameters drift from the one-thread result by rounding (~1e-5 after 200 Adam "
+                  f"steps), so small differences in final accuracy between the two are rounding, not "
+                  f"a difference in the algorithm."]
     lines += ["", "Plots: curves.png (accuracy and loss vs wall clock), timeline.png (first steps per "
               "worker), sg_heatmaps.png and sg_cosine.png (synthetic vs true gradients).", ""]
     return "\n".join(lines)

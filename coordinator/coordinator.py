@@ -141,7 +141,7 @@ class Coordinator:
     def _handle(self, frames: list) -> None:
         identity, body = frames[0].bytes, frames[1:]
         try:
-            msg = wire.decode(body, max_tensor_bytes=self.cfg.max_message_mb << 20)
+            msg = wire.decode(body, max_tensor_bytes=self.cfg.max_message_mb << 20, align=False)  # relayed as is
         except wire.WireError as exc:
             self._reject(identity, str(exc))
             return

@@ -8,6 +8,7 @@ latest reports into one status record (coordinator/status.py) and hands it to ev
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -66,6 +67,7 @@ class StatusStream:
         self._publish(rec)
         if self.tensorboard is not None:
             self.tensorboard.eval(rec)
+        self._last_status = -math.inf  # the next tick emits: views show the new accuracy at once
 
     def tick(self, wall_s: float, done: bool = False) -> Optional[dict]:
         """Emit a status record if one is due (or the run is done); return it."""

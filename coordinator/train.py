@@ -44,8 +44,19 @@ def make_run_dir(cfg: RunConfig) -> Path:
         for old in path.glob(pattern):
             old.unlink()
     shutil.rmtree(path / "tensorboard", ignore_errors=True)
-    if (path / "checkpoints").exists():  # never delete a checkpoint: move an earlier run's aside
-        (path / "checkpoints").rename(path / f"checkpoints.before-{time.strftime('%Y%m%d-%H%M%S')}")
+    # never delete weights: an earlier run's checkpoints and final stage files move aside (left
+    # in place, its stage files would mix with this run's when the folder is read back)
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    aside = path / f"checkpoints.before-{stamp}"
+    n = 1
+    while aside.exists():  # two runs into one folder within a second
+        n += 1
+        aside = path / f"checkpoints.before-{stamp}-{n}"
+    if (path / "checkpoints").exists():
+        (path / "checkpoints").rename(aside)
+    for old in sorted(path.glob("stage*.pt")):
+        aside.mkdir(exist_ok=True)
+        old.rename(aside / old.name)
     return path
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if str(Path(__file__).resolve().parent.parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.procs import terminate_then_kill  # noqa: E402
+from tests.helpers import LOCKED, ROOT  # noqa: E402
 
 
 def _reap() -> list[int]:
@@ -46,11 +46,6 @@ def tiny_cfg(tmp_path):
                      out=str(tmp_path / "run"), progress_every=60.0, start_timeout=60.0,
                      stall_timeout=30.0)
 
-
-# a small locked run (192 steps) that resume, restart and full-disk tests compare against
-LOCKED = ["--dataset", "synthetic", "--mode", "locked", "--layers", "784,64,64,64,10", "--batch-size", "64",
-          "--synthetic-train", "2048", "--synthetic-test", "512", "--epochs", "6", "--checkpoint-every", "0",
-          "--metrics-every", "0.2", "--progress-every", "0.2", "--start-timeout", "60"]
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pytest
 
 from common.config import ConfigError, RunConfig
 from coordinator.compare import parse_contenders, time_to_target
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def test_time_to_target_is_first_evaluation_reaching_it():
@@ -34,6 +34,7 @@ def test_contenders_parse_and_fail_before_anything_runs(tmp_path):
         parse_contenders("locked,locked", base, tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_compare_writes_table_json_and_plots(tmp_path):
     out = tmp_path / "cmp"
@@ -62,6 +63,7 @@ def test_compare_writes_table_json_and_plots(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_report_draws_a_finished_run(tiny_cfg, tmp_path, capsys):
     import launch

@@ -8,7 +8,7 @@ import pytest
 
 import launch
 from common.config import ConfigError, RunConfig
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 @pytest.mark.parametrize("changes, needle", [
@@ -61,6 +61,7 @@ def test_cli_builds_config():
     assert cfg.true_grad_every == 5 and cfg.batch_size == 256
 
 
+@pytest.mark.slow
 def test_cli_rejects_bad_config_before_starting_anything(tmp_path):
     res = subprocess.run([sys.executable, "launch.py", "--stages", "7", "--out", str(tmp_path / "r")],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from common.files import load_model_state
-from tests.conftest import LOCKED, ROOT
-from tests.test_training import wait_for_line
+from tests.helpers import LOCKED, ROOT, assert_states_equal, wait_for_line
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 
 def _tmpfs(path: Path, size: str) -> bool:
@@ -68,8 +69,6 @@ def test_full_disk_fails_checkpoints_not_the_last_good_one(tmp_path, locked_refe
         assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
         assert f"resuming from the checkpoint at step {step}" in resumed.stdout
         a, b = locked_reference, load_model_state(run_dir)
-        for unit in a:
-            for name in a[unit]:
-                assert torch.equal(a[unit][name], b[unit][name]), f"unit {unit} {name}"
+        assert_states_equal(a, b, "after the full disk")
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)

@@ -9,11 +9,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from common.files import load_model_state
-from tests.conftest import ROOT
-from tests.test_training import wait_for_line
+from tests.helpers import ROOT, assert_states_equal, wait_for_line
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 RUN = ["--dataset", "synthetic", "--mode", "locked", "--layers", "784,64,64,64,10", "--batch-size", "64",
        "--synthetic-train", "4096", "--synthetic-test", "512", "--epochs", "2", "--max-message-mb", "1",
@@ -57,6 +57,4 @@ def test_malformed_frames_are_rejected_counted_and_change_nothing(tmp_path):
     out, _ = clean.communicate(timeout=180)
     assert clean.returncode == 0, out
     a, b = load_model_state(tmp_path / "clean"), load_model_state(tmp_path / "fuzzed")
-    for unit in a:
-        for name in a[unit]:
-            assert torch.equal(a[unit][name], b[unit][name]), f"unit {unit} {name} changed under fuzzing"
+    assert_states_equal(a, b, "under fuzzing")

@@ -11,7 +11,9 @@ import psutil
 import pytest
 
 from tests.test_multihost import RUN, launch, stop_all
-from tests.test_training import assert_all_gone, training_launcher, wait_for_line
+from tests.helpers import assert_all_gone, training_launcher, wait_for_line
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 
 @pytest.mark.timeout(120)

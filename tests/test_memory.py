@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from tests.test_training import run
+from tests.helpers import run
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 
 @pytest.mark.timeout(180)

@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.test_training import start_launcher, wait_for_line
+from tests.helpers import ROOT, start_launcher, wait_for_line
 
 WORKER_KEYS = {"stage", "pid", "samples_per_s", "steps_per_s", "busy_fraction", "wait_input_fraction",
                "wait_send_fraction", "wait_grad_fraction", "outstanding_steps", "cpu_percent",
@@ -24,6 +23,7 @@ def _monitor(endpoint: str, *args: str) -> subprocess.Popen:
                             text=True, cwd=ROOT)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_monitors_attach_receive_status_and_never_disturb_the_run(tmp_path):
     run = start_launcher(tmp_path, "--epochs", "30", "--true-grad-every", "2", "--metrics-every", "0.2")
@@ -67,6 +67,7 @@ def test_monitors_attach_receive_status_and_never_disturb_the_run(tmp_path):
     assert sum(r["event"] == "status" for r in metrics) >= 3  # the same stream is on disk
 
 
+@pytest.mark.slow
 def test_monitor_gives_up_clearly_when_nothing_is_there(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "monitor", "--connect",
                            f"ipc://{tmp_path}/nobody", "--timeout", "1"],
@@ -111,6 +112,7 @@ def _run_on_a_terminal(cmd: list[str], timeout: float) -> tuple[int, str]:
         os.close(master)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_train_draws_a_live_table_on_a_terminal_and_plain_lines_elsewhere(tmp_path):
     args = [sys.executable, str(ROOT / "launch.py"), "train", "--dataset", "synthetic", "--epochs", "2",
@@ -134,6 +136,7 @@ def _scalars(logdir) -> dict[str, list]:
     return {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("mode", ["backprop", "pipeline", "unlocked"])
 def test_every_mode_streams_status_and_tensorboard_scalars(tiny_cfg, tmp_path, mode):
@@ -165,6 +168,7 @@ def test_every_mode_streams_status_and_tensorboard_scalars(tiny_cfg, tmp_path, m
         assert scalars["stage0/sg_cosine"]  # synthetic-gradient quality, per worker
 
 
+@pytest.mark.slow
 def test_tensorboard_folder_of_an_earlier_run_is_cleared(tiny_cfg, tmp_path):
     from coordinator.train import train
     cfg = tiny_cfg.replace(mode="backprop", steps=5, tensorboard=True)
@@ -173,6 +177,7 @@ def test_tensorboard_folder_of_an_earlier_run_is_cleared(tiny_cfg, tmp_path):
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_pipeline_mode_draws_the_live_table_too(tmp_path):
     args = [sys.executable, str(ROOT / "launch.py"), "train", "--mode", "pipeline", "--dataset",

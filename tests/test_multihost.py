@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.test_training import wait_for_line
+from tests.helpers import ROOT, wait_for_line
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 RUN = ["--dataset", "synthetic", "--mode", "unlocked", "--layers", "784,64,64,64,10",
        "--batch-size", "64", "--synthetic-train", "2048", "--epochs", "2", "--start-timeout", "60",

@@ -9,13 +9,13 @@ import pytest
 import zmq.auth
 
 from common.security import make_keys
-from tests.conftest import ROOT
+from tests.helpers import ROOT, wait_for_line
 from tests.netns import Hosts, unavailable
 from tests.test_multihost import RUN, stop_all
-from tests.test_training import wait_for_line
 
 WHY = unavailable()
-pytestmark = pytest.mark.skipif(WHY is not None, reason=f"no network namespaces here: {WHY}")
+pytestmark = [pytest.mark.slow,  # every test here starts processes
+              pytest.mark.skipif(WHY is not None, reason=f"no network namespaces here: {WHY}")]
 
 
 def launch_in(hosts: Hosts, host: int, *args: str):

@@ -10,11 +10,11 @@ import sys
 
 import psutil
 import pytest
-import torch
 
 from common.files import load_model_state
-from tests.conftest import LOCKED, ROOT
-from tests.test_training import wait_for_line
+from tests.helpers import LOCKED, ROOT, assert_states_equal, wait_for_line
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 
 @pytest.mark.timeout(240)
@@ -43,7 +43,5 @@ def test_killed_stage_restarts_from_the_checkpoint_and_the_result_is_unchanged(t
     assert "killed by SIGKILL" in failure["error"] and failure["restarted_from_step"] >= 0
     assert failure["steps_lost"] >= 0 and failure["restart_s"] > 0
     a, b = locked_reference, load_model_state(run_dir)
-    for unit in a:
-        for name in a[unit]:
-            assert torch.equal(a[unit][name], b[unit][name]), f"unit {unit} {name} differs after the restart"
+    assert_states_equal(a, b, "after the restart")
     print(json.dumps(failure))  # the figures the README reports (pytest -s)

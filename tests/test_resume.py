@@ -9,11 +9,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from common.files import load_model_state
-from tests.conftest import LOCKED, ROOT
-from tests.test_training import wait_for_line
+from tests.helpers import LOCKED, ROOT, assert_states_equal, wait_for_line
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 
 
@@ -42,9 +42,7 @@ def test_locked_run_resumed_after_ctrl_c_equals_an_uninterrupted_one(tmp_path, l
     assert resumed.returncode == 0, out
     assert f"resuming from the checkpoint at step {stopped_at}" in out
     a, b = locked_reference, load_model_state(run_dir)
-    for unit in a:
-        for name in a[unit]:
-            assert torch.equal(a[unit][name], b[unit][name]), f"unit {unit} {name} differs after resume"
+    assert_states_equal(a, b, "after resume")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from_step"] == stopped_at and summary["steps"] == 191 - stopped_at
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -12,9 +12,8 @@ import zmq.auth
 
 from common.config import ConfigError
 from common.security import Keys, make_keys, resolve_keys
-from tests.conftest import ROOT
+from tests.helpers import ROOT, wait_for_line
 from tests.test_multihost import RUN, launch, stop_all
-from tests.test_training import wait_for_line
 
 
 def test_secure_by_default_off_loopback_and_keys_required():
@@ -24,6 +23,7 @@ def test_secure_by_default_off_loopback_and_keys_required():
     assert resolve_keys(False, None, ["10.1.2.3"], "worker", "x") is None  # --no-secure
 
 
+@pytest.mark.slow
 def test_keys_command_and_loading(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "launch.py"), "keys", str(tmp_path / "k")],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
@@ -45,6 +45,7 @@ def _monitor(endpoint: str, *args: str) -> subprocess.Popen:
                             text=True, cwd=ROOT)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_secure_run_refuses_strangers_and_goes_on(tmp_path):
     keys, stranger = tmp_path / "keys", tmp_path / "stranger"

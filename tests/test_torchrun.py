@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from common.files import load_model_state
-from tests.conftest import ROOT
-from tests.test_training import quiet
+from tests.helpers import EXACT_SGD, LOCKED_EQUALS_BACKPROP, ROOT, assert_states_close, quiet
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 TINY = ["--dataset", "synthetic", "--layers", "784,64,64,64,10", "--batch-size", "64",
         "--synthetic-train", "2048", "--synthetic-test", "512", "--epochs", "1", "--steps", "20",
@@ -27,16 +27,15 @@ def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.timeout(200)
 def test_locked_under_torchrun_reproduces_backprop(tiny_cfg, tmp_path):
     from coordinator.train import train
-    ref_dir, ref = train(tiny_cfg.replace(mode="backprop", backprop_threads=1, out=str(tmp_path / "bp")), log=quiet)
-    done = torchrun(5, *TINY, "--mode", "locked", "--out", str(tmp_path / "trun"))
+    ref_dir, ref = train(tiny_cfg.replace(mode="backprop", backprop_threads=1, out=str(tmp_path / "bp"),
+                                          **EXACT_SGD), log=quiet)
+    sgd = ["--optimizer", "sgd", "--lr", str(EXACT_SGD["lr"]), "--momentum", str(EXACT_SGD["momentum"])]
+    done = torchrun(5, *TINY, *sgd, "--mode", "locked", "--out", str(tmp_path / "trun"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "mode locked: 20 steps" in done.stdout
     a, b = load_model_state(ref_dir), load_model_state(tmp_path / "trun")
-    assert sorted(a) == sorted(b) == [0, 1, 2, 3]
-    for unit in a:
-        for name in a[unit]:
-            torch.testing.assert_close(b[unit][name], a[unit][name], rtol=1e-5, atol=1e-6,
-                                       msg=f"unit {unit} {name}")
+    assert sorted(a) == [0, 1, 2, 3]
+    assert_states_close(a, b, **LOCKED_EQUALS_BACKPROP)
 
 
 @pytest.mark.timeout(120)

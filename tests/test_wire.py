@@ -30,6 +30,26 @@ def test_round_trip_shapes(t):
     assert torch.equal(msg.labels, torch.arange(2))
 
 
+@pytest.mark.parametrize("offset", [0, 4, 8, 24])
+def test_decoded_tensors_start_on_the_allocator_alignment(offset):
+    """A frame at any offset decodes to a tensor on a 64-byte boundary (read in place when the
+    frame is aligned), the alignment of every tensor torch allocates; the coordinator, which only
+    relays, can keep frames as they are."""
+    t = torch.randn(64, 32)
+    header, frame = wire.encode(wire.Grad(0, 0, True, t))
+    raw = bytes(frame)
+    buf = bytearray(len(raw) + 2 * wire.ALIGNMENT)
+    start = (-torch.frombuffer(buf, dtype=torch.uint8).data_ptr()) % wire.ALIGNMENT + offset
+    buf[start:start + len(raw)] = raw
+    at = memoryview(buf)[start:start + len(raw)]
+    msg = wire.decode([header, at])
+    assert torch.equal(msg.g, t) and msg.g.data_ptr() % wire.ALIGNMENT == 0
+    in_place = msg.g.data_ptr() == torch.frombuffer(at, dtype=torch.uint8).data_ptr()
+    assert in_place == (offset == 0)
+    relayed = wire.decode([header, at], align=False)
+    assert relayed.g.data_ptr() % wire.ALIGNMENT == offset
+
+
 def test_round_trip_over_zeromq_without_tensors():
     ctx = zmq.Context()
     a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)

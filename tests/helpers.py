@@ -1,0 +1,143 @@
+"""Helpers shared by the tests: running a job in-process or as `launch.py train`, waiting for its
+output, checking that no process is left, and comparing trained parameters.
+
+Why the tolerances below are what they are
+------------------------------------------
+`locked` computes exactly the operations of single-process backprop, but not always in the same
+order: a gradient arrives over the wire as a fresh contiguous tensor where autograd would hand
+over a view, and the matrix kernels (MKL, oneDNN, ATen's own vectorised loops, chosen by CPU and
+by ATEN_CPU_CAPABILITY / MKL_ENABLE_INSTRUCTIONS / ONEDNN_MAX_CPU_ISA) may block and sum
+differently for different layouts. Each float32 operation then rounds differently, by about
+one unit in the last place (6e-8 relative). Whether that stays small depends on the optimiser:
+
+- SGD with momentum is linear in the gradient: a rounding difference in a gradient becomes a
+  difference of lr x (that difference) in the weights, and these add up over steps without being
+  amplified. `bench/equivalence.py` measures the largest difference after 20 and 200 steps.
+- Adam divides each gradient component by the root of its running square: a component whose
+  true gradient is (almost) zero gets a step of about lr whatever its size, so rounding noise
+  there becomes a visible difference (measured ~3e-6 on unit 0 after 20 steps, flat after).
+
+So the step-by-step equalities use SGD with momentum and LOCKED_EQUALS_BACKPROP, which is 10x
+above the largest difference measured across every kernel path offered by this machine (see
+bench/equivalence.py and the README) and still a thousand times below what one wrong or missing
+update changes (lr x gradient, ~1e-3 here). Comparisons of one code path with itself (resume,
+restart, full disk, fuzzing) are bitwise: the same operations in the same order on the same
+kernels round the same way.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Mapping
+
+import psutil
+import pytest
+import torch
+
+from common.files import largest_difference  # noqa: F401  (re-exported for the tests)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# element-wise |got - expected| <= atol + rtol * |expected|; see the module docstring
+LOCKED_EQUALS_BACKPROP = {"rtol": 1e-5, "atol": 1e-6}
+# SGD with momentum: the optimiser under which rounding is not amplified (module docstring)
+EXACT_SGD = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9}
+
+# a small locked run (192 steps) that resume, restart and full-disk tests compare against
+LOCKED = ["--dataset", "synthetic", "--mode", "locked", "--layers", "784,64,64,64,10", "--batch-size", "64",
+          "--synthetic-train", "2048", "--synthetic-test", "512", "--epochs", "6", "--checkpoint-every", "0",
+          "--metrics-every", "0.2", "--progress-every", "0.2", "--start-timeout", "60"]
+
+States = Mapping[int, Mapping[str, torch.Tensor]]
+
+quiet = lambda *_: None  # noqa: E731
+
+
+# ---------------------------------------------------------------------------- comparing parameters
+def assert_states_close(expected: States, got: States, *, rtol: float, atol: float, what: str = "") -> None:
+    """Every tensor of every unit within the tolerance (same units and names on both sides)."""
+    assert sorted(expected) == sorted(got), f"units differ: {sorted(expected)} vs {sorted(got)}"
+    for unit in expected:
+        assert expected[unit].keys() == got[unit].keys(), f"unit {unit}: tensors differ"
+        for name in expected[unit]:
+            torch.testing.assert_close(got[unit][name], expected[unit][name], rtol=rtol, atol=atol,
+                                       msg=lambda m, u=unit, n=name: f"unit {u} {n} {what}: {m}")
+
+
+def assert_same_evaluation(ref: dict, got: dict, test_samples: int = 512) -> None:
+    """Two runs' final evaluation: test loss equal up to rounding, accuracy within one test sample
+    (two logits within rounding of each other may take the argmax either way)."""
+    assert got["test_loss"] == pytest.approx(ref["test_loss"], rel=1e-4)
+    assert abs(got["test_accuracy"] - ref["test_accuracy"]) <= 1 / test_samples + 1e-9
+
+
+def assert_states_equal(expected: States, got: States, what: str = "") -> None:
+    """Bitwise equality: for one code path compared with itself."""
+    assert sorted(expected) == sorted(got), f"units differ: {sorted(expected)} vs {sorted(got)}"
+    for unit in expected:
+        assert expected[unit].keys() == got[unit].keys(), f"unit {unit}: tensors differ"
+        for name in expected[unit]:
+            assert torch.equal(expected[unit][name], got[unit][name]), f"unit {unit} {name} differs {what}"
+
+
+# ---------------------------------------------------------------------------- runs
+def run(cfg, **changes):
+    """Train in this process (workers are spawned); returns (run folder, summary)."""
+    from coordinator.train import train
+    run_dir, summary = train(cfg.replace(**changes), log=quiet)
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk["steps"] == summary["steps"]
+    return run_dir, summary
+
+
+def start_launcher(tmp_path, *extra):
+    cmd = [sys.executable, "-u", "launch.py", "train", "--dataset", "synthetic", "--mode", "unlocked",
+           "--epochs", "50", "--layers", "784,64,64,64,10", "--batch-size", "64",
+           "--synthetic-train", "4096", "--progress-every", "0.5", "--out", str(tmp_path / "run"), *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_line(proc, needle, timeout=90.0) -> tuple[str, list[str]]:
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return line, seen
+    proc.kill()
+    raise AssertionError(f"never saw {needle!r}; output:\n{''.join(seen)}")
+
+
+def worker_pids(proc) -> list[int]:
+    return [c.pid for c in psutil.Process(proc.pid).children()
+            if "resource_tracker" not in " ".join(c.cmdline())]
+
+
+def assert_all_gone(pids, timeout=10.0):
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    assert not alive, f"orphans left: {[p.pid for p in alive]}"
+
+
+@contextlib.contextmanager
+def training_launcher(tmp_path, *extra):
+    """A `launch.py train` subprocess that is training; yields (process, worker pids) and kills
+    the launcher afterwards whatever the test did."""
+    proc = start_launcher(tmp_path, *extra)
+    try:
+        wait_for_line(proc, "train step")
+        yield proc, worker_pids(proc)
+    finally:
+        proc.kill()
