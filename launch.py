@@ -33,9 +33,12 @@ def _int_list(text: str) -> tuple[int, ...]:
 def add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """One --option per RunConfig field (except `skip`), typed from the field's annotation."""
     hints = typing.get_type_hints(RunConfig)
+    sections: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(RunConfig):
         if f.name in skip:
             continue
+        title = f.metadata.get("group", "options")
+        section = sections.get(title) or sections.setdefault(title, parser.add_argument_group(title))
         flag = "--" + f.name.replace("_", "-")
         t = hints[f.name]
         args = typing.get_args(t)
@@ -45,11 +48,11 @@ def add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = 
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         help_text = f"{help_text} (default: {shown})" if help_text else f"(default: {shown})"
         if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            section.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(base) is tuple:
-            parser.add_argument(flag, type=_int_list, default=None, metavar="N,N,...", help=help_text)
+            section.add_argument(flag, type=_int_list, default=None, metavar="N,N,...", help=help_text)
         else:
-            parser.add_argument(flag, type=base, default=None, help=help_text)
+            section.add_argument(flag, type=base, default=None, help=help_text)
 
 
 def config_from_args(ns: argparse.Namespace) -> RunConfig:
@@ -62,6 +65,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from workers.remote import RemoteStages
     parser = argparse.ArgumentParser(prog="launch.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
@@ -108,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--host", default=None,
                         help="address to receive activations on (default: this host's address towards the coordinator)")
     worker.add_argument("--out", default="", help="folder for this host's checkpoints (default: the coordinator's run folder path)")
-    worker.add_argument("--connect-timeout", type=float, default=60.0,
+    worker.add_argument("--connect-timeout", type=float, default=RemoteStages.connect_timeout,
                         help="a stage gives up when the coordinator has not answered within this many seconds")
     worker.add_argument("--keys", default=None, help="keys folder (launch.py keys): CURVE on every link")
     worker.add_argument("--secure", action=argparse.BooleanOptionalAction, default=None,

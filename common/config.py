@@ -11,7 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-MODES = ("backprop", "pipeline", "locked", "unlocked", "stale")
+from common.modes import MODE_NAMES, STAGE_WORKER_MODES, Mode, UpdateRule, spoken
+
 SCHEDULES = ("gpipe", "1f1b")
 MODELS = ("mlp", "cnn")
 DATASETS = ("fashion-mnist", "mnist", "synthetic")
@@ -20,9 +21,27 @@ OPTIMIZERS = ("adam", "sgd")
 TRANSPORTS = ("ipc", "tcp")
 
 
-def opt(default: Any, help: str) -> Any:
-    """A config field with its command-line help (launch.py builds its options from these)."""
-    return field(default=default, metadata={"help": help})
+@dataclass(frozen=True)
+class Group:
+    """A concern the options are grouped by (one section of `launch.py train --help`)."""
+    title: str
+
+    def opt(self, default: Any, help: str, *, resume: bool = False) -> Any:
+        """A config field with its help text and group (launch.py builds its options from these).
+        `resume`: `--resume` may change it, because it does not change what the run computes."""
+        return field(default=default, metadata={"help": help, "group": self.title, "resume": resume})
+
+
+MODEL = Group("model and update rule")
+DATA = Group("data")
+SCHEDULE = Group("schedule")
+OPTIMISER = Group("layers' optimiser")
+SYNTHETIC = Group("synthetic gradients")
+PIPELINE = Group("mode=pipeline (PyTorch's own pipeline parallelism, the strongest locked peer)")
+PROCESSES = Group("processes and transport")
+LIMITS = Group("limits and fault handling")
+OUTPUT = Group("output and monitoring")
+TESTING = Group("testing only")
 
 
 class ConfigError(ValueError):
@@ -31,74 +50,84 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RunConfig:
-    # --- what to train
-    mode: str = opt("unlocked", "backprop | pipeline (torch.distributed.pipelining) | locked | unlocked | stale")
-    model: str = opt("mlp", "mlp (sizes from --layers) | cnn (two conv blocks, two linear)")
-    layers: tuple[int, ...] = opt((784, 256, 256, 256, 10), "MLP sizes: input, hidden..., classes")
-    stages: Optional[int] = opt(None, "number of stage processes, layers split evenly (default: one per layer)")
-    groups: Optional[tuple[int, ...]] = opt(None, "explicit layers per stage, e.g. 2,1,1")
-    # --- data
-    dataset: str = opt("fashion-mnist", "fashion-mnist | mnist (needs --data-dir) | synthetic (generated in memory)")
-    data_dir: Optional[str] = opt(None, "folder of IDX files; None = the Debian package's folder")
-    synthetic_train: int = opt(12800, "samples in the generated set (dataset=synthetic)")
-    synthetic_test: int = opt(2560, "test samples in the generated set")
-    eval_samples: Optional[int] = opt(None, "evaluate on the first N test samples (None = all)")
-    eval_every: Optional[int] = opt(None, "also evaluate every N training steps (None = after each epoch only)")
-    # --- schedule
-    epochs: int = opt(3, "passes over the training set; the test set is evaluated after each")
-    steps: Optional[int] = opt(None, "stop after this many steps (overrides epochs when smaller)")
-    batch_size: int = opt(256, "samples per step (the last partial batch of an epoch is dropped)")
-    seed: int = opt(0, "seeds weights and batch order: same seed, same batches in every mode")
-    # --- stage optimiser
-    optimizer: str = opt("adam", "adam | sgd, for the layers")
-    lr: float = opt(1e-3, "learning rate of the layers")
-    momentum: float = opt(0.9, "sgd only")
-    # --- synthetic gradients
-    true_grad_every: int = opt(1, "N: every N-th step's true gradient trains the SG models")
-    sg_model: str = opt("linear", "linear | mlp (one hidden layer), last layer zero-initialised")
-    sg_hidden: int = opt(1024, "hidden width (mlp) or channels (conv activations)")
-    sg_lr: float = opt(1e-3, "learning rate of the synthetic-gradient models")
-    sg_optimizer: str = opt("adam", "adam | sgd, for the synthetic-gradient models")
-    conditioned: bool = opt(True, "cDNI: the SG model also sees the labels (one-hot)")
-    sg_update_lr_scale: float = opt(0.2, "layers stepped by a synthetic or stale gradient use lr x this (Adam gives a predicted gradient's errors full-size steps)")
-    bootstrap: bool = opt(False, "train SG_i also on the next stage's synthetic gradient")
-    # --- mode=pipeline (PyTorch's own pipeline parallelism, the strongest locked peer)
-    microbatches: int = opt(4, "pipeline: microbatches per batch (must divide --batch-size)")
-    schedule: str = opt("1f1b", "pipeline: gpipe | 1f1b")
-    # --- processes and transport
-    transport: str = opt("ipc", "ipc (one host) | tcp")
-    host: str = opt("127.0.0.1", "address to bind tcp endpoints on")
-    secure: Optional[bool] = opt(None, "CURVE-encrypt and authenticate every link (default: on when a keys "
-                                 "folder is given or any endpoint is not loopback)")
-    keys: Optional[str] = opt(None, "folder made by `launch.py keys DIR` (secret keys stay there)")
-    threads_per_worker: int = opt(1, "torch threads in each stage process")
-    backprop_threads: Optional[int] = opt(None, "torch threads for mode=backprop (None = all cores)")
-    pin_cores: bool = opt(True, "pin each worker to one core with psutil (round robin)")
-    queue_depth: int = opt(2, "ZeroMQ high-water mark per link, in messages (bounds run-ahead)")
-    max_message_mb: int = opt(256, "upper bound on one message's tensor bytes")
-    # --- time limits (seconds)
-    start_timeout: float = opt(120.0, "all workers registered and ready")
-    stall_timeout: float = opt(120.0, "no training progress (new step, evaluation) for this long = failure")
-    # --- output
-    out: Optional[str] = opt(None, "run folder; None = runs/<mode>-<time>")
-    progress_every: float = opt(2.0, "seconds between progress lines")
-    metrics_every: float = opt(1.0, "seconds between a worker's metric reports")
-    resume: Optional[str] = opt(None, "continue the run in this folder from its last complete checkpoint "
-                                "(its config; only run length and monitoring options may change)")
-    on_failure: str = opt("stop", "when a stage process dies or hangs: stop the run, or restart every stage "
-                          "from the last complete checkpoint (local stages; up to --max-restarts)")
-    max_restarts: int = opt(3, "with --on-failure restart: give up after this many restarts")
-    checkpoint_every: float = opt(300.0, "save every stage at one step about this often, in seconds "
-                                  "(0: only at the end and on Ctrl-C / SIGTERM)")
-    heartbeat_timeout: float = opt(10.0, "a worker or coordinator that sends nothing for this many seconds "
-                                   "during training is dead or hung: the run stops (heartbeats every "
-                                   "timeout/10 s, at most 1 s; keep it above the longest compute step)")
-    slow_stage: Optional[tuple[int, ...]] = opt(None, "testing: STAGE,MS makes stage STAGE sleep MS ms in "
-                                                "every training step (a slow stage)")
-    link_delay_ms: float = opt(0.0, "testing: deliver each activation and gradient this long after it was "
-                               "sent, to simulate link latency between hosts on one machine")
-    tensorboard: bool = opt(False, "also write the status stream as TensorBoard scalars to RUN_DIR/tensorboard")
-    timeline_steps: int = opt(48, "record each worker's compute/wait/send spans for this many first steps (timeline.json)")
+    """Every option of a run, grouped by concern (the field's metadata says which; access stays
+    flat, cfg.lr, so that code reads as the command line does)."""
+    mode: str = MODEL.opt("unlocked", "backprop | pipeline (torch.distributed.pipelining) | locked | unlocked | stale")
+    model: str = MODEL.opt("mlp", "mlp (sizes from --layers) | cnn (two conv blocks, two linear)")
+    layers: tuple[int, ...] = MODEL.opt((784, 256, 256, 256, 10), "MLP sizes: input, hidden..., classes")
+    stages: Optional[int] = MODEL.opt(None, "number of stage processes, layers split evenly (default: one per layer)")
+    groups: Optional[tuple[int, ...]] = MODEL.opt(None, "explicit layers per stage, e.g. 2,1,1")
+
+    dataset: str = DATA.opt("fashion-mnist", "fashion-mnist | mnist (needs --data-dir) | synthetic (generated in memory)")
+    data_dir: Optional[str] = DATA.opt(None, "folder of IDX files; None = the Debian package's folder", resume=True)
+    synthetic_train: int = DATA.opt(12800, "samples in the generated set (dataset=synthetic)")
+    synthetic_test: int = DATA.opt(2560, "test samples in the generated set")
+    eval_samples: Optional[int] = DATA.opt(None, "evaluate on the first N test samples (None = all)", resume=True)
+    eval_every: Optional[int] = DATA.opt(None, "also evaluate every N training steps (None = after each epoch only)",
+                                         resume=True)
+
+    epochs: int = SCHEDULE.opt(3, "passes over the training set; the test set is evaluated after each", resume=True)
+    steps: Optional[int] = SCHEDULE.opt(None, "stop after this many steps (overrides epochs when smaller)", resume=True)
+    batch_size: int = SCHEDULE.opt(256, "samples per step (the last partial batch of an epoch is dropped)")
+    seed: int = SCHEDULE.opt(0, "seeds weights and batch order: same seed, same batches in every mode")
+
+    optimizer: str = OPTIMISER.opt("adam", "adam | sgd, for the layers")
+    lr: float = OPTIMISER.opt(1e-3, "learning rate of the layers")
+    momentum: float = OPTIMISER.opt(0.9, "sgd only")
+
+    true_grad_every: int = SYNTHETIC.opt(1, "N: every N-th step's true gradient trains the SG models")
+    sg_model: str = SYNTHETIC.opt("linear", "linear | mlp (one hidden layer), last layer zero-initialised")
+    sg_hidden: int = SYNTHETIC.opt(1024, "hidden width (mlp) or channels (conv activations)")
+    sg_lr: float = SYNTHETIC.opt(1e-3, "learning rate of the synthetic-gradient models")
+    sg_optimizer: str = SYNTHETIC.opt("adam", "adam | sgd, for the synthetic-gradient models")
+    conditioned: bool = SYNTHETIC.opt(True, "cDNI: the SG model also sees the labels (one-hot)")
+    sg_update_lr_scale: float = SYNTHETIC.opt(0.2, "layers stepped by a synthetic or stale gradient use lr x this "
+                                              "(Adam gives a predicted gradient's errors full-size steps)")
+    bootstrap: bool = SYNTHETIC.opt(False, "train SG_i also on the next stage's synthetic gradient")
+
+    microbatches: int = PIPELINE.opt(4, "pipeline: microbatches per batch (must divide --batch-size)")
+    schedule: str = PIPELINE.opt("1f1b", "pipeline: gpipe | 1f1b")
+
+    transport: str = PROCESSES.opt("ipc", "ipc (one host) | tcp", resume=True)
+    host: str = PROCESSES.opt("127.0.0.1", "address to bind tcp endpoints on", resume=True)
+    secure: Optional[bool] = PROCESSES.opt(None, "CURVE-encrypt and authenticate every link (default: on when a keys "
+                                           "folder is given or any endpoint is not loopback)", resume=True)
+    keys: Optional[str] = PROCESSES.opt(None, "folder made by `launch.py keys DIR` (secret keys stay there)",
+                                        resume=True)
+    threads_per_worker: int = PROCESSES.opt(1, "torch threads in each stage process")
+    backprop_threads: Optional[int] = PROCESSES.opt(None, "torch threads for mode=backprop (None = all cores)")
+    pin_cores: bool = PROCESSES.opt(True, "pin each worker to one core with psutil (round robin)", resume=True)
+    queue_depth: int = PROCESSES.opt(2, "ZeroMQ high-water mark per link, in messages (bounds run-ahead)")
+
+    max_message_mb: int = LIMITS.opt(256, "upper bound on one message's tensor bytes", resume=True)
+    start_timeout: float = LIMITS.opt(120.0, "seconds for all workers to register and be ready", resume=True)
+    stall_timeout: float = LIMITS.opt(120.0, "no training progress (new step, evaluation) for this many seconds "
+                                      "= failure", resume=True)
+    heartbeat_timeout: float = LIMITS.opt(10.0, "a worker or coordinator that sends nothing for this many seconds "
+                                          "during training is dead or hung: the run stops (heartbeats every "
+                                          "timeout/10 s, at most 1 s; keep it above the longest compute step)",
+                                          resume=True)
+    checkpoint_every: float = LIMITS.opt(300.0, "save every stage at one step about this often, in seconds "
+                                         "(0: only at the end and on Ctrl-C / SIGTERM)", resume=True)
+    resume: Optional[str] = LIMITS.opt(None, "continue the run in this folder from its last complete checkpoint "
+                                       "(its config; only run length and monitoring options may change)")
+    on_failure: str = LIMITS.opt("stop", "when a stage process dies or hangs: stop the run, or restart every "
+                                 "stage from the last complete checkpoint (local stages; up to --max-restarts)")
+    max_restarts: int = LIMITS.opt(3, "with --on-failure restart: give up after this many restarts")
+
+    out: Optional[str] = OUTPUT.opt(None, "run folder; None = runs/<mode>-<time>")
+    progress_every: float = OUTPUT.opt(2.0, "seconds between progress lines", resume=True)
+    metrics_every: float = OUTPUT.opt(1.0, "seconds between a worker's metric reports", resume=True)
+    tensorboard: bool = OUTPUT.opt(False, "also write the status stream as TensorBoard scalars to "
+                                   "RUN_DIR/tensorboard", resume=True)
+    timeline_steps: int = OUTPUT.opt(48, "record each worker's compute/wait/send spans for this many first "
+                                     "steps (timeline.json)", resume=True)
+
+    slow_stage: Optional[tuple[int, ...]] = TESTING.opt(None, "testing: STAGE,MS makes stage STAGE sleep MS ms "
+                                                        "in every training step (a slow stage)", resume=True)
+    link_delay_ms: float = TESTING.opt(0.0, "testing: deliver each activation and gradient this long after it "
+                                       "was sent, to simulate link latency between hosts on one machine",
+                                       resume=True)
 
     @property
     def heartbeat_every(self) -> float:
@@ -112,7 +141,7 @@ class RunConfig:
             if not cond:
                 raise ConfigError(msg)
 
-        need(self.mode in MODES, f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        need(self.mode in MODE_NAMES, f"unknown mode {self.mode!r}; choose one of {', '.join(MODE_NAMES)}")
         need(self.model in MODELS, f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
         need(self.dataset in DATASETS,
              f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
@@ -123,7 +152,7 @@ class RunConfig:
         need(self.schedule in SCHEDULES,
              f"unknown pipeline schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         need(self.microbatches >= 1, "--microbatches must be at least 1")
-        if self.mode == "pipeline":
+        if self.mode == Mode.PIPELINE:
             need(self.batch_size % self.microbatches == 0,
                  f"--microbatches {self.microbatches} must divide --batch-size {self.batch_size}")
             need(self.batch_size // self.microbatches >= 2,
@@ -153,8 +182,8 @@ class RunConfig:
             need(len(self.slow_stage) == 2 and 0 <= self.slow_stage[0] < len(self.stage_groups)
                  and self.slow_stage[1] >= 0,
                  f"--slow-stage needs STAGE,MS with STAGE in 0..{len(self.stage_groups) - 1}, got {self.slow_stage}")
-        need(not self.resume or self.mode in ("locked", "unlocked", "stale"),
-             f"--resume continues locked, unlocked and stale runs, not {self.mode}")
+        need(not self.resume or Mode(self.mode).on_stage_workers,
+             f"--resume continues {spoken(STAGE_WORKER_MODES)} runs, not {self.mode}")
         need(self.on_failure in ("stop", "restart"), f"--on-failure must be stop or restart, got {self.on_failure!r}")
         need(self.max_restarts >= 0, "--max-restarts must be 0 or more")
         need(self.checkpoint_every >= 0, "--checkpoint-every must be 0 (off) or more seconds")
@@ -201,13 +230,21 @@ class RunConfig:
 
     @property
     def num_stages(self) -> int:
-        return 1 if self.mode == "backprop" else len(self.stage_groups)
+        return 1 if self.mode == Mode.BACKPROP else len(self.stage_groups)
+
+    @property
+    def rule(self) -> UpdateRule:
+        """The stage update rule of this mode (stage-worker modes only)."""
+        rule = Mode(self.mode).rule
+        if rule is None:
+            raise ValueError(f"mode {self.mode} does not run on stage workers")
+        return rule
 
     def is_true_grad_step(self, step: int) -> bool:
-        """Steps count from 0; every N-th step (N-1, 2N-1, ...) carries a true gradient."""
-        if self.mode == "locked":
-            return True
-        return (step + 1) % self.true_grad_every == 0
+        """Whether step `step`'s true gradient comes back (every step for locked, every N-th
+        otherwise: N-1, 2N-1, ...)."""
+        rule = Mode(self.mode).rule
+        return rule.true_step(step, self.true_grad_every) if rule is not None else True
 
     def mid_epoch_eval(self, steps_done: int, per_epoch: int, total: int) -> bool:
         """An evaluation is due after `steps_done` steps besides the one after each epoch."""
@@ -232,6 +269,11 @@ class RunConfig:
             if kwargs.get(k) is not None:
                 kwargs[k] = tuple(int(v) for v in kwargs[k])
         return cls(**kwargs).validate()
+
+    @classmethod
+    def may_change_on_resume(cls) -> tuple[str, ...]:
+        """The fields `--resume` may change (marked on each field: they do not change what is computed)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("resume"))
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes).validate()

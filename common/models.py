@@ -73,10 +73,10 @@ def unit_shapes(units: Sequence[nn.Module]) -> list[tuple[int, ...]]:
     return shapes
 
 
-def stage_io_shapes(cfg: RunConfig) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """(input shape, output shape) per sample for each stage."""
-    units = build_units(cfg)
-    outs = unit_shapes(units)
+def stage_io_shapes(cfg: RunConfig, units: Optional[Sequence[nn.Module]] = None
+                    ) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(input shape, output shape) per sample for each stage (of `units` when already built)."""
+    outs = unit_shapes(units if units is not None else build_units(cfg))
     result = []
     for a, b in stage_bounds(cfg):
         result.append((IMAGE_SHAPE if a == 0 else outs[a - 1], outs[b - 1]))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -198,3 +199,20 @@ def _handshake_reason(event: dict) -> str:
     if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
         return "the peer does not speak CURVE or used the wrong server key"
     return "no detail from libzmq"
+
+
+class RefusalLog:
+    """Counts refused connections and logs them at a bounded rate: the same refusal is logged the
+    1st, 10th, 100th and 1000th time, then every 10000th (a peer retrying is one problem)."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log = log
+        self.count = 0
+        self._seen: dict[str, int] = {}
+
+    def take(self, guard: "Guard") -> None:
+        for refusal in guard.take_refusals():
+            self.count += 1
+            seen = self._seen[refusal] = self._seen.get(refusal, 0) + 1
+            if seen in (1, 10, 100, 1000) or seen % 10000 == 0:
+                self.log(f"refused {refusal}" + (f" ({seen} times)" if seen > 1 else ""))

@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from common.config import ConfigError, RunConfig
+from common.modes import MODE_NAMES, Mode, spoken
 from common.files import atomic_write_json
 from common.procs import available_cores
 from coordinator import plots
 from coordinator.train import train
 
-LOCKED = ("backprop", "pipeline", "locked")  # every update waits for its true gradient
-DEFAULT_CONTENDERS = ("backprop", "pipeline", "locked", "unlocked", "stale")
+# every update waits for its true gradient: the ratios' baseline
+LOCKED = (Mode.BACKPROP, Mode.PIPELINE, Mode.LOCKED)
+DEFAULT_CONTENDERS = tuple(m.value for m in Mode)
 
 
 @dataclass(frozen=True)
@@ -37,18 +39,19 @@ def parse_contenders(text: str, base: RunConfig, out: Path) -> list[Contender]:
         mode, _, n = item.partition(":")
         changes: dict = {"mode": mode}
         if n:
-            if mode not in ("unlocked", "stale"):
-                raise ConfigError(f"contender {item!r}: only unlocked and stale take ':N'")
+            if mode in MODE_NAMES and not Mode(mode).takes_n:
+                takers = spoken(tuple(m.value for m in Mode if m.takes_n))
+                raise ConfigError(f"contender {item!r}: only {takers} take ':N'")
             try:
                 changes["true_grad_every"] = int(n)
             except ValueError:
                 raise ConfigError(f"contender {item!r}: N must be an integer") from None
-        if mode == "backprop":
+        if mode == Mode.BACKPROP:
             changes["backprop_threads"] = base.backprop_threads or cores
         name = mode
-        if mode in ("unlocked", "stale"):
+        if mode in MODE_NAMES and Mode(mode).takes_n:
             name = f"{mode} N={changes.get('true_grad_every', base.true_grad_every)}"
-        elif mode == "pipeline":
+        elif mode == Mode.PIPELINE:
             name = f"pipeline {base.schedule} x{base.microbatches}"
         folder = name.replace(" ", "_").replace("=", "").replace(":", "")
         try:
@@ -77,7 +80,7 @@ def record(contender: Contender, summary: dict, target: float, cores: int) -> di
         "contender": contender.name, "mode": cfg.mode, "cores": cores,
         "workers": summary["num_stages"],
         "threads": summary.get("threads", cfg.threads_per_worker),
-        "true_grad_every": cfg.true_grad_every if cfg.mode in ("unlocked", "stale") else 1,
+        "true_grad_every": cfg.true_grad_every if Mode(cfg.mode).takes_n else 1,
         "samples_per_s": summary["samples_per_s"], "wall_clock_s": summary["wall_clock_s"],
         "startup_s": summary.get("startup_s"),
         "test_accuracy": summary["test_accuracy"],
@@ -125,8 +128,8 @@ def markdown(rows: list[dict], base: RunConfig, target: float) -> str:
             f"| {r['contender']} | {r['workers']} | {r['samples_per_s']:.0f} | {ratio:.2f} | "
             f"{r['wall_clock_s']:.1f} | {acc} | {'never' if ttt is None else f'{ttt:.1f}'} | "
             f"{ttt_ratio} | {r['true_gradient_steps']} | {msg} |")
-    bp = next((r for r in rows if r["mode"] == "backprop"), None)
-    if bp is not None and any(r["mode"] == "locked" for r in rows):
+    bp = next((r for r in rows if r["mode"] == Mode.BACKPROP), None)
+    if bp is not None and any(r["mode"] == Mode.LOCKED for r in rows):
         lines += ["", f"What equals what: `locked` (one torch thread per stage) performs the operations "
                   f"of `backprop` on one thread (`--backprop-threads 1`) on the same data, so its "
                   f"parameters equal them bit for bit on the machines measured (bench/equivalence.py). "
@@ -164,11 +167,11 @@ def draw(folder: Path, rows: list[dict]) -> list[Path]:
     runs = [(r["contender"], Path(r["run_dir"])) for r in rows]
     written = [folder / "curves.png"]
     plots.plot_curves(runs, written[0], "Locked vs unlocked on the wall clock")
-    side = [(r["contender"], Path(r["run_dir"])) for r in rows if r["mode"] in ("locked", "unlocked")]
+    side = [(r["contender"], Path(r["run_dir"])) for r in rows if r["mode"] in (Mode.LOCKED, Mode.UNLOCKED)]
     if side:
         plots.plot_timelines(side, folder / "timeline.png")
         written.append(folder / "timeline.png")
-    unlocked = [r for r in rows if r["mode"] == "unlocked"]
+    unlocked = [r for r in rows if r["mode"] == Mode.UNLOCKED]
     if unlocked and plots.plot_sg_heatmaps(Path(unlocked[0]["run_dir"]), folder / "sg_heatmaps.png"):
         written.append(folder / "sg_heatmaps.png")
     if plots.plot_sg_cosine([(r["contender"], Path(r["run_dir"])) for r in unlocked], folder / "sg_cosine.png"):

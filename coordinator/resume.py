@@ -12,12 +12,11 @@ import json
 from pathlib import Path
 
 from common.config import ConfigError, RunConfig
+from common.modes import STAGE_WORKER_MODES, Mode, spoken
 
-# options a resumed run may change: how long, how it is watched and transported, not what it computes
-MAY_CHANGE = ("epochs", "steps", "metrics_every", "progress_every", "checkpoint_every", "heartbeat_timeout",
-              "stall_timeout", "start_timeout", "tensorboard", "eval_every", "eval_samples", "timeline_steps",
-              "keys", "secure", "transport", "host", "pin_cores", "link_delay_ms", "slow_stage",
-              "max_message_mb", "data_dir")
+# options a resumed run may change: how long, how it is watched and transported, not what it
+# computes (each field says so itself: common/config.py, resume=True)
+MAY_CHANGE = RunConfig.may_change_on_resume()
 
 
 def read_manifest(run_dir: Path) -> dict:
@@ -38,8 +37,8 @@ def resume_config(run_dir: str, given: dict) -> RunConfig:
     if not saved_path.is_file():
         raise ConfigError(f"--resume {run_dir}: not a run folder (no config.json)")
     saved = RunConfig.from_dict(json.loads(saved_path.read_text()))
-    if saved.mode not in ("locked", "unlocked", "stale"):
-        raise ConfigError(f"--resume continues locked, unlocked and stale runs; {run_dir} is {saved.mode}")
+    if not Mode(saved.mode).on_stage_workers:
+        raise ConfigError(f"--resume continues {spoken(STAGE_WORKER_MODES)} runs; {run_dir} is {saved.mode}")
     changed = sorted(k for k, v in given.items()
                      if k not in MAY_CHANGE and k not in ("resume", "out") and v != getattr(saved, k))
     if changed:

@@ -41,3 +41,16 @@ def status_record(latest: dict[int, dict], *, num_stages: int, total_steps: int,
                      "steps_per_s": (latest[s].get("samples_per_s") or 0.0) / batch_size}
                     for s in sorted(latest)],
     }
+
+
+def progress_line(latest: dict[int, dict], num_stages: int, total_steps: int, batch_size: int) -> str:
+    """The plain progress line of a stage-worker run, from the workers' latest reports."""
+    last = latest.get(num_stages - 1, {})
+    step = last.get("step", -1) + 1
+    rate = last.get("samples_per_s", 0.0)
+    pct = 100.0 * step / max(total_steps, 1)
+    eta = f"{(total_steps - step) * batch_size / rate:.0f}s" if rate > 0 else "?"
+    busy = " ".join(f"{latest[s].get('busy_fraction', 0):.2f}" for s in sorted(latest))
+    loss = last.get("loss")
+    return (f"train step {step}/{total_steps} ({pct:.0f}%)  {rate:.0f} samples/s  "
+            f"loss {'-' if loss is None else f'{loss:.4f}'}  busy [{busy}]  eta {eta}")

@@ -15,8 +15,9 @@ from datetime import timedelta
 from typing import Callable, Optional
 
 from common.config import ConfigError, RunConfig
+from common.modes import STAGE_WORKER_MODES, Mode, spoken
 from common.endpoints import address_towards, tcp_host
-from common.procs import available_cores
+from common.placement import core_for
 from common.security import resolve_keys
 
 
@@ -40,8 +41,8 @@ def detect(environ: Optional[dict] = None) -> Optional[TorchrunEnv]:
 
 def check_world(cfg: RunConfig, env: TorchrunEnv) -> None:
     stages = len(cfg.stage_groups)
-    if cfg.mode not in ("locked", "unlocked", "stale"):
-        raise ConfigError(f"under torchrun the modes are locked, unlocked and stale; mode {cfg.mode!r} "
+    if not Mode(cfg.mode).on_stage_workers:
+        raise ConfigError(f"under torchrun the modes are {spoken(STAGE_WORKER_MODES)}; mode {cfg.mode!r} "
                           f"starts its own processes (run it with python launch.py train)")
     if env.world_size != stages + 1:
         raise ConfigError(f"torchrun started {env.world_size} processes, but this run needs "
@@ -81,7 +82,6 @@ def run_rank(cfg: RunConfig, env: TorchrunEnv, log: Callable[[str], None] = prin
                 store.set(ENDPOINT_KEY, "")
         log(format_summary(summary))
         return
-    from coordinator.coordinator import snake_core
     from workers.worker import WorkerSpec, run_worker
     try:
         store.wait([ENDPOINT_KEY], timedelta(seconds=cfg.start_timeout))
@@ -91,7 +91,7 @@ def run_rank(cfg: RunConfig, env: TorchrunEnv, log: Callable[[str], None] = prin
     endpoint = store.get(ENDPOINT_KEY).decode()
     if not endpoint:
         raise SystemExit(f"rank {env.rank}: the coordinator (rank 0) failed before it started")
-    core = snake_core(env.local_rank, available_cores()) if cfg.pin_cores else -1
+    core = core_for(env.local_rank, cfg.pin_cores)
     coord_host = tcp_host(endpoint)
     host = address_towards(coord_host)
     keys = resolve_keys(cfg.secure, cfg.keys, [coord_host, host], "worker", f"the coordinator {endpoint}")

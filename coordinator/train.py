@@ -13,19 +13,19 @@ from typing import Optional
 import zmq
 
 from common.config import ConfigError, RunConfig
+from common.modes import STAGE_WORKER_MODES, Mode, spoken
 from common.data import check_dataset, count_train, total_steps
 from common.endpoints import tcp_host
 from common.files import atomic_write_json
 from common.security import Guard, resolve_keys
 from common.procs import ProcessGroup
 from coordinator.coordinator import Coordinator, RunFailed
+from coordinator.pipeline import PipelineFailed, run_pipeline
 from coordinator.resume import read_manifest
 from coordinator.stream import StatusStream
 from workers.backprop import run_backprop
-from workers.pipeline import PipelineFailed, run_pipeline
 from workers.worker import WorkerSpec, run_worker
 
-WORKER_MODES = ("locked", "unlocked", "stale")
 RUN_FILES = ("summary.json", "metrics.jsonl", "timeline-stage*.json", "sg-snapshots-stage*.json",
              "pipeline-rank*.json")
 
@@ -81,35 +81,36 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
     run_dir = make_run_dir(cfg)
     atomic_write_json(run_dir / "config.json", cfg.to_dict())
     log(f"run folder {run_dir}  mode {cfg.mode}  stages {list(cfg.stage_groups) if cfg.mode != 'backprop' else 1}")
-    n_train = count_train(cfg.dataset, cfg.data_dir, cfg.synthetic_train)
+    # the run's length, computed once here and handed to everything that needs it
+    total = total_steps(count_train(cfg.dataset, cfg.data_dir, cfg.synthetic_train), cfg.batch_size,
+                        cfg.epochs, cfg.steps)
     resume = None
     if cfg.resume:
         resume = read_manifest(run_dir)
-        total = total_steps(n_train, cfg.batch_size, cfg.epochs, cfg.steps)
         if resume["step"] + 1 >= total:
             raise ConfigError(f"{run_dir} finished step {resume['step']} of {total}: nothing left to "
                               f"train (raise --epochs or --steps to go on)")
         log(f"resuming from the checkpoint at step {resume['step']} ({run_dir}/checkpoints/manifest.json)")
     guard = Guard(zmq.Context(), keys)  # one context; CURVE on its listeners when keys are set
-    stream = StatusStream(cfg, run_dir, num_stages=1 if cfg.mode == "backprop" else len(cfg.stage_groups),
-                          total_steps=total_steps(n_train, cfg.batch_size, cfg.epochs, cfg.steps),
+    stream = StatusStream(cfg, run_dir, num_stages=cfg.num_stages,
+                          total_steps=total,
                           on_status=on_status, guard=guard)
     log(f"watch it: python launch.py monitor --connect {stream.endpoint}"
         + (f" --keys {cfg.keys}" if guard.on else ""))
     if guard.on:
         log(f"links are CURVE-encrypted; peers need the keys in {cfg.keys}")
     try:
-        if cfg.mode == "backprop":
-            summary = run_backprop(cfg, run_dir, log, stream)
-        elif cfg.mode == "pipeline":
+        if cfg.mode == Mode.BACKPROP:
+            summary = run_backprop(cfg, run_dir, log, stream, total)
+        elif cfg.mode == Mode.PIPELINE:
             try:
-                summary = run_pipeline(cfg, run_dir, log, stream)
+                summary = run_pipeline(cfg, run_dir, log, stream, total)
             except PipelineFailed as exc:
                 raise RunFailed(str(exc)) from None
         elif bind is None and cfg.on_failure == "restart":
-            summary = _train_restarting(cfg, run_dir, n_train, log, stream, resume)
+            summary = _train_restarting(cfg, run_dir, total, log, stream, resume)
         else:
-            summary = _train_workers(cfg, run_dir, n_train, log, stream, bind, on_listening, resume)
+            summary = _train_workers(cfg, run_dir, total, log, stream, bind, on_listening, resume)
     finally:
         stream.close()
         guard.close()
@@ -120,7 +121,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
     return run_dir, summary
 
 
-def _train_restarting(cfg: RunConfig, run_dir: Path, n_train: int, log: Callable[[str], None],
+def _train_restarting(cfg: RunConfig, run_dir: Path, total: int, log: Callable[[str], None],
                       stream: StatusStream, resume: Optional[dict]) -> dict:
     """--on-failure restart: when the run fails (a stage died, hung or reported an error), stop
     every stage and start them all again from the last checkpoint complete on every stage: the
@@ -133,7 +134,7 @@ def _train_restarting(cfg: RunConfig, run_dir: Path, n_train: int, log: Callable
         if failures:
             failures[-1]["shutdown_s"] = t_try - failures[-1].pop("_failed_at")
         try:
-            summary = _train_workers(cfg, run_dir, n_train, log, stream, resume=resume)
+            summary = _train_workers(cfg, run_dir, total, log, stream, resume=resume)
             if failures:  # failure noticed -> training again
                 failures[-1]["restart_s"] = failures[-1]["shutdown_s"] + summary["startup_s"]
             break
@@ -161,8 +162,8 @@ def _train_restarting(cfg: RunConfig, run_dir: Path, n_train: int, log: Callable
 
 
 def _coordinator_only(cfg: RunConfig, bind: str) -> RunConfig:
-    if cfg.mode not in WORKER_MODES:
-        raise ConfigError(f"a coordinator with remote workers runs modes {', '.join(WORKER_MODES)}; "
+    if not Mode(cfg.mode).on_stage_workers:
+        raise ConfigError(f"a coordinator with remote workers runs modes {spoken(STAGE_WORKER_MODES)}; "
                           f"mode {cfg.mode!r} starts its own processes (use launch.py train)")
     try:
         host = tcp_host(bind)
@@ -175,11 +176,11 @@ def _coordinator_only(cfg: RunConfig, bind: str) -> RunConfig:
     return cfg.replace(transport="tcp", host=host)
 
 
-def _train_workers(cfg: RunConfig, run_dir: Path, n_train: int, log: Callable[[str], None],
+def _train_workers(cfg: RunConfig, run_dir: Path, total: int, log: Callable[[str], None],
                    stream: StatusStream, bind: Optional[str] = None,
                    on_listening: Optional[Callable[[str], None]] = None,
                    resume: Optional[dict] = None) -> dict:
-    coord = Coordinator(cfg, run_dir, n_train=n_train, log=log, stream=stream, bind=bind,
+    coord = Coordinator(cfg, run_dir, total_steps=total, log=log, stream=stream, bind=bind,
                         guard=stream.guard, resume=resume)
     if bind is not None:
         how = "" if on_listening is not None else (

@@ -18,33 +18,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.config import RunConfig, default_backprop_threads
-from common.data import (
-    eval_batches,
-    load_dataset,
-    steps_per_epoch,
-    total_steps,
-    train_batches,
-)
+from common.data import eval_batches, load_dataset, steps_per_epoch, train_batches
+from common.evaluation import EvalTally, eval_line, eval_record
 from common.files import atomic_torch_save
 from common.models import build_units, make_optimizer
-from coordinator.stream import StatusStream
+from common.modes import Mode
+from common.reports import StatusSink, run_summary
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split, batch_size: int, limit) -> tuple[float, float, int]:
+def evaluate(model: nn.Module, split, batch_size: int, limit) -> EvalTally:
     model.eval()
-    loss = correct = n = 0
+    tally = EvalTally()
     for x, y in eval_batches(split, batch_size, limit):
-        out = model(x)
-        loss += float(F.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
-        n += int(y.shape[0])
+        tally.add(model(x), y)
     model.train()
-    return loss / max(n, 1), correct / max(n, 1), n
+    return tally
 
 
-def run_backprop(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stream: StatusStream) -> dict:
-    """Train in this process; reports and evaluations go to `stream` (metrics.jsonl, monitors)."""
+def run_backprop(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stream: StatusSink,
+                 total: int) -> dict:
+    """Train `total` steps in this process; reports and evaluations go to `stream`
+    (metrics.jsonl, monitors)."""
     t_created = time.monotonic()
     threads = cfg.backprop_threads or default_backprop_threads()
     torch.set_num_threads(threads)
@@ -53,7 +48,6 @@ def run_backprop(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stre
     model = nn.Sequential(*units)
     opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
     per_epoch = steps_per_epoch(len(ds.train), cfg.batch_size)
-    total = total_steps(len(ds.train), cfg.batch_size, cfg.epochs, cfg.steps)
     proc = psutil.Process()
     proc.cpu_percent(None)
     evals: list[dict] = []
@@ -64,13 +58,11 @@ def run_backprop(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stre
     log(f"backprop: one process, {threads} torch threads; training {total} steps")
 
     def test(epoch: int, step: int) -> None:
-        test_loss, test_acc, n = evaluate(model, ds.test, cfg.batch_size, cfg.eval_samples)
-        rec = {"event": "eval", "wall_s": time.monotonic() - t_start, "epoch": epoch, "step": step,
-               "test_loss": test_loss, "test_accuracy": test_acc, "test_samples": n}
+        tally = evaluate(model, ds.test, cfg.batch_size, cfg.eval_samples)
+        rec = eval_record(epoch, step, time.monotonic() - t_start, tally.loss, tally.accuracy, tally.n)
         evals.append(rec)
         stream.eval(rec)
-        log(f"eval  epoch {epoch + 1} step {step}: test accuracy {100 * test_acc:.2f}%  "
-            f"test loss {test_loss:.4f}  ({rec['wall_s']:.1f}s)")
+        log(eval_line(rec))
 
     def report(now: float, step: int, samples: int, total: int, final: bool = False) -> None:
         """This interval's figures, to the status stream (and a progress line now and then)."""
@@ -123,16 +115,10 @@ def run_backprop(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stre
     atomic_torch_save(path, {"stage": 0, "units": {i: u.state_dict() for i, u in enumerate(units)},
                              "state": {"optimizer": opt.state_dict()}, "step": step - 1,
                              "config": cfg.to_dict()})
-    return {
-        "mode": "backprop", "steps": step, "samples": samples, "wall_clock_s": wall,
-        "startup_s": t_start - t_created,
-        "samples_per_s": samples / wall if wall > 0 else 0.0,
-        "test_accuracy": evals[-1]["test_accuracy"] if evals else None,
-        "test_loss": evals[-1]["test_loss"] if evals else None,
-        "true_gradient_steps": step, "num_stages": 1, "threads": threads, "evals": evals,
-        "rejected_messages": 0,
-        "workers": [{"stage": 0, "pid": os.getpid(), "host": socket.gethostname(), "steps": step,
-                     "samples": samples, "samples_per_s": samples / wall if wall > 0 else 0.0,
-                     "busy_fraction": compute / wall if wall > 0 else 0.0,
-                     "units": [0, len(units)], "checkpoint": str(path)}],
-    }
+    return run_summary(
+        Mode.BACKPROP, steps=step, samples=samples, wall_clock_s=wall, startup_s=t_start - t_created,
+        evals=evals, true_gradient_steps=step, num_stages=1, threads=threads,
+        workers=[{"stage": 0, "pid": os.getpid(), "host": socket.gethostname(), "steps": step,
+                  "samples": samples, "samples_per_s": samples / wall if wall > 0 else 0.0,
+                  "busy_fraction": compute / wall if wall > 0 else 0.0,
+                  "units": [0, len(units)], "checkpoint": str(path)}])

@@ -6,17 +6,15 @@ or 1F1B schedule, so stages overlap on different microbatches while every update
 for the true gradient. Gradients are averaged over microbatches, so without batch norm this is
 plain backprop; batch norm sees microbatch statistics (as in any pipeline-parallel run).
 
-The launcher only starts the ranks and waits; the last rank writes metrics.jsonl and evaluations,
-every rank writes its stage checkpoint and a small result file the summary is assembled from.
+This file is one rank's process. The launcher (coordinator/pipeline.py) only starts the ranks and
+waits; the last rank writes metrics.jsonl and evaluations, every rank writes its stage checkpoint
+and a small result file the summary is assembled from.
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -29,21 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.config import RunConfig
-from common.data import load_dataset, steps_per_epoch, total_steps, train_batches
-from common.files import JsonlLog, JsonlTail, atomic_torch_save, atomic_write_json
+from common.data import load_dataset, steps_per_epoch, train_batches
+from common.evaluation import EvalTally, eval_record
+from common.files import JsonlLog, atomic_torch_save, atomic_write_json
 from common.models import build_units, make_optimizer, stage_bounds, stage_io_shapes
 from common.procs import (
-    ProcessGroup,
-    available_cores,
-    describe_exit,
     die_with_parent,
     pin_to_core,
 )
-from coordinator.stream import StatusStream
-
-
-class PipelineFailed(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -53,6 +44,7 @@ class RankSpec:
     config: dict
     run_dir: str
     core: int
+    total_steps: int  # the run's length (the launcher's, so every rank agrees)
 
 
 def _loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -80,7 +72,7 @@ def run_rank(spec: RankSpec) -> None:
     units = build_units(cfg)
     a, b = stage_bounds(cfg)[rank]
     module = nn.Sequential(*units[a:b])
-    in_shape, out_shape = stage_io_shapes(cfg)[rank]
+    in_shape, out_shape = stage_io_shapes(cfg, units)[rank]
     mb = cfg.batch_size // cfg.microbatches
     example = (torch.zeros(mb, *in_shape),)
     schedule = _schedule(cfg, PipelineStage(module, rank, world, torch.device("cpu"), input_args=example))
@@ -95,7 +87,7 @@ def run_rank(spec: RankSpec) -> None:
     n_train_all = torch.tensor([n_train])
     dist.all_reduce(n_train_all, op=dist.ReduceOp.MAX)  # middle ranks load no data
     per_epoch = steps_per_epoch(int(n_train_all), cfg.batch_size)
-    total = total_steps(int(n_train_all), cfg.batch_size, cfg.epochs, cfg.steps)
+    total = spec.total_steps
     metrics = JsonlLog(run_dir / "metrics.jsonl") if last else None
     proc = psutil.Process()
     proc.cpu_percent(None)
@@ -115,12 +107,9 @@ def run_rank(spec: RankSpec) -> None:
                 yield None, None
 
     def test(epoch: int, step: int) -> None:
-        acc = _evaluate(cfg, eval_schedule, module, ds, first, last)
-        if last:
-            loss_sum, correct, n = acc
-            rec = {"event": "eval", "wall_s": time.monotonic() - t_start, "epoch": epoch,
-                   "step": step, "test_loss": loss_sum / max(n, 1),
-                   "test_accuracy": correct / max(n, 1), "test_samples": n}
+        tally = _evaluate(cfg, eval_schedule, module, ds, first, last)
+        if tally is not None:
+            rec = eval_record(epoch, step, time.monotonic() - t_start, tally.loss, tally.accuracy, tally.n)
             evals.append(rec)
             metrics.write(rec)
 
@@ -209,7 +198,7 @@ def _warm_up(cfg: RunConfig, schedule, module: nn.Module, first: bool, last: boo
 
 @torch.no_grad()
 def _evaluate(cfg: RunConfig, schedule, module: nn.Module, ds, first: bool, last: bool
-              ) -> Optional[tuple[float, int, int]]:
+              ) -> Optional[EvalTally]:
     """Forward-only pass over the test set through the pipeline. Batches are padded to the
     training batch size (the stages' buffers have that shape); padded rows are ignored."""
     module.eval()
@@ -217,7 +206,7 @@ def _evaluate(cfg: RunConfig, schedule, module: nn.Module, ds, first: bool, last
     n = torch.tensor([n_test if cfg.eval_samples is None else min(cfg.eval_samples, n_test)])
     dist.all_reduce(n, op=dist.ReduceOp.MAX)
     n = int(n)
-    loss_sum, correct = 0.0, 0
+    tally = EvalTally()
     try:
         for start in range(0, n, cfg.batch_size):
             rows = min(cfg.batch_size, n - start)
@@ -229,14 +218,12 @@ def _evaluate(cfg: RunConfig, schedule, module: nn.Module, ds, first: bool, last
                 schedule.eval(x)
             elif last:
                 out = schedule.eval(target=y, losses=[])
-                out, y = out[:rows], y[:rows]
-                loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
-                correct += int((out.argmax(1) == y).sum())
+                tally.add(out[:rows], y[:rows])
             else:
                 schedule.eval()
     finally:
         module.train()
-    return (loss_sum, correct, n) if last else None
+    return tally if last else None
 
 
 def _pad(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -244,96 +231,3 @@ def _pad(t: torch.Tensor, rows: int) -> torch.Tensor:
         return t
     return torch.cat([t, t.new_zeros((rows - t.shape[0], *t.shape[1:]))])
 
-
-def run_pipeline(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stream: StatusStream) -> dict:
-    """Start one process per stage, wait for them (failing fast when one dies), feed `stream`
-    from the last rank's metrics.jsonl records, and return the run summary in the same shape as
-    the other modes'."""
-    from coordinator.coordinator import snake_core
-    world = len(cfg.stage_groups)
-    if world < 2:
-        raise PipelineFailed("mode=pipeline needs at least two stages (--stages 2 or more)")
-    rendezvous = run_dir / ".pipeline-rendezvous"
-    rendezvous.unlink(missing_ok=True)
-    for old in [*run_dir.glob("pipeline-rank*.json"), *run_dir.glob(".pipeline-rank*.started")]:
-        old.unlink()
-    cores = available_cores()
-    group = ProcessGroup()
-    t_created = time.monotonic()
-    try:
-        for rank in range(world):
-            core = snake_core(rank, cores) if cfg.pin_cores else -1
-            group.start(f"pipeline-{rank}", run_rank, RankSpec(rank, world, cfg.to_dict(), str(run_dir), core))
-        log(f"pipeline: {world} stage processes ({cfg.schedule}, {cfg.microbatches} microbatches), "
-            f"pids {', '.join(str(c.process.pid) for c in group.children)}")
-        tail = JsonlTail(run_dir / "metrics.jsonl")  # the last rank's reports and evaluations
-        joined = None  # time.monotonic() when every rank had joined
-        last_sign = last_progress = time.monotonic()
-
-        def follow(rec: dict) -> None:
-            """Hand one of the last rank's records to the stream; log progress and evaluations."""
-            nonlocal last_progress
-            if rec.get("event") == "worker":
-                stream.worker(rec, logged=True)
-                if time.monotonic() - last_progress >= cfg.progress_every:
-                    last_progress = time.monotonic()
-                    log(f"train step {rec['steps']}/{stream.total_steps} "
-                        f"({100 * rec['steps'] / max(stream.total_steps, 1):.0f}%)  "
-                        f"{rec['samples_per_s']:.0f} samples/s  loss {rec['loss']:.4f}")
-            elif rec.get("event") == "eval":
-                stream.eval(rec, logged=True)
-                log(f"eval  epoch {rec['epoch'] + 1} step {rec['step']}: test accuracy "
-                    f"{100 * rec['test_accuracy']:.2f}%  test loss {rec['test_loss']:.4f}  "
-                    f"({rec['wall_s']:.1f}s)")
-
-        while not all(c.process.exitcode is not None for c in group.children):
-            for c in group.dead():
-                if c.process.exitcode != 0:
-                    raise PipelineFailed(f"pipeline {c.name} (pid {c.process.pid}) "
-                                         f"{describe_exit(c.process.exitcode)}")
-            now = time.monotonic()
-            started = len(list(run_dir.glob(".pipeline-rank*.started")))
-            if started < world and now - t_created > cfg.start_timeout:
-                raise PipelineFailed(f"only {started} of {world} pipeline stages joined the process "
-                                     f"group within {cfg.start_timeout:.0f}s (raise --start-timeout)")
-            if started == world and joined is None:
-                joined = last_sign = now
-            for rec in tail.read():
-                last_sign = now
-                follow(rec)
-            if joined is not None:
-                stream.tick(now - joined)
-                if now - last_sign > max(cfg.stall_timeout, 2 * cfg.metrics_every):
-                    raise PipelineFailed(f"the pipeline wrote no metrics for {cfg.stall_timeout:.0f}s")
-            time.sleep(0.1)
-        bad = [c for c in group.children if c.process.exitcode != 0]
-        if bad:
-            raise PipelineFailed(f"pipeline {bad[0].name} {describe_exit(bad[0].process.exitcode)}")
-    finally:
-        group.shutdown()
-        rendezvous.unlink(missing_ok=True)
-        for marker in run_dir.glob(".pipeline-rank*.started"):
-            marker.unlink()
-    ranks = [json.loads((run_dir / f"pipeline-rank{r}.json").read_text()) for r in range(world)]
-    last = ranks[-1]
-    evals = last.pop("evals")
-    for r in ranks:
-        r.pop("evals", None)
-    wall = last["elapsed_s"]
-    for rec in tail.read():  # what the last rank wrote after the last poll
-        follow(rec)
-    stream.tick(wall, done=True)
-    return {
-        "mode": "pipeline", "steps": last["steps"], "samples": last["samples"],
-        "wall_clock_s": wall, "startup_s": time.monotonic() - t_created - wall,
-        "samples_per_s": last["samples_per_s"],
-        "test_accuracy": evals[-1]["test_accuracy"] if evals else None,
-        "test_loss": evals[-1]["test_loss"] if evals else None,
-        "true_gradient_steps": last["steps"], "num_stages": world, "evals": evals,
-        "rejected_messages": 0, "schedule": cfg.schedule, "microbatches": cfg.microbatches,
-        "workers": ranks,
-    }
-
-
-if __name__ == "__main__":  # pragma: no cover - a quick manual check
-    sys.exit("use: python launch.py train --mode pipeline")

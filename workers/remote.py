@@ -16,8 +16,8 @@ from typing import Callable, Optional
 from common.config import ConfigError
 from common.endpoints import address_towards, tcp_host
 from common.security import resolve_keys
+from common.placement import core_for
 from common.procs import ProcessGroup, available_cores, describe_exit
-from coordinator.coordinator import snake_core
 from workers.worker import WorkerSpec, run_worker
 
 
@@ -28,7 +28,7 @@ class RemoteStages:
     host: Optional[str] = None  # address to bind on; None = this host's address towards the coordinator
     run_dir: str = ""  # "" = the coordinator's run folder path, on this host
     pin_cores: bool = True
-    connect_timeout: float = 60.0  # a stage gives up when the coordinator does not answer
+    connect_timeout: float = WorkerSpec.connect_timeout  # a stage gives up when the coordinator does not answer
     keys: Optional[str] = None  # keys folder (launch.py keys)
     secure: Optional[bool] = None  # None: secure with keys or when any address is not loopback
 
@@ -47,7 +47,7 @@ class RemoteStages:
                             f"--coordinator {self.coordinator}")  # fails here, before any process
         cores = available_cores()
         return [WorkerSpec(stage, self.coordinator, -1, "tcp", host, self.run_dir,
-                           snake_core(i, cores) if self.pin_cores else -1, self.connect_timeout,
+                           core_for(i, self.pin_cores, cores), self.connect_timeout,
                            keys=self.keys if keys is not None else None)
                 for i, stage in enumerate(self.stages)]
 

@@ -1,18 +1,12 @@
 """What one stage does with a batch, free of sockets and processes (so it is testable alone).
 
-A stage owns some consecutive layers, their optimiser, and (unlocked modes) a synthetic-gradient
-model with its own optimiser. Per training step it runs forward, hands the output on, and
-updates at once:
+A stage owns some consecutive layers, their optimiser, and (when its update rule uses one) a
+synthetic-gradient model with its own optimiser. Per training step it runs forward, hands the
+output on, and asks its update rule (common/modes.py) what to step on now and what to do when a
+gradient of an earlier step comes back; this class holds the machinery the rules share.
 
-- ``locked``: no local update; ``receive_grad`` brings the true dL/dh, backprops it through the
-  kept graph and steps the optimiser; this is backprop split across processes.
-- ``unlocked``: the synthetic-gradient model predicts dL/dh and the stage steps on that now.
-  When a true (or bootstrapped) dL/dh for an earlier step arrives, it trains the predictor and,
-  for a true gradient, returns dL/dx so the wave continues towards stage 0.
-- ``stale``: like unlocked, but the update reuses the latest true dL/dh that has arrived.
-
-A step whose true gradient will come back keeps its autograd graph. In the unlocked modes the
-optimiser changes the weights before that gradient arrives, so such a step runs forward on
+A step whose true gradient will come back keeps its autograd graph. Where the optimiser changes
+the weights before that gradient arrives (every rule but locked), such a step runs forward on
 differentiable clones of the weights: the kept graph then still holds the weights of that step,
 and dL/dx is exactly the gradient of the forward pass that produced h (no recomputation).
 """
@@ -29,6 +23,7 @@ from torch.func import functional_call
 
 from common.config import RunConfig
 from common.models import SyntheticGradient, make_optimizer
+from common.modes import UpdateRule
 
 MAX_KEPT_STEPS = 4096  # a safety bound; bounded queues keep the real number far below it
 SNAPSHOT_AT = (0.0, 0.1, 0.5, 1.0)  # fractions of the run at which to keep SG-vs-true samples
@@ -88,17 +83,16 @@ class StageLogic:
     def __init__(self, cfg: RunConfig, stage: int, num_stages: int, module: nn.Module,
                  out_shape: tuple[int, ...], snapshot_steps: frozenset[int] = frozenset()):
         self.cfg = cfg
+        self.rule: UpdateRule = cfg.rule
         self.stage = stage
         self.is_first = stage == 0
         self.is_last = stage == num_stages - 1
         self.module = module
-        lr = cfg.lr
-        if not self.is_last and cfg.mode in ("unlocked", "stale"):
-            lr *= cfg.sg_update_lr_scale  # this stage steps on predicted or reused gradients
+        lr = cfg.lr * self.rule.lr_scale(cfg.sg_update_lr_scale, self.is_last)
         self.optimizer = make_optimizer(module.parameters(), cfg.optimizer, lr, cfg.momentum)
         self.sg: Optional[SyntheticGradient] = None
         self.sg_optimizer: Optional[torch.optim.Optimizer] = None
-        if not self.is_last and cfg.mode == "unlocked":
+        if not self.is_last and self.rule.uses_predictor:
             torch.manual_seed(cfg.seed * 7919 + stage)
             self.sg = SyntheticGradient(out_shape, cfg.sg_model, cfg.sg_hidden, cfg.conditioned)
             self.sg_optimizer = make_optimizer(self.sg.parameters(), cfg.sg_optimizer, cfg.sg_lr)
@@ -109,25 +103,52 @@ class StageLogic:
         self.snapshots: list[dict] = []  # synthetic beside true gradient at a few steps
         self._pending: Optional[tuple] = None  # (step, h, x, keep_graph, labels) between forward and update
 
-    # ------------------------------------------------------------------ helpers
-    @property
-    def _weights_move_before_grad(self) -> bool:
-        return self.cfg.mode in ("unlocked", "stale")
+    # ------------------------------------------------------------------ what the rules use
+    def step_optimizer(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
+    def predict(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The synthetic-gradient model's per-sample dL/dh (batch size x dL_mean/dh)."""
+        assert self.sg is not None
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            per_sample = self.sg(h.detach(), labels)
+        self.stats.sg_seconds += time.perf_counter() - t0
+        return per_sample
+
+    def learn_predictor(self, step: int, kept: Kept, g: torch.Tensor) -> None:
+        """Score the prediction made at forward time against `g`, then train the predictor on it."""
+        if self.sg is None:
+            return
+        if kept.sg_pred is not None:
+            target = g * g.shape[0]
+            cos = float(F.cosine_similarity(kept.sg_pred.reshape(1, -1), target.reshape(1, -1)))
+            self.stats.cos_sum += cos
+            self.stats.cos_n += 1
+            if step in self.snapshot_steps:
+                self._snapshot(step, kept.sg_pred, target, cos)
+        self._train_sg(kept, g)
+
+    @staticmethod
+    def true_dx(kept: Kept, g: torch.Tensor) -> Optional[torch.Tensor]:
+        """dL/dx of the kept step's own forward pass (None on stage 0 or without a kept graph)."""
+        if kept.x is None or kept.h is None:
+            return None
+        (dx,) = torch.autograd.grad(kept.h, kept.x, g)
+        return dx
+
+    # ------------------------------------------------------------------ helpers
     def _input(self, x: torch.Tensor, need_dx: bool) -> torch.Tensor:
         if need_dx and not self.is_first:
             return x.detach().requires_grad_(True)
         return x
 
-    def _forward(self, x: torch.Tensor, snapshot: bool) -> torch.Tensor:
-        if not snapshot:
+    def _forward(self, x: torch.Tensor, stash_weights: bool) -> torch.Tensor:
+        if not stash_weights:
             return self.module(x)
         clones = {name: p.clone() for name, p in self.module.named_parameters()}
         return functional_call(self.module, clones, (x,))
-
-    def _step(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
 
     def _train_sg(self, kept: Kept, g: torch.Tensor) -> None:
         assert self.sg is not None and self.sg_optimizer is not None
@@ -156,10 +177,10 @@ class StageLogic:
     # ------------------------------------------------------------------ middle stages
     def forward(self, step: int, x: torch.Tensor, labels: torch.Tensor, true_step: bool) -> torch.Tensor:
         """Forward one training batch of a non-last stage; returns h to send downstream."""
-        keep_graph = true_step or self.cfg.mode == "locked"
+        keep_graph = true_step
         need_dx = keep_graph or self.cfg.bootstrap
         x = self._input(x, need_dx)
-        h = self._forward(x, snapshot=keep_graph and self._weights_move_before_grad)
+        h = self._forward(x, stash_weights=keep_graph and self.rule.weights_move_before_gradient)
         if keep_graph or self.cfg.bootstrap:
             self._bound_kept(step)
             self.kept[step] = Kept(x if need_dx and not self.is_first else None,
@@ -168,30 +189,16 @@ class StageLogic:
         return h.detach()
 
     def local_update(self, step: int) -> Optional[torch.Tensor]:
-        """Update now, without waiting (unlocked, stale). Returns a bootstrapped dL/dx for the
-        stage before, when bootstrapping on a step whose true gradient is not coming."""
+        """Step now on what the rule gives, without waiting. Returns a bootstrapped dL/dx for
+        the stage before, when bootstrapping on a step whose true gradient is not coming."""
         pstep, h, x, keep_graph, labels = self._pending
         assert pstep == step, "local_update must follow forward of the same step"
         self._pending = None
-        mode = self.cfg.mode
-        if mode == "locked":
+        grad = self.rule.local_gradient(self, step, h, labels, self.kept.get(step))
+        if grad is None:
             return None
-        if mode == "unlocked":
-            assert self.sg is not None
-            kept = self.kept.get(step)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                per_sample = self.sg(h.detach(), labels)
-            self.stats.sg_seconds += time.perf_counter() - t0
-            if kept is not None and keep_graph:
-                kept.sg_pred = per_sample
-            grad = per_sample / h.shape[0]
-        else:  # stale
-            if self.last_true is None or self.last_true.shape != h.shape:
-                return None
-            grad = self.last_true
         h.backward(grad, retain_graph=keep_graph)
-        self._step()
+        self.step_optimizer()
         if self.cfg.bootstrap and not keep_graph and x is not None and x.grad is not None:
             dx = x.grad
             x.grad = None
@@ -213,39 +220,19 @@ class StageLogic:
             self.stats.true_grads += 1
         else:
             self.stats.bootstrap_grads += 1
-        mode = self.cfg.mode
-        if mode == "locked":
-            assert kept.h is not None
-            kept.h.backward(g)
-            self._step()
-            return kept.x.grad if kept.x is not None else None
-        if self.sg is not None:
-            if kept.sg_pred is not None:
-                cos = float(F.cosine_similarity(kept.sg_pred.reshape(1, -1), (g * g.shape[0]).reshape(1, -1)))
-                self.stats.cos_sum += cos
-                self.stats.cos_n += 1
-                if step in self.snapshot_steps:
-                    self._snapshot(step, kept.sg_pred, g * g.shape[0], cos)
-            self._train_sg(kept, g)
-        if is_true:
-            if mode == "stale":
-                self.last_true = g.clone()
-            if kept.x is not None and kept.h is not None:
-                (dx,) = torch.autograd.grad(kept.h, kept.x, g)
-                return dx
-        return None
+        return self.rule.on_gradient(self, step, kept, g, is_true)
 
     # ------------------------------------------------------------------ last stage
     def last_step(self, step: int, x: torch.Tensor, labels: torch.Tensor,
                   true_step: bool) -> tuple[float, Optional[torch.Tensor]]:
         """Forward, loss, backward and update of the last stage. Returns the loss and the
         dL/dx to send back (true steps, and every step when bootstrapping)."""
-        need_dx = true_step or self.cfg.bootstrap or self.cfg.mode == "locked"
+        need_dx = true_step or self.cfg.bootstrap
         x = self._input(x, need_dx)
         out = self.module(x)
         loss = F.cross_entropy(out, labels)
         loss.backward()
-        self._step()
+        self.step_optimizer()
         value = loss.item()
         self.stats.loss_sum += value
         self.stats.loss_n += 1
@@ -257,17 +244,12 @@ class StageLogic:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The stage's output in eval mode (logits on the last stage)."""
         self.module.eval()
         try:
             return self.module(x)
         finally:
             self.module.train()
-
-    @torch.no_grad()
-    def eval_last(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-        """(summed loss, number correct) of one test batch."""
-        out = self.eval_forward(x)
-        return float(F.cross_entropy(out, labels, reduction="sum")), int((out.argmax(1) == labels).sum())
 
     # ------------------------------------------------------------------ state
     def outstanding(self) -> int:

@@ -1,0 +1,42 @@
+"""One evaluation, wherever its batches are computed: the single-process reference, the last
+stage of a worker pipeline, or the last rank of the pipeline contender all add their logits to an
+EvalTally and report the same record."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class EvalTally:
+    """Summed test loss, correct predictions and samples over the batches of one evaluation."""
+
+    def __init__(self) -> None:
+        self.loss_sum = 0.0
+        self.correct = 0
+        self.n = 0
+
+    @torch.no_grad()
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        self.correct += int((logits.argmax(1) == labels).sum())
+        self.n += int(labels.shape[0])
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.n, 1)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.n, 1)
+
+
+def eval_record(epoch: int, step: int, wall_s: float, loss: float, accuracy: float, samples: int) -> dict:
+    """The "eval" record of metrics.jsonl, the status stream and the summary's evals."""
+    return {"event": "eval", "wall_s": wall_s, "epoch": epoch, "step": step, "test_loss": loss,
+            "test_accuracy": accuracy, "test_samples": samples}
+
+
+def eval_line(rec: dict) -> str:
+    """The progress line of one evaluation."""
+    return (f"eval  epoch {rec['epoch'] + 1} step {rec['step']}: test accuracy "
+            f"{100 * rec['test_accuracy']:.2f}%  test loss {rec['test_loss']:.4f}  ({rec['wall_s']:.1f}s)")

@@ -1,0 +1,148 @@
+"""The mode vocabulary: every way synthgrad can train, and, for the modes that run on stage
+workers, the update rule that says what a stage does with a step.
+
+A stage's step is always: forward its batch, send the output on, then ask its rule
+
+- ``local_gradient``: which dL/dh to step on now, without waiting (None: no update now);
+- ``on_gradient``: what to do when the true (or bootstrapped) dL/dh of an earlier step comes
+  back, and what dL/dx travels on towards stage 0;
+- ``waits_for_gradient``: whether step s+1 waits for step s's true gradient;
+- ``true_step``: which steps' true gradients come back at all.
+
+Adding a rule means one class here and its entry in ``Mode`` and ``RULES``; the config, the
+command line, compare, resume and torchrun read everything else from these objects.
+"""
+from __future__ import annotations
+
+from enum import Enum
+from typing import TYPE_CHECKING, ClassVar, Optional
+
+if TYPE_CHECKING:  # only for annotations: this module stays importable without torch loaded
+    import torch
+
+    from workers.stage import Kept, StageLogic
+
+
+class Mode(str, Enum):
+    """How a run trains. A str, so configs and JSON keep plain names."""
+    BACKPROP = "backprop"  # the whole network in one process (the reference)
+    PIPELINE = "pipeline"  # torch.distributed.pipelining stages over gloo (the strongest locked peer)
+    LOCKED = "locked"  # stage workers; every update waits for its true gradient
+    UNLOCKED = "unlocked"  # stage workers; updates from synthetic gradients, true ones every N steps
+    STALE = "stale"  # stage workers; updates reuse the latest true gradient (a control)
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def rule(self) -> Optional["UpdateRule"]:
+        """The update rule of a stage-worker mode; None for modes with their own processes."""
+        return RULES.get(self)
+
+    @property
+    def on_stage_workers(self) -> bool:
+        """Runs on synthgrad's stage workers and coordinator (so: remote workers, torchrun,
+        checkpoints, resume, restart)."""
+        return self in RULES
+
+    @property
+    def takes_n(self) -> bool:
+        """`--true-grad-every N` (and compare's `mode:N`) means something for this mode."""
+        rule = self.rule
+        return rule is not None and rule.takes_n
+
+
+class UpdateRule:
+    """What a stage does after its forward pass and when a gradient arrives. Stateless: a
+    stage's state (kept graphs, predictor, last true gradient) lives in its StageLogic."""
+    mode: ClassVar[Mode]
+    waits_for_gradient: ClassVar[bool] = False
+    takes_n: ClassVar[bool] = True  # true gradients every N steps, not every step
+    # the optimiser moves the weights before the true gradient of a step arrives: that step's
+    # forward must keep its own weights (weight stashing) for dL/dx to be the true one
+    weights_move_before_gradient: ClassVar[bool] = True
+    uses_predictor: ClassVar[bool] = False  # the stage owns a synthetic-gradient model
+
+    def true_step(self, step: int, every: int) -> bool:
+        """Steps count from 0; every N-th step (N-1, 2N-1, ...) carries a true gradient."""
+        return (step + 1) % every == 0
+
+    def lr_scale(self, sg_update_lr_scale: float, is_last: bool) -> float:
+        """The layers' learning rate factor: a stage stepped by an estimate takes smaller steps."""
+        return 1.0 if is_last else sg_update_lr_scale
+
+    def local_gradient(self, stage: "StageLogic", step: int, h: torch.Tensor, labels: torch.Tensor,
+                       kept: Optional["Kept"]) -> Optional[torch.Tensor]:
+        """dL/dh (mean over the batch) to step on now, or None for no update now."""
+        raise NotImplementedError
+
+    def on_gradient(self, stage: "StageLogic", step: int, kept: "Kept", g: torch.Tensor,
+                    is_true: bool) -> Optional[torch.Tensor]:
+        """A gradient for `step` arrived: learn from it; return dL/dx to pass on, or None."""
+        raise NotImplementedError
+
+
+class Locked(UpdateRule):
+    """Backprop split across processes: step s's update is its true gradient, and step s+1
+    waits for it."""
+    mode = Mode.LOCKED
+    waits_for_gradient = True
+    takes_n = False
+    weights_move_before_gradient = False
+
+    def true_step(self, step: int, every: int) -> bool:
+        return True
+
+    def lr_scale(self, sg_update_lr_scale: float, is_last: bool) -> float:
+        return 1.0
+
+    def local_gradient(self, stage, step, h, labels, kept):
+        return None
+
+    def on_gradient(self, stage, step, kept, g, is_true):
+        assert kept.h is not None
+        kept.h.backward(g)
+        stage.step_optimizer()
+        return kept.x.grad if kept.x is not None else None
+
+
+class Unlocked(UpdateRule):
+    """Decoupled neural interfaces: step now on the synthetic-gradient model's prediction; a
+    true gradient trains the predictor and travels on as the true dL/dx of its own step."""
+    mode = Mode.UNLOCKED
+    uses_predictor = True
+
+    def local_gradient(self, stage, step, h, labels, kept):
+        per_sample = stage.predict(h, labels)
+        if kept is not None and kept.h is not None:
+            kept.sg_pred = per_sample
+        return per_sample / h.shape[0]
+
+    def on_gradient(self, stage, step, kept, g, is_true):
+        stage.learn_predictor(step, kept, g)
+        return stage.true_dx(kept, g) if is_true else None
+
+
+class Stale(UpdateRule):
+    """A control: step on the latest true gradient that has arrived (nothing until one has)."""
+    mode = Mode.STALE
+
+    def local_gradient(self, stage, step, h, labels, kept):
+        last = stage.last_true
+        return last if last is not None and last.shape == h.shape else None
+
+    def on_gradient(self, stage, step, kept, g, is_true):
+        if not is_true:
+            return None
+        stage.last_true = g.clone()
+        return stage.true_dx(kept, g)
+
+
+RULES: dict[Mode, UpdateRule] = {rule.mode: rule for rule in (Locked(), Unlocked(), Stale())}
+MODE_NAMES: tuple[str, ...] = tuple(m.value for m in Mode)
+STAGE_WORKER_MODES: tuple[str, ...] = tuple(m.value for m in Mode if m.on_stage_workers)
+
+
+def spoken(names: tuple[str, ...]) -> str:
+    """'a, b and c': mode lists in messages."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"

@@ -1,0 +1,37 @@
+"""What a trainer reports, whoever trained: the sink its reports go to (the run's status stream,
+coordinator/stream.py, implements it), and one shape for every run's summary (summary.json,
+compare's rows), from the single-process reference, the pipeline contender or the stage workers."""
+from __future__ import annotations
+
+from typing import Any, Optional, Protocol
+
+
+class StatusSink(Protocol):
+    """Where a trainer's reports go (workers/ depend on this, not on the coordinator's stream)."""
+
+    def worker(self, rec: dict, logged: bool = False) -> None:
+        """A periodic report of one worker (event "worker")."""
+
+    def eval(self, rec: dict, logged: bool = False) -> None:
+        """A test evaluation (event "eval")."""
+
+    def tick(self, wall_s: float, done: bool = False) -> Optional[dict]:
+        """The run-wide status record, when one is due (or the run is done)."""
+
+
+def run_summary(mode: str, *, steps: int, samples: int, wall_clock_s: float, startup_s: float,
+                evals: list[dict], workers: list[dict], true_gradient_steps: int, num_stages: int,
+                rejected_messages: int = 0, **extra: Any) -> dict:
+    """The fields every mode reports (final test figures from the last evaluation), then the
+    mode's own (`extra`)."""
+    final = evals[-1] if evals else {}
+    return {
+        "mode": str(mode), "steps": steps, "samples": samples,
+        "wall_clock_s": wall_clock_s, "startup_s": startup_s,
+        "samples_per_s": samples / wall_clock_s if wall_clock_s > 0 else 0.0,
+        "test_accuracy": final.get("test_accuracy"), "test_loss": final.get("test_loss"),
+        "true_gradient_steps": true_gradient_steps, "num_stages": num_stages, "evals": evals,
+        "rejected_messages": rejected_messages,
+        **extra,
+        "workers": workers,
+    }

@@ -1,0 +1,154 @@
+"""The parts of the stage and coordinator processes, without processes: the mode vocabulary,
+stage 0's schedule, the registry, the watchdog and the coordinator's checkpoint bookkeeping."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from common import wire
+from common.config import RunConfig
+from common.data import steps_per_epoch, synthetic, total_steps
+from common.modes import MODE_NAMES, STAGE_WORKER_MODES, Mode
+from coordinator.checkpoints import CheckpointBook
+from coordinator.registry import Registry
+from coordinator.watchdog import RunFailed, Watchdog
+from workers.source import Boundary, End, Evaluate, TrainBatch, stage0_events
+
+
+# ---------------------------------------------------------------------------- modes
+def test_one_mode_vocabulary():
+    assert MODE_NAMES == ("backprop", "pipeline", "locked", "unlocked", "stale")
+    assert STAGE_WORKER_MODES == ("locked", "unlocked", "stale")
+    assert [m.value for m in Mode if m.takes_n] == ["unlocked", "stale"]
+    assert Mode.LOCKED.rule.waits_for_gradient and not Mode.UNLOCKED.rule.waits_for_gradient
+    assert Mode.BACKPROP.rule is None and Mode("pipeline") is Mode.PIPELINE
+    assert Mode.UNLOCKED.rule.uses_predictor and not Mode.STALE.rule.uses_predictor
+    locked, unlocked = RunConfig(mode="locked", true_grad_every=4), RunConfig(mode="unlocked", true_grad_every=4)
+    assert [locked.is_true_grad_step(s) for s in range(8)] == [True] * 8
+    assert [s for s in range(8) if unlocked.is_true_grad_step(s)] == [3, 7]
+
+
+# ---------------------------------------------------------------------------- stage 0's schedule
+def _events(cfg: RunConfig, first_step: int = 0) -> list:
+    ds = synthetic(cfg.synthetic_train, cfg.synthetic_test)
+    per_epoch = steps_per_epoch(len(ds.train), cfg.batch_size)
+    total = total_steps(len(ds.train), cfg.batch_size, cfg.epochs, cfg.steps)
+    return list(stage0_events(cfg, ds.train, per_epoch, total, first_step))
+
+
+def test_stage0_schedule_trains_evaluates_and_offers_checkpoints():
+    cfg = RunConfig(dataset="synthetic", synthetic_train=64 * 4, batch_size=64, epochs=3, steps=10, eval_every=3)
+    events = _events(cfg)
+    assert [e.step for e in events if isinstance(e, TrainBatch)] == list(range(10))
+    # after each epoch (4 steps), every 3 steps in between, never twice at one step
+    assert [(e.epoch, e.step) for e in events if isinstance(e, Evaluate)] == \
+        [(0, 3), (0, 4), (1, 6), (1, 8), (2, 9), (2, 10)]
+    # a checkpoint may follow any step but an epoch's last (its evaluation comes first) and the run's last
+    assert [e.step for e in events if isinstance(e, Boundary)] == [0, 1, 2, 4, 5, 6, 8]
+    assert events[-1] == End(10, 3)
+
+
+def test_stage0_schedule_resumed_continues_the_same_sequence():
+    cfg = RunConfig(dataset="synthetic", synthetic_train=64 * 4, batch_size=64, epochs=3, eval_every=3)
+    fresh, resumed = _events(cfg), _events(cfg, first_step=6)
+    tail = fresh[next(i for i, e in enumerate(fresh) if isinstance(e, TrainBatch) and e.step == 6):]
+    assert [type(e) for e in resumed] == [type(e) for e in tail]
+    for a, b in zip(tail, resumed):
+        if isinstance(a, TrainBatch):
+            assert (a.step, a.epoch) == (b.step, b.epoch) and torch.equal(a.x, b.x) and torch.equal(a.labels, b.labels)
+        else:
+            assert a == b
+
+
+# ---------------------------------------------------------------------------- registry
+def test_registry_turns_away_what_does_not_fit_and_checks_senders():
+    reg = Registry(2)
+    assert reg.register(b"a", wire.Register(0, 10, "h"), started=False) is None
+    assert "is taken (pid 10 on h)" in reg.register(b"b", wire.Register(0, 11, "h"), started=False)
+    assert "stages 0..1" in reg.register(b"c", wire.Register(5, 12, "h"), started=False)
+    assert reg.register(b"d", wire.Register(1, 13, "h"), started=False) is None and reg.complete
+    reg3 = Registry(3)
+    reg3.register(b"a", wire.Register(0, 10, "h"), started=False)
+    assert "has started" in reg3.register(b"e", wire.Register(1, 14, "h"), started=True)
+    assert reg.missing() == [0, 1]  # registered, not ready
+    assert not reg.set_ready(1, "ipc://x") and reg.set_ready(0, "")
+    assert reg.downstream(0) == "ipc://x" and reg.downstream(1) == ""
+    g = torch.zeros(2, 3)
+    assert reg.sender_problem(wire.Grad(0, 0, True, g), b"d") is None  # stage 1 -> stage 0
+    assert "gradient for stage 1" in reg.sender_problem(wire.Grad(0, 1, True, g), b"d")
+    assert "for stage 0 from stage 1" in reg.sender_problem(wire.Heartbeat(0), b"d")
+    assert "never registered" in reg.sender_problem(wire.Heartbeat(0), b"zzz")
+    assert reg.who(1) == "pid 13 on h" and reg.who(7) == "not registered"
+
+
+# ---------------------------------------------------------------------------- watchdog
+def test_watchdog_names_what_went_wrong():
+    cfg = RunConfig(start_timeout=5, heartbeat_timeout=2, stall_timeout=10)
+    dog = Watchdog(cfg, created=100.0)
+    dog.check(104.0, lambda: [1], str, [])
+    with pytest.raises(RunFailed, match=r"stages \[1\] were not ready within 5s"):
+        dog.check(106.0, lambda: [1], str, [])
+    dog.start(106.0)
+    dog.heard(0, 106.0)
+    dog.check(107.9, list, lambda s: "pid 9", [])
+    with pytest.raises(RunFailed, match="stage 0 \\(pid 9\\) sent nothing for 2.5s"):
+        dog.check(108.5, list, lambda s: "pid 9", [])
+    dog.heard(0, 120.0)
+    dog.advanced(110.0, step=3)
+    dog.advanced(111.0, step=3)  # not a new step: no progress
+    with pytest.raises(RunFailed, match="no progress"):
+        dog.check(120.5, list, str, [])
+
+
+# ---------------------------------------------------------------------------- checkpoint bookkeeping
+def test_checkpoint_is_complete_only_when_every_stage_saved(tmp_path):
+    cfg = RunConfig(mode="locked", dataset="synthetic")
+    lines: list[str] = []
+    book = CheckpointBook(cfg, tmp_path, 2, lines.append, wall=lambda: 1.5)
+    sent: list = []
+    book.ask(sent.append, "every 1s")
+    book.ask(sent.append, "again")  # one at a time
+    assert len(sent) == 1 and isinstance(sent[0], wire.Checkpoint)
+    book.on_saved(wire.Saved(0, 7, "/a", "h"))
+    assert book.last_complete is None and not book.manifest_path.exists()
+    book.on_saved(wire.Saved(1, 7, "/b", "h"))
+    manifest = json.loads(book.manifest_path.read_text())
+    assert manifest["step"] == 7 and manifest["stages"] == {"0": {"path": "/a", "host": "h"},
+                                                             "1": {"path": "/b", "host": "h"}}
+    assert book.last_complete == 7 and book.asked is None and [c["step"] for c in book.taken] == [7]
+    book.ask(sent.append, "every 1s")
+    book.on_saved(wire.Saved(0, 9, "/c", "h"))
+    book.on_saved(wire.Saved(1, 9, "", "h", "No space left on device"))
+    assert book.last_complete == 7 and book.failures == 1 and "stays step 7" in lines[-1]
+    book.on_saved(wire.Saved(0, 9, "/late", "h"))  # a late SAVED of the failed checkpoint
+    assert json.loads(book.manifest_path.read_text())["step"] == 7
+
+
+# ---------------------------------------------------------------------------- layers
+def _imports(path) -> set[str]:
+    """Top packages a module imports at run time (imports under `if TYPE_CHECKING:` excluded)."""
+    import ast
+    tree = ast.parse(path.read_text())
+    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+            and getattr(node.test, "id", "") == "TYPE_CHECKING" for n in ast.walk(node)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("layer, may_not_import", [("common", {"workers", "coordinator", "launch"}),
+                                                    ("workers", {"coordinator", "launch"}),
+                                                    ("coordinator", {"launch"})])
+def test_imports_go_one_way(layer, may_not_import):
+    from tests.helpers import ROOT
+    offenders = {str(p.relative_to(ROOT)): sorted(_imports(p) & may_not_import)
+                 for p in sorted((ROOT / layer).glob("*.py")) if _imports(p) & may_not_import}
+    assert not offenders, offenders

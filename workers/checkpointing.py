@@ -1,0 +1,88 @@
+"""How a stage takes part in a checkpoint, and what its checkpoint file holds.
+
+The coordinator asks stage 0 to save at its next step boundary. Stage 0 then sends a marker down
+the activation links right after step T (each link is FIFO, so the marker follows step T to
+every stage: a Chandy-Lamport cut of a pipeline), and every stage, on the marker, waits for the
+gradients of steps <= T still travelling back, saves its state after T atomically (temporary
+file, fsync, rename) and tells the coordinator where. The coordinator writes the manifest once
+every stage has saved (coordinator/checkpoints.py): only then is the checkpoint complete.
+"""
+from __future__ import annotations
+
+import socket as pysocket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from common import wire
+from common.config import RunConfig
+from common.files import atomic_torch_save
+from workers.stage import StageLogic
+
+
+def periodic_path(run_dir: Path, step: int, stage: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:09d}" / f"stage{stage}.pt"
+
+
+def final_path(run_dir: Path, stage: int) -> Path:
+    return run_dir / f"stage{stage}.pt"
+
+
+class StageCheckpoints:
+    def __init__(self, stage: int, cfg: RunConfig, run_dir: Path, logic: StageLogic, first_unit: int):
+        self.stage = stage
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.logic = logic
+        self.first_unit = first_unit
+        self._saved_paths: list[Path] = []
+
+    def load(self, path: Path, step: int) -> None:
+        """Continue from this stage's checkpoint of `step` (resume, restart)."""
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError) as exc:
+            raise RuntimeError(f"stage {self.stage}: cannot read checkpoint {path}: {exc}") from None
+        if ckpt.get("stage") != self.stage or ckpt.get("step") != step:
+            raise RuntimeError(f"stage {self.stage}: {path} holds stage {ckpt.get('stage')} at step "
+                               f"{ckpt.get('step')}, expected stage {self.stage} at step {step}")
+        self.logic.load_state_dict(ckpt["state"])
+
+    def save(self, path: Path, step: int) -> None:
+        """This stage's state after `step`, written atomically (temporary file, fsync, rename)."""
+        module = self.logic.module
+        atomic_torch_save(path, {
+            "stage": self.stage,
+            "units": {self.first_unit + j: module[j].state_dict() for j in range(len(module))},
+            "state": self.logic.state_dict(),
+            "step": step,
+            "config": self.cfg.to_dict(),
+        })
+
+    def take(self, step: int, epoch: int, *, pass_marker: Callable[[wire.Activation], None] | None,
+             wait_for_gradients: Callable[[], None], tell: Callable[[wire.Message], None]) -> None:
+        """Save at `step`: pass the marker on first (the stages after this one save concurrently),
+        wait for every gradient of steps <= `step`, save, tell the coordinator."""
+        if pass_marker is not None:
+            pass_marker(wire.Activation(step, epoch, "checkpoint", False))
+        wait_for_gradients()
+        path = periodic_path(self.run_dir, step, self.stage)
+        try:
+            self.save(path, step)
+        except OSError as exc:  # a full disk fails this checkpoint, not the run
+            print(f"[stage {self.stage}] checkpoint at step {step} failed: {exc}", file=sys.stderr, flush=True)
+            tell(wire.Saved(self.stage, step, "", pysocket.gethostname(), str(exc)))
+            return
+        tell(wire.Saved(self.stage, step, str(path), pysocket.gethostname()))
+        # the coordinator asks for one checkpoint at a time, so the one before this was complete
+        # on every stage: keep it and this one, delete older ones
+        self._saved_paths.append(path)
+        while len(self._saved_paths) > 2:
+            old = self._saved_paths.pop(0)
+            old.unlink(missing_ok=True)
+            try:
+                old.parent.rmdir()  # once every stage on this host has removed its file
+            except OSError:
+                pass

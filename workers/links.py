@@ -1,0 +1,285 @@
+"""A stage's links: the DEALER to the coordinator (control, gradients, metrics), the PULL bound on
+this host for activations from the stage before, the PUSH connected to the stage after.
+
+Everything about moving messages lives here: encoding and decoding (a malformed message is a
+counted rejection, never an exception), the simulated link delay (testing), noticing a vanished
+coordinator, and the one wait loop. Every wait polls the coordinator socket too, so gradients
+are handled while the stage would otherwise sit idle.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import os
+import socket as pysocket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import zmq
+
+from common import wire
+from common.config import RunConfig
+from common.endpoints import bind_wildcard, max_frame_bytes, set_heartbeats
+from common.procs import alive
+from common.security import Guard, HandshakeWatch, Keys, RefusalLog
+from workers.timings import Timings
+
+POLL_MS = 100
+LIVENESS_EVERY_S = 1.0
+DEFAULT_MAX_BYTES = 256 << 20  # before START says the run's bound
+
+
+class Stopped(Exception):
+    """The coordinator said stop."""
+
+
+class CoordinatorGone(RuntimeError):
+    pass
+
+
+@dataclass
+class Handlers:
+    """What the stage does with the coordinator's messages that are not about the links."""
+    on_grad: Callable[[wire.Grad], None]
+    on_checkpoint: Callable[[str], None]
+    on_idle: Callable[[], None]  # called in every wait (periodic reports)
+
+
+class Links:
+    def __init__(self, stage: int, coordinator: str, coordinator_pid: int, keys_dir: Optional[str],
+                 timings: Timings):
+        self.stage = stage
+        self.coordinator = coordinator
+        self.coordinator_pid = coordinator_pid  # watched when on the same host; -1 = not watched
+        self.timings = timings
+        self.ctx = zmq.Context()
+        self.guard = Guard(self.ctx, Keys.load(keys_dir, "worker") if keys_dir else None)
+        self.coord = self.ctx.socket(zmq.DEALER)
+        if self.guard.on:
+            self.guard.client(self.coord, self.guard.keys.coordinator_public)
+        # unique per process, so the coordinator can refuse a second stage-I instead of libzmq
+        # silently dropping the connection of a duplicate identity
+        self.coord.setsockopt(zmq.IDENTITY, f"stage-{stage}-{pysocket.gethostname()}-{os.getpid()}".encode())
+        self.coord.setsockopt(zmq.SNDHWM, 0)  # control traffic is bounded by the forward stream
+        self.coord.setsockopt(zmq.RCVHWM, 0)
+        self.coord.setsockopt(zmq.LINGER, 2000)  # the last word (ERROR, DONE) must arrive
+        set_heartbeats(self.coord, RunConfig.heartbeat_timeout)  # before the config arrives
+        self.handshake_watch = HandshakeWatch(self.coord)
+        self.coord.connect(coordinator)
+        self.inbox: Optional[zmq.Socket] = None
+        self.outbox: Optional[zmq.Socket] = None
+        self.endpoint = ""  # where this stage's input is bound ("" on stage 0)
+        self.handlers: Optional[Handlers] = None
+        self.cfg: Optional[RunConfig] = None  # set by configure(): then heartbeats flow both ways
+        self.in_shape: tuple[int, ...] = ()
+        self.max_bytes = DEFAULT_MAX_BYTES
+        self.delay = 0.0  # --link-delay-ms, in seconds (testing: simulated link latency)
+        self.rejected = 0
+        self.refusals = RefusalLog(lambda line: print(f"[stage {stage}] {line}", file=sys.stderr, flush=True))
+        self._held: collections.deque[tuple[float, wire.Grad]] = collections.deque()
+        self._pollers: dict[tuple[int, int], zmq.Poller] = {}
+        self._last_liveness = time.monotonic()
+        self._last_from_coord = self._last_to_coord = time.monotonic()
+
+    # ------------------------------------------------------------------ set up
+    def configure(self, cfg: RunConfig, in_shape: tuple[int, ...], is_last: bool, host: str,
+                  transport: str, handlers: Handlers) -> None:
+        """After START: bind the activation input (stages > 0), make the output (all but the
+        last), and take the run's bounds, delay and heartbeat interval."""
+        self.cfg = cfg
+        self.in_shape = in_shape
+        self.handlers = handlers
+        self.max_bytes = cfg.max_message_mb << 20
+        self.delay = cfg.link_delay_ms / 1000.0
+        if self.stage > 0:
+            # the high-water mark must be set before bind: a listener copies its options then
+            self.inbox = self.ctx.socket(zmq.PULL)
+            self.inbox.setsockopt(zmq.LINGER, 0)
+            self.inbox.setsockopt(zmq.RCVHWM, cfg.queue_depth)
+            self.inbox.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes(cfg))
+            self.guard.server(self.inbox, f"stage {self.stage} input")
+            self.endpoint = bind_wildcard(self.inbox, transport, host)
+        if not is_last:
+            self.outbox = self.ctx.socket(zmq.PUSH)
+            self.outbox.setsockopt(zmq.SNDHWM, cfg.queue_depth)
+            self.outbox.setsockopt(zmq.LINGER, 2000)
+            if self.guard.on:
+                self.guard.client(self.outbox, self.guard.keys.worker_public)
+
+    def connect_downstream(self, endpoint: str) -> None:
+        if self.outbox is not None:
+            self.outbox.connect(endpoint)
+
+    def handshake_refusal(self) -> Optional[str]:
+        """Why the coordinator's end refused this worker's connection (CURVE), or None."""
+        return self.handshake_watch.failure()
+
+    # ------------------------------------------------------------------ the coordinator
+    def send_coord(self, msg: wire.Message) -> None:
+        if self.delay and isinstance(msg, wire.Grad):
+            msg = dataclasses.replace(msg, sent_at=time.monotonic())
+        with self.timings.span("send"):
+            self.coord.send_multipart(wire.encode(msg), copy=False)
+        self._last_to_coord = time.monotonic()
+
+    def recv_coord(self) -> Optional[wire.Message]:
+        """One message from the coordinator (None for a heartbeat or a malformed message);
+        anything that arrives proves the coordinator alive."""
+        msg = self.decode(self.coord.recv_multipart(copy=False))
+        self._last_from_coord = time.monotonic()
+        return None if isinstance(msg, wire.Heartbeat) else msg
+
+    def poll_coord(self, timeout_ms: int) -> bool:
+        return bool(self.coord.poll(timeout_ms))
+
+    def heard_from_coordinator_now(self) -> None:
+        """Restart the silence clock (after a long blocking step such as building the model)."""
+        self._last_from_coord = time.monotonic()
+
+    def check_liveness(self) -> None:
+        """Heartbeats both ways once the run is configured; a coordinator silent for longer than
+        --heartbeat-timeout, or (same host) gone, raises CoordinatorGone."""
+        now = time.monotonic()
+        cfg = self.cfg
+        if cfg is not None:
+            if now - self._last_to_coord >= cfg.heartbeat_every:
+                self.send_coord(wire.Heartbeat(self.stage))
+            if now - self._last_from_coord > cfg.heartbeat_timeout and not self.coord.poll(0):
+                raise CoordinatorGone(
+                    f"stage {self.stage}: no word from the coordinator at {self.coordinator} for "
+                    f"{now - self._last_from_coord:.1f}s (dead, hung or unreachable; "
+                    f"--heartbeat-timeout {cfg.heartbeat_timeout:g}); exiting")
+        if now - self._last_liveness < LIVENESS_EVERY_S:
+            return
+        self._last_liveness = now
+        before = self.refusals.count
+        self.refusals.take(self.guard)  # CURVE: a peer without an authorised key
+        self.rejected += self.refusals.count - before
+        if self.coordinator_pid > 0 and not alive(self.coordinator_pid):
+            raise CoordinatorGone(f"stage {self.stage}: coordinator (pid "
+                                  f"{self.coordinator_pid}) is gone; exiting")
+
+    # ------------------------------------------------------------------ decoding
+    def decode(self, frames) -> Optional[wire.Message]:
+        try:
+            return wire.decode(frames, max_tensor_bytes=self.max_bytes)
+        except wire.WireError as exc:
+            self.reject(exc)
+            return None
+
+    def reject(self, exc: Exception) -> None:
+        """Count a bad message; log the first ten, then every thousandth."""
+        self.rejected += 1
+        if self.rejected <= 10 or self.rejected % 1000 == 0:
+            print(f"[stage {self.stage}] rejected message #{self.rejected}: {exc}",
+                  file=sys.stderr, flush=True)
+
+    def handle_coord(self) -> None:
+        """Handle every message the coordinator has queued, without blocking."""
+        assert self.handlers is not None
+        while self.coord.poll(0):
+            with self.timings.span("recv"):
+                msg = self.recv_coord()
+            if msg is None:
+                continue
+            if isinstance(msg, wire.Stop):
+                raise Stopped(msg.reason)
+            if isinstance(msg, wire.Checkpoint):
+                self.handlers.on_checkpoint(msg.reason)
+                continue
+            if isinstance(msg, wire.Grad):
+                if self.delay:  # simulated latency: deliver it `delay` after it was sent
+                    self._held.append((msg.sent_at + self.delay, msg))
+                else:
+                    self.handlers.on_grad(msg)
+            else:
+                self.reject(ValueError(f"unexpected {type(msg).__name__} from the coordinator"))
+        while self._held and self._held[0][0] <= time.monotonic():
+            self.handlers.on_grad(self._held.popleft()[1])
+
+    # ------------------------------------------------------------------ waiting
+    def _poller(self, sock: Optional[zmq.Socket], event: int) -> zmq.Poller:
+        """A poller for the coordinator socket plus the one thing being waited for."""
+        key = (id(sock), event)
+        if key not in self._pollers:
+            poller = zmq.Poller()
+            poller.register(self.coord, zmq.POLLIN)
+            if sock is not None:
+                poller.register(sock, event)
+            self._pollers[key] = poller
+        return self._pollers[key]
+
+    def wait(self, activity: str, ready: Callable[[], bool], sock: Optional[zmq.Socket] = None,
+             event: int = zmq.POLLIN, due: Optional[float] = None) -> None:
+        """Poll until `ready()` is true, handling coordinator messages meanwhile. `sock`/`event`
+        is what can make `ready()` true besides a coordinator message (wakes the poll at once)."""
+        assert self.handlers is not None
+        poller = self._poller(sock, event)
+        while True:
+            self.handle_coord()
+            if ready():
+                break
+            self.check_liveness()
+            self.handlers.on_idle()
+            t0 = time.perf_counter()
+            poller.poll(self._poll_ms(due))
+            self.timings.add(activity, t0, time.perf_counter())
+
+    def _poll_ms(self, due: Optional[float] = None) -> int:
+        """How long a wait may sleep: POLL_MS, or less when a held message falls due sooner."""
+        dues = [d for d in (due, self._held[0][0] if self._held else None) if d is not None]
+        if not dues:
+            return POLL_MS
+        return max(0, min(POLL_MS, math.ceil(1000 * (min(dues) - time.monotonic()))))
+
+    # ------------------------------------------------------------------ activations
+    def recv_activation(self) -> wire.Activation:
+        """The next well-formed activation (or marker) from the stage before; anything else
+        that arrives is rejected and counted."""
+        assert self.inbox is not None and self.cfg is not None
+        while True:
+            self.wait("wait_input", lambda: bool(self.inbox.poll(0)), self.inbox, zmq.POLLIN)
+            with self.timings.span("recv"):
+                msg = self.decode(self.inbox.recv_multipart(copy=False))
+            if not isinstance(msg, wire.Activation):
+                if msg is not None:
+                    self.reject(ValueError(f"unexpected {type(msg).__name__} on the activation link"))
+                continue
+            try:
+                if msg.phase in ("train", "eval"):
+                    wire.check_tensor(msg.h, "ACTIVATION.h", torch.float32, self.in_shape, self.cfg.batch_size)
+                    wire.check_tensor(msg.labels, "ACTIVATION.labels", torch.int64, (), msg.h.shape[0])
+                    if msg.labels.shape[0] != msg.h.shape[0]:
+                        raise wire.WireError("ACTIVATION: labels and h differ in batch size")
+                elif msg.phase not in ("eval_end", "checkpoint", "end"):
+                    raise wire.WireError(f"ACTIVATION: unknown phase {msg.phase!r}")
+            except wire.WireError as exc:
+                self.reject(exc)
+                continue
+            if self.delay:  # simulated latency: use it `delay` after it was sent
+                due = msg.sent_at + self.delay
+                self.wait("wait_input", lambda: time.monotonic() >= due, due=due)
+            return msg
+
+    def send_down(self, msg: wire.Activation) -> None:
+        assert self.outbox is not None
+        if self.delay:
+            msg = dataclasses.replace(msg, sent_at=time.monotonic())
+        with self.timings.span("send"):
+            frames = wire.encode(msg)
+        self.wait("wait_send", lambda: bool(self.outbox.poll(0, zmq.POLLOUT)), self.outbox, zmq.POLLOUT)
+        with self.timings.span("send"):
+            self.outbox.send_multipart(frames, copy=False)
+
+    def close(self) -> None:
+        self.handshake_watch.close()
+        for s in (self.outbox, self.inbox, self.coord):
+            if s is not None:
+                s.close()
+        self.guard.close()
+        self.ctx.term()
