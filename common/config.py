@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -125,6 +126,9 @@ class RunConfig:
 
     slow_stage: Optional[tuple[int, ...]] = TESTING.opt(None, "testing: STAGE,MS makes stage STAGE sleep MS ms "
                                                         "in every training step (a slow stage)", resume=True)
+    fail_saves: Optional[tuple[int, ...]] = TESTING.opt(None, "testing: STAGE,N makes stage STAGE's periodic "
+                                                        "checkpoint saves fail after its first N (as on a "
+                                                        "full disk)", resume=True)
     link_delay_ms: float = TESTING.opt(0.0, "testing: deliver each activation and gradient this long after it "
                                        "was sent, to simulate link latency between hosts on one machine",
                                        resume=True)
@@ -171,8 +175,23 @@ class RunConfig:
         need(self.batch_size >= 2, "--batch-size must be at least 2 (batch norm needs two samples)")
         need(self.epochs >= 1, "--epochs must be at least 1")
         need(self.steps is None or self.steps >= 1, "--steps must be at least 1")
-        need(self.lr > 0 and self.sg_lr > 0, "learning rates must be positive")
-        need(self.sg_update_lr_scale > 0, "--sg-update-lr-scale must be positive")
+        def within(name: str, lo: float, hi: float, lo_open: bool = False) -> None:
+            """A finite number in [lo, hi] ((lo, hi] with lo_open); the message names the option."""
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi
+            need(ok, f"--{name.replace('_', '-')} must be a number {'>' if lo_open else '>='} {lo:g} "
+                     f"and <= {hi:g}, got {v!r}")
+
+        within("lr", 0, 100, lo_open=True)
+        within("sg_lr", 0, 100, lo_open=True)
+        within("momentum", 0, 1)
+        within("sg_update_lr_scale", 0, 100, lo_open=True)
+        for name in ("metrics_every", "progress_every", "start_timeout", "stall_timeout"):
+            within(name, 0, 1e9, lo_open=True)
+        within("checkpoint_every", 0, 1e9)
+        within("heartbeat_timeout", 0.5, 86400)
+        need(self.batch_size <= 1 << 20, "--batch-size must be at most 1048576")
+        need(self.max_message_mb <= 1 << 16, "--max-message-mb must be at most 65536 (64 GiB)")
         need(self.true_grad_every >= 1, "--true-grad-every must be at least 1")
         need(self.sg_hidden >= 1, "--sg-hidden must be at least 1")
         need(self.threads_per_worker >= 1, "--threads-per-worker must be at least 1")
@@ -182,12 +201,14 @@ class RunConfig:
             need(len(self.slow_stage) == 2 and 0 <= self.slow_stage[0] < len(self.stage_groups)
                  and self.slow_stage[1] >= 0,
                  f"--slow-stage needs STAGE,MS with STAGE in 0..{len(self.stage_groups) - 1}, got {self.slow_stage}")
+        if self.fail_saves is not None:
+            need(len(self.fail_saves) == 2 and 0 <= self.fail_saves[0] < len(self.stage_groups)
+                 and self.fail_saves[1] >= 0,
+                 f"--fail-saves needs STAGE,N with STAGE in 0..{len(self.stage_groups) - 1}, got {self.fail_saves}")
         need(not self.resume or Mode(self.mode).on_stage_workers,
              f"--resume continues {spoken(STAGE_WORKER_MODES)} runs, not {self.mode}")
         need(self.on_failure in ("stop", "restart"), f"--on-failure must be stop or restart, got {self.on_failure!r}")
         need(self.max_restarts >= 0, "--max-restarts must be 0 or more")
-        need(self.checkpoint_every >= 0, "--checkpoint-every must be 0 (off) or more seconds")
-        need(self.heartbeat_timeout >= 0.5, "--heartbeat-timeout must be at least 0.5 s")
         need(0.0 <= self.link_delay_ms <= 10_000, "--link-delay-ms must be between 0 and 10000")
         if self.tensorboard:
             need(importlib.util.find_spec("tensorboard") is not None, "--tensorboard needs the tensorboard package: "
@@ -265,7 +286,7 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"unknown configuration fields: {', '.join(sorted(unknown))}")
         kwargs = dict(d)
-        for k in ("layers", "groups"):
+        for k in ("layers", "groups", "slow_stage", "fail_saves"):
             if kwargs.get(k) is not None:
                 kwargs[k] = tuple(int(v) for v in kwargs[k])
         return cls(**kwargs).validate()

@@ -24,6 +24,7 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSOR_DIMS = 8
+MAX_DIM = 2**31 - 1  # one dimension's size
 # torch's CPU allocator starts every tensor on a 64-byte boundary. MKL chooses how to block (and
 # so how to round) a matrix product by its operands' alignment: a tensor read in place from a
 # ZeroMQ frame at another offset makes `locked` round differently from single-process backprop.
@@ -61,6 +62,7 @@ class Kind(IntEnum):
     HEARTBEAT = 12  # both ways, when nothing else was sent for a while: I am alive
     CHECKPOINT = 13  # coordinator -> stage 0: save at the next step boundary (a marker follows the stream)
     SAVED = 14  # worker -> coordinator: my state after step N is on disk at PATH
+    COMMITTED = 15  # coordinator -> every stage: step N is complete everywhere (older files may go)
 
 
 @dataclass(frozen=True)
@@ -158,17 +160,23 @@ class Saved:
 
 
 @dataclass(frozen=True)
+class Committed:
+    step: int  # the manifest names this checkpoint (-1: none yet): a stage may delete its older ones
+    drop: int = -1  # a checkpoint that failed on some stage and will never be complete: delete it too
+
+
+@dataclass(frozen=True)
 class Heartbeat:
     stage: int  # the sender's stage; -1 from the coordinator
 
 
 Message = Union[Register, Start, Ready, Begin, Activation, Grad, Metrics, EvalResult, Done, Stop, Error,
-                Heartbeat, Checkpoint, Saved]
+                Heartbeat, Checkpoint, Saved, Committed]
 MESSAGE_TYPES: dict[Kind, type] = {
     Kind.REGISTER: Register, Kind.START: Start, Kind.ACTIVATION: Activation, Kind.GRAD: Grad,
     Kind.METRICS: Metrics, Kind.EVAL: EvalResult, Kind.DONE: Done, Kind.STOP: Stop,
     Kind.ERROR: Error, Kind.READY: Ready, Kind.BEGIN: Begin, Kind.HEARTBEAT: Heartbeat,
-    Kind.CHECKPOINT: Checkpoint, Kind.SAVED: Saved,
+    Kind.CHECKPOINT: Checkpoint, Kind.SAVED: Saved, Kind.COMMITTED: Committed,
 }
 KIND_OF = {cls: kind for kind, cls in MESSAGE_TYPES.items()}
 
@@ -248,8 +256,18 @@ def encode(msg: Message) -> list[Any]:
 
 
 def decode(frames: Sequence[Any], *, max_tensor_bytes: int = 256 << 20, align: bool = True) -> Message:
-    """Parse and check one multipart message; raise WireError saying what is wrong. `align=False`
-    leaves every tensor in its frame (for a reader that only checks or relays it)."""
+    """Parse and check one multipart message; raise WireError saying what is wrong, whatever is
+    wrong with it (nothing else escapes). `align=False` leaves every tensor in its frame (for a
+    reader that only checks or relays it)."""
+    try:
+        return _decode(frames, max_tensor_bytes, align)
+    except WireError:
+        raise
+    except Exception as exc:  # a case the checks below missed: still a rejection, never a crash
+        raise WireError(f"malformed message ({type(exc).__name__}: {exc})") from None
+
+
+def _decode(frames: Sequence[Any], max_tensor_bytes: int, align: bool) -> Message:
     if not frames:
         raise WireError("empty message (no frames)")
     raw = memoryview(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0])
@@ -268,8 +286,9 @@ def decode(frames: Sequence[Any], *, max_tensor_bytes: int = 256 << 20, align: b
     cls = MESSAGE_TYPES[kind]
     header_types, tensor_names = _SPECS[cls]
     values = header["fields"]
-    if not isinstance(values, dict) or set(values) != set(header_types):
-        got = sorted(values) if isinstance(values, dict) else type(values).__name__
+    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values) \
+            or set(values) != set(header_types):
+        got = sorted(map(str, values)) if isinstance(values, dict) else type(values).__name__
         raise WireError(f"{kind.name}: fields {got} do not match {sorted(header_types)}")
     for name, t in header_types.items():
         if not _type_ok(values[name], t):
@@ -282,17 +301,21 @@ def decode(frames: Sequence[Any], *, max_tensor_bytes: int = 256 << 20, align: b
     tensors: dict[str, torch.Tensor] = {}
     total = 0
     for spec, frame in zip(specs, frames[1:]):
-        if (not isinstance(spec, list) or len(spec) != 3 or spec[0] not in tensor_names
-                or spec[0] in tensors):
-            raise WireError(f"{kind.name}: bad tensor entry {spec!r}; allowed names {tensor_names}")
+        if (not isinstance(spec, list) or len(spec) != 3 or not isinstance(spec[0], str)
+                or spec[0] not in tensor_names or spec[0] in tensors):
+            raise WireError(f"{kind.name}: bad tensor entry {spec!r:.200}; allowed names {tensor_names}")
         name, dtype_name, shape = spec
-        if dtype_name not in DTYPES:
-            raise WireError(f"{kind.name}.{name}: dtype {dtype_name!r} not allowed")
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+            raise WireError(f"{kind.name}.{name}: dtype {dtype_name!r:.100} not allowed")
         if (not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS
-                or not all(_type_ok(s, int) and s >= 0 for s in shape)):
-            raise WireError(f"{kind.name}.{name}: bad shape {shape!r}")
-        nbytes = math.prod(shape) * torch.empty((), dtype=DTYPES[dtype_name]).element_size()
-        total += nbytes
+                or not all(_type_ok(s, int) and 0 <= s <= MAX_DIM for s in shape)):
+            raise WireError(f"{kind.name}.{name}: bad shape {shape!r:.200}")
+        itemsize = torch.empty((), dtype=DTYPES[dtype_name]).element_size()
+        # a zero-sized dimension makes any shape zero bytes: bound the others too
+        if math.prod(max(s, 1) for s in shape) * itemsize > max_tensor_bytes:
+            raise WireError(f"{kind.name}.{name}: shape {shape} would exceed the bound of "
+                            f"{max_tensor_bytes} bytes (--max-message-mb)")
+        total += math.prod(shape) * itemsize
         if total > max_tensor_bytes:
             raise WireError(f"{kind.name}: tensors of {total} bytes exceed the bound of "
                             f"{max_tensor_bytes} bytes (--max-message-mb)")
@@ -302,15 +325,29 @@ def decode(frames: Sequence[Any], *, max_tensor_bytes: int = 256 << 20, align: b
 
 
 def check_tensor(t: Optional[torch.Tensor], what: str, dtype: torch.dtype,
-                 tail_shape: Sequence[int], max_batch: int) -> torch.Tensor:
-    """Check a received tensor against what the link agreed on: [batch<=max_batch, *tail_shape]."""
+                 tail_shape: Sequence[int], max_batch: int, exact: bool = False) -> torch.Tensor:
+    """Check a received tensor against what the link agreed on: [batch, *tail_shape] with
+    batch == max_batch (`exact`: a training batch, always full) or 1 <= batch <= max_batch."""
     if t is None:
         raise WireError(f"{what}: tensor missing")
     if t.dtype != dtype:
         raise WireError(f"{what}: dtype {DTYPE_NAMES.get(t.dtype, t.dtype)}, "
                         f"expected {DTYPE_NAMES[dtype]}")
-    if t.dim() != 1 + len(tail_shape) or tuple(t.shape[1:]) != tuple(tail_shape) \
-            or not 1 <= t.shape[0] <= max_batch:
-        raise WireError(f"{what}: shape {list(t.shape)}, expected [1..{max_batch}, "
+    batch_ok = t.dim() >= 1 and (t.shape[0] == max_batch if exact else 1 <= t.shape[0] <= max_batch)
+    if t.dim() != 1 + len(tail_shape) or tuple(t.shape[1:]) != tuple(tail_shape) or not batch_ok:
+        rows = str(max_batch) if exact else f"1..{max_batch}"
+        raise WireError(f"{what}: shape {list(t.shape)}, expected [{rows}, "
                         f"{', '.join(map(str, tail_shape))}]")
     return t
+
+
+def check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise WireError(f"{what}: NaN or infinite values")
+    return t
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, what: str) -> torch.Tensor:
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise WireError(f"{what}: labels outside 0..{num_classes - 1}")
+    return labels

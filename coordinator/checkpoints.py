@@ -16,12 +16,13 @@ from common.files import atomic_write_json
 
 class CheckpointBook:
     def __init__(self, cfg: RunConfig, run_dir: Path, num_stages: int, log: Callable[[str], None],
-                 wall: Callable[[], float]):
+                 wall: Callable[[], float], committed: Callable[[int, int], None] = lambda step, drop: None):
         self.cfg = cfg
         self.run_dir = run_dir
         self.num_stages = num_stages
         self.log = log
         self.wall = wall  # seconds of the run so far (continues across a resume)
+        self.committed = committed  # tells every stage (step complete, step to drop): COMMITTED
         self.asked: Optional[float] = None  # when the checkpoint in flight was asked for
         self._last = time.monotonic()
         self._saved: dict[int, dict[int, dict]] = {}  # step -> stage -> where it was saved
@@ -64,6 +65,7 @@ class CheckpointBook:
             self.failures += 1
             self.log(f"[coordinator] checkpoint at step {msg.step} failed on stage {msg.stage}: "
                      f"{msg.error}; the last complete checkpoint stays step {self.last_complete}")
+            self.committed(-1 if self.last_complete is None else self.last_complete, msg.step)
             return
         if msg.step not in self._saved and self.asked is None:
             return  # a late SAVED of a checkpoint already given up
@@ -80,9 +82,11 @@ class CheckpointBook:
             self.failures += 1
             self.log(f"[coordinator] cannot write the manifest of step {msg.step}: {exc}; the last "
                      f"complete checkpoint stays step {self.last_complete}")
+            self.committed(-1 if self.last_complete is None else self.last_complete, msg.step)
             return
         self.taken.append({"step": msg.step, "wall_s": self.wall(), "took_s": took})
         self.log(f"checkpoint: step {msg.step} saved on every stage in {took:.2f}s ({self.manifest_path})")
+        self.committed(msg.step, -1)
 
     def write_manifest(self, step: int, stages: dict[int, dict], final: bool) -> None:
         """The manifest names the last step that is complete on every stage (written atomically)."""
@@ -104,12 +108,14 @@ class StopAfterCheckpoint:
         self.signal: Optional[str] = None  # set by the signal handler
         self._stop_by: Optional[float] = None
         self._before: Optional[int] = None  # the last complete checkpoint when the signal came
+        self._failures_before = 0
 
     def should_stop(self, ask: Callable[[], None], nothing_to_save: bool) -> bool:
         """Called every loop once a signal came: True when the run should stop now."""
         if self._stop_by is None:
             self._stop_by = time.monotonic() + self.timeout_s
             self._before = self.book.last_complete
+            self._failures_before = self.book.failures
             self.log(f"{self.signal}: saving every stage at the next step, then stopping "
                      f"(press Ctrl-C again to stop at once)")
             self.book.forget_request()  # a periodic request in flight still completes; ask anew
@@ -118,6 +124,9 @@ class StopAfterCheckpoint:
                 return True
         if self.book.asked is None and self.book.last_complete != self._before:
             self.log(f"stopped after the checkpoint at step {self.book.last_complete}")
+            return True
+        if self.book.asked is None and self.book.failures > self._failures_before:
+            self.log(f"the checkpoint failed; stopping with the last complete one (step {self.book.last_complete})")
             return True
         if time.monotonic() > self._stop_by:
             self.log("no checkpoint within the time allowed; stopping without one")

@@ -66,7 +66,8 @@ class Coordinator:
                                              total_steps=total_steps, guard=self.guard)
         self.registry = Registry(self.num_stages)
         self.watchdog = Watchdog(cfg, time.monotonic())
-        self.checkpoints = CheckpointBook(cfg, self.run_dir, self.num_stages, log, self._wall)
+        self.checkpoints = CheckpointBook(cfg, self.run_dir, self.num_stages, log, self._wall,
+                                          committed=self._committed)
         self.done: dict[int, dict] = {}
         self.relayed_true = [0] * self.num_stages  # true gradients delivered to each stage
         self.relayed_bootstrap = [0] * self.num_stages
@@ -261,6 +262,14 @@ class Coordinator:
             self.stream.tick(self._wall(), done=done)
 
     # ------------------------------------------------------------------ checkpoints and stopping
+    def _committed(self, step: int, drop: int) -> None:
+        """Every stage may now delete its checkpoint files older than `step`, and that of `drop`."""
+        for stage in list(self.registry.identities):
+            try:
+                self._send(stage, wire.Committed(step, drop))
+            except zmq.ZMQError:
+                pass  # a stage that is gone is noticed by the watchdog
+
     def request_checkpoint(self, reason: str) -> None:
         if 0 in self.registry.identities and 0 not in self.done:
             self.checkpoints.ask(lambda msg: self._send(0, msg), reason)

@@ -21,6 +21,7 @@ from common.security import Guard, resolve_keys
 from common.procs import ProcessGroup
 from coordinator.coordinator import Coordinator, RunFailed
 from coordinator.pipeline import PipelineFailed, run_pipeline
+from coordinator import record
 from coordinator.resume import read_manifest
 from coordinator.stream import StatusStream
 from workers.backprop import run_backprop
@@ -43,7 +44,8 @@ def make_run_dir(cfg: RunConfig) -> Path:
     for pattern in RUN_FILES:
         for old in path.glob(pattern):
             old.unlink()
-    shutil.rmtree(path / "tensorboard", ignore_errors=True)
+    if cfg.tensorboard:  # this run writes its own; without --tensorboard a folder there is not ours
+        shutil.rmtree(path / "tensorboard", ignore_errors=True)
     # never delete weights: an earlier run's checkpoints and final stage files move aside (left
     # in place, its stage files would mix with this run's when the folder is read back)
     stamp = time.strftime('%Y%m%d-%H%M%S')
@@ -80,7 +82,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
                         f"--bind {bind}" if bind else f"--host {cfg.host}")
     run_dir = make_run_dir(cfg)
     atomic_write_json(run_dir / "config.json", cfg.to_dict())
-    log(f"run folder {run_dir}  mode {cfg.mode}  stages {list(cfg.stage_groups) if cfg.mode != 'backprop' else 1}")
+    log(f"run folder {run_dir}  mode {cfg.mode}  stages {1 if cfg.mode == Mode.BACKPROP else list(cfg.stage_groups)}")
     # the run's length, computed once here and handed to everything that needs it
     total = total_steps(count_train(cfg.dataset, cfg.data_dir, cfg.synthetic_train), cfg.batch_size,
                         cfg.epochs, cfg.steps)
@@ -99,6 +101,9 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
         + (f" --keys {cfg.keys}" if guard.on else ""))
     if guard.on:
         log(f"links are CURVE-encrypted; peers need the keys in {cfg.keys}")
+    previous = record.previous_record(run_dir) if resume else None
+    t0 = time.monotonic()
+    status, error, summary = record.FAILED, None, None
     try:
         if cfg.mode == Mode.BACKPROP:
             summary = run_backprop(cfg, run_dir, log, stream, total)
@@ -111,14 +116,36 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
             summary = _train_restarting(cfg, run_dir, total, log, stream, resume)
         else:
             summary = _train_workers(cfg, run_dir, total, log, stream, bind, on_listening, resume)
+        status = record.DONE
+    except KeyboardInterrupt:
+        status, error = record.INTERRUPTED, "interrupted (Ctrl-C or SIGTERM)"
+        raise
+    except BaseException as exc:
+        error = str(exc) if isinstance(exc, RunFailed) else f"{type(exc).__name__}: {exc}"
+        raise
     finally:
         stream.close()
         guard.close()
         guard.ctx.term()
-    summary["config"] = cfg.to_dict()
-    summary["run_dir"] = str(run_dir)
-    atomic_write_json(run_dir / "summary.json", summary)
+        if summary is None:  # it did not finish: what is known of it
+            summary = record.partial_summary(cfg, stream.latest, stream.evals, time.monotonic() - t0)
+        summary = record.finish(summary, cfg=cfg, run_dir=run_dir, status=status, error=error,
+                                resumed_from=resume["step"] if resume else None, previous=previous)
+        summary["config"] = cfg.to_dict()
+        summary["run_dir"] = str(run_dir)
+        _write_summary(run_dir, summary, log)
     return run_dir, summary
+
+
+def _write_summary(run_dir: Path, summary: dict, log: Callable[[str], None]) -> None:
+    """summary.json, whatever the ending; a failure to write it (a full disk) is said, and raised
+    only when the run itself succeeded (otherwise the run's own error is the one to see)."""
+    try:
+        atomic_write_json(run_dir / "summary.json", summary)
+    except OSError as exc:
+        log(f"cannot write {run_dir / 'summary.json'}: {exc}")
+        if summary.get("status") == record.DONE:
+            raise
 
 
 def _train_restarting(cfg: RunConfig, run_dir: Path, total: int, log: Callable[[str], None],

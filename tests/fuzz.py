@@ -5,7 +5,11 @@ coordinator's socket (DEALER) and sends malformed frames of every kind, then rep
 
 ENDPOINT_KIND is `inbox` or `coordinator`. Every message is invalid: random bytes, a valid
 header with a truncated tensor frame, a tensor larger than the bound, a message kind that does
-not belong on that socket, wrong field types, missing frames. Prints one JSON line of counts.
+not belong on that socket, wrong field types, missing frames, type-confused tensor entries (a
+dtype that is a list, a zero-byte impossible shape); and, on activation links, well-formed
+messages that must still be refused: labels outside the classes, a batch of one, NaN
+activations, a training step far ahead, forged end and checkpoint markers. Prints one JSON line
+of counts.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import time
 from pathlib import Path
 
 import msgpack
+import torch
 import zmq
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,12 +34,17 @@ def _header(kind: int, fields: dict, tensors: list) -> bytes:
     return msgpack.packb({"kind": kind, "fields": fields, "tensors": tensors}, use_bin_type=True)
 
 
-def bad_messages(rng: random.Random, target: str, max_bytes: int):
+def bad_messages(rng: random.Random, target: str, max_bytes: int, width: int, batch: int, classes: int):
     """An endless stream of (name, frames), each of them wrong for `target`."""
     act = {"step": 1, "epoch": 0, "phase": "train", "true_grad": False, "sent_at": 0.0}
     grad = {"step": 1, "to_stage": 0, "is_true": True, "sent_at": 0.0}
+    kinds = 13 if target == "inbox" else 10
+
+    def activation(step: int, phase: str, h: torch.Tensor, labels: torch.Tensor):
+        return wire.encode(wire.Activation(step, 0, phase, False, h, labels))
+
     while True:
-        choice = rng.randrange(8)
+        choice = rng.randrange(kinds)
         if choice == 0:
             yield "random-bytes", [rng.randbytes(rng.randrange(1, 300))]
         elif choice == 1:
@@ -56,9 +66,31 @@ def bad_messages(rng: random.Random, target: str, max_bytes: int):
                                                {**(grad if target == "coordinator" else act), "step": "x"}, [])]
         elif choice == 6:
             yield "unknown-kind", [_header(99, {}, [])]
-        else:  # header lists two tensors, only one frame follows
+        elif choice == 7:  # header lists two tensors, only one frame follows
             yield "missing-frame", [_header(3, act, [["h", "float32", [1, 4]], ["labels", "int64", [1]]]),
                                     bytes(16)]
+        elif choice == 8:  # a tensor entry whose dtype is a list (unhashable)
+            kind, fields, name = (4, grad, "g") if target == "coordinator" else (3, act, "h")
+            yield "dtype-list", [_header(kind, fields, [[name, ["float32"], [2]]]), bytes(8)]
+        elif choice == 9:  # zero bytes, so within the size bound, but no such tensor can exist
+            kind, fields, name = (4, grad, "g") if target == "coordinator" else (3, act, "h")
+            yield "impossible-shape", [_header(kind, fields, [[name, "float32", [0, 2**64 - 1]]]), b""]
+        elif choice == 10:
+            yield "labels-out-of-range", activation(1, "train", torch.randn(batch, width),
+                                                    torch.full((batch,), classes + 999_999))
+        elif choice == 11:
+            yield "batch-of-one", activation(1, "train", torch.randn(1, width), torch.zeros(1, dtype=torch.long))
+        else:  # well-formed, right shapes and labels: only the order or the values give them away
+            which = rng.randrange(4)
+            labels = torch.randint(0, classes, (batch,))
+            if which == 0:
+                yield "nan-activation", activation(1, "train", torch.full((batch, width), float("nan")), labels)
+            elif which == 1:
+                yield "step-far-ahead", activation(2**62, "train", torch.randn(batch, width), labels)
+            elif which == 2:
+                yield "forged-end", wire.encode(wire.Activation(-1, 0, "end", False))
+            else:
+                yield "forged-checkpoint", wire.encode(wire.Activation(-5, 0, "checkpoint", False))
 
 
 def main() -> None:
@@ -68,6 +100,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-bytes", type=int, default=1 << 20)
     p.add_argument("--pause-ms", type=float, default=2.0)
+    p.add_argument("--width", type=int, default=64, help="features of the activations the inboxes take")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--hold", action="store_true",
+                   help="after sending, print the counts and keep the connections open until stdin closes "
+                        "(libzmq drops what a receiver has not read yet when its sender disconnects)")
     args = p.parse_args()
     rng = random.Random(args.seed)
     ctx = zmq.Context()
@@ -78,7 +116,7 @@ def main() -> None:
         sock.setsockopt(zmq.LINGER, 5000)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.connect(endpoint)
-        socks.append((kind, sock, bad_messages(rng, kind, args.max_bytes)))
+        socks.append((kind, sock, bad_messages(rng, kind, args.max_bytes, args.width, args.batch, args.classes)))
     sent: dict[str, dict[str, int]] = {}
     for _ in range(args.count):
         for kind, sock, stream in socks:
@@ -87,10 +125,14 @@ def main() -> None:
             sent.setdefault(kind, {}).setdefault(name, 0)
             sent[kind][name] += 1
         time.sleep(args.pause_ms / 1000)
+    if args.hold:
+        print(json.dumps(sent), flush=True)
+        sys.stdin.read()  # the test closes it once the run is over
     for _, sock, _ in socks:
         sock.close()  # LINGER: deliver what is queued
     ctx.term()
-    print(json.dumps(sent), flush=True)
+    if not args.hold:
+        print(json.dumps(sent), flush=True)
 
 
 if __name__ == "__main__":

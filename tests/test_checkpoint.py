@@ -32,11 +32,12 @@ def test_periodic_checkpoint_holds_every_stage_after_the_same_step(tiny_cfg, tmp
     assert len(s["checkpoints"]) >= 2, s["checkpoints"]
     manifest = json.loads((run_dir / "checkpoints" / "manifest.json").read_text())
     assert manifest["final"] and manifest["step"] == 59  # the end of the run is the last checkpoint
+    # once a checkpoint is complete, the older ones are deleted: the last complete periodic one
+    # is kept (and, at most, one newer that the end of the run overtook)
+    step = s["checkpoints"][-1]["step"]
     folders = sorted((run_dir / "checkpoints").glob("step-*"))
-    assert len(folders) == 2  # the two latest periodic checkpoints are kept
-    step = int(folders[-1].name.split("-")[1])
-    assert step == s["checkpoints"][-1]["step"] and 0 <= step < 59
-    files = sorted(folders[-1].glob("stage*.pt"))
+    assert [int(f.name.split("-")[1]) for f in folders][0] == step and len(folders) <= 2 and 0 <= step < 59
+    files = sorted(folders[0].glob("stage*.pt"))
     assert [f.name for f in files] == ["stage0.pt", "stage1.pt", "stage2.pt", "stage3.pt"]
     assert {torch.load(f, weights_only=True)["step"] for f in files} == {step}
     ref_dir, _ = run(tiny_cfg, mode="backprop", backprop_threads=1, steps=step + 1, epochs=2,
@@ -56,6 +57,8 @@ def test_ctrl_c_saves_a_checkpoint_then_stops(tmp_path):
         assert_all_gone(pids)
     manifest = json.loads((tmp_path / "run" / "checkpoints" / "manifest.json").read_text())
     assert not manifest["final"] and manifest["step"] > 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["last_checkpoint"]["step"] == manifest["step"]
     for stage, where in manifest["stages"].items():
         state = torch.load(where["path"], weights_only=True)
         assert state["step"] == manifest["step"] and state["stage"] == int(stage)
@@ -84,3 +87,45 @@ def test_ctrl_c_twice_stops_at_once_and_leaves_no_orphans(tmp_path):
         assert proc.returncode == 130, out
         assert "interrupted" in out
         assert_all_gone(pids)
+
+
+@pytest.mark.timeout(240)
+def test_a_stage_whose_saves_fail_never_costs_the_last_complete_checkpoint(tmp_path, locked_reference):
+    """Stage 2's saves fail after its first (as on a full disk) while the others go on saving:
+    the others keep the last complete checkpoint (they delete only what is older than the last
+    one the coordinator committed), so Ctrl-C and --resume continue from it, and the result is
+    bitwise the undisturbed run's."""
+    import subprocess
+    import sys
+
+    from common.files import load_model_state
+    from tests.helpers import LOCKED, ROOT, assert_states_equal, wait_for_line
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-u", str(ROOT / "launch.py"), "train", *LOCKED, "--out", str(run_dir)]
+    first = subprocess.Popen([*args, "--checkpoint-every", "0.2", "--link-delay-ms", "3", "--fail-saves", "2,1"],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _, seen = wait_for_line(first, "checkpoint: step", timeout=90)  # the one complete checkpoint
+        for _ in range(3):
+            _, more = wait_for_line(first, "failed on stage 2", timeout=60)  # the others saved these
+            seen += more
+        os.kill(first.pid, signal.SIGINT)
+        out, _ = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(10)
+    out = "".join(seen) + out
+    assert first.returncode == 130, out
+    manifest = json.loads((run_dir / "checkpoints" / "manifest.json").read_text())
+    complete = [line for line in out.splitlines() if line.startswith("checkpoint: step")]
+    assert len(complete) == 1 and complete[0].startswith(f"checkpoint: step {manifest['step']} saved"), out
+    for where in manifest["stages"].values():
+        assert torch.load(where["path"], weights_only=True)["step"] == manifest["step"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["last_checkpoint"]["step"] == manifest["step"]
+    resumed = subprocess.run([sys.executable, str(ROOT / "launch.py"), "train", "--resume", str(run_dir),
+                              "--fail-saves", "2,1000"], cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resuming from the checkpoint at step {manifest['step']}" in resumed.stdout
+    assert_states_equal(locked_reference, load_model_state(run_dir), "after failed saves and a resume")

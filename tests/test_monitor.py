@@ -175,6 +175,8 @@ def test_tensorboard_folder_of_an_earlier_run_is_cleared(tiny_cfg, tmp_path):
     run_dir, _ = train(cfg, log=lambda _: None)
     run_dir, _ = train(cfg, log=lambda _: None)
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    run_dir, _ = train(cfg.replace(tensorboard=False), log=lambda _: None)  # not ours to delete
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from common.modes import MODE_NAMES, STAGE_WORKER_MODES, Mode
 from coordinator.checkpoints import CheckpointBook
 from coordinator.registry import Registry
 from coordinator.watchdog import RunFailed, Watchdog
-from workers.source import Boundary, End, Evaluate, TrainBatch, stage0_events
+from workers.source import Boundary, End, Evaluate, StreamOrder, TrainBatch, stage0_events
 
 
 # ---------------------------------------------------------------------------- modes
@@ -152,3 +152,71 @@ def test_imports_go_one_way(layer, may_not_import):
     offenders = {str(p.relative_to(ROOT)): sorted(_imports(p) & may_not_import)
                  for p in sorted((ROOT / layer).glob("*.py")) if _imports(p) & may_not_import}
     assert not offenders, offenders
+
+
+# ---------------------------------------------------------------------------- what may arrive next
+def test_stream_order_accepts_the_schedule_and_nothing_else():
+    cfg = RunConfig(mode="unlocked", true_grad_every=2)
+    order = StreamOrder(cfg)
+    assert order.problem("train", 0, False) is None
+    order.accept("train", 0)
+    assert "out of order (expected 1)" in order.problem("train", 2**62, False)  # far ahead
+    assert "true-gradient flag" in order.problem("train", 1, False)  # step 1 is a true step
+    assert "but the last step was 0" in order.problem("checkpoint", 5, False)
+    assert order.problem("checkpoint", 0, False) is None
+    assert "but 1 steps came" in order.problem("end", 0, False)  # a forged end
+    assert order.problem("eval", 0, False) is None
+    order.accept("eval", 0)
+    assert "evaluation batch 0 out of order" in order.problem("eval", 0, False)
+    order.accept("eval_end", 1)
+    assert order.problem("eval", 0, False) is None and order.problem("end", 1, False) is None
+    assert "unknown phase" in order.problem("pause", 1, False)
+    resumed = StreamOrder(cfg, last_step=59)
+    assert resumed.problem("train", 60, False) is None and resumed.problem("train", 0, False)
+
+
+def test_non_finite_values_stop_a_stage_before_they_are_used():
+    from common.models import build_units, stage_bounds, stage_io_shapes
+    from torch import nn
+
+    from workers.stage import NonFinite, StageLogic
+    cfg = RunConfig(mode="unlocked", layers=(784, 32, 32, 10))
+    units, shapes = build_units(cfg), stage_io_shapes(cfg)
+    a, b = stage_bounds(cfg)[1]
+    mid = StageLogic(cfg, 1, 3, nn.Sequential(*units[a:b]), shapes[1][1])
+    before = [p.clone() for p in mid.module.parameters()]
+    x, y = torch.randn(16, 32), torch.randint(0, 10, (16,))
+    x[3, 5] = float("nan")
+    with pytest.raises(NonFinite, match="stage 1: the output of step 0 is NaN or infinite"):
+        mid.forward(0, x, y, True)
+    assert all(torch.equal(p, q) for p, q in zip(before, mid.module.parameters()))
+    last = StageLogic(cfg.replace(lr=1.0), 2, 3, nn.Sequential(*units[2:3]), shapes[2][1])
+    with pytest.raises(NonFinite, match="the loss of step 4"):
+        last.last_step(4, torch.full((16, 32), float("inf")), y, True)
+    with torch.no_grad():
+        next(mid.module.parameters())[0, 0] = float("inf")
+    with pytest.raises(NonFinite, match="not saved"):
+        mid.state_dict()
+
+
+def test_a_stage_deletes_only_what_the_coordinator_has_committed_past(tmp_path):
+    from common.models import build_units
+    from torch import nn
+
+    from workers.checkpointing import StageCheckpoints
+    from workers.stage import StageLogic
+    cfg = RunConfig(mode="locked", layers=(784, 8, 10))
+    logic = StageLogic(cfg, 0, 2, nn.Sequential(build_units(cfg)[0]), (8,))
+    ckpt = StageCheckpoints(0, cfg, tmp_path, logic, 0)
+    told: list = []
+    for step in (9, 19, 29, 39):
+        ckpt.take(step, 0, pass_marker=None, wait_for_gradients=lambda: None, tell=told.append)
+    assert [m.step for m in told] == [9, 19, 29, 39] and all(m.path for m in told)
+    ckpt.committed(9)  # nothing older than 9
+    assert sorted(ckpt.saved) == [9, 19, 29, 39]
+    ckpt.committed(9, drop=19)  # 19 failed on another stage: it will never be complete
+    ckpt.committed(29)  # 29 is complete: 9 may go; 39 may still become complete
+    assert sorted(ckpt.saved) == [29, 39]
+    assert sorted(p.parent.name for p in tmp_path.glob("checkpoints/step-*/stage0.pt")) == \
+        ["step-000000029", "step-000000039"]
+    assert not (tmp_path / "checkpoints" / "step-000000009").exists()  # empty folders go too

@@ -44,7 +44,13 @@ def test_locked_run_resumed_after_ctrl_c_equals_an_uninterrupted_one(tmp_path, l
     a, b = locked_reference, load_model_state(run_dir)
     assert_states_equal(a, b, "after resume")
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["resumed_from_step"] == stopped_at and summary["steps"] == 191 - stopped_at
+    # the record covers the whole run: both invocations, each a segment
+    assert summary["resumed_from_step"] == stopped_at and summary["steps"] == 192
+    assert summary["status"] == "done" and summary["last_checkpoint"]["step"] == 191
+    first, second = summary["segments"]
+    assert first["status"] == "interrupted" and first["first_step"] == 0
+    assert second == {**second, "status": "done", "first_step": stopped_at + 1, "steps": 191 - stopped_at}
+    assert summary["wall_clock_s"] == pytest.approx(first["wall_clock_s"] + second["wall_clock_s"])
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in recs if r["event"] == "eval"]
     assert [r["step"] for r in evals] == sorted(r["step"] for r in evals)  # one curve, in order

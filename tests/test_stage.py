@@ -37,6 +37,9 @@ def run_step(stages: list[StageLogic], step: int, x, y, cfg: RunConfig):
 
 
 def test_locked_chain_equals_backprop():
+    """In one process, with SGD: the chained stages run backprop's kernels on the same aligned
+    tensors, so the result is bitwise equal here; the tolerance (a few float32 ulps of the
+    weights) only allows for a kernel that picks its path by something else (tests/helpers.py)."""
     cfg = RunConfig(mode="locked", layers=(784, 32, 32, 10), optimizer="sgd", lr=0.1)
     stages = chain(cfg)
     ref = nn.Sequential(*build_units(cfg))

@@ -104,6 +104,9 @@ def test_killed_worker_ends_the_run_with_a_clear_error(tmp_path):
         assert f"stage 2 (pid {victim}) killed by SIGKILL" in out
         assert took < 10, f"took {took:.1f}s to notice"
         assert_all_gone(pids)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())  # how it ended, on disk
+    assert summary["status"] == "failed" and f"stage 2 (pid {victim}) killed by SIGKILL" in summary["error"]
+    assert summary["steps"] > 0 and summary["segments"][0]["status"] == "failed"
 
 
 @pytest.mark.timeout(120)

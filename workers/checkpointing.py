@@ -5,7 +5,9 @@ the activation links right after step T (each link is FIFO, so the marker follow
 every stage: a Chandy-Lamport cut of a pipeline), and every stage, on the marker, waits for the
 gradients of steps <= T still travelling back, saves its state after T atomically (temporary
 file, fsync, rename) and tells the coordinator where. The coordinator writes the manifest once
-every stage has saved (coordinator/checkpoints.py): only then is the checkpoint complete.
+every stage has saved (coordinator/checkpoints.py): only then is the checkpoint complete, and
+the coordinator tells every stage so (COMMITTED). A stage deletes only its files older than the
+last committed checkpoint: if another stage's save failed, the last complete one stays whole.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import socket as pysocket
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -37,7 +40,8 @@ class StageCheckpoints:
         self.run_dir = run_dir
         self.logic = logic
         self.first_unit = first_unit
-        self._saved_paths: list[Path] = []
+        self.saved: dict[int, Path] = {}  # step -> this stage's periodic checkpoint file
+        self.fail_after: Optional[int] = None  # testing (--fail-saves): later periodic saves fail
 
     def load(self, path: Path, step: int) -> None:
         """Continue from this stage's checkpoint of `step` (resume, restart)."""
@@ -70,19 +74,24 @@ class StageCheckpoints:
         wait_for_gradients()
         path = periodic_path(self.run_dir, step, self.stage)
         try:
+            if self.fail_after is not None and len(self.saved) >= self.fail_after:
+                raise OSError(f"--fail-saves: stage {self.stage}'s saves fail after {self.fail_after}")
             self.save(path, step)
         except OSError as exc:  # a full disk fails this checkpoint, not the run
             print(f"[stage {self.stage}] checkpoint at step {step} failed: {exc}", file=sys.stderr, flush=True)
             tell(wire.Saved(self.stage, step, "", pysocket.gethostname(), str(exc)))
             return
         tell(wire.Saved(self.stage, step, str(path), pysocket.gethostname()))
-        # the coordinator asks for one checkpoint at a time, so the one before this was complete
-        # on every stage: keep it and this one, delete older ones
-        self._saved_paths.append(path)
-        while len(self._saved_paths) > 2:
-            old = self._saved_paths.pop(0)
-            old.unlink(missing_ok=True)
+        self.saved[step] = path
+
+    def committed(self, step: int, drop: int = -1) -> None:
+        """Step `step` is complete on every stage: this stage's files of older steps may go (the
+        ones newer than it are kept: they may become the next complete checkpoint), and so may
+        that of `drop`, a checkpoint that failed elsewhere and will never be complete."""
+        for old in sorted(s for s in self.saved if s < step or s == drop):
+            path = self.saved.pop(old)
+            path.unlink(missing_ok=True)
             try:
-                old.parent.rmdir()  # once every stage on this host has removed its file
+                path.parent.rmdir()  # once every stage on this host has removed its file
             except OSError:
                 pass

@@ -47,6 +47,7 @@ class Handlers:
     """What the stage does with the coordinator's messages that are not about the links."""
     on_grad: Callable[[wire.Grad], None]
     on_checkpoint: Callable[[str], None]
+    on_committed: Callable[[int, int], None]  # a checkpoint is complete on every stage; one to drop
     on_idle: Callable[[], None]  # called in every wait (periodic reports)
 
 
@@ -77,6 +78,7 @@ class Links:
         self.handlers: Optional[Handlers] = None
         self.cfg: Optional[RunConfig] = None  # set by configure(): then heartbeats flow both ways
         self.in_shape: tuple[int, ...] = ()
+        self.num_classes = 0
         self.max_bytes = DEFAULT_MAX_BYTES
         self.delay = 0.0  # --link-delay-ms, in seconds (testing: simulated link latency)
         self.rejected = 0
@@ -87,12 +89,13 @@ class Links:
         self._last_from_coord = self._last_to_coord = time.monotonic()
 
     # ------------------------------------------------------------------ set up
-    def configure(self, cfg: RunConfig, in_shape: tuple[int, ...], is_last: bool, host: str,
-                  transport: str, handlers: Handlers) -> None:
+    def configure(self, cfg: RunConfig, in_shape: tuple[int, ...], num_classes: int, is_last: bool,
+                  host: str, transport: str, handlers: Handlers) -> None:
         """After START: bind the activation input (stages > 0), make the output (all but the
-        last), and take the run's bounds, delay and heartbeat interval."""
+        last), and take the run's bounds, shapes, delay and heartbeat interval."""
         self.cfg = cfg
         self.in_shape = in_shape
+        self.num_classes = num_classes
         self.handlers = handlers
         self.max_bytes = cfg.max_message_mb << 20
         self.delay = cfg.link_delay_ms / 1000.0
@@ -192,6 +195,9 @@ class Links:
             if isinstance(msg, wire.Checkpoint):
                 self.handlers.on_checkpoint(msg.reason)
                 continue
+            if isinstance(msg, wire.Committed):
+                self.handlers.on_committed(msg.step, msg.drop)
+                continue
             if isinstance(msg, wire.Grad):
                 if self.delay:  # simulated latency: deliver it `delay` after it was sent
                     self._held.append((msg.sent_at + self.delay, msg))
@@ -252,10 +258,13 @@ class Links:
                 continue
             try:
                 if msg.phase in ("train", "eval"):
-                    wire.check_tensor(msg.h, "ACTIVATION.h", torch.float32, self.in_shape, self.cfg.batch_size)
+                    full = msg.phase == "train"  # training batches are always full (batch norm)
+                    wire.check_tensor(msg.h, "ACTIVATION.h", torch.float32, self.in_shape, self.cfg.batch_size, full)
                     wire.check_tensor(msg.labels, "ACTIVATION.labels", torch.int64, (), msg.h.shape[0])
                     if msg.labels.shape[0] != msg.h.shape[0]:
                         raise wire.WireError("ACTIVATION: labels and h differ in batch size")
+                    wire.check_labels(msg.labels, self.num_classes, "ACTIVATION.labels")
+                    wire.check_finite(msg.h, "ACTIVATION.h")
                 elif msg.phase not in ("eval_end", "checkpoint", "end"):
                     raise wire.WireError(f"ACTIVATION: unknown phase {msg.phase!r}")
             except wire.WireError as exc:

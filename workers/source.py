@@ -73,3 +73,43 @@ def stage0_events(cfg: RunConfig, train: Split, per_epoch: int, total: int, firs
         if step >= total:
             break
     yield End(step, cfg.epochs)
+
+
+class StreamOrder:
+    """What may arrive next on a stage's activation link. Stage 0 sends its schedule in order over
+    FIFO links, so anything else (a step out of order or far ahead, a forged marker, a true-gradient
+    flag that contradicts the schedule) is not from the run and is rejected before it is used."""
+
+    def __init__(self, cfg: RunConfig, last_step: int = -1):
+        self.cfg = cfg
+        self.last_step = last_step  # the last training step received (a resumed run: its checkpoint's)
+        self.next_eval_batch = 0
+
+    def problem(self, phase: str, step: int, true_grad: bool) -> str | None:
+        """Why this message cannot be next (None when it can)."""
+        done = self.last_step + 1  # training steps done before what comes now
+        if phase == "train":
+            if step != done:
+                return f"training step {step} out of order (expected {done})"
+            if true_grad != self.cfg.is_true_grad_step(step):
+                return f"training step {step} with a true-gradient flag the schedule does not give"
+        elif phase == "eval":
+            if step != self.next_eval_batch:
+                return f"evaluation batch {step} out of order (expected {self.next_eval_batch})"
+        elif phase in ("eval_end", "end"):
+            if step != done:
+                return f"{phase} marker after step {step}, but {done} steps came"
+        elif phase == "checkpoint":
+            if step != self.last_step:
+                return f"checkpoint marker for step {step}, but the last step was {self.last_step}"
+        else:
+            return f"unknown phase {phase!r}"
+        return None
+
+    def accept(self, phase: str, step: int) -> None:
+        if phase == "train":
+            self.last_step = step
+        elif phase == "eval":
+            self.next_eval_batch += 1
+        elif phase == "eval_end":
+            self.next_eval_batch = 0

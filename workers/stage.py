@@ -38,6 +38,18 @@ def snapshot_steps(cfg: RunConfig, total_steps: int) -> frozenset[int]:
     return frozenset(true_steps[min(int(f * len(true_steps)), len(true_steps) - 1)] for f in SNAPSHOT_AT)
 
 
+class NonFinite(RuntimeError):
+    """Training produced NaN or Inf. The policy: the run fails here, naming the stage and step,
+    before the value updates a weight or travels on, so no checkpoint ever holds it."""
+
+
+def require_finite(t: torch.Tensor, what: str, stage: int, step: int) -> torch.Tensor:
+    if not bool(torch.isfinite(t).all()):
+        raise NonFinite(f"stage {stage}: {what} of step {step} is NaN or infinite (training diverged; "
+                        f"lower --lr or --sg-lr, or check the data); it was not used")
+    return t
+
+
 @dataclass
 class Kept:
     """What a step keeps until its true or bootstrapped gradient comes back."""
@@ -181,6 +193,7 @@ class StageLogic:
         need_dx = keep_graph or self.cfg.bootstrap
         x = self._input(x, need_dx)
         h = self._forward(x, stash_weights=keep_graph and self.rule.weights_move_before_gradient)
+        require_finite(h, "the output", self.stage, step)
         if keep_graph or self.cfg.bootstrap:
             self._bound_kept(step)
             self.kept[step] = Kept(x if need_dx and not self.is_first else None,
@@ -197,6 +210,7 @@ class StageLogic:
         grad = self.rule.local_gradient(self, step, h, labels, self.kept.get(step))
         if grad is None:
             return None
+        require_finite(grad, "the local gradient", self.stage, step)
         h.backward(grad, retain_graph=keep_graph)
         self.step_optimizer()
         if self.cfg.bootstrap and not keep_graph and x is not None and x.grad is not None:
@@ -220,7 +234,8 @@ class StageLogic:
             self.stats.true_grads += 1
         else:
             self.stats.bootstrap_grads += 1
-        return self.rule.on_gradient(self, step, kept, g, is_true)
+        dx = self.rule.on_gradient(self, step, kept, g, is_true)
+        return None if dx is None else require_finite(dx, "dL/dx", self.stage, step)
 
     # ------------------------------------------------------------------ last stage
     def last_step(self, step: int, x: torch.Tensor, labels: torch.Tensor,
@@ -231,6 +246,7 @@ class StageLogic:
         x = self._input(x, need_dx)
         out = self.module(x)
         loss = F.cross_entropy(out, labels)
+        require_finite(loss.detach(), "the loss", self.stage, step)
         loss.backward()
         self.step_optimizer()
         value = loss.item()
@@ -239,7 +255,7 @@ class StageLogic:
         self.stats.correct += int((out.detach().argmax(1) == labels).sum())
         self.stats.seen += int(labels.shape[0])
         dx = x.grad if (need_dx and not self.is_first) else None
-        return value, dx
+        return value, None if dx is None else require_finite(dx, "dL/dx", self.stage, step)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -257,13 +273,18 @@ class StageLogic:
 
     def state_dict(self) -> dict:
         """Everything training needs to continue: layers, optimizer, synthetic-gradient model and
-        its optimizer, and (stale mode) the gradient being reused."""
+        its optimizer, and (stale mode) the gradient being reused. Raises NonFinite rather than
+        hand over a poisoned state (a checkpoint is only ever written from this)."""
         state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
         if self.sg is not None and self.sg_optimizer is not None:
             state["sg"] = self.sg.state_dict()
             state["sg_optimizer"] = self.sg_optimizer.state_dict()
         if self.last_true is not None:
             state["last_true"] = self.last_true
+        for t in _tensors(state):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise NonFinite(f"stage {self.stage}: its state holds NaN or infinite values; "
+                                f"not saved (training diverged: lower --lr or --sg-lr)")
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -274,3 +295,15 @@ class StageLogic:
             self.sg.load_state_dict(state["sg"])
             self.sg_optimizer.load_state_dict(state["sg_optimizer"])
         self.last_true = state.get("last_true")
+
+
+def _tensors(obj):
+    """Every tensor in a nested state (dicts, lists, tuples)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)

@@ -33,7 +33,7 @@ from common.procs import die_with_parent, pin_to_core
 from workers.checkpointing import StageCheckpoints, final_path
 from workers.links import POLL_MS, CoordinatorGone, Handlers, Links, Stopped
 from workers.reporting import StageReporter
-from workers.source import Boundary, End, Evaluate, TrainBatch, stage0_events
+from workers.source import Boundary, End, Evaluate, StreamOrder, TrainBatch, stage0_events
 from workers.stage import StageLogic, snapshot_steps
 from workers.timings import Timings
 
@@ -111,7 +111,9 @@ class LayerWorker:
         num_stages = len(cfg.stage_groups)
         first_unit, end_unit = stage_bounds(cfg)[self.stage]
         units = build_units(cfg)  # the whole network from the seed, so this stage's weights are backprop's
-        in_shape, out_shape = stage_io_shapes(cfg, units)[self.stage]
+        shapes = stage_io_shapes(cfg, units)
+        in_shape, out_shape = shapes[self.stage]
+        num_classes = shapes[-1][1][0]  # the last stage's output: one logit per class
         module = nn.Sequential(*units[first_unit:end_unit])
         logic = StageLogic(cfg, self.stage, num_stages, module, out_shape,
                            snapshot_steps=snapshot_steps(cfg, start.total_steps))
@@ -119,10 +121,12 @@ class LayerWorker:
         is_last = self.stage == num_stages - 1
         reporter = StageReporter(self.stage, cfg, logic, self.timings, self.links.send_coord,
                                  lambda: self.links.rejected)
-        self.links.configure(cfg, in_shape, is_last, self.spec.host, self.spec.transport,
+        self.links.configure(cfg, in_shape, num_classes, is_last, self.spec.host, self.spec.transport,
                              Handlers(on_grad=self._on_grad, on_checkpoint=self._on_checkpoint,
-                                      on_idle=reporter.maybe_report))
+                                      on_committed=self._on_committed, on_idle=reporter.maybe_report))
         checkpoints = StageCheckpoints(self.stage, cfg, run_dir, logic, first_unit)
+        if cfg.fail_saves is not None and cfg.fail_saves[0] == self.stage:
+            checkpoints.fail_after = cfg.fail_saves[1]
         if start.resume_path:
             checkpoints.load(Path(start.resume_path), start.resume_step)
             reporter.last_step = start.resume_step
@@ -150,12 +154,17 @@ class LayerWorker:
     def _on_checkpoint(self, reason: str) -> None:
         self._checkpoint_asked = reason  # stage 0 acts at its next step boundary
 
+    def _on_committed(self, step: int, drop: int) -> None:
+        if self.s is not None:
+            self.s.checkpoints.committed(step, drop)
+
     def _on_grad(self, msg: wire.Grad) -> None:
         s = self.s
         try:
             if msg.to_stage != self.stage:
                 raise wire.WireError(f"gradient addressed to stage {msg.to_stage}")
-            wire.check_tensor(msg.g, "GRAD.g", torch.float32, s.out_shape, s.cfg.batch_size)
+            wire.check_tensor(msg.g, "GRAD.g", torch.float32, s.out_shape, s.cfg.batch_size, exact=True)
+            wire.check_finite(msg.g, "GRAD.g")
             with self.timings.span("compute"):
                 dx = s.logic.receive_grad(msg.step, msg.g, msg.is_true)
         except (wire.WireError, KeyError, ValueError) as exc:
@@ -239,8 +248,14 @@ class LayerWorker:
         """Stages > 0: act on what arrives from the stage before until its end marker."""
         s = self.s
         tally = EvalTally()
+        order = StreamOrder(s.cfg, s.reporter.last_step)
         while True:
             msg = self.links.recv_activation()
+            problem = order.problem(msg.phase, msg.step, msg.true_grad)
+            if problem is not None:
+                self.links.reject(wire.WireError(f"ACTIVATION: {problem}"))
+                continue
+            order.accept(msg.phase, msg.step)
             if msg.phase == "train":
                 self.train_step(msg.step, msg.epoch, msg.h, msg.labels)
             elif msg.phase == "eval":
