@@ -18,7 +18,8 @@ import sys
 import typing
 from typing import Callable, Optional, Sequence
 
-from common.config import ConfigError, RunConfig
+import synthgrad
+from synthgrad import ConfigError, RunConfig
 
 SUBCOMMANDS = ("train", "compare", "report", "monitor", "coordinator", "worker", "keys")
 
@@ -59,13 +60,12 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
     given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(RunConfig)
              if getattr(ns, f.name, None) is not None}
     if given.get("resume"):
-        from coordinator.resume import resume_config
-        return resume_config(given["resume"], given).validate()
+        return synthgrad.resume_config(given["resume"], given).validate()
     return RunConfig(**given).validate()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from workers.remote import RemoteStages
+    RemoteStages = synthgrad.RemoteStages
     parser = argparse.ArgumentParser(prog="launch.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
@@ -126,8 +126,7 @@ def _train_live(cfg: RunConfig, train):
     """Train with the live table (rich) on a terminal: one row per worker plus a progress bar;
     log lines scroll above it."""
     from rich.live import Live
-
-    from coordinator.monitor import status_table
+    status_table = synthgrad.status_table
     with Live(refresh_per_second=4, transient=False) as live:
         return train(cfg.replace(progress_every=1e9), log=live.console.print,
                      on_status=lambda rec: live.update(status_table(rec)))
@@ -136,8 +135,7 @@ def _train_live(cfg: RunConfig, train):
 def exit_code_of(job: Callable[[], None]) -> int:
     """Run a training job and map how it ended to the exit code (and message) users rely on:
     0 done, 2 bad config or data (before any process started), 1 run failed, 130 Ctrl-C."""
-    from common.data import DataError
-    from coordinator.coordinator import RunFailed
+    DataError, RunFailed = synthgrad.DataError, synthgrad.RunFailed
     try:
         job()
     except (ConfigError, DataError) as exc:
@@ -156,8 +154,7 @@ def exit_code_of(job: Callable[[], None]) -> int:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from coordinator import torchrun
-    from coordinator.train import format_summary, train
+    torchrun, format_summary, train = synthgrad.torchrun, synthgrad.format_summary, synthgrad.train
     env = torchrun.detect()
     if env is not None:  # started by torchrun: this process is the coordinator or one stage
         def job() -> None:
@@ -179,7 +176,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def cmd_coordinator(ns: argparse.Namespace) -> int:
-    from coordinator.train import format_summary, train
+    format_summary, train = synthgrad.format_summary, synthgrad.train
 
     def job() -> None:
         cfg = config_from_args(ns)
@@ -192,7 +189,7 @@ def cmd_coordinator(ns: argparse.Namespace) -> int:
 
 
 def cmd_worker(ns: argparse.Namespace) -> int:
-    from workers.remote import RemoteStages, run_stages
+    RemoteStages, run_stages = synthgrad.RemoteStages, synthgrad.run_stages
     stages = (ns.stage,) if ns.stage is not None else ns.stages
     try:
         return run_stages(RemoteStages(ns.coordinator, tuple(stages), ns.host, ns.out, ns.pin_cores,
@@ -203,7 +200,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
 
 
 def cmd_compare(ns: argparse.Namespace) -> int:
-    from coordinator.compare import run_compare
+    run_compare = synthgrad.compare
 
     def job() -> None:
         folder, _ = run_compare(config_from_args(ns), ns.contenders, ns.target_accuracy)
@@ -218,14 +215,14 @@ def cmd_report(ns: argparse.Namespace) -> int:
     if not (run_dir / "metrics.jsonl").is_file():
         print(f"error: {run_dir} is not a run folder (no metrics.jsonl in it)", file=sys.stderr)
         return 2
-    from coordinator.plots import draw_run
+    draw_run = synthgrad.report
     for path in draw_run(run_dir, Path(ns.out) if ns.out else run_dir):
         print(f"wrote {path}")
     return 0
 
 
 def cmd_monitor(ns: argparse.Namespace) -> int:
-    from coordinator.monitor import watch
+    watch = synthgrad.monitor
     try:
         return watch(ns.connect, timeout_s=ns.timeout, count=ns.count, as_json=ns.json,
                      keys_dir=ns.keys, secure=ns.secure)
@@ -237,7 +234,7 @@ def cmd_monitor(ns: argparse.Namespace) -> int:
 
 
 def cmd_keys(ns: argparse.Namespace) -> int:
-    from common.security import make_keys
+    make_keys = synthgrad.make_keys
     try:
         written = make_keys(ns.folder, force=ns.force)
     except ConfigError as exc:

@@ -43,7 +43,11 @@ def resolve_keys(secure: Optional[bool], keys_dir: Optional[str], hosts: list[st
                           f"`python launch.py keys DIR`, copy DIR to every host and pass --keys DIR "
                           f"(or --no-secure to send activations and gradients in the clear)")
     return Keys.load(keys_dir, role)
-CLIENT_ROLES = ("worker", "monitor")  # who may connect to a listener
+# which key may open which kind of listener (the ZAP domain a listener is in): workers speak on
+# the coordinator's socket and on stage inputs; a monitor key opens only the status stream
+ADMITS = {"links": ("worker",), "status": ("monitor",)}
+# the public keys each role needs besides its own pair (so a host gets only what its role needs)
+NEEDS = {"coordinator": ("worker", "monitor"), "worker": ("coordinator",), "monitor": ("coordinator",)}
 
 
 def make_keys(folder: Path, force: bool = False) -> list[Path]:
@@ -55,6 +59,7 @@ def make_keys(folder: Path, force: bool = False) -> list[Path]:
         raise ConfigError(f"{folder} already holds keys ({existing[0].name}); pass --force to replace "
                           f"them (every host then needs the new ones)")
     written = []
+    os.chmod(folder, 0o700)
     for role in ROLES:
         public, secret = zmq.auth.create_certificates(folder, role)
         os.chmod(secret, 0o600)
@@ -62,15 +67,36 @@ def make_keys(folder: Path, force: bool = False) -> list[Path]:
     return written
 
 
+def _check_private(folder: Path, secret_file: Path) -> None:
+    """Like ssh: refuse a secret key others can read, or a folder others can write to (they
+    could replace the keys), saying which and what to run."""
+    if os.name != "posix":
+        return
+    if folder.stat().st_mode & 0o022:
+        raise ConfigError(f"keys folder {folder} is writable by others; run: chmod 700 {folder}")
+    if secret_file.stat().st_mode & 0o077:
+        raise ConfigError(f"{secret_file} is readable by others; run: chmod 600 {secret_file}")
+
+
 @dataclass(frozen=True)
 class Keys:
-    """This process's key pair plus the public keys it needs, loaded from a keys folder."""
+    """This process's key pair plus the public keys its role needs, loaded from a keys folder."""
     role: str
     public: bytes
     secret: bytes
-    coordinator_public: bytes
-    worker_public: bytes
-    authorized: frozenset[bytes]  # z85 public keys admitted by this process's listeners
+    publics: dict  # role -> z85 public key, for the roles this one needs (and its own)
+
+    @property
+    def coordinator_public(self) -> bytes:
+        return self.publics["coordinator"]
+
+    @property
+    def worker_public(self) -> bytes:
+        return self.publics["worker"]
+
+    def admits(self, domain: str) -> frozenset[bytes]:
+        """The public keys a listener of this ZAP domain lets in."""
+        return frozenset(self.publics[r] for r in ADMITS.get(domain, ()) if r in self.publics)
 
     @classmethod
     def load(cls, folder: str | Path, role: str) -> "Keys":
@@ -81,6 +107,8 @@ class Keys:
             if not path.is_file():
                 raise ConfigError(f"no {path.name} in {folder}: make keys with "
                                   f"`python launch.py keys {folder}` and copy the folder to every host")
+            if secret:
+                _check_private(folder, path)
             try:
                 return zmq.auth.load_certificate(path)
             except (ValueError, OSError) as exc:
@@ -89,8 +117,8 @@ class Keys:
         public, secret = read(role, secret=True)
         if secret is None:
             raise ConfigError(f"{folder / (role + '.key_secret')} holds no secret key")
-        return cls(role, public, secret, read("coordinator")[0], read("worker")[0],
-                   frozenset(read(r)[0] for r in CLIENT_ROLES))
+        publics = {role: public, **{r: read(r)[0] for r in NEEDS[role]}}
+        return cls(role, public, secret, publics)
 
 
 class Guard:
@@ -107,23 +135,27 @@ class Guard:
         if keys is not None:
             self._auth = ThreadAuthenticator(ctx)
             self._auth.start()
-            self._auth.configure_curve_callback(domain="*", credentials_provider=self)
+            for domain in ADMITS:  # pyzmq asks the provider registered for the listener's domain
+                self._auth.configure_curve_callback(domain=domain, credentials_provider=self)
 
     @property
     def on(self) -> bool:
         return self.keys is not None
 
     def callback(self, domain: str, client_key: bytes) -> bool:
-        """The ZAP decision (runs on the authenticator's thread)."""
-        ok = client_key in self.keys.authorized
+        """The ZAP decision (runs on the authenticator's thread): the key must be one this kind
+        of listener admits."""
+        ok = client_key in self.keys.admits(domain)
         if not ok:
-            self.refused.put(f"a peer with an unauthorised key {client_key.decode()}")
+            self.refused.put(f"a peer with an unauthorised key {client_key.decode()} on a {domain} socket")
         return ok
 
-    def server(self, sock: zmq.Socket, name: str) -> None:
-        """Make a listener a CURVE server (call before bind)."""
+    def server(self, sock: zmq.Socket, name: str, domain: str = "links") -> None:
+        """Make a listener a CURVE server (call before bind); `domain` says who may connect
+        (ADMITS)."""
         if self.keys is None:
             return
+        sock.zap_domain = domain.encode()
         sock.curve_secretkey = self.keys.secret
         sock.curve_publickey = self.keys.public
         sock.curve_server = True

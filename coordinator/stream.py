@@ -41,7 +41,7 @@ class StatusStream:
         self.ctx = self.guard.ctx
         # monitors subscribe here; PUB never blocks the run and drops records for slow readers
         self.pub = self.ctx.socket(zmq.PUB)
-        self.guard.server(self.pub, "status")
+        self.guard.server(self.pub, "status", domain="status")  # monitor keys only
         self.pub.setsockopt(zmq.SNDHWM, 64)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.endpoint = bind_wildcard(self.pub, cfg.transport, cfg.host)

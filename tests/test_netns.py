@@ -3,6 +3,7 @@ two on their own addresses, CURVE on by default because the addresses are not lo
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -31,8 +32,8 @@ def test_unlocked_run_across_three_namespaces(tmp_path, delay_ms=5.0):
     make_keys(keys)
     stranger.mkdir()
     (stranger / "coordinator.key").write_bytes((keys / "coordinator.key").read_bytes())
-    for role in ("worker", "monitor"):
-        zmq.auth.create_certificates(stranger, role)
+    for role in ("worker", "monitor"):  # kept private, as a careful stranger would
+        os.chmod(zmq.auth.create_certificates(stranger, role)[1], 0o600)
     procs = []
     with Hosts(3) as hosts:
         try:

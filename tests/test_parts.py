@@ -144,14 +144,26 @@ def _imports(path) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("layer, may_not_import", [("common", {"workers", "coordinator", "launch"}),
-                                                    ("workers", {"coordinator", "launch"}),
-                                                    ("coordinator", {"launch"})])
+@pytest.mark.parametrize("layer, may_not_import", [
+    ("common", {"workers", "coordinator", "synthgrad", "launch"}),
+    ("workers", {"coordinator", "synthgrad", "launch"}),
+    ("coordinator", {"synthgrad", "launch"}),
+    ("launch.py", {"common", "workers", "coordinator"}),  # the command line uses the library layer only
+])
 def test_imports_go_one_way(layer, may_not_import):
     from tests.helpers import ROOT
+    files = [ROOT / layer] if layer.endswith(".py") else sorted((ROOT / layer).glob("*.py"))
     offenders = {str(p.relative_to(ROOT)): sorted(_imports(p) & may_not_import)
-                 for p in sorted((ROOT / layer).glob("*.py")) if _imports(p) & may_not_import}
+                 for p in files if _imports(p) & may_not_import}
     assert not offenders, offenders
+
+
+def test_the_library_layer_exports_what_it_names():
+    import synthgrad
+    for name in synthgrad.__all__:
+        assert getattr(synthgrad, name) is not None, name
+    with pytest.raises(AttributeError):
+        synthgrad.nothing_here  # noqa: B018
 
 
 # ---------------------------------------------------------------------------- what may arrive next

@@ -4,6 +4,7 @@ logs it) while the run goes on; no secret ever lands in the run folder."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 import zmq.auth
 
 from common.config import ConfigError
-from common.security import Keys, make_keys, resolve_keys
+from common.security import Guard, Keys, make_keys, resolve_keys
 from tests.helpers import ROOT, wait_for_line
 from tests.test_multihost import RUN, launch, stop_all
 
@@ -21,6 +22,32 @@ def test_secure_by_default_off_loopback_and_keys_required():
     with pytest.raises(ConfigError, match="is not loopback, so every link is CURVE-encrypted"):
         resolve_keys(None, None, ["10.1.2.3"], "worker", "--coordinator tcp://10.1.2.3:5555")
     assert resolve_keys(False, None, ["10.1.2.3"], "worker", "x") is None  # --no-secure
+
+
+def test_keys_are_refused_when_others_could_read_or_replace_them(tmp_path):
+    make_keys(tmp_path / "k")
+    assert (tmp_path / "k").stat().st_mode & 0o777 == 0o700
+    secret = tmp_path / "k" / "worker.key_secret"
+    secret.chmod(0o644)
+    with pytest.raises(ConfigError, match=f"{secret} is readable by others; run: chmod 600 {secret}"):
+        Keys.load(tmp_path / "k", "worker")
+    secret.chmod(0o600)
+    (tmp_path / "k").chmod(0o777)
+    with pytest.raises(ConfigError, match=f"keys folder {tmp_path / 'k'} is writable by others; run: chmod 700"):
+        Keys.load(tmp_path / "k", "worker")
+
+
+def test_a_monitor_key_opens_only_the_status_stream(tmp_path):
+    make_keys(tmp_path / "k")
+    coordinator = Keys.load(tmp_path / "k", "coordinator")
+    monitor, worker = (Keys.load(tmp_path / "k", r).public for r in ("monitor", "worker"))
+    guard = Guard(zmq.Context.instance(), coordinator)
+    try:
+        assert guard.callback("status", monitor) and not guard.callback("links", monitor)
+        assert guard.callback("links", worker) and not guard.callback("status", worker)
+        assert any("unauthorised key" in r and "links" in r for r in guard.take_refusals())
+    finally:
+        guard.close()
 
 
 @pytest.mark.slow
@@ -33,10 +60,14 @@ def test_keys_command_and_loading(tmp_path):
                            capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert again.returncode == 2 and "--force" in again.stderr  # never overwrites silently
     keys = Keys.load(tmp_path / "k", "worker")
-    assert keys.worker_public in keys.authorized and keys.coordinator_public not in keys.authorized
+    assert keys.admits("links") == {keys.worker_public} and not keys.admits("status")
+    coordinator = Keys.load(tmp_path / "k", "coordinator")  # monitors open only the status stream
+    assert coordinator.admits("status") == {coordinator.publics["monitor"]}
+    assert coordinator.admits("links") == {coordinator.worker_public}
     (tmp_path / "k" / "monitor.key").unlink()
+    Keys.load(tmp_path / "k", "worker")  # a worker's host needs no monitor key
     with pytest.raises(ConfigError, match="no monitor.key in"):
-        Keys.load(tmp_path / "k", "worker")
+        Keys.load(tmp_path / "k", "coordinator")
 
 
 def _monitor(endpoint: str, *args: str) -> subprocess.Popen:
@@ -52,8 +83,8 @@ def test_secure_run_refuses_strangers_and_goes_on(tmp_path):
     make_keys(keys)
     stranger.mkdir()  # knows the coordinator's public key, but has its own worker/monitor keys
     (stranger / "coordinator.key").write_bytes((keys / "coordinator.key").read_bytes())
-    zmq.auth.create_certificates(stranger, "worker")
-    zmq.auth.create_certificates(stranger, "monitor")
+    for role in ("worker", "monitor"):  # kept private, as a careful stranger would
+        os.chmod(zmq.auth.create_certificates(stranger, role)[1], 0o600)
     coord = launch("coordinator", "--bind", "tcp://127.0.0.1:0", "--keys", str(keys), *RUN,
                    "--epochs", "30", "--metrics-every", "0.2", "--out", str(tmp_path / "run"))
     procs = [coord]
