@@ -6,6 +6,10 @@ from __future__ import annotations
 from typing import Any, Optional, Protocol
 
 
+class RunFailed(RuntimeError):
+    """The run cannot go on; the message names the stage and the reason."""
+
+
 class StatusSink(Protocol):
     """Where a trainer's reports go (workers/ depend on this, not on the coordinator's stream)."""
 

@@ -9,10 +9,9 @@ from collections.abc import Callable
 from typing import Optional
 
 from common.config import RunConfig
+from common.reports import RunFailed
 
-
-class RunFailed(RuntimeError):
-    """The run cannot go on; the message names the stage and the reason."""
+__all__ = ["RunFailed", "Watchdog"]
 
 
 class Watchdog:

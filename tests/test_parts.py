@@ -232,3 +232,15 @@ def test_a_stage_deletes_only_what_the_coordinator_has_committed_past(tmp_path):
     assert sorted(p.parent.name for p in tmp_path.glob("checkpoints/step-*/stage0.pt")) == \
         ["step-000000029", "step-000000039"]
     assert not (tmp_path / "checkpoints" / "step-000000009").exists()  # empty folders go too
+
+
+def test_the_single_process_reference_follows_the_same_non_finite_policy(tmp_path):
+    """Backprop (no processes) whose loss turns NaN fails like a stage would, and says so in
+    summary.json."""
+    import synthgrad
+    cfg = RunConfig(mode="backprop", dataset="synthetic", optimizer="sgd", lr=100.0, momentum=0.99, steps=40,
+                    synthetic_train=4096, backprop_threads=1, out=str(tmp_path / "run"))
+    with pytest.raises(synthgrad.RunFailed, match=r"stage 0: the loss of step \d+ is NaN or infinite"):
+        synthgrad.train(cfg, log=lambda *_: None)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "NaN or infinite" in summary["error"]

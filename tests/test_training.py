@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +145,15 @@ def test_a_second_run_into_the_same_folder_starts_clean_records(tiny_cfg):
     moved = {int(k): v for p in aside if p.name != "stage0.pt"
              for k, v in torch.load(p, weights_only=True)["units"].items()}
     assert_states_equal({u: first[u] for u in moved}, moved)
+
+
+@pytest.mark.timeout(120)
+def test_a_diverged_run_fails_naming_the_stage_and_step(tiny_cfg):
+    """NaN or Inf produced by a stage ends the run before it is used, with the stage and the step
+    in the error and in summary.json (that a poisoned state is never saved: test_parts.py)."""
+    from synthgrad import RunFailed
+    cfg = tiny_cfg.replace(mode="locked", optimizer="sgd", lr=100.0, momentum=0.99, steps=60, epochs=2)
+    with pytest.raises(RunFailed, match=r"stage \d failed: NonFinite: stage \d: .* of step \d+ is NaN or infinite"):
+        run(cfg)
+    summary = json.loads((Path(cfg.out) / "summary.json").read_text())
+    assert summary["status"] == "failed" and "NaN or infinite" in summary["error"]

@@ -24,6 +24,7 @@ from common.files import atomic_torch_save
 from common.models import build_units, make_optimizer
 from common.modes import Mode
 from common.reports import StatusSink, run_summary
+from workers.stage import require_finite
 
 
 @torch.no_grad()
@@ -87,6 +88,7 @@ def run_backprop(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stre
                 break
             t0 = time.perf_counter()
             loss = F.cross_entropy(model(x), y)
+            require_finite(loss.detach(), "the loss", 0, step)  # the same policy as the stages'
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -24,6 +24,7 @@ from torch.func import functional_call
 from common.config import RunConfig
 from common.models import SyntheticGradient, make_optimizer
 from common.modes import UpdateRule
+from common.reports import RunFailed
 
 MAX_KEPT_STEPS = 4096  # a safety bound; bounded queues keep the real number far below it
 SNAPSHOT_AT = (0.0, 0.1, 0.5, 1.0)  # fractions of the run at which to keep SG-vs-true samples
@@ -38,7 +39,7 @@ def snapshot_steps(cfg: RunConfig, total_steps: int) -> frozenset[int]:
     return frozenset(true_steps[min(int(f * len(true_steps)), len(true_steps) - 1)] for f in SNAPSHOT_AT)
 
 
-class NonFinite(RuntimeError):
+class NonFinite(RunFailed):
     """Training produced NaN or Inf. The policy: the run fails here, naming the stage and step,
     before the value updates a weight or travels on, so no checkpoint ever holds it."""
 
