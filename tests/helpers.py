@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -116,6 +118,22 @@ def wait_for_line(proc, needle, timeout=90.0) -> tuple[str, list[str]]:
             return line, seen
     proc.kill()
     raise AssertionError(f"never saw {needle!r}; output:\n{''.join(seen)}")
+
+
+def interrupt_after(proc, *needles: str, timeout: float = 90.0) -> str:
+    """Wait for each of `needles` in turn in a launcher's output, press Ctrl-C (SIGINT), and
+    return everything it printed; the launcher is killed if anything goes wrong."""
+    seen: list[str] = []
+    try:
+        for needle in needles:
+            seen += wait_for_line(proc, needle, timeout=timeout)[1]
+        os.kill(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    return "".join(seen) + out
 
 
 def worker_pids(proc) -> list[int]:

@@ -99,23 +99,13 @@ def test_a_stage_whose_saves_fail_never_costs_the_last_complete_checkpoint(tmp_p
     import sys
 
     from common.files import load_model_state
-    from tests.helpers import LOCKED, ROOT, assert_states_equal, wait_for_line
+    from tests.helpers import LOCKED, ROOT, assert_states_equal, interrupt_after
     run_dir = tmp_path / "run"
     args = [sys.executable, "-u", str(ROOT / "launch.py"), "train", *LOCKED, "--out", str(run_dir)]
     first = subprocess.Popen([*args, "--checkpoint-every", "0.2", "--link-delay-ms", "3", "--fail-saves", "2,1"],
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        _, seen = wait_for_line(first, "checkpoint: step", timeout=90)  # the one complete checkpoint
-        for _ in range(3):
-            _, more = wait_for_line(first, "failed on stage 2", timeout=60)  # the others saved these
-            seen += more
-        os.kill(first.pid, signal.SIGINT)
-        out, _ = first.communicate(timeout=60)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait(10)
-    out = "".join(seen) + out
+    # one complete checkpoint, then three that failed on stage 2 (the others saved theirs)
+    out = interrupt_after(first, "checkpoint: step", *["failed on stage 2"] * 3)
     assert first.returncode == 130, out
     manifest = json.loads((run_dir / "checkpoints" / "manifest.json").read_text())
     complete = [line for line in out.splitlines() if line.startswith("checkpoint: step")]

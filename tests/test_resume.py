@@ -3,15 +3,13 @@ same parameters as one never interrupted, and its records continue the old ones.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 
 import pytest
 
 from common.files import load_model_state
-from tests.helpers import LOCKED, ROOT, assert_states_equal, wait_for_line
+from tests.helpers import LOCKED, ROOT, assert_states_equal, interrupt_after
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
@@ -26,14 +24,7 @@ def _launch(*args: str) -> subprocess.Popen:
 def test_locked_run_resumed_after_ctrl_c_equals_an_uninterrupted_one(tmp_path, locked_reference):
     run_dir = tmp_path / "interrupted"
     first = _launch(*LOCKED, "--link-delay-ms", "3", "--out", str(run_dir))  # >= 3.5 s of training
-    try:
-        wait_for_line(first, "train step", timeout=90)
-        os.kill(first.pid, signal.SIGINT)
-        out, _ = first.communicate(timeout=60)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait(10)
+    out = interrupt_after(first, "train step")
     assert first.returncode == 130, out
     stopped_at = json.loads((run_dir / "checkpoints" / "manifest.json").read_text())["step"]
     assert 0 <= stopped_at < 191, stopped_at
