@@ -90,13 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument("--timeout", type=float, default=30.0, help="give up after this long without a record")
     monitor.add_argument("--count", type=int, default=None, help="exit after this many status records")
     monitor.add_argument("--json", action="store_true", help="print each record as one JSON line")
-    monitor.add_argument("--keys", default=None, help="keys folder, for a run with CURVE-encrypted links")
+    monitor.add_argument("--keys", default=None, help="the keys folder the run printed after 'watch it:'")
     monitor.add_argument("--secure", action=argparse.BooleanOptionalAction, default=None,
-                         help="CURVE (default: on with --keys or when the endpoint is not loopback)")
+                         help="CURVE (default: on for a tcp endpoint; --no-secure for a run started with it)")
     keys = sub.add_parser("keys", help="make the CURVE key pairs for secure links in a folder",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     keys.add_argument("folder", help="where to write coordinator/worker/monitor .key and .key_secret")
     keys.add_argument("--force", action="store_true", help="replace keys already there")
+    keys.add_argument("--split", action="store_true",
+                      help="one subfolder per role (coordinator/, worker/, monitor/), each with only what "
+                           "that role needs: give each host the folder of its role")
     coordinator = sub.add_parser(
         "coordinator", help="run the coordinator only; stages join with `launch.py worker`",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
@@ -116,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a stage gives up when the coordinator has not answered within this many seconds")
     worker.add_argument("--keys", default=None, help="keys folder (launch.py keys): CURVE on every link")
     worker.add_argument("--secure", action=argparse.BooleanOptionalAction, default=None,
-                        help="CURVE on every link (default: on with --keys or when an address is not loopback)")
+                        help="CURVE on every link (the default; needs --keys); --no-secure: plain tcp")
     worker.add_argument("--pin-cores", action=argparse.BooleanOptionalAction, default=True,
                         help="pin each stage to one of this host's cores")
     return parser
@@ -236,14 +239,19 @@ def cmd_monitor(ns: argparse.Namespace) -> int:
 def cmd_keys(ns: argparse.Namespace) -> int:
     make_keys = synthgrad.make_keys
     try:
-        written = make_keys(ns.folder, force=ns.force)
+        written = make_keys(ns.folder, force=ns.force, split=ns.split)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for path in written:
         print(f"wrote {path}")
-    print(f"copy {ns.folder} to every host of the run (each process reads only its own secret) "
-          f"and pass --keys {ns.folder}")
+    if ns.split:
+        print(f"give each host the folder of its role and pass it as --keys: {ns.folder}/coordinator "
+              f"to the coordinator, {ns.folder}/worker to `launch.py worker`, {ns.folder}/monitor "
+              f"to `launch.py monitor`")
+    else:
+        print(f"copy {ns.folder} to every host of the run (each process reads only its own secret) "
+              f"and pass --keys {ns.folder}")
     return 0
 
 

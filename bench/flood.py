@@ -85,7 +85,10 @@ def main() -> None:
     steps = int((args.seconds + 15) * 1000 / slow_ms)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
+        # --no-secure: the worst case, where junk reaches the decoders (with CURVE, the default
+        # for tcp, a process without the run's keys is refused at the handshake)
         cmd = [sys.executable, "-u", str(ROOT / "launch.py"), "train", "--mode", "locked", "--transport", "tcp",
+               "--no-secure",
                "--dataset", "synthetic", "--layers", "784,64,64,64,10", "--batch-size", "64",
                "--synthetic-train", "4096", "--epochs", "1000", "--steps", str(steps), "--slow-stage",
                f"2,{slow_ms}", "--metrics-every", "1", "--progress-every", "5", "--out", str(out)]

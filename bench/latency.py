@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +24,6 @@ sys.path.insert(0, str(ROOT))
 
 from common.config import RunConfig  # noqa: E402
 from common.procs import available_cores  # noqa: E402
-from common.security import make_keys  # noqa: E402
 from coordinator.train import train  # noqa: E402
 
 
@@ -38,13 +35,9 @@ def main() -> None:
     p.add_argument("--true-grad-every", type=int, default=10)
     p.add_argument("--transport", default="tcp")
     p.add_argument("--curve", action="store_true",
-                   help="run each contender twice: plain and with CURVE-encrypted links (keys made here)")
+                   help="run each contender twice: plain and with CURVE-encrypted links (the default for tcp)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "latency.json"))
     args = p.parse_args()
-    keys_dir = None
-    if args.curve:
-        keys_dir = tempfile.mkdtemp(prefix="synthgrad-bench-keys-")
-        make_keys(Path(keys_dir))
     delays = [float(d) for d in args.delays.split(",")]
     contenders = [("locked", 1), ("unlocked", 1), ("unlocked", args.true_grad_every)]
     securities = [False, True] if args.curve else [False]
@@ -61,7 +54,7 @@ def main() -> None:
             locked_rate = None
             for mode, n in contenders:
                 cfg = base.replace(mode=mode, true_grad_every=n, link_delay_ms=delay,
-                                   secure=secure, keys=keys_dir if secure else None)
+                                   secure=secure)  # True: CURVE with keys made for the run
                 _, s = train(cfg, log=lambda _: None)
                 rate = s["samples_per_s"]
                 locked_rate = rate if mode == "locked" else locked_rate
@@ -78,8 +71,6 @@ def main() -> None:
                                           "transport": args.transport, "delays_ms": delays,
                                           "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
-    if keys_dir:
-        shutil.rmtree(keys_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

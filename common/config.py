@@ -91,10 +91,11 @@ class RunConfig:
 
     transport: str = PROCESSES.opt("ipc", "ipc (one host) | tcp", resume=True)
     host: str = PROCESSES.opt("127.0.0.1", "address to bind tcp endpoints on", resume=True)
-    secure: Optional[bool] = PROCESSES.opt(None, "CURVE-encrypt and authenticate every link (default: on when a keys "
-                                           "folder is given or any endpoint is not loopback)", resume=True)
-    keys: Optional[str] = PROCESSES.opt(None, "folder made by `launch.py keys DIR` (secret keys stay there)",
-                                        resume=True)
+    secure: Optional[bool] = PROCESSES.opt(None, "CURVE-encrypt and authenticate every link (default: every tcp link, "
+                                           "with keys made for the run unless --keys; --no-secure: plain)",
+                                           resume=True)
+    keys: Optional[str] = PROCESSES.opt(None, "folder made by `launch.py keys DIR` (secret keys stay there); "
+                                        "needed where stages are started by hand or by torchrun", resume=True)
     threads_per_worker: int = PROCESSES.opt(1, "torch threads in each stage process")
     backprop_threads: Optional[int] = PROCESSES.opt(None, "torch threads for mode=backprop (None = all cores)")
     pin_cores: bool = PROCESSES.opt(True, "pin each worker to one core with psutil (round robin)", resume=True)

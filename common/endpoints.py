@@ -5,7 +5,6 @@ address) and reports the endpoint it got, so nothing probes for free ports.
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 import tempfile
@@ -48,13 +47,6 @@ def address_towards(host: str) -> str:
         except OSError as exc:
             raise ValueError(f"no route to {host!r}: {exc}") from None
         return s.getsockname()[0]
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-    except (OSError, ValueError):
-        return False
 
 
 def set_heartbeats(sock: zmq.Socket, timeout_s: float) -> None:

@@ -1,17 +1,27 @@
 """CURVE-encrypted, authenticated links (ZeroMQ CURVE + a ZAP handler from pyzmq).
 
-`launch.py keys DIR` makes three key pairs: coordinator, worker, monitor. Listeners are CURVE
-servers: the coordinator's ROUTER and status PUB (coordinator key), and each worker's activation
-input (worker key). Connecting sockets are CURVE clients with their role's key and the server's
-public key. A listener's ZAP handler admits only the worker and monitor public keys found in DIR,
-so a peer without them is refused during the handshake; refusals are counted and reported.
-Secret keys are read from DIR on each host and never leave it: nothing secret goes over the wire
-or into the run folder (only DIR's path, in the config).
+The rule, the same for every process: a tcp link is CURVE unless --no-secure says otherwise
+(ipc lives in folders only the owner can enter, so it needs none). There are three roles:
+coordinator, worker, monitor. Listeners are CURVE servers: the coordinator's ROUTER and status
+PUB (coordinator key), and each worker's activation input (worker key). Connecting sockets are
+CURVE clients with their role's key and the server's public key. A listener's ZAP handler admits
+only the keys its kind of socket may hear from (ADMITS), so a peer without them is refused during
+the handshake; refusals are counted and reported.
+
+Where the keys come from:
+- a local run (`launch.py train`, which starts every stage itself) makes a fresh set in memory
+  (`RunKeys.fresh`); the stages get theirs through the process start, never through a file; a
+  monitor's key goes into a private temporary folder that the run prints and deletes at its end;
+- processes started by hand or by torchrun on several hosts read a folder made by
+  `launch.py keys DIR` (`--split` writes one folder per role, so a host gets only what its
+  role needs). Secret keys never go over the wire or into the run folder.
 """
 from __future__ import annotations
 
 import os
 import queue
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,25 +34,8 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
 from common.config import ConfigError
-from common.endpoints import is_loopback
 
 ROLES = ("coordinator", "worker", "monitor")
-
-
-def resolve_keys(secure: Optional[bool], keys_dir: Optional[str], hosts: list[str], role: str,
-                 what: str) -> Optional["Keys"]:
-    """This process's keys when its links must be CURVE, else None. The rule, the same for every
-    role: --secure / --no-secure decide when given; otherwise links are secure when a keys folder
-    is given or any of `hosts` (the addresses this process listens on or connects to) is not
-    loopback. `what` names the endpoint in the error message."""
-    need = secure if secure is not None else bool(keys_dir) or any(not is_loopback(h) for h in hosts)
-    if not need:
-        return None
-    if not keys_dir:
-        raise ConfigError(f"{what} is not loopback, so every link is CURVE-encrypted: make keys with "
-                          f"`python launch.py keys DIR`, copy DIR to every host and pass --keys DIR "
-                          f"(or --no-secure to send activations and gradients in the clear)")
-    return Keys.load(keys_dir, role)
 # which key may open which kind of listener (the ZAP domain a listener is in): workers speak on
 # the coordinator's socket and on stage inputs; a monitor key opens only the status stream
 ADMITS = {"links": ("worker",), "status": ("monitor",)}
@@ -50,21 +43,68 @@ ADMITS = {"links": ("worker",), "status": ("monitor",)}
 NEEDS = {"coordinator": ("worker", "monitor"), "worker": ("coordinator",), "monitor": ("coordinator",)}
 
 
-def make_keys(folder: Path, force: bool = False) -> list[Path]:
-    """Write the three key pairs into `folder` (secret files readable by the owner only)."""
-    folder = Path(folder)
+def resolve_keys(secure: Optional[bool], keys_dir: Optional[str], role: str,
+                 what: str) -> Optional["Keys"]:
+    """The keys of a process whose tcp links reach processes it did not start (a coordinator
+    started by hand, a `launch.py worker`, a monitor, a torchrun rank): from the keys folder,
+    or None with --no-secure. `what` names the link in the error message."""
+    if secure is False:
+        if keys_dir:
+            raise ConfigError("--keys and --no-secure contradict each other: drop one")
+        return None
+    if not keys_dir:
+        raise ConfigError(f"{what} is a tcp link, and tcp links are CURVE-encrypted and "
+                          f"authenticated: make keys with `python launch.py keys DIR`, give the "
+                          f"folder to every process of the run and pass --keys DIR (or --no-secure "
+                          f"to send in the clear, where anyone who reaches the port can join)")
+    return Keys.load(keys_dir, role)
+
+
+def _write_key_file(path: Path, public: bytes, secret: Optional[bytes] = None) -> Path:
+    """A ZeroMQ certificate file (the format zmq.auth.load_certificate reads); a secret one is
+    created owner-only before anything is written into it."""
+    lines = ["# ZeroMQ CURVE " + ("secret" if secret else "public") + " certificate (synthgrad)",
+             "metadata", "curve", f'    public-key = "{public.decode()}"']
+    if secret:
+        lines.append(f'    secret-key = "{secret.decode()}"')
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if secret else 0o644)
+    if secret:
+        os.fchmod(fd, 0o600)  # a file replaced by --force keeps its old mode otherwise
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def write_role(folder: Path, keys: "Keys") -> list[Path]:
+    """Write what one role needs into `folder` (made owner-only): its own pair and the public
+    keys of the roles it talks to."""
     folder.mkdir(parents=True, exist_ok=True)
-    existing = [folder / f"{r}.key_secret" for r in ROLES if (folder / f"{r}.key_secret").exists()]
-    if existing and not force:
-        raise ConfigError(f"{folder} already holds keys ({existing[0].name}); pass --force to replace "
-                          f"them (every host then needs the new ones)")
-    written = []
     os.chmod(folder, 0o700)
-    for role in ROLES:
-        public, secret = zmq.auth.create_certificates(folder, role)
-        os.chmod(secret, 0o600)
-        written += [Path(public), Path(secret)]
+    written = [_write_key_file(folder / f"{keys.role}.key_secret", keys.public, keys.secret)]
+    for role, public in keys.publics.items():
+        written.append(_write_key_file(folder / f"{role}.key", public))
     return written
+
+
+def make_keys(folder: Path, force: bool = False, split: bool = False) -> list[Path]:
+    """Make a fresh set of the three key pairs in `folder`: all of them together (a folder to copy
+    to every host), or with `split` one subfolder per role holding only what that role needs."""
+    folder = Path(folder)
+    targets = [folder / r if split else folder for r in ROLES]
+    existing = [t / f"{r}.key_secret" for t, r in zip(targets, ROLES) if (t / f"{r}.key_secret").exists()]
+    if existing and not force:
+        raise ConfigError(f"{folder} already holds keys ({existing[0]}); pass --force to replace "
+                          f"them (every host then needs the new ones)")
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    fresh = RunKeys.fresh()
+    written: list[Path] = []
+    for target, role in zip(targets, ROLES):
+        keys = fresh.of(role)
+        if not split:  # one folder: every public key, so each role finds what it needs
+            keys = Keys(role, keys.public, keys.secret, fresh.publics)
+        written += write_role(target, keys)
+    return sorted(set(written))
 
 
 def _check_private(folder: Path, secret_file: Path) -> None:
@@ -80,7 +120,7 @@ def _check_private(folder: Path, secret_file: Path) -> None:
 
 @dataclass(frozen=True)
 class Keys:
-    """This process's key pair plus the public keys its role needs, loaded from a keys folder."""
+    """This process's key pair plus the public keys its role needs."""
     role: str
     public: bytes
     secret: bytes
@@ -106,7 +146,7 @@ class Keys:
             path = folder / (f"{name}.key_secret" if secret else f"{name}.key")
             if not path.is_file():
                 raise ConfigError(f"no {path.name} in {folder}: make keys with "
-                                  f"`python launch.py keys {folder}` and copy the folder to every host")
+                                  f"`python launch.py keys DIR` and give each host the folder of its role")
             if secret:
                 _check_private(folder, path)
             try:
@@ -119,6 +159,60 @@ class Keys:
             raise ConfigError(f"{folder / (role + '.key_secret')} holds no secret key")
         publics = {role: public, **{r: read(r)[0] for r in NEEDS[role]}}
         return cls(role, public, secret, publics)
+
+
+@dataclass(frozen=True)
+class RunKeys:
+    """One set of the three key pairs, made in memory (a local run's own keys)."""
+    pairs: dict  # role -> (public, secret)
+
+    @classmethod
+    def fresh(cls) -> "RunKeys":
+        return cls({role: zmq.curve_keypair() for role in ROLES})
+
+    @property
+    def publics(self) -> dict:
+        return {role: pair[0] for role, pair in self.pairs.items()}
+
+    def of(self, role: str) -> Keys:
+        """`role`'s keys: its pair and the public keys of the roles it talks to."""
+        public, secret = self.pairs[role]
+        return Keys(role, public, secret, {role: public, **{r: self.pairs[r][0] for r in NEEDS[role]}})
+
+
+@dataclass(frozen=True)
+class LocalRunKeys:
+    """The keys of a run whose coordinator starts every stage itself."""
+    coordinator: Keys
+    worker: Keys  # handed to the stages it starts
+    monitor: Optional[Keys]  # made here (None when they come from a folder the user has)
+    source: str  # "per-run" or the keys folder
+
+
+def local_run_keys(secure: Optional[bool], keys_dir: Optional[str], transport: str) -> Optional[LocalRunKeys]:
+    """A local run's keys: from --keys, or a fresh set for this run when its links are tcp (or
+    --secure asks for CURVE over ipc too); None with --no-secure or over plain ipc."""
+    if keys_dir:
+        if secure is False:
+            raise ConfigError("--keys and --no-secure contradict each other: drop one")
+        return LocalRunKeys(Keys.load(keys_dir, "coordinator"), Keys.load(keys_dir, "worker"), None, keys_dir)
+    if secure is False or (secure is None and transport != "tcp"):
+        return None
+    fresh = RunKeys.fresh()
+    return LocalRunKeys(fresh.of("coordinator"), fresh.of("worker"), fresh.of("monitor"), "per-run")
+
+
+class MonitorKeys:
+    """A local run's monitor key in a private temporary folder (`monitor --keys FOLDER`), deleted
+    when the run ends: the one secret of a local run that touches the disk, readable by the
+    owner only, outside the run folder."""
+
+    def __init__(self, keys: Keys):
+        self.folder = Path(tempfile.mkdtemp(prefix="synthgrad-monitor-"))  # 0700
+        write_role(self.folder, keys)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class Guard:

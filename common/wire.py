@@ -196,6 +196,26 @@ def _field_specs(cls: type) -> tuple[dict[str, Any], list[str]]:
 
 
 _SPECS = {cls: _field_specs(cls) for cls in MESSAGE_TYPES.values()}
+# the most frames any message has: its header and one frame per tensor field
+MAX_FRAMES = 1 + max(len(tensors) for _, tensors in _SPECS.values())
+
+
+def receive(sock: Any, envelope: int = 0) -> list[Any]:
+    """One multipart message from `sock`, holding at most `envelope` (a ROUTER's identity) +
+    MAX_FRAMES + 1 frames: a longer one is read to its end and its extra frames dropped as they
+    come, so a peer cannot make this process hold a million frames; the one extra frame kept
+    makes decode reject the message (its header cannot account for it). libzmq has already
+    buffered the whole message by now; ZMQ_MAXMSGSIZE bounds each frame, the receive high-water
+    mark the number of messages."""
+    keep = envelope + MAX_FRAMES + 1
+    frames = [sock.recv(copy=False)]
+    while frames[-1].more:
+        frame = sock.recv(copy=False)
+        if len(frames) < keep:
+            frames.append(frame)
+        elif not frame.more:
+            break
+    return frames
 
 
 def _type_ok(value: Any, t: Any) -> bool:

@@ -43,6 +43,9 @@ POLL_MS = 100
 __all__ = ["Coordinator", "RunFailed"]
 
 
+PEER_BACKLOG = 1000  # unread messages held per connected peer (ZMQ_RCVHWM of the ROUTER)
+
+
 class Coordinator:
     def __init__(self, cfg: RunConfig, run_dir: Path, *, total_steps: int,
                  log: Callable[[str], None] = print, bind: Optional[str] = None,
@@ -83,7 +86,11 @@ class Coordinator:
         self.guard.server(sock, "coordinator")
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable message is an error, not a drop
         sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
+        # at most this many unread messages per peer: past it libzmq stops reading that peer's
+        # connection (backpressure, nothing dropped; a worker's own send queue takes the rest),
+        # so a flooding peer cannot grow this process without bound. The loop drains every
+        # peer continuously: a working stage never gets near it.
+        sock.setsockopt(zmq.RCVHWM, PEER_BACKLOG)
         sock.setsockopt(zmq.LINGER, 0)
         set_heartbeats(sock, cfg.heartbeat_timeout)
         sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes(cfg))  # libzmq drops bigger frames
@@ -246,7 +253,7 @@ class Coordinator:
 
     def _drain(self) -> None:
         while self.sock.poll(50):
-            self._handle(self.sock.recv_multipart(copy=False))
+            self._handle(wire.receive(self.sock, envelope=1))
 
     def _progress(self) -> None:
         now = time.monotonic()
@@ -291,7 +298,7 @@ class Coordinator:
             while len(self.done) < self.num_stages:
                 if self.sock.poll(POLL_MS):
                     while True:
-                        self._handle(self.sock.recv_multipart(copy=False))
+                        self._handle(wire.receive(self.sock, envelope=1))
                         if not self.sock.poll(0):
                             break
                 self._check(group)

@@ -14,7 +14,6 @@ from typing import Callable, Optional
 import zmq
 
 from common import wire
-from common.endpoints import tcp_host
 from common.security import curve_client, resolve_keys
 
 
@@ -75,8 +74,9 @@ def watch(endpoint: str, *, timeout_s: float = 30.0, count: Optional[int] = None
     """Follow the stream until the run is done (0), `count` status records arrived (0), or
     nothing arrived for `timeout_s` (1). With CURVE (keys_dir), connect with the monitor key."""
     live = sys.stdout.isatty() and not as_json if live is None else live
-    host = tcp_host(endpoint) if endpoint.startswith("tcp://") else "127.0.0.1"
-    keys = resolve_keys(secure, keys_dir, [host], "monitor", f"--connect {endpoint}")
+    keys = None  # an ipc stream needs no keys unless asked (--secure, --keys)
+    if endpoint.startswith("tcp://") or secure or keys_dir:
+        keys = resolve_keys(secure, keys_dir, "monitor", f"--connect {endpoint}")
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     if keys is not None:
@@ -101,7 +101,7 @@ def watch(endpoint: str, *, timeout_s: float = 30.0, count: Optional[int] = None
                     return 1
                 continue
             try:
-                msg = wire.decode(sub.recv_multipart(copy=False))
+                msg = wire.decode(wire.receive(sub))
             except wire.WireError as exc:
                 out(f"monitor: ignored a malformed record: {exc}")
                 continue

@@ -22,6 +22,19 @@ class PipelineFailed(RuntimeError):
     pass
 
 
+def _rank_failure(run_dir: Path, child) -> str:
+    """Why the pipeline failed when `child` ended badly: the words a rank left (a non-finite
+    value; a rank writes them before it exits, so they are there by the time its peers die of
+    the closed connection), else how `child` exited."""
+    how = f"pipeline {child.name} (pid {child.process.pid}) {describe_exit(child.process.exitcode)}"
+    for said in sorted(run_dir.glob("pipeline-rank*.error.json")):
+        try:
+            return f"{said.name.split('.')[0]}: {json.loads(said.read_text())['error']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return how
+
+
 def run_pipeline(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stream: StatusStream,
                  total: int) -> dict:
     """Start one process per stage, wait for them (failing fast when one dies), feed `stream`
@@ -66,8 +79,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stre
         while not all(c.process.exitcode is not None for c in group.children):
             for c in group.dead():
                 if c.process.exitcode != 0:
-                    raise PipelineFailed(f"pipeline {c.name} (pid {c.process.pid}) "
-                                         f"{describe_exit(c.process.exitcode)}")
+                    raise PipelineFailed(_rank_failure(run_dir, c))
             now = time.monotonic()
             started = len(list(run_dir.glob(".pipeline-rank*.started")))
             if started < world and now - t_created > cfg.start_timeout:
@@ -85,7 +97,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stre
             time.sleep(0.1)
         bad = [c for c in group.children if c.process.exitcode != 0]
         if bad:
-            raise PipelineFailed(f"pipeline {bad[0].name} {describe_exit(bad[0].process.exitcode)}")
+            raise PipelineFailed(_rank_failure(run_dir, bad[0]))
     finally:
         group.shutdown()
         rendezvous.unlink(missing_ok=True)

@@ -61,6 +61,9 @@ def run_rank(cfg: RunConfig, env: TorchrunEnv, log: Callable[[str], None] = prin
     import torch.distributed as dist
     cfg.validate()
     check_world(cfg, env)
+    # every rank checks its keys before the rendezvous: a missing folder fails each rank at once
+    keys = resolve_keys(cfg.secure, cfg.keys, "coordinator" if env.rank == 0 else "worker",
+                        f"torchrun rank {env.rank}'s link to the coordinator")
     # torchrun's own store (the agent's TCPStore at MASTER_ADDR:MASTER_PORT): rank 0 writes the
     # coordinator's endpoint there, the stages wait for it. No collective, so no gloo mesh.
     store, _, _ = next(dist.rendezvous("env://", rank=env.rank, world_size=env.world_size,
@@ -94,6 +97,5 @@ def run_rank(cfg: RunConfig, env: TorchrunEnv, log: Callable[[str], None] = prin
     core = core_for(env.local_rank, cfg.pin_cores)
     coord_host = tcp_host(endpoint)
     host = address_towards(coord_host)
-    keys = resolve_keys(cfg.secure, cfg.keys, [coord_host, host], "worker", f"the coordinator {endpoint}")
     run_worker(WorkerSpec(env.rank - 1, endpoint, -1, "tcp", host, "", core,
-                          connect_timeout=cfg.start_timeout, keys=cfg.keys if keys else None))
+                          connect_timeout=cfg.start_timeout, keys=keys))

@@ -17,7 +17,7 @@ from common.modes import STAGE_WORKER_MODES, Mode, spoken
 from common.data import check_dataset, count_train, total_steps
 from common.endpoints import tcp_host
 from common.files import atomic_write_json
-from common.security import Guard, resolve_keys
+from common.security import Guard, Keys, MonitorKeys, local_run_keys, resolve_keys
 from common.procs import ProcessGroup
 from coordinator.coordinator import Coordinator, RunFailed
 from coordinator.pipeline import PipelineFailed, run_pipeline
@@ -73,13 +73,16 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
     binds there, calls `on_listening(endpoint)`, and waits for workers started elsewhere
     (`launch.py worker`, or the other ranks under torchrun)."""
     cfg.validate()
-    if bind is not None:
+    if bind is not None:  # the stages are started elsewhere: they bring keys from the same set
         cfg = _coordinator_only(cfg, bind)
-    else:
+        keys, worker_keys = resolve_keys(cfg.secure, cfg.keys, "coordinator", f"--bind {bind}"), None
+        monitor_keys, key_source = None, cfg.keys
+    else:  # this process starts every stage: a fresh set of keys for tcp links, unless given
         check_dataset(cfg.dataset, cfg.data_dir)  # stage 0 runs here
-    listen_host = cfg.host if cfg.transport == "tcp" else "127.0.0.1"
-    keys = resolve_keys(cfg.secure, cfg.keys, [listen_host], "coordinator",
-                        f"--bind {bind}" if bind else f"--host {cfg.host}")
+        local = local_run_keys(cfg.secure, cfg.keys, cfg.transport)
+        keys, worker_keys = (local.coordinator, local.worker) if local else (None, None)
+        monitor_keys = local.monitor if local else None
+        key_source = local.source if local else None
     run_dir = make_run_dir(cfg)
     atomic_write_json(run_dir / "config.json", cfg.to_dict())
     log(f"run folder {run_dir}  mode {cfg.mode}  stages {1 if cfg.mode == Mode.BACKPROP else list(cfg.stage_groups)}")
@@ -97,10 +100,14 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
     stream = StatusStream(cfg, run_dir, num_stages=cfg.num_stages,
                           total_steps=total,
                           on_status=on_status, guard=guard)
+    if monitor_keys is not None:  # a private temporary folder, deleted when the run ends
+        monitor_keys = MonitorKeys(monitor_keys)
+    monitor_folder = monitor_keys.folder if monitor_keys else cfg.keys
     log(f"watch it: python launch.py monitor --connect {stream.endpoint}"
-        + (f" --keys {cfg.keys}" if guard.on else ""))
+        + (f" --keys {monitor_folder}" if guard.on else ""))
     if guard.on:
-        log(f"links are CURVE-encrypted; peers need the keys in {cfg.keys}")
+        log("links are CURVE-encrypted and authenticated with "
+            + ("keys made for this run" if key_source == "per-run" else f"the keys in {key_source}"))
     previous = record.previous_record(run_dir) if resume else None
     t0 = time.monotonic()
     status, error, summary = record.FAILED, None, None
@@ -113,9 +120,10 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
             except PipelineFailed as exc:
                 raise RunFailed(str(exc)) from None
         elif bind is None and cfg.on_failure == "restart":
-            summary = _train_restarting(cfg, run_dir, total, log, stream, resume)
+            summary = _train_restarting(cfg, run_dir, total, log, stream, resume, worker_keys)
         else:
-            summary = _train_workers(cfg, run_dir, total, log, stream, bind, on_listening, resume)
+            summary = _train_workers(cfg, run_dir, total, log, stream, bind, on_listening, resume,
+                                     worker_keys)
         status = record.DONE
     except KeyboardInterrupt:
         status, error = record.INTERRUPTED, "interrupted (Ctrl-C or SIGTERM)"
@@ -127,12 +135,15 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
         stream.close()
         guard.close()
         guard.ctx.term()
+        if monitor_keys is not None:
+            monitor_keys.remove()
         if summary is None:  # it did not finish: what is known of it
             summary = record.partial_summary(cfg, stream.latest, stream.evals, time.monotonic() - t0)
         summary = record.finish(summary, cfg=cfg, run_dir=run_dir, status=status, error=error,
                                 resumed_from=resume["step"] if resume else None, previous=previous)
         summary["config"] = cfg.to_dict()
         summary["run_dir"] = str(run_dir)
+        summary["keys"] = key_source  # "per-run", a keys folder, or None (plain links)
         _write_summary(run_dir, summary, log)
     return run_dir, summary
 
@@ -149,7 +160,7 @@ def _write_summary(run_dir: Path, summary: dict, log: Callable[[str], None]) -> 
 
 
 def _train_restarting(cfg: RunConfig, run_dir: Path, total: int, log: Callable[[str], None],
-                      stream: StatusStream, resume: Optional[dict]) -> dict:
+                      stream: StatusStream, resume: Optional[dict], worker_keys: Optional[Keys]) -> dict:
     """--on-failure restart: when the run fails (a stage died, hung or reported an error), stop
     every stage and start them all again from the last checkpoint complete on every stage: the
     surviving stages have moved past it, and one consistent cut is what makes the result exact."""
@@ -161,7 +172,8 @@ def _train_restarting(cfg: RunConfig, run_dir: Path, total: int, log: Callable[[
         if failures:
             failures[-1]["shutdown_s"] = t_try - failures[-1].pop("_failed_at")
         try:
-            summary = _train_workers(cfg, run_dir, total, log, stream, resume=resume)
+            summary = _train_workers(cfg, run_dir, total, log, stream, resume=resume,
+                                     worker_keys=worker_keys)
             if failures:  # failure noticed -> training again
                 failures[-1]["restart_s"] = failures[-1]["shutdown_s"] + summary["startup_s"]
             break
@@ -206,7 +218,7 @@ def _coordinator_only(cfg: RunConfig, bind: str) -> RunConfig:
 def _train_workers(cfg: RunConfig, run_dir: Path, total: int, log: Callable[[str], None],
                    stream: StatusStream, bind: Optional[str] = None,
                    on_listening: Optional[Callable[[str], None]] = None,
-                   resume: Optional[dict] = None) -> dict:
+                   resume: Optional[dict] = None, worker_keys: Optional[Keys] = None) -> dict:
     coord = Coordinator(cfg, run_dir, total_steps=total, log=log, stream=stream, bind=bind,
                         guard=stream.guard, resume=resume)
     if bind is not None:
@@ -228,7 +240,7 @@ def _train_workers(cfg: RunConfig, run_dir: Path, total: int, log: Callable[[str
     try:
         for stage in range(coord.num_stages):
             spec = WorkerSpec(stage, coord.endpoint, os.getpid(), cfg.transport, cfg.host,
-                              keys=cfg.keys if stream.guard.on else None)
+                              keys=worker_keys)
             group.start(f"stage-{stage}", run_worker, spec)
         log(f"coordinator at {coord.endpoint}; started {coord.num_stages} workers "
             f"(pids {', '.join(str(c.process.pid) for c in group.children)})")

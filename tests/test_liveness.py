@@ -41,7 +41,7 @@ def test_workers_on_other_hosts_notice_a_vanished_coordinator(tmp_path):
     try:
         line, _ = wait_for_line(coord, "coordinator at ", timeout=60)
         endpoint = line.split("coordinator at ")[1].split(";")[0]
-        workers = launch("worker", "--coordinator", endpoint, "--stages", "0,1,2,3")
+        workers = launch("worker", "--coordinator", endpoint, "--stages", "0,1,2,3", "--no-secure")
         procs.append(workers)
         wait_for_line(coord, "train step", timeout=60)
         stages = [c.pid for c in psutil.Process(workers.pid).children()

@@ -12,9 +12,10 @@ from tests.helpers import ROOT, wait_for_line
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
-RUN = ["--dataset", "synthetic", "--mode", "unlocked", "--layers", "784,64,64,64,10",
+JOB = ["--dataset", "synthetic", "--mode", "unlocked", "--layers", "784,64,64,64,10",
        "--batch-size", "64", "--synthetic-train", "2048", "--epochs", "2", "--start-timeout", "60",
        "--stall-timeout", "30"]
+RUN = [*JOB, "--no-secure"]  # plain tcp on loopback (tests/test_security.py runs JOB with keys)
 
 
 def launch(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
@@ -40,14 +41,14 @@ def test_coordinator_and_workers_started_by_hand(tmp_path):
     procs = [coord]
     try:
         endpoint = coordinator_endpoint(coord)
-        first = launch("worker", "--coordinator", endpoint, "--stages", "0,1")
+        first = launch("worker", "--coordinator", endpoint, "--stages", "0,1", "--no-secure")
         procs.append(first)
         wait_for_line(coord, "(2/4)")  # stages 0 and 1 registered
-        twin = launch("worker", "--coordinator", endpoint, "--stage", "1")  # stage 1 is taken
+        twin = launch("worker", "--coordinator", endpoint, "--stage", "1", "--no-secure")  # stage 1 is taken
         procs.append(twin)
         twin_out, _ = twin.communicate(timeout=60)
         assert twin.returncode == 1 and "stage 1 is taken" in twin_out, twin_out
-        second = launch("worker", "--coordinator", endpoint, "--stages", "2,3", "--out", str(tmp_path / "host2"))
+        second = launch("worker", "--coordinator", endpoint, "--stages", "2,3", "--out", str(tmp_path / "host2"), "--no-secure")
         procs.append(second)
         coord_out, _ = coord.communicate(timeout=120)
         assert coord.returncode == 0, coord_out[-3000:]
@@ -63,7 +64,8 @@ def test_coordinator_and_workers_started_by_hand(tmp_path):
 
 
 def test_worker_without_a_coordinator_gives_up_clearly():
-    w = launch("worker", "--coordinator", "tcp://127.0.0.1:9", "--stage", "0", "--connect-timeout", "1")
+    w = launch("worker", "--coordinator", "tcp://127.0.0.1:9", "--stage", "0", "--connect-timeout", "1",
+               "--no-secure")
     try:
         out, _ = w.communicate(timeout=30)
     finally:

@@ -38,11 +38,11 @@ def test_unlocked_run_across_three_namespaces(tmp_path, delay_ms=5.0):
     with Hosts(3) as hosts:
         try:
             a0, a1, a2 = hosts.addresses
-            # a non-loopback address without keys: refused before anything starts
+            # a tcp link without keys: refused before anything starts
             bare = launch_in(hosts, 0, "coordinator", "--bind", f"tcp://{a0}:0", *RUN)
             procs.append(bare)
             out, _ = bare.communicate(timeout=60)
-            assert bare.returncode == 2 and "is not loopback, so every link is CURVE-encrypted" in out, out
+            assert bare.returncode == 2 and "is a tcp link, and tcp links are CURVE-encrypted" in out, out
             coord = launch_in(hosts, 0, "coordinator", "--bind", f"tcp://{a0}:0", "--keys", str(keys),
                               *RUN, "--link-delay-ms", str(delay_ms), "--out", str(tmp_path / "run"))
             procs.append(coord)

@@ -1,7 +1,9 @@
 """mode=pipeline: PyTorch's pipeline schedules as a contender, checked against backprop."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +48,17 @@ def test_pipeline_config_errors(tiny_cfg):
         tiny_cfg.replace(mode="pipeline", microbatches=3)  # does not divide 64
     with pytest.raises(ConfigError, match="1f1b"):
         tiny_cfg.replace(mode="pipeline", schedule="1f1b", microbatches=2)  # 4 stages
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_a_diverged_pipeline_fails_naming_rank_and_step(tiny_cfg):
+    """The stages' non-finite policy holds for the pipeline contender too: the run fails before a
+    NaN gradient reaches the weights, the error names the rank and step, summary.json says so."""
+    from synthgrad import RunFailed
+    cfg = tiny_cfg.replace(mode="pipeline", schedule="gpipe", microbatches=1, stages=2, optimizer="sgd",
+                           lr=100.0, momentum=0.99, steps=60, epochs=2)
+    with pytest.raises(RunFailed, match=r"pipeline-rank\d: stage \d: .* of step \d+ is NaN or infinite"):
+        run(cfg)
+    summary = json.loads((Path(cfg.out) / "summary.json").read_text())
+    assert summary["status"] == "failed" and "NaN or infinite" in summary["error"]

@@ -12,16 +12,59 @@ import pytest
 import zmq.auth
 
 from common.config import ConfigError
-from common.security import Guard, Keys, make_keys, resolve_keys
+from common.security import ROLES, Guard, Keys, MonitorKeys, local_run_keys, make_keys, resolve_keys
 from tests.helpers import ROOT, wait_for_line
-from tests.test_multihost import RUN, launch, stop_all
+from tests.test_multihost import JOB, launch, stop_all
 
 
-def test_secure_by_default_off_loopback_and_keys_required():
-    assert resolve_keys(None, None, ["127.0.0.1"], "worker", "x") is None  # loopback: plain
-    with pytest.raises(ConfigError, match="is not loopback, so every link is CURVE-encrypted"):
-        resolve_keys(None, None, ["10.1.2.3"], "worker", "--coordinator tcp://10.1.2.3:5555")
-    assert resolve_keys(False, None, ["10.1.2.3"], "worker", "x") is None  # --no-secure
+def test_tcp_links_need_keys_unless_said_otherwise(tmp_path):
+    with pytest.raises(ConfigError, match="is a tcp link, and tcp links are CURVE-encrypted"):
+        resolve_keys(None, None, "worker", "--coordinator tcp://127.0.0.1:5555")  # loopback too
+    assert resolve_keys(False, None, "worker", "x") is None  # --no-secure
+    make_keys(tmp_path / "k")
+    with pytest.raises(ConfigError, match="contradict"):
+        resolve_keys(False, str(tmp_path / "k"), "worker", "x")
+    assert resolve_keys(None, str(tmp_path / "k"), "worker", "x").role == "worker"
+
+
+def test_a_local_run_makes_its_own_keys_for_tcp_links(tmp_path):
+    run = local_run_keys(None, None, "tcp")
+    assert run.source == "per-run" and run.monitor is not None
+    other = local_run_keys(None, None, "tcp")
+    assert run.coordinator.public != other.coordinator.public  # fresh for every run
+    assert run.coordinator.admits("links") == {run.worker.public}  # only this run's workers
+    assert run.coordinator.admits("status") == {run.monitor.public}
+    assert run.worker.coordinator_public == run.coordinator.public
+    assert "monitor" not in run.worker.publics and "worker" not in run.monitor.publics
+    assert local_run_keys(None, None, "ipc") is None  # ipc lives in owner-only folders
+    assert local_run_keys(True, None, "ipc").source == "per-run"  # --secure asks for CURVE anyway
+    assert local_run_keys(False, None, "tcp") is None
+    make_keys(tmp_path / "k")
+    assert local_run_keys(None, str(tmp_path / "k"), "tcp").source == str(tmp_path / "k")
+    monitor_keys = MonitorKeys(run.monitor)  # what `monitor --keys FOLDER` reads
+    try:
+        assert monitor_keys.folder.stat().st_mode & 0o777 == 0o700
+        assert Keys.load(monitor_keys.folder, "monitor") == run.monitor
+        assert sorted(p.name for p in monitor_keys.folder.iterdir()) == [
+            "coordinator.key", "monitor.key", "monitor.key_secret"]
+    finally:
+        monitor_keys.remove()
+    assert not monitor_keys.folder.exists()
+
+
+def test_split_keys_give_each_role_only_what_it_needs(tmp_path):
+    make_keys(tmp_path / "k", split=True)
+    held = {role: sorted(p.name for p in (tmp_path / "k" / role).iterdir()) for role in ROLES}
+    assert held == {"coordinator": ["coordinator.key", "coordinator.key_secret", "monitor.key", "worker.key"],
+                    "worker": ["coordinator.key", "worker.key", "worker.key_secret"],
+                    "monitor": ["coordinator.key", "monitor.key", "monitor.key_secret"]}
+    keys = {role: Keys.load(tmp_path / "k" / role, role) for role in ROLES}
+    assert keys["coordinator"].admits("links") == {keys["worker"].public}
+    assert keys["worker"].coordinator_public == keys["monitor"].coordinator_public == keys["coordinator"].public
+    with pytest.raises(ConfigError, match="no worker.key_secret"):  # a monitor host cannot act as a worker
+        Keys.load(tmp_path / "k" / "monitor", "worker")
+    with pytest.raises(ConfigError, match="already holds keys"):
+        make_keys(tmp_path / "k", split=True)
 
 
 def test_keys_are_refused_when_others_could_read_or_replace_them(tmp_path):
@@ -85,7 +128,7 @@ def test_secure_run_refuses_strangers_and_goes_on(tmp_path):
     (stranger / "coordinator.key").write_bytes((keys / "coordinator.key").read_bytes())
     for role in ("worker", "monitor"):  # kept private, as a careful stranger would
         os.chmod(zmq.auth.create_certificates(stranger, role)[1], 0o600)
-    coord = launch("coordinator", "--bind", "tcp://127.0.0.1:0", "--keys", str(keys), *RUN,
+    coord = launch("coordinator", "--bind", "tcp://127.0.0.1:0", "--keys", str(keys), *JOB,
                    "--epochs", "30", "--metrics-every", "0.2", "--out", str(tmp_path / "run"))
     procs = [coord]
     try:
@@ -94,7 +137,8 @@ def test_secure_run_refuses_strangers_and_goes_on(tmp_path):
         status_ep = next(x for x in seen if "monitor --connect" in x).split("--connect ")[1].split()[0]
         intruder = launch("worker", "--coordinator", endpoint, "--stage", "0", "--keys", str(stranger),
                           "--connect-timeout", "20")
-        plain = launch("worker", "--coordinator", endpoint, "--stage", "0", "--connect-timeout", "20")
+        plain = launch("worker", "--coordinator", endpoint, "--stage", "0", "--connect-timeout", "20",
+                       "--no-secure")
         procs += [intruder, plain]
         for p, why in ((intruder, "refused this process's key"), (plain, "one side uses CURVE")):
             out, _ = p.communicate(timeout=60)
@@ -128,3 +172,41 @@ def test_secure_run_refuses_strangers_and_goes_on(tmp_path):
     for path in (p for p in (tmp_path / "run").rglob("*") if p.is_file()):  # no secret key anywhere
         data = path.read_bytes()
         assert not any(s in data for s in secrets), path
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_local_tcp_run_admits_only_its_own_processes(tmp_path):
+    """No keys given: the run makes its own, its stages get them at start, a monitor gets them from
+    the private folder the run prints; a process without them is refused; the folder goes at the end."""
+    run = subprocess.Popen([sys.executable, "-u", str(ROOT / "launch.py"), "train", *JOB, "--transport", "tcp",
+                            "--epochs", "20", "--link-delay-ms", "2", "--metrics-every", "0.2",
+                            "--out", str(tmp_path / "run")],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    procs = [run]
+    try:
+        watch, seen = wait_for_line(run, "watch it:", timeout=60)
+        status_ep = watch.split("--connect ")[1].split()[0]
+        folder = watch.split("--keys ")[1].split()[0]
+        assert oct(os.stat(folder).st_mode & 0o777) == oct(0o700)
+        line, more = wait_for_line(run, "coordinator at ", timeout=60)
+        seen += more
+        endpoint = line.split("coordinator at ")[1].split(";")[0]
+        plain = launch("worker", "--coordinator", endpoint, "--stage", "0", "--connect-timeout", "20",
+                       "--no-secure")
+        plain_monitor = _monitor(status_ep, "--no-secure", "--timeout", "3", "--count", "2")
+        monitor = _monitor(status_ep, "--keys", folder, "--timeout", "30", "--count", "2")
+        procs += [plain, plain_monitor, monitor]
+        out, _ = monitor.communicate(timeout=60)
+        assert monitor.returncode == 0, out
+        out, _ = plain_monitor.communicate(timeout=60)
+        assert plain_monitor.returncode == 1 and "nothing from" in out, out
+        out, _ = plain.communicate(timeout=60)
+        assert plain.returncode == 1 and "one side uses CURVE" in out, out
+        rest, _ = run.communicate(timeout=150)
+        assert run.returncode == 0, "".join(seen)[-2000:] + rest[-2000:]
+    finally:
+        stop_all(*procs)
+    assert not os.path.exists(folder)  # the monitor's key does not outlive the run
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["secure"] and summary["keys"] == "per-run" and summary["refused_connections"] >= 1

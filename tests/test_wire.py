@@ -110,3 +110,28 @@ def test_check_tensor_enforces_link_agreement():
         wire.check_tensor(torch.zeros(5, 8), "h", torch.float32, (8,), 4)
     with pytest.raises(wire.WireError, match="missing"):
         wire.check_tensor(None, "h", torch.float32, (8,), 4)
+
+
+def test_a_message_of_many_frames_is_held_bounded_and_rejected():
+    """A peer sending 100,000 empty frames in one message: this process keeps a handful of them,
+    decode rejects the message, and the next message on the link reads normally."""
+    ctx = zmq.Context()
+    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    try:
+        pull.bind("inproc://frames")
+        push.connect("inproc://frames")
+        good = wire.encode(wire.Grad(3, 1, True, torch.ones(2, 2)))
+        push.send_multipart([good[0], *([b""] * 100_000)])
+        push.send_multipart(good)
+        frames = wire.receive(pull)
+        assert len(frames) == wire.MAX_FRAMES + 1
+        with pytest.raises(wire.WireError, match="tensor frames came"):
+            wire.decode(frames)
+        msg = wire.decode(wire.receive(pull))
+        assert isinstance(msg, wire.Grad) and msg.step == 3
+        push.send_multipart([b"id", *good])  # a ROUTER's identity frame comes on top
+        assert len(wire.receive(pull, envelope=1)) == 1 + len(good)
+    finally:
+        push.close(0)
+        pull.close(0)
+        ctx.term()

@@ -52,14 +52,14 @@ class Handlers:
 
 
 class Links:
-    def __init__(self, stage: int, coordinator: str, coordinator_pid: int, keys_dir: Optional[str],
+    def __init__(self, stage: int, coordinator: str, coordinator_pid: int, keys: Optional[Keys],
                  timings: Timings):
         self.stage = stage
         self.coordinator = coordinator
         self.coordinator_pid = coordinator_pid  # watched when on the same host; -1 = not watched
         self.timings = timings
         self.ctx = zmq.Context()
-        self.guard = Guard(self.ctx, Keys.load(keys_dir, "worker") if keys_dir else None)
+        self.guard = Guard(self.ctx, keys)
         self.coord = self.ctx.socket(zmq.DEALER)
         if self.guard.on:
             self.guard.client(self.coord, self.guard.keys.coordinator_public)
@@ -133,7 +133,7 @@ class Links:
     def recv_coord(self) -> Optional[wire.Message]:
         """One message from the coordinator (None for a heartbeat or a malformed message);
         anything that arrives proves the coordinator alive."""
-        msg = self.decode(self.coord.recv_multipart(copy=False))
+        msg = self.decode(wire.receive(self.coord))
         self._last_from_coord = time.monotonic()
         return None if isinstance(msg, wire.Heartbeat) else msg
 
@@ -251,7 +251,7 @@ class Links:
         while True:
             self.wait("wait_input", lambda: bool(self.inbox.poll(0)), self.inbox, zmq.POLLIN)
             with self.timings.span("recv"):
-                msg = self.decode(self.inbox.recv_multipart(copy=False))
+                msg = self.decode(wire.receive(self.inbox))
             if not isinstance(msg, wire.Activation):
                 if msg is not None:
                     self.reject(ValueError(f"unexpected {type(msg).__name__} on the activation link"))

@@ -35,6 +35,7 @@ from common.procs import (
     die_with_parent,
     pin_to_core,
 )
+from workers.stage import NonFinite, require_finite
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,13 @@ def run_rank(spec: RankSpec) -> None:
                     schedule.step(target=y, losses=losses)
                 else:
                     schedule.step()
+                # the stages' non-finite policy: fail naming rank and step before a NaN or Inf
+                # gradient reaches the weights (a NaN loss makes every rank's gradients NaN)
+                if last:
+                    require_finite(torch.stack([l.detach() for l in losses]), "the loss", rank, step)
+                for param in module.parameters():
+                    if param.grad is not None:
+                        require_finite(param.grad, "a gradient", rank, step)
                 optimizer.step()
                 dt = time.perf_counter() - t0
                 compute += dt
@@ -161,6 +169,9 @@ def run_rank(spec: RankSpec) -> None:
                 break
         dist.barrier()
         wall = time.monotonic() - t_start
+    except NonFinite as exc:  # the launcher reads this and ends the run with it
+        atomic_write_json(run_dir / f"pipeline-rank{rank}.error.json", {"error": str(exc)})
+        raise
     finally:
         if metrics is not None:
             metrics.close()

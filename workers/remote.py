@@ -30,7 +30,7 @@ class RemoteStages:
     pin_cores: bool = True
     connect_timeout: float = WorkerSpec.connect_timeout  # a stage gives up when the coordinator does not answer
     keys: Optional[str] = None  # keys folder (launch.py keys)
-    secure: Optional[bool] = None  # None: secure with keys or when any address is not loopback
+    secure: Optional[bool] = None  # False (--no-secure): plain tcp; otherwise CURVE with `keys`
 
     def specs(self) -> list[WorkerSpec]:
         try:
@@ -43,12 +43,12 @@ class RemoteStages:
             host = self.host or address_towards(coord_host)
         except ValueError as exc:
             raise ConfigError(f"--coordinator {self.coordinator}: {exc}") from None
-        keys = resolve_keys(self.secure, self.keys, [coord_host, host], "worker",
+        keys = resolve_keys(self.secure, self.keys, "worker",
                             f"--coordinator {self.coordinator}")  # fails here, before any process
         cores = available_cores()
         return [WorkerSpec(stage, self.coordinator, -1, "tcp", host, self.run_dir,
                            core_for(i, self.pin_cores, cores), self.connect_timeout,
-                           keys=self.keys if keys is not None else None)
+                           keys=keys)
                 for i, stage in enumerate(self.stages)]
 
 

@@ -30,6 +30,7 @@ from common.evaluation import EvalTally
 from common.files import atomic_write_json
 from common.models import build_units, stage_bounds, stage_io_shapes
 from common.procs import die_with_parent, pin_to_core
+from common.security import Keys
 from workers.checkpointing import StageCheckpoints, final_path
 from workers.links import POLL_MS, CoordinatorGone, Handlers, Links, Stopped
 from workers.reporting import StageReporter
@@ -48,7 +49,7 @@ class WorkerSpec:
     run_dir: str = ""  # where to write checkpoints and traces; "" = the coordinator's folder
     core: Optional[int] = None  # pin here; None = the core the coordinator assigns (same host)
     connect_timeout: float = 600.0  # give up when no START arrives within this many seconds
-    keys: Optional[str] = None  # keys folder: CURVE on every link of this worker; None = plain
+    keys: Optional[Keys] = None  # CURVE on every link of this worker; None = plain
 
 
 class Refused(RuntimeError):
