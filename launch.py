@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--keys", default=None, help="keys folder (launch.py keys): CURVE on every link")
     worker.add_argument("--secure", action=argparse.BooleanOptionalAction, default=None,
                         help="CURVE on every link (the default; needs --keys); --no-secure: plain tcp")
-    worker.add_argument("--pin-cores", action=argparse.BooleanOptionalAction, default=True,
-                        help="pin each stage to one of this host's cores")
+    worker.add_argument("--placement", choices=("auto", "pin", "none"), default="auto",
+                        help="pin this host's stages to its cores (pin), leave them to the OS (none), or "
+                             "pin only when each gets a core of its own (auto)")
     return parser
 
 
@@ -195,7 +196,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
     RemoteStages, run_stages = synthgrad.RemoteStages, synthgrad.run_stages
     stages = (ns.stage,) if ns.stage is not None else ns.stages
     try:
-        return run_stages(RemoteStages(ns.coordinator, tuple(stages), ns.host, ns.out, ns.pin_cores,
+        return run_stages(RemoteStages(ns.coordinator, tuple(stages), ns.host, ns.out, ns.placement,
                                        ns.connect_timeout, ns.keys, ns.secure))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -17,9 +17,10 @@ from common.modes import MODE_NAMES, STAGE_WORKER_MODES, Mode, UpdateRule, spoke
 SCHEDULES = ("gpipe", "1f1b")
 MODELS = ("mlp", "cnn")
 DATASETS = ("fashion-mnist", "mnist", "synthetic")
-SG_MODELS = ("linear", "mlp")
+SG_MODELS = ("linear", "lowrank", "mlp")
 OPTIMIZERS = ("adam", "sgd")
 TRANSPORTS = ("ipc", "tcp")
+PLACEMENTS = ("auto", "pin", "none")  # common/placement.py says what each does
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,10 @@ class RunConfig:
     momentum: float = OPTIMISER.opt(0.9, "sgd only")
 
     true_grad_every: int = SYNTHETIC.opt(1, "N: every N-th step's true gradient trains the SG models")
-    sg_model: str = SYNTHETIC.opt("linear", "linear | mlp (one hidden layer), last layer zero-initialised")
-    sg_hidden: int = SYNTHETIC.opt(1024, "hidden width (mlp) or channels (conv activations)")
+    sg_model: str = SYNTHETIC.opt("linear", "linear (full map) | lowrank (d -> r -> d; a 1x1 bottleneck for conv "
+                                  "activations) | mlp (one ReLU hidden layer); last layer zero-initialised")
+    sg_hidden: int = SYNTHETIC.opt(1024, "the rank r (lowrank: width or channels of its bottleneck), or the "
+                                   "hidden width of mlp on dense activations")
     sg_lr: float = SYNTHETIC.opt(1e-3, "learning rate of the synthetic-gradient models")
     sg_optimizer: str = SYNTHETIC.opt("adam", "adam | sgd, for the synthetic-gradient models")
     conditioned: bool = SYNTHETIC.opt(True, "cDNI: the SG model also sees the labels (one-hot)")
@@ -98,7 +101,9 @@ class RunConfig:
                                         "needed where stages are started by hand or by torchrun", resume=True)
     threads_per_worker: int = PROCESSES.opt(1, "torch threads in each stage process")
     backprop_threads: Optional[int] = PROCESSES.opt(None, "torch threads for mode=backprop (None = all cores)")
-    pin_cores: bool = PROCESSES.opt(True, "pin each worker to one core with psutil (round robin)", resume=True)
+    placement: str = PROCESSES.opt("auto", "auto | pin | none: pin stages to cores balancing their cost (pin), "
+                                   "leave them to the OS (none), or pin only when every stage gets a core "
+                                   "of its own (auto)", resume=True)
     queue_depth: int = PROCESSES.opt(2, "ZeroMQ high-water mark per link, in messages (bounds run-ahead)")
 
     max_message_mb: int = LIMITS.opt(256, "upper bound on one message's tensor bytes", resume=True)
@@ -165,6 +170,8 @@ class RunConfig:
             need(self.schedule != "1f1b" or self.microbatches >= len(self.stage_groups),
                  f"--schedule 1f1b needs --microbatches >= stages ({len(self.stage_groups)}); "
                  f"raise --microbatches or use --schedule gpipe")
+        need(self.placement in PLACEMENTS,
+             f"unknown --placement {self.placement!r}; choose one of {', '.join(PLACEMENTS)}")
         need(self.transport in TRANSPORTS,
              f"unknown transport {self.transport!r}; choose one of {', '.join(TRANSPORTS)}")
         if self.model == "mlp":
@@ -282,11 +289,13 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} | {"pin_cores"}
         unknown = set(d) - names
         if unknown:
             raise ConfigError(f"unknown configuration fields: {', '.join(sorted(unknown))}")
         kwargs = dict(d)
+        if "pin_cores" in kwargs:  # a run folder from before --placement
+            kwargs.setdefault("placement", "auto" if kwargs.pop("pin_cores") else "none")
         for k in ("layers", "groups", "slow_stage", "fail_saves"):
             if kwargs.get(k) is not None:
                 kwargs[k] = tuple(int(v) for v in kwargs[k])

@@ -97,12 +97,20 @@ class SyntheticGradient(nn.Module):
         extra = num_classes if conditioned else 0
         if len(self.shape) == 1:
             d = self.shape[0]
-            layers: list[nn.Module] = ([nn.Linear(d + extra, d)] if kind == "linear" else
-                                       [nn.Linear(d + extra, hidden), nn.ReLU(), nn.Linear(hidden, d)])
+            if kind == "linear":  # a full (d + labels) x d map: costs about what a wide layer does
+                layers: list[nn.Module] = [nn.Linear(d + extra, d)]
+            elif kind == "lowrank":  # d -> r -> d, no nonlinearity: a rank-r linear map
+                layers = [nn.Linear(d + extra, hidden, bias=False), nn.Linear(hidden, d)]
+            else:
+                layers = [nn.Linear(d + extra, hidden), nn.ReLU(), nn.Linear(hidden, d)]
         elif len(self.shape) == 3:
             c = self.shape[0]
-            layers = ([nn.Conv2d(c + extra, c, 3, padding=1)] if kind == "linear" else
-                      [nn.Conv2d(c + extra, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1)])
+            if kind == "linear":
+                layers = [nn.Conv2d(c + extra, c, 3, padding=1)]
+            elif kind == "lowrank":  # a 1x1 bottleneck to r channels, then a 3x3 back to c
+                layers = [nn.Conv2d(c + extra, hidden, 1, bias=False), nn.Conv2d(hidden, c, 3, padding=1)]
+            else:
+                layers = [nn.Conv2d(c + extra, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1)]
         else:
             raise ValueError(f"no synthetic-gradient model for activations of shape {self.shape}")
         nn.init.zeros_(layers[-1].weight)

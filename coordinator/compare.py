@@ -93,6 +93,8 @@ def record(contender: Contender, summary: dict, target: float, cores: int) -> di
         # share of a stage's compute spent predicting and training its synthetic-gradient model
         "sg_share_of_compute": max((w["sg_share_of_compute"] for w in summary["workers"]
                                     if "sg_share_of_compute" in w), default=None),
+        # the layout each contender ran with (coordinator/layout.py): split, cores, ceiling
+        "layout": summary.get("layout"),
         "run_dir": summary["run_dir"],
     }
 
@@ -108,14 +110,14 @@ def markdown(rows: list[dict], base: RunConfig, target: float) -> str:
     lines = [
         f"# synthgrad compare: {model}, {base.dataset}, batch {base.batch_size}, "
         f"{base.epochs} epoch(s){'' if base.steps is None else f' / {base.steps} steps'}, "
-        f"stages {list(base.stage_groups)}, {rows[0]['cores']} cores",
+        f"{rows[0]['cores']} cores",
         "",
         f"Ratios are to the best locked contender ({best['contender'] if best else 'none'}), "
         f"measured in this one invocation. Target accuracy {100 * target:.1f}%.",
         "",
         "| contender | processes | samples/s | x best locked | wall s | test acc | time to target s "
-        "| x best locked | true-grad steps | max messaging |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| x best locked | true-grad steps | max messaging | layers per stage | pinned | ceiling |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
     ]
     for r in rows:
         ratio = r["samples_per_s"] / best["samples_per_s"] if best else float("nan")
@@ -124,10 +126,14 @@ def markdown(rows: list[dict], base: RunConfig, target: float) -> str:
         ttt_ratio = f"{ttt / best_ttt:.2f}" if ttt is not None and best_ttt else "-"
         acc = "-" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:.2f}%"
         msg = "n/a" if r["messaging_fraction"] is None else f"{100 * r['messaging_fraction']:.1f}%"
+        lay = r.get("layout") or {}
+        split = ",".join(map(str, lay["groups"])) if lay else "all"
+        pinned = ("yes" if lay["pinned"] else "no") if lay else "-"
+        ceiling = f"{lay['ceiling_samples_per_s']:.0f}" if lay else "-"
         lines.append(
             f"| {r['contender']} | {r['workers']} | {r['samples_per_s']:.0f} | {ratio:.2f} | "
             f"{r['wall_clock_s']:.1f} | {acc} | {'never' if ttt is None else f'{ttt:.1f}'} | "
-            f"{ttt_ratio} | {r['true_gradient_steps']} | {msg} |")
+            f"{ttt_ratio} | {r['true_gradient_steps']} | {msg} | {split} | {pinned} | {ceiling} |")
     bp = next((r for r in rows if r["mode"] == Mode.BACKPROP), None)
     if bp is not None and any(r["mode"] == Mode.LOCKED for r in rows):
         lines += ["", f"What equals what: `locked` (one torch thread per stage) performs the operations "
@@ -137,6 +143,9 @@ def markdown(rows: list[dict], base: RunConfig, target: float) -> str:
                   f"parameters drift from the one-thread result by rounding (~1e-5 after 200 Adam "
                   f"steps), so small differences in final accuracy between the two are rounding, not "
                   f"a difference in the algorithm."]
+    lines += ["", "Ceiling: the most samples/s the busiest core allows at this machine's best "
+              "single-core matmul rate, from the layout's FLOP counts (coordinator/layout.py); "
+              "messages, elementwise work and waiting come on top."]
     lines += ["", "Plots: curves.png (accuracy and loss vs wall clock), timeline.png (first steps per "
               "worker), sg_heatmaps.png and sg_cosine.png (synthetic vs true gradients).", ""]
     return "\n".join(lines)

@@ -18,7 +18,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -28,8 +28,7 @@ from common import wire
 from common.config import ConfigError, RunConfig
 from common.endpoints import bind_wildcard, max_frame_bytes, set_heartbeats
 from common.evaluation import eval_line, eval_record
-from common.placement import core_for
-from common.procs import ProcessGroup, available_cores, describe_exit
+from common.procs import ProcessGroup, describe_exit
 from common.security import Guard, RefusalLog
 from common.reports import run_summary
 from coordinator.checkpoints import CheckpointBook, StopAfterCheckpoint
@@ -50,8 +49,9 @@ class Coordinator:
     def __init__(self, cfg: RunConfig, run_dir: Path, *, total_steps: int,
                  log: Callable[[str], None] = print, bind: Optional[str] = None,
                  stream: Optional[StatusStream] = None, guard: Optional[Guard] = None,
-                 resume: Optional[dict] = None):
-        """`stream` receives the workers' reports (train.py passes the run's); without one the
+                 resume: Optional[dict] = None, cores: Optional[Sequence[int]] = None):
+        """`cores`: where each stage is pinned (-1: not pinned; coordinator/layout.py decides;
+        None: not pinned); workers on other hosts pin themselves. `stream` receives the workers' reports (train.py passes the run's); without one the
         coordinator makes and closes its own. `guard` makes the ROUTER a CURVE server (its
         context is used); without one the links are plain and the context is the coordinator's."""
         self.cfg = cfg
@@ -60,6 +60,7 @@ class Coordinator:
         self.wall_offset = resume["wall_s"] if resume else 0.0  # curves continue the old run's
         self.log = log
         self.num_stages = len(cfg.stage_groups)
+        self.cores = tuple(cores) if cores is not None else (-1,) * self.num_stages
         self.total_steps = total_steps
         self._own_ctx = guard is None
         self.guard = guard or Guard(zmq.Context())
@@ -186,12 +187,11 @@ class Coordinator:
             self._start_all()
 
     def _start_all(self) -> None:
-        cores = available_cores()
         resume_step = self.resume["step"] if self.resume else -1
         for stage in range(self.num_stages):
             resume = self.resume["stages"][str(stage)]["path"] if self.resume else ""
             self._send(stage, wire.Start(self.cfg.to_dict(), str(self.run_dir),
-                                         core_for(stage, self.cfg.pin_cores, cores), self.total_steps,
+                                         self.cores[stage], self.total_steps,
                                          resume_step, resume))
 
     def _begin(self) -> None:

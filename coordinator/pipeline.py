@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from common.config import RunConfig
 from common.files import JsonlTail
 from common.modes import Mode
-from common.placement import core_for
-from common.procs import ProcessGroup, available_cores, describe_exit
+from common.procs import ProcessGroup, describe_exit
 from common.reports import run_summary
 from coordinator.stream import StatusStream
 from workers.pipeline import RankSpec, run_rank
@@ -36,7 +35,7 @@ def _rank_failure(run_dir: Path, child) -> str:
 
 
 def run_pipeline(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stream: StatusStream,
-                 total: int) -> dict:
+                 total: int, cores: Sequence[int]) -> dict:
     """Start one process per stage, wait for them (failing fast when one dies), feed `stream`
     from the last rank's metrics.jsonl records, and return the run summary in the same shape as
     the other modes'."""
@@ -47,13 +46,12 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stre
     rendezvous.unlink(missing_ok=True)
     for old in [*run_dir.glob("pipeline-rank*.json"), *run_dir.glob(".pipeline-rank*.started")]:
         old.unlink()
-    cores = available_cores()
     group = ProcessGroup()
     t_created = time.monotonic()
     try:
         for rank in range(world):
-            core = core_for(rank, cfg.pin_cores, cores)
-            group.start(f"pipeline-{rank}", run_rank, RankSpec(rank, world, cfg.to_dict(), str(run_dir), core, total))
+            group.start(f"pipeline-{rank}", run_rank,
+                        RankSpec(rank, world, cfg.to_dict(), str(run_dir), cores[rank], total))
         log(f"pipeline: {world} stage processes ({cfg.schedule}, {cfg.microbatches} microbatches), "
             f"pids {', '.join(str(c.process.pid) for c in group.children)}")
         tail = JsonlTail(run_dir / "metrics.jsonl")  # the last rank's reports and evaluations

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 from common.config import ConfigError, RunConfig
 from common.modes import STAGE_WORKER_MODES, Mode, spoken
 from common.endpoints import address_towards, tcp_host
-from common.placement import core_for
+from common.placement import plan_placement
 from common.security import resolve_keys
 
 
@@ -28,6 +28,7 @@ class TorchrunEnv:
     local_rank: int
     master_addr: str
     master_port: int
+    local_world_size: int = 1  # ranks on this node
 
 
 def detect(environ: Optional[dict] = None) -> Optional[TorchrunEnv]:
@@ -36,7 +37,7 @@ def detect(environ: Optional[dict] = None) -> Optional[TorchrunEnv]:
     if not all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
         return None
     return TorchrunEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                       env["MASTER_ADDR"], int(env["MASTER_PORT"]))
+                       env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def check_world(cfg: RunConfig, env: TorchrunEnv) -> None:
@@ -94,7 +95,8 @@ def run_rank(cfg: RunConfig, env: TorchrunEnv, log: Callable[[str], None] = prin
     endpoint = store.get(ENDPOINT_KEY).decode()
     if not endpoint:
         raise SystemExit(f"rank {env.rank}: the coordinator (rank 0) failed before it started")
-    core = core_for(env.local_rank, cfg.pin_cores)
+    # each rank places itself among this node's ranks (stage costs are not known here: equal)
+    core = plan_placement([1.0] * env.local_world_size, cfg.placement).cores[env.local_rank]
     coord_host = tcp_host(endpoint)
     host = address_towards(coord_host)
     run_worker(WorkerSpec(env.rank - 1, endpoint, -1, "tcp", host, "", core,

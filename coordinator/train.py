@@ -20,6 +20,7 @@ from common.files import atomic_write_json
 from common.security import Guard, Keys, MonitorKeys, local_run_keys, resolve_keys
 from common.procs import ProcessGroup
 from coordinator.coordinator import Coordinator, RunFailed
+from coordinator.layout import plan_layout
 from coordinator.pipeline import PipelineFailed, run_pipeline
 from coordinator import record
 from coordinator.resume import read_manifest
@@ -73,6 +74,10 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
     binds there, calls `on_listening(endpoint)`, and waits for workers started elsewhere
     (`launch.py worker`, or the other ranks under torchrun)."""
     cfg.validate()
+    if not cfg.resume:  # a resumed run keeps the split its config.json holds
+        cfg, layout = plan_layout(cfg)
+    else:
+        layout = plan_layout(cfg)[1]
     if bind is not None:  # the stages are started elsewhere: they bring keys from the same set
         cfg = _coordinator_only(cfg, bind)
         keys, worker_keys = resolve_keys(cfg.secure, cfg.keys, "coordinator", f"--bind {bind}"), None
@@ -86,6 +91,9 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
     run_dir = make_run_dir(cfg)
     atomic_write_json(run_dir / "config.json", cfg.to_dict())
     log(f"run folder {run_dir}  mode {cfg.mode}  stages {1 if cfg.mode == Mode.BACKPROP else list(cfg.stage_groups)}")
+    if layout is not None:
+        log(layout.describe() if bind is None else
+            f"layout: layers per stage {list(layout.groups)} (each host pins its own stages)")
     # the run's length, computed once here and handed to everything that needs it
     total = total_steps(count_train(cfg.dataset, cfg.data_dir, cfg.synthetic_train), cfg.batch_size,
                         cfg.epochs, cfg.steps)
@@ -116,14 +124,15 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
             summary = run_backprop(cfg, run_dir, log, stream, total)
         elif cfg.mode == Mode.PIPELINE:
             try:
-                summary = run_pipeline(cfg, run_dir, log, stream, total)
+                summary = run_pipeline(cfg, run_dir, log, stream, total, layout.placement.cores)
             except PipelineFailed as exc:
                 raise RunFailed(str(exc)) from None
         elif bind is None and cfg.on_failure == "restart":
-            summary = _train_restarting(cfg, run_dir, total, log, stream, resume, worker_keys)
+            summary = _train_restarting(cfg, run_dir, total, log, stream, resume, worker_keys,
+                                        layout.placement.cores)
         else:
             summary = _train_workers(cfg, run_dir, total, log, stream, bind, on_listening, resume,
-                                     worker_keys)
+                                     worker_keys, layout.placement.cores)
         status = record.DONE
     except KeyboardInterrupt:
         status, error = record.INTERRUPTED, "interrupted (Ctrl-C or SIGTERM)"
@@ -144,6 +153,8 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
         summary["config"] = cfg.to_dict()
         summary["run_dir"] = str(run_dir)
         summary["keys"] = key_source  # "per-run", a keys folder, or None (plain links)
+        if layout is not None:
+            summary["layout"] = layout.record()
         _write_summary(run_dir, summary, log)
     return run_dir, summary
 
@@ -160,7 +171,8 @@ def _write_summary(run_dir: Path, summary: dict, log: Callable[[str], None]) -> 
 
 
 def _train_restarting(cfg: RunConfig, run_dir: Path, total: int, log: Callable[[str], None],
-                      stream: StatusStream, resume: Optional[dict], worker_keys: Optional[Keys]) -> dict:
+                      stream: StatusStream, resume: Optional[dict], worker_keys: Optional[Keys],
+                      cores: tuple[int, ...]) -> dict:
     """--on-failure restart: when the run fails (a stage died, hung or reported an error), stop
     every stage and start them all again from the last checkpoint complete on every stage: the
     surviving stages have moved past it, and one consistent cut is what makes the result exact."""
@@ -173,7 +185,7 @@ def _train_restarting(cfg: RunConfig, run_dir: Path, total: int, log: Callable[[
             failures[-1]["shutdown_s"] = t_try - failures[-1].pop("_failed_at")
         try:
             summary = _train_workers(cfg, run_dir, total, log, stream, resume=resume,
-                                     worker_keys=worker_keys)
+                                     worker_keys=worker_keys, cores=cores)
             if failures:  # failure noticed -> training again
                 failures[-1]["restart_s"] = failures[-1]["shutdown_s"] + summary["startup_s"]
             break
@@ -218,9 +230,10 @@ def _coordinator_only(cfg: RunConfig, bind: str) -> RunConfig:
 def _train_workers(cfg: RunConfig, run_dir: Path, total: int, log: Callable[[str], None],
                    stream: StatusStream, bind: Optional[str] = None,
                    on_listening: Optional[Callable[[str], None]] = None,
-                   resume: Optional[dict] = None, worker_keys: Optional[Keys] = None) -> dict:
+                   resume: Optional[dict] = None, worker_keys: Optional[Keys] = None,
+                   cores: Optional[tuple[int, ...]] = None) -> dict:
     coord = Coordinator(cfg, run_dir, total_steps=total, log=log, stream=stream, bind=bind,
-                        guard=stream.guard, resume=resume)
+                        guard=stream.guard, resume=resume, cores=cores)
     if bind is not None:
         how = "" if on_listening is not None else (
             f": python launch.py worker --coordinator {coord.endpoint} "

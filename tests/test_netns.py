@@ -12,7 +12,7 @@ import zmq.auth
 from common.security import make_keys
 from tests.helpers import ROOT, wait_for_line
 from tests.netns import Hosts, unavailable
-from tests.test_multihost import RUN, stop_all
+from tests.test_multihost import JOB, stop_all
 
 WHY = unavailable()
 pytestmark = [pytest.mark.slow,  # every test here starts processes
@@ -39,12 +39,12 @@ def test_unlocked_run_across_three_namespaces(tmp_path, delay_ms=5.0):
         try:
             a0, a1, a2 = hosts.addresses
             # a tcp link without keys: refused before anything starts
-            bare = launch_in(hosts, 0, "coordinator", "--bind", f"tcp://{a0}:0", *RUN)
+            bare = launch_in(hosts, 0, "coordinator", "--bind", f"tcp://{a0}:0", *JOB)
             procs.append(bare)
             out, _ = bare.communicate(timeout=60)
             assert bare.returncode == 2 and "is a tcp link, and tcp links are CURVE-encrypted" in out, out
             coord = launch_in(hosts, 0, "coordinator", "--bind", f"tcp://{a0}:0", "--keys", str(keys),
-                              *RUN, "--link-delay-ms", str(delay_ms), "--out", str(tmp_path / "run"))
+                              *JOB, "--link-delay-ms", str(delay_ms), "--out", str(tmp_path / "run"))
             procs.append(coord)
             line, seen = wait_for_line(coord, "coordinator at ", timeout=60)
             endpoint = line.split("coordinator at ")[1].split(";")[0]

@@ -16,8 +16,8 @@ from typing import Callable, Optional
 from common.config import ConfigError
 from common.endpoints import address_towards, tcp_host
 from common.security import resolve_keys
-from common.placement import core_for
-from common.procs import ProcessGroup, available_cores, describe_exit
+from common.placement import plan_placement
+from common.procs import ProcessGroup, describe_exit
 from workers.worker import WorkerSpec, run_worker
 
 
@@ -27,7 +27,7 @@ class RemoteStages:
     stages: tuple[int, ...]
     host: Optional[str] = None  # address to bind on; None = this host's address towards the coordinator
     run_dir: str = ""  # "" = the coordinator's run folder path, on this host
-    pin_cores: bool = True
+    placement: str = "auto"  # as train's --placement, for this host's stages (costs unknown here: equal)
     connect_timeout: float = WorkerSpec.connect_timeout  # a stage gives up when the coordinator does not answer
     keys: Optional[str] = None  # keys folder (launch.py keys)
     secure: Optional[bool] = None  # False (--no-secure): plain tcp; otherwise CURVE with `keys`
@@ -45,9 +45,12 @@ class RemoteStages:
             raise ConfigError(f"--coordinator {self.coordinator}: {exc}") from None
         keys = resolve_keys(self.secure, self.keys, "worker",
                             f"--coordinator {self.coordinator}")  # fails here, before any process
-        cores = available_cores()
+        try:
+            cores = plan_placement([1.0] * len(self.stages), self.placement).cores
+        except ValueError as exc:
+            raise ConfigError(f"--placement: {exc}") from None
         return [WorkerSpec(stage, self.coordinator, -1, "tcp", host, self.run_dir,
-                           core_for(i, self.pin_cores, cores), self.connect_timeout,
+                           cores[i], self.connect_timeout,
                            keys=keys)
                 for i, stage in enumerate(self.stages)]
 

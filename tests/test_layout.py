@@ -1,0 +1,101 @@
+"""Where the work goes: layers split into stages by cost, stages onto cores, and the costs both
+are computed from."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from common.config import ConfigError, RunConfig
+from common.costs import predictor_cost, stage_costs, training_flops, unit_costs
+from common.placement import balance, partition, plan_placement, shared_bound
+from coordinator.layout import plan_layout
+
+
+def test_flops_count_matmuls_forward_and_backward():
+    # Linear: 2*in*out forward; backward twice that (input and weight gradients)
+    assert training_flops(nn.Linear(30, 20, bias=False), (30,)) == 3 * 2 * 30 * 20
+    conv = nn.Conv2d(2, 4, 3, padding=1, bias=False)  # 2*Cin*Cout*k*k per output pixel
+    assert training_flops(conv, (2, 5, 5)) == 3 * 2 * 2 * 4 * 9 * 25
+    block = nn.Sequential(nn.Linear(30, 20, bias=False), nn.BatchNorm1d(20), nn.ReLU())
+    before = [p.clone() for p in block.parameters()]
+    training_flops(block, (30,))
+    assert all(p.grad is None for p in block.parameters())  # measured on a copy
+    assert all(torch.equal(a, b) for a, b in zip(before, block.parameters()))
+
+
+def test_partition_minimises_the_costliest_stage_against_every_split():
+    costs = [1.0, 9.0, 2.0, 2.0, 2.0, 3.0, 8.0, 1.0]
+
+    def cost(a, b):
+        return sum(costs[a:b])
+
+    for k in range(1, len(costs) + 1):
+        sizes = partition(len(costs), k, cost)
+        assert len(sizes) == k and sum(sizes) == len(costs) and min(sizes) >= 1
+        bounds = list(itertools.accumulate((0, *sizes)))
+        worst = max(cost(a, b) for a, b in zip(bounds, bounds[1:]))
+        best = min(max(cost(a, b) for a, b in zip((0, *cuts), (*cuts, len(costs))))
+                   for cuts in itertools.combinations(range(1, len(costs)), k - 1))
+        assert worst == best  # exhaustive search agrees
+    assert partition(4, 2, lambda a, b: float(b - a)) == (2, 2)
+    with pytest.raises(ValueError):
+        partition(3, 4, cost)
+
+
+def test_partition_counts_a_stages_predictor_but_not_the_last_stages():
+    # units 1,1,1,1; a stage ending at unit i (not last) pays 10 for its predictor
+    def cost(a, b):
+        return (b - a) + (10.0 if b < 4 else 0.0)
+    assert partition(4, 2, cost) == (1, 3)  # 1+10 vs 3: the predictor's stage gets less
+
+
+def test_balance_puts_the_costliest_stages_apart():
+    assert balance([4.0, 4.0, 1.6, 0.1], [0, 1]) == [0, 1, 0, 1]
+    assert balance([1.0, 5.0, 1.0, 1.0, 1.0], [0, 1]) == [1, 0, 1, 1, 1]  # 5 alone, 4 ones together
+    loads = {}
+    for stage, core in enumerate(balance([3.0, 3.0, 2.0, 2.0, 2.0], [0, 1])):
+        loads[core] = loads.get(core, 0.0) + [3.0, 3.0, 2.0, 2.0, 2.0][stage]
+    assert max(loads.values()) == 7.0  # LPT's answer (the best is 6: within its 4/3 bound)
+
+
+def test_placement_choices():
+    costs = [4.0, 4.0, 1.6, 0.1]
+    auto = plan_placement(costs, "auto", cores=[0, 1])
+    assert not auto.pinned and auto.busiest == shared_bound(costs, 2) == 4.85
+    pin = plan_placement(costs, "pin", cores=[0, 1])
+    assert pin.cores == (0, 1, 0, 1) and pin.busiest == pytest.approx(5.6)
+    assert plan_placement(costs, "none", cores=[0, 1, 2, 3]).cores == (-1,) * 4
+    own = plan_placement(costs, "auto", cores=[2, 3, 5, 7])
+    assert own.cores == (2, 3, 5, 7) and own.busiest == 4.0 and "one core per stage" in own.describe()
+    with pytest.raises(ValueError, match="unknown placement"):
+        plan_placement(costs, "best", cores=[0])
+    with pytest.raises(ConfigError, match="--placement"):
+        RunConfig(placement="best").validate()
+
+
+def test_stages_k_splits_by_cost_and_groups_stay_as_given():
+    wide = RunConfig(mode="locked", layers=(784, 2048, 2048, 2048, 10), stages=2)
+    cfg, layout = plan_layout(wide)
+    assert cfg.groups == (2, 2) and layout.groups == (2, 2)  # by count it would be 2,2 too
+    skewed = RunConfig(mode="locked", layers=(784, 2048, 2048, 64, 10), stages=2)
+    cfg, layout = plan_layout(skewed)
+    assert cfg.groups == (1, 3)  # by count (2, 2) would put both wide layers on one stage
+    costs = unit_costs(skewed)
+    assert layout.stage_flops == pytest.approx((costs[0], sum(costs[1:])))
+    assert max(layout.stage_flops) < costs[0] + costs[1]
+    given = RunConfig(mode="locked", layers=(784, 64, 2048, 2048, 10), groups=(1, 3))
+    assert plan_layout(given)[0].groups == (1, 3)
+    assert plan_layout(RunConfig(mode="backprop")) == (RunConfig(mode="backprop"), None)
+
+
+def test_an_unlocked_stage_pays_for_its_predictor():
+    cfg = RunConfig(mode="unlocked", layers=(784, 256, 10), true_grad_every=10)
+    locked = cfg.replace(mode="locked")
+    assert predictor_cost(locked, (256,)) == 0.0
+    # linear predictor of (256 + 10 labels) -> 256: a forward every step, training every 10th
+    assert predictor_cost(cfg, (256,)) == pytest.approx(2 * 266 * 256 * (1 + 3 / 10))
+    assert stage_costs(cfg, (1, 1))[0] == pytest.approx(stage_costs(locked, (1, 1))[0] + 2 * 266 * 256 * 1.3)
+    assert stage_costs(cfg, (1, 1))[1] == stage_costs(locked, (1, 1))[1]  # the last has no predictor
