@@ -201,6 +201,9 @@ class RunConfig:
         need(self.batch_size <= 1 << 20, "--batch-size must be at most 1048576")
         need(self.max_message_mb <= 1 << 16, "--max-message-mb must be at most 65536 (64 GiB)")
         need(self.true_grad_every >= 1, "--true-grad-every must be at least 1")
+        rule = Mode(self.mode).rule
+        need(not self.bootstrap or (rule is not None and rule.uses_predictor),
+             "--bootstrap trains synthetic-gradient models on each other: only mode unlocked has them")
         need(self.sg_hidden >= 1, "--sg-hidden must be at least 1")
         need(self.threads_per_worker >= 1, "--threads-per-worker must be at least 1")
         need(self.queue_depth >= 1, "--queue-depth must be at least 1")

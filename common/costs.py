@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from common.config import RunConfig
-from common.models import IMAGE_SHAPE, SyntheticGradient, build_units, unit_shapes
+from common.modes import Mode
+from common.models import IMAGE_SHAPE, LocalHead, SyntheticGradient, build_units, unit_shapes
 
 _PROBE_BATCH = 2  # batch norm needs two samples in training mode; costs are divided back
 
@@ -49,9 +50,13 @@ def unit_costs(cfg: RunConfig, units: Optional[Sequence[nn.Module]] = None) -> l
 
 
 def predictor_cost(cfg: RunConfig, out_shape: Sequence[int]) -> float:
-    """FLOPs per sample a stage spends on its synthetic-gradient model, averaged over steps:
-    a prediction every step, and a training pass (forward and backward) on true-gradient steps."""
-    if not cfg.rule.uses_predictor:
+    """FLOPs per sample a (non-last) stage spends on its own helper model, averaged over steps:
+    a synthetic-gradient model predicts every step and trains (forward and backward) on
+    true-gradient steps; a local classifier head trains every step."""
+    rule = Mode(cfg.mode).rule  # None for the modes with processes of their own (pipeline)
+    if rule is not None and rule.uses_head:
+        return training_flops(LocalHead(out_shape), out_shape)
+    if rule is None or not rule.uses_predictor:
         return 0.0
     sg = SyntheticGradient(out_shape, cfg.sg_model, cfg.sg_hidden, cfg.conditioned)
     h = torch.zeros(_PROBE_BATCH, *out_shape)

@@ -128,6 +128,25 @@ class SyntheticGradient(nn.Module):
         return self.net(h)
 
 
+class LocalHead(nn.Module):
+    """A stage's own small classifier (mode local): linear on dense activations; for conv
+    activations, average-pooled to 2x2 first (as in decoupled greedy learning's auxiliary
+    nets), so the head stays small whatever the image size."""
+
+    def __init__(self, shape: Sequence[int], num_classes: int = NUM_CLASSES):
+        super().__init__()
+        shape = tuple(shape)
+        if len(shape) == 1:
+            self.net = nn.Linear(shape[0], num_classes)
+        elif len(shape) == 3:
+            self.net = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(shape[0] * 4, num_classes))
+        else:
+            raise ValueError(f"no local head for activations of shape {shape}")
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h)
+
+
 def make_optimizer(params, name: str, lr: float, momentum: float = 0.9) -> torch.optim.Optimizer:
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)

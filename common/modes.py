@@ -30,6 +30,8 @@ class Mode(str, Enum):
     LOCKED = "locked"  # stage workers; every update waits for its true gradient
     UNLOCKED = "unlocked"  # stage workers; updates from synthetic gradients, true ones every N steps
     STALE = "stale"  # stage workers; updates reuse the latest true gradient (a control)
+    LOCAL = "local"  # stage workers; each stage learns from its own classifier head (DGL)
+    DELAYED = "delayed"  # stage workers; true gradients applied when they arrive (DDG, PipeDream)
 
     def __str__(self) -> str:
         return self.value
@@ -62,6 +64,7 @@ class UpdateRule:
     # forward must keep its own weights (weight stashing) for dL/dx to be the true one
     weights_move_before_gradient: ClassVar[bool] = True
     uses_predictor: ClassVar[bool] = False  # the stage owns a synthetic-gradient model
+    uses_head: ClassVar[bool] = False  # the stage owns a small classifier head (a local loss)
 
     def true_step(self, step: int, every: int) -> bool:
         """Steps count from 0; every N-th step (N-1, 2N-1, ...) carries a true gradient."""
@@ -138,7 +141,50 @@ class Stale(UpdateRule):
         return stage.true_dx(kept, g)
 
 
-RULES: dict[Mode, UpdateRule] = {rule.mode: rule for rule in (Locked(), Unlocked(), Stale())}
+class Local(UpdateRule):
+    """Decoupled greedy learning (Belilovsky et al. 2019): every stage but the last trains on a
+    small classifier head of its own (the labels travel forward with the activations) and steps
+    at once. Nothing travels backward: no gradient, no relay, no stage ever waits."""
+    mode = Mode.LOCAL
+    takes_n = False
+    weights_move_before_gradient = False  # no gradient ever comes back: nothing to stash
+    uses_head = True
+
+    def true_step(self, step: int, every: int) -> bool:
+        return False
+
+    def lr_scale(self, sg_update_lr_scale: float, is_last: bool) -> float:
+        return 1.0  # a true gradient, of a local loss
+
+    def local_gradient(self, stage, step, h, labels, kept):
+        return stage.head_gradient(step, h, labels)
+
+    def on_gradient(self, stage, step, kept, g, is_true):
+        raise ValueError(f"stage {stage.stage}: a gradient arrived for step {step}, but mode local "
+                         f"sends none back")
+
+
+class Delayed(UpdateRule):
+    """Delayed gradients with weight stashing (DDG, Huo et al. 2018; PipeDream's stashing): every
+    step's true gradient flows back, no stage waits for it, and a stage applies the gradient of
+    step s, computed on the weights step s's forward pass used, when it arrives."""
+    mode = Mode.DELAYED
+    takes_n = False
+
+    def true_step(self, step: int, every: int) -> bool:
+        return True
+
+    def lr_scale(self, sg_update_lr_scale: float, is_last: bool) -> float:
+        return 1.0  # a true gradient, late
+
+    def local_gradient(self, stage, step, h, labels, kept):
+        return None  # the update comes with the gradient
+
+    def on_gradient(self, stage, step, kept, g, is_true):
+        return stage.apply_stashed(step, kept, g)
+
+
+RULES: dict[Mode, UpdateRule] = {rule.mode: rule for rule in (Locked(), Unlocked(), Stale(), Local(), Delayed())}
 MODE_NAMES: tuple[str, ...] = tuple(m.value for m in Mode)
 STAGE_WORKER_MODES: tuple[str, ...] = tuple(m.value for m in Mode if m.on_stage_workers)
 

@@ -89,6 +89,7 @@ def test_stages_k_splits_by_cost_and_groups_stay_as_given():
     given = RunConfig(mode="locked", layers=(784, 64, 2048, 2048, 10), groups=(1, 3))
     assert plan_layout(given)[0].groups == (1, 3)
     assert plan_layout(RunConfig(mode="backprop")) == (RunConfig(mode="backprop"), None)
+    assert plan_layout(skewed.replace(mode="pipeline"))[0].groups == (1, 3)  # no predictor there
 
 
 def test_an_unlocked_stage_pays_for_its_predictor():
@@ -99,3 +100,5 @@ def test_an_unlocked_stage_pays_for_its_predictor():
     assert predictor_cost(cfg, (256,)) == pytest.approx(2 * 266 * 256 * (1 + 3 / 10))
     assert stage_costs(cfg, (1, 1))[0] == pytest.approx(stage_costs(locked, (1, 1))[0] + 2 * 266 * 256 * 1.3)
     assert stage_costs(cfg, (1, 1))[1] == stage_costs(locked, (1, 1))[1]  # the last has no predictor
+    local = cfg.replace(mode="local")  # a linear head 256 -> 10, trained every step
+    assert predictor_cost(local, (256,)) == 3 * 2 * 256 * 10

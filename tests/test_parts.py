@@ -19,8 +19,8 @@ from workers.source import Boundary, End, Evaluate, StreamOrder, TrainBatch, sta
 
 # ---------------------------------------------------------------------------- modes
 def test_one_mode_vocabulary():
-    assert MODE_NAMES == ("backprop", "pipeline", "locked", "unlocked", "stale")
-    assert STAGE_WORKER_MODES == ("locked", "unlocked", "stale")
+    assert MODE_NAMES == ("backprop", "pipeline", "locked", "unlocked", "stale", "local", "delayed")
+    assert STAGE_WORKER_MODES == ("locked", "unlocked", "stale", "local", "delayed")
     assert [m.value for m in Mode if m.takes_n] == ["unlocked", "stale"]
     assert Mode.LOCKED.rule.waits_for_gradient and not Mode.UNLOCKED.rule.waits_for_gradient
     assert Mode.BACKPROP.rule is None and Mode("pipeline") is Mode.PIPELINE
@@ -28,6 +28,10 @@ def test_one_mode_vocabulary():
     locked, unlocked = RunConfig(mode="locked", true_grad_every=4), RunConfig(mode="unlocked", true_grad_every=4)
     assert [locked.is_true_grad_step(s) for s in range(8)] == [True] * 8
     assert [s for s in range(8) if unlocked.is_true_grad_step(s)] == [3, 7]
+    local, delayed = RunConfig(mode="local"), RunConfig(mode="delayed")
+    assert not any(local.is_true_grad_step(s) for s in range(8))  # nothing travels backward
+    assert all(delayed.is_true_grad_step(s) for s in range(8)) and not Mode.DELAYED.rule.waits_for_gradient
+    assert Mode.LOCAL.rule.uses_head and not Mode.LOCAL.rule.uses_predictor
 
 
 # ---------------------------------------------------------------------------- stage 0's schedule

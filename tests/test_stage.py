@@ -107,3 +107,58 @@ def test_gradient_for_unknown_step_is_refused():
     first = chain(cfg)[0]
     with pytest.raises(KeyError, match="does not hold"):
         first.receive_grad(7, torch.zeros(4, 32), True)
+
+
+def test_delayed_applies_each_gradient_at_the_weights_its_forward_used():
+    """Two steps run forward before either gradient arrives: both gradients are taken at the
+    initial weights (weight stashing) and applied, in turn, to the current ones. With plain SGD
+    that is w2 = w0 - lr*g0(w0) - lr*g1(w0), checked against autograd on a copy."""
+    cfg = RunConfig(mode="delayed", layers=(784, 16, 10), optimizer="sgd", lr=0.1, momentum=0.0)
+    first, last = chain(cfg)
+    ref = copy.deepcopy(first.module)
+    torch.manual_seed(3)
+    xs, ys = [torch.randn(8, 1, 28, 28) for _ in range(2)], [torch.randint(0, 10, (8,)) for _ in range(2)]
+    hs = []
+    for s in range(2):
+        hs.append(first.forward(s, xs[s], ys[s], cfg.is_true_grad_step(s)))
+        assert first.local_update(s) is None  # no update until the gradient comes
+    gs = [torch.randn_like(h) / 8 for h in hs]
+    assert first.receive_grad(0, gs[0], True) is None  # stage 0: no dL/dx to send
+    first.receive_grad(1, gs[1], True)
+    grads = [torch.autograd.grad(ref(xs[s]), list(ref.parameters()), gs[s]) for s in range(2)]
+    for p, p0, g0, g1 in zip(first.module.parameters(), ref.parameters(), *grads):
+        torch.testing.assert_close(p, p0 - 0.1 * g0 - 0.1 * g1, rtol=1e-6, atol=1e-7)
+    rec = first.stats.take()
+    assert rec["gradient_delay_max"] == 1 and rec["gradient_delay_mean"] == 0.5  # step 0 waited one step
+    out, dx = last.last_step(0, hs[0], ys[0], True)
+    assert dx is not None and dx.shape == hs[0].shape  # the last stage sends its dL/dx back
+
+
+def test_local_stages_learn_from_their_own_head_and_send_nothing_back():
+    cfg = RunConfig(mode="local", layers=(784, 16, 16, 10), optimizer="sgd", lr=0.1)
+    stages = chain(cfg)
+    assert [s.head is not None for s in stages] == [True, True, False] and all(s.sg is None for s in stages)
+    before = [copy.deepcopy(s.module.state_dict()) for s in stages]
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    h = x
+    for s in stages[:-1]:
+        h = s.forward(0, h, y, cfg.is_true_grad_step(0))
+        assert s.local_update(0) is None and s.outstanding() == 0  # nothing kept for later
+    _, dx = stages[-1].last_step(0, h, y, cfg.is_true_grad_step(0))
+    assert dx is None  # nothing travels backward
+    for s, old in zip(stages, before):
+        assert any(not torch.equal(v, old[k]) for k, v in s.module.state_dict().items() if v.is_floating_point())
+    assert stages[0].stats.take()["head_loss"] > 0
+    state = stages[0].state_dict()  # the head is part of what a checkpoint keeps
+    assert "head" in state and "head_optimizer" in state
+    with pytest.raises(ValueError, match="mode local sends none back"):
+        stages[0].rule.on_gradient(stages[0], 0, None, torch.zeros(1), True)
+
+
+@pytest.mark.parametrize("shape", [(64,), (8, 7, 7)])
+def test_lowrank_predictor_is_small_and_starts_at_zero(shape):
+    full = SyntheticGradient(shape, "linear", 4, conditioned=True)
+    low = SyntheticGradient(shape, "lowrank", 4, conditioned=True)
+    assert sum(p.numel() for p in low.parameters()) < sum(p.numel() for p in full.parameters()) / 2
+    h, y = torch.randn(3, *shape), torch.tensor([0, 4, 9])
+    assert low(h, y).shape == h.shape and not low(h, y).any()

@@ -67,11 +67,23 @@ def test_unlocked_learns_and_counts_true_gradients(tiny_cfg):
     {"mode": "stale", "true_grad_every": 4},
     {"mode": "unlocked", "conditioned": True, "bootstrap": True, "sg_model": "mlp", "sg_hidden": 32,
      "true_grad_every": 4, "stages": 2},
-    {"mode": "unlocked", "model": "cnn", "true_grad_every": 2, "stages": 2, "transport": "tcp"},
-], ids=["stale", "cdni-bootstrap-mlp-sg", "cnn-tcp"])
+    {"mode": "unlocked", "model": "cnn", "true_grad_every": 2, "stages": 2, "transport": "tcp",
+     "sg_model": "lowrank", "sg_hidden": 8},
+    {"mode": "local", "model": "cnn", "stages": 2, "true_grad_every": 10 ** 6},
+    {"mode": "delayed", "true_grad_every": 1},
+    {"mode": "delayed", "model": "cnn", "stages": 2, "true_grad_every": 1},
+], ids=["stale", "cdni-bootstrap-mlp-sg", "cnn-tcp-lowrank", "local-cnn", "delayed", "delayed-cnn"])
 def test_other_modes_run_to_the_end(tiny_cfg, changes):
+    """Every rule through the stage processes; `true_grad_every` here is what the rule sends
+    back (local: nothing, delayed: every step)."""
     run_dir, s = run(tiny_cfg, **changes)
     assert s["steps"] == 20 and s["true_gradient_steps"] == 20 // changes["true_grad_every"]
+    if changes["mode"] == "delayed":  # the gradient of step s arrives while later steps run
+        delays = [w["gradient_delay_max"] for w in s["workers"][:-1]]
+        assert all(d is not None and d >= 0 for d in delays) and s["workers"][-1]["gradient_delay_max"] is None
+    if changes["mode"] == "local":
+        assert all(w["true_grads_received"] == 0 for w in s["workers"])
+        assert s["workers"][0]["head_share_of_compute"] > 0
     if changes.get("bootstrap"):
         assert s["bootstrap_gradients_relayed"][0] == 20 - 20 // changes["true_grad_every"]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -91,6 +91,9 @@ class StageReporter:
             "bootstrap_grads_received": stats.bootstrap_grads,
             "sg_s": stats.sg_seconds,
             "sg_share_of_compute": stats.sg_seconds / totals["compute"] if totals["compute"] > 0 else 0.0,
+            "head_share_of_compute": stats.head_seconds / totals["compute"] if totals["compute"] > 0 else 0.0,
+            "gradient_delay_mean": stats.delay_total / stats.delay_total_n if stats.delay_total_n else None,
+            "gradient_delay_max": stats.delay_max if stats.delay_total_n else None,
             "rejected_messages": self.rejected(),
             "checkpoint": checkpoint,
         }

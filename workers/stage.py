@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from common.config import RunConfig
-from common.models import SyntheticGradient, make_optimizer
+from common.models import LocalHead, SyntheticGradient, make_optimizer
 from common.modes import UpdateRule
 from common.reports import RunFailed
 
@@ -59,6 +59,7 @@ class Kept:
     h_detached: torch.Tensor
     labels: torch.Tensor
     sg_pred: Optional[torch.Tensor] = None  # the synthetic gradient used at forward time
+    weights: Optional[dict] = None  # the stashed weights h was computed with (name -> clone)
 
 
 @dataclass
@@ -76,6 +77,14 @@ class StageStats:
     bootstrap_grads: int = 0
     dropped: int = 0
     sg_seconds: float = 0.0  # predicting and training the synthetic-gradient model (cumulative)
+    head_loss_sum: float = 0.0  # the local classifier head's loss (mode local)
+    head_loss_n: int = 0
+    head_seconds: float = 0.0  # training the local head (cumulative)
+    delay_sum: int = 0  # steps between a step's forward pass and its gradient's update (delayed)
+    delay_n: int = 0
+    delay_max: int = 0  # cumulative
+    delay_total: int = 0  # cumulative, for the run's mean
+    delay_total_n: int = 0
 
     def take(self) -> dict:
         rec = {
@@ -86,9 +95,13 @@ class StageStats:
             "true_grads": self.true_grads,
             "bootstrap_grads": self.bootstrap_grads,
             "dropped_steps": self.dropped,
+            "head_loss": self.head_loss_sum / self.head_loss_n if self.head_loss_n else None,
+            "gradient_delay_mean": self.delay_sum / self.delay_n if self.delay_n else None,
+            "gradient_delay_max": self.delay_max if self.delay_n else None,
         }
-        self.loss_sum = self.sg_loss_sum = self.cos_sum = 0.0
-        self.loss_n = self.correct = self.seen = self.sg_loss_n = self.cos_n = 0
+        self.loss_sum = self.sg_loss_sum = self.cos_sum = self.head_loss_sum = 0.0
+        self.loss_n = self.correct = self.seen = self.sg_loss_n = self.cos_n = self.head_loss_n = 0
+        self.delay_sum = self.delay_n = 0
         return rec
 
 
@@ -109,6 +122,13 @@ class StageLogic:
             torch.manual_seed(cfg.seed * 7919 + stage)
             self.sg = SyntheticGradient(out_shape, cfg.sg_model, cfg.sg_hidden, cfg.conditioned)
             self.sg_optimizer = make_optimizer(self.sg.parameters(), cfg.sg_optimizer, cfg.sg_lr)
+        self.head: Optional[LocalHead] = None
+        self.head_optimizer: Optional[torch.optim.Optimizer] = None
+        if not self.is_last and self.rule.uses_head:
+            torch.manual_seed(cfg.seed * 7919 + stage)
+            self.head = LocalHead(out_shape)
+            self.head_optimizer = make_optimizer(self.head.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
+        self.latest_step = -1  # the latest step this stage has run forward
         self.kept: dict[int, Kept] = {}
         self.last_true: Optional[torch.Tensor] = None  # stale mode
         self.stats = StageStats()
@@ -143,6 +163,43 @@ class StageLogic:
                 self._snapshot(step, kept.sg_pred, target, cos)
         self._train_sg(kept, g)
 
+    def head_gradient(self, step: int, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Train the local classifier head one step on h and return dL_local/dh (mean over the
+        batch): what the layers step on in mode local."""
+        assert self.head is not None and self.head_optimizer is not None
+        t0 = time.perf_counter()
+        h_leaf = h.detach().requires_grad_(True)
+        loss = F.cross_entropy(self.head(h_leaf), labels)
+        require_finite(loss.detach(), "the local head's loss", self.stage, step)
+        self.head_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.head_optimizer.step()
+        self.stats.head_seconds += time.perf_counter() - t0
+        self.stats.head_loss_sum += loss.item()
+        self.stats.head_loss_n += 1
+        return h_leaf.grad
+
+    def apply_stashed(self, step: int, kept: Kept, g: torch.Tensor) -> Optional[torch.Tensor]:
+        """Step the layers on step `step`'s true gradient, taken at the weights its forward pass
+        used (kept.weights), now; return its dL/dx. The delay (steps run forward since) is
+        counted for the report."""
+        assert kept.h is not None and kept.weights is not None
+        names = list(kept.weights)
+        inputs = [kept.weights[n] for n in names] + ([kept.x] if kept.x is not None else [])
+        grads = torch.autograd.grad(kept.h, inputs, g, allow_unused=True)
+        params = dict(self.module.named_parameters())
+        for name, grad in zip(names, grads):
+            if grad is not None:
+                params[name].grad = require_finite(grad, f"the gradient of {name}", self.stage, step)
+        self.step_optimizer()
+        delay = self.latest_step - step
+        self.stats.delay_sum += delay
+        self.stats.delay_n += 1
+        self.stats.delay_max = max(self.stats.delay_max, delay)
+        self.stats.delay_total += delay
+        self.stats.delay_total_n += 1
+        return grads[-1] if kept.x is not None else None
+
     @staticmethod
     def true_dx(kept: Kept, g: torch.Tensor) -> Optional[torch.Tensor]:
         """dL/dx of the kept step's own forward pass (None on stage 0 or without a kept graph)."""
@@ -157,11 +214,12 @@ class StageLogic:
             return x.detach().requires_grad_(True)
         return x
 
-    def _forward(self, x: torch.Tensor, stash_weights: bool) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, stash_weights: bool) -> tuple[torch.Tensor, Optional[dict]]:
+        """The output, and the stashed weights it was computed with (None when not stashed)."""
         if not stash_weights:
-            return self.module(x)
+            return self.module(x), None
         clones = {name: p.clone() for name, p in self.module.named_parameters()}
-        return functional_call(self.module, clones, (x,))
+        return functional_call(self.module, clones, (x,)), clones
 
     def _train_sg(self, kept: Kept, g: torch.Tensor) -> None:
         assert self.sg is not None and self.sg_optimizer is not None
@@ -193,12 +251,13 @@ class StageLogic:
         keep_graph = true_step
         need_dx = keep_graph or self.cfg.bootstrap
         x = self._input(x, need_dx)
-        h = self._forward(x, stash_weights=keep_graph and self.rule.weights_move_before_gradient)
+        h, stash = self._forward(x, stash_weights=keep_graph and self.rule.weights_move_before_gradient)
         require_finite(h, "the output", self.stage, step)
+        self.latest_step = step
         if keep_graph or self.cfg.bootstrap:
             self._bound_kept(step)
             self.kept[step] = Kept(x if need_dx and not self.is_first else None,
-                                   h if keep_graph else None, h.detach(), labels)
+                                   h if keep_graph else None, h.detach(), labels, weights=stash)
         self._pending = (step, h, x, keep_graph, labels)
         return h.detach()
 
@@ -245,6 +304,7 @@ class StageLogic:
         dL/dx to send back (true steps, and every step when bootstrapping)."""
         need_dx = true_step or self.cfg.bootstrap
         x = self._input(x, need_dx)
+        self.latest_step = step
         out = self.module(x)
         loss = F.cross_entropy(out, labels)
         require_finite(loss.detach(), "the loss", self.stage, step)
@@ -280,6 +340,9 @@ class StageLogic:
         if self.sg is not None and self.sg_optimizer is not None:
             state["sg"] = self.sg.state_dict()
             state["sg_optimizer"] = self.sg_optimizer.state_dict()
+        if self.head is not None and self.head_optimizer is not None:
+            state["head"] = self.head.state_dict()
+            state["head_optimizer"] = self.head_optimizer.state_dict()
         if self.last_true is not None:
             state["last_true"] = self.last_true
         for t in _tensors(state):
@@ -295,6 +358,9 @@ class StageLogic:
         if self.sg is not None and self.sg_optimizer is not None:
             self.sg.load_state_dict(state["sg"])
             self.sg_optimizer.load_state_dict(state["sg_optimizer"])
+        if self.head is not None and self.head_optimizer is not None:
+            self.head.load_state_dict(state["head"])
+            self.head_optimizer.load_state_dict(state["head_optimizer"])
         self.last_true = state.get("last_true")
 
 
