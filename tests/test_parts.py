@@ -19,9 +19,9 @@ from workers.source import Boundary, End, Evaluate, StreamOrder, TrainBatch, sta
 
 # ---------------------------------------------------------------------------- modes
 def test_one_mode_vocabulary():
-    assert MODE_NAMES == ("backprop", "pipeline", "locked", "unlocked", "stale", "local", "delayed")
-    assert STAGE_WORKER_MODES == ("locked", "unlocked", "stale", "local", "delayed")
-    assert [m.value for m in Mode if m.takes_n] == ["unlocked", "stale"]
+    assert MODE_NAMES == ("backprop", "pipeline", "locked", "unlocked", "stale", "local", "delayed", "corrected")
+    assert STAGE_WORKER_MODES == ("locked", "unlocked", "stale", "local", "delayed", "corrected")
+    assert [m.value for m in Mode if m.takes_n] == ["unlocked", "stale", "corrected"]
     assert Mode.LOCKED.rule.waits_for_gradient and not Mode.UNLOCKED.rule.waits_for_gradient
     assert Mode.BACKPROP.rule is None and Mode("pipeline") is Mode.PIPELINE
     assert Mode.UNLOCKED.rule.uses_predictor and not Mode.STALE.rule.uses_predictor
@@ -32,6 +32,8 @@ def test_one_mode_vocabulary():
     assert not any(local.is_true_grad_step(s) for s in range(8))  # nothing travels backward
     assert all(delayed.is_true_grad_step(s) for s in range(8)) and not Mode.DELAYED.rule.waits_for_gradient
     assert Mode.LOCAL.rule.uses_head and not Mode.LOCAL.rule.uses_predictor
+    corrected = RunConfig(mode="corrected", true_grad_every=4)
+    assert Mode.CORRECTED.rule.uses_head and [s for s in range(8) if corrected.is_true_grad_step(s)] == [3, 7]
 
 
 # ---------------------------------------------------------------------------- stage 0's schedule

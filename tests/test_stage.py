@@ -162,3 +162,22 @@ def test_lowrank_predictor_is_small_and_starts_at_zero(shape):
     assert sum(p.numel() for p in low.parameters()) < sum(p.numel() for p in full.parameters()) / 2
     h, y = torch.randn(3, *shape), torch.tensor([0, 4, 9])
     assert low(h, y).shape == h.shape and not low(h, y).any()
+
+
+@pytest.mark.parametrize("mode", ["corrected", "delayed"])
+def test_a_late_gradient_waits_for_the_pending_steps_own_update(mode):
+    """In the worker a late true gradient can arrive between a step's forward pass and its
+    update; the stage applies it after that update, so the pending step's graph (batch norm
+    included) still holds the weights it ran with."""
+    cfg = RunConfig(mode=mode, model="cnn", groups=(2, 2), true_grad_every=1, optimizer="sgd", lr=0.05)
+    first, last = chain(cfg)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    h0 = first.forward(0, x, y, True)
+    first.local_update(0)
+    _, g0 = last.last_step(0, h0, y, True)
+    first.forward(1, x, y, True)  # step 1 is pending when step 0's gradient arrives
+    before = [p.clone() for p in first.module.parameters()]
+    first.receive_grad(0, g0, True)
+    assert all(torch.equal(a, b) for a, b in zip(before, first.module.parameters()))  # held
+    first.local_update(1)  # would fail on a modified weight if the update had been applied
+    assert any(not torch.equal(a, b) for a, b in zip(before, first.module.parameters()))

@@ -72,7 +72,9 @@ def test_unlocked_learns_and_counts_true_gradients(tiny_cfg):
     {"mode": "local", "model": "cnn", "stages": 2, "true_grad_every": 10 ** 6},
     {"mode": "delayed", "true_grad_every": 1},
     {"mode": "delayed", "model": "cnn", "stages": 2, "true_grad_every": 1},
-], ids=["stale", "cdni-bootstrap-mlp-sg", "cnn-tcp-lowrank", "local-cnn", "delayed", "delayed-cnn"])
+    {"mode": "corrected", "model": "cnn", "stages": 2, "true_grad_every": 4},
+], ids=["stale", "cdni-bootstrap-mlp-sg", "cnn-tcp-lowrank", "local-cnn", "delayed", "delayed-cnn",
+        "corrected-cnn"])
 def test_other_modes_run_to_the_end(tiny_cfg, changes):
     """Every rule through the stage processes; `true_grad_every` here is what the rule sends
     back (local: nothing, delayed: every step)."""
@@ -81,8 +83,9 @@ def test_other_modes_run_to_the_end(tiny_cfg, changes):
     if changes["mode"] == "delayed":  # the gradient of step s arrives while later steps run
         delays = [w["gradient_delay_max"] for w in s["workers"][:-1]]
         assert all(d is not None and d >= 0 for d in delays) and s["workers"][-1]["gradient_delay_max"] is None
-    if changes["mode"] == "local":
-        assert all(w["true_grads_received"] == 0 for w in s["workers"])
+    if changes["mode"] in ("local", "corrected"):
+        sent_back = 0 if changes["mode"] == "local" else 20 // changes["true_grad_every"]
+        assert all(w["true_grads_received"] == sent_back for w in s["workers"][:-1])
         assert s["workers"][0]["head_share_of_compute"] > 0
     if changes.get("bootstrap"):
         assert s["bootstrap_gradients_relayed"][0] == 20 - 20 // changes["true_grad_every"]

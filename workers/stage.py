@@ -107,9 +107,11 @@ class StageStats:
 
 class StageLogic:
     def __init__(self, cfg: RunConfig, stage: int, num_stages: int, module: nn.Module,
-                 out_shape: tuple[int, ...], snapshot_steps: frozenset[int] = frozenset()):
+                 out_shape: tuple[int, ...], snapshot_steps: frozenset[int] = frozenset(),
+                 rule: Optional[UpdateRule] = None):
+        """`rule`: the mode's unless given (bench/rules.py tries rules that are not modes yet)."""
         self.cfg = cfg
-        self.rule: UpdateRule = cfg.rule
+        self.rule: UpdateRule = rule or cfg.rule
         self.stage = stage
         self.is_first = stage == 0
         self.is_last = stage == num_stages - 1
@@ -135,6 +137,7 @@ class StageLogic:
         self.snapshot_steps = snapshot_steps
         self.snapshots: list[dict] = []  # synthetic beside true gradient at a few steps
         self._pending: Optional[tuple] = None  # (step, h, x, keep_graph, labels) between forward and update
+        self._deferred: list[dict] = []  # late true gradients held until the pending step's update
 
     # ------------------------------------------------------------------ what the rules use
     def step_optimizer(self) -> None:
@@ -187,11 +190,12 @@ class StageLogic:
         names = list(kept.weights)
         inputs = [kept.weights[n] for n in names] + ([kept.x] if kept.x is not None else [])
         grads = torch.autograd.grad(kept.h, inputs, g, allow_unused=True)
-        params = dict(self.module.named_parameters())
-        for name, grad in zip(names, grads):
-            if grad is not None:
-                params[name].grad = require_finite(grad, f"the gradient of {name}", self.stage, step)
-        self.step_optimizer()
+        update = {name: require_finite(grad, f"the gradient of {name}", self.stage, step)
+                  for name, grad in zip(names, grads) if grad is not None}
+        if self._pending is not None:  # a step ran forward and awaits its own update: its graph
+            self._deferred.append(update)  # holds these weights, so they change after it
+        else:
+            self._step_on(update)
         delay = self.latest_step - step
         self.stats.delay_sum += delay
         self.stats.delay_n += 1
@@ -199,6 +203,12 @@ class StageLogic:
         self.stats.delay_total += delay
         self.stats.delay_total_n += 1
         return grads[-1] if kept.x is not None else None
+
+    def _step_on(self, update: dict) -> None:
+        params = dict(self.module.named_parameters())
+        for name, grad in update.items():
+            params[name].grad = grad
+        self.step_optimizer()
 
     @staticmethod
     def true_dx(kept: Kept, g: torch.Tensor) -> Optional[torch.Tensor]:
@@ -219,7 +229,15 @@ class StageLogic:
         if not stash_weights:
             return self.module(x), None
         clones = {name: p.clone() for name, p in self.module.named_parameters()}
-        return functional_call(self.module, clones, (x,)), clones
+        # buffers too: batch norm saves its running statistics for backward, and the next step's
+        # forward updates them in place, which would make this step's graph unusable; the
+        # updated copies are written back, so the statistics evolve exactly as without stashing
+        buffers = {name: b.clone() for name, b in self.module.named_buffers()}
+        h = functional_call(self.module, {**clones, **buffers}, (x,))
+        with torch.no_grad():
+            for name, b in self.module.named_buffers():
+                b.copy_(buffers[name])
+        return h, clones
 
     def _train_sg(self, kept: Kept, g: torch.Tensor) -> None:
         assert self.sg is not None and self.sg_optimizer is not None
@@ -264,6 +282,13 @@ class StageLogic:
     def local_update(self, step: int) -> Optional[torch.Tensor]:
         """Step now on what the rule gives, without waiting. Returns a bootstrapped dL/dx for
         the stage before, when bootstrapping on a step whose true gradient is not coming."""
+        try:
+            return self._local_update(step)
+        finally:
+            while self._deferred:  # late true gradients that arrived during this step
+                self._step_on(self._deferred.pop(0))
+
+    def _local_update(self, step: int) -> Optional[torch.Tensor]:
         pstep, h, x, keep_graph, labels = self._pending
         assert pstep == step, "local_update must follow forward of the same step"
         self._pending = None

@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Update rules tried in one process before they become modes: the real StageLogic of every
+stage, chained by hand, with each backward hop delivered a fixed number of steps late (as the
+stage processes deliver it when nobody waits). Fast enough to compare many rules on the real
+data, and honest about accuracy: every rule sees the same batches in the same order.
+
+    python bench/rules.py                         # every rule, Fashion-MNIST, 3 epochs, default MLP
+    python bench/rules.py --rules local,corrected:10 --epochs 1
+
+Rules: backprop (no delay: the reference), unlocked:N (DNI), local (DGL), delayed (DDG),
+corrected:N (local heads plus every N-th true gradient; a mode), and candidates that did not
+become modes (swapped:N, residual:N; below, with what they measured in the README). Prints test accuracy per rule and how many
+gradients travelled backward per step; writes bench/results/rules.json. Throughput is not
+measured here (one process): that is what `launch.py compare` does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from common.config import RunConfig  # noqa: E402
+from common.data import eval_batches, load_dataset, train_batches  # noqa: E402
+from common.models import build_units, stage_bounds, stage_io_shapes  # noqa: E402
+from common.modes import Corrected, Delayed, Local, UpdateRule  # noqa: E402
+from workers.stage import StageLogic  # noqa: E402
+
+
+class Swapped(Corrected):
+    """As corrected, but a true-gradient step takes no local update: its one update is the true
+    gradient when it arrives (so every step still makes exactly one update)."""
+
+    def local_gradient(self, stage, step, h, labels, kept):
+        if kept is not None and kept.h is not None:
+            stage.head_gradient(step, h, labels)  # the head still learns from this step
+            return None
+        return stage.head_gradient(step, h, labels)
+
+
+class Residual(UpdateRule):
+    """A synthetic gradient on top of the local head's: step on dL_head/dh + SG(h), where the
+    predictor learns only the residual (true - head gradient) from every N-th true gradient."""
+    uses_head = True
+    uses_predictor = True
+
+    def lr_scale(self, sg_update_lr_scale: float, is_last: bool) -> float:
+        return 1.0  # the head's part is a true gradient of a local loss
+
+    def local_gradient(self, stage, step, h, labels, kept):
+        head = stage.head_gradient(step, h, labels)
+        per_sample = stage.predict(h, labels)
+        if kept is not None and kept.h is not None:
+            kept.sg_pred = per_sample
+            kept.head_grad = head
+        return head + per_sample / h.shape[0]
+
+    def on_gradient(self, stage, step, kept, g, is_true):
+        stage.learn_predictor(step, kept, g - kept.head_grad)
+        return stage.true_dx(kept, g) if is_true else None
+
+
+def make_rule(name: str) -> tuple[str, UpdateRule | None, int]:
+    """(mode for the config, rule object or None for the mode's own, N)."""
+    base, _, n = name.partition(":")
+    every = int(n) if n else 1
+    return {"backprop": ("locked", None, 1), "unlocked": ("unlocked", None, every),
+            "local": ("local", Local(), 1), "delayed": ("delayed", Delayed(), 1),
+            "corrected": ("corrected", Corrected(), every), "swapped": ("local", Swapped(), every),
+            "residual": ("unlocked", Residual(), every)}[base]
+
+
+def train_rule(name: str, cfg: RunConfig, ds, hop_delay: int) -> dict:
+    mode, rule, every = make_rule(name)
+    cfg = cfg.replace(mode=mode, true_grad_every=every)
+    rule = rule or cfg.rule
+    delay = 0 if name == "backprop" else hop_delay
+    units = build_units(cfg)
+    shapes = stage_io_shapes(cfg, units)
+    k = len(cfg.stage_groups)
+    stages = [StageLogic(cfg, i, k, nn.Sequential(*units[a:b]), shapes[i][1], rule=rule)
+              for i, (a, b) in enumerate(stage_bounds(cfg))]
+    pending: list[tuple[int, int, int, torch.Tensor]] = []  # (due step, stage, step, gradient)
+    sent_back = step = 0
+    t0 = time.perf_counter()
+
+    def deliver(now: int) -> None:
+        nonlocal sent_back
+        while True:
+            due = [p for p in pending if p[0] <= now]
+            if not due:
+                return
+            item = min(due, key=lambda p: (p[0], -p[1]))
+            pending.remove(item)
+            _, i, s, g = item
+            sent_back += 1
+            dx = stages[i].receive_grad(s, g, True)
+            if dx is not None and i > 0:
+                pending.append((now + delay, i - 1, s, dx))
+
+    for epoch in range(cfg.epochs):
+        for x, y in train_batches(ds.train, cfg.batch_size, cfg.seed, epoch):
+            deliver(step)
+            true_step = rule.true_step(step, every)
+            h = x
+            for st in stages[:-1]:
+                h = st.forward(step, h, y, true_step)
+                st.local_update(step)
+            _, dx = stages[-1].last_step(step, h, y, true_step)
+            if dx is not None:
+                pending.append((step + delay, k - 2, step, dx))
+            step += 1
+    deliver(10 ** 9)
+    correct = total = 0
+    for x, y in eval_batches(ds.test, 1024):
+        h = x
+        for st in stages:
+            h = st.eval_forward(h)
+        correct += int((h.argmax(1) == y).sum())
+        total += int(y.shape[0])
+    return {"rule": name, "test_accuracy": correct / total, "steps": step,
+            "gradients_back_per_step": sent_back / step, "seconds": time.perf_counter() - t0}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rules", default="backprop,unlocked:10,local,delayed,corrected:10,residual:10")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--hop-delay", type=int, default=2, help="steps each backward hop arrives late")
+    p.add_argument("--layers", default="784,256,256,256,10")
+    p.add_argument("--seeds", default="0", help="seeds to repeat every rule with (initial weights, batch order)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "rules.json"))
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    cfg = RunConfig(dataset=args.dataset, epochs=args.epochs, layers=tuple(int(v) for v in args.layers.split(",")))
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.synthetic_train, cfg.synthetic_test)
+    print(f"{cfg.dataset}, MLP {args.layers}, {args.epochs} epochs, batch {cfg.batch_size}, "
+          f"Adam {cfg.lr}, each backward hop {args.hop_delay} steps late; one process, one thread")
+    rows = []
+    seeds = [int(v) for v in args.seeds.split(",")]
+    for name in args.rules.split(","):
+        runs = [train_rule(name, cfg.replace(seed=seed), ds, args.hop_delay) for seed in seeds]
+        accs = [r["test_accuracy"] for r in runs]
+        mean = sum(accs) / len(accs)
+        spread = (max(accs) - min(accs)) / 2
+        rows.append({"rule": name, "seeds": seeds, "test_accuracy": accs, "mean": mean,
+                     "gradients_back_per_step": runs[0]["gradients_back_per_step"]})
+        print(f"{name:>14}  test accuracy {100 * mean:6.2f}% +- {100 * spread:.2f} ({len(seeds)} seeds)  "
+              f"gradients back per step {runs[0]['gradients_back_per_step']:.2f}  "
+              f"({sum(r['seconds'] for r in runs):.0f}s)", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"epochs": args.epochs, "layers": args.layers,
+                                          "hop_delay": args.hop_delay, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
