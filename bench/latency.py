@@ -8,7 +8,7 @@
 Latency is simulated in the transport (`--link-delay-ms`): every activation and every gradient
 is delivered that long after it was sent, as over a link between hosts (this kernel has no
 tc netem). Every (delay, mode) pair runs in this one invocation, on this machine's cores; the
-table reports samples/s and the unlocked/locked ratio per delay. Locked pays the delay on every
+table reports samples/s and each rule's ratio to locked per delay. Locked pays the delay on every
 step (down the stages and back), unlocked only in its pipeline fill, so the ratio should grow
 with the delay. Writes bench/results/latency.json. Synthetic data: speed does not depend on it.
 """
@@ -36,10 +36,15 @@ def main() -> None:
     p.add_argument("--transport", default="tcp")
     p.add_argument("--curve", action="store_true",
                    help="run each contender twice: plain and with CURVE-encrypted links (the default for tcp)")
+    p.add_argument("--modes", default="", help="only these modes (default: locked, unlocked at N=1 and "
+                   "--true-grad-every, local, delayed, corrected)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "latency.json"))
     args = p.parse_args()
     delays = [float(d) for d in args.delays.split(",")]
-    contenders = [("locked", 1), ("unlocked", 1), ("unlocked", args.true_grad_every)]
+    n = args.true_grad_every
+    contenders = [("locked", 1), ("unlocked", 1), ("unlocked", n), ("local", 1), ("delayed", 1), ("corrected", n)]
+    if args.modes:
+        contenders = [c for c in contenders if c[0] in args.modes.split(",")]
     securities = [False, True] if args.curve else [False]
     base = RunConfig(dataset="synthetic", synthetic_train=args.steps * 256, synthetic_test=512,
                      epochs=1, stages=args.stages, transport=args.transport, eval_samples=512,
@@ -48,7 +53,8 @@ def main() -> None:
     rows = []
     print(f"{cores} cores, {args.stages} stage processes, {args.steps} steps of batch 256, "
           f"transport {args.transport}")
-    print(f"{'delay ms':>8} {'links':>6} {'mode':>12} {'samples/s':>10} {'vs locked':>9} {'test acc':>8}")
+    print(f"{'delay ms':>8} {'links':>6} {'mode':>12} {'samples/s':>10} {'vs locked':>9} {'test acc':>8} "
+          f"{'stage-0 gradient delay, steps':>30}")
     for delay in delays:
         for secure in securities:
             locked_rate = None
@@ -58,14 +64,16 @@ def main() -> None:
                 _, s = train(cfg, log=lambda _: None)
                 rate = s["samples_per_s"]
                 locked_rate = rate if mode == "locked" else locked_rate
-                name = mode if mode == "locked" else f"unlocked:{n}"
+                name = f"{mode}:{n}" if mode in ("unlocked", "corrected") else mode
                 ratio = rate / locked_rate if locked_rate else None
+                lag = s["workers"][0].get("gradient_delay_mean")  # delayed: how late step s's gradient came
                 rows.append({"delay_ms": delay, "curve": secure, "mode": mode, "true_grad_every": n,
-                             "samples_per_s": rate, "ratio_to_locked": ratio,
+                             "samples_per_s": rate, "ratio_to_locked": ratio, "stage0_gradient_delay": lag,
                              "test_accuracy": s["test_accuracy"], "cores": cores,
                              "stages": args.stages, "steps": s["steps"]})
                 print(f"{delay:>8.1f} {'curve' if secure else 'plain':>6} {name:>12} {rate:>10.0f} "
-                      f"{ratio:>8.2f}x {100 * s['test_accuracy']:>7.2f}%", flush=True)
+                      f"{ratio:>8.2f}x {100 * s['test_accuracy']:>7.2f}% {'' if lag is None else f'{lag:30.1f}'}",
+                      flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"cores": cores, "stages": args.stages, "steps": args.steps,
                                           "transport": args.transport, "delays_ms": delays,

@@ -78,9 +78,9 @@ class RunConfig:
     momentum: float = OPTIMISER.opt(0.9, "sgd only")
 
     true_grad_every: int = SYNTHETIC.opt(1, "N: every N-th step's true gradient trains the SG models")
-    sg_model: str = SYNTHETIC.opt("linear", "linear (full map) | lowrank (d -> r -> d; a 1x1 bottleneck for conv "
+    sg_model: str = SYNTHETIC.opt("lowrank", "linear (full map) | lowrank (d -> r -> d; a 1x1 bottleneck for conv "
                                   "activations) | mlp (one ReLU hidden layer); last layer zero-initialised")
-    sg_hidden: int = SYNTHETIC.opt(1024, "the rank r (lowrank: width or channels of its bottleneck), or the "
+    sg_hidden: int = SYNTHETIC.opt(64, "the rank r (lowrank: width or channels of its bottleneck), or the "
                                    "hidden width of mlp on dense activations")
     sg_lr: float = SYNTHETIC.opt(1e-3, "learning rate of the synthetic-gradient models")
     sg_optimizer: str = SYNTHETIC.opt("adam", "adam | sgd, for the synthetic-gradient models")

@@ -95,8 +95,24 @@ def record(contender: Contender, summary: dict, target: float, cores: int) -> di
                                     if "sg_share_of_compute" in w), default=None),
         # the layout each contender ran with (coordinator/layout.py): split, cores, ceiling
         "layout": summary.get("layout"),
+        # gradient bytes that travelled backward per step (through the coordinator; stage workers only)
+        "bytes_backward_per_step": summary.get("bytes_backward_per_step"),
+        "curve": [[e["wall_s"], e["test_accuracy"]] for e in summary["evals"]],
         "run_dir": summary["run_dir"],
     }
+
+
+MATCH_POINTS = 0.005  # "reaches backprop's accuracy": within half a point of its final one
+
+
+def add_time_to_backprop(rows: list[dict]) -> None:
+    """With backprop among the contenders: for each, the wall clock at which it first came within
+    half a point of backprop's final test accuracy (None: never), beside backprop's own."""
+    bp = next((r for r in rows if r["mode"] == Mode.BACKPROP and r["test_accuracy"] is not None), None)
+    for r in rows:
+        r["backprop_final_accuracy"] = bp["test_accuracy"] if bp else None
+        r["time_to_backprop_s"] = (time_to_target([{"wall_s": w, "test_accuracy": a} for w, a in r["curve"]],
+                                                  bp["test_accuracy"] - MATCH_POINTS) if bp else None)
 
 
 def best_locked(rows: list[dict]) -> Optional[dict]:
@@ -116,8 +132,9 @@ def markdown(rows: list[dict], base: RunConfig, target: float) -> str:
         f"measured in this one invocation. Target accuracy {100 * target:.1f}%.",
         "",
         "| contender | processes | samples/s | x best locked | wall s | test acc | time to target s "
-        "| x best locked | true-grad steps | max messaging | layers per stage | pinned | ceiling |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
+        "| x best locked | time to backprop's acc s | true-grad steps | bytes back per step "
+        "| max messaging | layers per stage | pinned | ceiling |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
     ]
     for r in rows:
         ratio = r["samples_per_s"] / best["samples_per_s"] if best else float("nan")
@@ -130,10 +147,14 @@ def markdown(rows: list[dict], base: RunConfig, target: float) -> str:
         split = ",".join(map(str, lay["groups"])) if lay else "all"
         pinned = ("yes" if lay["pinned"] else "no") if lay else "-"
         ceiling = f"{lay['ceiling_samples_per_s']:.0f}" if lay else "-"
+        to_bp = r.get("time_to_backprop_s")
+        to_bp = "-" if r.get("backprop_final_accuracy") is None else ("never" if to_bp is None else f"{to_bp:.1f}")
+        back = r.get("bytes_backward_per_step")
+        back = "-" if back is None else f"{back / 1024:,.0f} KiB"
         lines.append(
             f"| {r['contender']} | {r['workers']} | {r['samples_per_s']:.0f} | {ratio:.2f} | "
             f"{r['wall_clock_s']:.1f} | {acc} | {'never' if ttt is None else f'{ttt:.1f}'} | "
-            f"{ttt_ratio} | {r['true_gradient_steps']} | {msg} | {split} | {pinned} | {ceiling} |")
+            f"{ttt_ratio} | {to_bp} | {r['true_gradient_steps']} | {back} | {msg} | {split} | {pinned} | {ceiling} |")
     bp = next((r for r in rows if r["mode"] == Mode.BACKPROP), None)
     if bp is not None and any(r["mode"] == Mode.LOCKED for r in rows):
         lines += ["", f"What equals what: `locked` (one torch thread per stage) performs the operations "
@@ -143,6 +164,11 @@ def markdown(rows: list[dict], base: RunConfig, target: float) -> str:
                   f"parameters drift from the one-thread result by rounding (~1e-5 after 200 Adam "
                   f"steps), so small differences in final accuracy between the two are rounding, not "
                   f"a difference in the algorithm."]
+    if best is not None and any(r.get("backprop_final_accuracy") is not None for r in rows):
+        lines += ["", f"Time to backprop's accuracy: the wall clock at which a contender's test accuracy first "
+                  f"came within {100 * MATCH_POINTS:.1f} point of backprop's final "
+                  f"{100 * rows[0]['backprop_final_accuracy']:.2f}%. Bytes back: gradient bytes sent "
+                  f"towards stage 0 per step, all stages together."]
     lines += ["", "Ceiling: the most samples/s the busiest core allows at this machine's best "
               "single-core matmul rate, from the layout's FLOP counts (coordinator/layout.py); "
               "messages, elementwise work and waiting come on top."]
@@ -166,6 +192,7 @@ def run_compare(base: RunConfig, contenders_text: str, target: float, out: Optio
         log(f"[{i}/{len(contenders)}] {c.name}")
         _, summary = train(c.config, log=lambda line, n=c.name: log(f"  [{n}] {line}"))
         rows.append(record(c, summary, target, cores))
+        add_time_to_backprop(rows)
         atomic_write_json(folder / "compare.json", rows)  # a partial table survives an abort
     (folder / "compare.md").write_text(markdown(rows, base, target))
     draw(folder, rows)

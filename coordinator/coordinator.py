@@ -75,6 +75,7 @@ class Coordinator:
         self.done: dict[int, dict] = {}
         self.relayed_true = [0] * self.num_stages  # true gradients delivered to each stage
         self.relayed_bootstrap = [0] * self.num_stages
+        self.bytes_backward = 0  # gradient bytes relayed towards stage 0 (every backward message)
         self.rejected = 0
         self.refusals = RefusalLog(lambda line: log(f"[coordinator] {line}"))  # CURVE turned them away
         self.stopping = StopAfterCheckpoint(self.checkpoints, 3 * cfg.heartbeat_timeout, log)
@@ -222,6 +223,7 @@ class Coordinator:
         except zmq.ZMQError as exc:
             raise RunFailed(f"stage {msg.to_stage} cannot be reached to deliver the gradient of "
                             f"step {msg.step}: {exc}") from None
+        self.bytes_backward += sum(len(frame) for frame in body)
         if msg.is_true:
             self.relayed_true[msg.to_stage] += 1
         else:
@@ -343,6 +345,7 @@ class Coordinator:
             rejected_messages=self.rejected + sum(w.get("rejected_messages", 0) for w in workers),
             true_gradients_relayed=self.relayed_true,
             bootstrap_gradients_relayed=self.relayed_bootstrap,
+            bytes_backward_per_step=self.bytes_backward / max(last.get("steps", 0), 1),
             refused_connections=self.refusals.count,
             checkpoints=self.checkpoints.taken,
             checkpoint_failures=self.checkpoints.failures,

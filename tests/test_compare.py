@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from common.config import ConfigError, RunConfig
-from coordinator.compare import parse_contenders, time_to_target
+from coordinator.compare import add_time_to_backprop, parse_contenders, time_to_target
 from tests.helpers import ROOT
 
 
@@ -18,6 +18,17 @@ def test_time_to_target_is_first_evaluation_reaching_it():
     assert time_to_target(evals, 0.85) == 2.0
     assert time_to_target(evals, 0.5) == 1.0
     assert time_to_target(evals, 0.95) is None
+
+
+def test_time_to_backprops_accuracy_is_within_half_a_point_of_its_final():
+    rows = [{"mode": "backprop", "test_accuracy": 0.88, "curve": [[1.0, 0.80], [2.0, 0.88]]},
+            {"mode": "local", "test_accuracy": 0.879, "curve": [[0.5, 0.86], [1.5, 0.876], [2.5, 0.879]]},
+            {"mode": "unlocked", "test_accuracy": 0.80, "curve": [[0.5, 0.80]]}]
+    add_time_to_backprop(rows)
+    assert [r["time_to_backprop_s"] for r in rows] == [2.0, 1.5, None]
+    alone = [{"mode": "local", "test_accuracy": 0.9, "curve": [[1.0, 0.9]]}]
+    add_time_to_backprop(alone)
+    assert alone[0]["time_to_backprop_s"] is None and alone[0]["backprop_final_accuracy"] is None
 
 
 def test_contenders_parse_and_fail_before_anything_runs(tmp_path):
@@ -56,6 +67,12 @@ def test_compare_writes_table_json_and_plots(tmp_path):
         assert r["time_to_target_s"] is not None and r["time_to_target_s"] <= r["wall_clock_s"] + 1e-6
     assert rows[0]["workers"] == 1 and rows[1]["workers"] == rows[2]["workers"] == 2
     assert rows[3]["true_gradient_steps"] == 96 // 4
+    # locked sends one gradient back per step (2 stages: 64 samples x 64 floats, plus a header);
+    # unlocked N=4 one step in four; backprop and pipeline send nothing through the coordinator
+    assert 64 * 64 * 4 <= rows[2]["bytes_backward_per_step"] <= 64 * 64 * 4 + 512
+    assert rows[3]["bytes_backward_per_step"] == pytest.approx(rows[2]["bytes_backward_per_step"] / 4)
+    assert rows[0]["bytes_backward_per_step"] is None
+    assert all(r["backprop_final_accuracy"] == rows[0]["test_accuracy"] for r in rows)
     table = (out / "compare.md").read_text()
     assert "| unlocked N=4 |" in table and "best locked" in table
     for png in ("curves.png", "timeline.png", "sg_heatmaps.png", "sg_cosine.png"):

@@ -93,12 +93,14 @@ def test_stages_k_splits_by_cost_and_groups_stay_as_given():
 
 
 def test_an_unlocked_stage_pays_for_its_predictor():
-    cfg = RunConfig(mode="unlocked", layers=(784, 256, 10), true_grad_every=10)
+    cfg = RunConfig(mode="unlocked", layers=(784, 256, 10), true_grad_every=10, sg_model="linear")
     locked = cfg.replace(mode="locked")
     assert predictor_cost(locked, (256,)) == 0.0
     # linear predictor of (256 + 10 labels) -> 256: a forward every step, training every 10th
     assert predictor_cost(cfg, (256,)) == pytest.approx(2 * 266 * 256 * (1 + 3 / 10))
     assert stage_costs(cfg, (1, 1))[0] == pytest.approx(stage_costs(locked, (1, 1))[0] + 2 * 266 * 256 * 1.3)
     assert stage_costs(cfg, (1, 1))[1] == stage_costs(locked, (1, 1))[1]  # the last has no predictor
+    lowrank = cfg.replace(sg_model="lowrank", sg_hidden=16)  # (256 + 10) -> 16 -> 256
+    assert predictor_cost(lowrank, (256,)) == pytest.approx(2 * (266 * 16 + 16 * 256) * (1 + 3 / 10))
     local = cfg.replace(mode="local")  # a linear head 256 -> 10, trained every step
     assert predictor_cost(local, (256,)) == 3 * 2 * 256 * 10

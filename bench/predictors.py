@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""The synthetic-gradient predictor's accuracy/cost frontier: unlocked runs with the low-rank
+predictor at each rank, and the full linear one, at each N, one after another in one invocation.
+
+    python bench/predictors.py                                   # Fashion-MNIST, default MLP, 3 epochs
+    python bench/predictors.py --dataset synthetic --layers 784,2048,2048,2048,10 --steps 80
+
+Prints per configuration: test accuracy, samples/s, the largest share of a stage's compute
+spent on its predictor, and the mean cosine between predicted and true gradients; writes
+bench/results/predictors-<dataset>-<layers>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from common.config import RunConfig  # noqa: E402
+from common.procs import available_cores  # noqa: E402
+from coordinator.train import train  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--layers", default="784,256,256,256,10")
+    p.add_argument("--ranks", default="16,32,64,128,full", help="lowrank ranks; 'full' = the linear map")
+    p.add_argument("--every", default="1,10", help="values of N (--true-grad-every)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--steps", type=int, default=None)
+    args = p.parse_args()
+    layers = tuple(int(v) for v in args.layers.split(","))
+    base = RunConfig(dataset=args.dataset, layers=layers, mode="unlocked", epochs=args.epochs, steps=args.steps,
+                     synthetic_train=256 * (args.steps or 100), synthetic_test=512, progress_every=1e9,
+                     out=str(ROOT / "bench" / "results" / "runs" / "predictors"))
+    cores = len(available_cores())
+    print(f"{cores} cores; unlocked, MLP {args.layers}, {args.dataset}, "
+          f"{args.steps or args.epochs} {'steps' if args.steps else 'epochs'}, 4 stage processes")
+    print(f"{'N':>3} {'predictor':>12} {'params':>9} {'test acc':>8} {'samples/s':>10} {'sg share':>8} {'cosine':>7}")
+    rows = []
+    for n in [int(v) for v in args.every.split(",")]:
+        for rank in args.ranks.split(","):
+            sg = {"sg_model": "linear"} if rank == "full" else {"sg_model": "lowrank", "sg_hidden": int(rank)}
+            _, s = train(base.replace(true_grad_every=n, **sg), log=lambda _: None)
+            d = layers[1]
+            params = (d + 10) * d + d if rank == "full" else (d + 10) * int(rank) + int(rank) * d + d
+            share = max(w["sg_share_of_compute"] for w in s["workers"])
+            cos = [r["sg_cosine"] for r in _worker_records(s["run_dir"]) if r.get("sg_cosine") is not None]
+            cosine = sum(cos) / len(cos) if cos else float("nan")
+            name = "linear" if rank == "full" else f"lowrank {rank}"
+            acc = s["test_accuracy"]
+            print(f"{n:>3} {name:>12} {params:>9,} {100 * acc:>7.2f}% {s['samples_per_s']:>10.0f} "
+                  f"{100 * share:>7.1f}% {cosine:>7.2f}", flush=True)
+            rows.append({"true_grad_every": n, "predictor": name, "params_first_stage": params,
+                         "test_accuracy": acc, "samples_per_s": s["samples_per_s"],
+                         "sg_share_of_compute": share, "sg_cosine_mean": cosine})
+    name = f"{args.dataset}-{args.layers.replace(',', '-')}"
+    out = ROOT / "bench" / "results" / f"predictors-{name}.json"
+    out.write_text(json.dumps({"cores": cores, "dataset": args.dataset, "layers": args.layers,
+                               "epochs": args.epochs, "steps": args.steps, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def _worker_records(run_dir: str) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [r for r in (json.loads(line) for line in path.read_text().splitlines()) if r.get("event") == "worker"]
+
+
+if __name__ == "__main__":
+    main()
