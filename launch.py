@@ -32,7 +32,11 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One --option per RunConfig field (except `skip`), typed from the field's annotation."""
+    """One --option per RunConfig field (except `skip`), typed from the field's annotation, and
+    --config FILE for all of them at once."""
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="options from a TOML file (names as below), or a run's config.json to "
+                             "start a new run like it; options given here override the file's")
     hints = typing.get_type_hints(RunConfig)
     sections: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(RunConfig):
@@ -60,7 +64,12 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
     given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(RunConfig)
              if getattr(ns, f.name, None) is not None}
     if given.get("resume"):
+        if getattr(ns, "config", None):
+            raise ConfigError("--config starts a run; --resume continues one with its own saved "
+                              "config (change what may change with options): drop one")
         return synthgrad.resume_config(given["resume"], given).validate()
+    if getattr(ns, "config", None):  # the file's options, then the command line's over them
+        given = {**synthgrad.load_config_file(ns.config), **given}
     return RunConfig(**given).validate()
 
 

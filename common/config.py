@@ -315,3 +315,43 @@ class RunConfig:
 
 def default_backprop_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+# the fields a run's config.json holds that belong to that run, not to a new one started from it
+NOT_CARRIED_OVER = ("out", "resume")
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Options from a file, as `--config FILE` reads them: TOML (`lr = 0.001`, `layers = [784,
+    256, 10]`; dashes or underscores in names), or a run's config.json, which starts a new run
+    with the same settings (its `out` and `resume` are left out: the new run gets its own folder).
+    Options given on the command line override the file's. Errors name the file."""
+    import json
+    import tomllib
+    from pathlib import Path
+    file = Path(path)
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: {exc.strerror or exc}") from None
+    try:
+        if file.suffix == ".json":
+            values = json.loads(raw)
+        else:
+            values = tomllib.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:  # tomllib.TOMLDecodeError and JSON errors are ValueErrors
+        raise ConfigError(f"--config {path}: not valid {'JSON' if file.suffix == '.json' else 'TOML'}: {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a table of options, got {type(values).__name__}")
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    if file.suffix == ".json":
+        values = {k: v for k, v in values.items() if k not in NOT_CARRIED_OVER}
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown option{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(unknown)} (the names are those of `launch.py train --help`)")
+    for k in ("layers", "groups", "slow_stage", "fail_saves"):
+        if isinstance(values.get(k), list):
+            values[k] = tuple(values[k])
+    return values

@@ -17,6 +17,7 @@ from typing import Any
 _EXPORTS = {
     "RunConfig": ("common.config", "RunConfig"),
     "ConfigError": ("common.config", "ConfigError"),
+    "load_config_file": ("common.config", "load_config_file"),
     "Mode": ("common.modes", "Mode"),
     "DataError": ("common.data", "DataError"),
     "RunFailed": ("coordinator.watchdog", "RunFailed"),

@@ -1,6 +1,8 @@
 """Configuration errors are caught before any process starts, with a message saying what to change."""
 from __future__ import annotations
 
+import json
+
 import subprocess
 import sys
 
@@ -68,6 +70,39 @@ def test_cli_builds_config():
     cfg = launch.config_from_args(ns)
     assert cfg.mode == "stale" and cfg.layers == (784, 32, 10) and cfg.conditioned
     assert cfg.true_grad_every == 5 and cfg.batch_size == 256
+
+
+def test_config_file_gives_options_and_the_command_line_overrides_them(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('mode = "unlocked"\ntrue-grad-every = 10\nlayers = [784, 128, 10]\n'
+                    'sg_model = "linear"\nlr = 0.002\n')
+    ns = launch.build_parser().parse_args(["train", "--config", str(toml), "--lr", "0.005"])
+    cfg = launch.config_from_args(ns)
+    assert (cfg.mode, cfg.true_grad_every, cfg.layers, cfg.sg_model) == ("unlocked", 10, (784, 128, 10), "linear")
+    assert cfg.lr == 0.005  # the command line wins
+    # a run's config.json starts a new run like it, in a folder of its own
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps({**RunConfig(mode="local", epochs=1).to_dict(), "out": "runs/old"}))
+    again = launch.config_from_args(launch.build_parser().parse_args(["compare", "--config", str(saved)]))
+    assert again.mode == "local" and again.epochs == 1 and again.out is None
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("lr = 0.001\nlearning_rate = 3\n", "unknown option learning_rate"),
+    ("lr = \n", "not valid TOML"),
+    ("lr = -1.0\n", "--lr"),
+    ("layers = [784, 10]\nmode = 'fast'\n", "unknown mode"),
+], ids=["unknown-key", "syntax", "bad-value", "bad-mode"])
+def test_a_bad_config_file_names_the_problem(tmp_path, text, needle):
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        launch.config_from_args(launch.build_parser().parse_args(["train", "--config", str(f)]))
+    with pytest.raises(ConfigError, match="No such file"):
+        launch.config_from_args(launch.build_parser().parse_args(["train", "--config", str(tmp_path / "x.toml")]))
+    with pytest.raises(ConfigError, match="drop one"):
+        launch.config_from_args(launch.build_parser().parse_args(
+            ["train", "--config", str(f), "--resume", str(tmp_path)]))
 
 
 @pytest.mark.slow
