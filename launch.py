@@ -40,7 +40,7 @@ def add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = 
     hints = typing.get_type_hints(RunConfig)
     sections: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(RunConfig):
-        if f.name in skip:
+        if f.name in skip or f.metadata.get("derived"):
             continue
         title = f.metadata.get("group", "options")
         section = sections.get(title) or sections.setdefault(title, parser.add_argument_group(title))

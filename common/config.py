@@ -20,6 +20,8 @@ DATASETS = ("fashion-mnist", "mnist", "synthetic")
 SG_MODELS = ("linear", "lowrank", "mlp")
 OPTIMIZERS = ("adam", "sgd")
 TRANSPORTS = ("ipc", "tcp")
+DEFAULT_SAMPLE_SHAPE = (1, 28, 28)  # the built-in sets' (Fashion-MNIST, MNIST, synthetic) until read
+DEFAULT_CLASSES = 10
 PLACEMENTS = ("auto", "pin", "none")  # common/placement.py says what each does
 
 
@@ -28,10 +30,12 @@ class Group:
     """A concern the options are grouped by (one section of `launch.py train --help`)."""
     title: str
 
-    def opt(self, default: Any, help: str, *, resume: bool = False) -> Any:
+    def opt(self, default: Any, help: str, *, resume: bool = False, derived: bool = False) -> Any:
         """A config field with its help text and group (launch.py builds its options from these).
-        `resume`: `--resume` may change it, because it does not change what the run computes."""
-        return field(default=default, metadata={"help": help, "group": self.title, "resume": resume})
+        `resume`: `--resume` may change it, because it does not change what the run computes.
+        `derived`: the run fills it in (from the data) before anything starts; not an option."""
+        return field(default=default, metadata={"help": help, "group": self.title, "resume": resume,
+                                                "derived": derived})
 
 
 MODEL = Group("model and update rule")
@@ -62,6 +66,10 @@ class RunConfig:
 
     dataset: str = DATA.opt("fashion-mnist", "fashion-mnist | mnist (needs --data-dir) | synthetic (generated in memory)")
     data_dir: Optional[str] = DATA.opt(None, "folder of IDX files; None = the Debian package's folder", resume=True)
+    input_shape: Optional[tuple[int, ...]] = DATA.opt(
+        None, "one sample's shape, read from the data's header when the run starts", derived=True)
+    num_classes: Optional[int] = DATA.opt(
+        None, "classes in the data, read from its labels when the run starts", derived=True)
     synthetic_train: int = DATA.opt(12800, "samples in the generated set (dataset=synthetic)")
     synthetic_test: int = DATA.opt(2560, "test samples in the generated set")
     eval_samples: Optional[int] = DATA.opt(None, "evaluate on the first N test samples (None = all)", resume=True)
@@ -174,12 +182,19 @@ class RunConfig:
              f"unknown --placement {self.placement!r}; choose one of {', '.join(PLACEMENTS)}")
         need(self.transport in TRANSPORTS,
              f"unknown transport {self.transport!r}; choose one of {', '.join(TRANSPORTS)}")
+        need(self.input_shape is None or (1 <= len(self.input_shape) <= 3 and all(int(d) > 0 for d in self.input_shape)),
+             f"input_shape must be 1 to 3 positive sizes, got {self.input_shape}")
+        need(self.num_classes is None or self.num_classes >= 2, f"num_classes must be at least 2, got {self.num_classes}")
         if self.model == "mlp":
             need(len(self.layers) >= 2, "--layers needs at least an input and an output size, e.g. 784,256,10")
             need(all(int(s) > 0 for s in self.layers), f"--layers sizes must be positive, got {self.layers}")
-            need(self.layers[0] == 784,
-                 f"--layers must start with 784 (28x28 images), got {self.layers[0]}")
-            need(self.layers[-1] == 10, f"--layers must end with 10 classes, got {self.layers[-1]}")
+            if self.input_shape is not None:  # known once the run has read the data's header
+                shape, size = self.sample_shape, math.prod(self.sample_shape)
+                need(self.layers[0] == size, f"--layers must start with {size} (the {self.dataset} samples' "
+                                             f"{'x'.join(map(str, shape))} values), got {self.layers[0]}")
+            if self.num_classes is not None:
+                need(self.layers[-1] == self.classes,
+                     f"--layers must end with {self.classes} ({self.dataset}'s classes), got {self.layers[-1]}")
         need(self.batch_size >= 2, "--batch-size must be at least 2 (batch norm needs two samples)")
         need(self.epochs >= 1, "--epochs must be at least 1")
         need(self.steps is None or self.steps >= 1, "--steps must be at least 1")
@@ -261,6 +276,15 @@ class RunConfig:
         return tuple(base + (1 if i < extra else 0) for i in range(k))
 
     @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """One sample's shape: from the data once the run has read it, else the built-in sets'."""
+        return tuple(self.input_shape) if self.input_shape else DEFAULT_SAMPLE_SHAPE
+
+    @property
+    def classes(self) -> int:
+        return self.num_classes or DEFAULT_CLASSES
+
+    @property
     def num_stages(self) -> int:
         return 1 if self.mode == Mode.BACKPROP else len(self.stage_groups)
 
@@ -299,7 +323,7 @@ class RunConfig:
         kwargs = dict(d)
         if "pin_cores" in kwargs:  # a run folder from before --placement
             kwargs.setdefault("placement", "auto" if kwargs.pop("pin_cores") else "none")
-        for k in ("layers", "groups", "slow_stage", "fail_saves"):
+        for k in ("layers", "groups", "slow_stage", "fail_saves", "input_shape"):
             if kwargs.get(k) is not None:
                 kwargs[k] = tuple(int(v) for v in kwargs[k])
         return cls(**kwargs).validate()
@@ -351,6 +375,11 @@ def load_config_file(path: str) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"--config {path}: unknown option{'s' if len(unknown) > 1 else ''} "
                           f"{', '.join(unknown)} (the names are those of `launch.py train --help`)")
+    derived = [k for k in values if RunConfig.__dataclass_fields__[k].metadata.get("derived")]
+    if derived and file.suffix != ".json":
+        raise ConfigError(f"--config {path}: {', '.join(derived)} come from the data, not from options")
+    for k in derived:  # a run's config.json: read again from the data when the new run starts
+        del values[k]
     for k in ("layers", "groups", "slow_stage", "fail_saves"):
         if isinstance(values.get(k), list):
             values[k] = tuple(values[k])

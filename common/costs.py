@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common.config import RunConfig
 from common.modes import Mode
-from common.models import IMAGE_SHAPE, LocalHead, SyntheticGradient, build_units, unit_shapes
+from common.models import LocalHead, SyntheticGradient, build_units, unit_shapes
 
 _PROBE_BATCH = 2  # batch norm needs two samples in training mode; costs are divided back
 
@@ -45,7 +45,7 @@ def forward_flops(module: nn.Module, *inputs: torch.Tensor) -> float:
 def unit_costs(cfg: RunConfig, units: Optional[Sequence[nn.Module]] = None) -> list[float]:
     """Training FLOPs per sample of every unit of the network (built from cfg when not given)."""
     units = list(units) if units is not None else build_units(cfg)
-    shapes = [IMAGE_SHAPE, *unit_shapes(units)]
+    shapes = [cfg.sample_shape, *unit_shapes(units, cfg.sample_shape)]
     return [training_flops(u, shapes[i]) for i, u in enumerate(units)]
 
 
@@ -55,10 +55,10 @@ def predictor_cost(cfg: RunConfig, out_shape: Sequence[int]) -> float:
     true-gradient steps; a local classifier head trains every step."""
     rule = Mode(cfg.mode).rule  # None for the modes with processes of their own (pipeline)
     if rule is not None and rule.uses_head:
-        return training_flops(LocalHead(out_shape), out_shape)
+        return training_flops(LocalHead(out_shape, cfg.classes), out_shape)
     if rule is None or not rule.uses_predictor:
         return 0.0
-    sg = SyntheticGradient(out_shape, cfg.sg_model, cfg.sg_hidden, cfg.conditioned)
+    sg = SyntheticGradient(out_shape, cfg.sg_model, cfg.sg_hidden, cfg.conditioned, cfg.classes)
     h = torch.zeros(_PROBE_BATCH, *out_shape)
     labels = torch.zeros(_PROBE_BATCH, dtype=torch.long)
     forward = forward_flops(sg, h, labels)
@@ -72,7 +72,7 @@ def stage_costs(cfg: RunConfig, groups: Sequence[int], units: Optional[Sequence[
     loss)."""
     units = list(units) if units is not None else build_units(cfg)
     costs = list(costs) if costs is not None else unit_costs(cfg, units)
-    shapes = unit_shapes(units)
+    shapes = unit_shapes(units, cfg.sample_shape)
     out, start = [], 0
     for i, n in enumerate(groups):
         end = start + n

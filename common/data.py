@@ -64,7 +64,7 @@ def _find(folder: Path, prefix: str, idx: str) -> Path:
 
 @dataclass
 class Split:
-    images: torch.Tensor  # float32 [N, 1, 28, 28], normalised
+    images: torch.Tensor  # float32 [N, C, H, W] (IDX: C = 1), normalised
     labels: torch.Tensor  # int64 [N]
 
     def __len__(self) -> int:
@@ -99,15 +99,69 @@ def load_idx_folder(folder: str | Path, name: str) -> Dataset:
     except DataError as exc:
         raise DataError(f"{exc}; {_how_to_get(name)}") from None
     for x, y in (("xtr", "ytr"), ("xte", "yte")):
-        if arrays[x].shape[0] != arrays[y].shape[0] or arrays[x].shape[1:] != (28, 28):
+        if arrays[x].ndim != 3 or arrays[y].ndim != 1 or arrays[x].shape[0] != arrays[y].shape[0]:
             raise DataError(f"{folder}: {x} has shape {arrays[x].shape} but labels "
-                            f"{arrays[y].shape}; expected [N, 28, 28] images and [N] labels")
+                            f"{arrays[y].shape}; expected [N, H, W] images and [N] labels")
+    if arrays["xte"].shape[1:] != arrays["xtr"].shape[1:]:
+        raise DataError(f"{folder}: test images are {arrays['xte'].shape[1:]}, training images "
+                        f"{arrays['xtr'].shape[1:]}: they must be the same size")
+    classes = _classes(arrays["ytr"], arrays["yte"], folder)
     xtr = torch.from_numpy(arrays["xtr"].astype(np.float32) / 255.0)
     mean, std = float(xtr.mean()), float(xtr.std())
     def split(x: np.ndarray, y: np.ndarray) -> Split:
         imgs = (torch.from_numpy(x.astype(np.float32) / 255.0) - mean) / std
         return Split(imgs.unsqueeze(1).contiguous(), torch.from_numpy(y.astype(np.int64)))
-    return Dataset(name, split(arrays["xtr"], arrays["ytr"]), split(arrays["xte"], arrays["yte"]))
+    return Dataset(name, split(arrays["xtr"], arrays["ytr"]), split(arrays["xte"], arrays["yte"]), classes)
+
+
+def _classes(train_labels: np.ndarray, test_labels: np.ndarray, where: Path) -> int:
+    """Classes 0..K-1, K from the training labels; a test label outside them is an error."""
+    if train_labels.size == 0 or int(train_labels.min()) < 0:
+        raise DataError(f"{where}: training labels must be class indices 0, 1, ... (got none, or negatives)")
+    classes = int(train_labels.max()) + 1
+    if classes < 2:
+        raise DataError(f"{where}: the training labels hold a single class")
+    if test_labels.size and (int(test_labels.min()) < 0 or int(test_labels.max()) >= classes):
+        raise DataError(f"{where}: test labels run from {int(test_labels.min())} to {int(test_labels.max())}, "
+                        f"outside the training labels' classes 0..{classes - 1}")
+    return classes
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What the model needs to know about the data before any process loads it."""
+    sample_shape: tuple[int, ...]
+    num_classes: int
+
+
+def data_spec(name: str, data_dir: Optional[str]) -> DataSpec:
+    """One sample's shape and the number of classes, from the files' headers and the training
+    labels (small), without loading the images."""
+    if name == "synthetic":
+        return DataSpec((1, 28, 28), 10)
+    folder = Path(data_dir or FASHION_MNIST_DIR)
+    dims = idx_dims(_find(folder, "train-images", "idx3"))
+    if len(dims) != 3:
+        raise DataError(f"{folder}: training images have {len(dims)} dimensions; expected [N, H, W]")
+    labels = read_idx(_find(folder, "train-labels", "idx1"))
+    test_labels = read_idx(_find(folder, "t10k-labels", "idx1"))
+    return DataSpec((1, int(dims[1]), int(dims[2])), _classes(labels, test_labels, folder))
+
+
+def idx_dims(path: Path) -> tuple[int, ...]:
+    """An IDX file's dimensions from its header alone."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    opener = gzip.open if head == b"\x1f\x8b" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read(4 + 4 * 4)
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read its header ({exc})") from None
+    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] not in IDX_DTYPES or not 1 <= raw[3] <= 4 \
+            or len(raw) < 4 + 4 * raw[3]:
+        raise DataError(f"{path}: not an IDX file (header 0x{raw[:4].hex()})")
+    return struct.unpack(f">{raw[3]}I", raw[4:4 + 4 * raw[3]])
 
 
 def synthetic(n_train: int, n_test: int, seed: int = 1234) -> Dataset:

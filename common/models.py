@@ -14,8 +14,7 @@ import torch.nn.functional as F
 
 from common.config import RunConfig
 
-IMAGE_SHAPE = (1, 28, 28)
-NUM_CLASSES = 10
+NUM_CLASSES = 10  # the default of the helper models' label conditioning (the run passes its own)
 
 
 def mlp_units(sizes: Sequence[int]) -> list[nn.Module]:
@@ -34,20 +33,25 @@ def mlp_units(sizes: Sequence[int]) -> list[nn.Module]:
     return units
 
 
-def cnn_units() -> list[nn.Module]:
+def cnn_units(sample_shape: Sequence[int] = (1, 28, 28), classes: int = NUM_CLASSES) -> list[nn.Module]:
     """A small CNN in four units: two conv blocks, a hidden Linear block, the classifier (no bias
-    before BatchNorm, as in mlp_units)."""
+    before BatchNorm, as in mlp_units). Images of C x H x W (H, W >= 4)."""
+    if len(sample_shape) != 3 or min(sample_shape[1:]) < 4:
+        raise ValueError(f"--model cnn needs images (channels x height x width, at least 4x4), "
+                         f"got samples of shape {tuple(sample_shape)}")
+    c, h, w = sample_shape
     return [
-        nn.Sequential(nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2)),
+        nn.Sequential(nn.Conv2d(c, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2)),
         nn.Sequential(nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2)),
-        nn.Sequential(nn.Flatten(), nn.Linear(64 * 7 * 7, 128, bias=False), nn.BatchNorm1d(128), nn.ReLU()),
-        nn.Sequential(nn.Linear(128, NUM_CLASSES)),
+        nn.Sequential(nn.Flatten(), nn.Linear(64 * (h // 4) * (w // 4), 128, bias=False), nn.BatchNorm1d(128),
+                      nn.ReLU()),
+        nn.Sequential(nn.Linear(128, classes)),
     ]
 
 
 def build_units(cfg: RunConfig) -> list[nn.Module]:
     torch.manual_seed(cfg.seed)
-    return mlp_units(cfg.layers) if cfg.model == "mlp" else cnn_units()
+    return mlp_units(cfg.layers) if cfg.model == "mlp" else cnn_units(cfg.sample_shape, cfg.classes)
 
 
 def stage_bounds(cfg: RunConfig) -> list[tuple[int, int]]:
@@ -59,10 +63,10 @@ def stage_bounds(cfg: RunConfig) -> list[tuple[int, int]]:
     return bounds
 
 
-def unit_shapes(units: Sequence[nn.Module]) -> list[tuple[int, ...]]:
+def unit_shapes(units: Sequence[nn.Module], sample_shape: Sequence[int] = (1, 28, 28)) -> list[tuple[int, ...]]:
     """Per-sample output shape of each unit (fixed up front so links can check what they get)."""
     shapes = []
-    x = torch.zeros(2, *IMAGE_SHAPE)
+    x = torch.zeros(2, *sample_shape)
     with torch.no_grad():
         for u in units:
             was = u.training
@@ -76,10 +80,10 @@ def unit_shapes(units: Sequence[nn.Module]) -> list[tuple[int, ...]]:
 def stage_io_shapes(cfg: RunConfig, units: Optional[Sequence[nn.Module]] = None
                     ) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """(input shape, output shape) per sample for each stage (of `units` when already built)."""
-    outs = unit_shapes(units if units is not None else build_units(cfg))
+    outs = unit_shapes(units if units is not None else build_units(cfg), cfg.sample_shape)
     result = []
     for a, b in stage_bounds(cfg):
-        result.append((IMAGE_SHAPE if a == 0 else outs[a - 1], outs[b - 1]))
+        result.append((cfg.sample_shape if a == 0 else outs[a - 1], outs[b - 1]))
     return result
 
 

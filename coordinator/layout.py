@@ -51,7 +51,7 @@ def plan_layout(cfg: RunConfig) -> tuple[RunConfig, Optional[Layout]]:
     costs = unit_costs(cfg, units)
     if cfg.groups is None and cfg.stages is not None:
         n = len(units)
-        predictors = [predictor_cost(cfg, shape) for shape in unit_shapes(units)]
+        predictors = [predictor_cost(cfg, shape) for shape in unit_shapes(units, cfg.sample_shape)]
 
         def group_cost(a: int, b: int) -> float:  # a stage's units, and its predictor unless last
             return sum(costs[a:b]) + (predictors[b - 1] if b < n else 0.0)

@@ -14,7 +14,7 @@ import zmq
 
 from common.config import ConfigError, RunConfig
 from common.modes import STAGE_WORKER_MODES, Mode, spoken
-from common.data import check_dataset, count_train, total_steps
+from common.data import check_dataset, count_train, data_spec, total_steps
 from common.endpoints import tcp_host
 from common.files import atomic_write_json
 from common.security import Guard, Keys, MonitorKeys, local_run_keys, resolve_keys
@@ -74,7 +74,11 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
     binds there, calls `on_listening(endpoint)`, and waits for workers started elsewhere
     (`launch.py worker`, or the other ranks under torchrun)."""
     cfg.validate()
-    if not cfg.resume:  # a resumed run keeps the split its config.json holds
+    if not cfg.resume:  # a resumed run keeps the shapes and split its config.json holds
+        if bind is None:
+            check_dataset(cfg.dataset, cfg.data_dir)  # stage 0 runs here: all its files, or a clear error
+        spec = data_spec(cfg.dataset, cfg.data_dir)
+        cfg = cfg.replace(input_shape=spec.sample_shape, num_classes=spec.num_classes)
         cfg, layout = plan_layout(cfg)
     else:
         layout = plan_layout(cfg)[1]

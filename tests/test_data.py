@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import gzip
+import json
 import struct
 
 import numpy as np
 import pytest
 import torch
 
-from common.data import (DataError, check_dataset, load_dataset, read_idx, train_batches,
+from common.config import RunConfig
+from common.data import (DataError, DataSpec, check_dataset, data_spec, load_dataset, read_idx, train_batches,
                          FASHION_MNIST_DIR)
 
 
@@ -49,16 +51,18 @@ def test_truncated_file_fails_clearly(tmp_path):
         read_idx(tmp_path / "t")
 
 
-def make_mnist_folder(folder, n_train=40, n_test=20, compress=True, names="standard"):
+def make_mnist_folder(folder, n_train=40, n_test=20, compress=True, names="standard", size=(28, 28),
+                      classes=10):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     sep = "-" if names == "standard" else "."
     suffix = ".gz" if compress else ""
     for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, classes, n, dtype=np.uint8)
+        labels[0] = classes - 1  # every class count is visible in the labels
         write_idx(folder / f"{prefix}-images{sep}idx3-ubyte{suffix}",
-                  rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), compress=compress)
-        write_idx(folder / f"{prefix}-labels{sep}idx1-ubyte{suffix}",
-                  rng.integers(0, 10, n, dtype=np.uint8), compress=compress)
+                  rng.integers(0, 256, (n, *size), dtype=np.uint8), compress=compress)
+        write_idx(folder / f"{prefix}-labels{sep}idx1-ubyte{suffix}", labels, compress=compress)
 
 
 @pytest.mark.parametrize("compress,names", [(True, "standard"), (False, "dotted")])
@@ -69,6 +73,38 @@ def test_mnist_folder_loads(tmp_path, compress, names):
     assert ds.train.images.shape == (40, 1, 28, 28) and ds.test.images.shape == (20, 1, 28, 28)
     assert ds.train.labels.dtype == torch.int64
     assert abs(float(ds.train.images.mean())) < 1e-4  # normalised with the training set's mean
+
+
+def test_any_image_size_and_number_of_classes(tmp_path):
+    """An IDX folder of 14x20 images in 5 classes: the header and the labels say so, and a run
+    on it builds its models from them (config.json keeps them)."""
+    make_mnist_folder(tmp_path / "small", n_train=64, n_test=16, size=(14, 20), classes=5)
+    assert data_spec("mnist", str(tmp_path / "small")) == DataSpec((1, 14, 20), 5)
+    ds = load_dataset("mnist", str(tmp_path / "small"))
+    assert ds.train.images.shape == (64, 1, 14, 20) and ds.num_classes == 5
+    import synthgrad
+    base = RunConfig(mode="backprop", dataset="mnist", data_dir=str(tmp_path / "small"), batch_size=8,
+                     steps=4, epochs=1, backprop_threads=1)
+    with pytest.raises(synthgrad.ConfigError, match=r"--layers must start with 280 \(the mnist samples' 1x14x20"):
+        synthgrad.train(base.replace(out=str(tmp_path / "r0")), log=lambda *_: None)
+    for model in ("mlp", "cnn"):
+        cfg = base.replace(model=model, layers=(280, 16, 5), out=str(tmp_path / model))
+        _, summary = synthgrad.train(cfg, log=lambda *_: None)
+        assert summary["status"] == "done" and summary["steps"] == 4
+        saved = json.loads((tmp_path / model / "config.json").read_text())
+        assert saved["input_shape"] == [1, 14, 20] and saved["num_classes"] == 5
+
+
+def test_labels_and_sizes_that_do_not_fit_are_refused(tmp_path):
+    make_mnist_folder(tmp_path / "d", n_train=16, n_test=8, classes=3)
+    write_idx(tmp_path / "d" / "t10k-labels-idx1-ubyte.gz", np.array([0, 1, 7, 1, 0, 2, 1, 0], np.uint8),
+              compress=True)
+    with pytest.raises(DataError, match="outside the training labels' classes 0..2"):
+        load_dataset("mnist", str(tmp_path / "d"))
+    make_mnist_folder(tmp_path / "e", n_train=16, n_test=8)
+    write_idx(tmp_path / "e" / "t10k-images-idx3-ubyte.gz", np.zeros((8, 14, 14), np.uint8), compress=True)
+    with pytest.raises(DataError, match="must be the same size"):
+        load_dataset("mnist", str(tmp_path / "e"))
 
 
 def test_missing_data_says_how_to_get_it(tmp_path):
@@ -98,3 +134,19 @@ def test_real_fashion_mnist_loads():
     ds = load_dataset("fashion-mnist", None)
     assert len(ds.train) == 60000 and len(ds.test) == 10000
     assert sorted(ds.train.labels.unique().tolist()) == list(range(10))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_locked_equals_backprop_on_data_of_another_shape(tmp_path):
+    """The built-in CNN on single-channel 14x20 images in 5 classes, split over two stage
+    processes: locked still reproduces one-thread backprop (tolerance: tests/helpers.py)."""
+    from common.files import load_model_state
+    from tests.helpers import EXACT_SGD, LOCKED_EQUALS_BACKPROP, assert_states_close, run
+    make_mnist_folder(tmp_path / "small", n_train=256, n_test=32, size=(14, 20), classes=5)
+    cfg = RunConfig(dataset="mnist", data_dir=str(tmp_path / "small"), model="cnn", batch_size=32, epochs=2,
+                    backprop_threads=1, start_timeout=60, stall_timeout=30, **EXACT_SGD)
+    ref_dir, _ = run(cfg, mode="backprop", out=str(tmp_path / "bp"))
+    got_dir, summary = run(cfg, mode="locked", stages=2, out=str(tmp_path / "locked"))
+    assert summary["steps"] == 16
+    assert_states_close(load_model_state(ref_dir), load_model_state(got_dir), **LOCKED_EQUALS_BACKPROP)

@@ -122,13 +122,13 @@ class StageLogic:
         self.sg_optimizer: Optional[torch.optim.Optimizer] = None
         if not self.is_last and self.rule.uses_predictor:
             torch.manual_seed(cfg.seed * 7919 + stage)
-            self.sg = SyntheticGradient(out_shape, cfg.sg_model, cfg.sg_hidden, cfg.conditioned)
+            self.sg = SyntheticGradient(out_shape, cfg.sg_model, cfg.sg_hidden, cfg.conditioned, cfg.classes)
             self.sg_optimizer = make_optimizer(self.sg.parameters(), cfg.sg_optimizer, cfg.sg_lr)
         self.head: Optional[LocalHead] = None
         self.head_optimizer: Optional[torch.optim.Optimizer] = None
         if not self.is_last and self.rule.uses_head:
             torch.manual_seed(cfg.seed * 7919 + stage)
-            self.head = LocalHead(out_shape)
+            self.head = LocalHead(out_shape, cfg.classes)
             self.head_optimizer = make_optimizer(self.head.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
         self.latest_step = -1  # the latest step this stage has run forward
         self.kept: dict[int, Kept] = {}
