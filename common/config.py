@@ -16,7 +16,7 @@ from common.modes import MODE_NAMES, STAGE_WORKER_MODES, Mode, UpdateRule, spoke
 
 SCHEDULES = ("gpipe", "1f1b")
 MODELS = ("mlp", "cnn")
-DATASETS = ("fashion-mnist", "mnist", "synthetic")
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "synthetic")
 SG_MODELS = ("linear", "lowrank", "mlp")
 OPTIMIZERS = ("adam", "sgd")
 TRANSPORTS = ("ipc", "tcp")
@@ -64,8 +64,10 @@ class RunConfig:
     stages: Optional[int] = MODEL.opt(None, "number of stage processes, layers split evenly (default: one per layer)")
     groups: Optional[tuple[int, ...]] = MODEL.opt(None, "explicit layers per stage, e.g. 2,1,1")
 
-    dataset: str = DATA.opt("fashion-mnist", "fashion-mnist | mnist (needs --data-dir) | synthetic (generated in memory)")
-    data_dir: Optional[str] = DATA.opt(None, "folder of IDX files; None = the Debian package's folder", resume=True)
+    dataset: str = DATA.opt("fashion-mnist", "fashion-mnist | mnist (IDX files of any image size; needs --data-dir) | "
+                                             "cifar10 (the binary version; needs --data-dir) | synthetic (generated in memory)")
+    data_dir: Optional[str] = DATA.opt(None, "folder of the data's files; None = the Debian package's Fashion-MNIST",
+                                       resume=True)
     input_shape: Optional[tuple[int, ...]] = DATA.opt(
         None, "one sample's shape, read from the data's header when the run starts", derived=True)
     num_classes: Optional[int] = DATA.opt(

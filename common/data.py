@@ -80,6 +80,9 @@ class Dataset:
 
 
 def _how_to_get(dataset: str) -> str:
+    if dataset == "cifar10":
+        return ("pass --data-dir with the folder of CIFAR-10's binary version (cifar-10-batches-bin: "
+                "data_batch_1.bin ... data_batch_5.bin and test_batch.bin)")
     if dataset == "fashion-mnist":
         return ("install it with `apt-get install dataset-fashion-mnist` (files land in "
                 f"{FASHION_MNIST_DIR}) or pass --data-dir with a folder of its IDX files")
@@ -139,6 +142,11 @@ def data_spec(name: str, data_dir: Optional[str]) -> DataSpec:
     labels (small), without loading the images."""
     if name == "synthetic":
         return DataSpec((1, 28, 28), 10)
+    if name == "cifar10":
+        train_files, test_file = _cifar_files(Path(data_dir or ""))
+        labels = [np.memmap(f, dtype=np.uint8, mode="r").reshape(-1, CIFAR_RECORD)[:, 0] for f in train_files]
+        test_labels = np.memmap(test_file, dtype=np.uint8, mode="r").reshape(-1, CIFAR_RECORD)[:, 0]
+        return DataSpec(CIFAR_SHAPE, _classes(np.concatenate(labels), np.asarray(test_labels), Path(data_dir or "")))
     folder = Path(data_dir or FASHION_MNIST_DIR)
     dims = idx_dims(_find(folder, "train-images", "idx3"))
     if len(dims) != 3:
@@ -164,6 +172,48 @@ def idx_dims(path: Path) -> tuple[int, ...]:
     return struct.unpack(f">{raw[3]}I", raw[4:4 + 4 * raw[3]])
 
 
+CIFAR_SHAPE = (3, 32, 32)
+CIFAR_RECORD = 1 + 3 * 32 * 32  # one label byte, then the red, green and blue planes, row by row
+
+
+def _cifar_files(folder: Path) -> tuple[list[Path], Path]:
+    """data_batch_*.bin (in order) and test_batch.bin; checked for the record size."""
+    if not folder.is_dir():
+        raise DataError(f"cifar10 data folder {folder} does not exist; {_how_to_get('cifar10')}")
+    train = sorted(folder.glob("data_batch_*.bin"))
+    test = folder / "test_batch.bin"
+    if not train or not test.is_file():
+        raise DataError(f"no data_batch_*.bin or test_batch.bin in {folder}; {_how_to_get('cifar10')}")
+    for f in [*train, test]:
+        size = f.stat().st_size
+        if size == 0 or size % CIFAR_RECORD:
+            raise DataError(f"{f}: {size} bytes is not a whole number of {CIFAR_RECORD}-byte CIFAR-10 "
+                            f"records (a label byte and 3x32x32 pixels)")
+    return train, test
+
+
+def _cifar_records(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """(images [N, 3, 32, 32] uint8, labels [N]) from binary batch files (no pickle involved)."""
+    rows = np.concatenate([np.fromfile(f, dtype=np.uint8).reshape(-1, CIFAR_RECORD) for f in files])
+    return rows[:, 1:].reshape(-1, *CIFAR_SHAPE), rows[:, 0].astype(np.int64)
+
+
+def load_cifar10(folder: str | Path) -> Dataset:
+    """CIFAR-10's binary version, normalised per channel with the training set's mean and std."""
+    train_files, test_file = _cifar_files(Path(folder))
+    xtr, ytr = _cifar_records(train_files)
+    xte, yte = _cifar_records([test_file])
+    classes = _classes(ytr, yte, Path(folder))
+    xtr_f = torch.from_numpy(xtr.astype(np.float32) / 255.0)
+    mean = xtr_f.mean(dim=(0, 2, 3), keepdim=True)
+    std = xtr_f.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+
+    def split(x: np.ndarray, y: np.ndarray) -> Split:
+        imgs = (torch.from_numpy(x.astype(np.float32) / 255.0) - mean) / std
+        return Split(imgs.contiguous(), torch.from_numpy(y))
+    return Dataset("cifar10", split(xtr, ytr), split(xte, yte), classes)
+
+
 def synthetic(n_train: int, n_test: int, seed: int = 1234) -> Dataset:
     """Ten classes, each a fixed random 28x28 pattern plus noise: learnable in a few hundred steps."""
     g = torch.Generator().manual_seed(seed)
@@ -181,10 +231,10 @@ def load_dataset(name: str, data_dir: Optional[str], n_train: int = 12800,
         return synthetic(n_train, n_test)
     if name == "fashion-mnist":
         return load_idx_folder(data_dir or FASHION_MNIST_DIR, name)
-    if name == "mnist":
+    if name in ("mnist", "cifar10"):
         if not data_dir:
-            raise DataError(f"--dataset mnist needs --data-dir; {_how_to_get('mnist')}")
-        return load_idx_folder(data_dir, name)
+            raise DataError(f"--dataset {name} needs --data-dir; {_how_to_get(name)}")
+        return load_idx_folder(data_dir, name) if name == "mnist" else load_cifar10(data_dir)
     raise DataError(f"unknown dataset {name!r}")
 
 
@@ -193,8 +243,11 @@ def check_dataset(name: str, data_dir: Optional[str]) -> None:
     if name == "synthetic":
         return
     folder = Path(data_dir or (FASHION_MNIST_DIR if name == "fashion-mnist" else ""))
-    if not data_dir and name == "mnist":
-        raise DataError(f"--dataset mnist needs --data-dir; {_how_to_get('mnist')}")
+    if not data_dir and name in ("mnist", "cifar10"):
+        raise DataError(f"--dataset {name} needs --data-dir; {_how_to_get(name)}")
+    if name == "cifar10":
+        _cifar_files(folder)
+        return
     if not folder.is_dir():
         raise DataError(f"{name} data folder {folder} does not exist; {_how_to_get(name)}")
     for prefix, idx in (("train-images", "idx3"), ("train-labels", "idx1"),
@@ -209,6 +262,8 @@ def count_train(name: str, data_dir: Optional[str], n_synthetic: int) -> int:
     """Training-set size from the labels file's header alone (the coordinator loads no data)."""
     if name == "synthetic":
         return n_synthetic
+    if name == "cifar10":
+        return sum(f.stat().st_size // CIFAR_RECORD for f in _cifar_files(Path(data_dir or ""))[0])
     folder = Path(data_dir or FASHION_MNIST_DIR)
     return int(read_idx(_find(folder, "train-labels", "idx1")).shape[0])
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from common.config import RunConfig
-from common.data import (DataError, DataSpec, check_dataset, data_spec, load_dataset, read_idx, train_batches,
+from common.data import (DataError, DataSpec, _cifar_records, check_dataset, data_spec, load_dataset, read_idx, train_batches,
                          FASHION_MNIST_DIR)
 
 
@@ -150,3 +150,46 @@ def test_locked_equals_backprop_on_data_of_another_shape(tmp_path):
     got_dir, summary = run(cfg, mode="locked", stages=2, out=str(tmp_path / "locked"))
     assert summary["steps"] == 16
     assert_states_close(load_model_state(ref_dir), load_model_state(got_dir), **LOCKED_EQUALS_BACKPROP)
+
+
+def make_cifar_folder(folder, per_batch=20, batches=2, n_test=10, classes=10):
+    """CIFAR-10's binary format, written here: per record a label byte, then 3x32x32 pixels."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+
+    def records(n):
+        labels = rng.integers(0, classes, n, dtype=np.uint8)
+        labels[0] = classes - 1
+        pixels = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
+        pixels[:, :1024] //= 2  # a red plane darker than the others: channels are normalised apart
+        return np.concatenate([labels[:, None], pixels], axis=1).tobytes()
+    for b in range(1, batches + 1):
+        (folder / f"data_batch_{b}.bin").write_bytes(records(per_batch))
+    (folder / "test_batch.bin").write_bytes(records(n_test))
+
+
+def test_cifar10_binary_batches_load_without_pickle(tmp_path):
+    make_cifar_folder(tmp_path / "c")
+    check_dataset("cifar10", str(tmp_path / "c"))
+    assert data_spec("cifar10", str(tmp_path / "c")) == DataSpec((3, 32, 32), 10)
+    ds = load_dataset("cifar10", str(tmp_path / "c"))
+    assert ds.train.images.shape == (40, 3, 32, 32) and ds.test.images.shape == (10, 3, 32, 32)
+    assert ds.train.labels[0] == 9 and ds.train.labels.dtype == torch.int64
+    means = ds.train.images.mean(dim=(0, 2, 3))
+    assert torch.allclose(means, torch.zeros(3), atol=1e-4)  # per channel, the red one included
+    raw = (tmp_path / "c" / "data_batch_1.bin").read_bytes()
+    images, labels = _cifar_records([tmp_path / "c" / "data_batch_1.bin"])  # planes, row by row
+    assert labels[0] == raw[0] and images[0, 0, 0, 0] == raw[1] and images[0, 1, 0, 0] == raw[1 + 1024]
+    assert images[0, 2, 31, 31] == raw[3072] and images[1, 0, 0, 1] == raw[3073 + 2]
+    import synthgrad  # a run on it: the CNN takes 3 channels, the MLP 3072 inputs
+    for model, layers in (("cnn", (784, 10)), ("mlp", (3072, 32, 10))):
+        cfg = RunConfig(mode="backprop", dataset="cifar10", data_dir=str(tmp_path / "c"), model=model,
+                        layers=layers, batch_size=8, steps=3, backprop_threads=1, out=str(tmp_path / model))
+        assert synthgrad.train(cfg, log=lambda *_: None)[1]["status"] == "done"
+    (tmp_path / "c" / "data_batch_2.bin").write_bytes(raw[:100])  # a torn file
+    with pytest.raises(DataError, match="not a whole number of 3073-byte CIFAR-10 records"):
+        check_dataset("cifar10", str(tmp_path / "c"))
+    with pytest.raises(DataError, match="needs --data-dir"):
+        check_dataset("cifar10", None)
+    with pytest.raises(DataError, match="no data_batch"):
+        check_dataset("cifar10", str(tmp_path))
