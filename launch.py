@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 import synthgrad
 from synthgrad import ConfigError, RunConfig
 
-SUBCOMMANDS = ("train", "compare", "report", "monitor", "coordinator", "worker", "keys")
+SUBCOMMANDS = ("train", "compare", "report", "monitor", "coordinator", "worker", "keys", "export")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument("--keys", default=None, help="the keys folder the run printed after 'watch it:'")
     monitor.add_argument("--secure", action=argparse.BooleanOptionalAction, default=None,
                          help="CURVE (default: on for a tcp endpoint; --no-secure for a run started with it)")
+    export = sub.add_parser("export", help="write a run's trained network as one plain PyTorch module",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    export.add_argument("run_dir", help="a finished run folder")
+    export.add_argument("out", help="the file to write, e.g. model.pt")
+    export.add_argument("--state-dict", action="store_true",
+                        help="write only the state dict (loads with torch.load's weights_only=True)")
     keys = sub.add_parser("keys", help="make the CURVE key pairs for secure links in a folder",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     keys.add_argument("folder", help="where to write coordinator/worker/monitor .key and .key_secret")
@@ -246,6 +252,17 @@ def cmd_monitor(ns: argparse.Namespace) -> int:
         return 0  # detaching never disturbs the run
 
 
+def cmd_export(ns: argparse.Namespace) -> int:
+    try:
+        out = synthgrad.export(ns.run_dir, ns.out, state_dict_only=ns.state_dict)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    how = "torch.load(PATH)  # a state dict" if ns.state_dict else "torch.load(PATH, weights_only=False)  # an nn.Sequential"
+    print(f"wrote {out}; load it with {how.replace('PATH', repr(str(out)))}")
+    return 0
+
+
 def cmd_keys(ns: argparse.Namespace) -> int:
     make_keys = synthgrad.make_keys
     try:
@@ -271,7 +288,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv = ["train", *argv]
     ns = build_parser().parse_args(argv)
     commands = {"train": cmd_train, "compare": cmd_compare, "report": cmd_report, "monitor": cmd_monitor,
-                "coordinator": cmd_coordinator, "worker": cmd_worker, "keys": cmd_keys}
+                "coordinator": cmd_coordinator, "worker": cmd_worker, "keys": cmd_keys, "export": cmd_export}
     return commands[ns.command](ns)
 
 

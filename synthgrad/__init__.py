@@ -3,7 +3,7 @@
     import synthgrad
     cfg = synthgrad.RunConfig(mode="unlocked", true_grad_every=10, dataset="synthetic", steps=200)
     run_dir, summary = synthgrad.train(cfg)            # summary.json's contents
-    weights = synthgrad.load_model_state(run_dir)      # {unit index: state_dict}
+    model = synthgrad.trained_model(run_dir)          # the trained network, a plain nn.Sequential
 
 Everything here is re-exported from the packages below it (common/, workers/, coordinator/),
 loaded on first use so that `import synthgrad` stays cheap.
@@ -22,6 +22,8 @@ _EXPORTS = {
     "DataError": ("common.data", "DataError"),
     "RunFailed": ("coordinator.watchdog", "RunFailed"),
     "load_model_state": ("common.files", "load_model_state"),
+    "trained_model": ("coordinator.export", "trained_model"),
+    "export": ("coordinator.export", "export"),
     "train": ("coordinator.train", "train"),
     "format_summary": ("coordinator.train", "format_summary"),
     "compare": ("coordinator.compare", "run_compare"),
