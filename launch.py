@@ -63,6 +63,12 @@ def add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = 
 def config_from_args(ns: argparse.Namespace) -> RunConfig:
     given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(RunConfig)
              if getattr(ns, f.name, None) is not None}
+    if given.get("resume") == "auto":  # a restarted job continues; its first start begins the run
+        folder = synthgrad.auto_resume(given)
+        if folder is None:
+            del given["resume"]
+        else:
+            given["resume"] = folder
     if given.get("resume"):
         if getattr(ns, "config", None):
             raise ConfigError("--config starts a run; --resume continues one with its own saved "

@@ -127,7 +127,9 @@ class RunConfig:
     checkpoint_every: float = LIMITS.opt(300.0, "save every stage at one step about this often, in seconds "
                                          "(0: only at the end and on Ctrl-C / SIGTERM)", resume=True)
     resume: Optional[str] = LIMITS.opt(None, "continue the run in this folder from its last complete checkpoint "
-                                       "(its config; only run length and monitoring options may change)")
+                                       "(its config; only run length and monitoring options may change); "
+                                       "'auto' with --out DIR: continue DIR when it holds a checkpoint, else "
+                                       "start a new run there (for jobs torchrun or Slurm restart)")
     on_failure: str = LIMITS.opt("stop", "when a stage process dies or hangs: stop the run, or restart every "
                                  "stage from the last complete checkpoint (local stages; up to --max-restarts)")
     max_restarts: int = LIMITS.opt(3, "with --on-failure restart: give up after this many restarts")
@@ -235,6 +237,8 @@ class RunConfig:
                  f"--fail-saves needs STAGE,N with STAGE in 0..{len(self.stage_groups) - 1}, got {self.fail_saves}")
         need(not self.resume or Mode(self.mode).on_stage_workers,
              f"--resume continues {spoken(STAGE_WORKER_MODES)} runs, not {self.mode}")
+        need(self.resume != "auto", "resume='auto' is decided before the run: pass the folder "
+                                    "(synthgrad.auto_resume finds it), or use --resume auto on the command line")
         need(self.on_failure in ("stop", "restart"), f"--on-failure must be stop or restart, got {self.on_failure!r}")
         need(self.max_restarts >= 0, "--max-restarts must be 0 or more")
         need(0.0 <= self.link_delay_ms <= 10_000, "--link-delay-ms must be between 0 and 10000")

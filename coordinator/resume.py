@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 from common.config import ConfigError, RunConfig
 from common.modes import STAGE_WORKER_MODES, Mode, spoken
@@ -28,6 +29,17 @@ def read_manifest(run_dir: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path} is not readable: {exc}") from None
+
+
+def auto_resume(given: dict) -> Optional[str]:
+    """`--resume auto --out DIR`, for jobs that a launcher restarts (torchrun --max-restarts, a
+    Slurm requeue): the folder to continue when DIR holds a complete checkpoint, else None (the
+    first start: a new run into DIR)."""
+    out = given.get("out")
+    if not out:
+        raise ConfigError("--resume auto needs --out DIR: the folder a restarted job finds its "
+                          "checkpoints in")
+    return str(out) if (Path(out) / "checkpoints" / "manifest.json").is_file() else None
 
 
 def resume_config(run_dir: str, given: dict) -> RunConfig:

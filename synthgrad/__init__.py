@@ -28,6 +28,7 @@ _EXPORTS = {
     "format_summary": ("coordinator.train", "format_summary"),
     "compare": ("coordinator.compare", "run_compare"),
     "resume_config": ("coordinator.resume", "resume_config"),
+    "auto_resume": ("coordinator.resume", "auto_resume"),
     "report": ("coordinator.plots", "draw_run"),
     "monitor": ("coordinator.monitor", "watch"),
     "status_table": ("coordinator.monitor", "status_table"),

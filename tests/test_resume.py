@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from common.config import ConfigError
 from common.files import load_model_state
 from tests.helpers import LOCKED, ROOT, assert_states_equal, interrupt_after
 
@@ -59,3 +60,22 @@ def test_resume_refuses_what_it_cannot_do(tmp_path):
     assert empty.returncode == 2 and "nothing to resume" in empty.stderr
     changed = run("--resume", str(tmp_path), "--layers", "784,32,10")
     assert changed.returncode == 2 and "drop --layers" in changed.stderr
+
+
+@pytest.mark.timeout(180)
+def test_resume_auto_starts_a_run_then_continues_it(tmp_path):
+    """What a job restarted by torchrun or Slurm does: the same command line, `--resume auto`:
+    the first start begins the run in --out, a later start continues its last checkpoint."""
+    import launch
+    out = tmp_path / "job"
+    args = ["train", *LOCKED, "--resume", "auto", "--out", str(out)]
+    first = launch.config_from_args(launch.build_parser().parse_args([*args, "--steps", "20"]))
+    assert first.resume is None and first.out == str(out)  # nothing there yet: a new run
+    from coordinator.train import train
+    train(first, log=lambda *_: None)
+    again = launch.config_from_args(launch.build_parser().parse_args([*args, "--steps", "40"]))
+    assert again.resume == str(out) and again.steps == 40
+    _, summary = train(again, log=lambda *_: None)
+    assert summary["resumed_from_step"] == 19 and summary["steps"] == 40
+    with pytest.raises(ConfigError, match="--resume auto needs --out"):
+        launch.config_from_args(launch.build_parser().parse_args(["train", "--resume", "auto"]))
