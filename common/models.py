@@ -6,6 +6,7 @@ initial weights equal the single-process reference's bit for bit.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -87,10 +88,23 @@ def stage_io_shapes(cfg: RunConfig, units: Optional[Sequence[nn.Module]] = None
     return result
 
 
+def _dense(d_in: int, d_out: int, kind: str, hidden: int) -> list[nn.Module]:
+    """A predictor over the last dimension: full linear map, rank-`hidden` map, or one ReLU layer."""
+    if kind == "linear":  # a full d_in x d_out map: costs about what a wide layer does
+        return [nn.Linear(d_in, d_out)]
+    if kind == "lowrank":  # d -> r -> d, no nonlinearity: a rank-r linear map
+        return [nn.Linear(d_in, hidden, bias=False), nn.Linear(hidden, d_out)]
+    return [nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out)]
+
+
 class SyntheticGradient(nn.Module):
     """Predicts dL/dh from h (and the labels, for cDNI). The last layer starts at zero, so the
     first updates are zero rather than noise. It predicts the per-sample gradient
-    (batch size x dL_mean/dh), which keeps its targets O(1) whatever the batch size."""
+    (batch size x dL_mean/dh), which keeps its targets O(1) whatever the batch size.
+
+    Per activation shape (one sample's): (D,) a dense predictor; (C, H, W) convolutions; (T, D)
+    (a sequence) the dense predictor at every position, the labels beside every position; any
+    other shape is flattened to one vector and predicted densely."""
 
     def __init__(self, shape: Sequence[int], kind: str = "linear", hidden: int = 1024,
                  conditioned: bool = False, num_classes: int = NUM_CLASSES):
@@ -99,15 +113,8 @@ class SyntheticGradient(nn.Module):
         self.conditioned = conditioned
         self.num_classes = num_classes
         extra = num_classes if conditioned else 0
-        if len(self.shape) == 1:
-            d = self.shape[0]
-            if kind == "linear":  # a full (d + labels) x d map: costs about what a wide layer does
-                layers: list[nn.Module] = [nn.Linear(d + extra, d)]
-            elif kind == "lowrank":  # d -> r -> d, no nonlinearity: a rank-r linear map
-                layers = [nn.Linear(d + extra, hidden, bias=False), nn.Linear(hidden, d)]
-            else:
-                layers = [nn.Linear(d + extra, hidden), nn.ReLU(), nn.Linear(hidden, d)]
-        elif len(self.shape) == 3:
+        self.flatten = len(self.shape) not in (1, 2, 3)
+        if len(self.shape) == 3:
             c = self.shape[0]
             if kind == "linear":
                 layers = [nn.Conv2d(c + extra, c, 3, padding=1)]
@@ -115,27 +122,37 @@ class SyntheticGradient(nn.Module):
                 layers = [nn.Conv2d(c + extra, hidden, 1, bias=False), nn.Conv2d(hidden, c, 3, padding=1)]
             else:
                 layers = [nn.Conv2d(c + extra, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1)]
+        elif len(self.shape) in (1, 2):
+            layers = _dense(self.shape[-1] + extra, self.shape[-1], kind, hidden)
         else:
-            raise ValueError(f"no synthetic-gradient model for activations of shape {self.shape}")
+            size = math.prod(self.shape)
+            if size < 1:
+                raise ValueError(f"no synthetic-gradient model for activations of shape {self.shape}")
+            layers = _dense(size + extra, size, kind, hidden)
         nn.init.zeros_(layers[-1].weight)
         nn.init.zeros_(layers[-1].bias)
         self.net = nn.Sequential(*layers)
 
     def forward(self, h: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = h.reshape(h.shape[0], -1) if self.flatten else h
         if self.conditioned:
             if labels is None:
                 raise ValueError("a conditioned synthetic-gradient model needs the labels")
-            onehot = F.one_hot(labels, self.num_classes).to(h.dtype)
-            if h.dim() == 4:
-                onehot = onehot[:, :, None, None].expand(-1, -1, h.shape[2], h.shape[3])
-            h = torch.cat([h, onehot], dim=1)
-        return self.net(h)
+            onehot = F.one_hot(labels, self.num_classes).to(x.dtype)
+            if x.dim() == 4:  # beside every pixel, as channels
+                x = torch.cat([x, onehot[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])], dim=1)
+            elif x.dim() == 3:  # beside every position of a sequence
+                x = torch.cat([x, onehot[:, None, :].expand(-1, x.shape[1], -1)], dim=2)
+            else:
+                x = torch.cat([x, onehot], dim=1)
+        return self.net(x).reshape(h.shape)
 
 
 class LocalHead(nn.Module):
     """A stage's own small classifier (mode local): linear on dense activations; for conv
     activations, average-pooled to 2x2 first (as in decoupled greedy learning's auxiliary
-    nets), so the head stays small whatever the image size."""
+    nets), so the head stays small whatever the image size; for a sequence (T, D), the mean over
+    positions; any other shape, flattened."""
 
     def __init__(self, shape: Sequence[int], num_classes: int = NUM_CLASSES):
         super().__init__()
@@ -144,11 +161,20 @@ class LocalHead(nn.Module):
             self.net = nn.Linear(shape[0], num_classes)
         elif len(shape) == 3:
             self.net = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(shape[0] * 4, num_classes))
+        elif len(shape) == 2:
+            self.net = nn.Sequential(_MeanOverPositions(), nn.Linear(shape[1], num_classes))
+        elif shape and math.prod(shape) >= 1:
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), num_classes))
         else:
             raise ValueError(f"no local head for activations of shape {shape}")
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.net(h)
+
+
+class _MeanOverPositions(nn.Module):
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h.mean(dim=1)
 
 
 def make_optimizer(params, name: str, lr: float, momentum: float = 0.9) -> torch.optim.Optimizer:

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.config import RunConfig
-from common.models import SyntheticGradient, build_units, stage_bounds, stage_io_shapes
+from common.models import LocalHead, SyntheticGradient, build_units, stage_bounds, stage_io_shapes
 from workers.stage import StageLogic
 
 
@@ -183,3 +183,25 @@ def test_a_late_gradient_waits_for_the_pending_steps_own_update(mode):
     assert all(torch.equal(a, b) for a, b in zip(before, first.module.parameters()))  # held
     first.local_update(1)  # would fail on a modified weight if the update had been applied
     assert any(not torch.equal(a, b) for a, b in zip(before, first.module.parameters()))
+
+
+@pytest.mark.parametrize("shape", [(12,), (5, 12), (4, 6, 6), (2, 3, 4, 5)], ids=["dense", "sequence", "image", "other"])
+@pytest.mark.parametrize("kind", ["linear", "lowrank", "mlp"])
+def test_predictors_and_heads_for_any_activation_shape(shape, kind):
+    """(B, D), (B, T, D), (B, C, H, W) and anything else (flattened): the predictor answers in
+    the activation's shape, starts at zero, learns, and uses the labels; the local head gives
+    one logit per class."""
+    torch.manual_seed(0)
+    sg = SyntheticGradient(shape, kind, 8, conditioned=True, num_classes=3)
+    h, y = torch.randn(6, *shape), torch.tensor([0, 1, 2, 0, 1, 2])
+    assert sg(h, y).shape == h.shape and not sg(h, y).any()
+    target = torch.randn_like(h)
+    opt = torch.optim.Adam(sg.parameters(), lr=1e-2)
+    for _ in range(20):
+        loss = F.mse_loss(sg(h, y), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert F.mse_loss(sg(h, y), target) < F.mse_loss(torch.zeros_like(target), target)
+    assert not torch.equal(sg(h, y), sg(h, (y + 1) % 3))  # the labels are an input
+    assert LocalHead(shape, 3)(h).shape == (6, 3)
