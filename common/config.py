@@ -50,6 +50,12 @@ OUTPUT = Group("output and monitoring")
 TESTING = Group("testing only")
 
 
+def is_import_path(text: str) -> bool:
+    """'package.module:name' (what --model, and a user's other code, is given as)."""
+    module, _, name = text.partition(":")
+    return bool(module) and bool(name) and all(part.isidentifier() for part in [*module.split("."), *name.split(".")])
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message says what to change."""
 
@@ -59,7 +65,9 @@ class RunConfig:
     """Every option of a run, grouped by concern (the field's metadata says which; access stays
     flat, cfg.lr, so that code reads as the command line does)."""
     mode: str = MODEL.opt("unlocked", "backprop | pipeline (torch.distributed.pipelining) | locked | unlocked | stale")
-    model: str = MODEL.opt("mlp", "mlp (sizes from --layers) | cnn (two conv blocks, two linear)")
+    model: str = MODEL.opt("mlp", "mlp (sizes from --layers) | cnn (two conv blocks, two linear) | "
+                                  "package.module:factory (your own: returns an nn.Sequential or a list of "
+                                  "modules, one per layer; called with input_shape, num_classes)")
     layers: tuple[int, ...] = MODEL.opt((784, 256, 256, 256, 10), "MLP sizes: input, hidden..., classes")
     stages: Optional[int] = MODEL.opt(None, "number of stage processes, layers split evenly (default: one per layer)")
     groups: Optional[tuple[int, ...]] = MODEL.opt(None, "explicit layers per stage, e.g. 2,1,1")
@@ -72,6 +80,8 @@ class RunConfig:
         None, "one sample's shape, read from the data's header when the run starts", derived=True)
     num_classes: Optional[int] = DATA.opt(
         None, "classes in the data, read from its labels when the run starts", derived=True)
+    model_layers: Optional[int] = MODEL.opt(
+        None, "layers of a model given by import path, counted when the run starts", derived=True)
     synthetic_train: int = DATA.opt(12800, "samples in the generated set (dataset=synthetic)")
     synthetic_test: int = DATA.opt(2560, "test samples in the generated set")
     eval_samples: Optional[int] = DATA.opt(None, "evaluate on the first N test samples (None = all)", resume=True)
@@ -164,7 +174,9 @@ class RunConfig:
                 raise ConfigError(msg)
 
         need(self.mode in MODE_NAMES, f"unknown mode {self.mode!r}; choose one of {', '.join(MODE_NAMES)}")
-        need(self.model in MODELS, f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        need(self.model in MODELS or is_import_path(self.model),
+             f"unknown model {self.model!r}: choose {' or '.join(MODELS)}, or give your own as "
+             f"package.module:factory (a function returning an nn.Sequential or a list of modules)")
         need(self.dataset in DATASETS,
              f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
         need(self.sg_model in SG_MODELS,
@@ -252,6 +264,8 @@ class RunConfig:
         need(self.eval_samples is None or self.eval_samples >= 1, "--eval-samples must be at least 1")
         need(self.eval_every is None or self.eval_every >= 1, "--eval-every must be at least 1")
         n_layers = self.num_layers
+        if n_layers is None:  # a model given by import path, not built yet: the run checks again
+            return self
         if self.groups is not None:
             need(all(g >= 1 for g in self.groups), f"--groups entries must be >= 1, got {self.groups}")
             need(sum(self.groups) == n_layers,
@@ -268,17 +282,23 @@ class RunConfig:
 
     # ---------------------------------------------------------------- derived values
     @property
-    def num_layers(self) -> int:
-        """Layers that can be placed on stages (MLP: Linear blocks; CNN: four blocks)."""
-        return len(self.layers) - 1 if self.model == "mlp" else 4
+    def num_layers(self) -> Optional[int]:
+        """Layers that can be placed on stages (MLP: Linear blocks; CNN: four blocks; a model
+        given by import path: its units, once the run has built it; None before)."""
+        if self.model == "mlp":
+            return len(self.layers) - 1
+        return 4 if self.model == "cnn" else self.model_layers
 
     @property
     def stage_groups(self) -> tuple[int, ...]:
         """Layers per stage: explicit groups, or an even split into `stages` (default one each)."""
         if self.groups is not None:
             return tuple(self.groups)
-        k = self.stages or self.num_layers
-        base, extra = divmod(self.num_layers, k)
+        n = self.num_layers
+        if n is None:
+            raise ValueError(f"the layers of {self.model} are counted when the run starts (coordinator/train.py)")
+        k = self.stages or n
+        base, extra = divmod(n, k)
         return tuple(base + (1 if i < extra else 0) for i in range(k))
 
     @property

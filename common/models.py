@@ -51,8 +51,65 @@ def cnn_units(sample_shape: Sequence[int] = (1, 28, 28), classes: int = NUM_CLAS
 
 
 def build_units(cfg: RunConfig) -> list[nn.Module]:
+    """The whole network as a list of layers ("units"), from the seed: every process builds
+    the same one and keeps its own stage's units."""
     torch.manual_seed(cfg.seed)
-    return mlp_units(cfg.layers) if cfg.model == "mlp" else cnn_units(cfg.sample_shape, cfg.classes)
+    if cfg.model == "mlp":
+        return mlp_units(cfg.layers)
+    if cfg.model == "cnn":
+        return cnn_units(cfg.sample_shape, cfg.classes)
+    return user_units(cfg.model, input_shape=cfg.sample_shape, num_classes=cfg.classes, layers=cfg.layers)
+
+
+class ModelError(ValueError):
+    """A model given by import path cannot be used; the message says why."""
+
+
+def user_units(path: str, **offered) -> list[nn.Module]:
+    """Call the factory at `path` ('package.module:function') with those of `offered`
+    (input_shape, num_classes, layers) its signature names, and take its answer apart into
+    units: the children of an nn.Sequential, or the modules of a list, in order."""
+    import importlib
+    import inspect
+    module_name, _, attr = path.partition(":")
+    try:
+        factory = importlib.import_module(module_name)
+        for part in attr.split("."):
+            factory = getattr(factory, part)
+    except ImportError as exc:
+        raise ModelError(f"cannot import {module_name} ({exc}); it must be importable where every "
+                         f"stage runs (installed, or on PYTHONPATH)") from None
+    except AttributeError:
+        raise ModelError(f"{module_name} has no {attr}") from None
+    if not callable(factory):
+        raise ModelError(f"{attr} is not a function")
+    try:
+        params = inspect.signature(factory).parameters
+        takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
+        model = factory(**{k: v for k, v in offered.items() if takes_all or k in params})
+    except Exception as exc:  # the user's code: any failure is theirs to see, named
+        raise ModelError(f"the factory failed: {type(exc).__name__}: {exc}") from None
+    if isinstance(model, nn.Sequential):
+        units = list(model.children())
+    elif isinstance(model, (list, tuple)) and all(isinstance(m, nn.Module) for m in model):
+        units = list(model)
+    else:
+        raise ModelError(f"the factory returned {type(model).__name__}; it must return an nn.Sequential "
+                         f"or a list of nn.Modules (one per layer, in order)")
+    if not units:
+        raise ModelError("the factory returned no layers")
+    return units
+
+
+def check_model(cfg: RunConfig) -> int:
+    """Build the network once, before any process starts, and check that its layers chain on the
+    data's samples and end in one logit per class. Returns its number of layers (units)."""
+    units = build_units(cfg)
+    shapes = unit_shapes(units, cfg.sample_shape)
+    if shapes[-1] != (cfg.classes,):
+        raise ModelError(f"the last layer gives {shapes[-1]} per sample; the data has {cfg.classes} classes, "
+                         f"so it must give ({cfg.classes},): one logit per class")
+    return len(units)
 
 
 def stage_bounds(cfg: RunConfig) -> list[tuple[int, int]]:
@@ -65,15 +122,24 @@ def stage_bounds(cfg: RunConfig) -> list[tuple[int, int]]:
 
 
 def unit_shapes(units: Sequence[nn.Module], sample_shape: Sequence[int] = (1, 28, 28)) -> list[tuple[int, ...]]:
-    """Per-sample output shape of each unit (fixed up front so links can check what they get)."""
+    """Per-sample output shape of each unit (fixed up front so links can check what they get).
+    Raises ModelError naming the unit whose input it cannot take or that returns no tensor."""
     shapes = []
     x = torch.zeros(2, *sample_shape)
     with torch.no_grad():
-        for u in units:
+        for i, u in enumerate(units):
             was = u.training
             u.eval()
-            x = u(x)
-            u.train(was)
+            try:
+                out = u(x)
+            except Exception as exc:
+                raise ModelError(f"layer {i} ({type(u).__name__}) cannot take the output of the layer before "
+                                 f"it, per sample {tuple(x.shape[1:])}: {type(exc).__name__}: {exc}") from None
+            finally:
+                u.train(was)
+            if not isinstance(out, torch.Tensor) or out.dim() < 2:
+                raise ModelError(f"layer {i} ({type(u).__name__}) must return one tensor with a batch dimension")
+            x = out
             shapes.append(tuple(x.shape[1:]))
     return shapes
 

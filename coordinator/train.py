@@ -12,7 +12,8 @@ from typing import Optional
 
 import zmq
 
-from common.config import ConfigError, RunConfig
+from common.config import MODELS, ConfigError, RunConfig
+from common.models import ModelError, check_model
 from common.modes import STAGE_WORKER_MODES, Mode, spoken
 from common.data import check_dataset, count_train, data_spec, total_steps
 from common.endpoints import tcp_host
@@ -79,6 +80,12 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
             check_dataset(cfg.dataset, cfg.data_dir)  # stage 0 runs here: all its files, or a clear error
         spec = data_spec(cfg.dataset, cfg.data_dir)
         cfg = cfg.replace(input_shape=spec.sample_shape, num_classes=spec.num_classes)
+        try:
+            layers = check_model(cfg)
+        except ModelError as exc:
+            raise ConfigError(f"--model {cfg.model}: {exc}") from None
+        if cfg.model not in MODELS:
+            cfg = cfg.replace(model_layers=layers)
         cfg, layout = plan_layout(cfg)
     else:
         layout = plan_layout(cfg)[1]

@@ -1,0 +1,36 @@
+"""Models a user might bring, given to --model by import path (tests/test_user_model.py)."""
+from __future__ import annotations
+
+from torch import nn
+
+
+def small_cnn(input_shape, num_classes):
+    """A CNN of the user's own, built for whatever images the data holds."""
+    c, h, w = input_shape
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(c, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2)),
+        nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU()),
+        nn.Sequential(nn.Flatten(), nn.Linear(16 * (h // 2) * (w // 2), 32), nn.ReLU()),
+        nn.Linear(32, num_classes),
+    )
+
+
+def as_stage_list(**options):
+    """A list of modules instead of an nn.Sequential; takes every offered option."""
+    return [nn.Flatten(), nn.Linear(options["layers"][0], 24), nn.Linear(24, options["num_classes"])]
+
+
+def not_a_model(input_shape):
+    return 42
+
+
+def broken_chain(num_classes):
+    return [nn.Flatten(), nn.Linear(10, 5), nn.Linear(5, num_classes)]
+
+
+def wrong_classes():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 3))
+
+
+def raises():
+    raise RuntimeError("the user's bug")
