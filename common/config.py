@@ -73,7 +73,10 @@ class RunConfig:
     groups: Optional[tuple[int, ...]] = MODEL.opt(None, "explicit layers per stage, e.g. 2,1,1")
 
     dataset: str = DATA.opt("fashion-mnist", "fashion-mnist | mnist (IDX files of any image size; needs --data-dir) | "
-                                             "cifar10 (the binary version; needs --data-dir) | synthetic (generated in memory)")
+                                             "cifar10 (the binary version; needs --data-dir) | synthetic (generated in "
+                                             "memory) | package.module:function (your own: returns (train, test) "
+                                             "map-style datasets of (float tensor, class index); given data_dir if it "
+                                             "takes it)")
     data_dir: Optional[str] = DATA.opt(None, "folder of the data's files; None = the Debian package's Fashion-MNIST",
                                        resume=True)
     input_shape: Optional[tuple[int, ...]] = DATA.opt(
@@ -177,8 +180,9 @@ class RunConfig:
         need(self.model in MODELS or is_import_path(self.model),
              f"unknown model {self.model!r}: choose {' or '.join(MODELS)}, or give your own as "
              f"package.module:factory (a function returning an nn.Sequential or a list of modules)")
-        need(self.dataset in DATASETS,
-             f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        need(self.dataset in DATASETS or is_import_path(self.dataset),
+             f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}, or give your own as "
+             f"package.module:function returning (train, test) map-style datasets")
         need(self.sg_model in SG_MODELS,
              f"unknown synthetic-gradient model {self.sg_model!r}; choose one of {', '.join(SG_MODELS)}")
         need(self.optimizer in OPTIMIZERS and self.sg_optimizer in OPTIMIZERS,

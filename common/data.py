@@ -15,6 +15,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from common.config import is_import_path
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
@@ -64,18 +66,69 @@ def _find(folder: Path, prefix: str, idx: str) -> Path:
 
 @dataclass
 class Split:
+    """A split held in memory (the built-in sets)."""
     images: torch.Tensor  # float32 [N, C, H, W] (IDX: C = 1), normalised
     labels: torch.Tensor  # int64 [N]
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples at `idx`, as one batch."""
+        return self.images[idx], self.labels[idx]
+
+
+class UserSplit:
+    """A split that is a user's map-style dataset (`dataset[i]` -> (sample, class index)): read
+    a batch at a time, so the data need not fit in memory; every sample is checked as it comes."""
+
+    def __init__(self, data, what: str, sample_shape: tuple[int, ...], num_classes: int):
+        self.data = data
+        self.what = what
+        self.sample_shape = sample_shape
+        self.num_classes = num_classes
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for i in idx.tolist():
+            x, y = _sample(self.data, i, self.what)
+            if tuple(x.shape) != self.sample_shape:
+                raise DataError(f"{self.what}[{i}] is a sample of shape {tuple(x.shape)}; sample 0 was "
+                                f"{self.sample_shape}: every sample must have one shape")
+            if not 0 <= y < self.num_classes:
+                raise DataError(f"{self.what}[{i}] has label {y}, outside the classes 0..{self.num_classes - 1}")
+            xs.append(x)
+            ys.append(y)
+        return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
+
+
+def _sample(data, i: int, what: str) -> tuple[torch.Tensor, int]:
+    """One (sample, label) of a user's dataset, checked for type."""
+    try:
+        item = data[i]
+    except Exception as exc:
+        raise DataError(f"{what}[{i}] failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise DataError(f"{what}[{i}] is {type(item).__name__}; a dataset item must be (sample, label)")
+    x, y = item
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise DataError(f"{what}[{i}]: the sample is {type(x).__name__}"
+                        f"{f' of {x.dtype}' if isinstance(x, torch.Tensor) else ''}; it must be a float tensor")
+    if isinstance(y, torch.Tensor) and y.numel() == 1 and not y.is_floating_point():
+        y = int(y)
+    if isinstance(y, bool) or not isinstance(y, int):
+        raise DataError(f"{what}[{i}]: the label is {type(y).__name__}; it must be a class index (int)")
+    return x.float(), y
+
 
 @dataclass
 class Dataset:
     name: str
-    train: Split
-    test: Split
+    train: "Split | UserSplit"
+    test: "Split | UserSplit"
     num_classes: int = 10
 
 
@@ -142,6 +195,8 @@ def data_spec(name: str, data_dir: Optional[str]) -> DataSpec:
     labels (small), without loading the images."""
     if name == "synthetic":
         return DataSpec((1, 28, 28), 10)
+    if is_import_path(name):
+        return _user_spec(name, *_user_datasets(name, data_dir))
     if name == "cifar10":
         train_files, test_file = _cifar_files(Path(data_dir or ""))
         labels = [np.memmap(f, dtype=np.uint8, mode="r").reshape(-1, CIFAR_RECORD)[:, 0] for f in train_files]
@@ -225,8 +280,65 @@ def synthetic(n_train: int, n_test: int, seed: int = 1234) -> Dataset:
     return Dataset("synthetic", split(n_train), split(n_test))
 
 
+def _user_datasets(path: str, data_dir: Optional[str]):
+    """Call the factory at `path` ('package.module:function'; given `data_dir` if it takes an
+    argument named so) and return its (train, test) datasets."""
+    import importlib
+    import inspect
+    module_name, _, attr = path.partition(":")
+    try:
+        factory = importlib.import_module(module_name)
+        for part in attr.split("."):
+            factory = getattr(factory, part)
+    except ImportError as exc:
+        raise DataError(f"--dataset {path}: cannot import {module_name} ({exc}); it must be importable "
+                        f"where stage 0 runs") from None
+    except AttributeError:
+        raise DataError(f"--dataset {path}: {module_name} has no {attr}") from None
+    try:
+        takes = inspect.signature(factory).parameters
+        pair = factory(data_dir=data_dir) if "data_dir" in takes else factory()
+    except Exception as exc:
+        raise DataError(f"--dataset {path} failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(
+            hasattr(d, "__getitem__") and hasattr(d, "__len__") for d in pair):
+        raise DataError(f"--dataset {path} returned {type(pair).__name__}; it must return (train, test): two "
+                        f"map-style datasets (dataset[i] -> (sample, class index), len(dataset))")
+    for d, what in zip(pair, ("training", "test")):
+        if len(d) == 0:
+            raise DataError(f"--dataset {path}: the {what} set is empty")
+    return pair
+
+
+def _user_spec(path: str, train, test) -> DataSpec:
+    """Shape from sample 0 (checked against the last sample of each split); classes from the
+    dataset's `classes` (a list, as torchvision's) or `num_classes`, else from every label."""
+    x0, _ = _sample(train, 0, f"{path} train")
+    shape = tuple(x0.shape)
+    for d, what in ((train, "train"), (test, "test")):
+        for i in (0, len(d) - 1):
+            x, _ = _sample(d, i, f"{path} {what}")
+            if tuple(x.shape) != shape:
+                raise DataError(f"{path} {what}[{i}] is a sample of shape {tuple(x.shape)}; "
+                                f"train[0] is {shape}: every sample must have one shape")
+    if hasattr(train, "classes"):
+        classes = len(train.classes)
+    elif hasattr(train, "num_classes"):
+        classes = int(train.num_classes)
+    else:  # reads every training label once
+        classes = max(_sample(train, i, f"{path} train")[1] for i in range(len(train))) + 1
+    if classes < 2:
+        raise DataError(f"--dataset {path}: {classes} class; a classifier needs at least two")
+    return DataSpec(shape, classes)
+
+
 def load_dataset(name: str, data_dir: Optional[str], n_train: int = 12800,
                  n_test: int = 2560) -> Dataset:
+    if is_import_path(name):
+        train, test = _user_datasets(name, data_dir)
+        spec = _user_spec(name, train, test)
+        return Dataset(name, UserSplit(train, f"{name} train", spec.sample_shape, spec.num_classes),
+                       UserSplit(test, f"{name} test", spec.sample_shape, spec.num_classes), spec.num_classes)
     if name == "synthetic":
         return synthetic(n_train, n_test)
     if name == "fashion-mnist":
@@ -241,6 +353,9 @@ def load_dataset(name: str, data_dir: Optional[str], n_train: int = 12800,
 def check_dataset(name: str, data_dir: Optional[str]) -> None:
     """Fail fast, before any process starts, when the files are not there."""
     if name == "synthetic":
+        return
+    if is_import_path(name):
+        _user_spec(name, *_user_datasets(name, data_dir))
         return
     folder = Path(data_dir or (FASHION_MNIST_DIR if name == "fashion-mnist" else ""))
     if not data_dir and name in ("mnist", "cifar10"):
@@ -262,6 +377,8 @@ def count_train(name: str, data_dir: Optional[str], n_synthetic: int) -> int:
     """Training-set size from the labels file's header alone (the coordinator loads no data)."""
     if name == "synthetic":
         return n_synthetic
+    if is_import_path(name):
+        return len(_user_datasets(name, data_dir)[0])
     if name == "cifar10":
         return sum(f.stat().st_size // CIFAR_RECORD for f in _cifar_files(Path(data_dir or ""))[0])
     folder = Path(data_dir or FASHION_MNIST_DIR)
@@ -284,11 +401,11 @@ def train_batches(split: Split, batch_size: int, seed: int, epoch: int) -> Itera
     order = torch.randperm(len(split), generator=g)
     for b in range(steps_per_epoch(len(split), batch_size)):
         idx = order[b * batch_size:(b + 1) * batch_size]
-        yield split.images[idx], split.labels[idx]
+        yield split.take(idx)
 
 
 def eval_batches(split: Split, batch_size: int, limit: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     n = len(split) if limit is None else min(limit, len(split))
     for start in range(0, n, batch_size):
         end = min(start + batch_size, n)
-        yield split.images[start:end], split.labels[start:end]
+        yield split.take(torch.arange(start, end))

@@ -1,8 +1,9 @@
-"""Your own model, by import path: built in every process from the same seed, checked before
-anything starts, and trained by every mode; locked still equals backprop on it."""
+"""Your own model and data, by import path: built in every process from the same seed, checked
+before anything starts, and trained by every mode; locked still equals backprop on them."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 import synthgrad
 from common.config import ConfigError, RunConfig
@@ -38,13 +39,38 @@ def test_a_list_of_modules_and_the_options_it_asks_for(tmp_path):
         "1.bias", "1.weight", "2.bias", "2.weight"]
 
 
+@pytest.mark.parametrize("path, needle", [
+    ("tests.user_data:float_label", r"train\[0\]: the label is float; it must be a class index"),
+    ("tests.user_data:ragged", r"test\[15\] is a sample of shape \(1, 4, 8\); train\[0\] is \(1, 8, 8\)"),
+    ("tests.user_data:int_samples", "the sample is Tensor of torch.int64; it must be a float tensor"),
+    ("tests.user_data:not_a_pair", "returned Patterns; it must return \\(train, test\\)"),
+    ("tests.user_data:missing", "tests.user_data has no missing"),
+])
+def test_a_bad_dataset_is_refused_before_anything_starts(tmp_path, path, needle):
+    cfg = RunConfig(mode="locked", dataset=path, layers=(64, 8, 3), out=str(tmp_path / "r"),
+                    **{k: v for k, v in TINY.items() if k != "dataset"})
+    with pytest.raises(synthgrad.DataError, match=needle):
+        synthgrad.train(cfg, log=lambda *_: None)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_users_dataset_batches_like_the_built_in_ones():
+    from common.data import DataSpec, data_spec, load_dataset, train_batches
+    assert data_spec("tests.user_data:patterns", None) == DataSpec((1, 8, 8), 3)
+    ds = load_dataset("tests.user_data:patterns", None)
+    (x, y), (x2, y2) = next(train_batches(ds.train, 32, 0, 0)), next(train_batches(ds.train, 32, 0, 0))
+    assert x.shape == (32, 1, 8, 8) and y.dtype == torch.int64 and torch.equal(x, x2) and torch.equal(y, y2)
+    order = torch.randperm(512, generator=torch.Generator().manual_seed(0 * 1000003 + 0))[:32]
+    assert torch.equal(y, ds.train.data.labels[order])  # the one seeded order of every mode
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(150)
-def test_locked_equals_backprop_on_a_users_model(tmp_path):
-    """A CNN the test defines, split into two stages by cost: locked reproduces one-thread
-    backprop (tolerance: tests/helpers.py); the other rules train it through the same processes."""
+def test_locked_equals_backprop_on_a_users_model_and_data(tmp_path):
+    """A CNN and a dataset the test defines, the CNN split into two stages by cost: locked
+    reproduces one-thread backprop (tolerance: tests/helpers.py); other rules train it too."""
     cfg = RunConfig(model="tests.user_models:small_cnn", start_timeout=60, stall_timeout=30,
-                    **{**TINY, "steps": 12}, **EXACT_SGD)
+                    **{**TINY, "steps": 12, "dataset": "tests.user_data:patterns"}, **EXACT_SGD)
     ref_dir, _ = run(cfg, mode="backprop", out=str(tmp_path / "bp"))
     got_dir, summary = run(cfg, mode="locked", stages=2, out=str(tmp_path / "locked"))
     assert summary["layout"]["groups"] != [1, 1, 1, 1] and sum(summary["layout"]["groups"]) == 4

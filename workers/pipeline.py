@@ -223,8 +223,8 @@ def _evaluate(cfg: RunConfig, schedule, module: nn.Module, ds, first: bool, last
             rows = min(cfg.batch_size, n - start)
             x = y = None
             if ds is not None:
-                x = _pad(ds.test.images[start:start + rows], cfg.batch_size)
-                y = _pad(ds.test.labels[start:start + rows], cfg.batch_size)
+                x, y = ds.test.take(torch.arange(start, start + rows))
+                x, y = _pad(x, cfg.batch_size), _pad(y, cfg.batch_size)
             if first:
                 schedule.eval(x)
             elif last:

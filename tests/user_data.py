@@ -1,0 +1,58 @@
+"""Datasets a user might bring, given to --dataset by import path (tests/test_user_model.py)."""
+from __future__ import annotations
+
+import torch
+
+
+class Patterns:
+    """Three classes of 8x8 single-channel images, each a fixed pattern plus noise; map-style."""
+    classes = ["stripes", "checks", "dots"]
+
+    def __init__(self, n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.templates = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+        self.labels = torch.randint(0, 3, (n,), generator=g)
+        self.noise = torch.randn(n, 1, 8, 8, generator=g)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, i: int):
+        y = int(self.labels[i])
+        return 0.5 * self.templates[y] + self.noise[i], y
+
+
+def patterns(data_dir=None):
+    return Patterns(512, seed=1), Patterns(96, seed=2)
+
+
+class _Bad(Patterns):
+    def __init__(self, kind: str):
+        super().__init__(16, seed=3)
+        self.kind = kind
+
+    def __getitem__(self, i: int):
+        x, y = super().__getitem__(i)
+        if self.kind == "label" and i == 0:
+            return x, 0.5
+        if self.kind == "shape" and i == len(self) - 1:
+            return x[:, :4], y
+        if self.kind == "ints":
+            return (x * 100).long(), y
+        return x, y
+
+
+def float_label():
+    return _Bad("label"), _Bad("label")
+
+
+def ragged():
+    return _Bad("ok"), _Bad("shape")
+
+
+def int_samples():
+    return _Bad("ints"), _Bad("ints")
+
+
+def not_a_pair():
+    return Patterns(8, seed=0)
