@@ -69,6 +69,8 @@ class RunConfig:
                                   "package.module:factory (your own: returns an nn.Sequential or a list of "
                                   "modules, one per layer; called with input_shape, num_classes)")
     layers: tuple[int, ...] = MODEL.opt((784, 256, 256, 256, 10), "MLP sizes: input, hidden..., classes")
+    loss: str = MODEL.opt("cross_entropy", "cross_entropy | package.module:function: your loss, called as "
+                                           "loss(logits [B, classes], class indices [B]) -> the batch's mean loss")
     stages: Optional[int] = MODEL.opt(None, "number of stage processes, layers split evenly (default: one per layer)")
     groups: Optional[tuple[int, ...]] = MODEL.opt(None, "explicit layers per stage, e.g. 2,1,1")
 
@@ -177,6 +179,8 @@ class RunConfig:
                 raise ConfigError(msg)
 
         need(self.mode in MODE_NAMES, f"unknown mode {self.mode!r}; choose one of {', '.join(MODE_NAMES)}")
+        need(self.loss == "cross_entropy" or is_import_path(self.loss),
+             f"unknown --loss {self.loss!r}: cross_entropy, or your own as package.module:function")
         need(self.model in MODELS or is_import_path(self.model),
              f"unknown model {self.model!r}: choose {' or '.join(MODELS)}, or give your own as "
              f"package.module:factory (a function returning an nn.Sequential or a list of modules)")

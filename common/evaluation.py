@@ -10,14 +10,15 @@ import torch.nn.functional as F
 class EvalTally:
     """Summed test loss, correct predictions and samples over the batches of one evaluation."""
 
-    def __init__(self) -> None:
+    def __init__(self, loss=F.cross_entropy) -> None:
+        self.loss_fn = loss  # the run's loss (mean over a batch)
         self.loss_sum = 0.0
         self.correct = 0
         self.n = 0
 
     @torch.no_grad()
     def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        self.loss_sum += float(self.loss_fn(logits, labels)) * int(labels.shape[0])
         self.correct += int((logits.argmax(1) == labels).sum())
         self.n += int(labels.shape[0])
 

@@ -103,13 +103,43 @@ def user_units(path: str, **offered) -> list[nn.Module]:
 
 def check_model(cfg: RunConfig) -> int:
     """Build the network once, before any process starts, and check that its layers chain on the
-    data's samples and end in one logit per class. Returns its number of layers (units)."""
+    data's samples and end in one logit per class, and that the loss takes those logits and
+    gives a scalar to differentiate. Returns its number of layers (units)."""
     units = build_units(cfg)
     shapes = unit_shapes(units, cfg.sample_shape)
     if shapes[-1] != (cfg.classes,):
         raise ModelError(f"the last layer gives {shapes[-1]} per sample; the data has {cfg.classes} classes, "
                          f"so it must give ({cfg.classes},): one logit per class")
+    loss = loss_function(cfg.loss)
+    logits = torch.zeros(2, cfg.classes, requires_grad=True)
+    try:
+        value = loss(logits, torch.zeros(2, dtype=torch.long))
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise TypeError(f"it returned {type(value).__name__}"
+                            f"{f' of shape {tuple(value.shape)}' if isinstance(value, torch.Tensor) else ''}, "
+                            f"not one number")
+        value.backward()
+    except Exception as exc:
+        raise ModelError(f"--loss {cfg.loss} on logits [2, {cfg.classes}] and class indices [2]: "
+                         f"{type(exc).__name__}: {exc}") from None
     return len(units)
+
+
+def loss_function(name: str):
+    """The training loss: cross-entropy, or a user's function by import path."""
+    if name == "cross_entropy":
+        return F.cross_entropy
+    import importlib
+    module_name, _, attr = name.partition(":")
+    try:
+        fn = importlib.import_module(module_name)
+        for part in attr.split("."):
+            fn = getattr(fn, part)
+    except (ImportError, AttributeError) as exc:
+        raise ModelError(f"--loss {name}: cannot import it ({exc})") from None
+    if not callable(fn):
+        raise ModelError(f"--loss {name} is not a function")
+    return fn
 
 
 def stage_bounds(cfg: RunConfig) -> list[tuple[int, int]]:

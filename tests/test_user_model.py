@@ -31,6 +31,18 @@ def test_a_bad_model_is_refused_before_anything_starts(tmp_path, path, needle):
         RunConfig(model="my model").validate()
 
 
+def test_a_users_loss(tmp_path):
+    base = RunConfig(mode="backprop", **TINY)
+    _, plain = synthgrad.train(base.replace(out=str(tmp_path / "ce")), log=lambda *_: None)
+    _, smoothed = synthgrad.train(base.replace(loss="tests.user_models:label_smoothed", out=str(tmp_path / "ls")),
+                                  log=lambda *_: None)
+    assert smoothed["evals"][-1]["test_loss"] != plain["evals"][-1]["test_loss"]  # the loss is used
+    with pytest.raises(ConfigError, match=r"--loss tests.user_models:per_sample .* not one number"):
+        synthgrad.train(base.replace(loss="tests.user_models:per_sample", out=str(tmp_path / "x")), log=lambda *_: None)
+    with pytest.raises(ConfigError, match="unknown --loss 'mse'"):
+        base.replace(loss="mse")
+
+
 def test_a_list_of_modules_and_the_options_it_asks_for(tmp_path):
     cfg = RunConfig(mode="backprop", model="tests.user_models:as_stage_list", out=str(tmp_path / "r"), **TINY)
     _, summary = synthgrad.train(cfg, log=lambda *_: None)
@@ -67,9 +79,10 @@ def test_a_users_dataset_batches_like_the_built_in_ones():
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_locked_equals_backprop_on_a_users_model_and_data(tmp_path):
-    """A CNN and a dataset the test defines, the CNN split into two stages by cost: locked
+    """A CNN, a dataset and a loss the test defines, the CNN split into two stages by cost: locked
     reproduces one-thread backprop (tolerance: tests/helpers.py); an unlocking rule trains it too."""
-    cfg = RunConfig(model="tests.user_models:small_cnn", start_timeout=60, stall_timeout=30,
+    cfg = RunConfig(model="tests.user_models:small_cnn", loss="tests.user_models:label_smoothed",
+                    start_timeout=60, stall_timeout=30,
                     **{**TINY, "steps": 12, "dataset": "tests.user_data:patterns"}, **EXACT_SGD)
     ref_dir, _ = run(cfg, mode="backprop", out=str(tmp_path / "bp"))
     got_dir, summary = run(cfg, mode="locked", stages=2, out=str(tmp_path / "locked"))

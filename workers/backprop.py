@@ -21,16 +21,16 @@ from common.config import RunConfig, default_backprop_threads
 from common.data import eval_batches, load_dataset, steps_per_epoch, train_batches
 from common.evaluation import EvalTally, eval_line, eval_record
 from common.files import atomic_torch_save
-from common.models import build_units, make_optimizer
+from common.models import build_units, loss_function, make_optimizer
 from common.modes import Mode
 from common.reports import StatusSink, run_summary
 from workers.stage import require_finite
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split, batch_size: int, limit) -> EvalTally:
+def evaluate(model: nn.Module, split, batch_size: int, limit, loss=F.cross_entropy) -> EvalTally:
     model.eval()
-    tally = EvalTally()
+    tally = EvalTally(loss)
     for x, y in eval_batches(split, batch_size, limit):
         tally.add(model(x), y)
     model.train()
@@ -47,6 +47,7 @@ def run_backprop(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stre
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.synthetic_train, cfg.synthetic_test)
     units = build_units(cfg)
     model = nn.Sequential(*units)
+    loss_fn = loss_function(cfg.loss)
     opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
     per_epoch = steps_per_epoch(len(ds.train), cfg.batch_size)
     proc = psutil.Process()
@@ -59,7 +60,7 @@ def run_backprop(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stre
     log(f"backprop: one process, {threads} torch threads; training {total} steps")
 
     def test(epoch: int, step: int) -> None:
-        tally = evaluate(model, ds.test, cfg.batch_size, cfg.eval_samples)
+        tally = evaluate(model, ds.test, cfg.batch_size, cfg.eval_samples, loss_fn)
         rec = eval_record(epoch, step, time.monotonic() - t_start, tally.loss, tally.accuracy, tally.n)
         evals.append(rec)
         stream.eval(rec)
@@ -87,7 +88,7 @@ def run_backprop(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stre
             if step >= total:
                 break
             t0 = time.perf_counter()
-            loss = F.cross_entropy(model(x), y)
+            loss = loss_fn(model(x), y)
             require_finite(loss.detach(), "the loss", 0, step)  # the same policy as the stages'
             opt.zero_grad(set_to_none=True)
             loss.backward()

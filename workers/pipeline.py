@@ -23,14 +23,13 @@ from typing import Optional
 import psutil
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from common.config import RunConfig
 from common.data import load_dataset, steps_per_epoch, train_batches
 from common.evaluation import EvalTally, eval_record
 from common.files import JsonlLog, atomic_torch_save, atomic_write_json
-from common.models import build_units, make_optimizer, stage_bounds, stage_io_shapes
+from common.models import build_units, loss_function, make_optimizer, stage_bounds, stage_io_shapes
 from common.procs import (
     die_with_parent,
     pin_to_core,
@@ -48,14 +47,10 @@ class RankSpec:
     total_steps: int  # the run's length (the launcher's, so every rank agrees)
 
 
-def _loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(out, target)
-
-
 def _schedule(cfg: RunConfig, stage):
     from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
     cls = ScheduleGPipe if cfg.schedule == "gpipe" else Schedule1F1B
-    return cls(stage, cfg.microbatches, loss_fn=_loss)
+    return cls(stage, cfg.microbatches, loss_fn=loss_function(cfg.loss))
 
 
 def run_rank(spec: RankSpec) -> None:
@@ -217,7 +212,7 @@ def _evaluate(cfg: RunConfig, schedule, module: nn.Module, ds, first: bool, last
     n = torch.tensor([n_test if cfg.eval_samples is None else min(cfg.eval_samples, n_test)])
     dist.all_reduce(n, op=dist.ReduceOp.MAX)
     n = int(n)
-    tally = EvalTally()
+    tally = EvalTally(loss_function(cfg.loss))
     try:
         for start in range(0, n, cfg.batch_size):
             rows = min(cfg.batch_size, n - start)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from common.config import RunConfig
-from common.models import LocalHead, SyntheticGradient, make_optimizer
+from common.models import LocalHead, SyntheticGradient, loss_function, make_optimizer
 from common.modes import UpdateRule
 from common.reports import RunFailed
 
@@ -131,6 +131,7 @@ class StageLogic:
             self.head = LocalHead(out_shape, cfg.classes)
             self.head_optimizer = make_optimizer(self.head.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
         self.latest_step = -1  # the latest step this stage has run forward
+        self.loss_fn = loss_function(cfg.loss)  # the last stage's; local heads keep cross-entropy
         self.kept: dict[int, Kept] = {}
         self.last_true: Optional[torch.Tensor] = None  # stale mode
         self.stats = StageStats()
@@ -331,7 +332,7 @@ class StageLogic:
         x = self._input(x, need_dx)
         self.latest_step = step
         out = self.module(x)
-        loss = F.cross_entropy(out, labels)
+        loss = self.loss_fn(out, labels)
         require_finite(loss.detach(), "the loss", self.stage, step)
         loss.backward()
         self.step_optimizer()

@@ -232,7 +232,7 @@ class LayerWorker:
 
     def evaluate_first(self, test, epoch: int, step: int) -> None:
         s = self.s
-        tally = EvalTally()
+        tally = EvalTally(s.logic.loss_fn)
         for b, (x, y) in enumerate(eval_batches(test, s.cfg.batch_size, s.cfg.eval_samples)):
             with self.timings.span("compute"):
                 out = s.logic.eval_forward(x)
@@ -248,7 +248,7 @@ class LayerWorker:
     def run_rest(self) -> None:
         """Stages > 0: act on what arrives from the stage before until its end marker."""
         s = self.s
-        tally = EvalTally()
+        tally = EvalTally(s.logic.loss_fn)
         order = StreamOrder(s.cfg, s.reporter.last_step)
         while True:
             msg = self.links.recv_activation()
@@ -271,7 +271,7 @@ class LayerWorker:
             elif msg.phase == "eval_end":
                 if s.is_last:
                     self.links.send_coord(wire.EvalResult(msg.epoch, msg.step, tally.loss, tally.accuracy, tally.n))
-                    tally = EvalTally()
+                    tally = EvalTally(s.logic.loss_fn)
                 else:
                     self._send_down(msg)
             else:  # end
