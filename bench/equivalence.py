@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from common.config import RunConfig, default_backprop_threads  # noqa: E402
-from common.files import largest_difference, load_model_state  # noqa: E402
-from coordinator.train import train  # noqa: E402
+from synthgrad.common.config import RunConfig, default_backprop_threads  # noqa: E402
+from synthgrad.common.files import largest_difference, load_model_state  # noqa: E402
+from synthgrad.coordinator.train import train  # noqa: E402
 
 KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 OPTIMIZERS = {"adam": {"optimizer": "adam", "lr": 1e-3}, "sgd": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9}}

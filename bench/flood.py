@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common.procs import available_cores  # noqa: E402
+from synthgrad.common.procs import available_cores  # noqa: E402
 
 
 def flood(targets: list[str], seconds: float, rate: float, seed: int) -> dict:
@@ -36,7 +36,7 @@ def flood(targets: list[str], seconds: float, rate: float, seed: int) -> dict:
     import torch
     import zmq
 
-    from common import wire
+    from synthgrad.common import wire
     rng = random.Random(seed)
     ctx = zmq.Context()
     socks = []

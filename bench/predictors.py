@@ -19,9 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common.config import RunConfig  # noqa: E402
-from common.procs import available_cores  # noqa: E402
-from coordinator.train import train  # noqa: E402
+from synthgrad.common.config import RunConfig  # noqa: E402
+from synthgrad.common.procs import available_cores  # noqa: E402
+from synthgrad.coordinator.train import train  # noqa: E402
 
 
 def main() -> None:

@@ -26,9 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common.config import RunConfig  # noqa: E402
-from common.procs import available_cores  # noqa: E402
-from coordinator.train import train  # noqa: E402
+from synthgrad.common.config import RunConfig  # noqa: E402
+from synthgrad.common.procs import available_cores  # noqa: E402
+from synthgrad.coordinator.train import train  # noqa: E402
 
 HIDDEN = 8  # hidden layers, so that up to 9 stages have a layer each
 

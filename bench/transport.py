@@ -30,10 +30,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import zmq  # noqa: E402
 
-from common import wire  # noqa: E402
-from common.endpoints import bind_wildcard  # noqa: E402
-from common.procs import ProcessGroup, available_cores, pin_to_core  # noqa: E402
-from common.security import Guard, Keys, curve_client, make_keys  # noqa: E402
+from synthgrad.common import wire  # noqa: E402
+from synthgrad.common.endpoints import bind_wildcard  # noqa: E402
+from synthgrad.common.procs import ProcessGroup, available_cores, pin_to_core  # noqa: E402
+from synthgrad.common.security import Guard, Keys, curve_client, make_keys  # noqa: E402
 
 SIZES_KIB = (4, 64, 256, 1024, 4096, 16384)
 

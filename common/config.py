@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from common.modes import MODE_NAMES, STAGE_WORKER_MODES, Mode, UpdateRule, spoken
+from synthgrad.common.modes import MODE_NAMES, STAGE_WORKER_MODES, Mode, UpdateRule, spoken
 
 SCHEDULES = ("gpipe", "1f1b")
 MODELS = ("mlp", "cnn")

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from common.config import RunConfig
-from common.modes import Mode
-from common.models import LocalHead, SyntheticGradient, build_units, unit_shapes
+from synthgrad.common.config import RunConfig
+from synthgrad.common.modes import Mode
+from synthgrad.common.models import LocalHead, SyntheticGradient, build_units, unit_shapes
 
 _PROBE_BATCH = 2  # batch norm needs two samples in training mode; costs are divided back
 

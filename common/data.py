@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from common.config import is_import_path
+from synthgrad.common.config import is_import_path
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),

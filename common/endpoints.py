@@ -11,7 +11,7 @@ import tempfile
 
 import zmq
 
-from common.config import ConfigError
+from synthgrad.common.config import ConfigError
 
 
 def bind_wildcard(sock: zmq.Socket, transport: str, host: str) -> str:

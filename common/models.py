@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.config import RunConfig
+from synthgrad.common.config import RunConfig
 
 NUM_CLASSES = 10  # the default of the helper models' label conditioning (the run passes its own)
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, ClassVar, Optional
 if TYPE_CHECKING:  # only for annotations: this module stays importable without torch loaded
     import torch
 
-    from workers.stage import Kept, StageLogic
+    from synthgrad.workers.stage import Kept, StageLogic
 
 
 class Mode(str, Enum):

@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from common.config import PLACEMENTS
-from common.procs import available_cores
+from synthgrad.common.config import PLACEMENTS
+from synthgrad.common.procs import available_cores
 
 
 def partition(n: int, k: int, group_cost: Callable[[int, int], float]) -> tuple[int, ...]:

@@ -33,7 +33,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
-from common.config import ConfigError
+from synthgrad.common.config import ConfigError
 
 ROLES = ("coordinator", "worker", "monitor")
 # which key may open which kind of listener (the ZAP domain a listener is in): workers speak on

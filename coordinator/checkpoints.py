@@ -9,9 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
-from common import wire
-from common.config import RunConfig
-from common.files import atomic_write_json
+from synthgrad.common import wire
+from synthgrad.common.config import RunConfig
+from synthgrad.common.files import atomic_write_json
 
 
 class CheckpointBook:

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from common.config import ConfigError, RunConfig
-from common.modes import MODE_NAMES, Mode, spoken
-from common.files import atomic_write_json
-from common.procs import available_cores
-from coordinator import plots
-from coordinator.train import train
+from synthgrad.common.config import ConfigError, RunConfig
+from synthgrad.common.modes import MODE_NAMES, Mode, spoken
+from synthgrad.common.files import atomic_write_json
+from synthgrad.common.procs import available_cores
+from synthgrad.coordinator import plots
+from synthgrad.coordinator.train import train
 
 # every update waits for its true gradient: the ratios' baseline
 LOCKED = (Mode.BACKPROP, Mode.PIPELINE, Mode.LOCKED)

@@ -24,18 +24,18 @@ from typing import Optional
 
 import zmq
 
-from common import wire
-from common.config import ConfigError, RunConfig
-from common.endpoints import bind_wildcard, max_frame_bytes, set_heartbeats
-from common.evaluation import eval_line, eval_record
-from common.procs import ProcessGroup, describe_exit
-from common.security import Guard, RefusalLog
-from common.reports import run_summary
-from coordinator.checkpoints import CheckpointBook, StopAfterCheckpoint
-from coordinator.registry import Registry
-from coordinator.status import progress_line
-from coordinator.stream import StatusStream
-from coordinator.watchdog import RunFailed, Watchdog
+from synthgrad.common import wire
+from synthgrad.common.config import ConfigError, RunConfig
+from synthgrad.common.endpoints import bind_wildcard, max_frame_bytes, set_heartbeats
+from synthgrad.common.evaluation import eval_line, eval_record
+from synthgrad.common.procs import ProcessGroup, describe_exit
+from synthgrad.common.security import Guard, RefusalLog
+from synthgrad.common.reports import run_summary
+from synthgrad.coordinator.checkpoints import CheckpointBook, StopAfterCheckpoint
+from synthgrad.coordinator.registry import Registry
+from synthgrad.coordinator.status import progress_line
+from synthgrad.coordinator.stream import StatusStream
+from synthgrad.coordinator.watchdog import RunFailed, Watchdog
 
 POLL_MS = 100
 

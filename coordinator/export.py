@@ -11,9 +11,9 @@ from pathlib import Path
 
 from torch import nn
 
-from common.config import ConfigError, RunConfig
-from common.files import atomic_torch_save, load_model_state
-from common.models import build_units
+from synthgrad.common.config import ConfigError, RunConfig
+from synthgrad.common.files import atomic_torch_save, load_model_state
+from synthgrad.common.models import build_units
 
 
 def trained_model(run_dir: str | Path) -> nn.Sequential:

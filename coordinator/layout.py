@@ -8,11 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from common.config import RunConfig
-from common.costs import core_flops_per_s, predictor_cost, stage_costs, unit_costs
-from common.models import build_units, unit_shapes
-from common.modes import Mode
-from common.placement import Placement, partition, plan_placement
+from synthgrad.common.config import RunConfig
+from synthgrad.common.costs import core_flops_per_s, predictor_cost, stage_costs, unit_costs
+from synthgrad.common.models import build_units, unit_shapes
+from synthgrad.common.modes import Mode
+from synthgrad.common.placement import Placement, partition, plan_placement
 
 
 @dataclass(frozen=True)

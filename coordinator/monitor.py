@@ -13,8 +13,8 @@ from typing import Callable, Optional
 
 import zmq
 
-from common import wire
-from common.security import curve_client, resolve_keys
+from synthgrad.common import wire
+from synthgrad.common.security import curve_client, resolve_keys
 
 
 def format_status(rec: dict) -> str:

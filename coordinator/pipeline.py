@@ -8,13 +8,13 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from common.config import RunConfig
-from common.files import JsonlTail
-from common.modes import Mode
-from common.procs import ProcessGroup, describe_exit
-from common.reports import run_summary
-from coordinator.stream import StatusStream
-from workers.pipeline import RankSpec, run_rank
+from synthgrad.common.config import RunConfig
+from synthgrad.common.files import JsonlTail
+from synthgrad.common.modes import Mode
+from synthgrad.common.procs import ProcessGroup, describe_exit
+from synthgrad.common.reports import run_summary
+from synthgrad.coordinator.stream import StatusStream
+from synthgrad.workers.pipeline import RankSpec, run_rank
 
 
 class PipelineFailed(RuntimeError):

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from common.config import RunConfig
-from common.reports import run_summary
+from synthgrad.common.config import RunConfig
+from synthgrad.common.reports import run_summary
 
 DONE, FAILED, INTERRUPTED = "done", "failed", "interrupted"
 

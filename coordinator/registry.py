@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from common import wire
+from synthgrad.common import wire
 
 # what a registered stage may say only about itself
 OWN_MESSAGES = (wire.Metrics, wire.Done, wire.Ready, wire.Error, wire.Heartbeat, wire.Saved)

@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from common.config import ConfigError, RunConfig
-from common.modes import STAGE_WORKER_MODES, Mode, spoken
+from synthgrad.common.config import ConfigError, RunConfig
+from synthgrad.common.modes import STAGE_WORKER_MODES, Mode, spoken
 
 # options a resumed run may change: how long, how it is watched and transported, not what it
 # computes (each field says so itself: common/config.py, resume=True)

@@ -18,12 +18,12 @@ from typing import Optional
 import psutil
 import zmq
 
-from common import wire
-from common.config import RunConfig
-from common.endpoints import bind_wildcard
-from common.files import JsonlLog
-from common.security import Guard
-from coordinator.status import status_record
+from synthgrad.common import wire
+from synthgrad.common.config import RunConfig
+from synthgrad.common.endpoints import bind_wildcard
+from synthgrad.common.files import JsonlLog
+from synthgrad.common.security import Guard
+from synthgrad.coordinator.status import status_record
 
 
 class StatusStream:
@@ -48,7 +48,7 @@ class StatusStream:
         self.metrics = JsonlLog(Path(run_dir) / "metrics.jsonl")
         self.tensorboard = None
         if cfg.tensorboard:
-            from coordinator.tensorboard import TensorBoardWriter
+            from synthgrad.coordinator.tensorboard import TensorBoardWriter
             self.tensorboard = TensorBoardWriter(Path(run_dir) / "tensorboard")
         self._last_status = time.monotonic()
         self._proc = psutil.Process()

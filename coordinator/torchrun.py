@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Optional
 
-from common.config import ConfigError, RunConfig
-from common.modes import STAGE_WORKER_MODES, Mode, spoken
-from common.endpoints import address_towards, tcp_host
-from common.placement import plan_placement
-from common.security import resolve_keys
+from synthgrad.common.config import ConfigError, RunConfig
+from synthgrad.common.modes import STAGE_WORKER_MODES, Mode, spoken
+from synthgrad.common.endpoints import address_towards, tcp_host
+from synthgrad.common.placement import plan_placement
+from synthgrad.common.security import resolve_keys
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def run_rank(cfg: RunConfig, env: TorchrunEnv, log: Callable[[str], None] = prin
     store, _, _ = next(dist.rendezvous("env://", rank=env.rank, world_size=env.world_size,
                                        timeout=timedelta(seconds=cfg.start_timeout)))
     if env.rank == 0:
-        from coordinator.train import format_summary, train
+        from synthgrad.coordinator.train import format_summary, train
         announced = False
 
         def announce(endpoint: str) -> None:
@@ -86,7 +86,7 @@ def run_rank(cfg: RunConfig, env: TorchrunEnv, log: Callable[[str], None] = prin
                 store.set(ENDPOINT_KEY, "")
         log(format_summary(summary))
         return
-    from workers.worker import WorkerSpec, run_worker
+    from synthgrad.workers.worker import WorkerSpec, run_worker
     try:
         store.wait([ENDPOINT_KEY], timedelta(seconds=cfg.start_timeout))
     except Exception:  # torch raises DistStoreError (a RuntimeError) on timeout

@@ -12,22 +12,22 @@ from typing import Optional
 
 import zmq
 
-from common.config import MODELS, ConfigError, RunConfig
-from common.models import ModelError, check_model
-from common.modes import STAGE_WORKER_MODES, Mode, spoken
-from common.data import check_dataset, count_train, data_spec, total_steps
-from common.endpoints import tcp_host
-from common.files import atomic_write_json
-from common.security import Guard, Keys, MonitorKeys, local_run_keys, resolve_keys
-from common.procs import ProcessGroup
-from coordinator.coordinator import Coordinator, RunFailed
-from coordinator.layout import plan_layout
-from coordinator.pipeline import PipelineFailed, run_pipeline
-from coordinator import record
-from coordinator.resume import read_manifest
-from coordinator.stream import StatusStream
-from workers.backprop import run_backprop
-from workers.worker import WorkerSpec, run_worker
+from synthgrad.common.config import MODELS, ConfigError, RunConfig
+from synthgrad.common.models import ModelError, check_model
+from synthgrad.common.modes import STAGE_WORKER_MODES, Mode, spoken
+from synthgrad.common.data import check_dataset, count_train, data_spec, total_steps
+from synthgrad.common.endpoints import tcp_host
+from synthgrad.common.files import atomic_write_json
+from synthgrad.common.security import Guard, Keys, MonitorKeys, local_run_keys, resolve_keys
+from synthgrad.common.procs import ProcessGroup
+from synthgrad.coordinator.coordinator import Coordinator, RunFailed
+from synthgrad.coordinator.layout import plan_layout
+from synthgrad.coordinator.pipeline import PipelineFailed, run_pipeline
+from synthgrad.coordinator import record
+from synthgrad.coordinator.resume import read_manifest
+from synthgrad.coordinator.stream import StatusStream
+from synthgrad.workers.backprop import run_backprop
+from synthgrad.workers.worker import WorkerSpec, run_worker
 
 RUN_FILES = ("summary.json", "metrics.jsonl", "timeline-stage*.json", "sg-snapshots-stage*.json",
              "pipeline-rank*.json")

@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Optional
 
-from common.config import RunConfig
-from common.reports import RunFailed
+from synthgrad.common.config import RunConfig
+from synthgrad.common.reports import RunFailed
 
 __all__ = ["RunFailed", "Watchdog"]
 

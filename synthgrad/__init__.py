@@ -11,31 +11,38 @@ loaded on first use so that `import synthgrad` stays cheap.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
+
+# Installed, synthgrad.common, .workers and .coordinator are inside this package (pyproject's
+# package-dir puts them there, so only the name synthgrad lands in site-packages). In a checkout
+# they are the top-level folders beside it: look there too.
+if not (Path(__file__).resolve().parent / "common").is_dir():
+    __path__.append(str(Path(__file__).resolve().parent.parent))
 
 # public name -> (module, attribute)
 _EXPORTS = {
-    "RunConfig": ("common.config", "RunConfig"),
-    "ConfigError": ("common.config", "ConfigError"),
-    "load_config_file": ("common.config", "load_config_file"),
-    "Mode": ("common.modes", "Mode"),
-    "DataError": ("common.data", "DataError"),
-    "RunFailed": ("coordinator.watchdog", "RunFailed"),
-    "load_model_state": ("common.files", "load_model_state"),
-    "trained_model": ("coordinator.export", "trained_model"),
-    "export": ("coordinator.export", "export"),
-    "train": ("coordinator.train", "train"),
-    "format_summary": ("coordinator.train", "format_summary"),
-    "compare": ("coordinator.compare", "run_compare"),
-    "resume_config": ("coordinator.resume", "resume_config"),
-    "auto_resume": ("coordinator.resume", "auto_resume"),
-    "report": ("coordinator.plots", "draw_run"),
-    "monitor": ("coordinator.monitor", "watch"),
-    "status_table": ("coordinator.monitor", "status_table"),
-    "torchrun": ("coordinator.torchrun", None),
-    "make_keys": ("common.security", "make_keys"),
-    "RemoteStages": ("workers.remote", "RemoteStages"),
-    "run_stages": ("workers.remote", "run_stages"),
+    "RunConfig": ("synthgrad.common.config", "RunConfig"),
+    "ConfigError": ("synthgrad.common.config", "ConfigError"),
+    "load_config_file": ("synthgrad.common.config", "load_config_file"),
+    "Mode": ("synthgrad.common.modes", "Mode"),
+    "DataError": ("synthgrad.common.data", "DataError"),
+    "RunFailed": ("synthgrad.coordinator.watchdog", "RunFailed"),
+    "load_model_state": ("synthgrad.common.files", "load_model_state"),
+    "trained_model": ("synthgrad.coordinator.export", "trained_model"),
+    "export": ("synthgrad.coordinator.export", "export"),
+    "train": ("synthgrad.coordinator.train", "train"),
+    "format_summary": ("synthgrad.coordinator.train", "format_summary"),
+    "compare": ("synthgrad.coordinator.compare", "run_compare"),
+    "resume_config": ("synthgrad.coordinator.resume", "resume_config"),
+    "auto_resume": ("synthgrad.coordinator.resume", "auto_resume"),
+    "report": ("synthgrad.coordinator.plots", "draw_run"),
+    "monitor": ("synthgrad.coordinator.monitor", "watch"),
+    "status_table": ("synthgrad.coordinator.monitor", "status_table"),
+    "torchrun": ("synthgrad.coordinator.torchrun", None),
+    "make_keys": ("synthgrad.common.security", "make_keys"),
+    "RemoteStages": ("synthgrad.workers.remote", "RemoteStages"),
+    "run_stages": ("synthgrad.workers.remote", "run_stages"),
 }
 __all__ = sorted(_EXPORTS)
 

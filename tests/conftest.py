@@ -11,7 +11,7 @@ import pytest
 if str(Path(__file__).resolve().parent.parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.procs import terminate_then_kill  # noqa: E402
+from synthgrad.common.procs import terminate_then_kill  # noqa: E402
 from tests.helpers import LOCKED, ROOT  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def reap_children():
 @pytest.fixture
 def tiny_cfg(tmp_path):
     """A quick run on the synthetic set: small network, few steps."""
-    from common.config import RunConfig
+    from synthgrad.common.config import RunConfig
     return RunConfig(dataset="synthetic", layers=(784, 64, 64, 64, 10), batch_size=64,
                      synthetic_train=2048, synthetic_test=512, epochs=1, steps=20,
                      out=str(tmp_path / "run"), progress_every=60.0, start_timeout=60.0,
@@ -53,7 +53,7 @@ def locked_reference(tmp_path_factory):
     """The parameters of LOCKED run undisturbed (computed once per test session)."""
     import subprocess
 
-    from common.files import load_model_state
+    from synthgrad.common.files import load_model_state
     out = tmp_path_factory.mktemp("locked-reference")
     done = subprocess.run([sys.executable, str(ROOT / "launch.py"), "train", *LOCKED, "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=150)

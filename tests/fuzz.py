@@ -27,7 +27,7 @@ import zmq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import wire  # noqa: E402
+from synthgrad.common import wire  # noqa: E402
 
 
 def _header(kind: int, fields: dict, tensors: list) -> bytes:

@@ -43,7 +43,7 @@ import psutil
 import pytest
 import torch
 
-from common.files import largest_difference  # noqa: F401  (re-exported for the tests)
+from synthgrad.common.files import largest_difference  # noqa: F401  (re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,7 +92,7 @@ def assert_states_equal(expected: States, got: States, what: str = "") -> None:
 # ---------------------------------------------------------------------------- runs
 def run(cfg, **changes):
     """Train in this process (workers are spawned); returns (run folder, summary)."""
-    from coordinator.train import train
+    from synthgrad.coordinator.train import train
     run_dir, summary = train(cfg.replace(**changes), log=quiet)
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk["steps"] == summary["steps"]

@@ -98,7 +98,7 @@ def test_a_stage_whose_saves_fail_never_costs_the_last_complete_checkpoint(tmp_p
     import subprocess
     import sys
 
-    from common.files import load_model_state
+    from synthgrad.common.files import load_model_state
     from tests.helpers import LOCKED, ROOT, assert_states_equal, interrupt_after
     run_dir = tmp_path / "run"
     args = [sys.executable, "-u", str(ROOT / "launch.py"), "train", *LOCKED, "--out", str(run_dir)]

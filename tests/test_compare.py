@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from common.config import ConfigError, RunConfig
-from coordinator.compare import add_time_to_backprop, parse_contenders, time_to_target
+from synthgrad.common.config import ConfigError, RunConfig
+from synthgrad.coordinator.compare import add_time_to_backprop, parse_contenders, time_to_target
 from tests.helpers import ROOT
 
 
@@ -84,7 +84,7 @@ def test_compare_writes_table_json_and_plots(tmp_path):
 @pytest.mark.timeout(120)
 def test_report_draws_a_finished_run(tiny_cfg, tmp_path, capsys):
     import launch
-    from coordinator.train import train
+    from synthgrad.coordinator.train import train
     run_dir, _ = train(tiny_cfg.replace(mode="unlocked", true_grad_every=2, metrics_every=0.05),
                        log=lambda *_: None)
     assert launch.main(["report", str(run_dir), "--out", str(tmp_path / "png")]) == 0

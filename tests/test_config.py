@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import launch
-from common.config import ConfigError, RunConfig
+from synthgrad.common.config import ConfigError, RunConfig
 from tests.helpers import ROOT
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import RunConfig
-from common.data import (DataError, DataSpec, _cifar_records, check_dataset, data_spec, load_dataset, read_idx, train_batches,
+from synthgrad.common.config import RunConfig
+from synthgrad.common.data import (DataError, DataSpec, _cifar_records, check_dataset, data_spec, load_dataset, read_idx, train_batches,
                          FASHION_MNIST_DIR)
 
 
@@ -141,7 +141,7 @@ def test_real_fashion_mnist_loads():
 def test_locked_equals_backprop_on_data_of_another_shape(tmp_path):
     """The built-in CNN on single-channel 14x20 images in 5 classes, split over two stage
     processes: locked still reproduces one-thread backprop (tolerance: tests/helpers.py)."""
-    from common.files import load_model_state
+    from synthgrad.common.files import load_model_state
     from tests.helpers import EXACT_SGD, LOCKED_EQUALS_BACKPROP, assert_states_close, run
     make_mnist_folder(tmp_path / "small", n_train=256, n_test=32, size=(14, 20), classes=5)
     cfg = RunConfig(dataset="mnist", data_dir=str(tmp_path / "small"), model="cnn", batch_size=32, epochs=2,

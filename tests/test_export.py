@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import synthgrad
-from common.config import ConfigError
-from common.data import eval_batches, load_dataset
+from synthgrad.common.config import ConfigError
+from synthgrad.common.data import eval_batches, load_dataset
 from tests.helpers import EXACT_SGD, LOCKED_EQUALS_BACKPROP, ROOT, run
 
 

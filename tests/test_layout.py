@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from common.config import ConfigError, RunConfig
-from common.costs import predictor_cost, stage_costs, training_flops, unit_costs
-from common.placement import balance, partition, plan_placement, shared_bound
-from coordinator.layout import plan_layout
+from synthgrad.common.config import ConfigError, RunConfig
+from synthgrad.common.costs import predictor_cost, stage_costs, training_flops, unit_costs
+from synthgrad.common.placement import balance, partition, plan_placement, shared_bound
+from synthgrad.coordinator.layout import plan_layout
 
 
 def test_flops_count_matmuls_forward_and_backward():

@@ -142,7 +142,7 @@ def _scalars(logdir) -> dict[str, list]:
 def test_every_mode_streams_status_and_tensorboard_scalars(tiny_cfg, tmp_path, mode):
     """The same status records reach the callback (live view), metrics.jsonl and TensorBoard,
     whoever watches the run: the coordinator, the backprop process or the pipeline launcher."""
-    from coordinator.train import train
+    from synthgrad.coordinator.train import train
     seen: list[dict] = []
     cfg = tiny_cfg.replace(mode=mode, steps=None, metrics_every=0.05, tensorboard=True, eval_every=16)
     run_dir, summary = train(cfg, log=lambda _: None, on_status=seen.append)
@@ -170,7 +170,7 @@ def test_every_mode_streams_status_and_tensorboard_scalars(tiny_cfg, tmp_path, m
 
 @pytest.mark.slow
 def test_tensorboard_folder_of_an_earlier_run_is_cleared(tiny_cfg, tmp_path):
-    from coordinator.train import train
+    from synthgrad.coordinator.train import train
     cfg = tiny_cfg.replace(mode="backprop", steps=5, tensorboard=True)
     run_dir, _ = train(cfg, log=lambda _: None)
     run_dir, _ = train(cfg, log=lambda _: None)
@@ -191,7 +191,7 @@ def test_pipeline_mode_draws_the_live_table_too(tmp_path):
 
 def test_staleness_compares_workers_at_the_same_moment():
     """Reports arrive at different moments; staleness projects each to the record's time."""
-    from coordinator.status import status_record
+    from synthgrad.coordinator.status import status_record
     rate = 100 * 64  # 100 steps/s at batch 64
     latest = {0: {"stage": 0, "step": 100, "wall_s": 9.0, "samples_per_s": rate},
               1: {"stage": 1, "step": 190, "wall_s": 10.0, "samples_per_s": rate}}

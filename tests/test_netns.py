@@ -9,7 +9,7 @@ import sys
 import pytest
 import zmq.auth
 
-from common.security import make_keys
+from synthgrad.common.security import make_keys
 from tests.helpers import ROOT, wait_for_line
 from tests.netns import Hosts, unavailable
 from tests.test_multihost import JOB, stop_all

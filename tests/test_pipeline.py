@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError
-from common.files import load_model_state
+from synthgrad.common.config import ConfigError
+from synthgrad.common.files import load_model_state
 from tests.helpers import EXACT_SGD, LOCKED_EQUALS_BACKPROP, assert_same_evaluation, assert_states_close, run
 
 

@@ -11,7 +11,7 @@ import sys
 import psutil
 import pytest
 
-from common.files import load_model_state
+from synthgrad.common.files import load_model_state
 from tests.helpers import LOCKED, ROOT, assert_states_equal, wait_for_line
 
 pytestmark = pytest.mark.slow  # every test here starts processes

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from common.config import ConfigError
-from common.files import load_model_state
+from synthgrad.common.config import ConfigError
+from synthgrad.common.files import load_model_state
 from tests.helpers import LOCKED, ROOT, assert_states_equal, interrupt_after
 
 pytestmark = pytest.mark.slow  # every test here starts processes
@@ -71,7 +71,7 @@ def test_resume_auto_starts_a_run_then_continues_it(tmp_path):
     args = ["train", *LOCKED, "--resume", "auto", "--out", str(out)]
     first = launch.config_from_args(launch.build_parser().parse_args([*args, "--steps", "20"]))
     assert first.resume is None and first.out == str(out)  # nothing there yet: a new run
-    from coordinator.train import train
+    from synthgrad.coordinator.train import train
     train(first, log=lambda *_: None)
     again = launch.config_from_args(launch.build_parser().parse_args([*args, "--steps", "40"]))
     assert again.resume == str(out) and again.steps == 40

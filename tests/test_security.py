@@ -11,8 +11,8 @@ import sys
 import pytest
 import zmq.auth
 
-from common.config import ConfigError
-from common.security import ROLES, Guard, Keys, MonitorKeys, local_run_keys, make_keys, resolve_keys
+from synthgrad.common.config import ConfigError
+from synthgrad.common.security import ROLES, Guard, Keys, MonitorKeys, local_run_keys, make_keys, resolve_keys
 from tests.helpers import ROOT, wait_for_line
 from tests.test_multihost import JOB, launch, stop_all
 

@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.config import RunConfig
-from common.models import LocalHead, SyntheticGradient, build_units, stage_bounds, stage_io_shapes
-from workers.stage import StageLogic
+from synthgrad.common.config import RunConfig
+from synthgrad.common.models import LocalHead, SyntheticGradient, build_units, stage_bounds, stage_io_shapes
+from synthgrad.workers.stage import StageLogic
 
 
 def chain(cfg: RunConfig) -> list[StageLogic]:

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from common.files import load_model_state
-from common.security import make_keys
+from synthgrad.common.files import load_model_state
+from synthgrad.common.security import make_keys
 from tests.helpers import EXACT_SGD, LOCKED_EQUALS_BACKPROP, ROOT, assert_states_close, quiet
 
 pytestmark = pytest.mark.slow  # every test here starts processes
@@ -27,7 +27,7 @@ def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.timeout(200)
 def test_locked_under_torchrun_reproduces_backprop(tiny_cfg, tmp_path):
-    from coordinator.train import train
+    from synthgrad.coordinator.train import train
     ref_dir, ref = train(tiny_cfg.replace(mode="backprop", backprop_threads=1, out=str(tmp_path / "bp"),
                                           **EXACT_SGD), log=quiet)
     sgd = ["--optimizer", "sgd", "--lr", str(EXACT_SGD["lr"]), "--momentum", str(EXACT_SGD["momentum"])]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.files import load_model_state
+from synthgrad.common.files import load_model_state
 from tests.helpers import (
     EXACT_SGD,
     LOCKED_EQUALS_BACKPROP,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import synthgrad
-from common.config import ConfigError, RunConfig
-from common.files import load_model_state
+from synthgrad.common.config import ConfigError, RunConfig
+from synthgrad.common.files import load_model_state
 from tests.helpers import EXACT_SGD, LOCKED_EQUALS_BACKPROP, assert_states_close, run
 
 TINY = dict(dataset="synthetic", batch_size=32, synthetic_train=512, synthetic_test=128, steps=6, epochs=1,
@@ -67,7 +67,7 @@ def test_a_bad_dataset_is_refused_before_anything_starts(tmp_path, path, needle)
 
 
 def test_a_users_dataset_batches_like_the_built_in_ones():
-    from common.data import DataSpec, data_spec, load_dataset, train_batches
+    from synthgrad.common.data import DataSpec, data_spec, load_dataset, train_batches
     assert data_spec("tests.user_data:patterns", None) == DataSpec((1, 8, 8), 3)
     ds = load_dataset("tests.user_data:patterns", None)
     (x, y), (x2, y2) = next(train_batches(ds.train, 32, 0, 0)), next(train_batches(ds.train, 32, 0, 0))

@@ -6,7 +6,7 @@ import pytest
 import torch
 import zmq
 
-from common import wire
+from synthgrad.common import wire
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])

@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.config import RunConfig, default_backprop_threads
-from common.data import eval_batches, load_dataset, steps_per_epoch, train_batches
-from common.evaluation import EvalTally, eval_line, eval_record
-from common.files import atomic_torch_save
-from common.models import build_units, loss_function, make_optimizer
-from common.modes import Mode
-from common.reports import StatusSink, run_summary
-from workers.stage import require_finite
+from synthgrad.common.config import RunConfig, default_backprop_threads
+from synthgrad.common.data import eval_batches, load_dataset, steps_per_epoch, train_batches
+from synthgrad.common.evaluation import EvalTally, eval_line, eval_record
+from synthgrad.common.files import atomic_torch_save
+from synthgrad.common.models import build_units, loss_function, make_optimizer
+from synthgrad.common.modes import Mode
+from synthgrad.common.reports import StatusSink, run_summary
+from synthgrad.workers.stage import require_finite
 
 
 @torch.no_grad()

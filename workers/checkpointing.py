@@ -19,10 +19,10 @@ from typing import Optional
 
 import torch
 
-from common import wire
-from common.config import RunConfig
-from common.files import atomic_torch_save
-from workers.stage import StageLogic
+from synthgrad.common import wire
+from synthgrad.common.config import RunConfig
+from synthgrad.common.files import atomic_torch_save
+from synthgrad.workers.stage import StageLogic
 
 
 def periodic_path(run_dir: Path, step: int, stage: int) -> Path:

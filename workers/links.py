@@ -22,12 +22,12 @@ from typing import Optional
 import torch
 import zmq
 
-from common import wire
-from common.config import RunConfig
-from common.endpoints import bind_wildcard, max_frame_bytes, set_heartbeats
-from common.procs import alive
-from common.security import Guard, HandshakeWatch, Keys, RefusalLog
-from workers.timings import Timings
+from synthgrad.common import wire
+from synthgrad.common.config import RunConfig
+from synthgrad.common.endpoints import bind_wildcard, max_frame_bytes, set_heartbeats
+from synthgrad.common.procs import alive
+from synthgrad.common.security import Guard, HandshakeWatch, Keys, RefusalLog
+from synthgrad.workers.timings import Timings
 
 POLL_MS = 100
 LIVENESS_EVERY_S = 1.0

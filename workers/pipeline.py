@@ -25,16 +25,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from common.config import RunConfig
-from common.data import load_dataset, steps_per_epoch, train_batches
-from common.evaluation import EvalTally, eval_record
-from common.files import JsonlLog, atomic_torch_save, atomic_write_json
-from common.models import build_units, loss_function, make_optimizer, stage_bounds, stage_io_shapes
-from common.procs import (
+from synthgrad.common.config import RunConfig
+from synthgrad.common.data import load_dataset, steps_per_epoch, train_batches
+from synthgrad.common.evaluation import EvalTally, eval_record
+from synthgrad.common.files import JsonlLog, atomic_torch_save, atomic_write_json
+from synthgrad.common.models import build_units, loss_function, make_optimizer, stage_bounds, stage_io_shapes
+from synthgrad.common.procs import (
     die_with_parent,
     pin_to_core,
 )
-from workers.stage import NonFinite, require_finite
+from synthgrad.workers.stage import NonFinite, require_finite
 
 
 @dataclass(frozen=True)

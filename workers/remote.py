@@ -13,12 +13,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from common.config import ConfigError
-from common.endpoints import address_towards, tcp_host
-from common.security import resolve_keys
-from common.placement import plan_placement
-from common.procs import ProcessGroup, describe_exit
-from workers.worker import WorkerSpec, run_worker
+from synthgrad.common.config import ConfigError
+from synthgrad.common.endpoints import address_towards, tcp_host
+from synthgrad.common.security import resolve_keys
+from synthgrad.common.placement import plan_placement
+from synthgrad.common.procs import ProcessGroup, describe_exit
+from synthgrad.workers.worker import WorkerSpec, run_worker
 
 
 @dataclass(frozen=True)

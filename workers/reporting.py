@@ -10,10 +10,10 @@ from collections.abc import Callable
 
 import psutil
 
-from common import wire
-from common.config import RunConfig
-from workers.stage import StageLogic
-from workers.timings import MESSAGING, Timings
+from synthgrad.common import wire
+from synthgrad.common.config import RunConfig
+from synthgrad.workers.stage import StageLogic
+from synthgrad.workers.timings import MESSAGING, Timings
 
 
 class StageReporter:

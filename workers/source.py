@@ -14,8 +14,8 @@ from typing import Union
 
 import torch
 
-from common.config import RunConfig
-from common.data import Split, train_batches
+from synthgrad.common.config import RunConfig
+from synthgrad.common.data import Split, train_batches
 
 
 @dataclass(frozen=True)

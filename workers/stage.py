@@ -21,10 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from common.config import RunConfig
-from common.models import LocalHead, SyntheticGradient, loss_function, make_optimizer
-from common.modes import UpdateRule
-from common.reports import RunFailed
+from synthgrad.common.config import RunConfig
+from synthgrad.common.models import LocalHead, SyntheticGradient, loss_function, make_optimizer
+from synthgrad.common.modes import UpdateRule
+from synthgrad.common.reports import RunFailed
 
 MAX_KEPT_STEPS = 4096  # a safety bound; bounded queues keep the real number far below it
 SNAPSHOT_AT = (0.0, 0.1, 0.5, 1.0)  # fractions of the run at which to keep SG-vs-true samples

@@ -23,20 +23,20 @@ import torch
 import zmq
 from torch import nn
 
-from common import wire
-from common.config import RunConfig
-from common.data import Dataset, eval_batches, load_dataset, steps_per_epoch
-from common.evaluation import EvalTally
-from common.files import atomic_write_json
-from common.models import build_units, stage_bounds, stage_io_shapes
-from common.procs import die_with_parent, pin_to_core
-from common.security import Keys
-from workers.checkpointing import StageCheckpoints, final_path
-from workers.links import POLL_MS, CoordinatorGone, Handlers, Links, Stopped
-from workers.reporting import StageReporter
-from workers.source import Boundary, End, Evaluate, StreamOrder, TrainBatch, stage0_events
-from workers.stage import StageLogic, snapshot_steps
-from workers.timings import Timings
+from synthgrad.common import wire
+from synthgrad.common.config import RunConfig
+from synthgrad.common.data import Dataset, eval_batches, load_dataset, steps_per_epoch
+from synthgrad.common.evaluation import EvalTally
+from synthgrad.common.files import atomic_write_json
+from synthgrad.common.models import build_units, stage_bounds, stage_io_shapes
+from synthgrad.common.procs import die_with_parent, pin_to_core
+from synthgrad.common.security import Keys
+from synthgrad.workers.checkpointing import StageCheckpoints, final_path
+from synthgrad.workers.links import POLL_MS, CoordinatorGone, Handlers, Links, Stopped
+from synthgrad.workers.reporting import StageReporter
+from synthgrad.workers.source import Boundary, End, Evaluate, StreamOrder, TrainBatch, stage0_events
+from synthgrad.workers.stage import StageLogic, snapshot_steps
+from synthgrad.workers.timings import Timings
 
 
 @dataclass(frozen=True)
