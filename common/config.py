@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from synthgrad.common.imports import is_import_path
 from synthgrad.common.modes import MODE_NAMES, STAGE_WORKER_MODES, Mode, UpdateRule, spoken
 
 SCHEDULES = ("gpipe", "1f1b")
@@ -48,12 +49,6 @@ PROCESSES = Group("processes and transport")
 LIMITS = Group("limits and fault handling")
 OUTPUT = Group("output and monitoring")
 TESTING = Group("testing only")
-
-
-def is_import_path(text: str) -> bool:
-    """'package.module:name' (what --model, and a user's other code, is given as)."""
-    module, _, name = text.partition(":")
-    return bool(module) and bool(name) and all(part.isidentifier() for part in [*module.split("."), *name.split(".")])
 
 
 class ConfigError(ValueError):

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from synthgrad.common.config import is_import_path
+from synthgrad.common.imports import ImportPathError, import_object, is_import_path
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
@@ -283,18 +283,11 @@ def synthetic(n_train: int, n_test: int, seed: int = 1234) -> Dataset:
 def _user_datasets(path: str, data_dir: Optional[str]):
     """Call the factory at `path` ('package.module:function'; given `data_dir` if it takes an
     argument named so) and return its (train, test) datasets."""
-    import importlib
     import inspect
-    module_name, _, attr = path.partition(":")
     try:
-        factory = importlib.import_module(module_name)
-        for part in attr.split("."):
-            factory = getattr(factory, part)
-    except ImportError as exc:
-        raise DataError(f"--dataset {path}: cannot import {module_name} ({exc}); it must be importable "
-                        f"where stage 0 runs") from None
-    except AttributeError:
-        raise DataError(f"--dataset {path}: {module_name} has no {attr}") from None
+        factory = import_object(path)
+    except ImportPathError as exc:
+        raise DataError(f"--dataset {path}: {exc}") from None
     try:
         takes = inspect.signature(factory).parameters
         pair = factory(data_dir=data_dir) if "data_dir" in takes else factory()

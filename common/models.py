@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from synthgrad.common.config import RunConfig
+from synthgrad.common.imports import ImportPathError, import_object
 
 NUM_CLASSES = 10  # the default of the helper models' label conditioning (the run passes its own)
 
@@ -69,20 +70,13 @@ def user_units(path: str, **offered) -> list[nn.Module]:
     """Call the factory at `path` ('package.module:function') with those of `offered`
     (input_shape, num_classes, layers) its signature names, and take its answer apart into
     units: the children of an nn.Sequential, or the modules of a list, in order."""
-    import importlib
     import inspect
-    module_name, _, attr = path.partition(":")
     try:
-        factory = importlib.import_module(module_name)
-        for part in attr.split("."):
-            factory = getattr(factory, part)
-    except ImportError as exc:
-        raise ModelError(f"cannot import {module_name} ({exc}); it must be importable where every "
-                         f"stage runs (installed, or on PYTHONPATH)") from None
-    except AttributeError:
-        raise ModelError(f"{module_name} has no {attr}") from None
+        factory = import_object(path)
+    except ImportPathError as exc:
+        raise ModelError(str(exc)) from None
     if not callable(factory):
-        raise ModelError(f"{attr} is not a function")
+        raise ModelError(f"{path} is not a function")
     try:
         params = inspect.signature(factory).parameters
         takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
@@ -129,14 +123,10 @@ def loss_function(name: str):
     """The training loss: cross-entropy, or a user's function by import path."""
     if name == "cross_entropy":
         return F.cross_entropy
-    import importlib
-    module_name, _, attr = name.partition(":")
     try:
-        fn = importlib.import_module(module_name)
-        for part in attr.split("."):
-            fn = getattr(fn, part)
-    except (ImportError, AttributeError) as exc:
-        raise ModelError(f"--loss {name}: cannot import it ({exc})") from None
+        fn = import_object(name)
+    except ImportPathError as exc:
+        raise ModelError(f"--loss {name}: {exc}") from None
     if not callable(fn):
         raise ModelError(f"--loss {name} is not a function")
     return fn
