@@ -347,8 +347,7 @@ def check_dataset(name: str, data_dir: Optional[str]) -> None:
     """Fail fast, before any process starts, when the files are not there."""
     if name == "synthetic":
         return
-    if is_import_path(name):
-        _user_spec(name, *_user_datasets(name, data_dir))
+    if is_import_path(name):  # data_spec, which every new run calls next, reads and checks it
         return
     folder = Path(data_dir or (FASHION_MNIST_DIR if name == "fashion-mnist" else ""))
     if not data_dir and name in ("mnist", "cifar10"):

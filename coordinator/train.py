@@ -75,26 +75,14 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
     binds there, calls `on_listening(endpoint)`, and waits for workers started elsewhere
     (`launch.py worker`, or the other ranks under torchrun)."""
     cfg.validate()
-    if not cfg.resume:  # a resumed run keeps the shapes and split its config.json holds
-        if bind is None:
-            check_dataset(cfg.dataset, cfg.data_dir)  # stage 0 runs here: all its files, or a clear error
-        spec = data_spec(cfg.dataset, cfg.data_dir)
-        cfg = cfg.replace(input_shape=spec.sample_shape, num_classes=spec.num_classes)
-        try:
-            layers = check_model(cfg)
-        except ModelError as exc:
-            raise ConfigError(f"--model {cfg.model}: {exc}") from None
-        if cfg.model not in MODELS:
-            cfg = cfg.replace(model_layers=layers)
-        cfg, layout = plan_layout(cfg)
-    else:
-        layout = plan_layout(cfg)[1]
+    if bind is None:
+        check_dataset(cfg.dataset, cfg.data_dir)  # stage 0 runs here: all its files, or a clear error
+    cfg, layout = _resolve(cfg)
     if bind is not None:  # the stages are started elsewhere: they bring keys from the same set
         cfg = _coordinator_only(cfg, bind)
         keys, worker_keys = resolve_keys(cfg.secure, cfg.keys, "coordinator", f"--bind {bind}"), None
         monitor_keys, key_source = None, cfg.keys
     else:  # this process starts every stage: a fresh set of keys for tcp links, unless given
-        check_dataset(cfg.dataset, cfg.data_dir)  # stage 0 runs here
         local = local_run_keys(cfg.secure, cfg.keys, cfg.transport)
         keys, worker_keys = (local.coordinator, local.worker) if local else (None, None)
         monitor_keys = local.monitor if local else None
@@ -168,6 +156,23 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
             summary["layout"] = layout.record()
         _write_summary(run_dir, summary, log)
     return run_dir, summary
+
+
+def _resolve(cfg: RunConfig):
+    """What the run fills in before anything starts: one sample's shape and the classes (from
+    the data), the layers of a model given by import path (built once and checked), the split
+    and the placement. A resumed run keeps what its config.json holds."""
+    if cfg.resume:
+        return cfg, plan_layout(cfg)[1]
+    spec = data_spec(cfg.dataset, cfg.data_dir)
+    cfg = cfg.replace(input_shape=spec.sample_shape, num_classes=spec.num_classes)
+    try:
+        layers = check_model(cfg)
+    except ModelError as exc:
+        raise ConfigError(f"--model {cfg.model}: {exc}") from None
+    if cfg.model not in MODELS:
+        cfg = cfg.replace(model_layers=layers)
+    return plan_layout(cfg)
 
 
 def _write_summary(run_dir: Path, summary: dict, log: Callable[[str], None]) -> None:
