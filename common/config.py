@@ -68,6 +68,8 @@ class RunConfig:
                                            "loss(logits [B, classes], class indices [B]) -> the batch's mean loss")
     stages: Optional[int] = MODEL.opt(None, "number of stage processes, layers split evenly (default: one per layer)")
     groups: Optional[tuple[int, ...]] = MODEL.opt(None, "explicit layers per stage, e.g. 2,1,1")
+    split_at: Optional[str] = MODEL.opt(None, "the layers where a new stage begins, by name, e.g. conv2,head "
+                                              "(names of your nn.Sequential's children; built-in layers: 0, 1, ...)")
 
     dataset: str = DATA.opt("fashion-mnist", "fashion-mnist | mnist (IDX files of any image size; needs --data-dir) | "
                                              "cifar10 (the binary version; needs --data-dir) | synthetic (generated in "
@@ -267,6 +269,8 @@ class RunConfig:
         need(self.eval_samples is None or self.eval_samples >= 1, "--eval-samples must be at least 1")
         need(self.eval_every is None or self.eval_every >= 1, "--eval-every must be at least 1")
         n_layers = self.num_layers
+        need(self.split_at is None or (self.groups is None and self.stages is None),
+             "give one of --stages (split by cost), --groups (layers per stage) and --split-at (by name)")
         if n_layers is None:  # a model given by import path, not built yet: the run checks again
             return self
         if self.groups is not None:

@@ -67,9 +67,38 @@ class ModelError(ValueError):
 
 
 def user_units(path: str, **offered) -> list[nn.Module]:
+    """The layers of the model a factory builds (user_named_units without the names)."""
+    return [unit for _, unit in user_named_units(path, **offered)]
+
+
+def unit_names(cfg: RunConfig) -> list[str]:
+    """Each layer's name, for --split-at: an nn.Sequential's children's names, else 0, 1, ..."""
+    if cfg.model in ("mlp", "cnn"):
+        return [str(i) for i in range(cfg.num_layers)]
+    torch.manual_seed(cfg.seed)
+    return [name for name, _ in user_named_units(cfg.model, input_shape=cfg.sample_shape,
+                                                 num_classes=cfg.classes, layers=cfg.layers)]
+
+
+def groups_at(names: list[str], split_at: str) -> tuple[int, ...]:
+    """Layers per stage when a new stage begins at each named layer (in order, not the first)."""
+    wanted = [n.strip() for n in split_at.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in names]
+    if unknown:
+        raise ModelError(f"--split-at {split_at}: no layer named {', '.join(unknown)}; the layers are "
+                         f"{', '.join(names)}")
+    starts = [names.index(n) for n in wanted]
+    if starts != sorted(set(starts)) or 0 in starts:
+        raise ModelError(f"--split-at {split_at}: name the layers where stages begin, in order, after the "
+                         f"first ({names[0]})")
+    bounds = [0, *starts, len(names)]
+    return tuple(b - a for a, b in zip(bounds, bounds[1:]))
+
+
+def user_named_units(path: str, **offered) -> list[tuple[str, nn.Module]]:
     """Call the factory at `path` ('package.module:function') with those of `offered`
     (input_shape, num_classes, layers) its signature names, and take its answer apart into
-    units: the children of an nn.Sequential, or the modules of a list, in order."""
+    named units: the children of an nn.Sequential, or the modules of a list (named 0, 1, ...)."""
     import inspect
     try:
         factory = import_object(path)
@@ -84,9 +113,9 @@ def user_units(path: str, **offered) -> list[nn.Module]:
     except Exception as exc:  # the user's code: any failure is theirs to see, named
         raise ModelError(f"the factory failed: {type(exc).__name__}: {exc}") from None
     if isinstance(model, nn.Sequential):
-        units = list(model.children())
+        units = list(model.named_children())
     elif isinstance(model, (list, tuple)) and all(isinstance(m, nn.Module) for m in model):
-        units = list(model)
+        units = [(str(i), m) for i, m in enumerate(model)]
     else:
         raise ModelError(f"the factory returned {type(model).__name__}; it must return an nn.Sequential "
                          f"or a list of nn.Modules (one per layer, in order)")

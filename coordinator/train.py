@@ -13,7 +13,7 @@ from typing import Optional
 import zmq
 
 from synthgrad.common.config import MODELS, ConfigError, RunConfig
-from synthgrad.common.models import ModelError, check_model
+from synthgrad.common.models import ModelError, check_model, groups_at, unit_names
 from synthgrad.common.modes import STAGE_WORKER_MODES, Mode, spoken
 from synthgrad.common.data import check_dataset, count_train, data_spec, total_steps
 from synthgrad.common.endpoints import tcp_host
@@ -172,6 +172,11 @@ def _resolve(cfg: RunConfig):
         raise ConfigError(f"--model {cfg.model}: {exc}") from None
     if cfg.model not in MODELS:
         cfg = cfg.replace(model_layers=layers)
+    if cfg.split_at:  # names become layers per stage (config.json keeps the split as --groups)
+        try:
+            cfg = cfg.replace(groups=groups_at(unit_names(cfg), cfg.split_at), split_at=None)
+        except ModelError as exc:
+            raise ConfigError(str(exc)) from None
     return plan_layout(cfg)
 
 

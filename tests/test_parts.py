@@ -171,6 +171,23 @@ def test_imports_go_one_way(layer, may_not_import):
     assert not offenders, offenders
 
 
+def test_every_import_names_the_package():
+    """`import common...` would load a second copy of a module beside synthgrad.common... (two
+    ConfigError classes, two registries): every file imports the layers through synthgrad."""
+    import ast
+    from tests.helpers import ROOT
+    files = [p for folder in ("common", "workers", "coordinator", "synthgrad", "tests", "bench", "examples")
+             for p in (ROOT / folder).glob("*.py")] + [ROOT / "launch.py"]
+    bare = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+            bare += [f"{path.relative_to(ROOT)}: {n}" for n in names
+                     if n.split(".")[0] in ("common", "workers", "coordinator")]
+    assert not bare, bare
+
+
 def test_the_library_layer_exports_what_it_names():
     import synthgrad
     for name in synthgrad.__all__:

@@ -90,3 +90,17 @@ def test_locked_equals_backprop_on_a_users_model_and_data(tmp_path):
     assert_states_close(load_model_state(ref_dir), load_model_state(got_dir), **LOCKED_EQUALS_BACKPROP)
     _, s = run(cfg, mode="local", out=str(tmp_path / "local"))  # heads on the user's conv activations
     assert s["status"] == "done" and s["steps"] == 12
+
+
+def test_split_points_by_layer_name(tmp_path):
+    base = RunConfig(mode="locked", model="tests.user_models:named", **TINY)
+    from synthgrad.coordinator.train import _resolve
+    cfg, layout = _resolve(base.replace(split_at="conv2,head"))
+    assert cfg.groups == (1, 2, 1) and layout.groups == (1, 2, 1) and cfg.split_at is None
+    with pytest.raises(ConfigError, match="no layer named fc; the layers are stem, conv2, pool, head"):
+        _resolve(base.replace(split_at="fc"))
+    with pytest.raises(ConfigError, match="in order, after the first"):
+        _resolve(base.replace(split_at="head,conv2"))
+    with pytest.raises(ConfigError, match="give one of --stages"):
+        base.replace(split_at="head", stages=2)
+    assert _resolve(RunConfig(mode="locked", split_at="2", **TINY))[0].groups == (2, 2)  # built-ins: 0, 1, ...

@@ -45,3 +45,15 @@ def label_smoothed(logits, labels):
 def per_sample(logits, labels):
     import torch.nn.functional as F
     return F.cross_entropy(logits, labels, reduction="none")  # not one number: refused
+
+
+def named(input_shape, num_classes):
+    """An nn.Sequential with named layers, for --split-at."""
+    from collections import OrderedDict
+    c, h, w = input_shape
+    return nn.Sequential(OrderedDict([
+        ("stem", nn.Sequential(nn.Conv2d(c, 4, 3, padding=1), nn.ReLU())),
+        ("conv2", nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())),
+        ("pool", nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten())),
+        ("head", nn.Linear(16, num_classes)),
+    ]))
