@@ -9,6 +9,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -24,6 +25,21 @@ TRANSPORTS = ("ipc", "tcp")
 DEFAULT_SAMPLE_SHAPE = (1, 28, 28)  # the built-in sets' (Fashion-MNIST, MNIST, synthetic) until read
 DEFAULT_CLASSES = 10
 PLACEMENTS = ("auto", "pin", "none")  # common/placement.py says what each does
+PRECISIONS = ("fp32", "bf16")  # common/devices.py says what each does
+_DEVICE_ENTRY = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def device_syntax_problem(spec: str, num_stages: Optional[int]) -> Optional[str]:
+    """Why `spec` is not a valid --device for a run of `num_stages` stages (None: it is).
+    Whether the device exists is asked where it is used (common/devices.py check_device)."""
+    parts = [p.strip() for p in spec.split(",")]
+    bad = [p for p in parts if not _DEVICE_ENTRY.match(p)]
+    if bad:
+        return f"--device {spec!r}: each entry must be cpu, cuda or cuda:N (not {', '.join(map(repr, bad))})"
+    if len(parts) > 1 and num_stages is not None and len(parts) != num_stages:
+        return (f"--device lists {len(parts)} devices, but the run has {num_stages} stages: give one "
+                f"device for every stage, or one per stage")
+    return None
 
 
 @dataclass(frozen=True)
@@ -126,6 +142,11 @@ class RunConfig:
     placement: str = PROCESSES.opt("auto", "auto | pin | none: pin stages to cores balancing their cost (pin), "
                                    "leave them to the OS (none), or pin only when every stage gets a core "
                                    "of its own (auto)", resume=True)
+    device: str = PROCESSES.opt("cpu", "cpu | cuda | cuda:N | one per stage, e.g. cuda:0,cuda:1 (backprop: the "
+                                "first); a bare cuda spreads the stages of a host over its GPUs "
+                                "(stage or torchrun's LOCAL_RANK, modulo the GPUs)", resume=True)
+    precision: str = PROCESSES.opt("fp32", "fp32 | bf16: bf16 runs the layers under autocast and sends "
+                                   "activations and gradients as bf16 (half the bytes); weights stay float32")
     queue_depth: int = PROCESSES.opt(2, "ZeroMQ high-water mark per link, in messages (bounds run-ahead)")
 
     max_message_mb: int = LIMITS.opt(256, "upper bound on one message's tensor bytes", resume=True)
@@ -201,6 +222,8 @@ class RunConfig:
                  f"raise --microbatches or use --schedule gpipe")
         need(self.placement in PLACEMENTS,
              f"unknown --placement {self.placement!r}; choose one of {', '.join(PLACEMENTS)}")
+        need(self.precision in PRECISIONS,
+             f"unknown --precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         need(self.transport in TRANSPORTS,
              f"unknown transport {self.transport!r}; choose one of {', '.join(TRANSPORTS)}")
         need(self.input_shape is None or (1 <= len(self.input_shape) <= 3 and all(int(d) > 0 for d in self.input_shape)),
@@ -272,6 +295,8 @@ class RunConfig:
         need(self.split_at is None or (self.groups is None and self.stages is None),
              "give one of --stages (split by cost), --groups (layers per stage) and --split-at (by name)")
         if n_layers is None:  # a model given by import path, not built yet: the run checks again
+            device_problem = device_syntax_problem(self.device, None)
+            need(device_problem is None, device_problem or "")
             return self
         if self.groups is not None:
             need(all(g >= 1 for g in self.groups), f"--groups entries must be >= 1, got {self.groups}")
@@ -285,6 +310,9 @@ class RunConfig:
             need(self.stages <= n_layers,
                  f"--stages {self.stages} is more than the model's {n_layers} layers; "
                  f"use --stages {n_layers} or fewer")
+        device_problem = device_syntax_problem(self.device, None if self.mode == Mode.BACKPROP
+                                               else len(self.stage_groups))
+        need(device_problem is None, device_problem or "")
         return self
 
     # ---------------------------------------------------------------- derived values

@@ -18,6 +18,8 @@ class EvalTally:
 
     @torch.no_grad()
     def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """One batch: logits from any device, in any float dtype (bf16 runs: scored in float32)."""
+        logits, labels = logits.float().cpu(), labels.cpu()
         self.loss_sum += float(self.loss_fn(logits, labels)) * int(labels.shape[0])
         self.correct += int((logits.argmax(1) == labels).sum())
         self.n += int(labels.shape[0])

@@ -100,4 +100,4 @@ def run_rank(cfg: RunConfig, env: TorchrunEnv, log: Callable[[str], None] = prin
     coord_host = tcp_host(endpoint)
     host = address_towards(coord_host)
     run_worker(WorkerSpec(env.rank - 1, endpoint, -1, "tcp", host, "", core,
-                          connect_timeout=cfg.start_timeout, keys=keys))
+                          connect_timeout=cfg.start_timeout, keys=keys, local_index=env.local_rank))

@@ -15,6 +15,7 @@ import zmq
 from synthgrad.common.config import MODELS, ConfigError, RunConfig
 from synthgrad.common.models import ModelError, check_model, groups_at, unit_names
 from synthgrad.common.modes import STAGE_WORKER_MODES, Mode, spoken
+from synthgrad.common.devices import check_run_devices
 from synthgrad.common.data import check_dataset, count_train, data_spec, total_steps
 from synthgrad.common.endpoints import tcp_host
 from synthgrad.common.files import atomic_write_json
@@ -78,6 +79,8 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
     if bind is None:
         check_dataset(cfg.dataset, cfg.data_dir)  # stage 0 runs here: all its files, or a clear error
     cfg, layout = _resolve(cfg)
+    if bind is None:  # every stage starts on this host: its device must be here
+        check_run_devices(cfg)
     if bind is not None:  # the stages are started elsewhere: they bring keys from the same set
         cfg = _coordinator_only(cfg, bind)
         keys, worker_keys = resolve_keys(cfg.secure, cfg.keys, "coordinator", f"--bind {bind}"), None

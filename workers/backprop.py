@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from synthgrad.common.config import RunConfig, default_backprop_threads
+from synthgrad.common.devices import CPU, Compute, stage_device
 from synthgrad.common.data import eval_batches, load_dataset, steps_per_epoch, train_batches
 from synthgrad.common.evaluation import EvalTally, eval_line, eval_record
 from synthgrad.common.files import atomic_torch_save
@@ -28,11 +29,13 @@ from synthgrad.workers.stage import require_finite
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split, batch_size: int, limit, loss=F.cross_entropy) -> EvalTally:
+def evaluate(model: nn.Module, split, batch_size: int, limit, loss=F.cross_entropy,
+             compute: Compute = CPU) -> EvalTally:
     model.eval()
     tally = EvalTally(loss)
     for x, y in eval_batches(split, batch_size, limit):
-        tally.add(model(x), y)
+        with compute.autocast():
+            tally.add(model(compute.arrive(x)), y)
     model.train()
     return tally
 
@@ -46,7 +49,8 @@ def run_backprop(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stre
     torch.set_num_threads(threads)
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.synthetic_train, cfg.synthetic_test)
     units = build_units(cfg)
-    model = nn.Sequential(*units)
+    dev = Compute.of(stage_device(cfg.device, 0), cfg.precision)
+    model = nn.Sequential(*units).to(dev.device)
     loss_fn = loss_function(cfg.loss)
     opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
     per_epoch = steps_per_epoch(len(ds.train), cfg.batch_size)
@@ -57,10 +61,11 @@ def run_backprop(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stre
     compute = 0.0
     t_start = last_report = last_progress = time.monotonic()
     interval_loss, interval_n, interval_samples, interval_compute = 0.0, 0, 0, 0.0
-    log(f"backprop: one process, {threads} torch threads; training {total} steps")
+    log(f"backprop: one process, {threads} torch threads, {dev.device} {cfg.precision}; "
+        f"training {total} steps")
 
     def test(epoch: int, step: int) -> None:
-        tally = evaluate(model, ds.test, cfg.batch_size, cfg.eval_samples, loss_fn)
+        tally = evaluate(model, ds.test, cfg.batch_size, cfg.eval_samples, loss_fn, dev)
         rec = eval_record(epoch, step, time.monotonic() - t_start, tally.loss, tally.accuracy, tally.n)
         evals.append(rec)
         stream.eval(rec)
@@ -88,7 +93,9 @@ def run_backprop(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stre
             if step >= total:
                 break
             t0 = time.perf_counter()
-            loss = loss_fn(model(x), y)
+            x, y = dev.arrive(x), dev.arrive(y)
+            with dev.autocast():  # the layers and the loss, as the last stage computes them
+                loss = loss_fn(model(x), y)
             require_finite(loss.detach(), "the loss", 0, step)  # the same policy as the stages'
             opt.zero_grad(set_to_none=True)
             loss.backward()

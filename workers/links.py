@@ -24,6 +24,7 @@ import zmq
 
 from synthgrad.common import wire
 from synthgrad.common.config import RunConfig
+from synthgrad.common.devices import wire_dtype
 from synthgrad.common.endpoints import bind_wildcard, max_frame_bytes, set_heartbeats
 from synthgrad.common.procs import alive
 from synthgrad.common.security import Guard, HandshakeWatch, Keys, RefusalLog
@@ -78,6 +79,7 @@ class Links:
         self.handlers: Optional[Handlers] = None
         self.cfg: Optional[RunConfig] = None  # set by configure(): then heartbeats flow both ways
         self.in_shape: tuple[int, ...] = ()
+        self.wire_dtype = torch.float32  # of activations (--precision), set by configure()
         self.num_classes = 0
         self.max_bytes = DEFAULT_MAX_BYTES
         self.delay = 0.0  # --link-delay-ms, in seconds (testing: simulated link latency)
@@ -95,6 +97,7 @@ class Links:
         last), and take the run's bounds, shapes, delay and heartbeat interval."""
         self.cfg = cfg
         self.in_shape = in_shape
+        self.wire_dtype = wire_dtype(cfg.precision)
         self.num_classes = num_classes
         self.handlers = handlers
         self.max_bytes = cfg.max_message_mb << 20
@@ -259,7 +262,7 @@ class Links:
             try:
                 if msg.phase in ("train", "eval"):
                     full = msg.phase == "train"  # training batches are always full (batch norm)
-                    wire.check_tensor(msg.h, "ACTIVATION.h", torch.float32, self.in_shape, self.cfg.batch_size, full)
+                    wire.check_tensor(msg.h, "ACTIVATION.h", self.wire_dtype, self.in_shape, self.cfg.batch_size, full)
                     wire.check_tensor(msg.labels, "ACTIVATION.labels", torch.int64, (), msg.h.shape[0])
                     if msg.labels.shape[0] != msg.h.shape[0]:
                         raise wire.WireError("ACTIVATION: labels and h differ in batch size")

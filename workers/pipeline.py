@@ -1,9 +1,9 @@
 """mode=pipeline: PyTorch's own pipeline parallelism, the strongest *locked* peer to compare with.
 
-One process per stage (the same stages, units and seed as synthgrad's modes), joined by a gloo
-process group; torch.distributed.pipelining splits each batch into microbatches and runs a GPipe
-or 1F1B schedule, so stages overlap on different microbatches while every update still waits
-for the true gradient. Gradients are averaged over microbatches, so without batch norm this is
+One process per stage (the same stages, units, seed, device and precision as synthgrad's
+modes), joined by a gloo process group (nccl on CUDA devices); torch.distributed.pipelining
+splits each batch into microbatches and runs a GPipe or 1F1B schedule, so stages overlap on
+different microbatches while every update still waits for the true gradient. Gradients are averaged over microbatches, so without batch norm this is
 plain backprop; batch norm sees microbatch statistics (as in any pipeline-parallel run).
 
 This file is one rank's process. The launcher (coordinator/pipeline.py) only starts the ranks and
@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from synthgrad.common.config import RunConfig
+from synthgrad.common.devices import Compute, stage_device
 from synthgrad.common.data import load_dataset, steps_per_epoch, train_batches
 from synthgrad.common.evaluation import EvalTally, eval_record
 from synthgrad.common.files import JsonlLog, atomic_torch_save, atomic_write_json
@@ -47,10 +48,29 @@ class RankSpec:
     total_steps: int  # the run's length (the launcher's, so every rank agrees)
 
 
-def _schedule(cfg: RunConfig, stage):
+class _InPrecision(nn.Module):
+    """A rank's layers as the stage workers run them: under the run's autocast, the output in
+    the wire's dtype (bf16 under --precision bf16) unless it is the last rank's logits."""
+
+    def __init__(self, layers: nn.Module, dev: Compute, last: bool):
+        super().__init__()
+        self.layers, self.dev, self.last = layers, dev, last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.dev.autocast():
+            out = self.layers(x)
+        return out if self.last else out.to(self.dev.wire_dtype)
+
+
+def _schedule(cfg: RunConfig, stage, dev: Compute):
     from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
     cls = ScheduleGPipe if cfg.schedule == "gpipe" else Schedule1F1B
-    return cls(stage, cfg.microbatches, loss_fn=loss_function(cfg.loss))
+    loss_fn = loss_function(cfg.loss)
+
+    def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with dev.autocast():  # as the last stage and mode backprop compute it
+            return loss_fn(out, target)
+    return cls(stage, cfg.microbatches, loss_fn=loss)
 
 
 def run_rank(spec: RankSpec) -> None:
@@ -63,24 +83,31 @@ def run_rank(spec: RankSpec) -> None:
     pin_to_core(spec.core)
     rank, world = spec.rank, spec.world
     first, last = rank == 0, rank == world - 1
-    dist.init_process_group("gloo", init_method=(run_dir / ".pipeline-rendezvous").resolve().as_uri(),
+    dev = Compute.of(stage_device(cfg.device, rank), cfg.precision)
+    backend = "nccl" if dev.device.type == "cuda" else "gloo"
+    if dev.device.type == "cuda":
+        torch.cuda.set_device(dev.device)
+    dist.init_process_group(backend, init_method=(run_dir / ".pipeline-rendezvous").resolve().as_uri(),
                             rank=rank, world_size=world, timeout=timedelta(seconds=cfg.stall_timeout))
     units = build_units(cfg)
     a, b = stage_bounds(cfg)[rank]
-    module = nn.Sequential(*units[a:b])
     in_shape, out_shape = stage_io_shapes(cfg, units)[rank]
+    module = nn.Sequential(*units[a:b]).to(dev.device)
+    staged = _InPrecision(module, dev, last)
     mb = cfg.batch_size // cfg.microbatches
-    example = (torch.zeros(mb, *in_shape),)
-    schedule = _schedule(cfg, PipelineStage(module, rank, world, torch.device("cpu"), input_args=example))
+    example = (torch.zeros(mb, *in_shape, dtype=torch.float32 if first else dev.wire_dtype,
+                           device=dev.device),)
+    schedule = _schedule(cfg, PipelineStage(staged, rank, world, dev.device, input_args=example), dev)
     # Evaluation gets a schedule of its own: a schedule that switches between forward-only and
     # training re-infers its shapes each time, with a stray forward pass in training mode.
-    eval_schedule = _schedule(cfg, PipelineStage(module, rank, world, torch.device("cpu"), input_args=example))
+    eval_schedule = _schedule(cfg, PipelineStage(staged, rank, world, dev.device, input_args=example),
+                              dev)
     optimizer = make_optimizer(module.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
-    _warm_up(cfg, schedule, module, first, last, in_shape)
+    _warm_up(cfg, schedule, module, first, last, in_shape, dev)
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.synthetic_train, cfg.synthetic_test) \
         if (first or last) else None
     n_train = len(ds.train) if ds is not None else 0
-    n_train_all = torch.tensor([n_train])
+    n_train_all = torch.tensor([n_train], device=dev.device)
     dist.all_reduce(n_train_all, op=dist.ReduceOp.MAX)  # middle ranks load no data
     per_epoch = steps_per_epoch(int(n_train_all), cfg.batch_size)
     total = spec.total_steps
@@ -97,13 +124,14 @@ def run_rank(spec: RankSpec) -> None:
 
     def batches(epoch: int):
         if ds is not None:
-            yield from train_batches(ds.train, cfg.batch_size, cfg.seed, epoch)
+            for x, y in train_batches(ds.train, cfg.batch_size, cfg.seed, epoch):
+                yield dev.arrive(x), dev.arrive(y)
         else:
             for _ in range(per_epoch):
                 yield None, None
 
     def test(epoch: int, step: int) -> None:
-        tally = _evaluate(cfg, eval_schedule, module, ds, first, last)
+        tally = _evaluate(cfg, eval_schedule, module, ds, first, last, dev)
         if tally is not None:
             rec = eval_record(epoch, step, time.monotonic() - t_start, tally.loss, tally.accuracy, tally.n)
             evals.append(rec)
@@ -184,16 +212,16 @@ def run_rank(spec: RankSpec) -> None:
 
 
 def _warm_up(cfg: RunConfig, schedule, module: nn.Module, first: bool, last: bool,
-             in_shape: tuple[int, ...]) -> None:
+             in_shape: tuple[int, ...], dev: Compute) -> None:
     """One untimed, discarded step so the schedule infers its shapes before training. The
     inference runs forward on uninitialised buffers in stages > 0; with the modules in eval mode
     batch norm leaves its running statistics alone, and the gradients are thrown away."""
     module.eval()
     try:
         if first:
-            schedule.step(torch.zeros(cfg.batch_size, *in_shape))
+            schedule.step(torch.zeros(cfg.batch_size, *in_shape, device=dev.device))
         elif last:
-            schedule.step(target=torch.zeros(cfg.batch_size, dtype=torch.long), losses=[])
+            schedule.step(target=torch.zeros(cfg.batch_size, dtype=torch.long, device=dev.device), losses=[])
         else:
             schedule.step()
     finally:
@@ -203,13 +231,14 @@ def _warm_up(cfg: RunConfig, schedule, module: nn.Module, first: bool, last: boo
 
 
 @torch.no_grad()
-def _evaluate(cfg: RunConfig, schedule, module: nn.Module, ds, first: bool, last: bool
-              ) -> Optional[EvalTally]:
+def _evaluate(cfg: RunConfig, schedule, module: nn.Module, ds, first: bool, last: bool,
+              dev: Compute) -> Optional[EvalTally]:
     """Forward-only pass over the test set through the pipeline. Batches are padded to the
     training batch size (the stages' buffers have that shape); padded rows are ignored."""
     module.eval()
     n_test = len(ds.test) if ds is not None else 0
-    n = torch.tensor([n_test if cfg.eval_samples is None else min(cfg.eval_samples, n_test)])
+    n = torch.tensor([n_test if cfg.eval_samples is None else min(cfg.eval_samples, n_test)],
+                     device=dev.device)  # nccl reduces only tensors on the GPU
     dist.all_reduce(n, op=dist.ReduceOp.MAX)
     n = int(n)
     tally = EvalTally(loss_function(cfg.loss))
@@ -219,7 +248,7 @@ def _evaluate(cfg: RunConfig, schedule, module: nn.Module, ds, first: bool, last
             x = y = None
             if ds is not None:
                 x, y = ds.test.take(torch.arange(start, start + rows))
-                x, y = _pad(x, cfg.batch_size), _pad(y, cfg.batch_size)
+                x, y = dev.arrive(_pad(x, cfg.batch_size)), dev.arrive(_pad(y, cfg.batch_size))
             if first:
                 schedule.eval(x)
             elif last:

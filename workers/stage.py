@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from synthgrad.common.config import RunConfig
+from synthgrad.common.devices import Compute
 from synthgrad.common.models import LocalHead, SyntheticGradient, loss_function, make_optimizer
 from synthgrad.common.modes import UpdateRule
 from synthgrad.common.reports import RunFailed
@@ -108,9 +109,14 @@ class StageStats:
 class StageLogic:
     def __init__(self, cfg: RunConfig, stage: int, num_stages: int, module: nn.Module,
                  out_shape: tuple[int, ...], snapshot_steps: frozenset[int] = frozenset(),
-                 rule: Optional[UpdateRule] = None):
-        """`rule`: the mode's unless given (bench/rules.py tries rules that are not modes yet)."""
+                 rule: Optional[UpdateRule] = None, compute: Optional[Compute] = None):
+        """`rule`: the mode's unless given (bench/rules.py tries rules that are not modes yet).
+        `compute`: the device and precision (default: the CPU, in the run's precision). What
+        comes in (data, activations, gradients) is moved onto the device; what goes out comes
+        back in the wire's dtype, in host memory."""
         self.cfg = cfg
+        self.compute = compute or Compute(torch.device("cpu"), cfg.precision)
+        module.to(self.compute.device)
         self.rule: UpdateRule = rule or cfg.rule
         self.stage = stage
         self.is_first = stage == 0
@@ -122,13 +128,14 @@ class StageLogic:
         self.sg_optimizer: Optional[torch.optim.Optimizer] = None
         if not self.is_last and self.rule.uses_predictor:
             torch.manual_seed(cfg.seed * 7919 + stage)
-            self.sg = SyntheticGradient(out_shape, cfg.sg_model, cfg.sg_hidden, cfg.conditioned, cfg.classes)
+            self.sg = SyntheticGradient(out_shape, cfg.sg_model, cfg.sg_hidden, cfg.conditioned,
+                                        cfg.classes).to(self.compute.device)
             self.sg_optimizer = make_optimizer(self.sg.parameters(), cfg.sg_optimizer, cfg.sg_lr)
         self.head: Optional[LocalHead] = None
         self.head_optimizer: Optional[torch.optim.Optimizer] = None
         if not self.is_last and self.rule.uses_head:
             torch.manual_seed(cfg.seed * 7919 + stage)
-            self.head = LocalHead(out_shape, cfg.classes)
+            self.head = LocalHead(out_shape, cfg.classes).to(self.compute.device)
             self.head_optimizer = make_optimizer(self.head.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
         self.latest_step = -1  # the latest step this stage has run forward
         self.loss_fn = loss_function(cfg.loss)  # the last stage's; local heads keep cross-entropy
@@ -146,11 +153,12 @@ class StageLogic:
         self.optimizer.zero_grad(set_to_none=True)
 
     def predict(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The synthetic-gradient model's per-sample dL/dh (batch size x dL_mean/dh)."""
+        """The synthetic-gradient model's per-sample dL/dh (batch size x dL_mean/dh), in float32
+        (predictors and heads are float32 whatever the layers' precision)."""
         assert self.sg is not None
         t0 = time.perf_counter()
         with torch.no_grad():
-            per_sample = self.sg(h.detach(), labels)
+            per_sample = self.sg(h.detach().float(), labels)
         self.stats.sg_seconds += time.perf_counter() - t0
         return per_sample
 
@@ -159,7 +167,7 @@ class StageLogic:
         if self.sg is None:
             return
         if kept.sg_pred is not None:
-            target = g * g.shape[0]
+            target = g.float() * g.shape[0]
             cos = float(F.cosine_similarity(kept.sg_pred.reshape(1, -1), target.reshape(1, -1)))
             self.stats.cos_sum += cos
             self.stats.cos_n += 1
@@ -172,7 +180,7 @@ class StageLogic:
         batch): what the layers step on in mode local."""
         assert self.head is not None and self.head_optimizer is not None
         t0 = time.perf_counter()
-        h_leaf = h.detach().requires_grad_(True)
+        h_leaf = h.detach().float().requires_grad_(True)
         loss = F.cross_entropy(self.head(h_leaf), labels)
         require_finite(loss.detach(), "the local head's loss", self.stage, step)
         self.head_optimizer.zero_grad(set_to_none=True)
@@ -227,6 +235,10 @@ class StageLogic:
 
     def _forward(self, x: torch.Tensor, stash_weights: bool) -> tuple[torch.Tensor, Optional[dict]]:
         """The output, and the stashed weights it was computed with (None when not stashed)."""
+        with self.compute.autocast():
+            return self._forward_as_is(x, stash_weights)
+
+    def _forward_as_is(self, x: torch.Tensor, stash_weights: bool) -> tuple[torch.Tensor, Optional[dict]]:
         if not stash_weights:
             return self.module(x), None
         clones = {name: p.clone() for name, p in self.module.named_parameters()}
@@ -243,8 +255,8 @@ class StageLogic:
     def _train_sg(self, kept: Kept, g: torch.Tensor) -> None:
         assert self.sg is not None and self.sg_optimizer is not None
         t0 = time.perf_counter()
-        target = g * g.shape[0]
-        pred = self.sg(kept.h_detached, kept.labels)
+        target = g.float() * g.shape[0]
+        pred = self.sg(kept.h_detached.float(), kept.labels)
         loss = F.mse_loss(pred, target)
         self.sg_optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -267,6 +279,7 @@ class StageLogic:
     # ------------------------------------------------------------------ middle stages
     def forward(self, step: int, x: torch.Tensor, labels: torch.Tensor, true_step: bool) -> torch.Tensor:
         """Forward one training batch of a non-last stage; returns h to send downstream."""
+        x, labels = self.compute.arrive(x), self.compute.arrive(labels)
         keep_graph = true_step
         need_dx = keep_graph or self.cfg.bootstrap
         x = self._input(x, need_dx)
@@ -278,13 +291,14 @@ class StageLogic:
             self.kept[step] = Kept(x if need_dx and not self.is_first else None,
                                    h if keep_graph else None, h.detach(), labels, weights=stash)
         self._pending = (step, h, x, keep_graph, labels)
-        return h.detach()
+        return self.compute.leave(h)
 
     def local_update(self, step: int) -> Optional[torch.Tensor]:
         """Step now on what the rule gives, without waiting. Returns a bootstrapped dL/dx for
         the stage before, when bootstrapping on a step whose true gradient is not coming."""
         try:
-            return self._local_update(step)
+            dx = self._local_update(step)
+            return None if dx is None else self.compute.leave(dx)
         finally:
             while self._deferred:  # late true gradients that arrived during this step
                 self._step_on(self._deferred.pop(0))
@@ -297,7 +311,7 @@ class StageLogic:
         if grad is None:
             return None
         require_finite(grad, "the local gradient", self.stage, step)
-        h.backward(grad, retain_graph=keep_graph)
+        h.backward(grad.to(h.dtype), retain_graph=keep_graph)
         self.step_optimizer()
         if self.cfg.bootstrap and not keep_graph and x is not None and x.grad is not None:
             dx = x.grad
@@ -320,8 +334,9 @@ class StageLogic:
             self.stats.true_grads += 1
         else:
             self.stats.bootstrap_grads += 1
+        g = self.compute.arrive(g).to(kept.h_detached.dtype)  # the wire's dtype may be narrower
         dx = self.rule.on_gradient(self, step, kept, g, is_true)
-        return None if dx is None else require_finite(dx, "dL/dx", self.stage, step)
+        return None if dx is None else self.compute.leave(require_finite(dx, "dL/dx", self.stage, step))
 
     # ------------------------------------------------------------------ last stage
     def last_step(self, step: int, x: torch.Tensor, labels: torch.Tensor,
@@ -329,10 +344,12 @@ class StageLogic:
         """Forward, loss, backward and update of the last stage. Returns the loss and the
         dL/dx to send back (true steps, and every step when bootstrapping)."""
         need_dx = true_step or self.cfg.bootstrap
-        x = self._input(x, need_dx)
+        x = self._input(self.compute.arrive(x), need_dx)
+        labels = self.compute.arrive(labels)
         self.latest_step = step
-        out = self.module(x)
-        loss = self.loss_fn(out, labels)
+        with self.compute.autocast():  # the loss too, exactly as mode backprop computes it
+            out = self.module(x)
+            loss = self.loss_fn(out, labels)
         require_finite(loss.detach(), "the loss", self.stage, step)
         loss.backward()
         self.step_optimizer()
@@ -342,17 +359,20 @@ class StageLogic:
         self.stats.correct += int((out.detach().argmax(1) == labels).sum())
         self.stats.seen += int(labels.shape[0])
         dx = x.grad if (need_dx and not self.is_first) else None
-        return value, None if dx is None else require_finite(dx, "dL/dx", self.stage, step)
+        return value, None if dx is None else self.compute.leave(require_finite(dx, "dL/dx", self.stage, step))
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The stage's output in eval mode (logits on the last stage)."""
+        """The stage's output in eval mode, ready for the wire (the last stage's logits stay as
+        computed, on the device, for the evaluation's tally)."""
         self.module.eval()
         try:
-            return self.module(x)
+            with self.compute.autocast():
+                out = self.module(self.compute.arrive(x))
         finally:
             self.module.train()
+        return out if self.is_last else self.compute.leave(out)
 
     # ------------------------------------------------------------------ state
     def outstanding(self) -> int:
@@ -387,7 +407,8 @@ class StageLogic:
         if self.head is not None and self.head_optimizer is not None:
             self.head.load_state_dict(state["head"])
             self.head_optimizer.load_state_dict(state["head_optimizer"])
-        self.last_true = state.get("last_true")
+        last_true = state.get("last_true")
+        self.last_true = None if last_true is None else self.compute.arrive(last_true)
 
 
 def _tensors(obj):

@@ -26,6 +26,7 @@ from torch import nn
 from synthgrad.common import wire
 from synthgrad.common.config import RunConfig
 from synthgrad.common.data import Dataset, eval_batches, load_dataset, steps_per_epoch
+from synthgrad.common.devices import Compute, stage_device
 from synthgrad.common.evaluation import EvalTally
 from synthgrad.common.files import atomic_write_json
 from synthgrad.common.models import build_units, stage_bounds, stage_io_shapes
@@ -50,6 +51,7 @@ class WorkerSpec:
     core: Optional[int] = None  # pin here; None = the core the coordinator assigns (same host)
     connect_timeout: float = 600.0  # give up when no START arrives within this many seconds
     keys: Optional[Keys] = None  # CURVE on every link of this worker; None = plain
+    local_index: Optional[int] = None  # torchrun's LOCAL_RANK: picks the GPU of a bare --device cuda
 
 
 class Refused(RuntimeError):
@@ -116,8 +118,10 @@ class LayerWorker:
         in_shape, out_shape = shapes[self.stage]
         num_classes = shapes[-1][1][0]  # the last stage's output: one logit per class
         module = nn.Sequential(*units[first_unit:end_unit])
+        device = stage_device(cfg.device, self.stage, self.spec.local_index)
+        compute = Compute.of(device, cfg.precision)  # DeviceError when this host has no such device
         logic = StageLogic(cfg, self.stage, num_stages, module, out_shape,
-                           snapshot_steps=snapshot_steps(cfg, start.total_steps))
+                           snapshot_steps=snapshot_steps(cfg, start.total_steps), compute=compute)
         run_dir = Path(self.spec.run_dir or start.run_dir)
         is_last = self.stage == num_stages - 1
         reporter = StageReporter(self.stage, cfg, logic, self.timings, self.links.send_coord,
@@ -164,7 +168,8 @@ class LayerWorker:
         try:
             if msg.to_stage != self.stage:
                 raise wire.WireError(f"gradient addressed to stage {msg.to_stage}")
-            wire.check_tensor(msg.g, "GRAD.g", torch.float32, s.out_shape, s.cfg.batch_size, exact=True)
+            wire.check_tensor(msg.g, "GRAD.g", s.logic.compute.wire_dtype, s.out_shape, s.cfg.batch_size,
+                              exact=True)
             wire.check_finite(msg.g, "GRAD.g")
             with self.timings.span("compute"):
                 dx = s.logic.receive_grad(msg.step, msg.g, msg.is_true)
