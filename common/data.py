@@ -2,6 +2,11 @@
 
 Stage 0 and the single-process reference both draw batches from ``train_batches``, so for a
 given seed every mode sees exactly the same batches in the same order.
+
+Nothing holds a whole training set as float tensors: the built-in image sets keep their pixels
+as bytes (a read-only memory map of an uncompressed file, so the operating system pages in what
+a batch reads; a gzipped file is decompressed once into bytes, a quarter of its float size) and
+are normalised a batch at a time; a user's dataset is read a batch at a time.
 """
 from __future__ import annotations
 
@@ -47,11 +52,12 @@ def read_idx(path: str | Path) -> np.ndarray:
     dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
     dtype = np.dtype(IDX_DTYPES[code])
     need = int(np.prod(dims)) * dtype.itemsize
-    body = raw[4 + 4 * ndim:]
+    body = memoryview(raw)[4 + 4 * ndim:]  # a view: the data is not copied
     if len(body) != need:
         raise DataError(f"{path}: IDX header says {list(dims)} ({need} bytes of data) "
                         f"but the file holds {len(body)} bytes")
-    return np.frombuffer(body, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
+    array = np.frombuffer(body, dtype=dtype).reshape(dims)
+    return array if dtype.isnative else array.astype(dtype.newbyteorder("="))
 
 
 def _find(folder: Path, prefix: str, idx: str) -> Path:
@@ -66,8 +72,8 @@ def _find(folder: Path, prefix: str, idx: str) -> Path:
 
 @dataclass
 class Split:
-    """A split held in memory (the built-in sets)."""
-    images: torch.Tensor  # float32 [N, C, H, W] (IDX: C = 1), normalised
+    """A split of float tensors in memory (the generated set, and tests)."""
+    images: torch.Tensor  # float32 [N, C, H, W]
     labels: torch.Tensor  # int64 [N]
 
     def __len__(self) -> int:
@@ -76,6 +82,50 @@ class Split:
     def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The samples at `idx`, as one batch."""
         return self.images[idx], self.labels[idx]
+
+
+@dataclass
+class PixelSplit:
+    """A built-in image split: its pixels stay as stored (bytes; memory-mapped when the file
+    is uncompressed) and each batch is scaled to [0, 1] and normalised as it is taken."""
+    pixels: "np.ndarray | RecordPixels"  # [N, C, H, W], indexable by an array of sample numbers
+    labels: torch.Tensor  # int64 [N] (small: kept in memory)
+    mean: torch.Tensor  # of the training set's scaled pixels: a number, or [1, C, 1, 1] per channel
+    std: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.asarray(self.pixels[idx.numpy()])
+        x = torch.from_numpy(rows.astype(np.float32) / 255.0)
+        return (x - self.mean) / self.std, self.labels[idx]
+
+    @property
+    def images(self) -> torch.Tensor:
+        """Every sample, normalised (for small sets and tests; a run takes batches)."""
+        return self.take(torch.arange(len(self)))[0]
+
+
+def pixel_statistics(pixels, per_channel: bool, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (unbiased) standard deviation of pixels / 255, over the whole training set, a
+    chunk at a time. Sums of 8-bit values in float64 are exact integers (below 2^53 for any set
+    under ~10^11 pixels), so the figures do not depend on the chunking."""
+    axes = (0, 2, 3) if per_channel else None
+    s1 = s2 = 0.0
+    n = 0
+    for start in range(0, len(pixels), chunk):
+        x = np.asarray(pixels[np.arange(start, min(start + chunk, len(pixels)))]).astype(np.float64)
+        s1 = s1 + x.sum(axis=axes)
+        s2 = s2 + (x * x).sum(axis=axes)
+        n += x.size // (x.shape[1] if per_channel else 1)
+    mean = np.asarray(s1) / n
+    var = (np.asarray(s2) - n * mean * mean) / max(n - 1, 1)
+    mean_t = torch.tensor(mean / 255.0, dtype=torch.float32)
+    std_t = torch.tensor(np.sqrt(np.maximum(var, 0.0)) / 255.0, dtype=torch.float32).clamp_min(1e-6)
+    if per_channel:
+        return mean_t.reshape(1, -1, 1, 1), std_t.reshape(1, -1, 1, 1)
+    return mean_t, std_t
 
 
 class UserSplit:
@@ -127,8 +177,8 @@ def _sample(data, i: int, what: str) -> tuple[torch.Tensor, int]:
 @dataclass
 class Dataset:
     name: str
-    train: "Split | UserSplit"
-    test: "Split | UserSplit"
+    train: "Split | PixelSplit | UserSplit"
+    test: "Split | PixelSplit | UserSplit"
     num_classes: int = 10
 
 
@@ -144,12 +194,32 @@ def _how_to_get(dataset: str) -> str:
             "(gzipped or not; torchvision's MNIST/raw folder works)")
 
 
+def open_idx(path: str | Path) -> np.ndarray:
+    """An IDX file's array without reading it: a read-only memory map of an uncompressed file
+    (checked against its header), or the decompressed array of a gzipped one (read_idx)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(4 + 4 * 4)
+    if head[:2] == b"\x1f\x8b":
+        return read_idx(path)
+    dims = idx_dims(path)
+    dtype = np.dtype(IDX_DTYPES[head[2]])
+    offset = 4 + 4 * len(dims)
+    need = int(np.prod(dims)) * dtype.itemsize
+    if path.stat().st_size - offset != need:
+        raise DataError(f"{path}: IDX header says {list(dims)} ({need} bytes of data) "
+                        f"but the file holds {path.stat().st_size - offset} bytes")
+    if need == 0:
+        return np.zeros(dims, dtype=dtype.newbyteorder("="))
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(dims))
+
+
 def load_idx_folder(folder: str | Path, name: str) -> Dataset:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{name} data folder {folder} does not exist; {_how_to_get(name)}")
     try:
-        arrays = {key: read_idx(_find(folder, prefix, idx)) for key, prefix, idx in (
+        arrays = {key: open_idx(_find(folder, prefix, idx)) for key, prefix, idx in (
             ("xtr", "train-images", "idx3"), ("ytr", "train-labels", "idx1"),
             ("xte", "t10k-images", "idx3"), ("yte", "t10k-labels", "idx1"))}
     except DataError as exc:
@@ -161,13 +231,15 @@ def load_idx_folder(folder: str | Path, name: str) -> Dataset:
     if arrays["xte"].shape[1:] != arrays["xtr"].shape[1:]:
         raise DataError(f"{folder}: test images are {arrays['xte'].shape[1:]}, training images "
                         f"{arrays['xtr'].shape[1:]}: they must be the same size")
-    classes = _classes(arrays["ytr"], arrays["yte"], folder)
-    xtr = torch.from_numpy(arrays["xtr"].astype(np.float32) / 255.0)
-    mean, std = float(xtr.mean()), float(xtr.std())
-    def split(x: np.ndarray, y: np.ndarray) -> Split:
-        imgs = (torch.from_numpy(x.astype(np.float32) / 255.0) - mean) / std
-        return Split(imgs.unsqueeze(1).contiguous(), torch.from_numpy(y.astype(np.int64)))
-    return Dataset(name, split(arrays["xtr"], arrays["ytr"]), split(arrays["xte"], arrays["yte"]), classes)
+    ytr, yte = np.asarray(arrays["ytr"]), np.asarray(arrays["yte"])
+    classes = _classes(ytr, yte, folder)
+    # [N, H, W] -> [N, 1, H, W] without reading: a view of the map (or of the array)
+    xtr, xte = arrays["xtr"][:, None], arrays["xte"][:, None]
+    mean, std = pixel_statistics(xtr, per_channel=False)
+
+    def split(x: np.ndarray, y: np.ndarray) -> PixelSplit:
+        return PixelSplit(x, torch.from_numpy(y.astype(np.int64)), mean, std)
+    return Dataset(name, split(xtr, ytr), split(xte, yte), classes)
 
 
 def _classes(train_labels: np.ndarray, test_labels: np.ndarray, where: Path) -> int:
@@ -247,26 +319,45 @@ def _cifar_files(folder: Path) -> tuple[list[Path], Path]:
     return train, test
 
 
+class RecordPixels:
+    """The images of CIFAR-10 binary files, memory-mapped: sample i is found in its file and
+    record when a batch asks for it (nothing is read before)."""
+
+    def __init__(self, files: list[Path]):
+        self.maps = [np.memmap(f, dtype=np.uint8, mode="r").reshape(-1, CIFAR_RECORD) for f in files]
+        self.starts = np.cumsum([0] + [len(m) for m in self.maps])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def labels(self) -> np.ndarray:
+        return np.concatenate([np.asarray(m[:, 0]) for m in self.maps]).astype(np.int64)
+
+    def __getitem__(self, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        which = np.searchsorted(self.starts, idx, side="right") - 1
+        out = np.empty((len(idx), CIFAR_RECORD - 1), dtype=np.uint8)
+        for f in np.unique(which):
+            rows = which == f
+            out[rows] = self.maps[f][idx[rows] - self.starts[f], 1:]
+        return out.reshape(-1, *CIFAR_SHAPE)
+
+
 def _cifar_records(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     """(images [N, 3, 32, 32] uint8, labels [N]) from binary batch files (no pickle involved)."""
-    rows = np.concatenate([np.fromfile(f, dtype=np.uint8).reshape(-1, CIFAR_RECORD) for f in files])
-    return rows[:, 1:].reshape(-1, *CIFAR_SHAPE), rows[:, 0].astype(np.int64)
+    pixels = RecordPixels(files)
+    return pixels[np.arange(len(pixels))], pixels.labels()
 
 
 def load_cifar10(folder: str | Path) -> Dataset:
     """CIFAR-10's binary version, normalised per channel with the training set's mean and std."""
     train_files, test_file = _cifar_files(Path(folder))
-    xtr, ytr = _cifar_records(train_files)
-    xte, yte = _cifar_records([test_file])
+    train, test = RecordPixels(train_files), RecordPixels([test_file])
+    ytr, yte = train.labels(), test.labels()
     classes = _classes(ytr, yte, Path(folder))
-    xtr_f = torch.from_numpy(xtr.astype(np.float32) / 255.0)
-    mean = xtr_f.mean(dim=(0, 2, 3), keepdim=True)
-    std = xtr_f.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-
-    def split(x: np.ndarray, y: np.ndarray) -> Split:
-        imgs = (torch.from_numpy(x.astype(np.float32) / 255.0) - mean) / std
-        return Split(imgs.contiguous(), torch.from_numpy(y))
-    return Dataset("cifar10", split(xtr, ytr), split(xte, yte), classes)
+    mean, std = pixel_statistics(train, per_channel=True)
+    return Dataset("cifar10", PixelSplit(train, torch.from_numpy(ytr), mean, std),
+                   PixelSplit(test, torch.from_numpy(yte), mean, std), classes)
 
 
 def synthetic(n_train: int, n_test: int, seed: int = 1234) -> Dataset:

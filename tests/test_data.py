@@ -75,6 +75,31 @@ def test_mnist_folder_loads(tmp_path, compress, names):
     assert abs(float(ds.train.images.mean())) < 1e-4  # normalised with the training set's mean
 
 
+def test_built_in_sets_keep_bytes_and_normalise_a_batch_at_a_time(tmp_path):
+    """An uncompressed IDX folder and CIFAR-10 files are memory-mapped (nothing read before a
+    batch asks); a gzipped folder is held as bytes, not floats. Statistics summed in float64 over
+    8-bit values are exact, so they do not depend on how the set is chunked."""
+    from synthgrad.common.data import RecordPixels, pixel_statistics
+    make_mnist_folder(tmp_path / "raw", compress=False)
+    make_mnist_folder(tmp_path / "gz", compress=True)
+    make_cifar_folder(tmp_path / "c")
+    raw, gz = load_dataset("mnist", str(tmp_path / "raw")), load_dataset("mnist", str(tmp_path / "gz"))
+    assert isinstance(raw.train.pixels, np.memmap) and isinstance(raw.test.pixels, np.memmap)
+    assert gz.train.pixels.dtype == np.uint8
+    cifar = load_dataset("cifar10", str(tmp_path / "c"))
+    assert isinstance(cifar.train.pixels, RecordPixels) and all(isinstance(m, np.memmap) for m in cifar.train.pixels.maps)
+    idx = torch.tensor([39, 0, 17, 3])
+    x, y = raw.train.take(idx)
+    expected = (torch.from_numpy(np.asarray(raw.train.pixels)[idx.numpy()].astype(np.float32) / 255.0)
+                - raw.train.mean) / raw.train.std
+    assert torch.equal(x, expected) and torch.equal(y, raw.train.labels[idx])
+    assert torch.equal(gz.train.take(idx)[0], x)  # the same bytes, compressed or not
+    for per_channel, pixels in ((False, raw.train.pixels), (True, cifar.train.pixels)):
+        whole = pixel_statistics(pixels, per_channel)
+        chunked = pixel_statistics(pixels, per_channel, chunk=7)
+        assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
+
+
 def test_any_image_size_and_number_of_classes(tmp_path):
     """An IDX folder of 14x20 images in 5 classes: the header and the labels say so, and a run
     on it builds its models from them (config.json keeps them)."""
