@@ -19,65 +19,69 @@ from synthgrad.common.imports import ImportPathError, import_object
 NUM_CLASSES = 10  # the default of the helper models' label conditioning (the run passes its own)
 
 
-def mlp_units(sizes: Sequence[int]) -> list[nn.Module]:
-    """Hidden layers are Linear + BatchNorm + ReLU (as in the DNI paper), the last a plain Linear.
+def mlp(layers: Sequence[int]) -> list[nn.Module]:
+    """`--model mlp`, a factory like a user's: sizes from --layers (RunConfig checks them against
+    the data). Hidden layers are Linear + BatchNorm + ReLU (as in the DNI paper), the last a
+    plain Linear.
 
     A layer followed by BatchNorm has no bias: the batch mean is subtracted, so its true gradient
     is exactly zero and autograd would hand the optimiser only rounding noise (which Adam turns
     into full-size steps of either sign)."""
     units: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (n_in, n_out) in enumerate(zip(layers[:-1], layers[1:])):
         head = [nn.Flatten()] if i == 0 else []
-        if i == len(sizes) - 2:
+        if i == len(layers) - 2:
             units.append(nn.Sequential(*head, nn.Linear(n_in, n_out)))
         else:
             units.append(nn.Sequential(*head, nn.Linear(n_in, n_out, bias=False), nn.BatchNorm1d(n_out), nn.ReLU()))
     return units
 
 
-def cnn_units(sample_shape: Sequence[int] = (1, 28, 28), classes: int = NUM_CLASSES) -> list[nn.Module]:
-    """A small CNN in four units: two conv blocks, a hidden Linear block, the classifier (no bias
-    before BatchNorm, as in mlp_units). Images of C x H x W (H, W >= 4)."""
-    if len(sample_shape) != 3 or min(sample_shape[1:]) < 4:
+def cnn(input_shape: Sequence[int] = (1, 28, 28), num_classes: int = NUM_CLASSES) -> list[nn.Module]:
+    """`--model cnn`, a factory like a user's: a small CNN in four units: two conv blocks, a
+    hidden Linear block, the classifier (no bias before BatchNorm, as in mlp). Images of
+    C x H x W (H, W >= 4)."""
+    if len(input_shape) != 3 or min(input_shape[1:]) < 4:
         raise ValueError(f"--model cnn needs images (channels x height x width, at least 4x4), "
-                         f"got samples of shape {tuple(sample_shape)}")
-    c, h, w = sample_shape
+                         f"got samples of shape {tuple(input_shape)}")
+    c, h, w = input_shape
     return [
         nn.Sequential(nn.Conv2d(c, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2)),
         nn.Sequential(nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2)),
         nn.Sequential(nn.Flatten(), nn.Linear(64 * (h // 4) * (w // 4), 128, bias=False), nn.BatchNorm1d(128),
                       nn.ReLU()),
-        nn.Sequential(nn.Linear(128, classes)),
+        nn.Sequential(nn.Linear(128, num_classes)),
     ]
+
+
+# the built-in models are factories of the same kind as a user's, called the same way
+BUILT_IN_MODELS = {"mlp": f"{__name__}:mlp", "cnn": f"{__name__}:cnn"}
+
+
+def factory_path(model: str) -> str:
+    """The import path of --model's factory (a built-in name or a user's path)."""
+    return BUILT_IN_MODELS.get(model, model)
 
 
 def build_units(cfg: RunConfig) -> list[nn.Module]:
     """The whole network as a list of layers ("units"), from the seed: every process builds
     the same one and keeps its own stage's units."""
+    return [unit for _, unit in _named_units(cfg)]
+
+
+def _named_units(cfg: RunConfig) -> list[tuple[str, nn.Module]]:
     torch.manual_seed(cfg.seed)
-    if cfg.model == "mlp":
-        return mlp_units(cfg.layers)
-    if cfg.model == "cnn":
-        return cnn_units(cfg.sample_shape, cfg.classes)
-    return user_units(cfg.model, input_shape=cfg.sample_shape, num_classes=cfg.classes, layers=cfg.layers)
+    return user_named_units(factory_path(cfg.model), input_shape=cfg.sample_shape, num_classes=cfg.classes,
+                            layers=cfg.layers)
 
 
 class ModelError(ValueError):
     """A model given by import path cannot be used; the message says why."""
 
 
-def user_units(path: str, **offered) -> list[nn.Module]:
-    """The layers of the model a factory builds (user_named_units without the names)."""
-    return [unit for _, unit in user_named_units(path, **offered)]
-
-
 def unit_names(cfg: RunConfig) -> list[str]:
     """Each layer's name, for --split-at: an nn.Sequential's children's names, else 0, 1, ..."""
-    if cfg.model in ("mlp", "cnn"):
-        return [str(i) for i in range(cfg.num_layers)]
-    torch.manual_seed(cfg.seed)
-    return [name for name, _ in user_named_units(cfg.model, input_shape=cfg.sample_shape,
-                                                 num_classes=cfg.classes, layers=cfg.layers)]
+    return [name for name, _ in _named_units(cfg)]
 
 
 def groups_at(names: list[str], split_at: str) -> tuple[int, ...]:

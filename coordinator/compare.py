@@ -122,11 +122,11 @@ def best_locked(rows: list[dict]) -> Optional[dict]:
 
 def markdown(rows: list[dict], base: RunConfig, target: float) -> str:
     best = best_locked(rows)
-    model = f"MLP {'-'.join(map(str, base.layers))}" if base.model == "mlp" else "CNN"
+    model = {"mlp": f"MLP {'-'.join(map(str, base.layers))}", "cnn": "CNN"}.get(base.model, base.model)
     lines = [
         f"# synthgrad compare: {model}, {base.dataset}, batch {base.batch_size}, "
         f"{base.epochs} epoch(s){'' if base.steps is None else f' / {base.steps} steps'}, "
-        f"{rows[0]['cores']} cores",
+        f"{rows[0]['cores']} cores, device {base.device}, {base.precision}",
         "",
         f"Ratios are to the best locked contender ({best['contender'] if best else 'none'}), "
         f"measured in this one invocation. Target accuracy {100 * target:.1f}%.",
@@ -146,7 +146,7 @@ def markdown(rows: list[dict], base: RunConfig, target: float) -> str:
         lay = r.get("layout") or {}
         split = ",".join(map(str, lay["groups"])) if lay else "all"
         pinned = ("yes" if lay["pinned"] else "no") if lay else "-"
-        ceiling = f"{lay['ceiling_samples_per_s']:.0f}" if lay else "-"
+        ceiling = f"{lay['ceiling_samples_per_s']:.0f}" if lay and lay.get("ceiling_samples_per_s") else "-"
         to_bp = r.get("time_to_backprop_s")
         to_bp = "-" if r.get("backprop_final_accuracy") is None else ("never" if to_bp is None else f"{to_bp:.1f}")
         back = r.get("bytes_backward_per_step")

@@ -21,11 +21,15 @@ class Layout:
     stage_flops: tuple[float, ...]  # training FLOPs per sample of each stage (predictor included)
     placement: Placement
     core_flops_per_s: float  # one core's best matmul rate here (common/costs.py)
+    on_cpu: bool = True  # every stage computes on the CPU (--device cpu)
 
     @property
-    def ceiling_samples_per_s(self) -> float:
+    def ceiling_samples_per_s(self) -> Optional[float]:
         """The most samples/s this layout allows: the busiest core's FLOPs at its best rate
-        (messages, elementwise work and waiting come on top, so real runs stay below it)."""
+        (messages, elementwise work and waiting come on top, so real runs stay below it).
+        None when stages compute on a GPU: the CPU's rate says nothing about them."""
+        if not self.on_cpu:
+            return None
         return self.core_flops_per_s / max(self.placement.busiest, 1.0)
 
     def record(self) -> dict:
@@ -35,12 +39,15 @@ class Layout:
                 "placement": p.asked, "cores": list(p.cores), "pinned": p.pinned, "reason": p.reason,
                 "busiest_core_mflops_per_sample": round(p.busiest / 1e6, 3),
                 "core_gflops_per_s": round(self.core_flops_per_s / 1e9, 2),
-                "ceiling_samples_per_s": round(self.ceiling_samples_per_s, 1)}
+                "ceiling_samples_per_s": None if self.ceiling_samples_per_s is None
+                else round(self.ceiling_samples_per_s, 1)}
 
     def describe(self) -> str:
         mflops = ", ".join(f"{f / 1e6:.2f}" for f in self.stage_flops)
+        ceiling = self.ceiling_samples_per_s
         return (f"layout: layers per stage {list(self.groups)}, MFLOPs per sample {mflops}; "
-                f"{self.placement.describe()}; ceiling {self.ceiling_samples_per_s:,.0f} samples/s")
+                f"{self.placement.describe()}"
+                + (f"; ceiling {ceiling:,.0f} samples/s" if ceiling is not None else ""))
 
 
 def plan_layout(cfg: RunConfig) -> tuple[RunConfig, Optional[Layout]]:
@@ -58,5 +65,6 @@ def plan_layout(cfg: RunConfig) -> tuple[RunConfig, Optional[Layout]]:
 
         cfg = cfg.replace(groups=partition(n, cfg.stages, group_cost))
     flops = stage_costs(cfg, cfg.stage_groups, units, costs)
+    on_cpu = all(d.strip() == "cpu" for d in cfg.device.split(","))
     return cfg, Layout(tuple(cfg.stage_groups), tuple(flops), plan_placement(flops, cfg.placement),
-                       core_flops_per_s(cfg.batch_size))
+                       core_flops_per_s(cfg.batch_size), on_cpu)

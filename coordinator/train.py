@@ -8,9 +8,10 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import zmq
+from torch import nn
 
 from synthgrad.common.config import MODELS, ConfigError, RunConfig
 from synthgrad.common.models import ModelError, check_model, groups_at, unit_names
@@ -65,11 +66,23 @@ def make_run_dir(cfg: RunConfig) -> Path:
     return path
 
 
+class RunResult(NamedTuple):
+    """What `train` returns. Unpacks as `run_dir, summary = train(cfg)`; `model()` loads the
+    trained network from the run folder (a plain nn.Sequential in eval mode)."""
+    run_dir: Path
+    summary: dict  # summary.json's contents
+
+    def model(self) -> nn.Sequential:
+        from synthgrad.coordinator.export import trained_model
+        return trained_model(self.run_dir)
+
+
 def train(cfg: RunConfig, log: Callable[[str], None] = print,
           on_status: Optional[Callable[[dict], None]] = None, *,
           bind: Optional[str] = None, on_listening: Optional[Callable[[str], None]] = None
-          ) -> tuple[Path, dict]:
-    """Train one run; return (run folder, summary). Raises ConfigError, DataError or RunFailed.
+          ) -> RunResult:
+    """Train one run; return its RunResult (run folder, summary, the trained model on demand).
+    Raises ConfigError, DataError or RunFailed.
     `on_status` receives the run's status record about once a second (every mode).
 
     With `bind` (tcp://HOST:PORT, port 0 for any) this process is the coordinator only: it
@@ -158,7 +171,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
         if layout is not None:
             summary["layout"] = layout.record()
         _write_summary(run_dir, summary, log)
-    return run_dir, summary
+    return RunResult(run_dir, summary)
 
 
 def _resolve(cfg: RunConfig):

@@ -2,8 +2,10 @@
 
     import synthgrad
     cfg = synthgrad.RunConfig(mode="unlocked", true_grad_every=10, dataset="synthetic", steps=200)
-    run_dir, summary = synthgrad.train(cfg)            # summary.json's contents
-    model = synthgrad.trained_model(run_dir)          # the trained network, a plain nn.Sequential
+    result = synthgrad.train(cfg)                     # or: run_dir, summary = synthgrad.train(cfg)
+    result.summary["test_accuracy"]                   # summary.json's contents
+    model = result.model()                            # the trained network, a plain nn.Sequential
+    model = synthgrad.trained_model(result.run_dir)   # the same, from any finished run's folder
 
 Everything here is re-exported from the packages below it (common/, workers/, coordinator/),
 loaded on first use so that `import synthgrad` stays cheap.
@@ -32,6 +34,7 @@ _EXPORTS = {
     "trained_model": ("synthgrad.coordinator.export", "trained_model"),
     "export": ("synthgrad.coordinator.export", "export"),
     "train": ("synthgrad.coordinator.train", "train"),
+    "RunResult": ("synthgrad.coordinator.train", "RunResult"),
     "format_summary": ("synthgrad.coordinator.train", "format_summary"),
     "compare": ("synthgrad.coordinator.compare", "run_compare"),
     "resume_config": ("synthgrad.coordinator.resume", "resume_config"),

@@ -45,10 +45,13 @@ def test_a_users_loss(tmp_path):
 
 def test_a_list_of_modules_and_the_options_it_asks_for(tmp_path):
     cfg = RunConfig(mode="backprop", model="tests.user_models:as_stage_list", out=str(tmp_path / "r"), **TINY)
-    _, summary = synthgrad.train(cfg, log=lambda *_: None)
-    assert summary["status"] == "done" and summary["config"]["model_layers"] == 3
-    assert sorted(synthgrad.trained_model(tmp_path / "r").state_dict()) == [
-        "1.bias", "1.weight", "2.bias", "2.weight"]
+    result = synthgrad.train(cfg, log=lambda *_: None)
+    assert result.summary["status"] == "done" and result.summary["config"]["model_layers"] == 3
+    model = result.model()  # the trained network, from the run's files
+    assert sorted(model.state_dict()) == ["1.bias", "1.weight", "2.bias", "2.weight"]
+    assert not model.training
+    for name, tensor in synthgrad.trained_model(tmp_path / "r").state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name])
 
 
 @pytest.mark.parametrize("path, needle", [
@@ -104,3 +107,16 @@ def test_split_points_by_layer_name(tmp_path):
     with pytest.raises(ConfigError, match="give one of --stages"):
         base.replace(split_at="head", stages=2)
     assert _resolve(RunConfig(mode="locked", split_at="2", **TINY))[0].groups == (2, 2)  # built-ins: 0, 1, ...
+
+
+def test_the_built_in_models_are_factories_like_a_users():
+    """--model mlp and cnn name factories called exactly as a user's: by their import path they
+    build the same layers with the same weights."""
+    from synthgrad.common.models import BUILT_IN_MODELS, build_units
+    for name, path in BUILT_IN_MODELS.items():
+        by_name = build_units(RunConfig(model=name, layers=(784, 32, 10)))
+        by_path = build_units(RunConfig(model=path, layers=(784, 32, 10)))
+        assert [type(u) for u in by_name] == [type(u) for u in by_path]
+        for a, b in zip(by_name, by_path):
+            sa, sb = a.state_dict(), b.state_dict()
+            assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
