@@ -75,7 +75,8 @@ class ConfigError(ValueError):
 class RunConfig:
     """Every option of a run, grouped by concern (the field's metadata says which; access stays
     flat, cfg.lr, so that code reads as the command line does)."""
-    mode: str = MODEL.opt("unlocked", "backprop | pipeline (torch.distributed.pipelining) | locked | unlocked | stale")
+    mode: str = MODEL.opt("unlocked", "backprop | pipeline (torch.distributed.pipelining) | locked | unlocked | "
+                                      "stale | local | delayed | corrected (README: Modes)")
     model: str = MODEL.opt("mlp", "mlp (sizes from --layers) | cnn (two conv blocks, two linear) | "
                                   "package.module:factory (your own: returns an nn.Sequential or a list of "
                                   "modules, one per layer; called with input_shape, num_classes)")

@@ -24,6 +24,16 @@ from synthgrad import ConfigError, RunConfig
 SUBCOMMANDS = ("train", "compare", "report", "monitor", "coordinator", "worker", "keys", "export")
 
 
+class DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default said once: a run option's help names its RunConfig default itself
+    (its argparse default is None, meaning "not given", which is not worth printing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
@@ -51,7 +61,8 @@ def add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = 
         help_text = f.metadata.get("help", "")
         default = f.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        help_text = f"{help_text} (default: {shown})" if help_text else f"(default: {shown})"
+        if default is not None:  # a None default's meaning is in the help text ("None = ...")
+            help_text = f"{help_text} (default: {shown})" if help_text else f"(default: {shown})"
         if base is bool:
             section.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(base) is tuple:
@@ -84,23 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="launch.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
-    train = sub.add_parser("train", help="train one run (backprop, locked, unlocked or stale)",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    train = sub.add_parser("train", help="train one run, in any mode",
+                           formatter_class=DefaultsOnce, allow_abbrev=False)
     add_config_options(train)
     compare = sub.add_parser(
         "compare", help="run several contenders one after another; write compare.json/.md and plots",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+        formatter_class=DefaultsOnce, allow_abbrev=False)
     compare.add_argument("--contenders", default="backprop,pipeline,locked,unlocked,stale",
                          help="modes to run, in order; unlocked:N / stale:N set their --true-grad-every")
     compare.add_argument("--target-accuracy", type=float, default=0.85,
                          help="time_to_target_s is the wall clock at which a test evaluation first reaches this")
     add_config_options(compare, skip=("mode",))  # shared settings; --out is the comparison's folder
     report = sub.add_parser("report", help="draw the PNG plots of a finished run",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+                            formatter_class=DefaultsOnce, allow_abbrev=False)
     report.add_argument("run_dir", help="a run folder (holds metrics.jsonl)")
     report.add_argument("--out", default=None, help="where to write the PNGs (default: RUN_DIR)")
     monitor = sub.add_parser("monitor", help="attach to a running coordinator's status stream",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+                             formatter_class=DefaultsOnce, allow_abbrev=False)
     monitor.add_argument("--connect", required=True, help="the endpoint `train` prints after 'watch it:'")
     monitor.add_argument("--timeout", type=float, default=30.0, help="give up after this long without a record")
     monitor.add_argument("--count", type=int, default=None, help="exit after this many status records")
@@ -109,13 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument("--secure", action=argparse.BooleanOptionalAction, default=None,
                          help="CURVE (default: on for a tcp endpoint; --no-secure for a run started with it)")
     export = sub.add_parser("export", help="write a run's trained network as one plain PyTorch module",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+                            formatter_class=DefaultsOnce, allow_abbrev=False)
     export.add_argument("run_dir", help="a finished run folder")
     export.add_argument("out", help="the file to write, e.g. model.pt")
     export.add_argument("--state-dict", action="store_true",
                         help="write only the state dict (loads with torch.load's weights_only=True)")
     keys = sub.add_parser("keys", help="make the CURVE key pairs for secure links in a folder",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+                          formatter_class=DefaultsOnce, allow_abbrev=False)
     keys.add_argument("folder", help="where to write coordinator/worker/monitor .key and .key_secret")
     keys.add_argument("--force", action="store_true", help="replace keys already there")
     keys.add_argument("--split", action="store_true",
@@ -123,12 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "that role needs: give each host the folder of its role")
     coordinator = sub.add_parser(
         "coordinator", help="run the coordinator only; stages join with `launch.py worker`",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+        formatter_class=DefaultsOnce, allow_abbrev=False)
     coordinator.add_argument("--bind", required=True,
                              help="tcp://HOST:PORT to listen on (an address of this host; port 0 picks one)")
     add_config_options(coordinator, skip=("transport", "host"))
     worker = sub.add_parser("worker", help="start stage processes here for a coordinator elsewhere",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+                            formatter_class=DefaultsOnce, allow_abbrev=False)
     worker.add_argument("--coordinator", required=True, help="the tcp://HOST:PORT the coordinator printed")
     which = worker.add_mutually_exclusive_group(required=True)
     which.add_argument("--stage", type=int, help="the stage to run")

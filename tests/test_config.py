@@ -116,3 +116,14 @@ def test_cli_rejects_bad_config_before_starting_anything(tmp_path):
     res = subprocess.run([sys.executable, "launch.py", "--dataset", "mnist", "--data-dir",
                           str(tmp_path / "none")], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "does not exist" in res.stderr
+
+
+def test_help_names_each_default_once(capsys):
+    """`train --help`: a run option says its RunConfig default; argparse's None ("not given")
+    is not printed beside it."""
+    from synthgrad.cli import build_parser
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text
+    assert "--device DEVICE cpu | cuda" in text and "(default: cpu)" in text
