@@ -64,7 +64,7 @@ def main() -> None:
         med = statistics.median(rates[pl])
         ratio = med / none if none else float("nan")
         lay = layout[pl]
-        print(f"{pl:>9} {str(lay['cores']):>14} {med:>10.0f} {ratio:>7.2f}x {lay['ceiling_samples_per_s']:>9.0f}  "
+        print(f"{pl:>9} {str(lay['cores']):>14} {med:>10.0f} {ratio:>7.2f}x {lay['ceiling_samples_per_s'] or float('nan'):>9.0f}  "
               f"{', '.join(f'{r:.0f}' for r in rates[pl])}")
         rows.append({"placement": pl, "cores_used": lay["cores"], "samples_per_s": rates[pl],
                      "median": med, "ratio_to_none": ratio, "layout": lay})

@@ -64,10 +64,14 @@ def check_run_devices(cfg: RunConfig) -> None:
     stages = 1 if cfg.mode == Mode.BACKPROP else len(cfg.stage_groups)
     per_stage = "," in cfg.device
     names = [stage_device(cfg.device, stage) for stage in range(stages)]
+    pipeline = cfg.mode == Mode.PIPELINE  # its ranks send to each other directly, not via host memory
+    if pipeline and len({n.split(":")[0] for n in names}) > 1:
+        raise DeviceError(f"mode pipeline needs every rank on the same kind of device (gloo joins CPU "
+                          f"ranks, nccl GPU ranks), got {', '.join(names)}")
     for stage, name in enumerate(names):
         check_device(name, f"--device (stage {stage})" if per_stage else "--device")
     shared = sorted({n for n in names if n.startswith("cuda") and names.count(n) > 1})
-    if cfg.mode == Mode.PIPELINE and shared:
+    if pipeline and shared:
         raise DeviceError(f"mode pipeline on CUDA joins its ranks with nccl, which needs one GPU per "
                           f"rank; {', '.join(shared)} would hold several ({', '.join(names)}): "
                           f"give --stages at most the GPUs this host has")
@@ -82,7 +86,15 @@ class Compute:
 
     @classmethod
     def of(cls, name: str, precision: str = "fp32") -> Compute:
-        return cls(check_device(name), precision)
+        """The device checked; on CUDA it also becomes this process's current device (so that a
+        user's layer that makes tensors on "cuda" makes them on this stage's GPU)."""
+        device = check_device(name)
+        if device.type == "cuda":
+            if precision == "bf16" and not torch.cuda.is_bf16_supported():
+                raise DeviceError(f"--precision bf16: {torch.cuda.get_device_name(device)} ({name}) "
+                                  f"does not support bf16; use --precision fp32")
+            torch.cuda.set_device(device)
+        return cls(device, precision)
 
     @property
     def wire_dtype(self) -> torch.dtype:

@@ -17,7 +17,7 @@ from synthgrad.common.modes import MODE_NAMES, Mode, spoken
 from synthgrad.common.files import atomic_write_json
 from synthgrad.common.procs import available_cores
 from synthgrad.coordinator import plots
-from synthgrad.coordinator.train import train
+from synthgrad.coordinator.train import prepare, train
 
 # every update waits for its true gradient: the ratios' baseline
 LOCKED = (Mode.BACKPROP, Mode.PIPELINE, Mode.LOCKED)
@@ -184,6 +184,11 @@ def run_compare(base: RunConfig, contenders_text: str, target: float, out: Optio
         raise ConfigError(f"--target-accuracy must be in (0, 1], got {target}")
     folder = Path(out or base.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     contenders = parse_contenders(contenders_text, base.validate(), folder)  # all checked up front
+    for c in contenders:  # data, model and devices too: a late contender must not fail after hours
+        try:
+            prepare(c.config)
+        except ConfigError as exc:
+            raise ConfigError(f"contender {c.name!r}: {exc}") from None
     folder.mkdir(parents=True, exist_ok=True)
     cores = len(available_cores())
     log(f"compare: {len(contenders)} contenders on {cores} cores: {', '.join(c.name for c in contenders)}")

@@ -88,12 +88,10 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
     With `bind` (tcp://HOST:PORT, port 0 for any) this process is the coordinator only: it
     binds there, calls `on_listening(endpoint)`, and waits for workers started elsewhere
     (`launch.py worker`, or the other ranks under torchrun)."""
-    cfg.validate()
     if bind is None:
-        check_dataset(cfg.dataset, cfg.data_dir)  # stage 0 runs here: all its files, or a clear error
-    cfg, layout = _resolve(cfg)
-    if bind is None:  # every stage starts on this host: its device must be here
-        check_run_devices(cfg)
+        cfg, layout = prepare(cfg)
+    else:
+        cfg, layout = _resolve(cfg.validate())
     if bind is not None:  # the stages are started elsewhere: they bring keys from the same set
         cfg = _coordinator_only(cfg, bind)
         keys, worker_keys = resolve_keys(cfg.secure, cfg.keys, "coordinator", f"--bind {bind}"), None
@@ -172,6 +170,17 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
             summary["layout"] = layout.record()
         _write_summary(run_dir, summary, log)
     return RunResult(run_dir, summary)
+
+
+def prepare(cfg: RunConfig):
+    """Everything a run on this host checks and fills in before any process starts: the config,
+    the data's files, what _resolve derives, and every stage's device. Returns (config, layout).
+    compare calls it for every contender before the first one runs."""
+    cfg.validate()
+    check_dataset(cfg.dataset, cfg.data_dir)  # stage 0 runs here: all its files, or a clear error
+    cfg, layout = _resolve(cfg)
+    check_run_devices(cfg)  # every stage starts on this host: its device must be here
+    return cfg, layout
 
 
 def _resolve(cfg: RunConfig):

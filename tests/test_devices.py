@@ -61,6 +61,23 @@ def test_a_device_this_host_lacks_stops_the_run_before_anything_starts(tmp_path)
     assert not (tmp_path / "run").exists()
 
 
+def test_pipeline_ranks_on_mixed_kinds_of_device_are_refused(tmp_path):
+    from synthgrad.coordinator.train import prepare
+    cfg = RunConfig(mode="pipeline", dataset="synthetic", layers=(784, 32, 10), device="cpu,cuda:0")
+    with pytest.raises(DeviceError, match="every rank on the same kind of device"):
+        prepare(cfg)
+
+
+def test_compare_checks_every_contenders_devices_before_the_first_runs(tmp_path):
+    """A device fault of the second contender is found before the first one (backprop, on the
+    list's first device, which exists) trains."""
+    import synthgrad
+    base = RunConfig(dataset="synthetic", layers=(784, 32, 10), device="cpu,cuda:99", out=str(tmp_path / "cmp"))
+    with pytest.raises(ConfigError, match=r"contender 'local': --device \(stage 1\) cuda:99"):
+        synthgrad.compare(base, "backprop,local,locked", 0.5)
+    assert not (tmp_path / "cmp" / "runs").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the words for a host without CUDA")
 def test_cuda_without_a_gpu_says_so():
     with pytest.raises(DeviceError, match="no usable CUDA device.*use --device cpu"):

@@ -35,7 +35,8 @@ def evaluate(model: nn.Module, split, batch_size: int, limit, loss=F.cross_entro
     tally = EvalTally(loss)
     for x, y in eval_batches(split, batch_size, limit):
         with compute.autocast():
-            tally.add(model(compute.arrive(x)), y)
+            logits = model(compute.arrive(x))
+        tally.add(logits, y)  # scored outside autocast, as the last stage scores it
     model.train()
     return tally
 
@@ -100,6 +101,7 @@ def run_backprop(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stre
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            dev.synchronize()  # on a GPU: the work done, not the work queued
             dt = time.perf_counter() - t0
             compute += dt
             interval_compute += dt

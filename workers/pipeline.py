@@ -85,8 +85,6 @@ def run_rank(spec: RankSpec) -> None:
     first, last = rank == 0, rank == world - 1
     dev = Compute.of(stage_device(cfg.device, rank), cfg.precision)
     backend = "nccl" if dev.device.type == "cuda" else "gloo"
-    if dev.device.type == "cuda":
-        torch.cuda.set_device(dev.device)
     dist.init_process_group(backend, init_method=(run_dir / ".pipeline-rendezvous").resolve().as_uri(),
                             rank=rank, world_size=world, timeout=timedelta(seconds=cfg.stall_timeout))
     units = build_units(cfg)
@@ -171,6 +169,7 @@ def run_rank(spec: RankSpec) -> None:
                     if param.grad is not None:
                         require_finite(param.grad, "a gradient", rank, step)
                 optimizer.step()
+                dev.synchronize()  # on a GPU: the work done, not the work queued
                 dt = time.perf_counter() - t0
                 compute += dt
                 iv_compute += dt
