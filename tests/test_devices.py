@@ -182,3 +182,23 @@ def test_bf16_runs_reproduce_bf16_backprop_and_send_half_the_bytes(tiny_cfg, tmp
     values_back = 3 * cfg.batch_size * 64  # three stage boundaries of 64 units, every step
     assert 2 * values_back <= got["bytes_backward_per_step"] < 2 * values_back * 1.02  # + headers
     assert got["config"]["precision"] == "bf16"
+
+
+def test_a_stage_started_elsewhere_checks_its_own_hosts_device(tmp_path):
+    """A hand-started or torchrun stage gets --device in START; on a host without that device its
+    set-up fails with the words a local run gives (run_worker reports them to the coordinator)."""
+    from synthgrad.workers.worker import LayerWorker, WorkerSpec
+    cfg = RunConfig(dataset="synthetic", layers=(784, 32, 10), mode="locked", device="cpu,cuda:99",
+                    input_shape=(1, 28, 28), num_classes=10).validate()
+    start = wire.Start(config=cfg.to_dict(), run_dir=str(tmp_path), core=-1, total_steps=10)
+    for stage, outcome in ((0, None), (1, r"--device cuda:99: this host has")):
+        worker = LayerWorker(WorkerSpec(stage, "tcp://127.0.0.1:9", connect_timeout=1.0))
+        try:
+            if outcome is None:
+                worker.setup(start)
+                assert worker.s.logic.compute.device == torch.device("cpu")
+            else:
+                with pytest.raises(DeviceError, match=outcome):
+                    worker.setup(start)
+        finally:
+            worker.close()
