@@ -3,6 +3,7 @@
 
     python examples/cifar_cnn.py --data-dir ~/data/cifar-10-batches-bin
     python examples/cifar_cnn.py --data-dir DIR --mode locked --steps 200
+    python examples/cifar_cnn.py --data-dir DIR --device cuda --precision bf16   # on GPUs
 
 The model is a function that builds an nn.Sequential (one entry per layer); synthgrad calls it
 in every stage process with the data's sample shape and class count, splits it into stages by
@@ -40,14 +41,17 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, or one per stage (cuda:0,cuda:1)")
+    p.add_argument("--precision", default="fp32", help="fp32 or bf16")
     p.add_argument("--out", default="runs/example-cifar")
     args = p.parse_args(argv)
     cfg = synthgrad.RunConfig(model=f"{MODULE}:make", dataset="cifar10", data_dir=args.data_dir, mode=args.mode,
                               stages=args.stages, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
-                              out=args.out)
-    run_dir, summary = synthgrad.train(cfg)
+                              device=args.device, precision=args.precision, out=args.out)
+    result = synthgrad.train(cfg)
+    summary = result.summary
     print(synthgrad.format_summary(summary))
-    model = synthgrad.trained_model(run_dir)
+    model = result.model()
     print(f"trained network: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"layers per stage {summary['layout']['groups']}")
     return summary

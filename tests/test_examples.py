@@ -19,8 +19,9 @@ def test_cifar_cnn(tmp_path):
     from examples import cifar_cnn
     make_cifar_folder(tmp_path / "cifar", per_batch=64, batches=2, n_test=32)
     summary = cifar_cnn.main(["--data-dir", str(tmp_path / "cifar"), "--steps", "6", "--batch-size", "16",
-                              "--out", str(tmp_path / "run")])
+                              "--precision", "bf16", "--out", str(tmp_path / "run")])  # convs in bf16 too
     assert summary["status"] == "done" and summary["steps"] == 6 and summary["mode"] == "local"
+    assert summary["config"]["precision"] == "bf16"
     assert summary["layout"]["groups"] in ([1, 3], [2, 2], [3, 1])
 
 
