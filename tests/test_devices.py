@@ -12,11 +12,10 @@ from synthgrad.common import wire
 from synthgrad.common.config import ConfigError, RunConfig
 from synthgrad.common.devices import Compute, DeviceError, check_device, stage_device
 from synthgrad.common.files import load_model_state
-from synthgrad.common.models import build_units, stage_bounds, stage_io_shapes
+from synthgrad.common.models import build_units
 from synthgrad.common.modes import STAGE_WORKER_MODES
-from synthgrad.workers.stage import StageLogic
 from tests.helpers import EXACT_SGD, LOCKED_EQUALS_BACKPROP, assert_same_evaluation, assert_states_close, run
-from tests.test_stage import run_step
+from tests.test_stage import chain, run_step
 
 
 # ---------------------------------------------------------------------------- the device list
@@ -95,14 +94,6 @@ def test_bf16_activations_travel_in_half_the_bytes():
     assert back.h.dtype == torch.bfloat16
     # the rounding is bf16's: 8 significant bits, a relative error of at most 2^-8
     torch.testing.assert_close(back.h.float(), h, rtol=2 ** -8, atol=0)
-
-
-def chain(cfg: RunConfig) -> list[StageLogic]:
-    units = build_units(cfg)
-    shapes = stage_io_shapes(cfg)
-    k = len(cfg.stage_groups)
-    return [StageLogic(cfg, i, k, nn.Sequential(*units[a:b]), shapes[i][1])
-            for i, (a, b) in enumerate(stage_bounds(cfg))]
 
 
 def test_bf16_locked_chain_equals_bf16_backprop():
