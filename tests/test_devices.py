@@ -1,21 +1,18 @@
 """--device and --precision: the device list and its errors, bf16 on the wire (half the bytes),
 and bf16 runs of every mode that reproduce bf16 backprop where the fp32 ones reproduce fp32
-backprop. CUDA itself is exercised by tests/test_cuda.py, where a GPU is present."""
+backprop (in one process: tests/test_stage.py). CUDA itself is exercised by tests/test_cuda.py, where a GPU is present."""
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from synthgrad.common import wire
 from synthgrad.common.config import ConfigError, RunConfig
 from synthgrad.common.devices import Compute, DeviceError, check_device, stage_device
 from synthgrad.common.files import load_model_state
-from synthgrad.common.models import build_units
 from synthgrad.common.modes import STAGE_WORKER_MODES
 from tests.helpers import EXACT_SGD, LOCKED_EQUALS_BACKPROP, assert_same_evaluation, assert_states_close, run
-from tests.test_stage import chain, run_step
+from tests.test_stage import chain
 
 
 # ---------------------------------------------------------------------------- the device list
@@ -94,28 +91,6 @@ def test_bf16_activations_travel_in_half_the_bytes():
     assert back.h.dtype == torch.bfloat16
     # the rounding is bf16's: 8 significant bits, a relative error of at most 2^-8
     torch.testing.assert_close(back.h.float(), h, rtol=2 ** -8, atol=0)
-
-
-def test_bf16_locked_chain_equals_bf16_backprop():
-    """Each stage runs the layers and the loss under the same autocast as single-process
-    backprop, and bf16 is what its layers return anyway: sending it as bf16 rounds nothing, so
-    the chain is backprop in bf16 (bitwise here; the tolerance as for fp32, tests/helpers.py)."""
-    cfg = RunConfig(mode="locked", layers=(784, 32, 32, 10), optimizer="sgd", lr=0.1, precision="bf16")
-    stages = chain(cfg)
-    ref = nn.Sequential(*build_units(cfg))
-    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
-    torch.manual_seed(5)
-    for step in range(5):
-        x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
-        run_step(stages, step, x, y, cfg)
-        opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            F.cross_entropy(ref(x), y).backward()
-        opt.step()
-    got = [p for s in stages for p in s.module.parameters()]
-    assert all(p.dtype == torch.float32 for p in got)  # the weights stay float32
-    for a, b in zip(got, ref.parameters()):
-        torch.testing.assert_close(a, b, **LOCKED_EQUALS_BACKPROP)
 
 
 @pytest.mark.parametrize("mode", STAGE_WORKER_MODES)

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from synthgrad.common.config import RunConfig
+from synthgrad.common.devices import Compute
 from synthgrad.common.models import LocalHead, SyntheticGradient, build_units, stage_bounds, stage_io_shapes
 from synthgrad.workers.stage import StageLogic
 
@@ -36,11 +37,14 @@ def run_step(stages: list[StageLogic], step: int, x, y, cfg: RunConfig):
         g = s.receive_grad(step, g, True)
 
 
-def test_locked_chain_equals_backprop():
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_locked_chain_equals_backprop(precision):
     """In one process, with SGD: the chained stages run backprop's kernels on the same aligned
     tensors, so the result is bitwise equal here; the tolerance (a few float32 ulps of the
-    weights) only allows for a kernel that picks its path by something else (tests/helpers.py)."""
-    cfg = RunConfig(mode="locked", layers=(784, 32, 32, 10), optimizer="sgd", lr=0.1)
+    weights) only allows for a kernel that picks its path by something else (tests/helpers.py).
+    In bf16 each stage runs its layers and the loss under backprop's autocast, and bf16 is what
+    its layers return anyway: sending it as bf16 rounds nothing."""
+    cfg = RunConfig(mode="locked", layers=(784, 32, 32, 10), optimizer="sgd", lr=0.1, precision=precision)
     stages = chain(cfg)
     ref = nn.Sequential(*build_units(cfg))
     opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
@@ -49,9 +53,12 @@ def test_locked_chain_equals_backprop():
         x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
         run_step(stages, step, x, y, cfg)
         opt.zero_grad()
-        F.cross_entropy(ref(x), y).backward()
+        with Compute(torch.device("cpu"), precision).autocast():
+            loss = F.cross_entropy(ref(x), y)
+        loss.backward()
         opt.step()
     got = [p for s in stages for p in s.module.parameters()]
+    assert all(p.dtype == torch.float32 for p in got)  # the weights stay float32 in bf16 too
     for a, b in zip(got, ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
