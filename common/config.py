@@ -24,6 +24,7 @@ OPTIMIZERS = ("adam", "sgd")
 TRANSPORTS = ("ipc", "tcp")
 DEFAULT_SAMPLE_SHAPE = (1, 28, 28)  # the built-in sets' (Fashion-MNIST, MNIST, synthetic) until read
 DEFAULT_CLASSES = 10
+MAX_SAMPLE_DIMS = 7  # a message's tensor has at most 8 dimensions (common/wire.py), the batch's included
 PLACEMENTS = ("auto", "pin", "none")  # common/placement.py says what each does
 PRECISIONS = ("fp32", "bf16")  # common/devices.py says what each does
 _DEVICE_ENTRY = re.compile(r"^(cpu|cuda(:\d+)?)$")
@@ -83,7 +84,8 @@ class RunConfig:
     layers: tuple[int, ...] = MODEL.opt((784, 256, 256, 256, 10), "MLP sizes: input, hidden..., classes")
     loss: str = MODEL.opt("cross_entropy", "cross_entropy | package.module:function: your loss, called as "
                                            "loss(logits [B, classes], class indices [B]) -> the batch's mean loss")
-    stages: Optional[int] = MODEL.opt(None, "number of stage processes, layers split evenly (default: one per layer)")
+    stages: Optional[int] = MODEL.opt(None, "number of stage processes, layers split by cost (default: one per "
+                                            "layer with parameters; a layer without rides with the one before)")
     groups: Optional[tuple[int, ...]] = MODEL.opt(None, "explicit layers per stage, e.g. 2,1,1")
     split_at: Optional[str] = MODEL.opt(None, "the layers where a new stage begins, by name, e.g. conv2,head "
                                               "(names of your nn.Sequential's children; built-in layers: 0, 1, ...)")
@@ -227,8 +229,9 @@ class RunConfig:
              f"unknown --precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         need(self.transport in TRANSPORTS,
              f"unknown transport {self.transport!r}; choose one of {', '.join(TRANSPORTS)}")
-        need(self.input_shape is None or (1 <= len(self.input_shape) <= 3 and all(int(d) > 0 for d in self.input_shape)),
-             f"input_shape must be 1 to 3 positive sizes, got {self.input_shape}")
+        need(self.input_shape is None or (1 <= len(self.input_shape) <= MAX_SAMPLE_DIMS
+                                          and all(int(d) > 0 for d in self.input_shape)),
+             f"a sample must have 1 to {MAX_SAMPLE_DIMS} dimensions of positive size, got {self.input_shape}")
         need(self.num_classes is None or self.num_classes >= 2, f"num_classes must be at least 2, got {self.num_classes}")
         if self.model == "mlp":
             need(len(self.layers) >= 2, "--layers needs at least an input and an output size, e.g. 784,256,10")
@@ -327,7 +330,8 @@ class RunConfig:
 
     @property
     def stage_groups(self) -> tuple[int, ...]:
-        """Layers per stage: explicit groups, or an even split into `stages` (default one each)."""
+        """Layers per stage: explicit groups, or an even split into `stages` (default one each).
+        A run replaces the even split by its split by cost (coordinator/layout.py) before it starts."""
         if self.groups is not None:
             return tuple(self.groups)
         n = self.num_layers

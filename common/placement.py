@@ -37,6 +37,18 @@ def partition(n: int, k: int, group_cost: Callable[[int, int], float]) -> tuple[
     return tuple(reversed(sizes))
 
 
+def blocks(trainable: Sequence[bool]) -> list[tuple[int, int]]:
+    """[start, end) runs of units that must share a stage: each unit with parameters and the
+    parameter-free units after it (those before the first join it). A stage of parameter-free
+    units alone would have nothing to train and nothing to step (an activation, a reshape): it
+    would only add a process and a hop."""
+    starts = [i for i, t in enumerate(trainable) if t]
+    if not starts:
+        return [(0, len(trainable))]
+    starts[0] = 0
+    return list(zip(starts, [*starts[1:], len(trainable)]))
+
+
 def balance(costs: Sequence[float], cores: Sequence[int]) -> list[int]:
     """A core for each stage so that the busiest core carries little work: the costliest stage
     first, each onto the least loaded core so far (longest-processing-time-first, within 4/3 of

@@ -5,14 +5,15 @@ resolved split goes into the run's config (config.json, and every stage's START)
 or restarted run keeps it."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Optional
 
-from synthgrad.common.config import RunConfig
+from synthgrad.common.config import ConfigError, RunConfig
 from synthgrad.common.costs import core_flops_per_s, predictor_cost, stage_costs, unit_costs
 from synthgrad.common.models import build_units, unit_shapes
 from synthgrad.common.modes import Mode
-from synthgrad.common.placement import Placement, partition, plan_placement
+from synthgrad.common.placement import Placement, blocks, partition, plan_placement
 
 
 @dataclass(frozen=True)
@@ -51,20 +52,44 @@ class Layout:
 
 
 def plan_layout(cfg: RunConfig) -> tuple[RunConfig, Optional[Layout]]:
-    """The config with its split resolved, and the layout (None for backprop: one process)."""
+    """The config with its split resolved, and the layout (None for backprop: one process).
+    Stages are cut between blocks (common/placement.py `blocks`): a layer without parameters
+    rides with the layer before it, so no stage is left with nothing to train."""
     if cfg.mode == Mode.BACKPROP:
         return cfg, None
     units = build_units(cfg)
     costs = unit_costs(cfg, units)
-    if cfg.groups is None and cfg.stages is not None:
+    runs = blocks([any(p.requires_grad for p in u.parameters()) for u in units])
+    if cfg.groups is None:
+        k = cfg.stages if cfg.stages is not None else len(runs)  # default: one stage per block
+        if k > len(runs):
+            raise ConfigError(f"--stages {k}: the model has {len(runs)} layers with parameters (a layer "
+                              f"without them shares the stage of the one before); use --stages {len(runs)} "
+                              f"or fewer")
         n = len(units)
         predictors = [predictor_cost(cfg, shape) for shape in unit_shapes(units, cfg.sample_shape)]
 
-        def group_cost(a: int, b: int) -> float:  # a stage's units, and its predictor unless last
-            return sum(costs[a:b]) + (predictors[b - 1] if b < n else 0.0)
+        def group_cost(a: int, b: int) -> float:  # blocks a..b-1: their units, and the predictor unless last
+            first, end = runs[a][0], runs[b - 1][1]
+            return sum(costs[first:end]) + (predictors[end - 1] if end < n else 0.0)
 
-        cfg = cfg.replace(groups=partition(n, cfg.stages, group_cost))
+        block_groups = partition(len(runs), k, group_cost)
+        bounds = [0, *itertools.accumulate(block_groups)]
+        cfg = cfg.replace(groups=tuple(runs[b - 1][1] - runs[a][0] for a, b in zip(bounds, bounds[1:])))
+    else:
+        _check_every_stage_trains(cfg, units)
     flops = stage_costs(cfg, cfg.stage_groups, units, costs)
     on_cpu = all(d.strip() == "cpu" for d in cfg.device.split(","))
     return cfg, Layout(tuple(cfg.stage_groups), tuple(flops), plan_placement(flops, cfg.placement),
                        core_flops_per_s(cfg.batch_size), on_cpu)
+
+
+def _check_every_stage_trains(cfg: RunConfig, units) -> None:
+    """A split given by hand (--groups, --split-at) must not leave a stage without parameters."""
+    start = 0
+    for stage, n in enumerate(cfg.stage_groups):
+        if not any(p.requires_grad for u in units[start:start + n] for p in u.parameters()):
+            raise ConfigError(f"stage {stage} (layers {start}..{start + n - 1}) has no parameters to train: "
+                              f"give its layers to a neighbouring stage (layers per stage now "
+                              f"{','.join(map(str, cfg.stage_groups))})")
+        start += n

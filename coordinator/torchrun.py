@@ -41,10 +41,14 @@ def detect(environ: Optional[dict] = None) -> Optional[TorchrunEnv]:
 
 
 def check_world(cfg: RunConfig, env: TorchrunEnv) -> None:
-    stages = len(cfg.stage_groups)
     if not Mode(cfg.mode).on_stage_workers:
         raise ConfigError(f"under torchrun the modes are {spoken(STAGE_WORKER_MODES)}; mode {cfg.mode!r} "
                           f"starts its own processes (run it with python launch.py train)")
+    if cfg.num_layers is None and cfg.stages is None and cfg.groups is None:
+        raise ConfigError(f"under torchrun, a model given by import path needs --stages {env.world_size - 1} "
+                          f"(or --groups): every rank must know the number of stages before the model "
+                          f"is built")
+    stages = cfg.stages if cfg.groups is None and cfg.stages is not None else len(cfg.stage_groups)
     if env.world_size != stages + 1:
         raise ConfigError(f"torchrun started {env.world_size} processes, but this run needs "
                           f"{stages + 1}: rank 0 coordinates and ranks 1..{stages} run the {stages} "

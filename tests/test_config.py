@@ -127,3 +127,17 @@ def test_help_names_each_default_once(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in text
     assert "--device DEVICE cpu | cuda" in text and "(default: cpu)" in text
+
+
+def test_torchrun_with_a_model_by_import_path_needs_the_stage_count():
+    """Every rank checks the world size before anything is built: a user's model must say how
+    many stages it is cut into (--stages, or --groups)."""
+    from synthgrad.common.config import ConfigError, RunConfig
+    from synthgrad.coordinator.torchrun import TorchrunEnv, check_world
+    env = TorchrunEnv(rank=1, world_size=3, local_rank=1, master_addr="127.0.0.1", master_port=29500)
+    cfg = RunConfig(mode="locked", model="tests.user_models:small_cnn")
+    with pytest.raises(ConfigError, match="needs --stages 2"):
+        check_world(cfg, env)
+    check_world(cfg.replace(stages=2), env)
+    with pytest.raises(ConfigError, match="needs 4"):
+        check_world(cfg.replace(stages=3), env)

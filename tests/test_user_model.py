@@ -120,3 +120,31 @@ def test_the_built_in_models_are_factories_like_a_users():
         for a, b in zip(by_name, by_path):
             sa, sb = a.state_dict(), b.state_dict()
             assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_samples_of_four_dimensions(tmp_path):
+    """A dataset of (C, D, H, W) volumes and a Conv3d model: the run reads the shape, the
+    parameter-free ReLU rides with the layer before it (by default and by cost; a split by hand
+    that leaves it alone is refused), the predictors take the stages' (4, 2, 4, 8) activations,
+    and the model trains."""
+    from synthgrad.coordinator.train import prepare
+    cfg = RunConfig(mode="unlocked", model="tests.user_models:volume_net", dataset="tests.user_data:volumes",
+                    batch_size=16, steps=4, epochs=1, out=str(tmp_path / "r"))
+    resolved, layout = prepare(cfg)
+    assert resolved.input_shape == (1, 2, 4, 8) and layout.groups == (2, 1, 1)
+    assert prepare(cfg.replace(stages=2))[1].groups in ((2, 2), (3, 1))
+    with pytest.raises(ConfigError, match="--stages 4: the model has 3 layers with parameters"):
+        prepare(cfg.replace(stages=4))
+    with pytest.raises(ConfigError, match=r"stage 1 \(layers 1..1\) has no parameters to train"):
+        prepare(cfg.replace(groups=(1, 1, 2)))
+    from tests.test_stage import chain, run_step
+    every2 = resolved.replace(true_grad_every=2)
+    stages = chain(every2)
+    assert stages[0].sg is not None and stages[0].sg.flatten  # (4, 2, 4, 8) activations: flattened
+    before = [p.detach().clone() for p in stages[0].module.parameters()]
+    for step in range(4):
+        run_step(stages, step, torch.randn(16, 1, 2, 4, 8), torch.randint(0, 3, (16,)), every2)
+    assert stages[0].stats.true_grads == 2
+    assert any(not torch.equal(a, b) for a, b in zip(before, stages[0].module.parameters()))
+    _, summary = synthgrad.train(cfg.replace(mode="backprop", backprop_threads=1), log=lambda *_: None)
+    assert summary["status"] == "done" and summary["steps"] == 4

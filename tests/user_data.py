@@ -56,3 +56,15 @@ def int_samples():
 
 def not_a_pair():
     return Patterns(8, seed=0)
+
+
+class Volumes(Patterns):
+    """Samples of four dimensions (channels x depth x height x width), as a 3-D scan would be."""
+
+    def __getitem__(self, i: int):
+        x, y = super().__getitem__(i)
+        return x.reshape(1, 2, 4, 8), y
+
+
+def volumes(data_dir=None):
+    return Volumes(128, seed=1), Volumes(32, seed=2)

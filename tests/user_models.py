@@ -57,3 +57,11 @@ def named(input_shape, num_classes):
         ("pool", nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten())),
         ("head", nn.Linear(16, num_classes)),
     ]))
+
+
+def volume_net(input_shape, num_classes):
+    """3-D convolutions over (C, D, H, W) samples, then a classifier; the activation between
+    them is a layer of its own, without parameters."""
+    c, d, h, w = input_shape
+    return nn.Sequential(nn.Conv3d(c, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 4, 3, padding=1),
+                         nn.Sequential(nn.Flatten(), nn.Linear(4 * d * h * w, num_classes)))
