@@ -60,8 +60,10 @@ def plan_layout(cfg: RunConfig) -> tuple[RunConfig, Optional[Layout]]:
     units = build_units(cfg)
     costs = unit_costs(cfg, units)
     runs = blocks([any(p.requires_grad for p in u.parameters()) for u in units])
-    if cfg.groups is None:
-        k = cfg.stages if cfg.stages is not None else len(runs)  # default: one stage per block
+    if cfg.groups is not None:  # a split by hand (--groups, --split-at)
+        _check_every_stage_trains(cfg, units)
+    elif cfg.stages is not None or len(runs) < len(units):  # by cost; or the default, one stage per block
+        k = cfg.stages if cfg.stages is not None else len(runs)
         if k > len(runs):
             raise ConfigError(f"--stages {k}: the model has {len(runs)} layers with parameters (a layer "
                               f"without them shares the stage of the one before); use --stages {len(runs)} "
@@ -76,8 +78,7 @@ def plan_layout(cfg: RunConfig) -> tuple[RunConfig, Optional[Layout]]:
         block_groups = partition(len(runs), k, group_cost)
         bounds = [0, *itertools.accumulate(block_groups)]
         cfg = cfg.replace(groups=tuple(runs[b - 1][1] - runs[a][0] for a, b in zip(bounds, bounds[1:])))
-    else:
-        _check_every_stage_trains(cfg, units)
+    # else one stage per layer, every layer trainable: groups stay unset, as the options gave them
     flops = stage_costs(cfg, cfg.stage_groups, units, costs)
     on_cpu = all(d.strip() == "cpu" for d in cfg.device.split(","))
     return cfg, Layout(tuple(cfg.stage_groups), tuple(flops), plan_placement(flops, cfg.placement),
