@@ -6,9 +6,10 @@ device and what it sends back to the CPU, in the wire's dtype (bf16 under `--pre
 half the bytes of float32). Under bf16 the layers run in torch.autocast; weights, optimiser
 state, predictors and local heads stay float32.
 
-The syntax is checked by RunConfig.validate (common/config.py, which imports no torch); whether a device exists is
-checked where it will be used (`check_device`): by the launcher before anything starts for the
-stages it starts itself, and by each hand-started or torchrun stage on its own host.
+The syntax is checked by RunConfig.validate (common/config.py, which imports no torch); whether
+a device exists is checked where it will be used (`check_device`): by the launcher before
+anything starts for the stages it starts itself, and by each hand-started or torchrun stage on
+its own host.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 
 from synthgrad.common.config import ConfigError, RunConfig
 from synthgrad.common.modes import Mode
+
 
 class DeviceError(ConfigError):
     """A device this host does not have."""
