@@ -127,7 +127,8 @@ class RunConfig:
     sg_optimizer: str = SYNTHETIC.opt("adam", "adam | sgd, for the synthetic-gradient models")
     conditioned: bool = SYNTHETIC.opt(True, "cDNI: the SG model also sees the labels (one-hot)")
     sg_update_lr_scale: float = SYNTHETIC.opt(0.2, "layers stepped by a synthetic or stale gradient use lr x this "
-                                              "(Adam gives a predicted gradient's errors full-size steps)")
+                                              "(Adam gives a predicted gradient's errors full-size steps); 0 "
+                                              "freezes them: a control of what the last stage learns alone")
     bootstrap: bool = SYNTHETIC.opt(False, "train SG_i also on the next stage's synthetic gradient")
 
     microbatches: int = PIPELINE.opt(4, "pipeline: microbatches per batch (must divide --batch-size)")
@@ -256,7 +257,7 @@ class RunConfig:
         within("lr", 0, 100, lo_open=True)
         within("sg_lr", 0, 100, lo_open=True)
         within("momentum", 0, 1)
-        within("sg_update_lr_scale", 0, 100, lo_open=True)
+        within("sg_update_lr_scale", 0, 100)
         for name in ("metrics_every", "progress_every", "start_timeout", "stall_timeout"):
             within(name, 0, 1e9, lo_open=True)
         within("checkpoint_every", 0, 1e9)

@@ -44,7 +44,17 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 class WireError(ValueError):
-    """A message that is malformed, truncated, oversized or not what the link agreed on."""
+    """A message that is malformed, truncated, oversized or not what the link agreed on.
+    `field` names what was wrong ("header", "kind", "GRAD.step", "ACTIVATION.h", ...)."""
+
+    def __init__(self, message: str, field: str = "message"):
+        super().__init__(message)
+        self.field = field
+
+
+class UncheckedWireError(WireError):
+    """A message that got past every explicit check and still broke decoding. It is rejected
+    all the same, but it means a check is missing: the property tests fail on it."""
 
 
 class Kind(IntEnum):
@@ -218,6 +228,29 @@ def receive(sock: Any, envelope: int = 0) -> list[Any]:
     return frames
 
 
+def _plain(value: Any, depth: int = 0) -> bool:
+    """JSON's kinds of value (what a record or a config may hold: it is written as JSON), at
+    most 16 deep."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True  # NaN in a metrics record is news (a diverging stage), not a forgery
+    if depth >= 16:
+        return False
+    if isinstance(value, list):
+        return all(_plain(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _value_problem(name: str, value: Any) -> Optional[str]:
+    """Why a field of the right type still cannot be used (None when it can)."""
+    if name == "sent_at" and not (math.isfinite(value) and value >= 0):
+        return f"{value!r} is not a time (finite, not negative)"
+    if isinstance(value, dict) and not _plain(value):
+        return "holds a value JSON cannot write (bytes, a non-string key, or nesting past 16)"
+    return None
+
+
 def _type_ok(value: Any, t: Any) -> bool:
     if t is bool:
         return isinstance(value, bool)
@@ -247,8 +280,8 @@ def tensor_from_frame(buf: Any, dtype_name: str, shape: Sequence[int], name: str
     view = memoryview(buf).cast("B")
     expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if view.nbytes != expected:
-        raise WireError(f"tensor {name!r}: frame has {view.nbytes} bytes, "
-                        f"header says {dtype_name}{list(shape)} = {expected} bytes (truncated?)")
+        raise WireError(f"{name}: frame has {view.nbytes} bytes, "
+                        f"header says {dtype_name}{list(shape)} = {expected} bytes (truncated?)", name)
     if expected == 0:
         return torch.empty(tuple(shape), dtype=dtype)
     t = torch.frombuffer(view, dtype=dtype).reshape(tuple(shape))
@@ -284,63 +317,69 @@ def decode(frames: Sequence[Any], *, max_tensor_bytes: int = 256 << 20, align: b
     except WireError:
         raise
     except Exception as exc:  # a case the checks below missed: still a rejection, never a crash
-        raise WireError(f"malformed message ({type(exc).__name__}: {exc})") from None
+        raise UncheckedWireError(f"malformed message ({type(exc).__name__}: {exc})", "?") from None
 
 
 def _decode(frames: Sequence[Any], max_tensor_bytes: int, align: bool) -> Message:
     if not frames:
-        raise WireError("empty message (no frames)")
+        raise WireError("empty message (no frames)", "frames")
     raw = memoryview(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0])
     if raw.nbytes > MAX_HEADER_BYTES:
-        raise WireError(f"header of {raw.nbytes} bytes exceeds the {MAX_HEADER_BYTES}-byte bound")
+        raise WireError(f"header of {raw.nbytes} bytes exceeds the {MAX_HEADER_BYTES}-byte bound", "header")
     try:
         header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types
-        raise WireError(f"header is not valid msgpack: {exc}") from None
+        raise WireError(f"header is not valid msgpack: {exc}", "header") from None
     if not isinstance(header, dict) or set(header) != {"kind", "fields", "tensors"}:
-        raise WireError("header must be a map with exactly the keys kind, fields, tensors")
+        raise WireError("header must be a map with exactly the keys kind, fields, tensors", "header")
     try:
         kind = Kind(header["kind"])
     except (ValueError, TypeError):
-        raise WireError(f"unknown message kind {header['kind']!r}") from None
+        raise WireError(f"unknown message kind {header['kind']!r:.100}", "kind") from None
     cls = MESSAGE_TYPES[kind]
     header_types, tensor_names = _SPECS[cls]
     values = header["fields"]
     if not isinstance(values, dict) or not all(isinstance(k, str) for k in values) \
             or set(values) != set(header_types):
         got = sorted(map(str, values)) if isinstance(values, dict) else type(values).__name__
-        raise WireError(f"{kind.name}: fields {got} do not match {sorted(header_types)}")
+        raise WireError(f"{kind.name}.fields: {got!s:.200} do not match {sorted(header_types)}",
+                        f"{kind.name}.fields")
     for name, t in header_types.items():
         if not _type_ok(values[name], t):
             raise WireError(f"{kind.name}.{name}: expected {t.__name__}, "
-                            f"got {type(values[name]).__name__}")
+                            f"got {type(values[name]).__name__}", f"{kind.name}.{name}")
+        problem = _value_problem(name, values[name])
+        if problem is not None:
+            raise WireError(f"{kind.name}.{name}: {problem}", f"{kind.name}.{name}")
     specs = header["tensors"]
     if not isinstance(specs, list) or len(specs) != len(frames) - 1:
         n = len(specs) if isinstance(specs, list) else "?"
-        raise WireError(f"{kind.name}: header lists {n} tensors but {len(frames) - 1} tensor frames came")
+        raise WireError(f"{kind.name}.tensors: the header lists {n} but {len(frames) - 1} tensor frames came",
+                        f"{kind.name}.tensors")
     tensors: dict[str, torch.Tensor] = {}
     total = 0
     for spec, frame in zip(specs, frames[1:]):
         if (not isinstance(spec, list) or len(spec) != 3 or not isinstance(spec[0], str)
                 or spec[0] not in tensor_names or spec[0] in tensors):
-            raise WireError(f"{kind.name}: bad tensor entry {spec!r:.200}; allowed names {tensor_names}")
+            raise WireError(f"{kind.name}.tensors: bad entry {spec!r:.200}; allowed names {tensor_names}",
+                            f"{kind.name}.tensors")
         name, dtype_name, shape = spec
         if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
-            raise WireError(f"{kind.name}.{name}: dtype {dtype_name!r:.100} not allowed")
+            raise WireError(f"{kind.name}.{name}: dtype {dtype_name!r:.100} not allowed", f"{kind.name}.{name}")
         if (not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS
                 or not all(_type_ok(s, int) and 0 <= s <= MAX_DIM for s in shape)):
-            raise WireError(f"{kind.name}.{name}: bad shape {shape!r:.200}")
+            raise WireError(f"{kind.name}.{name}: bad shape {shape!r:.200}", f"{kind.name}.{name}")
         itemsize = torch.empty((), dtype=DTYPES[dtype_name]).element_size()
         # a zero-sized dimension makes any shape zero bytes: bound the others too
         if math.prod(max(s, 1) for s in shape) * itemsize > max_tensor_bytes:
             raise WireError(f"{kind.name}.{name}: shape {shape} would exceed the bound of "
-                            f"{max_tensor_bytes} bytes (--max-message-mb)")
+                            f"{max_tensor_bytes} bytes (--max-message-mb)", f"{kind.name}.{name}")
         total += math.prod(shape) * itemsize
         if total > max_tensor_bytes:
-            raise WireError(f"{kind.name}: tensors of {total} bytes exceed the bound of "
-                            f"{max_tensor_bytes} bytes (--max-message-mb)")
+            raise WireError(f"{kind.name}.tensors: {total} bytes in all exceed the bound of "
+                            f"{max_tensor_bytes} bytes (--max-message-mb)", f"{kind.name}.tensors")
         buf = frame.buffer if hasattr(frame, "buffer") else frame
-        tensors[name] = tensor_from_frame(buf, dtype_name, shape, name, align)
+        tensors[name] = tensor_from_frame(buf, dtype_name, shape, f"{kind.name}.{name}", align)
     return cls(**values, **tensors)
 
 
@@ -349,25 +388,25 @@ def check_tensor(t: Optional[torch.Tensor], what: str, dtype: torch.dtype,
     """Check a received tensor against what the link agreed on: [batch, *tail_shape] with
     batch == max_batch (`exact`: a training batch, always full) or 1 <= batch <= max_batch."""
     if t is None:
-        raise WireError(f"{what}: tensor missing")
+        raise WireError(f"{what}: tensor missing", what)
     if t.dtype != dtype:
         raise WireError(f"{what}: dtype {DTYPE_NAMES.get(t.dtype, t.dtype)}, "
-                        f"expected {DTYPE_NAMES[dtype]}")
+                        f"expected {DTYPE_NAMES[dtype]}", what)
     batch_ok = t.dim() >= 1 and (t.shape[0] == max_batch if exact else 1 <= t.shape[0] <= max_batch)
     if t.dim() != 1 + len(tail_shape) or tuple(t.shape[1:]) != tuple(tail_shape) or not batch_ok:
         rows = str(max_batch) if exact else f"1..{max_batch}"
         raise WireError(f"{what}: shape {list(t.shape)}, expected [{rows}, "
-                        f"{', '.join(map(str, tail_shape))}]")
+                        f"{', '.join(map(str, tail_shape))}]", what)
     return t
 
 
 def check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise WireError(f"{what}: NaN or infinite values")
+        raise WireError(f"{what}: NaN or infinite values", what)
     return t
 
 
 def check_labels(labels: torch.Tensor, num_classes: int, what: str) -> torch.Tensor:
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise WireError(f"{what}: labels outside 0..{num_classes - 1}")
+        raise WireError(f"{what}: labels outside 0..{num_classes - 1}", what)
     return labels

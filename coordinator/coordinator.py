@@ -77,6 +77,7 @@ class Coordinator:
         self.relayed_bootstrap = [0] * self.num_stages
         self.bytes_backward = 0  # gradient bytes relayed towards stage 0 (every backward message)
         self.rejected = 0
+        self.undelivered = 0  # messages to peers whose connection had gone (_deliver)
         self.refusals = RefusalLog(lambda line: log(f"[coordinator] {line}"))  # CURVE turned them away
         self.stopping = StopAfterCheckpoint(self.checkpoints, 3 * cfg.heartbeat_timeout, log)
         self._last_progress = time.monotonic()
@@ -116,15 +117,32 @@ class Coordinator:
         return self.watchdog.started
 
     # ------------------------------------------------------------------ sending
-    def _send(self, stage: int, msg: wire.Message) -> None:
-        self.sock.send_multipart([self.registry.identities[stage], *wire.encode(msg)], copy=False)
+    def _deliver(self, identity: bytes, frames: list, what: str) -> bool:
+        """The one way anything leaves the coordinator's socket. With ROUTER_MANDATORY a send to a
+        peer whose connection has gone raises EHOSTUNREACH. That is news about the peer, never a
+        reason to end the run: it is counted and logged here, and whether the stage is lost is
+        for the process group (a local stage that exited) and the watchdog (a silent one) to say.
+        Returns whether the message was handed to the peer's connection."""
+        try:
+            self.sock.send_multipart([identity, *frames], copy=False)
+            return True
+        except zmq.ZMQError as exc:
+            if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                raise  # not about a peer: a fault of this process
+            self.undelivered += 1
+            if self.undelivered <= 10 or self.undelivered % 1000 == 0:
+                stage = self.registry.stage_of.get(identity)
+                to = f"stage {stage}" if stage is not None else f"peer {identity[:40]!r}"
+                self.log(f"[coordinator] could not deliver {what} to {to} (its connection is gone: "
+                         f"{exc.strerror}); undelivered #{self.undelivered}")
+            return False
+
+    def _send(self, stage: int, msg: wire.Message) -> bool:
+        return self._deliver(self.registry.identities[stage], wire.encode(msg), type(msg).__name__)
 
     def stop_all(self, reason: str) -> None:
         for stage in list(self.registry.identities):
-            try:
-                self._send(stage, wire.Stop(reason))
-            except zmq.ZMQError:
-                pass  # that worker is gone already
+            self._send(stage, wire.Stop(reason))
 
     # ------------------------------------------------------------------ handling
     def _handle(self, frames: list) -> None:
@@ -179,7 +197,7 @@ class Coordinator:
         if problem is not None:  # turn the newcomer away; the run goes on
             self.rejected += 1
             self.log(f"[coordinator] refused stage {msg.stage} (pid {msg.pid} on {msg.host}): {problem}")
-            self.sock.send_multipart([identity, *wire.encode(wire.Stop(f"refused: {problem}"))], copy=False)
+            self._deliver(identity, wire.encode(wire.Stop(f"refused: {problem}")), "a refusal")
             return
         self.watchdog.heard(msg.stage, time.monotonic())
         self.log(f"[coordinator] stage {msg.stage} registered: pid {msg.pid} on {msg.host} "
@@ -218,11 +236,8 @@ class Coordinator:
         if msg.to_stage not in identities:
             self._reject(identities.get(msg.to_stage + 1, b"?"), f"gradient for unknown stage {msg.to_stage}")
             return
-        try:
-            self.sock.send_multipart([identities[msg.to_stage], *body], copy=False)
-        except zmq.ZMQError as exc:
-            raise RunFailed(f"stage {msg.to_stage} cannot be reached to deliver the gradient of "
-                            f"step {msg.step}: {exc}") from None
+        if not self._deliver(identities[msg.to_stage], body, f"the gradient of step {msg.step}"):
+            return  # a stage that is gone: the process group or the watchdog says so
         self.bytes_backward += sum(len(frame) for frame in body)
         if msg.is_true:
             self.relayed_true[msg.to_stage] += 1
@@ -248,10 +263,7 @@ class Coordinator:
         if not self.watchdog.heartbeat_due(time.monotonic()):
             return
         for stage in list(self.registry.identities):
-            try:
-                self._send(stage, wire.Heartbeat(-1))
-            except zmq.ZMQError as exc:
-                raise RunFailed(f"stage {stage} ({self.registry.who(stage)}) cannot be reached: {exc}") from None
+            self._send(stage, wire.Heartbeat(-1))  # one that cannot be reached falls silent too
 
     def _drain(self) -> None:
         while self.sock.poll(50):
@@ -274,10 +286,7 @@ class Coordinator:
     def _committed(self, step: int, drop: int) -> None:
         """Every stage may now delete its checkpoint files older than `step`, and that of `drop`."""
         for stage in list(self.registry.identities):
-            try:
-                self._send(stage, wire.Committed(step, drop))
-            except zmq.ZMQError:
-                pass  # a stage that is gone is noticed by the watchdog
+            self._send(stage, wire.Committed(step, drop))
 
     def request_checkpoint(self, reason: str) -> None:
         if 0 in self.registry.identities and 0 not in self.done:
@@ -343,6 +352,7 @@ class Coordinator:
             true_gradient_steps=last.get("steps", 0) if self.num_stages == 1 else self.relayed_true[0],
             num_stages=self.num_stages,
             rejected_messages=self.rejected + sum(w.get("rejected_messages", 0) for w in workers),
+            undelivered_messages=self.undelivered,
             true_gradients_relayed=self.relayed_true,
             bootstrap_gradients_relayed=self.relayed_bootstrap,
             bytes_backward_per_step=self.bytes_backward / max(last.get("steps", 0), 1),

@@ -33,10 +33,14 @@ class Registry:
             return f"{type(msg).__name__} for stage {claimed} from stage {sender}"
         if isinstance(msg, wire.Grad) and msg.to_stage != sender - 1:
             return f"stage {sender} sent a gradient for stage {msg.to_stage}"
+        if isinstance(msg, wire.EvalResult) and sender != self.num_stages - 1:
+            return f"an evaluation from stage {sender} (only the last stage evaluates)"
         return None
 
     def register(self, identity: bytes, msg: wire.Register, started: bool) -> Optional[str]:
         """Record the stage, or say why it is turned away (the run goes on either way)."""
+        if identity in self.stage_of:
+            return f"this peer is stage {self.stage_of[identity]} already"
         if not 0 <= msg.stage < self.num_stages:
             return f"this run has stages 0..{self.num_stages - 1}"
         if msg.stage in self.registered:

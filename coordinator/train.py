@@ -21,7 +21,7 @@ from synthgrad.common.data import check_dataset, count_train, data_spec, total_s
 from synthgrad.common.endpoints import tcp_host
 from synthgrad.common.files import atomic_write_json
 from synthgrad.common.security import Guard, Keys, MonitorKeys, local_run_keys, resolve_keys
-from synthgrad.common.procs import ProcessGroup
+from synthgrad.common.procs import ProcessGroup, warm_up
 from synthgrad.coordinator.coordinator import Coordinator, RunFailed
 from synthgrad.coordinator.layout import plan_layout
 from synthgrad.coordinator.pipeline import PipelineFailed, run_pipeline
@@ -88,6 +88,8 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
     With `bind` (tcp://HOST:PORT, port 0 for any) this process is the coordinator only: it
     binds there, calls `on_listening(endpoint)`, and waits for workers started elsewhere
     (`launch.py worker`, or the other ranks under torchrun)."""
+    if bind is None and cfg.mode != Mode.BACKPROP:
+        warm_up()  # stage processes will be started here
     if bind is None:
         cfg, layout = prepare(cfg)
     else:

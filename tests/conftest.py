@@ -12,22 +12,16 @@ if str(Path(__file__).resolve().parent.parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from synthgrad.common.procs import terminate_then_kill  # noqa: E402
-from tests.helpers import LOCKED, ROOT  # noqa: E402
+from tests.helpers import LOCKED, ROOT, is_mp_helper  # noqa: E402
 
 
 def _reap() -> list[int]:
     children = psutil.Process().children(recursive=True)
-    # the resource tracker / forkserver of multiprocessing are not ours to judge
-    ours = [c.pid for c in children if "resource_tracker" not in " ".join(_cmdline(c))]
+    # the resource tracker and fork server of multiprocessing live as long as this process and
+    # are not ours to judge; what they started is
+    ours = [c.pid for c in children if not is_mp_helper(c)]
     terminate_then_kill(ours, timeout=3.0)
     return ours
-
-
-def _cmdline(p: psutil.Process) -> list[str]:
-    try:
-        return p.cmdline()
-    except psutil.Error:
-        return []
 
 
 @pytest.fixture(autouse=True)

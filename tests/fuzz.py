@@ -2,13 +2,17 @@
 coordinator's socket (DEALER) and sends malformed frames of every kind, then reports how many.
 
     python tests/fuzz.py ENDPOINT_KIND=ENDPOINT ... --count N --seed S
+    python tests/fuzz.py --targets-from-stdin ...   (reads that list as one line first)
 
 ENDPOINT_KIND is `inbox` or `coordinator`. Every message is invalid: random bytes, a valid
 header with a truncated tensor frame, a tensor larger than the bound, a message kind that does
 not belong on that socket, wrong field types, missing frames, type-confused tensor entries (a
-dtype that is a list, a zero-byte impossible shape); and, on activation links, well-formed
-messages that must still be refused: labels outside the classes, a batch of one, NaN
-activations, a training step far ahead, forged end and checkpoint markers. Prints one JSON line
+dtype that is a list, a zero-byte impossible shape); on activation links, well-formed messages
+that must still be refused: labels outside the classes, a batch of one, NaN activations, a
+training step far ahead, forged end and checkpoint markers, and fuzzed sent_at, epoch and
+true-gradient flags; at the coordinator, well-formed messages of every kind a stage sends
+(Register from a peer that disconnects at once, Error, Done, Saved, Metrics, Grad with fuzzed
+sent_at and flags, an evaluation), none of them from a registered stage. Prints one JSON line
 of counts.
 """
 from __future__ import annotations
@@ -38,7 +42,8 @@ def bad_messages(rng: random.Random, target: str, max_bytes: int, width: int, ba
     """An endless stream of (name, frames), each of them wrong for `target`."""
     act = {"step": 1, "epoch": 0, "phase": "train", "true_grad": False, "sent_at": 0.0}
     grad = {"step": 1, "to_stage": 0, "is_true": True, "sent_at": 0.0}
-    kinds = 13 if target == "inbox" else 10
+    kinds = 14 if target == "inbox" else 18
+    odd_times = [float("nan"), float("inf"), -1.0, 1e18, 0.0]
 
     def activation(step: int, phase: str, h: torch.Tensor, labels: torch.Tensor):
         return wire.encode(wire.Activation(step, 0, phase, False, h, labels))
@@ -75,11 +80,34 @@ def bad_messages(rng: random.Random, target: str, max_bytes: int, width: int, ba
         elif choice == 9:  # zero bytes, so within the size bound, but no such tensor can exist
             kind, fields, name = (4, grad, "g") if target == "coordinator" else (3, act, "h")
             yield "impossible-shape", [_header(kind, fields, [[name, "float32", [0, 2**64 - 1]]]), b""]
+        elif choice >= 10 and target == "coordinator":  # well-formed, but not from a registered stage
+            g = torch.randn(batch, width)
+            forged = [
+                ("forged-register", lambda: wire.encode(wire.Register(rng.randrange(4), 1, "x"))),
+                ("forged-error", lambda: wire.encode(wire.Error(rng.randrange(4), "forged failure"))),
+                ("forged-done", lambda: wire.encode(wire.Done(rng.randrange(4), {"steps": 1, "last_step": 0}))),
+                ("forged-saved", lambda: wire.encode(wire.Saved(rng.randrange(4), 0, "/forged.pt", "x"))),
+                ("forged-metrics", lambda: wire.encode(wire.Metrics(rng.randrange(4), {"step": 2**40}))),
+                ("forged-eval", lambda: wire.encode(wire.EvalResult(0, 1, 0.0, 1.0, 512))),
+                ("forged-grad", lambda: wire.encode(wire.Grad(rng.randrange(1 << 20), rng.randrange(-1, 4),
+                                                              rng.random() < 0.5, g,
+                                                              sent_at=rng.choice(odd_times[1:])))),
+                ("forged-grad-nan-time", lambda: [_header(4, {**grad, "sent_at": float("nan")},
+                                                          [["g", "float32", [batch, width]]]), g.numpy().tobytes()]),
+            ]
+            name, make = forged[choice - 10]
+            yield name, make()
         elif choice == 10:
             yield "labels-out-of-range", activation(1, "train", torch.randn(batch, width),
                                                     torch.full((batch,), classes + 999_999))
         elif choice == 11:
             yield "batch-of-one", activation(1, "train", torch.randn(1, width), torch.zeros(1, dtype=torch.long))
+        elif choice == 13:  # fuzzed sent_at, epoch and true-gradient flag on a forged step
+            fields = {**act, "step": rng.choice([2**40, -7]), "epoch": rng.choice([-1, 2**62, 0]),
+                      "true_grad": rng.random() < 0.5, "sent_at": rng.choice(odd_times)}
+            h, labels = torch.randn(batch, width), torch.randint(0, classes, (batch,))
+            yield "fuzzed-fields", [_header(3, fields, [["h", "float32", [batch, width]], ["labels", "int64", [batch]]]),
+                                    h.numpy().tobytes(), labels.numpy().tobytes()]
         else:  # well-formed, right shapes and labels: only the order or the values give them away
             which = rng.randrange(4)
             labels = torch.randint(0, classes, (batch,))
@@ -95,7 +123,9 @@ def bad_messages(rng: random.Random, target: str, max_bytes: int, width: int, ba
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("targets", nargs="+", help="inbox=EP or coordinator=EP")
+    p.add_argument("targets", nargs="*", help="inbox=EP or coordinator=EP")
+    p.add_argument("--targets-from-stdin", action="store_true",
+                   help="read the targets as one line from stdin (start, import, then wait for them)")
     p.add_argument("--count", type=int, default=200, help="messages per target")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-bytes", type=int, default=1 << 20)
@@ -108,27 +138,35 @@ def main() -> None:
                         "(libzmq drops what a receiver has not read yet when its sender disconnects)")
     args = p.parse_args()
     rng = random.Random(args.seed)
+    targets = sys.stdin.readline().split() if args.targets_from_stdin else args.targets
     ctx = zmq.Context()
     socks = []
-    for target in args.targets:
+    for target in targets:
         kind, endpoint = target.split("=", 1)
         sock = ctx.socket(zmq.PUSH if kind == "inbox" else zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 5000)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.connect(endpoint)
-        socks.append((kind, sock, bad_messages(rng, kind, args.max_bytes, args.width, args.batch, args.classes)))
+        socks.append((kind, endpoint, sock, bad_messages(rng, kind, args.max_bytes, args.width, args.batch, args.classes)))
     sent: dict[str, dict[str, int]] = {}
     for _ in range(args.count):
-        for kind, sock, stream in socks:
+        for kind, endpoint, sock, stream in socks:
             name, frames = next(stream)
-            sock.send_multipart(frames)
+            if name == "forged-register":  # from a peer that is gone before the answer comes
+                once = ctx.socket(zmq.DEALER)
+                once.setsockopt(zmq.LINGER, 5000)
+                once.connect(endpoint)
+                once.send_multipart(frames)
+                once.close()
+            else:
+                sock.send_multipart(frames)
             sent.setdefault(kind, {}).setdefault(name, 0)
             sent[kind][name] += 1
         time.sleep(args.pause_ms / 1000)
     if args.hold:
         print(json.dumps(sent), flush=True)
         sys.stdin.read()  # the test closes it once the run is over
-    for _, sock, _ in socks:
+    for _, _, sock, _ in socks:
         sock.close()  # LINGER: deliver what is queued
     ctx.term()
     if not args.hold:

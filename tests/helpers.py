@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
 
 import psutil
 import pytest
@@ -89,6 +89,24 @@ def assert_states_equal(expected: States, got: States, what: str = "") -> None:
             assert torch.equal(expected[unit][name], got[unit][name]), f"unit {unit} {name} differs {what}"
 
 
+def sg_cosines(run_dir: Path) -> dict[int, list[float]]:
+    """Each stage's reported cosine between its synthetic and the true gradients, in order."""
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    out: dict[int, list[float]] = {}
+    for r in recs:
+        if r["event"] == "worker" and r.get("sg_cosine") is not None:
+            out.setdefault(r["stage"], []).append(r["sg_cosine"])
+    return out
+
+
+# A predictor that has learned nothing about the true gradient meets it at a cosine of about
+# 0 +- 1/sqrt(D): 0.016 for D = 64 samples x 64 features, less when a report averages several
+# true-gradient steps. 0.05 is more than three of those deviations, and a positive cosine is
+# what makes a synthetic step a descent step on average. (Seen here: stage 0 reaches 0.07-0.16
+# by the end of 120 steps, stage 2, just below the loss, 0.3-0.35.)
+SG_COSINE_BAR = 0.05
+
+
 # ---------------------------------------------------------------------------- runs
 def run(cfg, **changes):
     """Train in this process (workers are spawned); returns (run folder, summary)."""
@@ -136,9 +154,28 @@ def interrupt_after(proc, *needles: str, timeout: float = 90.0) -> str:
     return "".join(seen) + out
 
 
+def is_mp_helper(p: psutil.Process) -> bool:
+    """multiprocessing's own processes (the fork server the workers start from, the resource
+    tracker): started and stopped by multiprocessing, with the process that uses them."""
+    def cmd(proc: Optional[psutil.Process]) -> str:
+        try:
+            return " ".join(proc.cmdline()) if proc is not None else ""
+        except psutil.Error:
+            return ""
+    server = "multiprocessing.forkserver"
+    try:  # a worker forked from the server carries the server's command line: its parent tells
+        parent = p.parent()
+    except psutil.Error:
+        parent = None
+    return "resource_tracker" in cmd(p) or (server in cmd(p) and server not in cmd(parent))
+
+
 def worker_pids(proc) -> list[int]:
-    return [c.pid for c in psutil.Process(proc.pid).children()
-            if "resource_tracker" not in " ".join(c.cmdline())]
+    """The worker processes a launcher (or `launch.py worker`) started, in the order started:
+    children of its fork server, or its own children where it has none."""
+    found = [c for c in psutil.Process(proc.pid if hasattr(proc, "pid") else proc).children(recursive=True)
+             if not is_mp_helper(c)]
+    return [c.pid for c in sorted(found, key=lambda c: c.create_time())]
 
 
 def assert_all_gone(pids, timeout=10.0):

@@ -78,15 +78,23 @@ def test_sigterm_saves_a_checkpoint_too(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_ctrl_c_twice_stops_at_once_and_leaves_no_orphans(tmp_path):
+    """"At once" means without the checkpoint a single Ctrl-C waits for (that one:
+    test_ctrl_c_saves_a_checkpoint_then_stops). Each link here takes 300 ms, so the checkpoint
+    marker needs at least 0.9 s to pass stage 0's three links: the second Ctrl-C, 50 ms after the
+    first, comes long before it could be complete, and no checkpoint may be written."""
     import time
-    with training_launcher(tmp_path, "--checkpoint-every", "0", "--link-delay-ms", "20") as (proc, pids):
+    with training_launcher(tmp_path, "--checkpoint-every", "0", "--link-delay-ms", "300") as (proc, pids):
         os.kill(proc.pid, signal.SIGINT)
         time.sleep(0.05)
         os.kill(proc.pid, signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 130, out
-        assert "interrupted" in out
+        assert "interrupted" in out and "saving every stage at the next step" in out
+        assert "checkpoint: step" not in out and "stopped after the checkpoint" not in out, out
         assert_all_gone(pids)
+    assert not (tmp_path / "run" / "checkpoints" / "manifest.json").exists()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary.get("last_checkpoint") is None
 
 
 @pytest.mark.timeout(240)

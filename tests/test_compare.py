@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from synthgrad.common.config import ConfigError, RunConfig
 from synthgrad.coordinator.compare import add_time_to_backprop, parse_contenders, time_to_target
-from tests.helpers import ROOT
+from tests.helpers import ROOT, SG_COSINE_BAR, sg_cosines
 
 
 def test_time_to_target_is_first_evaluation_reaching_it():
@@ -67,6 +68,10 @@ def test_compare_writes_table_json_and_plots(tmp_path):
         assert r["time_to_target_s"] is not None and r["time_to_target_s"] <= r["wall_clock_s"] + 1e-6
     assert rows[0]["workers"] == 1 and rows[1]["workers"] == rows[2]["workers"] == 2
     assert rows[3]["true_gradient_steps"] == 96 // 4
+    # the unlocked contender's stage 0 learned from its synthetic gradients: its predictor
+    # agrees with the true gradient better than chance (the bar's reason: test_training.py)
+    cosines = sg_cosines(Path(rows[3]["run_dir"]))
+    assert cosines[0] and cosines[0][-1] > SG_COSINE_BAR, cosines
     # locked sends one gradient back per step (2 stages: 64 samples x 64 floats, plus a header);
     # unlocked N=4 one step in four; backprop and pipeline send nothing through the coordinator
     assert 64 * 64 * 4 <= rows[2]["bytes_backward_per_step"] <= 64 * 64 * 4 + 512

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,37 +39,56 @@ def _fill(folder: Path) -> Path:
     return filler
 
 
+def _step_of(line: str, pattern: str) -> int:
+    return int(re.search(pattern, line).group(1))
+
+
 @pytest.mark.timeout(240)
-def test_full_disk_fails_checkpoints_not_the_last_good_one(tmp_path, locked_reference):
+def test_full_disk_fails_checkpoints_not_the_last_good_one_nor_the_run(tmp_path, locked_reference):
+    """The disk fills after the first checkpoint: the next ones fail, training goes on (steps
+    are counted after the first failure), the manifest keeps naming the last complete one, and
+    once there is room again the next checkpoint succeeds and the run ends bitwise where the
+    undisturbed locked run ends. Each link takes 5 ms (>= 30 ms a locked step, >= 5.8 s for the
+    192 steps; the story needs about 2.5 s of it), which leaves time for every part of it."""
     disk = tmp_path / "disk"
     if os.geteuid() != 0 or not _tmpfs(disk, "16m"):
         pytest.skip("needs root to mount a small tmpfs")
     try:
         run_dir = disk / "run"
         cmd = [sys.executable, "-u", str(ROOT / "launch.py"), "train", *LOCKED, "--checkpoint-every", "0.3",
-               "--link-delay-ms", "3", "--out", str(run_dir)]
+               "--link-delay-ms", "5", "--progress-every", "0.1", "--out", str(run_dir)]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            _, seen = wait_for_line(proc, "checkpoint: step", timeout=90)
+            first, seen = wait_for_line(proc, "checkpoint: step", timeout=90)
+            good = _step_of(first, r"checkpoint: step (\d+) saved")
             filler = _fill(disk)
+            failed, more = wait_for_line(proc, "] checkpoint at step", timeout=60)
+            seen += more
+            failed_step = _step_of(failed, r"checkpoint at step (\d+) failed")
+            assert "No space left on device" in failed, failed
+            manifest = json.loads((run_dir / "checkpoints" / "manifest.json").read_text())
+            assert manifest["step"] == good  # still the last complete one, whole and loadable
+            for where in manifest["stages"].values():
+                assert torch.load(where["path"], weights_only=True)["step"] == good
+            # training goes on past the failure: progress of at least 20 more steps
+            line, more = wait_for_line(proc, "train step", timeout=60)
+            seen += more
+            while _step_of(line, r"train step (\d+)/") < failed_step + 20:
+                line, more = wait_for_line(proc, "train step", timeout=60)
+                seen += more
+            filler.unlink()  # room again: the next checkpoint is written
+            saved, more = wait_for_line(proc, "checkpoint: step", timeout=60)
+            seen += more
+            assert _step_of(saved, r"checkpoint: step (\d+) saved") > failed_step
             out, _ = proc.communicate(timeout=150)
             out = "".join(seen) + out
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
-        assert proc.returncode == 1, out[-3000:]  # the final save cannot be written either
-        assert "No space left on device" in out and "failed" in out
-        manifest = json.loads((run_dir / "checkpoints" / "manifest.json").read_text())
-        step = manifest["step"]
-        for where in manifest["stages"].values():  # the named checkpoint is whole and loadable
-            assert torch.load(where["path"], weights_only=True)["step"] == step
-        filler.unlink()  # room again: go on from there
-        resumed = subprocess.run([sys.executable, str(ROOT / "launch.py"), "train", "--resume", str(run_dir)],
-                                 cwd=ROOT, capture_output=True, text=True, timeout=150)
-        assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-        assert f"resuming from the checkpoint at step {step}" in resumed.stdout
-        a, b = locked_reference, load_model_state(run_dir)
-        assert_states_equal(a, b, "after the full disk")
+        assert proc.returncode == 0, out[-3000:]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "done" and summary["checkpoint_failures"] >= 1, summary
+        assert_states_equal(locked_reference, load_model_state(run_dir), "after the full disk")
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)

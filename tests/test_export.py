@@ -35,8 +35,10 @@ def test_export_gives_the_network_the_run_evaluated(tiny_cfg, tmp_path):
     assert _accuracy(model, cfg) == bp["test_accuracy"]  # the same network the run evaluated
     locked_dir, _ = run(cfg, mode="locked", stages=2, out=str(tmp_path / "locked"))  # units in two files
     locked = synthgrad.trained_model(locked_dir)
-    for (name, a), (_, b) in zip(model.state_dict().items(), locked.state_dict().items()):
-        torch.testing.assert_close(b, a, **LOCKED_EQUALS_BACKPROP, msg=name)
+    expected, got = model.state_dict(), locked.state_dict()
+    assert list(got) == list(expected)  # the same tensors, by name and in order
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], **LOCKED_EQUALS_BACKPROP, msg=name)
     out = tmp_path / "export" / "model.pt"
     done = subprocess.run([sys.executable, str(ROOT / "launch.py"), "export", str(locked_dir), str(out)],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
@@ -50,7 +52,8 @@ def test_export_gives_the_network_the_run_evaluated(tiny_cfg, tmp_path):
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.split() == ["Sequential", str(sum(p.numel() for p in locked.parameters()))]
     weights = synthgrad.export(locked_dir, tmp_path / "w.pt", state_dict_only=True)
-    assert torch.load(weights, weights_only=True).keys() == locked.state_dict().keys()
+    saved = torch.load(weights, weights_only=True)
+    assert list(saved) == list(got) and all(torch.equal(saved[n], got[n]) for n in got)
 
 
 def test_export_says_what_is_missing(tmp_path):

@@ -76,11 +76,9 @@ def test_unlocked_run_across_three_namespaces(tmp_path, delay_ms=5.0):
 @pytest.mark.timeout(240)
 def test_torchrun_across_two_namespaces(tmp_path):
     """The README's two-host torchrun example, on two 'hosts': 2 x 3 ranks = coordinator + 5 stages."""
-    import shutil
     import subprocess
     keys = tmp_path / "keys"
     make_keys(keys)
-    exe = shutil.which("torchrun")
     args = ["--mode", "unlocked", "--keys", str(keys), "--dataset", "synthetic", "--layers",
             "784,64,64,64,64,10", "--stages", "5", "--batch-size", "64", "--synthetic-train", "2048",
             "--epochs", "1", "--start-timeout", "90", "--stall-timeout", "30", "--out", str(tmp_path / "run")]
@@ -88,7 +86,7 @@ def test_torchrun_across_two_namespaces(tmp_path):
     with Hosts(2) as hosts:
         try:
             for node in (0, 1):
-                cmd = [exe, "--nnodes", "2", "--nproc-per-node", "3", "--node-rank", str(node),
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "3", "--node-rank", str(node),
                        "--master-addr", hosts.addresses[0], "--master-port", "29500",
                        str(ROOT / "launch.py"), "train", *args]
                 procs.append(hosts.popen(node, cmd, cwd=ROOT, stdout=subprocess.PIPE,

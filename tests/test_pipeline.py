@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -31,16 +30,20 @@ def test_pipeline_with_one_microbatch_reproduces_backprop(tiny_cfg, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_pipeline_1f1b_microbatches_learns(tiny_cfg, tmp_path):
-    _, s = run(tiny_cfg, mode="pipeline", schedule="1f1b", microbatches=4, steps=60, epochs=2,
-               out=str(tmp_path / "pp"))
-    assert s["steps"] == 60 and len(s["evals"]) == 2
-    assert s["test_accuracy"] > 0.5, s["evals"]
-    assert len(s["workers"]) == 4
-    for unit in load_model_state(s["run_dir"]).values():
-        for name, t in unit.items():
-            if t.is_floating_point():
-                assert math.isfinite(float(t.abs().sum())), name  # no poisoned BN statistics
+def test_pipeline_1f1b_microbatches_reproduce_backprop(tiny_cfg, tmp_path):
+    """Four microbatches per step under 1F1B compute the whole batch's gradient, so on a model
+    without batch norm (whose statistics would differ per microbatch) the pipeline trains what
+    backprop trains. Only the order of summing the microbatches' gradients differs: a few units
+    in the last place per step (6e-8 seen after 60 steps), which SGD with momentum keeps small,
+    far inside LOCKED_EQUALS_BACKPROP (tests/helpers.py); a wrong or missing microbatch is off
+    by ~1e-3."""
+    cfg = tiny_cfg.replace(model="tests.user_models:plain_mlp", groups=(1, 1, 1, 1), steps=60, epochs=2,
+                           **EXACT_SGD)
+    ref_dir, ref = run(cfg, mode="backprop", backprop_threads=1, out=str(tmp_path / "bp"))
+    got_dir, got = run(cfg, mode="pipeline", schedule="1f1b", microbatches=4, out=str(tmp_path / "pp"))
+    assert got["steps"] == ref["steps"] == 60 and len(got["evals"]) == 2 and len(got["workers"]) == 4
+    assert_states_close(load_model_state(ref_dir), load_model_state(got_dir), **LOCKED_EQUALS_BACKPROP)
+    assert_same_evaluation(ref, got)
 
 
 def test_pipeline_config_errors(tiny_cfg):

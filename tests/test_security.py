@@ -163,10 +163,12 @@ def test_secure_run_refuses_strangers_and_goes_on(tmp_path):
         assert workers.wait(30) == 0
     finally:
         stop_all(*procs)
-    assert "refused a peer with an unauthorised key" in coord_out
+    # four strangers, each refused where it knocked (a peer that retries is refused again)
+    assert "refused a peer with an unauthorised key" in coord_out and "on a links socket" in coord_out
     assert "refused a failed handshake on the coordinator socket" in coord_out
+    assert "on a status socket" in coord_out and "refused a failed handshake on the status socket" in coord_out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["secure"] and summary["refused_connections"] >= 3  # 2 workers + 2 monitors, retries
+    assert summary["secure"] and summary["refused_connections"] >= 4
     assert summary["steps"] == 30 * 32
     secrets = [Keys.load(keys, role).secret for role in ("coordinator", "worker", "monitor")]
     for path in (p for p in (tmp_path / "run").rglob("*") if p.is_file()):  # no secret key anywhere
@@ -179,8 +181,10 @@ def test_secure_run_refuses_strangers_and_goes_on(tmp_path):
 def test_a_local_tcp_run_admits_only_its_own_processes(tmp_path):
     """No keys given: the run makes its own, its stages get them at start, a monitor gets them from
     the private folder the run prints; a process without them is refused; the folder goes at the end."""
+    # the run lasts >= 8 s (320 steps, the last stage sleeping 25 ms in each): the strangers,
+    # started after it, knock while it runs
     run = subprocess.Popen([sys.executable, "-u", str(ROOT / "launch.py"), "train", *JOB, "--transport", "tcp",
-                            "--epochs", "20", "--link-delay-ms", "2", "--metrics-every", "0.2",
+                            "--epochs", "10", "--slow-stage", "3,25", "--metrics-every", "0.2",
                             "--out", str(tmp_path / "run")],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     procs = [run]

@@ -2,7 +2,6 @@
 torchrun's environment. Locked training under torchrun must still equal single-process backprop."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 
@@ -20,8 +19,10 @@ TINY = ["--dataset", "synthetic", "--layers", "784,64,64,64,10", "--batch-size",
 
 
 def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    exe = shutil.which("torchrun") or sys.exit("torchrun not found")
-    cmd = [exe, "--standalone", f"--nproc-per-node={nproc}", str(ROOT / "launch.py"), "train", *args]
+    """torchrun as this interpreter's module (what the `torchrun` script runs), so the test
+    needs no activated environment and no script on PATH."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(ROOT / "launch.py"), "train", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150)
 
 

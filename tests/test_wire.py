@@ -87,7 +87,7 @@ GOOD_FIELDS = {"step": 1, "to_stage": 0, "is_true": True, "sent_at": 0.0}
     ([_header(4, GOOD_FIELDS, [["g", "float32", [2, 2]]]), b"\x00" * 15], "truncated"),
     ([_header(4, GOOD_FIELDS, [["g", "float32", [2, 2]]]), b"\x00" * 17], "16 bytes"),
     ([_header(4, GOOD_FIELDS, [["g", "complex", [2]]]), b"\x00" * 8], "not allowed"),
-    ([_header(4, GOOD_FIELDS, [["nope", "float32", [1]]]), b"\x00" * 4], "bad tensor entry"),
+    ([_header(4, GOOD_FIELDS, [["nope", "float32", [1]]]), b"\x00" * 4], "bad entry"),
     ([_header(4, GOOD_FIELDS, [["g", "float32", [-1]]]), b""], "bad shape"),
     ([_header(4, GOOD_FIELDS, [["g", "float32", [1 << 20, 1 << 10]]]), b""], "exceed the bound"),
     ([b"\x00" * (wire.MAX_HEADER_BYTES + 1)], "exceeds"),

@@ -65,3 +65,14 @@ def volume_net(input_shape, num_classes):
     c, d, h, w = input_shape
     return nn.Sequential(nn.Conv3d(c, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 4, 3, padding=1),
                          nn.Sequential(nn.Flatten(), nn.Linear(4 * d * h * w, num_classes)))
+
+
+def plain_mlp(input_shape, num_classes):
+    """An MLP without batch norm: a batch split into microbatches computes the same gradient
+    (the pipeline's microbatch test compares it with backprop on the whole batch)."""
+    import math
+    d = math.prod(input_shape)
+    return nn.Sequential(nn.Sequential(nn.Flatten(), nn.Linear(d, 64), nn.ReLU()),
+                         nn.Sequential(nn.Linear(64, 64), nn.ReLU()),
+                         nn.Sequential(nn.Linear(64, 64), nn.ReLU()),
+                         nn.Linear(64, num_classes))

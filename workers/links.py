@@ -203,7 +203,7 @@ class Links:
                 continue
             if isinstance(msg, wire.Grad):
                 if self.delay:  # simulated latency: deliver it `delay` after it was sent
-                    self._held.append((msg.sent_at + self.delay, msg))
+                    self._held.append((self._due(msg.sent_at), msg))
                 else:
                     self.handlers.on_grad(msg)
             else:
@@ -265,18 +265,23 @@ class Links:
                     wire.check_tensor(msg.h, "ACTIVATION.h", self.wire_dtype, self.in_shape, self.cfg.batch_size, full)
                     wire.check_tensor(msg.labels, "ACTIVATION.labels", torch.int64, (), msg.h.shape[0])
                     if msg.labels.shape[0] != msg.h.shape[0]:
-                        raise wire.WireError("ACTIVATION: labels and h differ in batch size")
+                        raise wire.WireError("ACTIVATION: labels and h differ in batch size", "ACTIVATION.labels")
                     wire.check_labels(msg.labels, self.num_classes, "ACTIVATION.labels")
                     wire.check_finite(msg.h, "ACTIVATION.h")
                 elif msg.phase not in ("eval_end", "checkpoint", "end"):
-                    raise wire.WireError(f"ACTIVATION: unknown phase {msg.phase!r}")
+                    raise wire.WireError(f"ACTIVATION: unknown phase {msg.phase!r:.100}", "ACTIVATION.phase")
             except wire.WireError as exc:
                 self.reject(exc)
                 continue
             if self.delay:  # simulated latency: use it `delay` after it was sent
-                due = msg.sent_at + self.delay
+                due = self._due(msg.sent_at)
                 self.wait("wait_input", lambda: time.monotonic() >= due, due=due)
             return msg
+
+    def _due(self, sent_at: float) -> float:
+        """When a message sent at `sent_at` may be used under --link-delay-ms. A time in the
+        future (a forged or foreign clock) counts as now: nothing is held longer than the delay."""
+        return min(sent_at, time.monotonic()) + self.delay
 
     def send_down(self, msg: wire.Activation) -> None:
         assert self.outbox is not None

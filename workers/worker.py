@@ -167,7 +167,7 @@ class LayerWorker:
         s = self.s
         try:
             if msg.to_stage != self.stage:
-                raise wire.WireError(f"gradient addressed to stage {msg.to_stage}")
+                raise wire.WireError(f"gradient addressed to stage {msg.to_stage}", "GRAD.to_stage")
             wire.check_tensor(msg.g, "GRAD.g", s.logic.compute.wire_dtype, s.out_shape, s.cfg.batch_size,
                               exact=True)
             wire.check_finite(msg.g, "GRAD.g")
@@ -259,7 +259,7 @@ class LayerWorker:
             msg = self.links.recv_activation()
             problem = order.problem(msg.phase, msg.step, msg.true_grad)
             if problem is not None:
-                self.links.reject(wire.WireError(f"ACTIVATION: {problem}"))
+                self.links.reject(wire.WireError(f"ACTIVATION: {problem}", "ACTIVATION.step"))
                 continue
             order.accept(msg.phase, msg.step)
             if msg.phase == "train":

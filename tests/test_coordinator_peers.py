@@ -1,0 +1,134 @@
+"""The coordinator against peers that misbehave with well-formed messages, in this process (its
+real ROUTER socket, real DEALER peers over tcp, no workers): a stranger that registers and
+vanishes, and registered stages that speak for other stages. Every one is refused and counted,
+and nothing a peer sends or fails to receive ends the run."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import zmq
+
+from synthgrad.common import wire
+from synthgrad.coordinator.coordinator import Coordinator
+
+
+@pytest.fixture
+def coordinator(tiny_cfg, tmp_path):
+    cfg = tiny_cfg.replace(transport="tcp", host="127.0.0.1", secure=False)
+    lines: list[str] = []
+    coord = Coordinator(cfg, tmp_path / "run", total_steps=20, log=lines.append)
+    coord.lines = lines  # type: ignore[attr-defined]
+    ctx = zmq.Context()
+    coord.peer_ctx = ctx  # type: ignore[attr-defined]
+    yield coord
+    coord.close()
+    ctx.destroy(linger=0)
+
+
+def _peer(coord, identity: bytes) -> zmq.Socket:
+    sock = coord.peer_ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, identity)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.connect(coord.endpoint)
+    return sock
+
+
+def _serve_until_quiet(coord, seconds: float = 0.2) -> None:
+    """Run the coordinator's handling of what has arrived (as its loop does) until nothing has
+    come for a while; any exception it raises propagates to the test."""
+    quiet_since = time.monotonic()
+    while time.monotonic() - quiet_since < seconds:
+        if coord.sock.poll(20):
+            coord._handle(wire.receive(coord.sock, envelope=1))
+            quiet_since = time.monotonic()
+
+
+def test_a_refused_stranger_that_has_gone_does_not_end_the_run(coordinator):
+    """The refusal (a Stop) goes to an identity whose connection has closed: with
+    ROUTER_MANDATORY that send fails (EHOSTUNREACH); it is counted, and the run goes on."""
+    first = _peer(coordinator, b"stage-1-a")
+    first.send_multipart(wire.encode(wire.Register(1, 101, "a")))
+    _serve_until_quiet(coordinator)
+    assert coordinator.registry.stage_of == {b"stage-1-a": 1}
+    stranger = _peer(coordinator, b"stranger")
+    stranger.send_multipart(wire.encode(wire.Register(1, 1, "x")))
+    stranger.close()  # LINGER: the Register leaves first, then the connection closes
+    time.sleep(0.5)  # the coordinator reads it only after the stranger has gone
+    _serve_until_quiet(coordinator)
+    assert coordinator.rejected == 1 and coordinator.undelivered == 1
+    assert any("refused stage 1 (pid 1 on x): stage 1 is taken" in line for line in coordinator.lines)
+    assert any("could not deliver a refusal to peer b'stranger'" in line for line in coordinator.lines)
+    assert coordinator.registry.stage_of == {b"stage-1-a": 1}  # stage 1 is still the first
+    # sends to a registered stage that has gone: heartbeats, commits, STOP, a relayed gradient
+    first.close()
+    time.sleep(0.5)
+    coordinator.watchdog._last_beat = 0.0
+    coordinator._heartbeat()
+    coordinator._committed(3, -1)
+    coordinator.stop_all("run complete")
+    coordinator._relay(wire.Grad(7, 1, True, torch.zeros(2, 2)), wire.encode(wire.Grad(7, 1, True, torch.zeros(2, 2))))
+    assert coordinator.undelivered == 5 and coordinator.relayed_true == [0, 0, 0, 0]
+
+
+def _register_all(coord) -> dict[int, zmq.Socket]:
+    peers = {s: _peer(coord, f"stage-{s}".encode()) for s in range(4)}
+    for s, sock in peers.items():
+        sock.send_multipart(wire.encode(wire.Register(s, 100 + s, "h")))
+    _serve_until_quiet(coord)
+    assert coord.registry.complete
+    return peers
+
+
+def test_a_registered_peer_cannot_take_a_second_stage(coordinator):
+    peer = _peer(coordinator, b"stage-0")
+    peer.send_multipart(wire.encode(wire.Register(0, 100, "h")))
+    peer.send_multipart(wire.encode(wire.Register(2, 100, "h")))  # stage 2 is still free
+    _serve_until_quiet(coordinator)
+    assert coordinator.registry.identities == {0: b"stage-0"} and coordinator.rejected == 1
+    assert any("this peer is stage 0 already" in line for line in coordinator.lines)
+
+
+def test_registered_stages_cannot_speak_for_others(coordinator):
+    """Stage 1 claims to be stage 0 (or 2) in every message that carries a stage number, sends a
+    gradient to a stage that is not the one before it, and registers again as another stage:
+    each is rejected and counted, and nothing of it is believed."""
+    peers = _register_all(coordinator)
+    g = torch.zeros(64, 64)
+    forgeries = [
+        wire.Metrics(0, {"step": 5, "samples_per_s": 1.0}),
+        wire.Done(0, {"steps": 20, "checkpoint": "/x", "host": "h", "last_step": 19}),
+        wire.Error(0, "forged failure"),
+        wire.Saved(0, 3, "/forged.pt", "h"),
+        wire.Ready(2, "tcp://127.0.0.1:9"),
+        wire.Heartbeat(2),
+        wire.Grad(3, 2, True, g),  # a gradient for itself, not for stage 0
+        wire.Grad(3, 1, True, g),  # its own number
+        wire.Register(2, 1, "h"),  # a second stage for one peer
+        wire.Register(1, 1, "h"),  # itself again
+        wire.EvalResult(0, 5, 0.1, 0.99, 512),  # only the last stage evaluates
+    ]
+    for msg in forgeries:
+        peers[1].send_multipart(wire.encode(msg))
+    _serve_until_quiet(coordinator)
+    assert coordinator.rejected == len(forgeries), coordinator.lines
+    assert coordinator.done == {} and coordinator.registry.ready == {}
+    assert coordinator.registry.stage_of[b"stage-1"] == 1 and coordinator.registry.identities[2] == b"stage-2"
+    assert coordinator.relayed_true == [0, 0, 0, 0] and coordinator.stream.latest == {}
+
+
+def test_strangers_are_refused_every_kind(coordinator):
+    """The same kinds from a peer that never registered (a Register from it is a refusal)."""
+    _register_all(coordinator)
+    stranger = _peer(coordinator, b"stranger")
+    g = torch.zeros(64, 64)
+    kinds = [wire.Metrics(1, {"step": 5}), wire.Done(1, {}), wire.Error(1, "forged"), wire.Saved(1, 3, "/x", "h"),
+             wire.Grad(3, 0, True, g, sent_at=1e18), wire.Grad(3, 0, False, g), wire.Register(1, 1, "h"),
+             wire.EvalResult(0, 5, 0.1, 0.99, 512), wire.Heartbeat(1)]
+    for msg in kinds:
+        stranger.send_multipart(wire.encode(msg))
+    _serve_until_quiet(coordinator)
+    assert coordinator.rejected == len(kinds), coordinator.lines
+    assert coordinator.done == {} and coordinator.relayed_true == [0, 0, 0, 0]
+    assert coordinator.stream.evals == []
