@@ -85,7 +85,7 @@ def train_rule(name: str, cfg: RunConfig, ds, hop_delay: int) -> dict:
     units = build_units(cfg)
     shapes = stage_io_shapes(cfg, units)
     k = len(cfg.stage_groups)
-    stages = [StageLogic(cfg, i, k, nn.Sequential(*units[a:b]), shapes[i][1], rule=rule)
+    stages = [StageLogic(cfg, i, k, nn.Sequential(*units[a:b]), shapes[i][0], shapes[i][1], rule=rule)
               for i, (a, b) in enumerate(stage_bounds(cfg))]
     pending: list[tuple[int, int, int, torch.Tensor]] = []  # (due step, stage, step, gradient)
     sent_back = step = 0

@@ -121,8 +121,13 @@ class RunConfig:
     true_grad_every: int = SYNTHETIC.opt(1, "N: every N-th step's true gradient trains the SG models")
     sg_model: str = SYNTHETIC.opt("lowrank", "linear (full map) | lowrank (d -> r -> d; a 1x1 bottleneck for conv "
                                   "activations) | mlp (one ReLU hidden layer); last layer zero-initialised")
-    sg_hidden: int = SYNTHETIC.opt(64, "the rank r (lowrank: width or channels of its bottleneck), or the "
-                                   "hidden width of mlp on dense activations")
+    sg_hidden: Optional[int] = SYNTHETIC.opt(None, "the rank r (lowrank: width or channels of its bottleneck), or "
+                                             "the hidden width of mlp on dense activations (None = auto: the "
+                                             "largest within --sg-budget of its stage's FLOPs)")
+    sg_budget: float = SYNTHETIC.opt(0.2, "with --sg-hidden auto: a predictor (its forward every step, its "
+                                     "training on true-gradient steps) costs at most this fraction of its "
+                                     "stage's training FLOPs; a conv predictor projects back with a 3x3 "
+                                     "kernel when that leaves it rank 8 or more, else 1x1")
     sg_lr: float = SYNTHETIC.opt(1e-3, "learning rate of the synthetic-gradient models")
     sg_optimizer: str = SYNTHETIC.opt("adam", "adam | sgd, for the synthetic-gradient models")
     conditioned: bool = SYNTHETIC.opt(True, "cDNI: the SG model also sees the labels (one-hot)")
@@ -268,7 +273,8 @@ class RunConfig:
         rule = Mode(self.mode).rule
         need(not self.bootstrap or (rule is not None and rule.uses_predictor),
              "--bootstrap trains synthetic-gradient models on each other: only mode unlocked has them")
-        need(self.sg_hidden >= 1, "--sg-hidden must be at least 1")
+        need(self.sg_hidden is None or self.sg_hidden >= 1, "--sg-hidden must be at least 1")
+        within("sg_budget", 0, 10, lo_open=True)
         need(self.threads_per_worker >= 1, "--threads-per-worker must be at least 1")
         need(self.queue_depth >= 1, "--queue-depth must be at least 1")
         need(self.timeline_steps >= 0, "--timeline-steps must be 0 or more")

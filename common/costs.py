@@ -11,6 +11,9 @@ the same partition and placement on every machine.
 from __future__ import annotations
 
 import copy
+import functools
+import math
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -49,20 +52,81 @@ def unit_costs(cfg: RunConfig, units: Optional[Sequence[nn.Module]] = None) -> l
     return [training_flops(u, shapes[i]) for i, u in enumerate(units)]
 
 
-def predictor_cost(cfg: RunConfig, out_shape: Sequence[int]) -> float:
+@dataclass(frozen=True)
+class PredictorChoice:
+    """A stage's synthetic-gradient model: its rank (or hidden width), the kernel a conv
+    predictor projects back with, and what it costs per sample averaged over steps."""
+    rank: int
+    kernel: int
+    flops: float
+
+    def build(self, cfg: RunConfig, out_shape: Sequence[int]) -> SyntheticGradient:
+        return SyntheticGradient(out_shape, cfg.sg_model, self.rank, cfg.conditioned, cfg.classes, self.kernel)
+
+
+MIN_CONV_RANK_3X3 = 8  # below this rank a 3x3 back-projection gives way to a 1x1 one of higher rank
+# auto never goes above the former fixed default: a larger predictor on the stage that bounds the
+# pipeline costs throughput (the digits CNN's heavy stage: +16% FLOPs at rank 265), and what a
+# higher rank buys in accuracy is for bench/predictors.py to show, not for a default to assume
+MAX_AUTO_RANK = 64
+
+
+def _sg_flops(cfg: RunConfig, out_shape: Sequence[int], rank: int, kernel: int) -> float:
+    """Per-sample FLOPs of a predictor, averaged over steps: a forward pass every step, and
+    training (forward and backward, three forwards' worth) on every N-th."""
+    forward = _sg_forward_flops(cfg.sg_model, tuple(out_shape), rank, kernel, cfg.conditioned, cfg.classes)
+    return forward * (1 + 3 / max(cfg.true_grad_every, 1))
+
+
+@functools.lru_cache(maxsize=4096)
+def _sg_forward_flops(kind: str, out_shape: tuple[int, ...], rank: int, kernel: int, conditioned: bool,
+                      classes: int) -> float:
+    """Counted once per predictor (the split by cost asks for the same ones many times)."""
+    sg = SyntheticGradient(out_shape, kind, rank, conditioned, classes, kernel)
+    h = torch.zeros(_PROBE_BATCH, *out_shape)
+    labels = torch.zeros(_PROBE_BATCH, dtype=torch.long)
+    return forward_flops(sg, h, labels)
+
+
+def choose_predictor(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float) -> PredictorChoice:
+    """The predictor a stage gets: `--sg-hidden` when given; otherwise (auto) the largest rank
+    up to MAX_AUTO_RANK whose cost stays within `--sg-budget` of the stage's own training
+    FLOPs, found by counting (the cost grows with the rank). A conv activation's predictor projects back with a 3x3
+    kernel when that leaves it rank MIN_CONV_RANK_3X3 or more, else with a 1x1 kernel, which
+    affords about ten times the rank. When even rank 1 is over the budget (a stage far cheaper
+    than the activation it sends), rank 1: the layout reports the share it costs."""
+    conv = len(out_shape) == 3
+    if cfg.sg_hidden is not None:
+        return PredictorChoice(cfg.sg_hidden, 3, _sg_flops(cfg, out_shape, cfg.sg_hidden, 3))
+    if cfg.sg_model == "linear":  # no rank to choose
+        return PredictorChoice(1, 3, _sg_flops(cfg, out_shape, 1, 3))
+    budget = cfg.sg_budget * stage_flops
+    width = out_shape[0] if conv else (out_shape[-1] if len(out_shape) in (1, 2) else math.prod(out_shape))
+    for kernel in ((3, 1) if conv else (3,)):
+        lo, hi = 0, max(min(width, MAX_AUTO_RANK), 1)  # the largest rank within the budget; 0: none is
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if _sg_flops(cfg, out_shape, mid, kernel) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        if not conv or kernel == 1 or lo >= min(MIN_CONV_RANK_3X3, width):
+            rank = max(lo, 1)
+            return PredictorChoice(rank, kernel, _sg_flops(cfg, out_shape, rank, kernel))
+    raise AssertionError("unreachable: the last kernel always returns")
+
+
+def predictor_cost(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float = 0.0) -> float:
     """FLOPs per sample a (non-last) stage spends on its own helper model, averaged over steps:
     a synthetic-gradient model predicts every step and trains (forward and backward) on
-    true-gradient steps; a local classifier head trains every step."""
+    true-gradient steps; a local classifier head trains every step. `stage_flops`: the stage's
+    own layers, which an auto-sized predictor is priced against (choose_predictor)."""
     rule = Mode(cfg.mode).rule  # None for the modes with processes of their own (pipeline)
     if rule is not None and rule.uses_head:
         return training_flops(LocalHead(out_shape, cfg.classes), out_shape)
     if rule is None or not rule.uses_predictor:
         return 0.0
-    sg = SyntheticGradient(out_shape, cfg.sg_model, cfg.sg_hidden, cfg.conditioned, cfg.classes)
-    h = torch.zeros(_PROBE_BATCH, *out_shape)
-    labels = torch.zeros(_PROBE_BATCH, dtype=torch.long)
-    forward = forward_flops(sg, h, labels)
-    return forward * (1 + 3 / max(cfg.true_grad_every, 1))
+    return choose_predictor(cfg, out_shape, stage_flops).flops
 
 
 def stage_costs(cfg: RunConfig, groups: Sequence[int], units: Optional[Sequence[nn.Module]] = None,
@@ -78,7 +142,7 @@ def stage_costs(cfg: RunConfig, groups: Sequence[int], units: Optional[Sequence[
         end = start + n
         cost = sum(costs[start:end])
         if i < len(groups) - 1:
-            cost += predictor_cost(cfg, shapes[end - 1])
+            cost += predictor_cost(cfg, shapes[end - 1], cost)
         out.append(cost)
         start = end
     return out

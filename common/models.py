@@ -226,7 +226,7 @@ class SyntheticGradient(nn.Module):
     other shape is flattened to one vector and predicted densely."""
 
     def __init__(self, shape: Sequence[int], kind: str = "linear", hidden: int = 1024,
-                 conditioned: bool = False, num_classes: int = NUM_CLASSES):
+                 conditioned: bool = False, num_classes: int = NUM_CLASSES, kernel: int = 3):
         super().__init__()
         self.shape = tuple(shape)
         self.conditioned = conditioned
@@ -237,8 +237,9 @@ class SyntheticGradient(nn.Module):
             c = self.shape[0]
             if kind == "linear":
                 layers = [nn.Conv2d(c + extra, c, 3, padding=1)]
-            elif kind == "lowrank":  # a 1x1 bottleneck to r channels, then a 3x3 back to c
-                layers = [nn.Conv2d(c + extra, hidden, 1, bias=False), nn.Conv2d(hidden, c, 3, padding=1)]
+            elif kind == "lowrank":  # a 1x1 bottleneck to r channels, then a kxk (3 or 1) back to c
+                layers = [nn.Conv2d(c + extra, hidden, 1, bias=False),
+                          nn.Conv2d(hidden, c, kernel, padding=kernel // 2)]
             else:
                 layers = [nn.Conv2d(c + extra, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1)]
         elif len(self.shape) in (1, 2):

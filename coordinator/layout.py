@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from synthgrad.common.config import ConfigError, RunConfig
-from synthgrad.common.costs import core_flops_per_s, predictor_cost, stage_costs, unit_costs
+from synthgrad.common.costs import (PredictorChoice, choose_predictor, core_flops_per_s, predictor_cost,
+                                    stage_costs, unit_costs)
 from synthgrad.common.models import build_units, unit_shapes
 from synthgrad.common.modes import Mode
 from synthgrad.common.placement import Placement, blocks, partition, plan_placement
@@ -23,6 +24,10 @@ class Layout:
     placement: Placement
     core_flops_per_s: float  # one core's best matmul rate here (common/costs.py)
     on_cpu: bool = True  # every stage computes on the CPU (--device cpu)
+    # each non-last stage's synthetic-gradient model (None: the mode has none), and the share of
+    # the stage's FLOPs it costs
+    predictors: tuple[Optional[PredictorChoice], ...] = ()
+    predictor_shares: tuple[Optional[float], ...] = ()
 
     @property
     def ceiling_samples_per_s(self) -> Optional[float]:
@@ -41,14 +46,20 @@ class Layout:
                 "busiest_core_mflops_per_sample": round(p.busiest / 1e6, 3),
                 "core_gflops_per_s": round(self.core_flops_per_s / 1e9, 2),
                 "ceiling_samples_per_s": None if self.ceiling_samples_per_s is None
-                else round(self.ceiling_samples_per_s, 1)}
+                else round(self.ceiling_samples_per_s, 1),
+                "predictors": [None if c is None else {"rank": c.rank, "kernel": c.kernel,
+                                                       "share_of_stage_flops": round(share, 4)}
+                               for c, share in zip(self.predictors, self.predictor_shares)]}
 
     def describe(self) -> str:
         mflops = ", ".join(f"{f / 1e6:.2f}" for f in self.stage_flops)
         ceiling = self.ceiling_samples_per_s
+        sg = [f"{i}: rank {c.rank}{' 1x1' if c.kernel == 1 else ''} {100 * share:.0f}%"
+              for i, (c, share) in enumerate(zip(self.predictors, self.predictor_shares)) if c is not None]
         return (f"layout: layers per stage {list(self.groups)}, MFLOPs per sample {mflops}; "
                 f"{self.placement.describe()}"
-                + (f"; ceiling {ceiling:,.0f} samples/s" if ceiling is not None else ""))
+                + (f"; ceiling {ceiling:,.0f} samples/s" if ceiling is not None else "")
+                + (f"; predictors (share of their stage) {', '.join(sg)}" if sg else ""))
 
 
 def plan_layout(cfg: RunConfig) -> tuple[RunConfig, Optional[Layout]]:
@@ -69,11 +80,12 @@ def plan_layout(cfg: RunConfig) -> tuple[RunConfig, Optional[Layout]]:
                               f"without them shares the stage of the one before); use --stages {len(runs)} "
                               f"or fewer")
         n = len(units)
-        predictors = [predictor_cost(cfg, shape) for shape in unit_shapes(units, cfg.sample_shape)]
+        shapes = unit_shapes(units, cfg.sample_shape)
 
         def group_cost(a: int, b: int) -> float:  # blocks a..b-1: their units, and the predictor unless last
             first, end = runs[a][0], runs[b - 1][1]
-            return sum(costs[first:end]) + (predictors[end - 1] if end < n else 0.0)
+            own = sum(costs[first:end])
+            return own + (predictor_cost(cfg, shapes[end - 1], own) if end < n else 0.0)
 
         block_groups = partition(len(runs), k, group_cost)
         bounds = [0, *itertools.accumulate(block_groups)]
@@ -81,8 +93,27 @@ def plan_layout(cfg: RunConfig) -> tuple[RunConfig, Optional[Layout]]:
     # else one stage per layer, every layer trainable: groups stay unset, as the options gave them
     flops = stage_costs(cfg, cfg.stage_groups, units, costs)
     on_cpu = all(d.strip() == "cpu" for d in cfg.device.split(","))
+    predictors, shares = _predictors(cfg, units, costs)
     return cfg, Layout(tuple(cfg.stage_groups), tuple(flops), plan_placement(flops, cfg.placement),
-                       core_flops_per_s(cfg.batch_size), on_cpu)
+                       core_flops_per_s(cfg.batch_size), on_cpu, predictors, shares)
+
+
+def _predictors(cfg: RunConfig, units, costs) -> tuple[tuple, tuple]:
+    """Each stage's predictor as its worker will build it (common/costs.py choose_predictor,
+    priced against the stage's own layers), and its share of the stage's FLOPs."""
+    rule = Mode(cfg.mode).rule
+    if rule is None or not rule.uses_predictor:
+        return (), ()
+    shapes = unit_shapes(units, cfg.sample_shape)
+    choices, shares, start = [], [], 0
+    for i, n in enumerate(cfg.stage_groups):
+        end = start + n
+        own = sum(costs[start:end])
+        choice = choose_predictor(cfg, shapes[end - 1], own) if i < len(cfg.stage_groups) - 1 else None
+        choices.append(choice)
+        shares.append(None if choice is None else choice.flops / max(own, 1.0))
+        start = end
+    return tuple(choices), tuple(shares)
 
 
 def _check_every_stage_trains(cfg: RunConfig, units) -> None:

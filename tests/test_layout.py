@@ -104,3 +104,51 @@ def test_an_unlocked_stage_pays_for_its_predictor():
     assert predictor_cost(lowrank, (256,)) == pytest.approx(2 * (266 * 16 + 16 * 256) * (1 + 3 / 10))
     local = cfg.replace(mode="local")  # a linear head 256 -> 10, trained every step
     assert predictor_cost(local, (256,)) == 3 * 2 * 256 * 10
+
+
+@pytest.mark.parametrize("shape, stage_flops", [
+    ((256,), 3 * 2 * 784 * 256),  # a dense layer's output
+    ((256,), 3 * 2 * 256 * 256),
+    ((28, 64), 28 * 3 * 2 * 28 * 64),  # a sequence: 28 positions of 64 features
+    ((32, 26, 26), 1.18e6),  # a cheap conv's output: the budget leaves only a 1x1 back-projection
+    ((64, 12, 12), 6.4e7),  # a costly conv's output
+    ((2048,), 3 * 2 * 8 * 2048),  # a stage far cheaper than what it sends: rank 1, over budget
+], ids=["dense-784", "dense-256", "sequence", "cheap-conv", "costly-conv", "cheap-dense"])
+@pytest.mark.parametrize("every", [1, 10])
+def test_the_default_predictor_costs_at_most_its_budget(shape, stage_flops, every):
+    """--sg-hidden auto: the largest rank (up to 64) whose predictor, trained every N-th step,
+    costs at most --sg-budget of its stage's FLOPs; one rank more would cost more."""
+    from synthgrad.common.costs import MAX_AUTO_RANK, _sg_flops, choose_predictor
+    cfg = RunConfig(mode="unlocked", true_grad_every=every)
+    choice = choose_predictor(cfg, shape, stage_flops)
+    budget = cfg.sg_budget * stage_flops
+    assert choice.flops <= budget or choice.rank == 1, choice
+    assert choice.flops == pytest.approx(_sg_flops(cfg, shape, choice.rank, choice.kernel))
+    if choice.rank < min(MAX_AUTO_RANK, shape[0] if len(shape) == 3 else shape[-1]):
+        assert _sg_flops(cfg, shape, choice.rank + 1, choice.kernel) > budget
+    built = choice.build(cfg, shape)
+    assert built(torch.randn(3, *shape), torch.tensor([0, 1, 2])).shape == (3, *shape)
+    if len(shape) == 3:  # 3x3 when it leaves rank 8 or more, else 1x1
+        assert (choice.kernel == 3) == (choice.rank >= 8 and _sg_flops(cfg, shape, 8, 3) <= budget)
+
+
+def test_an_explicit_rank_is_kept_and_the_layout_reports_each_predictor():
+    from synthgrad.common.costs import choose_predictor
+    cfg = RunConfig(mode="unlocked", model="cnn", true_grad_every=10)
+    assert choose_predictor(cfg.replace(sg_hidden=64), (32, 14, 14), 1e6).rank == 64
+    _, layout = plan_layout(cfg)
+    record = layout.record()["predictors"]
+    assert len(record) == 4 and record[-1] is None  # the last stage has the loss
+    for stage, entry in enumerate(record[:-1]):
+        assert entry["share_of_stage_flops"] <= cfg.sg_budget + 1e-9, (stage, entry)
+    assert record[0]["kernel"] == 1  # 32 channels of 14x14 after a 1->32 conv: a 3x3 is too dear
+    # the stage builds the same predictor the layout priced
+    from torch import nn
+
+    from synthgrad.common.models import build_units, stage_io_shapes
+    from synthgrad.workers.stage import StageLogic
+    units = build_units(cfg)
+    shapes = stage_io_shapes(cfg, units)
+    logic = StageLogic(cfg, 0, 4, nn.Sequential(units[0]), shapes[0][0], shapes[0][1])
+    assert (logic.predictor.rank, logic.predictor.kernel) == (record[0]["rank"], record[0]["kernel"])
+    assert plan_layout(cfg.replace(mode="local"))[1].record()["predictors"] == []

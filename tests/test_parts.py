@@ -225,14 +225,14 @@ def test_non_finite_values_stop_a_stage_before_they_are_used():
     cfg = RunConfig(mode="unlocked", layers=(784, 32, 32, 10))
     units, shapes = build_units(cfg), stage_io_shapes(cfg)
     a, b = stage_bounds(cfg)[1]
-    mid = StageLogic(cfg, 1, 3, nn.Sequential(*units[a:b]), shapes[1][1])
+    mid = StageLogic(cfg, 1, 3, nn.Sequential(*units[a:b]), shapes[1][0], shapes[1][1])
     before = [p.clone() for p in mid.module.parameters()]
     x, y = torch.randn(16, 32), torch.randint(0, 10, (16,))
     x[3, 5] = float("nan")
     with pytest.raises(NonFinite, match="stage 1: the output of step 0 is NaN or infinite"):
         mid.forward(0, x, y, True)
     assert all(torch.equal(p, q) for p, q in zip(before, mid.module.parameters()))
-    last = StageLogic(cfg.replace(lr=1.0), 2, 3, nn.Sequential(*units[2:3]), shapes[2][1])
+    last = StageLogic(cfg.replace(lr=1.0), 2, 3, nn.Sequential(*units[2:3]), shapes[2][0], shapes[2][1])
     with pytest.raises(NonFinite, match="the loss of step 4"):
         last.last_step(4, torch.full((16, 32), float("inf")), y, True)
     with torch.no_grad():
@@ -248,7 +248,7 @@ def test_a_stage_deletes_only_what_the_coordinator_has_committed_past(tmp_path):
     from synthgrad.workers.checkpointing import StageCheckpoints
     from synthgrad.workers.stage import StageLogic
     cfg = RunConfig(mode="locked", layers=(784, 8, 10))
-    logic = StageLogic(cfg, 0, 2, nn.Sequential(build_units(cfg)[0]), (8,))
+    logic = StageLogic(cfg, 0, 2, nn.Sequential(build_units(cfg)[0]), (1, 28, 28), (8,))
     ckpt = StageCheckpoints(0, cfg, tmp_path, logic, 0)
     told: list = []
     for step in (9, 19, 29, 39):

@@ -19,7 +19,7 @@ def chain(cfg: RunConfig) -> list[StageLogic]:
     units = build_units(cfg)
     shapes = stage_io_shapes(cfg)
     k = len(cfg.stage_groups)
-    return [StageLogic(cfg, i, k, nn.Sequential(*units[a:b]), shapes[i][1])
+    return [StageLogic(cfg, i, k, nn.Sequential(*units[a:b]), shapes[i][0], shapes[i][1])
             for i, (a, b) in enumerate(stage_bounds(cfg))]
 
 

@@ -20,6 +20,7 @@ from tests.helpers import (
     assert_states_close,
     assert_states_equal,
     SG_COSINE_BAR,
+    late_cosine,
     run,
     sg_cosines,
     training_launcher,
@@ -50,7 +51,7 @@ def test_locked_workers_reproduce_backprop(tiny_cfg, tmp_path, groups):
 def test_unlocked_learns_and_counts_true_gradients(tiny_cfg):
     """The synthetic gradients train the stages below the last: the same run with those stages
     frozen (--sg-update-lr-scale 0: only the last stage, which always has its exact gradient,
-    learns) ends clearly worse (here 0.18 against 0.51-0.59 over three seeds), and every
+    learns) ends clearly worse (here 0.18 against 0.45-0.50 over three seeds), and every
     predictor agrees with the true gradient better than chance by the end."""
     n = 5
     run_dir, s = run(tiny_cfg, mode="unlocked", steps=120, epochs=4, true_grad_every=n, lr=5e-3, metrics_every=0.05)
@@ -66,7 +67,7 @@ def test_unlocked_learns_and_counts_true_gradients(tiny_cfg):
     cosines = sg_cosines(run_dir)
     assert sorted(cosines) == [0, 1, 2], cosines  # the last stage has no predictor
     for stage, series in cosines.items():
-        assert series[-1] > SG_COSINE_BAR, (stage, series)
+        assert late_cosine(series) > SG_COSINE_BAR, (stage, series)
     assert len(s["evals"]) == 4  # after each epoch (32 steps each)
     for key in ("mode", "steps", "samples", "wall_clock_s", "samples_per_s", "test_accuracy",
                 "true_gradient_steps"):

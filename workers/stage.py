@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from synthgrad.common.config import RunConfig
+from synthgrad.common.costs import PredictorChoice, choose_predictor, training_flops
 from synthgrad.common.devices import Compute
 from synthgrad.common.models import LocalHead, SyntheticGradient, loss_function, make_optimizer
 from synthgrad.common.modes import UpdateRule
@@ -108,16 +109,21 @@ class StageStats:
 
 class StageLogic:
     def __init__(self, cfg: RunConfig, stage: int, num_stages: int, module: nn.Module,
-                 out_shape: tuple[int, ...], snapshot_steps: frozenset[int] = frozenset(),
+                 in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+                 snapshot_steps: frozenset[int] = frozenset(),
                  rule: Optional[UpdateRule] = None, compute: Optional[Compute] = None):
-        """`rule`: the mode's unless given (bench/rules.py tries rules that are not modes yet).
-        `compute`: the device and precision (default: the CPU, in the run's precision). What
-        comes in (data, activations, gradients) is moved onto the device; what goes out comes
-        back in the wire's dtype, in host memory."""
+        """`in_shape`, `out_shape`: one sample's, in and out (a predictor is priced against
+        the stage's FLOPs on them). `rule`: the mode's unless given (bench/rules.py tries rules
+        that are not modes yet). `compute`: the device and precision (default: the CPU, in the
+        run's precision). What comes in (data, activations, gradients) is moved onto the
+        device; what goes out comes back in the wire's dtype, in host memory."""
         self.cfg = cfg
+        self.rule: UpdateRule = rule or cfg.rule
+        uses_predictor = stage < num_stages - 1 and self.rule.uses_predictor
+        # counted on the CPU, before the module moves to its device (the layout counts the same)
+        own_flops = training_flops(module, in_shape) if uses_predictor else 0.0
         self.compute = compute or Compute(torch.device("cpu"), cfg.precision)
         module.to(self.compute.device)
-        self.rule: UpdateRule = rule or cfg.rule
         self.stage = stage
         self.is_first = stage == 0
         self.is_last = stage == num_stages - 1
@@ -125,11 +131,12 @@ class StageLogic:
         lr = cfg.lr * self.rule.lr_scale(cfg.sg_update_lr_scale, self.is_last)
         self.optimizer = make_optimizer(module.parameters(), cfg.optimizer, lr, cfg.momentum)
         self.sg: Optional[SyntheticGradient] = None
+        self.predictor: Optional[PredictorChoice] = None
         self.sg_optimizer: Optional[torch.optim.Optimizer] = None
-        if not self.is_last and self.rule.uses_predictor:
+        if uses_predictor:
+            self.predictor = choose_predictor(cfg, out_shape, own_flops)
             torch.manual_seed(cfg.seed * 7919 + stage)
-            self.sg = SyntheticGradient(out_shape, cfg.sg_model, cfg.sg_hidden, cfg.conditioned,
-                                        cfg.classes).to(self.compute.device)
+            self.sg = self.predictor.build(cfg, out_shape).to(self.compute.device)
             self.sg_optimizer = make_optimizer(self.sg.parameters(), cfg.sg_optimizer, cfg.sg_lr)
         self.head: Optional[LocalHead] = None
         self.head_optimizer: Optional[torch.optim.Optimizer] = None

@@ -120,7 +120,7 @@ class LayerWorker:
         module = nn.Sequential(*units[first_unit:end_unit])
         device = stage_device(cfg.device, self.stage, self.spec.local_index)
         compute = Compute.of(device, cfg.precision)  # DeviceError when this host has no such device
-        logic = StageLogic(cfg, self.stage, num_stages, module, out_shape,
+        logic = StageLogic(cfg, self.stage, num_stages, module, in_shape, out_shape,
                            snapshot_steps=snapshot_steps(cfg, start.total_steps), compute=compute)
         run_dir = Path(self.spec.run_dir or start.run_dir)
         is_last = self.stage == num_stages - 1
