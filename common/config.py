@@ -146,7 +146,10 @@ class RunConfig:
                                            resume=True)
     keys: Optional[str] = PROCESSES.opt(None, "folder made by `launch.py keys DIR` (secret keys stay there); "
                                         "needed where stages are started by hand or by torchrun", resume=True)
-    threads_per_worker: int = PROCESSES.opt(1, "torch threads in each stage process")
+    threads: Optional[tuple[int, ...]] = PROCESSES.opt(None, "torch threads per stage process: N for every "
+                                                       "stage, or N,N,... one per stage (None = auto: "
+                                                       "cores follow each stage's share of the run's FLOPs, "
+                                                       "common/placement.py)")
     backprop_threads: Optional[int] = PROCESSES.opt(None, "torch threads for mode=backprop (None = all cores)")
     placement: str = PROCESSES.opt("auto", "auto | pin | none: pin stages to cores balancing their cost (pin), "
                                    "leave them to the OS (none), or pin only when every stage gets a core "
@@ -275,7 +278,8 @@ class RunConfig:
              "--bootstrap trains synthetic-gradient models on each other: only mode unlocked has them")
         need(self.sg_hidden is None or self.sg_hidden >= 1, "--sg-hidden must be at least 1")
         within("sg_budget", 0, 10, lo_open=True)
-        need(self.threads_per_worker >= 1, "--threads-per-worker must be at least 1")
+        need(self.threads is None or (len(self.threads) >= 1 and all(t >= 1 for t in self.threads)),
+             f"--threads entries must be at least 1, got {self.threads}")
         need(self.queue_depth >= 1, "--queue-depth must be at least 1")
         need(self.timeline_steps >= 0, "--timeline-steps must be 0 or more")
         if self.slow_stage is not None:
@@ -324,7 +328,16 @@ class RunConfig:
         device_problem = device_syntax_problem(self.device, None if self.mode == Mode.BACKPROP
                                                else len(self.stage_groups))
         need(device_problem is None, device_problem or "")
+        need(self.threads is None or self.mode == Mode.BACKPROP or len(self.threads) in (1, len(self.stage_groups)),
+             f"--threads lists {len(self.threads or ())} counts, but the run has {len(self.stage_groups)} stages: "
+             f"give one for every stage, or one per stage")
         return self
+
+    def stage_thread_counts(self) -> Optional[tuple[int, ...]]:
+        """--threads per stage (one number stands for every stage); None = auto."""
+        if self.threads is None:
+            return None
+        return tuple(self.threads) * len(self.stage_groups) if len(self.threads) == 1 else tuple(self.threads)
 
     # ---------------------------------------------------------------- derived values
     @property
@@ -389,14 +402,16 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        names = {f.name for f in dataclasses.fields(cls)} | {"pin_cores"}
+        names = {f.name for f in dataclasses.fields(cls)} | {"pin_cores", "threads_per_worker"}
         unknown = set(d) - names
         if unknown:
             raise ConfigError(f"unknown configuration fields: {', '.join(sorted(unknown))}")
         kwargs = dict(d)
         if "pin_cores" in kwargs:  # a run folder from before --placement
             kwargs.setdefault("placement", "auto" if kwargs.pop("pin_cores") else "none")
-        for k in ("layers", "groups", "slow_stage", "fail_saves", "input_shape"):
+        if "threads_per_worker" in kwargs:  # a run folder from before --threads
+            kwargs.setdefault("threads", [kwargs.pop("threads_per_worker")])
+        for k in ("layers", "groups", "slow_stage", "fail_saves", "input_shape", "threads"):
             if kwargs.get(k) is not None:
                 kwargs[k] = tuple(int(v) for v in kwargs[k])
         return cls(**kwargs).validate()
@@ -453,7 +468,7 @@ def load_config_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: {', '.join(derived)} come from the data, not from options")
     for k in derived:  # a run's config.json: read again from the data when the new run starts
         del values[k]
-    for k in ("layers", "groups", "slow_stage", "fail_saves"):
+    for k in ("layers", "groups", "slow_stage", "fail_saves", "threads"):
         if isinstance(values.get(k), list):
             values[k] = tuple(values[k])
     return values

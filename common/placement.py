@@ -4,6 +4,8 @@ launcher: the local coordinator, `launch.py worker`, torchrun ranks and the pipe
 """
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -66,9 +68,16 @@ def balance(costs: Sequence[float], cores: Sequence[int]) -> list[int]:
 class Placement:
     """Where a run's stages go and what that predicts."""
     asked: str  # auto | pin | none
-    cores: tuple[int, ...]  # per stage; -1 = not pinned (the OS schedules it)
+    cores: tuple[int, ...]  # per stage, the first of its block of `threads` cores; -1 = not pinned
     busiest: float  # FLOPs per sample on the busiest core: what bounds throughput
     reason: str
+    threads: tuple[int, ...] = ()  # torch threads per stage (and cores per pinned stage)
+    shares: tuple[float, ...] = ()  # each stage's share of the run's FLOPs
+
+    def of(self, stage: int) -> tuple[int, int, float]:
+        """(first core or -1, threads, share of the run's FLOPs) of one stage."""
+        return (self.cores[stage], self.threads[stage] if self.threads else 1,
+                self.shares[stage] if self.shares else 0.0)
 
     @property
     def pinned(self) -> bool:
@@ -81,35 +90,83 @@ class Placement:
         return loads
 
     def describe(self) -> str:
-        where = ("stage->core " + ", ".join(f"{s}->{c}" for s, c in enumerate(self.cores))
+        def block(s: int, c: int) -> str:
+            t = self.threads[s] if self.threads else 1
+            return f"{s}->{c}" if t == 1 else f"{s}->{c}+{t - 1}"
+        where = ("stage->core " + ", ".join(block(s, c) for s, c in enumerate(self.cores))
                  if self.pinned else "not pinned")
-        return f"placement {where} ({self.reason})"
+        threads = f"; threads per stage {list(self.threads)}" if self.threads else ""
+        return f"placement {where} ({self.reason}){threads}"
 
 
-def shared_bound(costs: Sequence[float], n_cores: int) -> float:
+def shared_bound(costs: Sequence[float], n_cores: int, threads: Sequence[int] | None = None) -> float:
     """The busiest core's work when the OS shares the cores perfectly: the whole load spread
-    evenly, but never less than the costliest stage (one process runs on one core at a time)."""
-    return max(max(costs), sum(costs) / n_cores)
+    evenly, but never less than the costliest stage's work per thread (a stage runs on at most
+    as many cores as it has threads)."""
+    threads = threads or [1] * len(costs)
+    return max(max(c / t for c, t in zip(costs, threads)), sum(costs) / n_cores)
 
 
-def plan_placement(costs: Sequence[float], how: str, cores: Sequence[int] | None = None) -> Placement:
-    """`pin`: pin every stage, balancing the cores' work (balance). `none`: leave every stage to
-    the OS. `auto`: pin when every stage gets a core of its own (nothing to share, and a pinned
-    process keeps its caches); with more stages than cores, leave them to the OS, which hands a
-    core to whichever process is ready while the others wait for messages: measured on
+def unpinned_threads(share: float, n_cores: int) -> int:
+    """Torch threads for a stage the OS schedules among others: one per whole core's worth of
+    the run's work it carries (floor(cores x share)), at least one. A stage gets a second thread
+    only when it alone is more than a core's share: more threads than that would contend with
+    the other stages for cores they use (measured: four stages of two threads each on two cores
+    ran at a third of the speed of one thread each)."""
+    return max(1, math.floor(n_cores * share + 1e-9))
+
+
+def stage_threads(costs: Sequence[float], n_cores: int, pinned: bool) -> tuple[int, ...]:
+    """Cores follow cost. Pinned (a block of cores per stage, at most one stage per core): the
+    cores are apportioned by share of the run's FLOPs, each stage at least one, every core given
+    (largest remainder). Not pinned: unpinned_threads for each stage."""
+    total = sum(costs) or 1.0
+    shares = [c / total for c in costs]
+    if not pinned:
+        return tuple(unpinned_threads(s, n_cores) for s in shares)
+    if len(costs) > n_cores:
+        return (1,) * len(costs)
+    threads = [1] * len(costs)
+    spare = n_cores - len(costs)
+    # each spare core to the stage whose work per thread is then the largest (ties: earlier stage)
+    for _ in range(spare):
+        i = max(range(len(costs)), key=lambda j: (costs[j] / threads[j], -j))
+        threads[i] += 1
+    return tuple(threads)
+
+
+def plan_placement(costs: Sequence[float], how: str, cores: Sequence[int] | None = None,
+                   threads: Sequence[int] | None = None) -> Placement:
+    """Where each stage runs, and with how many torch threads (`threads`: given per stage, or
+    None for stage_threads). `pin`: pin every stage, balancing the cores' work (balance). `none`:
+    leave every stage to the OS. `auto`: pin when every stage gets cores of its own (nothing to
+    share, and a pinned process keeps its caches): each stage a block of as many cores as it
+    has threads; with more stages than cores, leave them to the OS, which hands a core to
+    whichever process is ready while the others wait for messages: measured on
     bench/placement.py, a fixed split of the cores loses to that when stages wait on each other."""
     if how not in PLACEMENTS:
         raise ValueError(f"unknown placement {how!r}; choose one of {', '.join(PLACEMENTS)}")
     cores = list(cores if cores is not None else available_cores())
-    shared = shared_bound(costs, len(cores))
-    if how == "none" or (how == "auto" and len(costs) > len(cores)):
+    total = sum(costs) or 1.0
+    shares = tuple(c / total for c in costs)
+    own = len(costs) <= len(cores)  # every stage can have cores of its own
+    pinned = how == "pin" or (how == "auto" and own)
+    chosen = tuple(threads) if threads is not None else stage_threads(costs, len(cores), pinned and own)
+    if not pinned or (own and sum(chosen) > len(cores)):
         reason = ("--placement none" if how == "none" else
-                  f"{len(costs)} stages on {len(cores)} cores: the OS shares the cores")
-        return Placement(how, tuple(-1 for _ in costs), shared, reason)
-    placed = list(cores[:len(costs)]) if len(costs) <= len(cores) else balance(costs, cores)
+                  f"{len(costs)} stages on {len(cores)} cores: the OS shares the cores" if not own else
+                  f"{sum(chosen)} threads on {len(cores)} cores: the OS shares the cores")
+        return Placement(how, tuple(-1 for _ in costs), shared_bound(costs, len(cores), chosen), reason,
+                         chosen, shares)
+    if own:  # a block of cores per stage, in order
+        starts = [0, *itertools.accumulate(chosen)][:-1]
+        placed = [cores[i] for i in starts]
+        busiest = max(c / t for c, t in zip(costs, chosen))
+        reason = "one core per stage" if set(chosen) == {1} else "a block of cores per stage, sized by cost"
+        return Placement(how, tuple(placed), busiest, reason, chosen, shares)
+    placed = balance(costs, cores)  # --placement pin, more stages than cores: one thread each
     loads: dict[int, float] = {}
     for stage, core in enumerate(placed):
         loads[core] = loads.get(core, 0.0) + costs[stage]
-    reason = ("one core per stage" if len(costs) <= len(cores) else
-              f"{len(costs)} stages balanced over {len(cores)} cores")
-    return Placement(how, tuple(placed), max(loads.values()), reason)
+    return Placement(how, tuple(placed), max(loads.values()),
+                     f"{len(costs)} stages balanced over {len(cores)} cores", (1,) * len(costs), shares)

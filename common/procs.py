@@ -39,11 +39,15 @@ def die_with_parent() -> None:
         pass  # not Linux: the worker's own parent-liveness check still applies
 
 
-def pin_to_core(core: int) -> None:
+def pin_to_core(core: int, count: int = 1) -> None:
+    """Pin this process to `count` cores from `core` on, in the order this process may use them
+    (common/placement.py gives each stage such a block); core -1: not pinned."""
     if core < 0:
         return
     try:
-        psutil.Process().cpu_affinity([core])
+        usable = available_cores()
+        first = usable.index(core) if core in usable else 0
+        psutil.Process().cpu_affinity(usable[first:first + max(count, 1)] or [core])
     except (AttributeError, psutil.Error, ValueError):
         pass  # pinning is an optimisation; platforms without affinity run unpinned
 

@@ -90,6 +90,8 @@ class Start:
     total_steps: int  # training steps in the run (workers other than stage 0 load no data)
     resume_step: int = -1  # continue after this step (-1: a new run)
     resume_path: str = ""  # this stage's checkpoint of resume_step, on its host
+    threads: int = 1  # torch threads (and cores from `core` on, when pinned)
+    share: float = 1.0  # this stage's share of the run's FLOPs (a worker placing itself sizes by it)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +28,7 @@ from synthgrad.common import wire
 from synthgrad.common.config import ConfigError, RunConfig
 from synthgrad.common.endpoints import bind_wildcard, max_frame_bytes, set_heartbeats
 from synthgrad.common.evaluation import eval_line, eval_record
+from synthgrad.common.placement import Placement
 from synthgrad.common.procs import ProcessGroup, describe_exit
 from synthgrad.common.security import Guard, RefusalLog
 from synthgrad.common.reports import run_summary
@@ -49,9 +50,9 @@ class Coordinator:
     def __init__(self, cfg: RunConfig, run_dir: Path, *, total_steps: int,
                  log: Callable[[str], None] = print, bind: Optional[str] = None,
                  stream: Optional[StatusStream] = None, guard: Optional[Guard] = None,
-                 resume: Optional[dict] = None, cores: Optional[Sequence[int]] = None):
-        """`cores`: where each stage is pinned (-1: not pinned; coordinator/layout.py decides;
-        None: not pinned); workers on other hosts pin themselves. `stream` receives the workers' reports (train.py passes the run's); without one the
+                 resume: Optional[dict] = None, placement: Optional[Placement] = None):
+        """`placement`: where each stage is pinned and with how many threads (coordinator/layout.py
+        decides; None: not pinned, one thread); workers on other hosts place themselves. `stream` receives the workers' reports (train.py passes the run's); without one the
         coordinator makes and closes its own. `guard` makes the ROUTER a CURVE server (its
         context is used); without one the links are plain and the context is the coordinator's."""
         self.cfg = cfg
@@ -60,7 +61,8 @@ class Coordinator:
         self.wall_offset = resume["wall_s"] if resume else 0.0  # curves continue the old run's
         self.log = log
         self.num_stages = len(cfg.stage_groups)
-        self.cores = tuple(cores) if cores is not None else (-1,) * self.num_stages
+        self.placement = placement or Placement("none", (-1,) * self.num_stages, 0.0, "not placed",
+                                                (1,) * self.num_stages, (1.0 / self.num_stages,) * self.num_stages)
         self.total_steps = total_steps
         self._own_ctx = guard is None
         self.guard = guard or Guard(zmq.Context())
@@ -209,9 +211,9 @@ class Coordinator:
         resume_step = self.resume["step"] if self.resume else -1
         for stage in range(self.num_stages):
             resume = self.resume["stages"][str(stage)]["path"] if self.resume else ""
-            self._send(stage, wire.Start(self.cfg.to_dict(), str(self.run_dir),
-                                         self.cores[stage], self.total_steps,
-                                         resume_step, resume))
+            core, threads, share = self.placement.of(stage)
+            self._send(stage, wire.Start(self.cfg.to_dict(), str(self.run_dir), core, self.total_steps,
+                                         resume_step, resume, threads, share))
 
     def _begin(self) -> None:
         """Every stage is ready: tell each its downstream neighbour, and training begins."""

@@ -42,7 +42,9 @@ class Layout:
         """For summary.json."""
         p = self.placement
         return {"groups": list(self.groups), "stage_mflops_per_sample": [round(f / 1e6, 3) for f in self.stage_flops],
-                "placement": p.asked, "cores": list(p.cores), "pinned": p.pinned, "reason": p.reason,
+                "placement": p.asked, "cores": list(p.cores), "threads": list(p.threads), "pinned": p.pinned,
+                "reason": p.reason,
+                "flops_share": [round(f / max(sum(self.stage_flops), 1.0), 4) for f in self.stage_flops],
                 "busiest_core_mflops_per_sample": round(p.busiest / 1e6, 3),
                 "core_gflops_per_s": round(self.core_flops_per_s / 1e9, 2),
                 "ceiling_samples_per_s": None if self.ceiling_samples_per_s is None
@@ -94,8 +96,9 @@ def plan_layout(cfg: RunConfig) -> tuple[RunConfig, Optional[Layout]]:
     flops = stage_costs(cfg, cfg.stage_groups, units, costs)
     on_cpu = all(d.strip() == "cpu" for d in cfg.device.split(","))
     predictors, shares = _predictors(cfg, units, costs)
-    return cfg, Layout(tuple(cfg.stage_groups), tuple(flops), plan_placement(flops, cfg.placement),
-                       core_flops_per_s(cfg.batch_size), on_cpu, predictors, shares)
+    placement = plan_placement(flops, cfg.placement, threads=cfg.stage_thread_counts())
+    return cfg, Layout(tuple(cfg.stage_groups), tuple(flops), placement, core_flops_per_s(cfg.batch_size),
+                       on_cpu, predictors, shares)
 
 
 def _predictors(cfg: RunConfig, units, costs) -> tuple[tuple, tuple]:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from synthgrad.common.config import RunConfig
 from synthgrad.common.files import JsonlTail
 from synthgrad.common.modes import Mode
+from synthgrad.common.placement import Placement
 from synthgrad.common.procs import ProcessGroup, describe_exit
 from synthgrad.common.reports import run_summary
 from synthgrad.coordinator.stream import StatusStream
@@ -35,7 +36,7 @@ def _rank_failure(run_dir: Path, child) -> str:
 
 
 def run_pipeline(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stream: StatusStream,
-                 total: int, cores: Sequence[int]) -> dict:
+                 total: int, placement: Placement) -> dict:
     """Start one process per stage, wait for them (failing fast when one dies), feed `stream`
     from the last rank's metrics.jsonl records, and return the run summary in the same shape as
     the other modes'."""
@@ -51,7 +52,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stre
     try:
         for rank in range(world):
             group.start(f"pipeline-{rank}", run_rank,
-                        RankSpec(rank, world, cfg.to_dict(), str(run_dir), cores[rank], total))
+                        RankSpec(rank, world, cfg.to_dict(), str(run_dir), *placement.of(rank)[:2], total))
         log(f"pipeline: {world} stage processes ({cfg.schedule}, {cfg.microbatches} microbatches), "
             f"pids {', '.join(str(c.process.pid) for c in group.children)}")
         tail = JsonlTail(run_dir / "metrics.jsonl")  # the last rank's reports and evaluations

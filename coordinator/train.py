@@ -21,6 +21,7 @@ from synthgrad.common.data import check_dataset, count_train, data_spec, total_s
 from synthgrad.common.endpoints import tcp_host
 from synthgrad.common.files import atomic_write_json
 from synthgrad.common.security import Guard, Keys, MonitorKeys, local_run_keys, resolve_keys
+from synthgrad.common.placement import Placement
 from synthgrad.common.procs import ProcessGroup, warm_up
 from synthgrad.coordinator.coordinator import Coordinator, RunFailed
 from synthgrad.coordinator.layout import plan_layout
@@ -139,15 +140,15 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
             summary = run_backprop(cfg, run_dir, log, stream, total)
         elif cfg.mode == Mode.PIPELINE:
             try:
-                summary = run_pipeline(cfg, run_dir, log, stream, total, layout.placement.cores)
+                summary = run_pipeline(cfg, run_dir, log, stream, total, layout.placement)
             except PipelineFailed as exc:
                 raise RunFailed(str(exc)) from None
         elif bind is None and cfg.on_failure == "restart":
             summary = _train_restarting(cfg, run_dir, total, log, stream, resume, worker_keys,
-                                        layout.placement.cores)
+                                        layout.placement)
         else:
             summary = _train_workers(cfg, run_dir, total, log, stream, bind, on_listening, resume,
-                                     worker_keys, layout.placement.cores)
+                                     worker_keys, layout.placement)
         status = record.DONE
     except KeyboardInterrupt:
         status, error = record.INTERRUPTED, "interrupted (Ctrl-C or SIGTERM)"
@@ -220,7 +221,7 @@ def _write_summary(run_dir: Path, summary: dict, log: Callable[[str], None]) -> 
 
 def _train_restarting(cfg: RunConfig, run_dir: Path, total: int, log: Callable[[str], None],
                       stream: StatusStream, resume: Optional[dict], worker_keys: Optional[Keys],
-                      cores: tuple[int, ...]) -> dict:
+                      placement: Placement) -> dict:
     """--on-failure restart: when the run fails (a stage died, hung or reported an error), stop
     every stage and start them all again from the last checkpoint complete on every stage: the
     surviving stages have moved past it, and one consistent cut is what makes the result exact."""
@@ -233,7 +234,7 @@ def _train_restarting(cfg: RunConfig, run_dir: Path, total: int, log: Callable[[
             failures[-1]["shutdown_s"] = t_try - failures[-1].pop("_failed_at")
         try:
             summary = _train_workers(cfg, run_dir, total, log, stream, resume=resume,
-                                     worker_keys=worker_keys, cores=cores)
+                                     worker_keys=worker_keys, placement=placement)
             if failures:  # failure noticed -> training again
                 failures[-1]["restart_s"] = failures[-1]["shutdown_s"] + summary["startup_s"]
             break
@@ -279,9 +280,9 @@ def _train_workers(cfg: RunConfig, run_dir: Path, total: int, log: Callable[[str
                    stream: StatusStream, bind: Optional[str] = None,
                    on_listening: Optional[Callable[[str], None]] = None,
                    resume: Optional[dict] = None, worker_keys: Optional[Keys] = None,
-                   cores: Optional[tuple[int, ...]] = None) -> dict:
+                   placement: Optional[Placement] = None) -> dict:
     coord = Coordinator(cfg, run_dir, total_steps=total, log=log, stream=stream, bind=bind,
-                        guard=stream.guard, resume=resume, cores=cores)
+                        guard=stream.guard, resume=resume, placement=placement)
     if bind is not None:
         how = "" if on_listening is not None else (
             f": python launch.py worker --coordinator {coord.endpoint} "

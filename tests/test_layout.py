@@ -152,3 +152,63 @@ def test_an_explicit_rank_is_kept_and_the_layout_reports_each_predictor():
     logic = StageLogic(cfg, 0, 4, nn.Sequential(units[0]), shapes[0][0], shapes[0][1])
     assert (logic.predictor.rank, logic.predictor.kernel) == (record[0]["rank"], record[0]["kernel"])
     assert plan_layout(cfg.replace(mode="local"))[1].record()["predictors"] == []
+
+
+def test_cores_follow_cost():
+    """Threads per stage from its share of the run's FLOPs: pinned, the cores are apportioned
+    (every core given, each stage at least one, spare cores to the largest work per thread);
+    left to the OS, a stage gets one thread per whole core's share it carries."""
+    from synthgrad.common.placement import stage_threads, unpinned_threads
+    cnn = [1.18, 64.25, 7.09, 0.01]  # MFLOPs of a CNN whose second conv dominates
+    assert stage_threads(cnn, 2, pinned=False) == (1, 1, 1, 1)  # 2 cores: nobody has a whole one
+    assert stage_threads(cnn, 16, pinned=False) == (1, 14, 1, 1)
+    assert stage_threads(cnn, 16, pinned=True) == (1, 12, 2, 1) and sum(stage_threads(cnn, 16, True)) == 16
+    assert stage_threads([1.0, 1.0], 2, pinned=True) == (1, 1)
+    assert unpinned_threads(0.885, 2) == 1 and unpinned_threads(0.885, 16) == 14 and unpinned_threads(0.0, 8) == 1
+    # the placement pins blocks of cores when every stage has its own, and the busiest figure
+    # (the ceiling's divisor) is the largest work per thread
+    p = plan_placement(cnn, "auto", cores=list(range(16)))
+    assert p.threads == (1, 12, 2, 1) and p.cores == (0, 1, 13, 15) and p.pinned
+    assert p.busiest == pytest.approx(max(c / t for c, t in zip(cnn, p.threads)))
+    assert p.shares == pytest.approx(tuple(c / sum(cnn) for c in cnn))
+    shared = plan_placement(cnn, "auto", cores=[0, 1])
+    assert not shared.pinned and shared.threads == (1, 1, 1, 1) and shared.busiest == 64.25
+    given = plan_placement(cnn, "auto", cores=[0, 1], threads=(1, 2, 1, 1))  # --threads 1,2,1,1
+    assert given.threads == (1, 2, 1, 1) and given.busiest == pytest.approx(max(64.25 / 2, sum(cnn) / 2))
+    assert plan_placement(cnn, "pin", cores=[0, 1]).threads == (1, 1, 1, 1)  # stages share pinned cores
+
+
+def test_threads_option_and_the_layout_record():
+    cfg = RunConfig(mode="unlocked", threads=(2,))
+    assert cfg.stage_thread_counts() == (2, 2, 2, 2)
+    assert RunConfig(mode="unlocked", threads=(1, 2, 1, 1)).stage_thread_counts() == (1, 2, 1, 1)
+    assert RunConfig(mode="unlocked").stage_thread_counts() is None  # auto
+    with pytest.raises(ConfigError, match="--threads lists 3 counts, but the run has 4 stages"):
+        RunConfig(mode="unlocked", threads=(1, 2, 1)).validate()
+    with pytest.raises(ConfigError, match="--threads entries must be at least 1"):
+        RunConfig(mode="unlocked", threads=(0,)).validate()
+    old = {k: v for k, v in RunConfig().to_dict().items() if k != "threads"}  # a run folder from before
+    assert RunConfig.from_dict({**old, "threads_per_worker": 3}).threads == (3,)
+    record = plan_layout(RunConfig(mode="unlocked", threads=(1, 2, 1, 1)))[1].record()
+    assert record["threads"] == [1, 2, 1, 1] and sum(record["flops_share"]) == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("spec_core, given, start, expected", [
+    (None, None, (5, 3, 0.5), (5, 3)),  # a local stage: the coordinator's layout
+    (None, (2,), (5, 3, 0.5), (5, 2)),  # --threads decides
+    (4, None, (-1, 1, 0.9), (4, 1)),  # started by hand and pinned to one core of its host
+    (-1, None, (-1, 1, 0.9), (-1, "floor")),  # started by hand, not pinned: by share and host cores
+])
+def test_a_stage_places_itself_by_the_same_rule(spec_core, given, start, expected):
+    from synthgrad.common import wire
+    from synthgrad.common.placement import unpinned_threads
+    from synthgrad.common.procs import available_cores
+    from synthgrad.workers.worker import LayerWorker, WorkerSpec
+    cfg = RunConfig(mode="unlocked", threads=given)
+    worker = LayerWorker.__new__(LayerWorker)  # only its placement is asked here: no sockets
+    worker.spec, worker.stage = WorkerSpec(1, "tcp://127.0.0.1:1", core=spec_core), 1
+    core, threads, share = start
+    got = worker._place(cfg, wire.Start({}, "", core, 10, threads=threads, share=share))
+    if expected[1] == "floor":
+        expected = (-1, unpinned_threads(share, len(available_cores())))
+    assert got == expected

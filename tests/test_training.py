@@ -84,7 +84,7 @@ def test_unlocked_learns_and_counts_true_gradients(tiny_cfg):
      "true_grad_every": 4, "stages": 2},
     {"mode": "unlocked", "model": "cnn", "true_grad_every": 2, "stages": 2, "transport": "tcp",
      "sg_model": "lowrank", "sg_hidden": 8},
-    {"mode": "local", "model": "cnn", "stages": 2, "true_grad_every": 10 ** 6},
+    {"mode": "local", "model": "cnn", "stages": 2, "true_grad_every": 10 ** 6, "threads": (2, 1)},
     {"mode": "delayed", "true_grad_every": 1},
     {"mode": "delayed", "model": "cnn", "stages": 2, "true_grad_every": 1},
     {"mode": "corrected", "model": "cnn", "stages": 2, "true_grad_every": 4},
@@ -107,6 +107,10 @@ def test_other_modes_run_to_the_end(tiny_cfg, changes):
         assert s["workers"][0]["head_share_of_compute"] > 0
     if changes.get("bootstrap"):
         assert s["bootstrap_gradients_relayed"][0] == 20 - 20 // changes["true_grad_every"]
+    # each stage ran with the threads its layout gave it (auto: by cost; or --threads)
+    assert [w["threads"] for w in s["workers"]] == s["layout"]["threads"]
+    if "threads" in changes:
+        assert s["layout"]["threads"] == list(changes["threads"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {r["event"] for r in records} == {"worker", "eval", "status"}  # status: at least the final one
     assert all("wall_s" in r for r in records)

@@ -44,7 +44,8 @@ class RankSpec:
     world: int
     config: dict
     run_dir: str
-    core: int
+    core: int  # the first of `threads` cores to pin to; -1: not pinned
+    threads: int  # torch threads (coordinator/layout.py: cores follow cost)
     total_steps: int  # the run's length (the launcher's, so every rank agrees)
 
 
@@ -79,8 +80,8 @@ def run_rank(spec: RankSpec) -> None:
     die_with_parent()
     cfg = RunConfig.from_dict(spec.config)
     run_dir = Path(spec.run_dir)
-    torch.set_num_threads(cfg.threads_per_worker)
-    pin_to_core(spec.core)
+    torch.set_num_threads(spec.threads)
+    pin_to_core(spec.core, spec.threads)
     rank, world = spec.rank, spec.world
     first, last = rank == 0, rank == world - 1
     dev = Compute.of(stage_device(cfg.device, rank), cfg.precision)

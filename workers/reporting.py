@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 import psutil
+import torch
 
 from synthgrad.common import wire
 from synthgrad.common.config import RunConfig
@@ -79,7 +80,9 @@ class StageReporter:
         stats = self.logic.stats
         return {
             "stage": self.stage, "pid": os.getpid(), "host": pysocket.gethostname(),
-            "input_endpoint": endpoint, "core": core, "units": list(units),
+            "input_endpoint": endpoint, "core": core, "threads": torch.get_num_threads(),
+            "cores_allowed": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "units": list(units),
             "steps": self.steps, "last_step": self.last_step, "samples": self.samples, "elapsed_s": elapsed,
             "samples_per_s": self.samples / elapsed if elapsed > 0 else 0.0,
             "busy_fraction": totals["compute"] / elapsed if elapsed > 0 else 0.0,

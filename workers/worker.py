@@ -30,7 +30,8 @@ from synthgrad.common.devices import Compute, stage_device
 from synthgrad.common.evaluation import EvalTally
 from synthgrad.common.files import atomic_write_json
 from synthgrad.common.models import build_units, stage_bounds, stage_io_shapes
-from synthgrad.common.procs import die_with_parent, pin_to_core
+from synthgrad.common.placement import unpinned_threads
+from synthgrad.common.procs import available_cores, die_with_parent, pin_to_core
 from synthgrad.common.security import Keys
 from synthgrad.workers.checkpointing import StageCheckpoints, final_path
 from synthgrad.workers.links import POLL_MS, CoordinatorGone, Handlers, Links, Stopped
@@ -108,9 +109,9 @@ class LayerWorker:
 
     def setup(self, start: wire.Start) -> None:
         cfg = RunConfig.from_dict(start.config)
-        torch.set_num_threads(cfg.threads_per_worker)
-        core = start.core if self.spec.core is None else self.spec.core
-        pin_to_core(core)
+        core, threads = self._place(cfg, start)
+        torch.set_num_threads(threads)
+        pin_to_core(core, threads)
         num_stages = len(cfg.stage_groups)
         first_unit, end_unit = stage_bounds(cfg)[self.stage]
         units = build_units(cfg)  # the whole network from the seed, so this stage's weights are backprop's
@@ -140,6 +141,20 @@ class LayerWorker:
             dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.synthetic_train, cfg.synthetic_test)
         self.s = Stage(cfg, run_dir, core, (first_unit, end_unit), out_shape, is_last, start.total_steps,
                        start.resume_step + 1, logic, reporter, checkpoints, dataset)
+
+    def _place(self, cfg: RunConfig, start: wire.Start) -> tuple[int, int]:
+        """(first core or -1, torch threads). A local stage takes what the coordinator's layout
+        gave it; a stage started by hand or by torchrun pins itself (its spec's core) and sizes
+        itself by the same rule from its stage's share of the run's FLOPs and this host's
+        cores (common/placement.py); --threads, when given, decides the threads everywhere."""
+        given = cfg.stage_thread_counts()
+        if self.spec.core is None:
+            return start.core, given[self.stage] if given else max(start.threads, 1)
+        if given:
+            return self.spec.core, given[self.stage]
+        if self.spec.core >= 0:  # pinned to one core of this host
+            return self.spec.core, 1
+        return -1, unpinned_threads(start.share, len(available_cores()))
 
     def wait_begin(self) -> None:
         links = self.links
