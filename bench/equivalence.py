@@ -59,8 +59,9 @@ def main() -> None:
     p.add_argument("--models", default="mlp,cnn", help="mlp (784-64-64-64-10) and/or cnn (the built-in CNN)")
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = p.parse_args()
+    # one torch thread per stage, as the reference (--threads auto may give a costly stage more)
     base = RunConfig(dataset="synthetic", layers=(784, 64, 64, 64, 10), batch_size=64, synthetic_train=2048,
-                     synthetic_test=512, epochs=100, progress_every=3600, checkpoint_every=0)
+                     synthetic_test=512, epochs=100, progress_every=3600, checkpoint_every=0, threads=(1,))
     path = kernel_path()
     print("kernel path: " + ", ".join(f"{k}={v}" for k, v in path.items()))
     rows = []

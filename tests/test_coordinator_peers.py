@@ -132,3 +132,14 @@ def test_strangers_are_refused_every_kind(coordinator):
     assert coordinator.rejected == len(kinds), coordinator.lines
     assert coordinator.done == {} and coordinator.relayed_true == [0, 0, 0, 0]
     assert coordinator.stream.evals == []
+
+
+def test_every_send_on_the_router_goes_through_one_method():
+    """True by construction: the ROUTER's only send is in `_deliver`, which cannot raise for a
+    peer that has gone; a new send written elsewhere fails this test."""
+    import inspect
+
+    import synthgrad.coordinator.coordinator as module
+    source = inspect.getsource(module)
+    assert source.count(".send_multipart(") == 1 and source.count(".send(") == 0
+    assert ".send_multipart(" in inspect.getsource(Coordinator._deliver)

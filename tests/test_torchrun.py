@@ -31,7 +31,8 @@ def test_locked_under_torchrun_reproduces_backprop(tiny_cfg, tmp_path):
     from synthgrad.coordinator.train import train
     ref_dir, ref = train(tiny_cfg.replace(mode="backprop", backprop_threads=1, out=str(tmp_path / "bp"),
                                           **EXACT_SGD), log=quiet)
-    sgd = ["--optimizer", "sgd", "--lr", str(EXACT_SGD["lr"]), "--momentum", str(EXACT_SGD["momentum"])]
+    sgd = ["--optimizer", "sgd", "--lr", str(EXACT_SGD["lr"]), "--momentum", str(EXACT_SGD["momentum"]),
+           "--threads", "1"]
     make_keys(tmp_path / "keys")  # torchrun's ranks are started by torchrun: they share a keys folder
     done = torchrun(5, *TINY, *sgd, "--mode", "locked", "--keys", str(tmp_path / "keys"),
                     "--out", str(tmp_path / "trun"))
