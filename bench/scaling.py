@@ -103,10 +103,10 @@ def main() -> None:
 
 def _measure_hop() -> float:
     """Median one-way latency of a small activation message over ipc (ping-pong)."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    from transport import measure  # noqa: E402
-    import transport  # noqa: E402
     import psutil
+
+    from bench import transport  # the repository root is on sys.path (above)
+    from bench.transport import measure
     saved, affinity = transport.SIZES_KIB, psutil.Process().cpu_affinity()
     transport.SIZES_KIB = (64,)
     try:

@@ -13,14 +13,11 @@ loaded on first use so that `import synthgrad` stays cheap.
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from typing import Any
 
-# Installed, synthgrad.common, .workers and .coordinator are inside this package (pyproject's
-# package-dir puts them there, so only the name synthgrad lands in site-packages). In a checkout
-# they are the top-level folders beside it: look there too.
-if not (Path(__file__).resolve().parent / "common").is_dir():
-    __path__.append(str(Path(__file__).resolve().parent.parent))
+# synthgrad.common, .workers and .coordinator are the repository's top-level folders: in a
+# checkout synthgrad/common (and the others) are relative symbolic links to them, so every
+# imported module exists at its path for every tool; installed, they are copied into the package.
 
 # public name -> (module, attribute)
 _EXPORTS = {
