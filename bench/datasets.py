@@ -24,7 +24,8 @@ CHILD = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import psutil, torch
-from synthgrad.common.data import load_dataset, train_batches
+from synthgrad.common.data import train_batches
+from synthgrad.common.datasets import load_dataset
 data_dir = sys.argv[2] or None
 proc = psutil.Process()
 before = proc.memory_info().rss

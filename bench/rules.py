@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from synthgrad.common.config import RunConfig  # noqa: E402
-from synthgrad.common.data import eval_batches, load_dataset, train_batches  # noqa: E402
+from synthgrad.common.data import eval_batches, train_batches  # noqa: E402
+from synthgrad.common.datasets import load_dataset  # noqa: E402
 from synthgrad.common.models import build_units, stage_bounds, stage_io_shapes  # noqa: E402
 from synthgrad.common.modes import Corrected, Delayed, Local, UpdateRule  # noqa: E402
 from synthgrad.workers.stage import StageLogic  # noqa: E402

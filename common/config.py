@@ -18,7 +18,6 @@ from synthgrad.common.modes import MODE_NAMES, STAGE_WORKER_MODES, Mode, UpdateR
 
 SCHEDULES = ("gpipe", "1f1b")
 MODELS = ("mlp", "cnn")
-DATASETS = ("fashion-mnist", "mnist", "cifar10", "synthetic")
 SG_MODELS = ("linear", "lowrank", "mlp")
 OPTIMIZERS = ("adam", "sgd")
 TRANSPORTS = ("ipc", "tcp")
@@ -214,6 +213,7 @@ class RunConfig:
         need(self.model in MODELS or is_import_path(self.model),
              f"unknown model {self.model!r}: choose {' or '.join(MODELS)}, or give your own as "
              f"package.module:factory (a function returning an nn.Sequential or a list of modules)")
+        from synthgrad.common.datasets import BUILTIN as DATASETS  # the registry (imports torch: here only)
         need(self.dataset in DATASETS or is_import_path(self.dataset),
              f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}, or give your own as "
              f"package.module:function returning (train, test) map-style datasets")

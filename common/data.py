@@ -20,7 +20,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-from synthgrad.common.imports import ImportPathError, import_object, is_import_path
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
@@ -182,16 +181,11 @@ class Dataset:
     num_classes: int = 10
 
 
-def _how_to_get(dataset: str) -> str:
-    if dataset == "cifar10":
-        return ("pass --data-dir with the folder of CIFAR-10's binary version (cifar-10-batches-bin: "
+IDX_ADVICE = ("pass --data-dir with a folder holding train-images-idx3-ubyte, "
+              "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte "
+              "(gzipped or not; torchvision's MNIST/raw folder works)")
+CIFAR_ADVICE = ("pass --data-dir with the folder of CIFAR-10's binary version (cifar-10-batches-bin: "
                 "data_batch_1.bin ... data_batch_5.bin and test_batch.bin)")
-    if dataset == "fashion-mnist":
-        return ("install it with `apt-get install dataset-fashion-mnist` (files land in "
-                f"{FASHION_MNIST_DIR}) or pass --data-dir with a folder of its IDX files")
-    return ("pass --data-dir with a folder holding train-images-idx3-ubyte, "
-            "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte "
-            "(gzipped or not; torchvision's MNIST/raw folder works)")
 
 
 def open_idx(path: str | Path) -> np.ndarray:
@@ -214,16 +208,16 @@ def open_idx(path: str | Path) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(dims))
 
 
-def load_idx_folder(folder: str | Path, name: str) -> Dataset:
+def load_idx_folder(folder: str | Path, name: str, advice: str = IDX_ADVICE) -> Dataset:
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"{name} data folder {folder} does not exist; {_how_to_get(name)}")
+        raise DataError(f"{name} data folder {folder} does not exist; {advice}")
     try:
         arrays = {key: open_idx(_find(folder, prefix, idx)) for key, prefix, idx in (
             ("xtr", "train-images", "idx3"), ("ytr", "train-labels", "idx1"),
             ("xte", "t10k-images", "idx3"), ("yte", "t10k-labels", "idx1"))}
     except DataError as exc:
-        raise DataError(f"{exc}; {_how_to_get(name)}") from None
+        raise DataError(f"{exc}; {advice}") from None
     for x, y in (("xtr", "ytr"), ("xte", "yte")):
         if arrays[x].ndim != 3 or arrays[y].ndim != 1 or arrays[x].shape[0] != arrays[y].shape[0]:
             raise DataError(f"{folder}: {x} has shape {arrays[x].shape} but labels "
@@ -262,27 +256,6 @@ class DataSpec:
     num_classes: int
 
 
-def data_spec(name: str, data_dir: Optional[str]) -> DataSpec:
-    """One sample's shape and the number of classes, from the files' headers and the training
-    labels (small), without loading the images."""
-    if name == "synthetic":
-        return DataSpec((1, 28, 28), 10)
-    if is_import_path(name):
-        return _user_spec(name, *_user_datasets(name, data_dir))
-    if name == "cifar10":
-        train_files, test_file = _cifar_files(Path(data_dir or ""))
-        labels = [np.memmap(f, dtype=np.uint8, mode="r").reshape(-1, CIFAR_RECORD)[:, 0] for f in train_files]
-        test_labels = np.memmap(test_file, dtype=np.uint8, mode="r").reshape(-1, CIFAR_RECORD)[:, 0]
-        return DataSpec(CIFAR_SHAPE, _classes(np.concatenate(labels), np.asarray(test_labels), Path(data_dir or "")))
-    folder = Path(data_dir or FASHION_MNIST_DIR)
-    dims = idx_dims(_find(folder, "train-images", "idx3"))
-    if len(dims) != 3:
-        raise DataError(f"{folder}: training images have {len(dims)} dimensions; expected [N, H, W]")
-    labels = read_idx(_find(folder, "train-labels", "idx1"))
-    test_labels = read_idx(_find(folder, "t10k-labels", "idx1"))
-    return DataSpec((1, int(dims[1]), int(dims[2])), _classes(labels, test_labels, folder))
-
-
 def idx_dims(path: Path) -> tuple[int, ...]:
     """An IDX file's dimensions from its header alone."""
     with open(path, "rb") as f:
@@ -306,11 +279,11 @@ CIFAR_RECORD = 1 + 3 * 32 * 32  # one label byte, then the red, green and blue p
 def _cifar_files(folder: Path) -> tuple[list[Path], Path]:
     """data_batch_*.bin (in order) and test_batch.bin; checked for the record size."""
     if not folder.is_dir():
-        raise DataError(f"cifar10 data folder {folder} does not exist; {_how_to_get('cifar10')}")
+        raise DataError(f"cifar10 data folder {folder} does not exist; {CIFAR_ADVICE}")
     train = sorted(folder.glob("data_batch_*.bin"))
     test = folder / "test_batch.bin"
     if not train or not test.is_file():
-        raise DataError(f"no data_batch_*.bin or test_batch.bin in {folder}; {_how_to_get('cifar10')}")
+        raise DataError(f"no data_batch_*.bin or test_batch.bin in {folder}; {CIFAR_ADVICE}")
     for f in [*train, test]:
         size = f.stat().st_size
         if size == 0 or size % CIFAR_RECORD:
@@ -369,103 +342,6 @@ def synthetic(n_train: int, n_test: int, seed: int = 1234) -> Dataset:
         images = 0.15 * templates[labels] + torch.randn(n, 1, 28, 28, generator=g)
         return Split(images.contiguous(), labels)
     return Dataset("synthetic", split(n_train), split(n_test))
-
-
-def _user_datasets(path: str, data_dir: Optional[str]):
-    """Call the factory at `path` ('package.module:function'; given `data_dir` if it takes an
-    argument named so) and return its (train, test) datasets."""
-    import inspect
-    try:
-        factory = import_object(path)
-    except ImportPathError as exc:
-        raise DataError(f"--dataset {path}: {exc}") from None
-    try:
-        takes = inspect.signature(factory).parameters
-        pair = factory(data_dir=data_dir) if "data_dir" in takes else factory()
-    except Exception as exc:
-        raise DataError(f"--dataset {path} failed: {type(exc).__name__}: {exc}") from None
-    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(
-            hasattr(d, "__getitem__") and hasattr(d, "__len__") for d in pair):
-        raise DataError(f"--dataset {path} returned {type(pair).__name__}; it must return (train, test): two "
-                        f"map-style datasets (dataset[i] -> (sample, class index), len(dataset))")
-    for d, what in zip(pair, ("training", "test")):
-        if len(d) == 0:
-            raise DataError(f"--dataset {path}: the {what} set is empty")
-    return pair
-
-
-def _user_spec(path: str, train, test) -> DataSpec:
-    """Shape from sample 0 (checked against the last sample of each split); classes from the
-    dataset's `classes` (a list, as torchvision's) or `num_classes`, else from every label."""
-    x0, _ = _sample(train, 0, f"{path} train")
-    shape = tuple(x0.shape)
-    for d, what in ((train, "train"), (test, "test")):
-        for i in (0, len(d) - 1):
-            x, _ = _sample(d, i, f"{path} {what}")
-            if tuple(x.shape) != shape:
-                raise DataError(f"{path} {what}[{i}] is a sample of shape {tuple(x.shape)}; "
-                                f"train[0] is {shape}: every sample must have one shape")
-    if hasattr(train, "classes"):
-        classes = len(train.classes)
-    elif hasattr(train, "num_classes"):
-        classes = int(train.num_classes)
-    else:  # reads every training label once
-        classes = max(_sample(train, i, f"{path} train")[1] for i in range(len(train))) + 1
-    if classes < 2:
-        raise DataError(f"--dataset {path}: {classes} class; a classifier needs at least two")
-    return DataSpec(shape, classes)
-
-
-def load_dataset(name: str, data_dir: Optional[str], n_train: int = 12800,
-                 n_test: int = 2560) -> Dataset:
-    if is_import_path(name):
-        train, test = _user_datasets(name, data_dir)
-        spec = _user_spec(name, train, test)
-        return Dataset(name, UserSplit(train, f"{name} train", spec.sample_shape, spec.num_classes),
-                       UserSplit(test, f"{name} test", spec.sample_shape, spec.num_classes), spec.num_classes)
-    if name == "synthetic":
-        return synthetic(n_train, n_test)
-    if name == "fashion-mnist":
-        return load_idx_folder(data_dir or FASHION_MNIST_DIR, name)
-    if name in ("mnist", "cifar10"):
-        if not data_dir:
-            raise DataError(f"--dataset {name} needs --data-dir; {_how_to_get(name)}")
-        return load_idx_folder(data_dir, name) if name == "mnist" else load_cifar10(data_dir)
-    raise DataError(f"unknown dataset {name!r}")
-
-
-def check_dataset(name: str, data_dir: Optional[str]) -> None:
-    """Fail fast, before any process starts, when the files are not there."""
-    if name == "synthetic":
-        return
-    if is_import_path(name):  # data_spec, which every new run calls next, reads and checks it
-        return
-    folder = Path(data_dir or (FASHION_MNIST_DIR if name == "fashion-mnist" else ""))
-    if not data_dir and name in ("mnist", "cifar10"):
-        raise DataError(f"--dataset {name} needs --data-dir; {_how_to_get(name)}")
-    if name == "cifar10":
-        _cifar_files(folder)
-        return
-    if not folder.is_dir():
-        raise DataError(f"{name} data folder {folder} does not exist; {_how_to_get(name)}")
-    for prefix, idx in (("train-images", "idx3"), ("train-labels", "idx1"),
-                        ("t10k-images", "idx3"), ("t10k-labels", "idx1")):
-        try:
-            _find(folder, prefix, idx)
-        except DataError as exc:
-            raise DataError(f"{exc}; {_how_to_get(name)}") from None
-
-
-def count_train(name: str, data_dir: Optional[str], n_synthetic: int) -> int:
-    """Training-set size from the labels file's header alone (the coordinator loads no data)."""
-    if name == "synthetic":
-        return n_synthetic
-    if is_import_path(name):
-        return len(_user_datasets(name, data_dir)[0])
-    if name == "cifar10":
-        return sum(f.stat().st_size // CIFAR_RECORD for f in _cifar_files(Path(data_dir or ""))[0])
-    folder = Path(data_dir or FASHION_MNIST_DIR)
-    return int(read_idx(_find(folder, "train-labels", "idx1")).shape[0])
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:

@@ -17,7 +17,8 @@ from synthgrad.common.config import MODELS, ConfigError, RunConfig
 from synthgrad.common.models import ModelError, check_model, groups_at, unit_names
 from synthgrad.common.modes import STAGE_WORKER_MODES, Mode, spoken
 from synthgrad.common.devices import check_run_devices
-from synthgrad.common.data import check_dataset, count_train, data_spec, total_steps
+from synthgrad.common.data import total_steps
+from synthgrad.common.datasets import check_dataset, count_train, data_spec
 from synthgrad.common.endpoints import tcp_host
 from synthgrad.common.files import atomic_write_json
 from synthgrad.common.security import Guard, Keys, MonitorKeys, local_run_keys, resolve_keys

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from synthgrad.common.config import RunConfig
-from synthgrad.common.data import (DataError, DataSpec, _cifar_records, check_dataset, data_spec, load_dataset, read_idx, train_batches,
-                         FASHION_MNIST_DIR)
+from synthgrad.common.data import FASHION_MNIST_DIR, DataError, DataSpec, _cifar_records, read_idx, train_batches
+from synthgrad.common.datasets import check_dataset, data_spec, load_dataset
 
 
 def write_idx(path, array: np.ndarray, code: int = 0x08, compress: bool = False) -> None:

@@ -11,7 +11,8 @@ import torch
 
 import synthgrad
 from synthgrad.common.config import ConfigError
-from synthgrad.common.data import eval_batches, load_dataset
+from synthgrad.common.data import eval_batches
+from synthgrad.common.datasets import load_dataset
 from tests.helpers import EXACT_SGD, LOCKED_EQUALS_BACKPROP, ROOT, run
 
 

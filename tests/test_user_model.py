@@ -70,7 +70,8 @@ def test_a_bad_dataset_is_refused_before_anything_starts(tmp_path, path, needle)
 
 
 def test_a_users_dataset_batches_like_the_built_in_ones():
-    from synthgrad.common.data import DataSpec, data_spec, load_dataset, train_batches
+    from synthgrad.common.data import DataSpec, train_batches
+    from synthgrad.common.datasets import data_spec, load_dataset
     assert data_spec("tests.user_data:patterns", None) == DataSpec((1, 8, 8), 3)
     ds = load_dataset("tests.user_data:patterns", None)
     (x, y), (x2, y2) = next(train_batches(ds.train, 32, 0, 0)), next(train_batches(ds.train, 32, 0, 0))

@@ -19,7 +19,8 @@ from torch import nn
 
 from synthgrad.common.config import RunConfig, default_backprop_threads
 from synthgrad.common.devices import CPU, Compute, stage_device
-from synthgrad.common.data import eval_batches, load_dataset, steps_per_epoch, train_batches
+from synthgrad.common.data import eval_batches, steps_per_epoch, train_batches
+from synthgrad.common.datasets import load_dataset
 from synthgrad.common.evaluation import EvalTally, eval_line, eval_record
 from synthgrad.common.files import atomic_torch_save
 from synthgrad.common.models import build_units, loss_function, make_optimizer

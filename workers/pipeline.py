@@ -27,7 +27,8 @@ from torch import nn
 
 from synthgrad.common.config import RunConfig
 from synthgrad.common.devices import Compute, stage_device
-from synthgrad.common.data import load_dataset, steps_per_epoch, train_batches
+from synthgrad.common.data import steps_per_epoch, train_batches
+from synthgrad.common.datasets import load_dataset
 from synthgrad.common.evaluation import EvalTally, eval_record
 from synthgrad.common.files import JsonlLog, atomic_torch_save, atomic_write_json
 from synthgrad.common.models import build_units, loss_function, make_optimizer, stage_bounds, stage_io_shapes

@@ -25,7 +25,8 @@ from torch import nn
 
 from synthgrad.common import wire
 from synthgrad.common.config import RunConfig
-from synthgrad.common.data import Dataset, eval_batches, load_dataset, steps_per_epoch
+from synthgrad.common.data import Dataset, eval_batches, steps_per_epoch
+from synthgrad.common.datasets import load_dataset
 from synthgrad.common.devices import Compute, stage_device
 from synthgrad.common.evaluation import EvalTally
 from synthgrad.common.files import atomic_write_json
