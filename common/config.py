@@ -17,14 +17,12 @@ from synthgrad.common.imports import is_import_path
 from synthgrad.common.modes import MODE_NAMES, STAGE_WORKER_MODES, Mode, UpdateRule, spoken
 
 SCHEDULES = ("gpipe", "1f1b")
-MODELS = ("mlp", "cnn")
 SG_MODELS = ("linear", "lowrank", "mlp")
 OPTIMIZERS = ("adam", "sgd")
 TRANSPORTS = ("ipc", "tcp")
 DEFAULT_SAMPLE_SHAPE = (1, 28, 28)  # the built-in sets' (Fashion-MNIST, MNIST, synthetic) until read
 DEFAULT_CLASSES = 10
 MAX_SAMPLE_DIMS = 7  # a message's tensor has at most 8 dimensions (common/wire.py), the batch's included
-PLACEMENTS = ("auto", "pin", "none")  # common/placement.py says what each does
 PRECISIONS = ("fp32", "bf16")  # common/devices.py says what each does
 _DEVICE_ENTRY = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
@@ -75,8 +73,7 @@ class ConfigError(ValueError):
 class RunConfig:
     """Every option of a run, grouped by concern (the field's metadata says which; access stays
     flat, cfg.lr, so that code reads as the command line does)."""
-    mode: str = MODEL.opt("unlocked", "backprop | pipeline (torch.distributed.pipelining) | locked | unlocked | "
-                                      "stale | local | delayed | corrected (README: Modes)")
+    mode: str = MODEL.opt("unlocked", " | ".join(MODE_NAMES) + " (README: Modes; each is a Mode in common/modes.py)")
     model: str = MODEL.opt("mlp", "mlp (sizes from --layers) | cnn (two conv blocks, two linear) | "
                                   "package.module:factory (your own: returns an nn.Sequential or a list of "
                                   "modules, one per layer; called with input_shape, num_classes)")
@@ -210,6 +207,8 @@ class RunConfig:
         need(self.mode in MODE_NAMES, f"unknown mode {self.mode!r}; choose one of {', '.join(MODE_NAMES)}")
         need(self.loss == "cross_entropy" or is_import_path(self.loss),
              f"unknown --loss {self.loss!r}: cross_entropy, or your own as package.module:function")
+        from synthgrad.common.models import BUILT_IN_MODELS as MODELS  # the registries (they import
+        from synthgrad.common.placement import PLACEMENTS  # torch and psutil: here only)
         need(self.model in MODELS or is_import_path(self.model),
              f"unknown model {self.model!r}: choose {' or '.join(MODELS)}, or give your own as "
              f"package.module:factory (a function returning an nn.Sequential or a list of modules)")

@@ -9,8 +9,14 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from synthgrad.common.config import PLACEMENTS
 from synthgrad.common.procs import available_cores
+
+# every --placement, with what it does (plan_placement's docstring says why)
+PLACEMENTS = {
+    "auto": "pin when every stage gets cores of its own, else leave the stages to the OS",
+    "pin": "pin every stage, balancing the cores' work",
+    "none": "leave every stage to the OS",
+}
 
 
 def partition(n: int, k: int, group_cost: Callable[[int, int], float]) -> tuple[int, ...]:

@@ -13,8 +13,8 @@ from typing import NamedTuple, Optional
 import zmq
 from torch import nn
 
-from synthgrad.common.config import MODELS, ConfigError, RunConfig
-from synthgrad.common.models import ModelError, check_model, groups_at, unit_names
+from synthgrad.common.config import ConfigError, RunConfig
+from synthgrad.common.models import BUILT_IN_MODELS, ModelError, check_model, groups_at, unit_names
 from synthgrad.common.modes import STAGE_WORKER_MODES, Mode, spoken
 from synthgrad.common.devices import check_run_devices
 from synthgrad.common.data import total_steps
@@ -199,7 +199,7 @@ def _resolve(cfg: RunConfig):
         layers = check_model(cfg)
     except ModelError as exc:
         raise ConfigError(f"--model {cfg.model}: {exc}") from None
-    if cfg.model not in MODELS:
+    if cfg.model not in BUILT_IN_MODELS:
         cfg = cfg.replace(model_layers=layers)
     if cfg.split_at:  # names become layers per stage (config.json keeps the split as --groups)
         try:

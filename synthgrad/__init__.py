@@ -25,6 +25,7 @@ _EXPORTS = {
     "ConfigError": ("synthgrad.common.config", "ConfigError"),
     "load_config_file": ("synthgrad.common.config", "load_config_file"),
     "Mode": ("synthgrad.common.modes", "Mode"),
+    "PLACEMENTS": ("synthgrad.common.placement", "PLACEMENTS"),
     "DataError": ("synthgrad.common.data", "DataError"),
     "RunFailed": ("synthgrad.coordinator.watchdog", "RunFailed"),
     "load_model_state": ("synthgrad.common.files", "load_model_state"),

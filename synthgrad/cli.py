@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--keys", default=None, help="keys folder (launch.py keys): CURVE on every link")
     worker.add_argument("--secure", action=argparse.BooleanOptionalAction, default=None,
                         help="CURVE on every link (the default; needs --keys); --no-secure: plain tcp")
-    worker.add_argument("--placement", choices=("auto", "pin", "none"), default="auto",
+    worker.add_argument("--placement", choices=tuple(synthgrad.PLACEMENTS), default="auto",
                         help="pin this host's stages to its cores (pin), leave them to the OS (none), or "
                              "pin only when each gets a core of its own (auto)")
     return parser
