@@ -133,8 +133,8 @@ def markdown(rows: list[dict], base: RunConfig, target: float) -> str:
         "",
         "| contender | processes | samples/s | x best locked | wall s | test acc | time to target s "
         "| x best locked | time to backprop's acc s | true-grad steps | bytes back per step "
-        "| max messaging | layers per stage | pinned | ceiling |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
+        "| max messaging | layers per stage | threads per stage | pinned | ceiling |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|",
     ]
     for r in rows:
         ratio = r["samples_per_s"] / best["samples_per_s"] if best else float("nan")
@@ -146,6 +146,8 @@ def markdown(rows: list[dict], base: RunConfig, target: float) -> str:
         lay = r.get("layout") or {}
         split = ",".join(map(str, lay["groups"])) if lay else "all"
         pinned = ("yes" if lay["pinned"] else "no") if lay else "-"
+        threads = r.get("threads")
+        threads = ",".join(map(str, threads)) if isinstance(threads, list) else str(threads or "-")
         ceiling = f"{lay['ceiling_samples_per_s']:.0f}" if lay and lay.get("ceiling_samples_per_s") else "-"
         to_bp = r.get("time_to_backprop_s")
         to_bp = "-" if r.get("backprop_final_accuracy") is None else ("never" if to_bp is None else f"{to_bp:.1f}")
@@ -154,7 +156,8 @@ def markdown(rows: list[dict], base: RunConfig, target: float) -> str:
         lines.append(
             f"| {r['contender']} | {r['workers']} | {r['samples_per_s']:.0f} | {ratio:.2f} | "
             f"{r['wall_clock_s']:.1f} | {acc} | {'never' if ttt is None else f'{ttt:.1f}'} | "
-            f"{ttt_ratio} | {to_bp} | {r['true_gradient_steps']} | {back} | {msg} | {split} | {pinned} | {ceiling} |")
+            f"{ttt_ratio} | {to_bp} | {r['true_gradient_steps']} | {back} | {msg} | {split} | {threads} | {pinned} | "
+            f"{ceiling} |")
     bp = next((r for r in rows if r["mode"] == Mode.BACKPROP), None)
     if bp is not None and any(r["mode"] == Mode.LOCKED for r in rows):
         lines += ["", f"What equals what: `locked` (one torch thread per stage) performs the operations "

@@ -80,6 +80,9 @@ def test_compare_writes_table_json_and_plots(tmp_path):
     assert all(r["backprop_final_accuracy"] == rows[0]["test_accuracy"] for r in rows)
     table = (out / "compare.md").read_text()
     assert "| unlocked N=4 |" in table and "best locked" in table
+    # threads per stage: the layout's (cores follow cost), shown in the table
+    assert rows[2]["threads"] == rows[2]["layout"]["threads"] and len(rows[2]["threads"]) == 2
+    assert "threads per stage |" in table and f"| {','.join(map(str, rows[2]['threads']))} |" in table
     for png in ("curves.png", "timeline.png", "sg_heatmaps.png", "sg_cosine.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
