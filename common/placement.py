@@ -123,9 +123,10 @@ def unpinned_threads(share: float, n_cores: int) -> int:
 
 
 def stage_threads(costs: Sequence[float], n_cores: int, pinned: bool) -> tuple[int, ...]:
-    """Cores follow cost. Pinned (a block of cores per stage, at most one stage per core): the
-    cores are apportioned by share of the run's FLOPs, each stage at least one, every core given
-    (largest remainder). Not pinned: unpinned_threads for each stage."""
+    """Cores follow cost. Pinned (a block of cores per stage, at most one stage per core): every
+    stage gets one core, and each spare core goes to the stage whose work per thread is then the
+    largest, so the busiest stage's work per thread is as small as whole cores allow. Not
+    pinned: unpinned_threads for each stage."""
     total = sum(costs) or 1.0
     shares = [c / total for c in costs]
     if not pinned:
