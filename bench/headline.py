@@ -40,7 +40,8 @@ def _config(args, rule: str, out: Path) -> RunConfig:
         changes["true_grad_every"] = int(n)
     layers = tuple(int(v) for v in args.layers.split(",")) if args.layers else RunConfig.layers
     return RunConfig(model=args.model, layers=layers, dataset=args.dataset, batch_size=args.batch_size,
-                     epochs=args.epochs, steps=args.steps, eval_every=args.eval_every, progress_every=1e9,
+                     epochs=args.epochs, steps=args.steps, eval_every=args.eval_every,
+                     eval_samples=args.eval_samples, progress_every=1e9,
                      **changes).validate()
 
 
@@ -107,6 +108,7 @@ def main() -> None:
     r.add_argument("--epochs", type=int, default=2)
     r.add_argument("--steps", type=int, default=None)
     r.add_argument("--eval-every", type=int, default=None, help="also evaluate every N steps (time to accuracy)")
+    r.add_argument("--eval-samples", type=int, default=None, help="evaluate on the first N test samples")
     r.add_argument("--rules", default="local,corrected:10,unlocked:10")
     r.add_argument("--out", required=True, help="JSON lines file to append this invocation's pairs to")
     s = sub.add_parser("summary")
