@@ -63,9 +63,9 @@ class Residual(UpdateRule):
             kept.head_grad = head
         return head + per_sample / h.shape[0]
 
-    def on_gradient(self, stage, step, kept, g, is_true):
+    def on_gradient(self, stage, step, kept, g, true_grad):
         stage.learn_predictor(step, kept, g - kept.head_grad)
-        return stage.true_dx(kept, g) if is_true else None
+        return stage.true_dx(kept, g) if true_grad else None
 
 
 def make_rule(name: str) -> tuple[str, UpdateRule | None, int]:
@@ -109,12 +109,12 @@ def train_rule(name: str, cfg: RunConfig, ds, hop_delay: int) -> dict:
     for epoch in range(cfg.epochs):
         for x, y in train_batches(ds.train, cfg.batch_size, cfg.seed, epoch):
             deliver(step)
-            true_step = rule.true_step(step, every)
+            true_grad = rule.true_grad_at(step, every)
             h = x
             for st in stages[:-1]:
-                h = st.forward(step, h, y, true_step)
+                h = st.forward(step, h, y, true_grad)
                 st.local_update(step)
-            _, dx = stages[-1].last_step(step, h, y, true_step)
+            _, dx = stages[-1].last_step(step, h, y, true_grad)
             if dx is not None:
                 pending.append((step + delay, k - 2, step, dx))
             step += 1

@@ -381,11 +381,11 @@ class RunConfig:
             raise ValueError(f"mode {self.mode} does not run on stage workers")
         return rule
 
-    def is_true_grad_step(self, step: int) -> bool:
+    def true_grad_at(self, step: int) -> bool:
         """Whether step `step`'s true gradient comes back (every step for locked, every N-th
         otherwise: N-1, 2N-1, ...)."""
         rule = Mode(self.mode).rule
-        return rule.true_step(step, self.true_grad_every) if rule is not None else True
+        return rule.true_grad_at(step, self.true_grad_every) if rule is not None else True
 
     def mid_epoch_eval(self, steps_done: int, per_epoch: int, total: int) -> bool:
         """An evaluation is due after `steps_done` steps besides the one after each epoch."""

@@ -7,7 +7,7 @@ A stage's step is always: forward its batch, send the output on, then ask its ru
 - ``on_gradient``: what to do when the true (or bootstrapped) dL/dh of an earlier step comes
   back, and what dL/dx travels on towards stage 0;
 - ``waits_for_gradient``: whether step s+1 waits for step s's true gradient;
-- ``true_step``: which steps' true gradients come back at all.
+- ``true_grad_at``: which steps' true gradients come back at all.
 
 Adding a rule means one class here and its entry in ``Mode`` and ``RULES``; the config, the
 command line, compare, resume and torchrun read everything else from these objects.
@@ -67,7 +67,7 @@ class UpdateRule:
     uses_predictor: ClassVar[bool] = False  # the stage owns a synthetic-gradient model
     uses_head: ClassVar[bool] = False  # the stage owns a small classifier head (a local loss)
 
-    def true_step(self, step: int, every: int) -> bool:
+    def true_grad_at(self, step: int, every: int) -> bool:
         """Steps count from 0; every N-th step (N-1, 2N-1, ...) carries a true gradient."""
         return (step + 1) % every == 0
 
@@ -81,7 +81,7 @@ class UpdateRule:
         raise NotImplementedError
 
     def on_gradient(self, stage: "StageLogic", step: int, kept: "Kept", g: torch.Tensor,
-                    is_true: bool) -> Optional[torch.Tensor]:
+                    true_grad: bool) -> Optional[torch.Tensor]:
         """A gradient for `step` arrived: learn from it; return dL/dx to pass on, or None."""
         raise NotImplementedError
 
@@ -94,7 +94,7 @@ class Locked(UpdateRule):
     takes_n = False
     weights_move_before_gradient = False
 
-    def true_step(self, step: int, every: int) -> bool:
+    def true_grad_at(self, step: int, every: int) -> bool:
         return True
 
     def lr_scale(self, sg_update_lr_scale: float, is_last: bool) -> float:
@@ -103,7 +103,7 @@ class Locked(UpdateRule):
     def local_gradient(self, stage, step, h, labels, kept):
         return None
 
-    def on_gradient(self, stage, step, kept, g, is_true):
+    def on_gradient(self, stage, step, kept, g, true_grad):
         assert kept.h is not None
         kept.h.backward(g)
         stage.step_optimizer()
@@ -122,9 +122,9 @@ class Unlocked(UpdateRule):
             kept.sg_pred = per_sample
         return per_sample / h.shape[0]
 
-    def on_gradient(self, stage, step, kept, g, is_true):
+    def on_gradient(self, stage, step, kept, g, true_grad):
         stage.learn_predictor(step, kept, g)
-        return stage.true_dx(kept, g) if is_true else None
+        return stage.true_dx(kept, g) if true_grad else None
 
 
 class Stale(UpdateRule):
@@ -135,8 +135,8 @@ class Stale(UpdateRule):
         last = stage.last_true
         return last if last is not None and last.shape == h.shape else None
 
-    def on_gradient(self, stage, step, kept, g, is_true):
-        if not is_true:
+    def on_gradient(self, stage, step, kept, g, true_grad):
+        if not true_grad:
             return None
         stage.last_true = g.clone()
         return stage.true_dx(kept, g)
@@ -151,7 +151,7 @@ class Local(UpdateRule):
     weights_move_before_gradient = False  # no gradient ever comes back: nothing to stash
     uses_head = True
 
-    def true_step(self, step: int, every: int) -> bool:
+    def true_grad_at(self, step: int, every: int) -> bool:
         return False
 
     def lr_scale(self, sg_update_lr_scale: float, is_last: bool) -> float:
@@ -160,7 +160,7 @@ class Local(UpdateRule):
     def local_gradient(self, stage, step, h, labels, kept):
         return stage.head_gradient(step, h, labels)
 
-    def on_gradient(self, stage, step, kept, g, is_true):
+    def on_gradient(self, stage, step, kept, g, true_grad):
         raise ValueError(f"stage {stage.stage}: a gradient arrived for step {step}, but mode local "
                          f"sends none back")
 
@@ -172,7 +172,7 @@ class Delayed(UpdateRule):
     mode = Mode.DELAYED
     takes_n = False
 
-    def true_step(self, step: int, every: int) -> bool:
+    def true_grad_at(self, step: int, every: int) -> bool:
         return True
 
     def lr_scale(self, sg_update_lr_scale: float, is_last: bool) -> float:
@@ -181,7 +181,7 @@ class Delayed(UpdateRule):
     def local_gradient(self, stage, step, h, labels, kept):
         return None  # the update comes with the gradient
 
-    def on_gradient(self, stage, step, kept, g, is_true):
+    def on_gradient(self, stage, step, kept, g, true_grad):
         return stage.apply_stashed(step, kept, g)
 
 
@@ -195,10 +195,10 @@ class Corrected(Local):
     takes_n = True
     weights_move_before_gradient = True
 
-    def true_step(self, step: int, every: int) -> bool:
-        return UpdateRule.true_step(self, step, every)
+    def true_grad_at(self, step: int, every: int) -> bool:
+        return UpdateRule.true_grad_at(self, step, every)
 
-    def on_gradient(self, stage, step, kept, g, is_true):
+    def on_gradient(self, stage, step, kept, g, true_grad):
         return stage.apply_stashed(step, kept, g)
 
 

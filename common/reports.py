@@ -23,6 +23,12 @@ class StatusSink(Protocol):
         """The run-wide status record, when one is due (or the run is done)."""
 
 
+def progress_line(steps: int, total: int, samples_per_s: float, loss: Optional[float], more: str = "") -> str:
+    """The plain progress line every mode logs (`more`: a mode's own figures, after the loss)."""
+    return (f"train step {steps}/{total} ({100 * steps / max(total, 1):.0f}%)  {samples_per_s:.0f} samples/s  "
+            f"loss {'-' if loss is None else f'{loss:.4f}'}{'  ' + more if more else ''}")
+
+
 def run_summary(mode: str, *, steps: int, samples: int, wall_clock_s: float, startup_s: float,
                 evals: list[dict], workers: list[dict], true_gradient_steps: int, num_stages: int,
                 rejected_messages: int = 0, **extra: Any) -> dict:

@@ -13,7 +13,7 @@ import math
 import typing
 import warnings
 from dataclasses import dataclass, fields
-from enum import IntEnum
+from enum import Enum, IntEnum
 from typing import Any, Optional, Sequence, Union
 
 import msgpack
@@ -105,22 +105,44 @@ class Begin:
     downstream: str  # endpoint of stage i+1 ("" for the last stage)
 
 
+class Phase(str, Enum):
+    """What an Activation carries: a batch (train, eval) or a marker that follows the batches
+    down the FIFO links and carries no tensors (eval_end: the evaluation's last batch came;
+    checkpoint: save after `step`; end: no more training)."""
+    TRAIN = "train"
+    EVAL = "eval"
+    EVAL_END = "eval_end"
+    CHECKPOINT = "checkpoint"
+    END = "end"
+
+    @property
+    def is_marker(self) -> bool:
+        return self not in (Phase.TRAIN, Phase.EVAL)
+
+
 @dataclass(frozen=True)
 class Activation:
     step: int  # training step, or evaluation batch index
     epoch: int
-    phase: str  # "train" | "eval" | "eval_end" | "checkpoint" (marker: save after `step`) | "end"
+    phase: Phase
     true_grad: bool  # this step's true gradient will flow back
     h: Optional[torch.Tensor] = None
     labels: Optional[torch.Tensor] = None
     sent_at: float = 0.0  # sender's time.monotonic(); only --link-delay-ms reads it (one host)
+
+    @classmethod
+    def marker(cls, phase: Phase, step: int, epoch: int) -> "Activation":
+        """A marker of `phase` after training step (or evaluation) `step`: no tensors."""
+        if not phase.is_marker:
+            raise ValueError(f"{phase.value} carries a batch; it is not a marker")
+        return cls(step, epoch, phase, False)
 
 
 @dataclass(frozen=True)
 class Grad:
     step: int
     to_stage: int  # the stage whose output this is the gradient of
-    is_true: bool  # true gradient (False: a bootstrapped synthetic target)
+    true_grad: bool  # true gradient (False: a bootstrapped synthetic target)
     g: Optional[torch.Tensor] = None
     sent_at: float = 0.0  # as Activation.sent_at
 
@@ -254,6 +276,8 @@ def _value_problem(name: str, value: Any) -> Optional[str]:
 
 
 def _type_ok(value: Any, t: Any) -> bool:
+    if isinstance(t, type) and issubclass(t, Enum):  # sent as its value: one of the members'
+        return isinstance(value, t) or (isinstance(value, str) and value in t._value2member_map_)
     if t is bool:
         return isinstance(value, bool)
     if t is int:
@@ -305,7 +329,7 @@ def encode(msg: Message) -> list[Any]:
         specs.append([name, DTYPE_NAMES.get(t.dtype, str(t.dtype)), list(t.shape)])
         frames.append(tensor_frame(t))
     header = {"kind": int(KIND_OF[cls]),
-              "fields": {name: getattr(msg, name) for name in header_types},
+              "fields": {name: _plain_value(getattr(msg, name)) for name in header_types},
               "tensors": specs}
     return [msgpack.packb(header, use_bin_type=True), *frames]
 
@@ -348,8 +372,10 @@ def _decode(frames: Sequence[Any], max_tensor_bytes: int, align: bool) -> Messag
                         f"{kind.name}.fields")
     for name, t in header_types.items():
         if not _type_ok(values[name], t):
-            raise WireError(f"{kind.name}.{name}: expected {t.__name__}, "
-                            f"got {type(values[name]).__name__}", f"{kind.name}.{name}")
+            expected = (" | ".join(map(repr, t._value2member_map_))
+                        if isinstance(t, type) and issubclass(t, Enum) else t.__name__)
+            raise WireError(f"{kind.name}.{name}: expected {expected}, got {values[name]!r:.60}",
+                            f"{kind.name}.{name}")
         problem = _value_problem(name, values[name])
         if problem is not None:
             raise WireError(f"{kind.name}.{name}: {problem}", f"{kind.name}.{name}")
@@ -382,7 +408,14 @@ def _decode(frames: Sequence[Any], max_tensor_bytes: int, align: bool) -> Messag
                             f"{max_tensor_bytes} bytes (--max-message-mb)", f"{kind.name}.tensors")
         buf = frame.buffer if hasattr(frame, "buffer") else frame
         tensors[name] = tensor_from_frame(buf, dtype_name, shape, f"{kind.name}.{name}", align)
-    return cls(**values, **tensors)
+    enums = {name: t(values[name]) for name, t in header_types.items()
+             if isinstance(t, type) and issubclass(t, Enum)}
+    return cls(**{**values, **enums}, **tensors)
+
+
+def _plain_value(value: Any) -> Any:
+    """A header field as msgpack sends it (an enum member as its value)."""
+    return value.value if isinstance(value, Enum) else value
 
 
 def check_tensor(t: Optional[torch.Tensor], what: str, dtype: torch.dtype,

@@ -241,7 +241,7 @@ class Coordinator:
         if not self._deliver(identities[msg.to_stage], body, f"the gradient of step {msg.step}"):
             return  # a stage that is gone: the process group or the watchdog says so
         self.bytes_backward += sum(len(frame) for frame in body)
-        if msg.is_true:
+        if msg.true_grad:
             self.relayed_true[msg.to_stage] += 1
         else:
             self.relayed_bootstrap[msg.to_stage] += 1

@@ -9,11 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from synthgrad.common.config import RunConfig
+from synthgrad.common.evaluation import eval_line
 from synthgrad.common.files import JsonlTail
 from synthgrad.common.modes import Mode
 from synthgrad.common.placement import Placement
 from synthgrad.common.procs import ProcessGroup, describe_exit
-from synthgrad.common.reports import run_summary
+from synthgrad.common.reports import progress_line, run_summary
 from synthgrad.coordinator.stream import StatusStream
 from synthgrad.workers.pipeline import RankSpec, run_rank
 
@@ -66,14 +67,10 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stre
                 stream.worker(rec, logged=True)
                 if time.monotonic() - last_progress >= cfg.progress_every:
                     last_progress = time.monotonic()
-                    log(f"train step {rec['steps']}/{stream.total_steps} "
-                        f"({100 * rec['steps'] / max(stream.total_steps, 1):.0f}%)  "
-                        f"{rec['samples_per_s']:.0f} samples/s  loss {rec['loss']:.4f}")
+                    log(progress_line(rec["steps"], stream.total_steps, rec["samples_per_s"], rec.get("loss")))
             elif rec.get("event") == "eval":
                 stream.eval(rec, logged=True)
-                log(f"eval  epoch {rec['epoch'] + 1} step {rec['step']}: test accuracy "
-                    f"{100 * rec['test_accuracy']:.2f}%  test loss {rec['test_loss']:.4f}  "
-                    f"({rec['wall_s']:.1f}s)")
+                log(eval_line(rec))
 
         while not all(c.process.exitcode is not None for c in group.children):
             for c in group.dead():

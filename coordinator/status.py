@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from synthgrad.common import reports
+
 WORKER_FIELDS = ("stage", "pid", "step", "samples_per_s", "busy_fraction", "wait_input_fraction",
                  "wait_send_fraction", "wait_grad_fraction", "send_fraction", "recv_fraction",
                  "outstanding_steps", "cpu_percent", "rss_mb", "loss", "sg_loss", "sg_cosine")
@@ -48,9 +50,6 @@ def progress_line(latest: dict[int, dict], num_stages: int, total_steps: int, ba
     last = latest.get(num_stages - 1, {})
     step = last.get("step", -1) + 1
     rate = last.get("samples_per_s", 0.0)
-    pct = 100.0 * step / max(total_steps, 1)
     eta = f"{(total_steps - step) * batch_size / rate:.0f}s" if rate > 0 else "?"
     busy = " ".join(f"{latest[s].get('busy_fraction', 0):.2f}" for s in sorted(latest))
-    loss = last.get("loss")
-    return (f"train step {step}/{total_steps} ({pct:.0f}%)  {rate:.0f} samples/s  "
-            f"loss {'-' if loss is None else f'{loss:.4f}'}  busy [{busy}]  eta {eta}")
+    return reports.progress_line(step, total_steps, rate, last.get("loss"), f"busy [{busy}]  eta {eta}")

@@ -41,11 +41,11 @@ def _header(kind: int, fields: dict, tensors: list) -> bytes:
 def bad_messages(rng: random.Random, target: str, max_bytes: int, width: int, batch: int, classes: int):
     """An endless stream of (name, frames), each of them wrong for `target`."""
     act = {"step": 1, "epoch": 0, "phase": "train", "true_grad": False, "sent_at": 0.0}
-    grad = {"step": 1, "to_stage": 0, "is_true": True, "sent_at": 0.0}
-    kinds = 14 if target == "inbox" else 18
+    grad = {"step": 1, "to_stage": 0, "true_grad": True, "sent_at": 0.0}
+    kinds = 15 if target == "inbox" else 18
     odd_times = [float("nan"), float("inf"), -1.0, 1e18, 0.0]
 
-    def activation(step: int, phase: str, h: torch.Tensor, labels: torch.Tensor):
+    def activation(step: int, phase: wire.Phase, h: torch.Tensor, labels: torch.Tensor):
         return wire.encode(wire.Activation(step, 0, phase, False, h, labels))
 
     while True:
@@ -98,27 +98,30 @@ def bad_messages(rng: random.Random, target: str, max_bytes: int, width: int, ba
             name, make = forged[choice - 10]
             yield name, make()
         elif choice == 10:
-            yield "labels-out-of-range", activation(1, "train", torch.randn(batch, width),
+            yield "labels-out-of-range", activation(1, wire.Phase.TRAIN, torch.randn(batch, width),
                                                     torch.full((batch,), classes + 999_999))
         elif choice == 11:
-            yield "batch-of-one", activation(1, "train", torch.randn(1, width), torch.zeros(1, dtype=torch.long))
+            yield "batch-of-one", activation(1, wire.Phase.TRAIN, torch.randn(1, width), torch.zeros(1, dtype=torch.long))
         elif choice == 13:  # fuzzed sent_at, epoch and true-gradient flag on a forged step
             fields = {**act, "step": rng.choice([2**40, -7]), "epoch": rng.choice([-1, 2**62, 0]),
                       "true_grad": rng.random() < 0.5, "sent_at": rng.choice(odd_times)}
             h, labels = torch.randn(batch, width), torch.randint(0, classes, (batch,))
             yield "fuzzed-fields", [_header(3, fields, [["h", "float32", [batch, width]], ["labels", "int64", [batch]]]),
                                     h.numpy().tobytes(), labels.numpy().tobytes()]
+        elif choice == 14:  # a marker is a marker by its phase: one with a batch attached is not from the run
+            yield "marker-with-tensors", wire.encode(wire.Activation(
+                1, 0, wire.Phase.EVAL_END, False, torch.randn(batch, width), torch.randint(0, classes, (batch,))))
         else:  # well-formed, right shapes and labels: only the order or the values give them away
             which = rng.randrange(4)
             labels = torch.randint(0, classes, (batch,))
             if which == 0:
-                yield "nan-activation", activation(1, "train", torch.full((batch, width), float("nan")), labels)
+                yield "nan-activation", activation(1, wire.Phase.TRAIN, torch.full((batch, width), float("nan")), labels)
             elif which == 1:
-                yield "step-far-ahead", activation(2**62, "train", torch.randn(batch, width), labels)
+                yield "step-far-ahead", activation(2**62, wire.Phase.TRAIN, torch.randn(batch, width), labels)
             elif which == 2:
-                yield "forged-end", wire.encode(wire.Activation(-1, 0, "end", False))
+                yield "forged-end", wire.encode(wire.Activation.marker(wire.Phase.END, -1, 0))
             else:
-                yield "forged-checkpoint", wire.encode(wire.Activation(-5, 0, "checkpoint", False))
+                yield "forged-checkpoint", wire.encode(wire.Activation.marker(wire.Phase.CHECKPOINT, -5, 0))
 
 
 def main() -> None:

@@ -54,8 +54,8 @@ def test_stage_groups():
 
 def test_true_grad_schedule():
     cfg = RunConfig(true_grad_every=10)
-    assert [s for s in range(30) if cfg.is_true_grad_step(s)] == [9, 19, 29]
-    assert all(RunConfig(mode="locked", true_grad_every=10).is_true_grad_step(s) for s in range(5))
+    assert [s for s in range(30) if cfg.true_grad_at(s)] == [9, 19, 29]
+    assert all(RunConfig(mode="locked", true_grad_every=10).true_grad_at(s) for s in range(5))
 
 
 def test_config_round_trips_through_a_dict():

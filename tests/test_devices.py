@@ -83,8 +83,8 @@ def test_cuda_without_a_gpu_says_so():
 # ---------------------------------------------------------------------------- bf16 on the wire
 def test_bf16_activations_travel_in_half_the_bytes():
     h = torch.randn(64, 256)
-    frames32 = wire.encode(wire.Activation(0, 0, "train", False, Compute.of("cpu", "fp32").leave(h), None))
-    frames16 = wire.encode(wire.Activation(0, 0, "train", False, Compute.of("cpu", "bf16").leave(h), None))
+    frames32 = wire.encode(wire.Activation(0, 0, wire.Phase.TRAIN, False, Compute.of("cpu", "fp32").leave(h), None))
+    frames16 = wire.encode(wire.Activation(0, 0, wire.Phase.TRAIN, False, Compute.of("cpu", "bf16").leave(h), None))
     assert memoryview(frames32[1]).nbytes == 64 * 256 * 4
     assert memoryview(frames16[1]).nbytes == 64 * 256 * 2
     back = wire.decode(frames16)
@@ -104,14 +104,14 @@ def test_every_mode_trains_in_bf16(mode):
     torch.manual_seed(3)
     for step in range(6):
         x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
-        true_step = cfg.is_true_grad_step(step)
+        true_grad = cfg.true_grad_at(step)
         h = x
         for s in stages[:-1]:
-            h = s.forward(step, h, y, true_step)
+            h = s.forward(step, h, y, true_grad)
             assert h.dtype == torch.bfloat16 and h.device.type == "cpu"
             dx = s.local_update(step)
             assert dx is None or dx.dtype == torch.bfloat16
-        _, g = stages[-1].last_step(step, h, y, true_step)
+        _, g = stages[-1].last_step(step, h, y, true_grad)
         for s in reversed(stages[:-1]):
             if g is None:
                 break
@@ -162,7 +162,7 @@ def test_a_stage_started_elsewhere_checks_its_own_hosts_device(tmp_path):
         try:
             if outcome is None:
                 worker.setup(start)
-                assert worker.s.logic.compute.device == torch.device("cpu")
+                assert worker.parts.logic.dev.device == torch.device("cpu")
             else:
                 with pytest.raises(DeviceError, match=outcome):
                     worker.setup(start)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # every test here starts processes
 COUNT = 90  # messages per target
 INBOX_KINDS = {"random-bytes", "truncated", "oversized", "wrong-kind", "dtype-list", "impossible-shape",
                "labels-out-of-range", "batch-of-one", "nan-activation", "step-far-ahead", "forged-end",
-               "forged-checkpoint", "fuzzed-fields"}
+               "forged-checkpoint", "marker-with-tensors", "fuzzed-fields"}
 COORDINATOR_KINDS = {"random-bytes", "wrong-kind", "wrong-field-type", "forged-register", "forged-error",
                      "forged-done", "forged-saved", "forged-metrics", "forged-eval", "forged-grad",
                      "forged-grad-nan-time"}

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from synthgrad.common import wire
+from synthgrad.common.wire import Phase
 from synthgrad.common.config import RunConfig
 from synthgrad.common.data import steps_per_epoch, synthetic, total_steps
 from synthgrad.common.modes import MODE_NAMES, STAGE_WORKER_MODES, Mode
 from synthgrad.coordinator.checkpoints import CheckpointBook
 from synthgrad.coordinator.registry import Registry
 from synthgrad.coordinator.watchdog import RunFailed, Watchdog
-from synthgrad.workers.source import Boundary, End, Evaluate, StreamOrder, TrainBatch, stage0_events
+from synthgrad.workers.schedule import Boundary, End, Evaluate, StreamOrder, TrainBatch, schedule, split_batches
 
 
 # ---------------------------------------------------------------------------- modes
@@ -26,14 +27,14 @@ def test_one_mode_vocabulary():
     assert Mode.BACKPROP.rule is None and Mode("pipeline") is Mode.PIPELINE
     assert Mode.UNLOCKED.rule.uses_predictor and not Mode.STALE.rule.uses_predictor
     locked, unlocked = RunConfig(mode="locked", true_grad_every=4), RunConfig(mode="unlocked", true_grad_every=4)
-    assert [locked.is_true_grad_step(s) for s in range(8)] == [True] * 8
-    assert [s for s in range(8) if unlocked.is_true_grad_step(s)] == [3, 7]
+    assert [locked.true_grad_at(s) for s in range(8)] == [True] * 8
+    assert [s for s in range(8) if unlocked.true_grad_at(s)] == [3, 7]
     local, delayed = RunConfig(mode="local"), RunConfig(mode="delayed")
-    assert not any(local.is_true_grad_step(s) for s in range(8))  # nothing travels backward
-    assert all(delayed.is_true_grad_step(s) for s in range(8)) and not Mode.DELAYED.rule.waits_for_gradient
+    assert not any(local.true_grad_at(s) for s in range(8))  # nothing travels backward
+    assert all(delayed.true_grad_at(s) for s in range(8)) and not Mode.DELAYED.rule.waits_for_gradient
     assert Mode.LOCAL.rule.uses_head and not Mode.LOCAL.rule.uses_predictor
     corrected = RunConfig(mode="corrected", true_grad_every=4)
-    assert Mode.CORRECTED.rule.uses_head and [s for s in range(8) if corrected.is_true_grad_step(s)] == [3, 7]
+    assert Mode.CORRECTED.rule.uses_head and [s for s in range(8) if corrected.true_grad_at(s)] == [3, 7]
 
 
 # ---------------------------------------------------------------------------- stage 0's schedule
@@ -41,7 +42,7 @@ def _events(cfg: RunConfig, first_step: int = 0) -> list:
     ds = synthetic(cfg.synthetic_train, cfg.synthetic_test)
     per_epoch = steps_per_epoch(len(ds.train), cfg.batch_size)
     total = total_steps(len(ds.train), cfg.batch_size, cfg.epochs, cfg.steps)
-    return list(stage0_events(cfg, ds.train, per_epoch, total, first_step))
+    return list(schedule(cfg, split_batches(cfg, ds.train), per_epoch, total, first_step))
 
 
 def test_stage0_schedule_trains_evaluates_and_offers_checkpoints():
@@ -200,21 +201,20 @@ def test_the_library_layer_exports_what_it_names():
 def test_stream_order_accepts_the_schedule_and_nothing_else():
     cfg = RunConfig(mode="unlocked", true_grad_every=2)
     order = StreamOrder(cfg)
-    assert order.problem("train", 0, False) is None
-    order.accept("train", 0)
-    assert "out of order (expected 1)" in order.problem("train", 2**62, False)  # far ahead
-    assert "true-gradient flag" in order.problem("train", 1, False)  # step 1 is a true step
-    assert "but the last step was 0" in order.problem("checkpoint", 5, False)
-    assert order.problem("checkpoint", 0, False) is None
-    assert "but 1 steps came" in order.problem("end", 0, False)  # a forged end
-    assert order.problem("eval", 0, False) is None
-    order.accept("eval", 0)
-    assert "evaluation batch 0 out of order" in order.problem("eval", 0, False)
-    order.accept("eval_end", 1)
-    assert order.problem("eval", 0, False) is None and order.problem("end", 1, False) is None
-    assert "unknown phase" in order.problem("pause", 1, False)
+    assert order.problem(Phase.TRAIN, 0, False) is None
+    order.accept(Phase.TRAIN, 0)
+    assert "out of order (expected 1)" in order.problem(Phase.TRAIN, 2**62, False)  # far ahead
+    assert "true-gradient flag" in order.problem(Phase.TRAIN, 1, False)  # step 1 is a true step
+    assert "but the last step was 0" in order.problem(Phase.CHECKPOINT, 5, False)
+    assert order.problem(Phase.CHECKPOINT, 0, False) is None
+    assert "but 1 steps came" in order.problem(Phase.END, 0, False)  # a forged end
+    assert order.problem(Phase.EVAL, 0, False) is None
+    order.accept(Phase.EVAL, 0)
+    assert "evaluation batch 0 out of order" in order.problem(Phase.EVAL, 0, False)
+    order.accept(Phase.EVAL_END, 1)
+    assert order.problem(Phase.EVAL, 0, False) is None and order.problem(Phase.END, 1, False) is None
     resumed = StreamOrder(cfg, last_step=59)
-    assert resumed.problem("train", 60, False) is None and resumed.problem("train", 0, False)
+    assert resumed.problem(Phase.TRAIN, 60, False) is None and resumed.problem(Phase.TRAIN, 0, False)
 
 
 def test_non_finite_values_stop_a_stage_before_they_are_used():

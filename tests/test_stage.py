@@ -25,12 +25,12 @@ def chain(cfg: RunConfig) -> list[StageLogic]:
 
 def run_step(stages: list[StageLogic], step: int, x, y, cfg: RunConfig):
     """One step through the chain, delivering each true gradient at once."""
-    true_step = cfg.is_true_grad_step(step)
+    true_grad = cfg.true_grad_at(step)
     h = x
     for s in stages[:-1]:
-        h = s.forward(step, h, y, true_step)
+        h = s.forward(step, h, y, true_grad)
         s.local_update(step)
-    _, g = stages[-1].last_step(step, h, y, true_step)
+    _, g = stages[-1].last_step(step, h, y, true_grad)
     for s in reversed(stages[:-1]):
         if g is None:
             break
@@ -127,7 +127,7 @@ def test_delayed_applies_each_gradient_at_the_weights_its_forward_used():
     xs, ys = [torch.randn(8, 1, 28, 28) for _ in range(2)], [torch.randint(0, 10, (8,)) for _ in range(2)]
     hs = []
     for s in range(2):
-        hs.append(first.forward(s, xs[s], ys[s], cfg.is_true_grad_step(s)))
+        hs.append(first.forward(s, xs[s], ys[s], cfg.true_grad_at(s)))
         assert first.local_update(s) is None  # no update until the gradient comes
     gs = [torch.randn_like(h) / 8 for h in hs]
     assert first.receive_grad(0, gs[0], True) is None  # stage 0: no dL/dx to send
@@ -151,9 +151,9 @@ def test_local_stages_learn_from_their_own_head_and_send_nothing_back():
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     h = x
     for s in stages[:-1]:
-        h = s.forward(0, h, y, cfg.is_true_grad_step(0))
+        h = s.forward(0, h, y, cfg.true_grad_at(0))
         assert s.local_update(0) is None and s.outstanding() == 0  # nothing kept for later
-    _, dx = stages[-1].last_step(0, h, y, cfg.is_true_grad_step(0))
+    _, dx = stages[-1].last_step(0, h, y, cfg.true_grad_at(0))
     assert dx is None  # nothing travels backward
     for s, old in zip(stages, before):
         assert any(not torch.equal(v, old[k]) for k, v in s.module.state_dict().items() if v.is_floating_point())

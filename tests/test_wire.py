@@ -13,7 +13,7 @@ from synthgrad.common import wire
 def test_round_trip_dtypes(dtype):
     t = (torch.randn(5, 7) * 100).to(dtype)
     msg = wire.decode(wire.encode(wire.Grad(3, 1, True, t)))
-    assert isinstance(msg, wire.Grad) and msg.step == 3 and msg.to_stage == 1 and msg.is_true
+    assert isinstance(msg, wire.Grad) and msg.step == 3 and msg.to_stage == 1 and msg.true_grad
     assert msg.g.dtype == dtype and torch.equal(msg.g, t)
 
 
@@ -25,7 +25,7 @@ def test_round_trip_dtypes(dtype):
     torch.randn(2, 3, 4, 5),
 ], ids=["transposed", "strided", "empty", "scalar", "4d"])
 def test_round_trip_shapes(t):
-    msg = wire.decode(wire.encode(wire.Activation(1, 0, "train", False, t, torch.arange(2))))
+    msg = wire.decode(wire.encode(wire.Activation(1, 0, wire.Phase.TRAIN, False, t, torch.arange(2))))
     assert msg.h.shape == t.shape and torch.equal(msg.h, t)
     assert torch.equal(msg.labels, torch.arange(2))
 
@@ -57,21 +57,34 @@ def test_round_trip_over_zeromq_without_tensors():
         a.bind("inproc://t")
         b.connect("inproc://t")
         big = torch.randn(256, 256)
-        a.send_multipart(wire.encode(wire.Activation(9, 2, "eval", True, big, None)), copy=False)
+        a.send_multipart(wire.encode(wire.Activation(9, 2, wire.Phase.EVAL, True, big, None)), copy=False)
         a.send_multipart(wire.encode(wire.Metrics(1, {"x": 1.5, "y": [1, 2], "z": None})))
         m1 = wire.decode(b.recv_multipart(copy=False))
         m2 = wire.decode(b.recv_multipart(copy=False))
-        assert torch.equal(m1.h, big) and m1.labels is None and m1.phase == "eval"
+        assert torch.equal(m1.h, big) and m1.labels is None and m1.phase is wire.Phase.EVAL
         assert m2 == wire.Metrics(1, {"x": 1.5, "y": [1, 2], "z": None})
     finally:
         a.close(0), b.close(0), ctx.term()
+
+
+def test_a_phase_travels_as_its_name_and_decodes_to_its_member():
+    for phase in wire.Phase:
+        msg = wire.decode(wire.encode(wire.Activation.marker(phase, 3, 0) if phase.is_marker
+                                      else wire.Activation(3, 0, phase, False, torch.zeros(2, 1), torch.zeros(2))))
+        assert msg.phase is phase
+    with pytest.raises(ValueError, match="not a marker"):
+        wire.Activation.marker(wire.Phase.TRAIN, 0, 0)
+    fields = {"step": 1, "epoch": 0, "phase": "pause", "true_grad": False, "sent_at": 0.0}
+    with pytest.raises(wire.WireError, match="'train' \\| 'eval'") as err:
+        wire.decode([_header(int(wire.Kind.ACTIVATION), fields)])
+    assert err.value.field == "ACTIVATION.phase" and not isinstance(err.value, wire.UncheckedWireError)
 
 
 def _header(kind, fields, tensors=()):
     return msgpack.packb({"kind": kind, "fields": fields, "tensors": list(tensors)})
 
 
-GOOD_FIELDS = {"step": 1, "to_stage": 0, "is_true": True, "sent_at": 0.0}
+GOOD_FIELDS = {"step": 1, "to_stage": 0, "true_grad": True, "sent_at": 0.0}
 
 
 @pytest.mark.parametrize("frames, needle", [
@@ -82,7 +95,7 @@ GOOD_FIELDS = {"step": 1, "to_stage": 0, "is_true": True, "sent_at": 0.0}
     ([_header(4, {"step": 1})], "do not match"),
     ([_header(4, {**GOOD_FIELDS, "extra": 1})], "do not match"),
     ([_header(4, {**GOOD_FIELDS, "step": "one"})], "expected int"),
-    ([_header(4, {**GOOD_FIELDS, "is_true": 1})], "expected bool"),
+    ([_header(4, {**GOOD_FIELDS, "true_grad": 1})], "expected bool"),
     ([_header(4, GOOD_FIELDS, [["g", "float32", [2, 2]]])], "tensor frames"),
     ([_header(4, GOOD_FIELDS, [["g", "float32", [2, 2]]]), b"\x00" * 15], "truncated"),
     ([_header(4, GOOD_FIELDS, [["g", "float32", [2, 2]]]), b"\x00" * 17], "16 bytes"),

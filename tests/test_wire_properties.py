@@ -27,7 +27,8 @@ FIELDS = {k: sorted(wire._SPECS[cls][0]) for k, cls in wire.MESSAGE_TYPES.items(
 # well-typed values for each declared field type, so that generated messages also get accepted
 TYPED = {int: st.integers(min_value=-2**63, max_value=2**64 - 1), float: st.floats(allow_nan=True),
          bool: st.booleans(), str: st.text(max_size=8), dict: st.dictionaries(st.text(max_size=4), values,
-                                                                              max_size=4)}
+                                                                              max_size=4),
+         wire.Phase: st.sampled_from([p.value for p in wire.Phase]) | st.text(max_size=8)}
 
 
 @st.composite
@@ -101,7 +102,7 @@ def test_any_header_is_a_typed_message_or_a_named_rejection(header, payloads):
 
 @settings(max_examples=200, deadline=None)
 @given(fields=st.fixed_dictionaries({"step": values | TYPED[int], "to_stage": values | TYPED[int],
-                                     "is_true": values | TYPED[bool], "sent_at": values | TYPED[float]}),
+                                     "true_grad": values | TYPED[bool], "sent_at": values | TYPED[float]}),
        dtype=st.sampled_from(list(wire.DTYPES)),
        shape=st.lists(st.integers(min_value=0, max_value=4), max_size=3) | st.lists(
            st.integers(min_value=0, max_value=2**64 - 1), max_size=9),
@@ -128,7 +129,7 @@ def test_both_outcomes_occur():
     ([["g", "float32", [0, 2**31 - 1, 2**31 - 1]]], [b""], "would exceed the bound"),
 ])
 def test_seen_in_the_wild(tensors, frames, needle):
-    header = {"kind": int(wire.Kind.GRAD), "fields": {"step": 1, "to_stage": 0, "is_true": True, "sent_at": 0.0},
+    header = {"kind": int(wire.Kind.GRAD), "fields": {"step": 1, "to_stage": 0, "true_grad": True, "sent_at": 0.0},
               "tensors": tensors}
     with pytest.raises(wire.WireError, match=needle) as info:
         wire.decode([msgpack.packb(header, use_bin_type=True), *frames])

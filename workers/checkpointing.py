@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch import nn
 
 from synthgrad.common import wire
 from synthgrad.common.config import RunConfig
@@ -31,6 +32,21 @@ def periodic_path(run_dir: Path, step: int, stage: int) -> Path:
 
 def final_path(run_dir: Path, stage: int) -> Path:
     return run_dir / f"stage{stage}.pt"
+
+
+def save_stage(path: Path, stage: int, first_unit: int, module: nn.Module, state: dict, step: int,
+               cfg: RunConfig) -> None:
+    """One stage's checkpoint file, whoever trained it (a stage worker, mode backprop as stage 0
+    of one, a pipeline rank): its units' weights by unit index (so `launch.py export` joins any
+    run's files the same way), the trainer's own state (optimiser, predictor, ...), the step
+    it holds, and the run's config. Written atomically (temporary file, fsync, rename)."""
+    atomic_torch_save(path, {
+        "stage": stage,
+        "units": {first_unit + j: unit.state_dict() for j, unit in enumerate(module.children())},
+        "state": state,
+        "step": step,
+        "config": cfg.to_dict(),
+    })
 
 
 class StageCheckpoints:
@@ -55,22 +71,15 @@ class StageCheckpoints:
         self.logic.load_state_dict(ckpt["state"])
 
     def save(self, path: Path, step: int) -> None:
-        """This stage's state after `step`, written atomically (temporary file, fsync, rename)."""
-        module = self.logic.module
-        atomic_torch_save(path, {
-            "stage": self.stage,
-            "units": {self.first_unit + j: module[j].state_dict() for j in range(len(module))},
-            "state": self.logic.state_dict(),
-            "step": step,
-            "config": self.cfg.to_dict(),
-        })
+        """This stage's state after `step`."""
+        save_stage(path, self.stage, self.first_unit, self.logic.module, self.logic.state_dict(), step, self.cfg)
 
     def take(self, step: int, epoch: int, *, pass_marker: Callable[[wire.Activation], None] | None,
              wait_for_gradients: Callable[[], None], tell: Callable[[wire.Message], None]) -> None:
         """Save at `step`: pass the marker on first (the stages after this one save concurrently),
         wait for every gradient of steps <= `step`, save, tell the coordinator."""
         if pass_marker is not None:
-            pass_marker(wire.Activation(step, epoch, "checkpoint", False))
+            pass_marker(wire.Activation.marker(wire.Phase.CHECKPOINT, step, epoch))
         wait_for_gradients()
         path = periodic_path(self.run_dir, step, self.stage)
         try:

@@ -260,16 +260,17 @@ class Links:
                     self.reject(ValueError(f"unexpected {type(msg).__name__} on the activation link"))
                 continue
             try:
-                if msg.phase in ("train", "eval"):
-                    full = msg.phase == "train"  # training batches are always full (batch norm)
+                if not msg.phase.is_marker:
+                    full = msg.phase is wire.Phase.TRAIN  # training batches are always full (batch norm)
                     wire.check_tensor(msg.h, "ACTIVATION.h", self.wire_dtype, self.in_shape, self.cfg.batch_size, full)
                     wire.check_tensor(msg.labels, "ACTIVATION.labels", torch.int64, (), msg.h.shape[0])
                     if msg.labels.shape[0] != msg.h.shape[0]:
                         raise wire.WireError("ACTIVATION: labels and h differ in batch size", "ACTIVATION.labels")
                     wire.check_labels(msg.labels, self.num_classes, "ACTIVATION.labels")
                     wire.check_finite(msg.h, "ACTIVATION.h")
-                elif msg.phase not in ("eval_end", "checkpoint", "end"):
-                    raise wire.WireError(f"ACTIVATION: unknown phase {msg.phase!r:.100}", "ACTIVATION.phase")
+                elif msg.h is not None or msg.labels is not None:
+                    raise wire.WireError(f"ACTIVATION: a {msg.phase.value} marker carries no tensors",
+                                         "ACTIVATION.h")
             except wire.WireError as exc:
                 self.reject(exc)
                 continue

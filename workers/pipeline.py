@@ -12,30 +12,30 @@ and a small result file the summary is assembled from.
 """
 from __future__ import annotations
 
-import os
-import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-import psutil
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from synthgrad.common.config import RunConfig
 from synthgrad.common.devices import Compute, stage_device
-from synthgrad.common.data import steps_per_epoch, train_batches
+from synthgrad.common.data import Dataset, steps_per_epoch
 from synthgrad.common.datasets import load_dataset
 from synthgrad.common.evaluation import EvalTally, eval_record
-from synthgrad.common.files import JsonlLog, atomic_torch_save, atomic_write_json
+from synthgrad.common.files import JsonlLog, atomic_write_json
 from synthgrad.common.models import build_units, loss_function, make_optimizer, stage_bounds, stage_io_shapes
 from synthgrad.common.procs import (
     die_with_parent,
     pin_to_core,
 )
+from synthgrad.workers.checkpointing import final_path, save_stage
+from synthgrad.workers.meter import Meter
+from synthgrad.workers.schedule import Evaluate, TrainBatch, no_batches, schedule, split_batches
 from synthgrad.workers.stage import NonFinite, require_finite
 
 
@@ -75,14 +75,26 @@ def _schedule(cfg: RunConfig, stage, dev: Compute):
     return cls(stage, cfg.microbatches, loss_fn=loss)
 
 
-def run_rank(spec: RankSpec) -> None:
-    """Process entry point of one pipeline stage."""
+@dataclass
+class _Rank:
+    """One rank's parts, as set up before training."""
+    cfg: RunConfig
+    rank: int
+    first: bool
+    last: bool
+    units: tuple[int, int]  # [first, end) unit indices
+    dev: Compute
+    module: nn.Sequential
+    schedule: Any  # torch.distributed.pipelining's schedule for training
+    eval_schedule: Any  # and its own for evaluation (see _set_up)
+    optimizer: torch.optim.Optimizer
+    ds: Optional[Dataset]  # the first and last ranks read the data
+    per_epoch: int
+
+
+def _set_up(spec: RankSpec, cfg: RunConfig, run_dir: Path) -> _Rank:
+    """Join the process group, build this rank's layers and schedules, warm them up."""
     from torch.distributed.pipelining import PipelineStage
-    die_with_parent()
-    cfg = RunConfig.from_dict(spec.config)
-    run_dir = Path(spec.run_dir)
-    torch.set_num_threads(spec.threads)
-    pin_to_core(spec.core, spec.threads)
     rank, world = spec.rank, spec.world
     first, last = rank == 0, rank == world - 1
     dev = Compute.of(stage_device(cfg.device, rank), cfg.precision)
@@ -91,7 +103,7 @@ def run_rank(spec: RankSpec) -> None:
                             rank=rank, world_size=world, timeout=timedelta(seconds=cfg.stall_timeout))
     units = build_units(cfg)
     a, b = stage_bounds(cfg)[rank]
-    in_shape, out_shape = stage_io_shapes(cfg, units)[rank]
+    in_shape, _ = stage_io_shapes(cfg, units)[rank]
     module = nn.Sequential(*units[a:b]).to(dev.device)
     staged = _InPrecision(module, dev, last)
     mb = cfg.batch_size // cfg.microbatches
@@ -106,109 +118,82 @@ def run_rank(spec: RankSpec) -> None:
     _warm_up(cfg, schedule, module, first, last, in_shape, dev)
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.synthetic_train, cfg.synthetic_test) \
         if (first or last) else None
-    n_train = len(ds.train) if ds is not None else 0
-    n_train_all = torch.tensor([n_train], device=dev.device)
-    dist.all_reduce(n_train_all, op=dist.ReduceOp.MAX)  # middle ranks load no data
-    per_epoch = steps_per_epoch(int(n_train_all), cfg.batch_size)
-    total = spec.total_steps
-    metrics = JsonlLog(run_dir / "metrics.jsonl") if last else None
-    proc = psutil.Process()
-    proc.cpu_percent(None)
+    n_train = torch.tensor([len(ds.train) if ds is not None else 0], device=dev.device)
+    dist.all_reduce(n_train, op=dist.ReduceOp.MAX)  # middle ranks load no data
+    return _Rank(cfg, rank, first, last, (a, b), dev, module, schedule, eval_schedule, optimizer, ds,
+                 steps_per_epoch(int(n_train), cfg.batch_size))
+
+
+def _train_step(r: _Rank, step: int, x, y) -> Optional[float]:
+    """One batch through the pipeline and one update; the mean microbatch loss on the last rank."""
+    r.optimizer.zero_grad(set_to_none=True)
+    losses: list = []
+    if r.first:
+        r.schedule.step(r.dev.arrive(x))
+    elif r.last:
+        r.schedule.step(target=r.dev.arrive(y), losses=losses)
+    else:
+        r.schedule.step()
+    # the stages' non-finite policy: fail naming rank and step before a NaN or Inf gradient
+    # reaches the weights (a NaN loss makes every rank's gradients NaN)
+    loss = torch.stack([l.detach() for l in losses]) if r.last else None
+    if loss is not None:
+        require_finite(loss, "the loss", r.rank, step)
+    for param in r.module.parameters():
+        if param.grad is not None:
+            require_finite(param.grad, "a gradient", r.rank, step)
+    r.optimizer.step()
+    r.dev.synchronize()  # on a GPU: the work done, not the work queued
+    return float(loss.mean()) if loss is not None else None
+
+
+def run_rank(spec: RankSpec) -> None:
+    """Process entry point of one pipeline stage."""
+    die_with_parent()
+    cfg = RunConfig.from_dict(spec.config)
+    run_dir = Path(spec.run_dir)
+    torch.set_num_threads(spec.threads)
+    pin_to_core(spec.core, spec.threads)
+    r = _set_up(spec, cfg, run_dir)
+    batches = split_batches(cfg, r.ds.train) if r.ds is not None else no_batches(r.per_epoch)
+    metrics = JsonlLog(run_dir / "metrics.jsonl") if r.last else None
+    meter = Meter(r.rank)
     evals: list[dict] = []
-    step = samples = 0
-    compute = 0.0
-    iv_loss, iv_n, iv_samples, iv_compute = 0.0, 0, 0, 0.0
     dist.barrier()
-    t_start = last_report = time.monotonic()
-    (run_dir / f".pipeline-rank{rank}.started").touch()  # the launcher's start check
-
-    def batches(epoch: int):
-        if ds is not None:
-            for x, y in train_batches(ds.train, cfg.batch_size, cfg.seed, epoch):
-                yield dev.arrive(x), dev.arrive(y)
-        else:
-            for _ in range(per_epoch):
-                yield None, None
-
-    def test(epoch: int, step: int) -> None:
-        tally = _evaluate(cfg, eval_schedule, module, ds, first, last, dev)
-        if tally is not None:
-            rec = eval_record(epoch, step, time.monotonic() - t_start, tally.loss, tally.accuracy, tally.n)
-            evals.append(rec)
-            metrics.write(rec)
-
-    def report(now: float, step: int, samples: int, final: bool = False) -> None:
-        """The last rank's figures for this interval, to metrics.jsonl (the launcher follows it)."""
-        nonlocal last_report, iv_loss, iv_n, iv_samples, iv_compute
-        span = max(now - last_report, 1e-9)
-        metrics.write({"event": "worker", "wall_s": now - t_start, "stage": rank, "pid": os.getpid(),
-                       "final": final, "step": step - 1, "steps": step, "samples": samples,
-                       "samples_per_s": iv_samples / span, "busy_fraction": iv_compute / span,
-                       "loss": iv_loss / max(iv_n, 1), "cpu_percent": proc.cpu_percent(None),
-                       "rss_mb": proc.memory_info().rss / 2**20})
-        last_report = now
-        iv_loss, iv_n, iv_samples, iv_compute = 0.0, 0, 0, 0.0
-
+    meter.start()
+    (run_dir / f".pipeline-rank{r.rank}.started").touch()  # the launcher's start check
     try:
-        for epoch in range(cfg.epochs):
-            for x, y in batches(epoch):
-                if step >= total:
-                    break
+        for event in schedule(cfg, batches, r.per_epoch, spec.total_steps):
+            if isinstance(event, TrainBatch):
                 t0 = time.perf_counter()
-                optimizer.zero_grad(set_to_none=True)
-                losses: list = []
-                if first:
-                    schedule.step(x)
-                elif last:
-                    schedule.step(target=y, losses=losses)
-                else:
-                    schedule.step()
-                # the stages' non-finite policy: fail naming rank and step before a NaN or Inf
-                # gradient reaches the weights (a NaN loss makes every rank's gradients NaN)
-                if last:
-                    require_finite(torch.stack([l.detach() for l in losses]), "the loss", rank, step)
-                for param in module.parameters():
-                    if param.grad is not None:
-                        require_finite(param.grad, "a gradient", rank, step)
-                optimizer.step()
-                dev.synchronize()  # on a GPU: the work done, not the work queued
-                dt = time.perf_counter() - t0
-                compute += dt
-                iv_compute += dt
-                step += 1
-                samples += cfg.batch_size
-                iv_samples += cfg.batch_size
-                if last:
-                    iv_loss += float(torch.stack([l.detach() for l in losses]).mean())
-                    iv_n += 1
-                if cfg.mid_epoch_eval(step, per_epoch, total):
-                    test(epoch, step)
-                now = time.monotonic()
-                if last and now - last_report >= cfg.metrics_every:
-                    report(now, step, samples)
-            if last and (step >= total or epoch == cfg.epochs - 1):  # before the final test
-                report(time.monotonic(), step, samples, final=True)
-            test(epoch, step)
-            if step >= total:
-                break
+                loss = _train_step(r, event.step, event.x, event.labels)
+                meter.step_done(event.step, cfg.batch_size, time.perf_counter() - t0, loss)
+                if metrics is not None and meter.due(cfg.metrics_every):
+                    metrics.write({"event": "worker", "wall_s": time.monotonic() - meter.started,
+                                   **meter.interval()})
+            elif isinstance(event, Evaluate):
+                if metrics is not None and event.last:  # the last interval, before the final test
+                    metrics.write({"event": "worker", "wall_s": time.monotonic() - meter.started,
+                                   **meter.interval(final=True)})
+                tally = _evaluate(cfg, r.eval_schedule, r.module, r.ds, r.first, r.last, r.dev)
+                if metrics is not None and tally is not None:
+                    rec = eval_record(event.epoch, event.step, time.monotonic() - meter.started,
+                                      tally.loss, tally.accuracy, tally.n)
+                    evals.append(rec)
+                    metrics.write(rec)
         dist.barrier()
-        wall = time.monotonic() - t_start
+        ended = time.monotonic()
     except NonFinite as exc:  # the launcher reads this and ends the run with it
-        atomic_write_json(run_dir / f"pipeline-rank{rank}.error.json", {"error": str(exc)})
+        atomic_write_json(run_dir / f"pipeline-rank{r.rank}.error.json", {"error": str(exc)})
         raise
     finally:
         if metrics is not None:
             metrics.close()
-    path = run_dir / f"stage{rank}.pt"
-    atomic_torch_save(path, {"stage": rank, "units": {a + j: module[j].state_dict() for j in range(len(module))},
-                             "state": {"optimizer": optimizer.state_dict()}, "step": step - 1,
-                             "config": cfg.to_dict()})
-    atomic_write_json(run_dir / f"pipeline-rank{rank}.json", {
-        "stage": rank, "pid": os.getpid(), "host": socket.gethostname(), "core": spec.core,
-        "units": [a, b], "steps": step, "samples": samples, "elapsed_s": wall,
-        "samples_per_s": samples / wall if wall > 0 else 0.0,
-        "busy_fraction": compute / wall if wall > 0 else 0.0, "checkpoint": str(path),
-        "evals": evals})
+    path = final_path(run_dir, r.rank)
+    save_stage(path, r.rank, r.units[0], r.module, {"optimizer": r.optimizer.state_dict()}, meter.last_step, cfg)
+    atomic_write_json(run_dir / f"pipeline-rank{r.rank}.json", {
+        **meter.totals(ended), "core": spec.core, "threads": spec.threads, "units": list(r.units),
+        "checkpoint": str(path), "evals": evals})
     dist.destroy_process_group()
 
 

@@ -35,7 +35,7 @@ SNAPSHOT_ROWS, SNAPSHOT_COLS = 16, 64  # samples x units kept per snapshot (for 
 
 def snapshot_steps(cfg: RunConfig, total_steps: int) -> frozenset[int]:
     """The true-gradient steps nearest to each fraction of the run in SNAPSHOT_AT."""
-    true_steps = [s for s in range(total_steps) if cfg.is_true_grad_step(s)]
+    true_steps = [s for s in range(total_steps) if cfg.true_grad_at(s)]
     if not true_steps:
         return frozenset()
     return frozenset(true_steps[min(int(f * len(true_steps)), len(true_steps) - 1)] for f in SNAPSHOT_AT)
@@ -111,10 +111,10 @@ class StageLogic:
     def __init__(self, cfg: RunConfig, stage: int, num_stages: int, module: nn.Module,
                  in_shape: tuple[int, ...], out_shape: tuple[int, ...],
                  snapshot_steps: frozenset[int] = frozenset(),
-                 rule: Optional[UpdateRule] = None, compute: Optional[Compute] = None):
+                 rule: Optional[UpdateRule] = None, dev: Optional[Compute] = None):
         """`in_shape`, `out_shape`: one sample's, in and out (a predictor is priced against
         the stage's FLOPs on them). `rule`: the mode's unless given (bench/rules.py tries rules
-        that are not modes yet). `compute`: the device and precision (default: the CPU, in the
+        that are not modes yet). `dev`: the device and precision (default: the CPU, in the
         run's precision). What comes in (data, activations, gradients) is moved onto the
         device; what goes out comes back in the wire's dtype, in host memory."""
         self.cfg = cfg
@@ -122,8 +122,8 @@ class StageLogic:
         uses_predictor = stage < num_stages - 1 and self.rule.uses_predictor
         # counted on the CPU, before the module moves to its device (the layout counts the same)
         own_flops = training_flops(module, in_shape) if uses_predictor else 0.0
-        self.compute = compute or Compute(torch.device("cpu"), cfg.precision)
-        module.to(self.compute.device)
+        self.dev = dev or Compute(torch.device("cpu"), cfg.precision)
+        module.to(self.dev.device)
         self.stage = stage
         self.is_first = stage == 0
         self.is_last = stage == num_stages - 1
@@ -136,13 +136,13 @@ class StageLogic:
         if uses_predictor:
             self.predictor = choose_predictor(cfg, out_shape, own_flops)
             torch.manual_seed(cfg.seed * 7919 + stage)
-            self.sg = self.predictor.build(cfg, out_shape).to(self.compute.device)
+            self.sg = self.predictor.build(cfg, out_shape).to(self.dev.device)
             self.sg_optimizer = make_optimizer(self.sg.parameters(), cfg.sg_optimizer, cfg.sg_lr)
         self.head: Optional[LocalHead] = None
         self.head_optimizer: Optional[torch.optim.Optimizer] = None
         if not self.is_last and self.rule.uses_head:
             torch.manual_seed(cfg.seed * 7919 + stage)
-            self.head = LocalHead(out_shape, cfg.classes).to(self.compute.device)
+            self.head = LocalHead(out_shape, cfg.classes).to(self.dev.device)
             self.head_optimizer = make_optimizer(self.head.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
         self.latest_step = -1  # the latest step this stage has run forward
         self.loss_fn = loss_function(cfg.loss)  # the last stage's; local heads keep cross-entropy
@@ -242,7 +242,7 @@ class StageLogic:
 
     def _forward(self, x: torch.Tensor, stash_weights: bool) -> tuple[torch.Tensor, Optional[dict]]:
         """The output, and the stashed weights it was computed with (None when not stashed)."""
-        with self.compute.autocast():
+        with self.dev.autocast():
             return self._forward_as_is(x, stash_weights)
 
     def _forward_as_is(self, x: torch.Tensor, stash_weights: bool) -> tuple[torch.Tensor, Optional[dict]]:
@@ -284,10 +284,10 @@ class StageLogic:
             self.stats.dropped += 1
 
     # ------------------------------------------------------------------ middle stages
-    def forward(self, step: int, x: torch.Tensor, labels: torch.Tensor, true_step: bool) -> torch.Tensor:
+    def forward(self, step: int, x: torch.Tensor, labels: torch.Tensor, true_grad: bool) -> torch.Tensor:
         """Forward one training batch of a non-last stage; returns h to send downstream."""
-        x, labels = self.compute.arrive(x), self.compute.arrive(labels)
-        keep_graph = true_step
+        x, labels = self.dev.arrive(x), self.dev.arrive(labels)
+        keep_graph = true_grad
         need_dx = keep_graph or self.cfg.bootstrap
         x = self._input(x, need_dx)
         h, stash = self._forward(x, stash_weights=keep_graph and self.rule.weights_move_before_gradient)
@@ -298,14 +298,14 @@ class StageLogic:
             self.kept[step] = Kept(x if need_dx and not self.is_first else None,
                                    h if keep_graph else None, h.detach(), labels, weights=stash)
         self._pending = (step, h, x, keep_graph, labels)
-        return self.compute.leave(h)
+        return self.dev.leave(h)
 
     def local_update(self, step: int) -> Optional[torch.Tensor]:
         """Step now on what the rule gives, without waiting. Returns a bootstrapped dL/dx for
         the stage before, when bootstrapping on a step whose true gradient is not coming."""
         try:
             dx = self._local_update(step)
-            return None if dx is None else self.compute.leave(dx)
+            return None if dx is None else self.dev.leave(dx)
         finally:
             while self._deferred:  # late true gradients that arrived during this step
                 self._step_on(self._deferred.pop(0))
@@ -328,7 +328,7 @@ class StageLogic:
             x.grad = None
         return None
 
-    def receive_grad(self, step: int, g: torch.Tensor, is_true: bool) -> Optional[torch.Tensor]:
+    def receive_grad(self, step: int, g: torch.Tensor, true_grad: bool) -> Optional[torch.Tensor]:
         """A true or bootstrapped dL/dh for step `step` came back. Returns dL/dx to pass on
         (true gradients only, not on stage 0), or None."""
         kept = self.kept.pop(step, None)
@@ -337,24 +337,24 @@ class StageLogic:
         if g.shape != kept.h_detached.shape:
             raise ValueError(f"stage {self.stage}: gradient for step {step} has shape "
                              f"{list(g.shape)}, its output had {list(kept.h_detached.shape)}")
-        if is_true:
+        if true_grad:
             self.stats.true_grads += 1
         else:
             self.stats.bootstrap_grads += 1
-        g = self.compute.arrive(g).to(kept.h_detached.dtype)  # the wire's dtype may be narrower
-        dx = self.rule.on_gradient(self, step, kept, g, is_true)
-        return None if dx is None else self.compute.leave(require_finite(dx, "dL/dx", self.stage, step))
+        g = self.dev.arrive(g).to(kept.h_detached.dtype)  # the wire's dtype may be narrower
+        dx = self.rule.on_gradient(self, step, kept, g, true_grad)
+        return None if dx is None else self.dev.leave(require_finite(dx, "dL/dx", self.stage, step))
 
     # ------------------------------------------------------------------ last stage
     def last_step(self, step: int, x: torch.Tensor, labels: torch.Tensor,
-                  true_step: bool) -> tuple[float, Optional[torch.Tensor]]:
+                  true_grad: bool) -> tuple[float, Optional[torch.Tensor]]:
         """Forward, loss, backward and update of the last stage. Returns the loss and the
         dL/dx to send back (true steps, and every step when bootstrapping)."""
-        need_dx = true_step or self.cfg.bootstrap
-        x = self._input(self.compute.arrive(x), need_dx)
-        labels = self.compute.arrive(labels)
+        need_dx = true_grad or self.cfg.bootstrap
+        x = self._input(self.dev.arrive(x), need_dx)
+        labels = self.dev.arrive(labels)
         self.latest_step = step
-        with self.compute.autocast():  # the loss too, exactly as mode backprop computes it
+        with self.dev.autocast():  # the loss too, exactly as mode backprop computes it
             out = self.module(x)
             loss = self.loss_fn(out, labels)
         require_finite(loss.detach(), "the loss", self.stage, step)
@@ -366,7 +366,7 @@ class StageLogic:
         self.stats.correct += int((out.detach().argmax(1) == labels).sum())
         self.stats.seen += int(labels.shape[0])
         dx = x.grad if (need_dx and not self.is_first) else None
-        return value, None if dx is None else self.compute.leave(require_finite(dx, "dL/dx", self.stage, step))
+        return value, None if dx is None else self.dev.leave(require_finite(dx, "dL/dx", self.stage, step))
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -375,11 +375,11 @@ class StageLogic:
         computed, on the device, for the evaluation's tally)."""
         self.module.eval()
         try:
-            with self.compute.autocast():
-                out = self.module(self.compute.arrive(x))
+            with self.dev.autocast():
+                out = self.module(self.dev.arrive(x))
         finally:
             self.module.train()
-        return out if self.is_last else self.compute.leave(out)
+        return out if self.is_last else self.dev.leave(out)
 
     # ------------------------------------------------------------------ state
     def outstanding(self) -> int:
@@ -415,7 +415,7 @@ class StageLogic:
             self.head.load_state_dict(state["head"])
             self.head_optimizer.load_state_dict(state["head_optimizer"])
         last_true = state.get("last_true")
-        self.last_true = None if last_true is None else self.compute.arrive(last_true)
+        self.last_true = None if last_true is None else self.dev.arrive(last_true)
 
 
 def _tensors(obj):

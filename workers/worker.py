@@ -4,7 +4,7 @@
     -> train (stage 0 from its data, the others from their input link) -> DONE -> STOP
 
 The parts, each in its own file: the links and the wait loop (links.py), what a stage computes
-(stage.py, with its update rule from common/modes.py), stage 0's schedule (source.py),
+(stage.py, with its update rule from common/modes.py), the run's schedule (schedule.py),
 checkpoints (checkpointing.py) and reports (reporting.py).
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import nn
 
 from synthgrad.common import wire
 from synthgrad.common.config import RunConfig
+from synthgrad.common.wire import Phase
 from synthgrad.common.data import Dataset, eval_batches, steps_per_epoch
 from synthgrad.common.datasets import load_dataset
 from synthgrad.common.devices import Compute, stage_device
@@ -37,7 +38,7 @@ from synthgrad.common.security import Keys
 from synthgrad.workers.checkpointing import StageCheckpoints, final_path
 from synthgrad.workers.links import POLL_MS, CoordinatorGone, Handlers, Links, Stopped
 from synthgrad.workers.reporting import StageReporter
-from synthgrad.workers.source import Boundary, End, Evaluate, StreamOrder, TrainBatch, stage0_events
+from synthgrad.workers.schedule import Boundary, End, Evaluate, StreamOrder, TrainBatch, schedule, split_batches
 from synthgrad.workers.stage import StageLogic, snapshot_steps
 from synthgrad.workers.timings import Timings
 
@@ -61,7 +62,7 @@ class Refused(RuntimeError):
 
 
 @dataclass
-class Stage:
+class StageParts:
     """What START configures: the run, this stage's place in it and its parts."""
     cfg: RunConfig
     run_dir: Path
@@ -83,7 +84,7 @@ class LayerWorker:
         self.stage = spec.stage
         self.timings = Timings()
         self.links = Links(spec.stage, spec.coordinator, spec.coordinator_pid, spec.keys, self.timings)
-        self.s: Optional[Stage] = None  # set up on START
+        self.parts: Optional[StageParts] = None  # set up on START
         self._checkpoint_asked: Optional[str] = None
 
     # ------------------------------------------------------------------ handshake and set up
@@ -121,9 +122,9 @@ class LayerWorker:
         num_classes = shapes[-1][1][0]  # the last stage's output: one logit per class
         module = nn.Sequential(*units[first_unit:end_unit])
         device = stage_device(cfg.device, self.stage, self.spec.local_index)
-        compute = Compute.of(device, cfg.precision)  # DeviceError when this host has no such device
+        dev = Compute.of(device, cfg.precision)  # DeviceError when this host has no such device
         logic = StageLogic(cfg, self.stage, num_stages, module, in_shape, out_shape,
-                           snapshot_steps=snapshot_steps(cfg, start.total_steps), compute=compute)
+                           snapshot_steps=snapshot_steps(cfg, start.total_steps), dev=dev)
         run_dir = Path(self.spec.run_dir or start.run_dir)
         is_last = self.stage == num_stages - 1
         reporter = StageReporter(self.stage, cfg, logic, self.timings, self.links.send_coord,
@@ -140,7 +141,7 @@ class LayerWorker:
         dataset = None
         if self.stage == 0:
             dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.synthetic_train, cfg.synthetic_test)
-        self.s = Stage(cfg, run_dir, core, (first_unit, end_unit), out_shape, is_last, start.total_steps,
+        self.parts = StageParts(cfg, run_dir, core, (first_unit, end_unit), out_shape, is_last, start.total_steps,
                        start.resume_step + 1, logic, reporter, checkpoints, dataset)
 
     def _place(self, cfg: RunConfig, start: wire.Start) -> tuple[int, int]:
@@ -176,24 +177,24 @@ class LayerWorker:
         self._checkpoint_asked = reason  # stage 0 acts at its next step boundary
 
     def _on_committed(self, step: int, drop: int) -> None:
-        if self.s is not None:
-            self.s.checkpoints.committed(step, drop)
+        if self.parts is not None:
+            self.parts.checkpoints.committed(step, drop)
 
     def _on_grad(self, msg: wire.Grad) -> None:
-        s = self.s
+        parts = self.parts
         try:
             if msg.to_stage != self.stage:
                 raise wire.WireError(f"gradient addressed to stage {msg.to_stage}", "GRAD.to_stage")
-            wire.check_tensor(msg.g, "GRAD.g", s.logic.compute.wire_dtype, s.out_shape, s.cfg.batch_size,
+            wire.check_tensor(msg.g, "GRAD.g", parts.logic.dev.wire_dtype, parts.out_shape, parts.cfg.batch_size,
                               exact=True)
             wire.check_finite(msg.g, "GRAD.g")
             with self.timings.span("compute"):
-                dx = s.logic.receive_grad(msg.step, msg.g, msg.is_true)
+                dx = parts.logic.receive_grad(msg.step, msg.g, msg.true_grad)
         except (wire.WireError, KeyError, ValueError) as exc:
             self.links.reject(exc)
             return
         if dx is not None and self.stage > 0:
-            self.links.send_coord(wire.Grad(msg.step, self.stage - 1, msg.is_true, dx))
+            self.links.send_coord(wire.Grad(msg.step, self.stage - 1, msg.true_grad, dx))
 
     # ------------------------------------------------------------------ training
     def _send_down(self, msg: wire.Activation) -> None:
@@ -201,45 +202,45 @@ class LayerWorker:
 
     def _wait_for_gradients(self, until=None) -> None:
         """Serve the links until no step awaits its gradient (or `until()` holds)."""
-        logic = self.s.logic
+        logic = self.parts.logic
         self.links.wait("wait_grad", until or (lambda: logic.outstanding() == 0))
 
     def train_step(self, step: int, epoch: int, x: torch.Tensor, labels: torch.Tensor) -> None:
-        s = self.s
-        true_step = s.cfg.is_true_grad_step(step)
-        self.timings.recording = s.reporter.steps < s.cfg.timeline_steps
-        slow = s.cfg.slow_stage
+        parts = self.parts
+        true_grad = parts.cfg.true_grad_at(step)
+        self.timings.recording = parts.reporter.steps < parts.cfg.timeline_steps
+        slow = parts.cfg.slow_stage
         if slow is not None and slow[0] == self.stage:  # --slow-stage (testing): the bottleneck
             with self.timings.span("compute"):
                 time.sleep(slow[1] / 1000.0)
-        if s.is_last:
+        if parts.is_last:
             with self.timings.span("compute"):
-                _, dx = s.logic.last_step(step, x, labels, true_step)
+                _, dx = parts.logic.last_step(step, x, labels, true_grad)
             if dx is not None:
-                self.links.send_coord(wire.Grad(step, self.stage - 1, true_step, dx))
+                self.links.send_coord(wire.Grad(step, self.stage - 1, true_grad, dx))
         else:
             with self.timings.span("compute"):
-                h = s.logic.forward(step, x, labels, true_step)
-            self._send_down(wire.Activation(step, epoch, "train", true_step, h, labels))
+                h = parts.logic.forward(step, x, labels, true_grad)
+            self._send_down(wire.Activation(step, epoch, Phase.TRAIN, true_grad, h, labels))
             with self.timings.span("compute"):
-                dx = s.logic.local_update(step)
+                dx = parts.logic.local_update(step)
             if dx is not None:
                 self.links.send_coord(wire.Grad(step, self.stage - 1, False, dx))
-            if s.logic.rule.waits_for_gradient:
-                self._wait_for_gradients(lambda: step not in s.logic.kept)
-        s.reporter.step_done(step, int(labels.shape[0]))
+            if parts.logic.rule.waits_for_gradient:
+                self._wait_for_gradients(lambda: step not in parts.logic.kept)
+        parts.reporter.step_done(step, int(labels.shape[0]))
 
     def checkpoint(self, step: int, epoch: int) -> None:
-        s = self.s
-        s.checkpoints.take(step, epoch, pass_marker=None if s.is_last else self._send_down,
+        parts = self.parts
+        parts.checkpoints.take(step, epoch, pass_marker=None if parts.is_last else self._send_down,
                            wait_for_gradients=self._wait_for_gradients, tell=self.links.send_coord)
 
     def run_first(self) -> None:
         """Stage 0: train from the data, evaluate, take checkpoints at step boundaries."""
-        s = self.s
-        ds = s.dataset
-        per_epoch = steps_per_epoch(len(ds.train), s.cfg.batch_size)
-        for event in stage0_events(s.cfg, ds.train, per_epoch, s.total_steps, s.first_step):
+        parts = self.parts
+        ds = parts.dataset
+        per_epoch = steps_per_epoch(len(ds.train), parts.cfg.batch_size)
+        for event in schedule(parts.cfg, split_batches(parts.cfg, ds.train), per_epoch, parts.total_steps, parts.first_step):
             if isinstance(event, TrainBatch):
                 self.train_step(event.step, event.epoch, event.x, event.labels)
             elif isinstance(event, Evaluate):
@@ -248,29 +249,29 @@ class LayerWorker:
                 if self._checkpoint_asked is not None:
                     self._checkpoint_asked = None
                     self.checkpoint(event.step, event.epoch)
-            elif isinstance(event, End) and not s.is_last:
-                self._send_down(wire.Activation(event.step, event.epoch, "end", False))
+            elif isinstance(event, End) and not parts.is_last:
+                self._send_down(wire.Activation.marker(Phase.END, event.step, event.epoch))
 
     def evaluate_first(self, test, epoch: int, step: int) -> None:
-        s = self.s
-        tally = EvalTally(s.logic.loss_fn)
-        for b, (x, y) in enumerate(eval_batches(test, s.cfg.batch_size, s.cfg.eval_samples)):
+        parts = self.parts
+        tally = EvalTally(parts.logic.loss_fn)
+        for b, (x, y) in enumerate(eval_batches(test, parts.cfg.batch_size, parts.cfg.eval_samples)):
             with self.timings.span("compute"):
-                out = s.logic.eval_forward(x)
-            if s.is_last:
+                out = parts.logic.eval_forward(x)
+            if parts.is_last:
                 tally.add(out, y)
             else:
-                self._send_down(wire.Activation(b, epoch, "eval", False, out, y))
-        if s.is_last:
+                self._send_down(wire.Activation(b, epoch, Phase.EVAL, False, out, y))
+        if parts.is_last:
             self.links.send_coord(wire.EvalResult(epoch, step, tally.loss, tally.accuracy, tally.n))
         else:
-            self._send_down(wire.Activation(step, epoch, "eval_end", False))
+            self._send_down(wire.Activation.marker(Phase.EVAL_END, step, epoch))
 
     def run_rest(self) -> None:
         """Stages > 0: act on what arrives from the stage before until its end marker."""
-        s = self.s
-        tally = EvalTally(s.logic.loss_fn)
-        order = StreamOrder(s.cfg, s.reporter.last_step)
+        parts = self.parts
+        tally = EvalTally(parts.logic.loss_fn)
+        order = StreamOrder(parts.cfg, parts.reporter.last_step)
         while True:
             msg = self.links.recv_activation()
             problem = order.problem(msg.phase, msg.step, msg.true_grad)
@@ -278,42 +279,42 @@ class LayerWorker:
                 self.links.reject(wire.WireError(f"ACTIVATION: {problem}", "ACTIVATION.step"))
                 continue
             order.accept(msg.phase, msg.step)
-            if msg.phase == "train":
+            if msg.phase is Phase.TRAIN:
                 self.train_step(msg.step, msg.epoch, msg.h, msg.labels)
-            elif msg.phase == "eval":
+            elif msg.phase is Phase.EVAL:
                 with self.timings.span("compute"):
-                    out = s.logic.eval_forward(msg.h)
-                    if s.is_last:
+                    out = parts.logic.eval_forward(msg.h)
+                    if parts.is_last:
                         tally.add(out, msg.labels)
-                if not s.is_last:
-                    self._send_down(wire.Activation(msg.step, msg.epoch, "eval", False, out, msg.labels))
-            elif msg.phase == "checkpoint":
+                if not parts.is_last:
+                    self._send_down(wire.Activation(msg.step, msg.epoch, Phase.EVAL, False, out, msg.labels))
+            elif msg.phase is Phase.CHECKPOINT:
                 self.checkpoint(msg.step, msg.epoch)
-            elif msg.phase == "eval_end":
-                if s.is_last:
+            elif msg.phase is Phase.EVAL_END:
+                if parts.is_last:
                     self.links.send_coord(wire.EvalResult(msg.epoch, msg.step, tally.loss, tally.accuracy, tally.n))
-                    tally = EvalTally(s.logic.loss_fn)
+                    tally = EvalTally(parts.logic.loss_fn)
                 else:
                     self._send_down(msg)
             else:  # end
-                if not s.is_last:
+                if not parts.is_last:
                     self._send_down(msg)
                 return
 
     def finish(self) -> None:
         """Wait for the gradients still travelling back, save, report, wait for STOP."""
-        s = self.s
+        parts = self.parts
         self._wait_for_gradients()
         ended = time.monotonic()
-        path = final_path(s.run_dir, self.stage)
-        s.checkpoints.save(path, s.reporter.last_step)
+        path = final_path(parts.run_dir, self.stage)
+        parts.checkpoints.save(path, parts.reporter.last_step)
         # traces for `launch.py compare` (too large for a control message's header bound)
-        atomic_write_json(s.run_dir / f"timeline-stage{self.stage}.json", self.timings.timeline)
-        if s.logic.snapshots:
-            atomic_write_json(s.run_dir / f"sg-snapshots-stage{self.stage}.json", s.logic.snapshots)
-        s.reporter.report(final=True)
-        self.links.send_coord(wire.Done(self.stage, s.reporter.final_summary(
-            ended=ended, endpoint=self.links.endpoint, core=s.core, units=s.units, checkpoint=str(path))))
+        atomic_write_json(parts.run_dir / f"timeline-stage{self.stage}.json", self.timings.timeline)
+        if parts.logic.snapshots:
+            atomic_write_json(parts.run_dir / f"sg-snapshots-stage{self.stage}.json", parts.logic.snapshots)
+        parts.reporter.report(final=True)
+        self.links.send_coord(wire.Done(self.stage, parts.reporter.final_summary(
+            ended=ended, endpoint=self.links.endpoint, core=parts.core, units=parts.units, checkpoint=str(path))))
         while True:  # until STOP (raises Stopped) or the coordinator vanishes
             self._wait_for_gradients(lambda: False)
 
@@ -321,7 +322,7 @@ class LayerWorker:
         start = self.handshake()
         self.setup(start)
         self.wait_begin()
-        self.s.reporter.start()
+        self.parts.reporter.start()
         if self.stage == 0:
             self.run_first()
         else:
