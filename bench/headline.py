@@ -6,6 +6,7 @@ its range (one invocation can hold a lucky pair).
 
     for i in 1 2 3; do python bench/headline.py run --model bench.models:digits_cnn --batch-size 128 \\
         --epochs 2 --rules local,corrected:10,unlocked:10 --out bench/results/headline-cnn.jsonl; done
+    python bench/headline.py run ... --rules local,local+replicas=1/2/1/1   # a rule's own options
     python bench/headline.py summary bench/results/headline-cnn.jsonl
 
 `run` appends one JSON line per pair to --out; `summary` prints, per rule: samples/s ratio to
@@ -33,9 +34,23 @@ from synthgrad.coordinator.train import train  # noqa: E402
 WITHIN = 0.005  # "reaches backprop's accuracy": within half a point of its final test accuracy
 
 
+def _options(rule: str) -> tuple[str, dict]:
+    """`local+replicas=1/2/1/1+groups=2/2` -> ("local", {"replicas": (1, 2, 1, 1), "groups": (2, 2)}):
+    a rule with options of its own (a list's entries separated by "/", as "," separates rules)."""
+    name, *opts = rule.split("+")
+    changes: dict = {}
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        changes[key.replace("-", "_")] = (tuple(int(v) for v in value.split("/")) if "/" in value or key in
+                                          ("replicas", "threads", "groups") else
+                                          int(value) if value.isdigit() else value)
+    return name, changes
+
+
 def _config(args, rule: str, out: Path) -> RunConfig:
+    rule, options = _options(rule)
     mode, _, n = rule.partition(":")
-    changes = {"mode": mode, "out": str(out)}
+    changes = {"mode": mode, "out": str(out), **options}
     if n:
         changes["true_grad_every"] = int(n)
     layers = tuple(int(v) for v in args.layers.split(",")) if args.layers else RunConfig.layers
@@ -59,7 +74,8 @@ def run(args) -> None:
     with open(args.out, "a") as sink:
         for rule in args.rules.split(","):
             _, bp = train(_config(args, "backprop", runs / "backprop"), log=lambda _: None)
-            _, got = train(_config(args, rule, runs / rule.replace(":", "")), log=lambda _: None)
+            folder = rule.replace(":", "").replace("+", "-").replace("/", "").replace("=", "")
+            _, got = train(_config(args, rule, runs / folder), log=lambda _: None)
             reached = _first_within(got["evals"], bp["test_accuracy"])
             bp_reached = _first_within(bp["evals"], bp["test_accuracy"])
             row = {"invocation": invocation, "cores": cores, "model": args.model, "layers": args.layers,

@@ -146,6 +146,11 @@ class RunConfig:
                                                        "stage, or N,N,... one per stage (None = auto: "
                                                        "cores follow each stage's share of the run's FLOPs, "
                                                        "common/placement.py)")
+    replicas: Optional[tuple[int, ...]] = PROCESSES.opt(None, "processes per stage, each training on an equal part "
+                                                        "of every batch's rows, gradients summed over them "
+                                                        "(torch.distributed, gloo) before every step: N for every "
+                                                        "stage, or N,N,... one per stage (None = 1 each); a "
+                                                        "stage's threads are split among its replicas")
     backprop_threads: Optional[int] = PROCESSES.opt(None, "torch threads for mode=backprop (None = all cores)")
     placement: str = PROCESSES.opt("auto", "auto | pin | none: pin stages to cores balancing their cost (pin), "
                                    "leave them to the OS (none), or pin only when every stage gets a core "
@@ -279,6 +284,8 @@ class RunConfig:
         within("sg_budget", 0, 10, lo_open=True)
         need(self.threads is None or (len(self.threads) >= 1 and all(t >= 1 for t in self.threads)),
              f"--threads entries must be at least 1, got {self.threads}")
+        need(self.replicas is None or (len(self.replicas) >= 1 and all(r >= 1 for r in self.replicas)),
+             f"--replicas entries must be at least 1, got {self.replicas}")
         need(self.queue_depth >= 1, "--queue-depth must be at least 1")
         need(self.timeline_steps >= 0, "--timeline-steps must be 0 or more")
         if self.slow_stage is not None:
@@ -330,6 +337,18 @@ class RunConfig:
         need(self.threads is None or self.mode == Mode.BACKPROP or len(self.threads) in (1, len(self.stage_groups)),
              f"--threads lists {len(self.threads or ())} counts, but the run has {len(self.stage_groups)} stages: "
              f"give one for every stage, or one per stage")
+        need(self.replicas is None or len(self.replicas) in (1, len(self.stage_groups)),
+             f"--replicas lists {len(self.replicas or ())} counts, but the run has {len(self.stage_groups)} "
+             f"stages: give one for every stage, or one per stage")
+        if self.replicas is not None and max(self.replicas) > 1:
+            need(self.mode not in (Mode.BACKPROP, Mode.PIPELINE),
+                 f"--replicas runs stage workers; mode {self.mode} has none (use a stage-worker mode)")
+            bad = [r for r in self.stage_replica_counts() if self.batch_size % r]
+            need(not bad, f"--replicas {bad[0] if bad else ''} does not divide --batch-size {self.batch_size}: "
+                          f"each replica takes an equal part of every batch")
+            need(self.precision == "fp32", "--replicas needs --precision fp32 (the replicas' collectives "
+                                           "run in float32)")
+            need(self.device == "cpu", "--replicas runs on the CPU (gloo); --device must be cpu")
         return self
 
     def stage_thread_counts(self) -> Optional[tuple[int, ...]]:
@@ -337,6 +356,13 @@ class RunConfig:
         if self.threads is None:
             return None
         return tuple(self.threads) * len(self.stage_groups) if len(self.threads) == 1 else tuple(self.threads)
+
+    def stage_replica_counts(self) -> tuple[int, ...]:
+        """--replicas per stage (one number stands for every stage; None: 1 each)."""
+        n = len(self.stage_groups)
+        if self.replicas is None:
+            return (1,) * n
+        return tuple(self.replicas) * n if len(self.replicas) == 1 else tuple(self.replicas)
 
     # ---------------------------------------------------------------- derived values
     @property
@@ -410,7 +436,7 @@ class RunConfig:
             kwargs.setdefault("placement", "auto" if kwargs.pop("pin_cores") else "none")
         if "threads_per_worker" in kwargs:  # a run folder from before --threads
             kwargs.setdefault("threads", [kwargs.pop("threads_per_worker")])
-        for k in ("layers", "groups", "slow_stage", "fail_saves", "input_shape", "threads"):
+        for k in ("layers", "groups", "slow_stage", "fail_saves", "input_shape", "threads", "replicas"):
             if kwargs.get(k) is not None:
                 kwargs[k] = tuple(int(v) for v in kwargs[k])
         return cls(**kwargs).validate()
@@ -467,7 +493,7 @@ def load_config_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: {', '.join(derived)} come from the data, not from options")
     for k in derived:  # a run's config.json: read again from the data when the new run starts
         del values[k]
-    for k in ("layers", "groups", "slow_stage", "fail_saves", "threads"):
+    for k in ("layers", "groups", "slow_stage", "fail_saves", "threads", "replicas"):
         if isinstance(values.get(k), list):
             values[k] = tuple(values[k])
     return values

@@ -120,7 +120,7 @@ class Unlocked(UpdateRule):
         per_sample = stage.predict(h, labels)
         if kept is not None and kept.h is not None:
             kept.sg_pred = per_sample
-        return per_sample / h.shape[0]
+        return per_sample / stage.batch_rows(h)  # the whole batch's mean, whichever rows this process holds
 
     def on_gradient(self, stage, step, kept, g, true_grad):
         stage.learn_predictor(step, kept, g)

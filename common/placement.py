@@ -177,3 +177,17 @@ def plan_placement(costs: Sequence[float], how: str, cores: Sequence[int] | None
         loads[core] = loads.get(core, 0.0) + costs[stage]
     return Placement(how, tuple(placed), max(loads.values()),
                      f"{len(costs)} stages balanced over {len(cores)} cores", (1,) * len(costs), shares)
+
+
+def replica_blocks(core: int, threads: int, replicas: int, usable: Sequence[int]) -> list[tuple[int, int]]:
+    """(first core or -1, torch threads) for each process of a stage that runs as `replicas`
+    processes (workers/replicas.py): the stage's `threads` cores from `core` on are split into
+    equal blocks, one per replica (each at least one core; with fewer cores than replicas, the
+    replicas share the stage's cores in turn). Not pinned (core -1): each replica gets its part
+    of the threads and the OS places it."""
+    per = max(threads // max(replicas, 1), 1)
+    if core < 0:
+        return [(-1, per)] * replicas
+    first = list(usable).index(core) if core in usable else 0
+    block = list(usable)[first:first + max(threads, 1)] or [core]
+    return [(block[(r * per) % len(block)], per) for r in range(replicas)]

@@ -147,7 +147,12 @@ def markdown(rows: list[dict], base: RunConfig, target: float) -> str:
         split = ",".join(map(str, lay["groups"])) if lay else "all"
         pinned = ("yes" if lay["pinned"] else "no") if lay else "-"
         threads = r.get("threads")
-        threads = ",".join(map(str, threads)) if isinstance(threads, list) else str(threads or "-")
+        replicas = lay.get("replicas") or []
+        if isinstance(threads, list):  # a replicated stage: processes x threads each
+            threads = ",".join(f"{replicas[i]}x{max(t // replicas[i], 1)}" if i < len(replicas) and replicas[i] > 1
+                               else str(t) for i, t in enumerate(threads))
+        else:
+            threads = str(threads or "-")
         ceiling = f"{lay['ceiling_samples_per_s']:.0f}" if lay and lay.get("ceiling_samples_per_s") else "-"
         to_bp = r.get("time_to_backprop_s")
         to_bp = "-" if r.get("backprop_final_accuracy") is None else ("never" if to_bp is None else f"{to_bp:.1f}")

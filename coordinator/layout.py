@@ -28,6 +28,7 @@ class Layout:
     # the stage's FLOPs it costs
     predictors: tuple[Optional[PredictorChoice], ...] = ()
     predictor_shares: tuple[Optional[float], ...] = ()
+    replicas: tuple[int, ...] = ()  # processes per stage (--replicas; workers/replicas.py)
 
     @property
     def ceiling_samples_per_s(self) -> Optional[float]:
@@ -43,6 +44,7 @@ class Layout:
         p = self.placement
         return {"groups": list(self.groups), "stage_mflops_per_sample": [round(f / 1e6, 3) for f in self.stage_flops],
                 "placement": p.asked, "cores": list(p.cores), "threads": list(p.threads), "pinned": p.pinned,
+                "replicas": list(self.replicas or (1,) * len(self.groups)),
                 "reason": p.reason,
                 "flops_share": [round(f / max(sum(self.stage_flops), 1.0), 4) for f in self.stage_flops],
                 "busiest_core_mflops_per_sample": round(p.busiest / 1e6, 3),
@@ -60,6 +62,8 @@ class Layout:
               for i, (c, share) in enumerate(zip(self.predictors, self.predictor_shares)) if c is not None]
         return (f"layout: layers per stage {list(self.groups)}, MFLOPs per sample {mflops}; "
                 f"{self.placement.describe()}"
+                + (f"; replicas per stage {list(self.replicas)} (the stage's threads split among them)"
+                   if any(r > 1 for r in self.replicas) else "")
                 + (f"; ceiling {ceiling:,.0f} samples/s" if ceiling is not None else "")
                 + (f"; predictors (share of their stage) {', '.join(sg)}" if sg else ""))
 
@@ -98,7 +102,7 @@ def plan_layout(cfg: RunConfig) -> tuple[RunConfig, Optional[Layout]]:
     predictors, shares = _predictors(cfg, units, costs)
     placement = plan_placement(flops, cfg.placement, threads=cfg.stage_thread_counts())
     return cfg, Layout(tuple(cfg.stage_groups), tuple(flops), placement, core_flops_per_s(cfg.batch_size),
-                       on_cpu, predictors, shares)
+                       on_cpu, predictors, shares, cfg.stage_replica_counts())
 
 
 def _predictors(cfg: RunConfig, units, costs) -> tuple[tuple, tuple]:

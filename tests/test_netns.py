@@ -43,8 +43,10 @@ def test_unlocked_run_across_three_namespaces(tmp_path, delay_ms=5.0):
             procs.append(bare)
             out, _ = bare.communicate(timeout=60)
             assert bare.returncode == 2 and "is a tcp link, and tcp links are CURVE-encrypted" in out, out
+            # stage 2 on two processes: its worker starts its replica on its own host (namespace 2)
             coord = launch_in(hosts, 0, "coordinator", "--bind", f"tcp://{a0}:0", "--keys", str(keys),
-                              *JOB, "--link-delay-ms", str(delay_ms), "--out", str(tmp_path / "run"))
+                              *JOB, "--replicas", "1,1,2,1", "--link-delay-ms", str(delay_ms),
+                              "--out", str(tmp_path / "run"))
             procs.append(coord)
             line, seen = wait_for_line(coord, "coordinator at ", timeout=60)
             endpoint = line.split("coordinator at ")[1].split(";")[0]
@@ -71,6 +73,7 @@ def test_unlocked_run_across_three_namespaces(tmp_path, delay_ms=5.0):
     ends = {w["stage"]: w["input_endpoint"] for w in summary["workers"]}
     assert ends[1].startswith(f"tcp://{a1}:") and ends[2].startswith(f"tcp://{a2}:")
     assert ends[3].startswith(f"tcp://{a2}:")  # each stage listens on its own host's address
+    assert [len(w["replica_pids"]) for w in sorted(summary["workers"], key=lambda w: w["stage"])] == [0, 0, 1, 0]
 
 
 @pytest.mark.timeout(240)

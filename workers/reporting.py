@@ -76,6 +76,7 @@ class StageReporter:
             "input_endpoint": endpoint, "core": core, "threads": torch.get_num_threads(),
             "cores_allowed": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "units": list(units),
+            "replica_pids": self.logic.replica_pids,  # the stage's other processes (--replicas)
             "messaging_fraction": sum(totals[k] for k in MESSAGING) / elapsed if elapsed > 0 else 0.0,
             **{f"{k}_s": v for k, v in totals.items()},
             "compute_cpu_s": self.timings.compute_cpu,

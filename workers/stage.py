@@ -24,9 +24,18 @@ from torch.func import functional_call
 from synthgrad.common.config import RunConfig
 from synthgrad.common.costs import PredictorChoice, choose_predictor, training_flops
 from synthgrad.common.devices import Compute
-from synthgrad.common.models import LocalHead, SyntheticGradient, loss_function, make_optimizer
+from synthgrad.common.models import (
+    LocalHead,
+    SyntheticGradient,
+    build_units,
+    loss_function,
+    make_optimizer,
+    stage_bounds,
+    stage_io_shapes,
+)
 from synthgrad.common.modes import UpdateRule
 from synthgrad.common.reports import RunFailed
+from synthgrad.workers.sync import GradientSync
 
 MAX_KEPT_STEPS = 4096  # a safety bound; bounded queues keep the real number far below it
 SNAPSHOT_AT = (0.0, 0.1, 0.5, 1.0)  # fractions of the run at which to keep SG-vs-true samples
@@ -111,13 +120,18 @@ class StageLogic:
     def __init__(self, cfg: RunConfig, stage: int, num_stages: int, module: nn.Module,
                  in_shape: tuple[int, ...], out_shape: tuple[int, ...],
                  snapshot_steps: frozenset[int] = frozenset(),
-                 rule: Optional[UpdateRule] = None, dev: Optional[Compute] = None):
+                 rule: Optional[UpdateRule] = None, dev: Optional[Compute] = None,
+                 sync: Optional[GradientSync] = None):
         """`in_shape`, `out_shape`: one sample's, in and out (a predictor is priced against
         the stage's FLOPs on them). `rule`: the mode's unless given (bench/rules.py tries rules
         that are not modes yet). `dev`: the device and precision (default: the CPU, in the
         run's precision). What comes in (data, activations, gradients) is moved onto the
-        device; what goes out comes back in the wire's dtype, in host memory."""
+        device; what goes out comes back in the wire's dtype, in host memory. `sync`: this
+        stage runs as one of several replicas, each on its share of every batch's rows
+        (workers/replicas.py): each model's gradients are summed over the replicas before it
+        steps, so every loss here counts for its share of the batch."""
         self.cfg = cfg
+        self.sync = sync
         self.rule: UpdateRule = rule or cfg.rule
         uses_predictor = stage < num_stages - 1 and self.rule.uses_predictor
         # counted on the CPU, before the module moves to its device (the layout counts the same)
@@ -156,6 +170,7 @@ class StageLogic:
 
     # ------------------------------------------------------------------ what the rules use
     def step_optimizer(self) -> None:
+        self._synced(self.module)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -174,7 +189,7 @@ class StageLogic:
         if self.sg is None:
             return
         if kept.sg_pred is not None:
-            target = g.float() * g.shape[0]
+            target = g.float() * self.batch_rows(g)
             cos = float(F.cosine_similarity(kept.sg_pred.reshape(1, -1), target.reshape(1, -1)))
             self.stats.cos_sum += cos
             self.stats.cos_n += 1
@@ -191,7 +206,8 @@ class StageLogic:
         loss = F.cross_entropy(self.head(h_leaf), labels)
         require_finite(loss.detach(), "the local head's loss", self.stage, step)
         self.head_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self._shared(loss).backward()
+        self._synced(self.head)
         self.head_optimizer.step()
         self.stats.head_seconds += time.perf_counter() - t0
         self.stats.head_loss_sum += loss.item()
@@ -235,6 +251,19 @@ class StageLogic:
         return dx
 
     # ------------------------------------------------------------------ helpers
+    def batch_rows(self, t: torch.Tensor) -> int:
+        """The rows of the whole batch `t` is (this process's part of) a tensor of."""
+        return t.shape[0] if self.sync is None else t.shape[0] * self.sync.replicas
+
+    def _shared(self, loss: torch.Tensor) -> torch.Tensor:
+        """A loss (a mean over this process's rows) as its share of the whole batch's mean."""
+        return loss if self.sync is None else loss * self.sync.share
+
+    def _synced(self, model: nn.Module) -> None:
+        """Sum `model`'s gradients over the replicas before it steps (nothing without them)."""
+        if self.sync is not None:
+            self.sync.reduce(model)
+
     def _input(self, x: torch.Tensor, need_dx: bool) -> torch.Tensor:
         if need_dx and not self.is_first:
             return x.detach().requires_grad_(True)
@@ -262,11 +291,12 @@ class StageLogic:
     def _train_sg(self, kept: Kept, g: torch.Tensor) -> None:
         assert self.sg is not None and self.sg_optimizer is not None
         t0 = time.perf_counter()
-        target = g.float() * g.shape[0]
+        target = g.float() * self.batch_rows(g)
         pred = self.sg(kept.h_detached.float(), kept.labels)
         loss = F.mse_loss(pred, target)
         self.sg_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self._shared(loss).backward()
+        self._synced(self.sg)
         self.sg_optimizer.step()
         self.stats.sg_seconds += time.perf_counter() - t0
         self.stats.sg_loss_sum += loss.item()
@@ -358,7 +388,7 @@ class StageLogic:
             out = self.module(x)
             loss = self.loss_fn(out, labels)
         require_finite(loss.detach(), "the loss", self.stage, step)
-        loss.backward()
+        self._shared(loss).backward()
         self.step_optimizer()
         value = loss.item()
         self.stats.loss_sum += value
@@ -382,6 +412,14 @@ class StageLogic:
         return out if self.is_last else self.dev.leave(out)
 
     # ------------------------------------------------------------------ state
+    def close(self) -> None:
+        """Nothing to release (a replicated stage's other processes: workers/replicas.py)."""
+
+    @property
+    def replica_pids(self) -> list[int]:
+        """The stage's other processes: none (workers/replicas.py has them)."""
+        return []
+
     def outstanding(self) -> int:
         return len(self.kept)
 
@@ -416,6 +454,32 @@ class StageLogic:
             self.head_optimizer.load_state_dict(state["head_optimizer"])
         last_true = state.get("last_true")
         self.last_true = None if last_true is None else self.dev.arrive(last_true)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Where a stage sits in the network."""
+    units: tuple[int, int]  # [first, end) unit indices
+    in_shape: tuple[int, ...]  # one sample's, in and out
+    out_shape: tuple[int, ...]
+    num_classes: int
+    num_stages: int
+
+
+def build_stage(cfg: RunConfig, stage: int, total_steps: int, dev: Compute,
+                sync: Optional[GradientSync] = None) -> tuple[StageLogic, StagePlan]:
+    """Stage `stage`'s logic with its layers, made the same way in every process that runs it
+    (a stage worker, each of its replicas): the whole network is built from the seed, so the
+    stage's weights are backprop's."""
+    first_unit, end_unit = stage_bounds(cfg)[stage]
+    units = build_units(cfg)
+    shapes = stage_io_shapes(cfg, units)
+    in_shape, out_shape = shapes[stage]
+    num_stages = len(cfg.stage_groups)
+    logic = StageLogic(cfg, stage, num_stages, nn.Sequential(*units[first_unit:end_unit]), in_shape, out_shape,
+                       snapshot_steps=snapshot_steps(cfg, total_steps), dev=dev, sync=sync)
+    # the last stage's output: one logit per class
+    return logic, StagePlan((first_unit, end_unit), in_shape, out_shape, shapes[-1][1][0], num_stages)
 
 
 def _tensors(obj):

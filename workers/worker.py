@@ -21,7 +21,6 @@ from typing import Optional
 
 import torch
 import zmq
-from torch import nn
 
 from synthgrad.common import wire
 from synthgrad.common.config import RunConfig
@@ -31,15 +30,16 @@ from synthgrad.common.datasets import load_dataset
 from synthgrad.common.devices import Compute, stage_device
 from synthgrad.common.evaluation import EvalTally
 from synthgrad.common.files import atomic_write_json
-from synthgrad.common.models import build_units, stage_bounds, stage_io_shapes
-from synthgrad.common.placement import unpinned_threads
+from synthgrad.common.placement import replica_blocks, unpinned_threads
 from synthgrad.common.procs import available_cores, die_with_parent, pin_to_core
 from synthgrad.common.security import Keys
 from synthgrad.workers.checkpointing import StageCheckpoints, final_path
 from synthgrad.workers.links import POLL_MS, CoordinatorGone, Handlers, Links, Stopped
 from synthgrad.workers.reporting import StageReporter
 from synthgrad.workers.schedule import Boundary, End, Evaluate, StreamOrder, TrainBatch, schedule, split_batches
-from synthgrad.workers.stage import StageLogic, snapshot_steps
+from synthgrad.workers.replicas import ReplicatedLogic
+from synthgrad.workers.stage import StageLogic, build_stage
+from synthgrad.workers.sync import GradientSync
 from synthgrad.workers.timings import Timings
 
 
@@ -72,7 +72,7 @@ class StageParts:
     is_last: bool
     total_steps: int
     first_step: int  # 0, or one past the checkpoint a resumed run continues from
-    logic: StageLogic
+    logic: StageLogic | ReplicatedLogic
     reporter: StageReporter
     checkpoints: StageCheckpoints
     dataset: Optional[Dataset]  # stage 0 reads the data itself
@@ -111,38 +111,38 @@ class LayerWorker:
 
     def setup(self, start: wire.Start) -> None:
         cfg = RunConfig.from_dict(start.config)
-        core, threads = self._place(cfg, start)
+        replicas = cfg.stage_replica_counts()[self.stage]
+        blocks = replica_blocks(*self._place(cfg, start), replicas, available_cores())
+        core, threads = blocks[0]
         torch.set_num_threads(threads)
         pin_to_core(core, threads)
-        num_stages = len(cfg.stage_groups)
-        first_unit, end_unit = stage_bounds(cfg)[self.stage]
-        units = build_units(cfg)  # the whole network from the seed, so this stage's weights are backprop's
-        shapes = stage_io_shapes(cfg, units)
-        in_shape, out_shape = shapes[self.stage]
-        num_classes = shapes[-1][1][0]  # the last stage's output: one logit per class
-        module = nn.Sequential(*units[first_unit:end_unit])
         device = stage_device(cfg.device, self.stage, self.spec.local_index)
         dev = Compute.of(device, cfg.precision)  # DeviceError when this host has no such device
-        logic = StageLogic(cfg, self.stage, num_stages, module, in_shape, out_shape,
-                           snapshot_steps=snapshot_steps(cfg, start.total_steps), dev=dev)
+        sync = GradientSync(replicas) if replicas > 1 else None
+        logic, plan = build_stage(cfg, self.stage, start.total_steps, dev, sync)
         run_dir = Path(self.spec.run_dir or start.run_dir)
-        is_last = self.stage == num_stages - 1
-        reporter = StageReporter(self.stage, cfg, logic, self.timings, self.links.send_coord,
-                                 lambda: self.links.rejected)
-        self.links.configure(cfg, in_shape, num_classes, is_last, self.spec.host, self.spec.transport,
-                             Handlers(on_grad=self._on_grad, on_checkpoint=self._on_checkpoint,
-                                      on_committed=self._on_committed, on_idle=reporter.maybe_report))
-        checkpoints = StageCheckpoints(self.stage, cfg, run_dir, logic, first_unit)
+        is_last = self.stage == plan.num_stages - 1
+        checkpoints = StageCheckpoints(self.stage, cfg, run_dir, logic, plan.units[0])
         if cfg.fail_saves is not None and cfg.fail_saves[0] == self.stage:
             checkpoints.fail_after = cfg.fail_saves[1]
         if start.resume_path:
             checkpoints.load(Path(start.resume_path), start.resume_step)
+        if sync is not None:  # the other replicas load the same checkpoint themselves
+            logic = ReplicatedLogic.start(logic, plan, cfg, self.stage, start.total_steps, blocks,
+                                          start.resume_path, start.resume_step)
+            checkpoints.logic = logic
+        reporter = StageReporter(self.stage, cfg, logic, self.timings, self.links.send_coord,
+                                 lambda: self.links.rejected)
+        if start.resume_path:
             reporter.last_step = start.resume_step
+        self.links.configure(cfg, plan.in_shape, plan.num_classes, is_last, self.spec.host, self.spec.transport,
+                             Handlers(on_grad=self._on_grad, on_checkpoint=self._on_checkpoint,
+                                      on_committed=self._on_committed, on_idle=reporter.maybe_report))
         dataset = None
         if self.stage == 0:
             dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.synthetic_train, cfg.synthetic_test)
-        self.parts = StageParts(cfg, run_dir, core, (first_unit, end_unit), out_shape, is_last, start.total_steps,
-                       start.resume_step + 1, logic, reporter, checkpoints, dataset)
+        self.parts = StageParts(cfg, run_dir, core, plan.units, plan.out_shape, is_last, start.total_steps,
+                                start.resume_step + 1, logic, reporter, checkpoints, dataset)
 
     def _place(self, cfg: RunConfig, start: wire.Start) -> tuple[int, int]:
         """(first core or -1, torch threads). A local stage takes what the coordinator's layout
@@ -330,6 +330,8 @@ class LayerWorker:
         self.finish()
 
     def close(self) -> None:
+        if self.parts is not None:
+            self.parts.logic.close()  # a replicated stage stops its other replicas
         self.links.close()
 
 

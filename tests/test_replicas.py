@@ -1,0 +1,116 @@
+"""--replicas: a stage on several processes, each on its part of every batch's rows, gradients
+summed over them (workers/replicas.py). A replicated stage computes what the stage alone would:
+`locked` and `local` (the deterministic rules) end where the same run without replicas ends, a
+killed replica is named and its stage restarts from the checkpoint, and no replica outlives its
+run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from synthgrad.common.config import ConfigError, RunConfig
+from synthgrad.common.files import load_model_state
+from synthgrad.common.placement import replica_blocks
+from synthgrad.cli import build_parser, config_from_args
+from tests.helpers import (
+    EXACT_SGD,
+    LOCKED,
+    LOCKED_EQUALS_BACKPROP,
+    ROOT,
+    assert_states_close,
+    assert_states_equal,
+    run,
+    wait_for_line,
+)
+
+# The model has no batch norm: a replica normalises by its own rows' statistics (as a pipeline's
+# microbatch does), which is another computation; everything else is row by row or a sum over rows.
+PLAIN = "tests.user_models:plain_mlp"
+
+
+def test_replica_blocks_split_a_stages_cores():
+    usable = [0, 1, 2, 3, 4, 5]
+    assert replica_blocks(2, 4, 2, usable) == [(2, 2), (4, 2)]  # two blocks of two cores
+    assert replica_blocks(0, 1, 2, usable) == [(0, 1), (0, 1)]  # fewer cores than replicas: shared
+    assert replica_blocks(4, 3, 3, [4, 0, 5, 1]) == [(4, 1), (0, 1), (5, 1)]  # in the usable order
+    assert replica_blocks(-1, 4, 2, usable) == [(-1, 2), (-1, 2)]  # not pinned: threads split
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"replicas": (3,)}, "does not divide --batch-size 64"),
+    ({"replicas": (1, 2)}, "lists 2 counts, but the run has 4 stages"),
+    ({"replicas": (0,)}, "at least 1"),
+    ({"replicas": (2,), "mode": "backprop"}, "mode backprop has none"),
+    ({"replicas": (2,), "precision": "bf16"}, "--precision fp32"),
+])
+def test_replicas_config_errors(tiny_cfg, changes, words):
+    with pytest.raises(ConfigError, match=words):
+        tiny_cfg.replace(**changes).validate()
+    RunConfig(replicas=(1,)).validate()  # one process a stage is every run's default
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", ["locked", "local"])
+def test_a_replicated_stage_computes_what_the_stage_alone_does(tiny_cfg, tmp_path, mode):
+    """Stages 1 and 3 (a middle stage and the last) on two processes each: after 20 steps every
+    parameter equals the run without replicas up to float32 rounding (LOCKED_EQUALS_BACKPROP:
+    the only change is that a batch's gradient is summed as two halves, then added, 1.5e-8 seen),
+    and both evaluate the same."""
+    cfg = tiny_cfg.replace(**EXACT_SGD, model=PLAIN, mode=mode)
+    alone_dir, alone = run(cfg, out=str(tmp_path / "alone"))
+    split_dir, split = run(cfg, replicas=(1, 2, 1, 2), out=str(tmp_path / "replicated"))
+    assert alone["steps"] == split["steps"] == 20
+    assert_states_close(load_model_state(alone_dir), load_model_state(split_dir), **LOCKED_EQUALS_BACKPROP)
+    assert split["test_accuracy"] == pytest.approx(alone["test_accuracy"], abs=1 / 512)
+    assert split["layout"]["replicas"] == [1, 2, 1, 2]
+    replica_pids = {w["stage"]: w["replica_pids"] for w in split["workers"]}
+    assert [len(replica_pids[s]) for s in range(4)] == [0, 1, 0, 1]
+    for pid in replica_pids[1] + replica_pids[3]:  # each replica stopped with its stage
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def _replica_of(stage_pid: int) -> int:
+    """The replica process of a stage worker: started through the stage's own fork server, so a
+    grandchild of the stage worker."""
+    for child in psutil.Process(stage_pid).children():
+        grandchildren = child.children()
+        if grandchildren:
+            return grandchildren[0].pid
+    raise AssertionError(f"stage worker {stage_pid} has no replica")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_killed_replica_is_named_and_its_stage_restarts_from_the_checkpoint(tmp_path):
+    args = [*LOCKED, "--model", PLAIN, "--epochs", "2", "--replicas", "1,2,1,1"]
+    undisturbed_dir, _ = run(config_from_args(build_parser().parse_args(["train", *args])),
+                             out=str(tmp_path / "undisturbed"))
+    run_dir = tmp_path / "restarted"
+    proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "launch.py"), "train", *args, "--checkpoint-every",
+                             "0.3", "--on-failure", "restart", "--link-delay-ms", "3", "--out", str(run_dir)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line, seen = wait_for_line(proc, "checkpoint: step", timeout=90)
+        stage1 = int(next(l for l in seen if "stage 1 registered: pid" in l).split("pid ")[1].split()[0])
+        victim = _replica_of(stage1)
+        os.kill(victim, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=150)
+        out = "".join(seen) + out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, out[-3000:]
+    assert f"stage 1: its replica 1 (pid {victim}) killed by SIGKILL" in out, out[-3000:]
+    assert "restarting every stage from the checkpoint" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["restarts"] == 1 and summary["status"] == "done"
+    assert_states_equal(load_model_state(undisturbed_dir), load_model_state(run_dir), "after the restart")
+    assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE

@@ -1,0 +1,265 @@
+"""A stage on several processes: more than one core's worth of work on the heaviest layer.
+
+`--replicas` gives a stage R processes. The stage worker (the leader, replica 0) keeps the
+stage's links and its place in the run; it starts the other R-1 replicas on its own host and
+joins them in a torch.distributed process group (gloo). Every training call of the stage's logic
+(forward, the rule's update, a returning gradient, the last stage's step) runs on all R at
+once, each on an equal, contiguous part of the batch's rows: the leader scatters the rows,
+every replica computes on its part, the leader gathers what goes on (the output, dL/dx). Before
+any model steps, its gradients are summed over the replicas (workers/sync.py), with every loss
+counted for its share of the batch, so each replica takes the step the whole batch gives and
+all replicas keep equal weights, optimiser states, predictors and heads. Evaluation runs on the
+leader alone (the weights are the same), and so does everything else the stage does.
+
+Why rows of one batch and not PipeDream's alternate batches: each rule keeps its exact step
+semantics (alternate batches would add a step of staleness to every replicated stage, or an
+averaging of two batches' updates), `locked` still reproduces backprop, and nothing outside the
+stage changes: the links, the coordinator's relay, checkpoints, restarts and hosts see one stage.
+What it costs is the copy of each batch's rows to the other replicas and back, on one host.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from synthgrad.common.config import RunConfig
+from synthgrad.common.devices import Compute
+from synthgrad.common.procs import ProcessGroup, describe_exit, die_with_parent, pin_to_core
+from synthgrad.common.reports import RunFailed
+from synthgrad.common.wire import DTYPES
+from synthgrad.workers.stage import StageLogic, StagePlan, build_stage
+from synthgrad.workers.sync import GradientSync
+
+FORWARD, LOCAL_UPDATE, RECEIVE_GRAD, LAST_STEP, STOP = range(1, 6)
+DTYPE_CODES = list(DTYPES.values())
+MAX_DIMS = 8
+# Collectives wait this long: a replica idles in one while the leader evaluates, checkpoints or
+# waits for its input. A replica that dies closes its connections, which fails the leader's next
+# collective at once; a leader that dies takes its replicas with it (die_with_parent); a leader
+# that hangs is the coordinator's watchdog's to notice.
+IDLE_TIMEOUT = timedelta(days=7)
+
+
+class ReplicaGone(RunFailed):
+    """A replica of this stage has exited: the stage cannot go on (a restart starts it anew)."""
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    stage: int
+    replica: int  # 1..replicas-1 (0 is the stage worker)
+    replicas: int
+    config: dict
+    rendezvous: str  # a file the group meets at, on this host
+    core: int  # first core of its block; -1: not pinned
+    threads: int
+    total_steps: int
+    resume_path: str = ""
+    resume_step: int = -1
+
+
+class ReplicatedLogic:
+    """The leader's StageLogic: the same interface, each training call run by every replica on
+    its rows. Anything not overridden here is the leader's own (its logic holds the stage's
+    state: kept steps, statistics, the module for checkpoints and evaluation)."""
+
+    def __init__(self, logic: StageLogic, replicas: int, group: Any, procs: ProcessGroup, rendezvous: Path):
+        self.logic = logic
+        self.replicas = replicas
+        self.group = group
+        self.procs = procs
+        self._rendezvous = rendezvous
+        self._closed = False
+
+    @classmethod
+    def start(cls, logic: StageLogic, plan: StagePlan, cfg: RunConfig, stage: int, total_steps: int,
+              blocks: list[tuple[int, int]], resume_path: str, resume_step: int) -> "ReplicatedLogic":
+        """Start replicas 1..R-1 (blocks[r]: their cores and threads) and join them; they must
+        all join within --start-timeout."""
+        replicas = len(blocks)
+        folder = Path(tempfile.mkdtemp(prefix=f"synthgrad-stage{stage}-replicas-"))
+        rendezvous = folder / "group"
+        procs = ProcessGroup()
+        try:
+            for r in range(1, replicas):
+                procs.start(f"replica {r}", run_replica, ReplicaSpec(
+                    stage, r, replicas, cfg.to_dict(), str(rendezvous), *blocks[r], total_steps,
+                    resume_path or "", resume_step))
+            dist.init_process_group("gloo", init_method=rendezvous.as_uri(), rank=0, world_size=replicas,
+                                    timeout=timedelta(seconds=cfg.start_timeout))
+            group = dist.new_group(list(range(replicas)), timeout=IDLE_TIMEOUT)
+        except BaseException:
+            procs.shutdown()
+            raise
+        assert logic.sync is not None
+        logic.sync.group = group
+        return cls(logic, replicas, group, procs, folder)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.logic, name)
+
+    @property
+    def replica_pids(self) -> list[int]:
+        return [c.process.pid for c in self.procs.children]
+
+    # ------------------------------------------------------------------ the training calls
+    def forward(self, step: int, x: torch.Tensor, labels: torch.Tensor, true_grad: bool) -> torch.Tensor:
+        with self._replicas_alive():
+            self._command(FORWARD, step, true_grad)
+            h = self.logic.forward(step, self._scatter(x), self._scatter(labels), true_grad)
+            return self._gather(h)
+
+    def local_update(self, step: int) -> Optional[torch.Tensor]:
+        with self._replicas_alive():
+            self._command(LOCAL_UPDATE, step)
+            dx = self.logic.local_update(step)
+            return None if dx is None else self._gather(dx)
+
+    def receive_grad(self, step: int, g: torch.Tensor, true_grad: bool) -> Optional[torch.Tensor]:
+        # the leader's checks first, before any replica is told: a rejected gradient (a step not
+        # held, a wrong shape) must leave every replica as it was
+        kept = self.logic.kept.get(step)
+        if kept is None:
+            raise KeyError(f"stage {self.logic.stage}: gradient for step {step}, which it does not hold")
+        part = kept.h_detached.shape
+        if tuple(g.shape) != (part[0] * self.replicas, *part[1:]):
+            raise ValueError(f"stage {self.logic.stage}: gradient for step {step} has shape {list(g.shape)}, "
+                             f"its output had {[part[0] * self.replicas, *part[1:]]}")
+        with self._replicas_alive():
+            self._command(RECEIVE_GRAD, step, true_grad)
+            dx = self.logic.receive_grad(step, self._scatter(g), true_grad)
+            return None if dx is None else self._gather(dx)
+
+    def last_step(self, step: int, x: torch.Tensor, labels: torch.Tensor,
+                  true_grad: bool) -> tuple[float, Optional[torch.Tensor]]:
+        with self._replicas_alive():
+            self._command(LAST_STEP, step, true_grad)
+            own, dx = self.logic.last_step(step, self._scatter(x), self._scatter(labels), true_grad)
+            losses = self._gather(torch.tensor([own], dtype=torch.float64))
+            loss = float(losses.mean())  # equal parts: the batch's mean loss
+            self.logic.stats.loss_sum += loss - own  # the stage reports the whole batch's loss
+            return loss, None if dx is None else self._gather(dx)
+
+    def close(self) -> None:
+        """Stop the other replicas (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._command(STOP, -1)
+        except RuntimeError:
+            pass  # a replica has gone already: its process is stopped below all the same
+        finally:
+            self.procs.shutdown()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            for f in self._rendezvous.iterdir():
+                f.unlink(missing_ok=True)
+            self._rendezvous.rmdir()
+
+    # ------------------------------------------------------------------ collectives
+    @contextmanager
+    def _replicas_alive(self) -> Iterator[None]:
+        """A collective that fails because a replica has gone says which and how (gloo only
+        says that a connection closed)."""
+        try:
+            yield
+        except RuntimeError as exc:
+            deadline = time.monotonic() + 2.0  # its exit status comes through the fork server
+            while not self.procs.dead() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            gone = self.procs.dead()
+            if not gone:
+                raise
+            c = gone[0]
+            raise ReplicaGone(f"stage {self.logic.stage}: its {c.name} (pid {c.process.pid}) "
+                              f"{describe_exit(c.process.exitcode)}") from exc
+
+    def _command(self, op: int, step: int, flag: bool = False) -> None:
+        dist.broadcast(torch.tensor([op, step, int(flag)], dtype=torch.int64), 0, group=self.group)
+
+    def _scatter(self, t: torch.Tensor) -> torch.Tensor:
+        """Send every replica its rows of `t`; the leader's own are the first."""
+        meta = torch.zeros(2 + MAX_DIMS, dtype=torch.int64)
+        meta[0], meta[1] = DTYPE_CODES.index(t.dtype), t.dim()
+        meta[2:2 + t.dim()] = torch.tensor(t.shape)
+        dist.broadcast(meta, 0, group=self.group)
+        parts = [p.contiguous() for p in t.chunk(self.replicas)]
+        mine = torch.empty_like(parts[0])
+        dist.scatter(mine, parts, src=0, group=self.group)
+        return mine
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every replica's part of a result, in row order."""
+        t = t.contiguous()
+        parts = [torch.empty_like(t) for _ in range(self.replicas)]
+        dist.gather(t, parts, dst=0, group=self.group)
+        return torch.cat(parts)
+
+
+def _receive_part(group: Any, replicas: int) -> torch.Tensor:
+    """A replica's side of ReplicatedLogic._scatter."""
+    meta = torch.zeros(2 + MAX_DIMS, dtype=torch.int64)
+    dist.broadcast(meta, 0, group=group)
+    dtype, dims = DTYPE_CODES[int(meta[0])], int(meta[1])
+    shape = [int(d) for d in meta[2:2 + dims]]
+    part = torch.empty([shape[0] // replicas, *shape[1:]], dtype=dtype)
+    dist.scatter(part, None, src=0, group=group)
+    return part
+
+
+def _send_part(t: torch.Tensor, group: Any) -> None:
+    """A replica's side of ReplicatedLogic._gather."""
+    dist.gather(t.contiguous(), None, dst=0, group=group)
+
+
+def run_replica(spec: ReplicaSpec) -> None:
+    """Process entry point of replica `spec.replica` of a stage: build the stage as the leader
+    did, load the same checkpoint, then do what the leader says on the rows it is sent."""
+    die_with_parent()
+    cfg = RunConfig.from_dict(spec.config)
+    torch.set_num_threads(spec.threads)
+    pin_to_core(spec.core, spec.threads)
+    sync = GradientSync(spec.replicas)
+    logic, _ = build_stage(cfg, spec.stage, spec.total_steps, Compute.of("cpu", cfg.precision), sync)
+    if spec.resume_path:
+        state = torch.load(spec.resume_path, map_location="cpu", weights_only=True)
+        logic.load_state_dict(state["state"])
+    torch.manual_seed(cfg.seed * 1009 + spec.replica)  # its own dropout masks, not the leader's
+    dist.init_process_group("gloo", init_method=Path(spec.rendezvous).as_uri(), rank=spec.replica,
+                            world_size=spec.replicas, timeout=timedelta(seconds=cfg.start_timeout))
+    group = dist.new_group(list(range(spec.replicas)), timeout=IDLE_TIMEOUT)
+    sync.group = group
+    command = torch.zeros(3, dtype=torch.int64)
+    while True:
+        dist.broadcast(command, 0, group=group)
+        op, step, flag = (int(v) for v in command)
+        if op == STOP:
+            break
+        if op == FORWARD:
+            x, labels = _receive_part(group, spec.replicas), _receive_part(group, spec.replicas)
+            _send_part(logic.forward(step, x, labels, bool(flag)), group)
+        elif op == LOCAL_UPDATE:
+            dx = logic.local_update(step)
+            if dx is not None:
+                _send_part(dx, group)
+        elif op == RECEIVE_GRAD:
+            dx = logic.receive_grad(step, _receive_part(group, spec.replicas), bool(flag))
+            if dx is not None:
+                _send_part(dx, group)
+        elif op == LAST_STEP:
+            x, labels = _receive_part(group, spec.replicas), _receive_part(group, spec.replicas)
+            loss, dx = logic.last_step(step, x, labels, bool(flag))
+            _send_part(torch.tensor([loss], dtype=torch.float64), group)
+            if dx is not None:
+                _send_part(dx, group)
+    dist.destroy_process_group()
