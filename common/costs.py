@@ -116,6 +116,40 @@ def choose_predictor(cfg: RunConfig, out_shape: Sequence[int], stage_flops: floa
     raise AssertionError("unreachable: the last kernel always returns")
 
 
+@dataclass(frozen=True)
+class HeadChoice:
+    """A stage's local classifier head: how far a conv activation is pooled, and what it costs
+    per sample (it trains every step)."""
+    pool: int
+    flops: float
+
+    def build(self, cfg: RunConfig, out_shape: Sequence[int]) -> LocalHead:
+        return LocalHead(out_shape, cfg.classes, self.pool)
+
+
+HEAD_POOLS = (2, 1)  # a conv activation's head pools to 2x2 (DGL's auxiliary nets), else 1x1
+
+
+@functools.lru_cache(maxsize=1024)
+def _head_flops(out_shape: tuple[int, ...], classes: int, pool: int) -> float:
+    return training_flops(LocalHead(out_shape, classes, pool), out_shape)
+
+
+def choose_head(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float) -> HeadChoice:
+    """The local head a stage gets: priced against the stage's own training FLOPs like a
+    predictor (`--sg-budget`). A conv activation's head pools to 2x2, or to 1x1 when 2x2 is
+    over the budget. A head is at least a linear map from the activation's features to the
+    classes; a stage cheaper than that keeps it, and the layout reports its share."""
+    shape = tuple(out_shape)
+    pools = HEAD_POOLS if len(shape) == 3 else (HEAD_POOLS[0],)
+    budget = cfg.sg_budget * stage_flops
+    for pool in pools:
+        flops = _head_flops(shape, cfg.classes, pool)
+        if flops <= budget:
+            return HeadChoice(pool, flops)
+    return HeadChoice(pools[-1], _head_flops(shape, cfg.classes, pools[-1]))
+
+
 def predictor_cost(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float = 0.0) -> float:
     """FLOPs per sample a (non-last) stage spends on its own helper model, averaged over steps:
     a synthetic-gradient model predicts every step and trains (forward and backward) on
@@ -123,7 +157,7 @@ def predictor_cost(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float 
     own layers, which an auto-sized predictor is priced against (choose_predictor)."""
     rule = Mode(cfg.mode).rule  # None for the modes with processes of their own (pipeline)
     if rule is not None and rule.uses_head:
-        return training_flops(LocalHead(out_shape, cfg.classes), out_shape)
+        return choose_head(cfg, out_shape, stage_flops).flops
     if rule is None or not rule.uses_predictor:
         return 0.0
     return choose_predictor(cfg, out_shape, stage_flops).flops

@@ -270,17 +270,19 @@ class SyntheticGradient(nn.Module):
 
 class LocalHead(nn.Module):
     """A stage's own small classifier (mode local): linear on dense activations; for conv
-    activations, average-pooled to 2x2 first (as in decoupled greedy learning's auxiliary
-    nets), so the head stays small whatever the image size; for a sequence (T, D), the mean over
-    positions; any other shape, flattened."""
+    activations, average-pooled to `pool` x `pool` first (2x2 as in decoupled greedy learning's
+    auxiliary nets; common/costs.py choose_head takes 1x1 when 2x2 is over the budget), so the
+    head stays small whatever the image size; for a sequence (T, D), the mean over positions;
+    any other shape, flattened."""
 
-    def __init__(self, shape: Sequence[int], num_classes: int = NUM_CLASSES):
+    def __init__(self, shape: Sequence[int], num_classes: int = NUM_CLASSES, pool: int = 2):
         super().__init__()
         shape = tuple(shape)
         if len(shape) == 1:
             self.net = nn.Linear(shape[0], num_classes)
         elif len(shape) == 3:
-            self.net = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(shape[0] * 4, num_classes))
+            self.net = nn.Sequential(nn.AdaptiveAvgPool2d(pool), nn.Flatten(),
+                                     nn.Linear(shape[0] * pool * pool, num_classes))
         elif len(shape) == 2:
             self.net = nn.Sequential(_MeanOverPositions(), nn.Linear(shape[1], num_classes))
         elif shape and math.prod(shape) >= 1:

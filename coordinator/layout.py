@@ -6,12 +6,21 @@ or restarted run keeps it."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
 from synthgrad.common.config import ConfigError, RunConfig
-from synthgrad.common.costs import (PredictorChoice, choose_predictor, core_flops_per_s, predictor_cost,
-                                    stage_costs, unit_costs)
+from synthgrad.common.costs import (
+    HeadChoice,
+    PredictorChoice,
+    choose_head,
+    choose_predictor,
+    core_flops_per_s,
+    predictor_cost,
+    stage_costs,
+    unit_costs,
+)
 from synthgrad.common.models import build_units, unit_shapes
 from synthgrad.common.modes import Mode
 from synthgrad.common.placement import Placement, blocks, partition, plan_placement
@@ -29,6 +38,9 @@ class Layout:
     predictors: tuple[Optional[PredictorChoice], ...] = ()
     predictor_shares: tuple[Optional[float], ...] = ()
     replicas: tuple[int, ...] = ()  # processes per stage (--replicas; workers/replicas.py)
+    # each non-last stage's local classifier head (None: the mode has none), and its share
+    heads: tuple[Optional[HeadChoice], ...] = ()
+    head_shares: tuple[Optional[float], ...] = ()
 
     @property
     def ceiling_samples_per_s(self) -> Optional[float]:
@@ -53,19 +65,24 @@ class Layout:
                 else round(self.ceiling_samples_per_s, 1),
                 "predictors": [None if c is None else {"rank": c.rank, "kernel": c.kernel,
                                                        "share_of_stage_flops": round(share, 4)}
-                               for c, share in zip(self.predictors, self.predictor_shares)]}
+                               for c, share in zip(self.predictors, self.predictor_shares)],
+                "heads": [None if c is None else {"pool": c.pool, "share_of_stage_flops": round(share, 4)}
+                          for c, share in zip(self.heads, self.head_shares)]}
 
     def describe(self) -> str:
         mflops = ", ".join(f"{f / 1e6:.2f}" for f in self.stage_flops)
         ceiling = self.ceiling_samples_per_s
         sg = [f"{i}: rank {c.rank}{' 1x1' if c.kernel == 1 else ''} {100 * share:.0f}%"
               for i, (c, share) in enumerate(zip(self.predictors, self.predictor_shares)) if c is not None]
+        heads = [f"{i}: {100 * share:.1f}%" for i, (c, share) in enumerate(zip(self.heads, self.head_shares))
+                 if c is not None]
         return (f"layout: layers per stage {list(self.groups)}, MFLOPs per sample {mflops}; "
                 f"{self.placement.describe()}"
                 + (f"; replicas per stage {list(self.replicas)} (the stage's threads split among them)"
                    if any(r > 1 for r in self.replicas) else "")
                 + (f"; ceiling {ceiling:,.0f} samples/s" if ceiling is not None else "")
-                + (f"; predictors (share of their stage) {', '.join(sg)}" if sg else ""))
+                + (f"; predictors (share of their stage) {', '.join(sg)}" if sg else "")
+                + (f"; local heads (share of their stage) {', '.join(heads)}" if heads else ""))
 
 
 def plan_layout(cfg: RunConfig) -> tuple[RunConfig, Optional[Layout]]:
@@ -99,24 +116,26 @@ def plan_layout(cfg: RunConfig) -> tuple[RunConfig, Optional[Layout]]:
     # else one stage per layer, every layer trainable: groups stay unset, as the options gave them
     flops = stage_costs(cfg, cfg.stage_groups, units, costs)
     on_cpu = all(d.strip() == "cpu" for d in cfg.device.split(","))
-    predictors, shares = _predictors(cfg, units, costs)
+    rule = Mode(cfg.mode).rule
+    predictors, shares = (_helper_models(cfg, units, costs, choose_predictor)
+                          if rule is not None and rule.uses_predictor else ((), ()))
+    heads, head_shares = (_helper_models(cfg, units, costs, choose_head)
+                          if rule is not None and rule.uses_head else ((), ()))
     placement = plan_placement(flops, cfg.placement, threads=cfg.stage_thread_counts())
     return cfg, Layout(tuple(cfg.stage_groups), tuple(flops), placement, core_flops_per_s(cfg.batch_size),
-                       on_cpu, predictors, shares, cfg.stage_replica_counts())
+                       on_cpu, predictors, shares, cfg.stage_replica_counts(), heads, head_shares)
 
 
-def _predictors(cfg: RunConfig, units, costs) -> tuple[tuple, tuple]:
-    """Each stage's predictor as its worker will build it (common/costs.py choose_predictor,
-    priced against the stage's own layers), and its share of the stage's FLOPs."""
-    rule = Mode(cfg.mode).rule
-    if rule is None or not rule.uses_predictor:
-        return (), ()
+def _helper_models(cfg: RunConfig, units, costs, choose: Callable) -> tuple[tuple, tuple]:
+    """Each non-last stage's helper model as its worker will build it (`choose`: common/costs.py
+    choose_predictor or choose_head, priced against the stage's own layers), and its share of
+    the stage's FLOPs."""
     shapes = unit_shapes(units, cfg.sample_shape)
     choices, shares, start = [], [], 0
     for i, n in enumerate(cfg.stage_groups):
         end = start + n
         own = sum(costs[start:end])
-        choice = choose_predictor(cfg, shapes[end - 1], own) if i < len(cfg.stage_groups) - 1 else None
+        choice = choose(cfg, shapes[end - 1], own) if i < len(cfg.stage_groups) - 1 else None
         choices.append(choice)
         shares.append(None if choice is None else choice.flops / max(own, 1.0))
         start = end

@@ -132,6 +132,30 @@ def test_the_default_predictor_costs_at_most_its_budget(shape, stage_flops, ever
         assert (choice.kernel == 3) == (choice.rank >= 8 and _sg_flops(cfg, shape, 8, 3) <= budget)
 
 
+@pytest.mark.parametrize("shape, stage_flops, pool", [
+    ((64, 12, 12), 6.4e7, 2),  # a costly conv: pooled to 2x2, as decoupled greedy learning's heads
+    ((64, 12, 12), 5e4, 1),  # a cheap one: 2x2 (15k FLOPs) is over 20% of 50k, 1x1 (3.8k) is not
+    ((256,), 3 * 2 * 784 * 256, None),  # dense: one linear map to the classes
+    ((28, 64), 28 * 3 * 2 * 28 * 64, None),  # a sequence: the mean over positions, then linear
+], ids=["costly-conv", "cheap-conv", "dense", "sequence"])
+def test_the_default_local_head_costs_at_most_its_budget(shape, stage_flops, pool):
+    """A local head is priced against its stage like a predictor: within --sg-budget of the
+    stage's FLOPs, a conv activation pooled to 1x1 when 2x2 would be over it."""
+    from synthgrad.common.costs import choose_head, training_flops
+    cfg = RunConfig(mode="local")
+    choice = choose_head(cfg, shape, stage_flops)
+    assert choice.flops <= cfg.sg_budget * stage_flops, choice
+    assert choice.flops == training_flops(choice.build(cfg, shape), shape)
+    if pool is not None:
+        assert choice.pool == pool
+    assert choice.build(cfg, shape)(torch.randn(3, *shape)).shape == (3, 10)
+    # the layout reports each stage's head and its share, and the stage builds that head
+    _, layout = plan_layout(RunConfig(mode="local", model="cnn"))
+    heads = layout.record()["heads"]
+    assert len(heads) == 4 and heads[-1] is None
+    assert all(h["share_of_stage_flops"] <= cfg.sg_budget for h in heads[:-1])
+
+
 def test_an_explicit_rank_is_kept_and_the_layout_reports_each_predictor():
     from synthgrad.common.costs import choose_predictor
     cfg = RunConfig(mode="unlocked", model="cnn", true_grad_every=10)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from synthgrad.common.config import RunConfig
-from synthgrad.common.costs import PredictorChoice, choose_predictor, training_flops
+from synthgrad.common.costs import HeadChoice, PredictorChoice, choose_head, choose_predictor, training_flops
 from synthgrad.common.devices import Compute
 from synthgrad.common.models import (
     LocalHead,
@@ -134,8 +134,9 @@ class StageLogic:
         self.sync = sync
         self.rule: UpdateRule = rule or cfg.rule
         uses_predictor = stage < num_stages - 1 and self.rule.uses_predictor
+        uses_head = stage < num_stages - 1 and self.rule.uses_head
         # counted on the CPU, before the module moves to its device (the layout counts the same)
-        own_flops = training_flops(module, in_shape) if uses_predictor else 0.0
+        own_flops = training_flops(module, in_shape) if (uses_predictor or uses_head) else 0.0
         self.dev = dev or Compute(torch.device("cpu"), cfg.precision)
         module.to(self.dev.device)
         self.stage = stage
@@ -153,10 +154,12 @@ class StageLogic:
             self.sg = self.predictor.build(cfg, out_shape).to(self.dev.device)
             self.sg_optimizer = make_optimizer(self.sg.parameters(), cfg.sg_optimizer, cfg.sg_lr)
         self.head: Optional[LocalHead] = None
+        self.head_choice: Optional[HeadChoice] = None
         self.head_optimizer: Optional[torch.optim.Optimizer] = None
-        if not self.is_last and self.rule.uses_head:
+        if uses_head:
+            self.head_choice = choose_head(cfg, out_shape, own_flops)
             torch.manual_seed(cfg.seed * 7919 + stage)
-            self.head = LocalHead(out_shape, cfg.classes).to(self.dev.device)
+            self.head = self.head_choice.build(cfg, out_shape).to(self.dev.device)
             self.head_optimizer = make_optimizer(self.head.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
         self.latest_step = -1  # the latest step this stage has run forward
         self.loss_fn = loss_function(cfg.loss)  # the last stage's; local heads keep cross-entropy
