@@ -110,14 +110,19 @@ class StopAfterCheckpoint:
         self._before: Optional[int] = None  # the last complete checkpoint when the signal came
         self._failures_before = 0
 
+    def arm(self, signal_name: str) -> None:
+        """The first signal came (called from the handler, so the user hears of it at once,
+        even when a second signal follows before the loop comes round)."""
+        self.signal = signal_name
+        self.log(f"{signal_name}: saving every stage at the next step, then stopping "
+                 f"(press Ctrl-C again to stop at once)")
+
     def should_stop(self, ask: Callable[[], None], nothing_to_save: bool) -> bool:
         """Called every loop once a signal came: True when the run should stop now."""
         if self._stop_by is None:
             self._stop_by = time.monotonic() + self.timeout_s
             self._before = self.book.last_complete
             self._failures_before = self.book.failures
-            self.log(f"{self.signal}: saving every stage at the next step, then stopping "
-                     f"(press Ctrl-C again to stop at once)")
             self.book.forget_request()  # a periodic request in flight still completes; ask anew
             ask()
             if nothing_to_save:

@@ -298,7 +298,7 @@ class Coordinator:
         """First Ctrl-C / SIGTERM: checkpoint, then stop (the loop sees the flag). Second: now."""
         if self.stopping.signal:
             raise KeyboardInterrupt
-        self.stopping.signal = signal.Signals(signum).name
+        self.stopping.arm(signal.Signals(signum).name)
 
     def serve(self, group: Optional[ProcessGroup] = None) -> dict:
         """Run until every stage is done; return the summary. Raises RunFailed, or
