@@ -4,8 +4,9 @@
 stage's links and its place in the run; it starts the other R-1 replicas on its own host and
 joins them in a torch.distributed process group (gloo). Every training call of the stage's logic
 (forward, the rule's update, a returning gradient, the last stage's step) runs on all R at
-once, each on an equal, contiguous part of the batch's rows: the leader scatters the rows,
-every replica computes on its part, the leader gathers what goes on (the output, dL/dx). Before
+once, each on an equal, contiguous part of the batch's rows: the leader puts the batch in
+shared memory (`Rows`) and broadcasts the call, every replica copies out its rows, computes,
+and writes its part of what goes on (the output, dL/dx) back beside the others'. Before
 any model steps, its gradients are summed over the replicas (workers/sync.py), with every loss
 counted for its share of the batch, so each replica takes the step the whole batch gives and
 all replicas keep equal weights, optimiser states, predictors and heads. Evaluation runs on the
@@ -15,7 +16,8 @@ Why rows of one batch and not PipeDream's alternate batches: each rule keeps its
 semantics (alternate batches would add a step of staleness to every replicated stage, or an
 averaging of two batches' updates), `locked` still reproduces backprop, and nothing outside the
 stage changes: the links, the coordinator's relay, checkpoints, restarts and hosts see one stage.
-What it costs is the copy of each batch's rows to the other replicas and back, on one host.
+What it costs is a copy of each batch into shared memory, each replica's copy of its rows out
+and of its results back, and a few small collectives a step.
 """
 from __future__ import annotations
 
@@ -35,13 +37,10 @@ from synthgrad.common.config import RunConfig
 from synthgrad.common.devices import Compute
 from synthgrad.common.procs import ProcessGroup, describe_exit, die_with_parent, pin_to_core
 from synthgrad.common.reports import RunFailed
-from synthgrad.common.wire import DTYPES
 from synthgrad.workers.stage import StageLogic, StagePlan, build_stage
 from synthgrad.workers.sync import GradientSync
 
 FORWARD, LOCAL_UPDATE, RECEIVE_GRAD, LAST_STEP, STOP = range(1, 6)
-DTYPE_CODES = list(DTYPES.values())
-MAX_DIMS = 8
 # Collectives wait this long: a replica idles in one while the leader evaluates, checkpoints or
 # waits for its input. A replica that dies closes its connections, which fails the leader's next
 # collective at once; a leader that dies takes its replicas with it (die_with_parent); a leader
@@ -54,6 +53,31 @@ class ReplicaGone(RunFailed):
 
 
 @dataclass(frozen=True)
+class Rows:
+    """Shared memory on this host through which a batch goes to the replicas and their results
+    come back: one buffer per tensor a training call moves, each the whole batch's rows (a
+    replica uses its part). Handed to the replicas when they start (torch shares the memory)."""
+    x: torch.Tensor  # [B, *in]: the stage's input
+    labels: torch.Tensor  # [B]
+    g: torch.Tensor  # [B, *out]: a returning gradient
+    h: torch.Tensor  # [B, *out]: the output
+    dx: torch.Tensor  # [B, *in]: the gradient for the stage before
+    loss: torch.Tensor  # [R]: the last stage's loss on each replica's rows
+
+    @classmethod
+    def make(cls, batch: int, in_shape: tuple[int, ...], out_shape: tuple[int, ...], replicas: int) -> "Rows":
+        def buffer(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype).share_memory_()
+        return cls(buffer(batch, *in_shape), buffer(batch, dtype=torch.int64), buffer(batch, *out_shape),
+                   buffer(batch, *out_shape), buffer(batch, *in_shape), buffer(replicas, dtype=torch.float64))
+
+    @staticmethod
+    def part(buffer: torch.Tensor, replica: int, replicas: int) -> torch.Tensor:
+        n = buffer.shape[0] // replicas
+        return buffer[replica * n:(replica + 1) * n]
+
+
+@dataclass(frozen=True)
 class ReplicaSpec:
     stage: int
     replica: int  # 1..replicas-1 (0 is the stage worker)
@@ -63,6 +87,7 @@ class ReplicaSpec:
     core: int  # first core of its block; -1: not pinned
     threads: int
     total_steps: int
+    rows: Rows
     resume_path: str = ""
     resume_step: int = -1
 
@@ -72,11 +97,13 @@ class ReplicatedLogic:
     its rows. Anything not overridden here is the leader's own (its logic holds the stage's
     state: kept steps, statistics, the module for checkpoints and evaluation)."""
 
-    def __init__(self, logic: StageLogic, replicas: int, group: Any, procs: ProcessGroup, rendezvous: Path):
+    def __init__(self, logic: StageLogic, replicas: int, group: Any, procs: ProcessGroup, rendezvous: Path,
+                 rows: Rows):
         self.logic = logic
         self.replicas = replicas
         self.group = group
         self.procs = procs
+        self.rows = rows
         self._rendezvous = rendezvous
         self._closed = False
 
@@ -88,11 +115,12 @@ class ReplicatedLogic:
         replicas = len(blocks)
         folder = Path(tempfile.mkdtemp(prefix=f"synthgrad-stage{stage}-replicas-"))
         rendezvous = folder / "group"
+        rows = Rows.make(cfg.batch_size, plan.in_shape, plan.out_shape, replicas)
         procs = ProcessGroup()
         try:
             for r in range(1, replicas):
                 procs.start(f"replica {r}", run_replica, ReplicaSpec(
-                    stage, r, replicas, cfg.to_dict(), str(rendezvous), *blocks[r], total_steps,
+                    stage, r, replicas, cfg.to_dict(), str(rendezvous), *blocks[r], total_steps, rows,
                     resume_path or "", resume_step))
             dist.init_process_group("gloo", init_method=rendezvous.as_uri(), rank=0, world_size=replicas,
                                     timeout=timedelta(seconds=cfg.start_timeout))
@@ -102,7 +130,7 @@ class ReplicatedLogic:
             raise
         assert logic.sync is not None
         logic.sync.group = group
-        return cls(logic, replicas, group, procs, folder)
+        return cls(logic, replicas, group, procs, folder, rows)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.logic, name)
@@ -113,16 +141,17 @@ class ReplicatedLogic:
 
     # ------------------------------------------------------------------ the training calls
     def forward(self, step: int, x: torch.Tensor, labels: torch.Tensor, true_grad: bool) -> torch.Tensor:
+        rows = self.rows
         with self._replicas_alive():
-            self._command(FORWARD, step, true_grad)
-            h = self.logic.forward(step, self._scatter(x), self._scatter(labels), true_grad)
-            return self._gather(h)
+            self._command(FORWARD, step, true_grad, (rows.x, x), (rows.labels, labels))
+            h = self.logic.forward(step, self._mine(x), self._mine(labels), true_grad)
+            return self._collect(rows.h, h)
 
     def local_update(self, step: int) -> Optional[torch.Tensor]:
         with self._replicas_alive():
             self._command(LOCAL_UPDATE, step)
             dx = self.logic.local_update(step)
-            return None if dx is None else self._gather(dx)
+            return self._collect(self.rows.dx, dx)
 
     def receive_grad(self, step: int, g: torch.Tensor, true_grad: bool) -> Optional[torch.Tensor]:
         # the leader's checks first, before any replica is told: a rejected gradient (a step not
@@ -135,19 +164,21 @@ class ReplicatedLogic:
             raise ValueError(f"stage {self.logic.stage}: gradient for step {step} has shape {list(g.shape)}, "
                              f"its output had {[part[0] * self.replicas, *part[1:]]}")
         with self._replicas_alive():
-            self._command(RECEIVE_GRAD, step, true_grad)
-            dx = self.logic.receive_grad(step, self._scatter(g), true_grad)
-            return None if dx is None else self._gather(dx)
+            self._command(RECEIVE_GRAD, step, true_grad, (self.rows.g, g))
+            dx = self.logic.receive_grad(step, self._mine(g), true_grad)
+            return self._collect(self.rows.dx, dx)
 
     def last_step(self, step: int, x: torch.Tensor, labels: torch.Tensor,
                   true_grad: bool) -> tuple[float, Optional[torch.Tensor]]:
+        rows = self.rows
         with self._replicas_alive():
-            self._command(LAST_STEP, step, true_grad)
-            own, dx = self.logic.last_step(step, self._scatter(x), self._scatter(labels), true_grad)
-            losses = self._gather(torch.tensor([own], dtype=torch.float64))
-            loss = float(losses.mean())  # equal parts: the batch's mean loss
+            self._command(LAST_STEP, step, true_grad, (rows.x, x), (rows.labels, labels))
+            own, dx = self.logic.last_step(step, self._mine(x), self._mine(labels), true_grad)
+            rows.loss[0] = own
+            dx = self._collect(rows.dx, dx)  # every replica's loss is in rows.loss once this returns
+            loss = float(rows.loss.mean())  # equal parts: the batch's mean loss
             self.logic.stats.loss_sum += loss - own  # the stage reports the whole batch's loss
-            return loss, None if dx is None else self._gather(dx)
+            return loss, dx
 
     def close(self) -> None:
         """Stop the other replicas (idempotent)."""
@@ -184,42 +215,40 @@ class ReplicatedLogic:
             raise ReplicaGone(f"stage {self.logic.stage}: its {c.name} (pid {c.process.pid}) "
                               f"{describe_exit(c.process.exitcode)}") from exc
 
-    def _command(self, op: int, step: int, flag: bool = False) -> None:
+    def _command(self, op: int, step: int, flag: bool = False, *inputs: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Put the call's inputs (buffer, batch) in shared memory, then tell every replica."""
+        for buffer, batch in inputs:
+            if batch.dtype != buffer.dtype or batch.shape != buffer.shape:
+                raise RunFailed(f"stage {self.logic.stage}: a batch of {batch.dtype} {list(batch.shape)} for "
+                                f"its replicas, which take {buffer.dtype} {list(buffer.shape)}")
+            buffer.copy_(batch)
         dist.broadcast(torch.tensor([op, step, int(flag)], dtype=torch.int64), 0, group=self.group)
 
-    def _scatter(self, t: torch.Tensor) -> torch.Tensor:
-        """Send every replica its rows of `t`; the leader's own are the first."""
-        meta = torch.zeros(2 + MAX_DIMS, dtype=torch.int64)
-        meta[0], meta[1] = DTYPE_CODES.index(t.dtype), t.dim()
-        meta[2:2 + t.dim()] = torch.tensor(t.shape)
-        dist.broadcast(meta, 0, group=self.group)
-        parts = [p.contiguous() for p in t.chunk(self.replicas)]
-        mine = torch.empty_like(parts[0])
-        dist.scatter(mine, parts, src=0, group=self.group)
-        return mine
+    def _mine(self, batch: torch.Tensor) -> torch.Tensor:
+        """The leader's own rows of a batch: the first part."""
+        return batch[:batch.shape[0] // self.replicas]
 
-    def _gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Every replica's part of a result, in row order."""
-        t = t.contiguous()
-        parts = [torch.empty_like(t) for _ in range(self.replicas)]
-        dist.gather(t, parts, dst=0, group=self.group)
-        return torch.cat(parts)
+    def _collect(self, buffer: torch.Tensor, mine: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Wait until every replica has written its part of a result (and is done reading the
+        call's inputs), then the whole result: the leader's rows, then the others'. None when
+        the call has no result (on every replica alike)."""
+        dist.barrier(group=self.group)
+        if mine is None:
+            return None
+        return torch.cat([mine, buffer[mine.shape[0]:]])
 
 
-def _receive_part(group: Any, replicas: int) -> torch.Tensor:
-    """A replica's side of ReplicatedLogic._scatter."""
-    meta = torch.zeros(2 + MAX_DIMS, dtype=torch.int64)
-    dist.broadcast(meta, 0, group=group)
-    dtype, dims = DTYPE_CODES[int(meta[0])], int(meta[1])
-    shape = [int(d) for d in meta[2:2 + dims]]
-    part = torch.empty([shape[0] // replicas, *shape[1:]], dtype=dtype)
-    dist.scatter(part, None, src=0, group=group)
-    return part
+def _take(buffer: torch.Tensor, replica: int, replicas: int) -> torch.Tensor:
+    """A replica's rows of a call's input, copied out of shared memory (the buffer is refilled by
+    the next call, while a kept step's graph may still need them)."""
+    return Rows.part(buffer, replica, replicas).clone()
 
 
-def _send_part(t: torch.Tensor, group: Any) -> None:
-    """A replica's side of ReplicatedLogic._gather."""
-    dist.gather(t.contiguous(), None, dst=0, group=group)
+def _give(buffer: torch.Tensor, result: Optional[torch.Tensor], replica: int, replicas: int, group: Any) -> None:
+    """A replica's part of a call's result, written beside the others'; then the call's barrier."""
+    if result is not None:
+        Rows.part(buffer, replica, replicas).copy_(result)
+    dist.barrier(group=group)
 
 
 def run_replica(spec: ReplicaSpec) -> None:
@@ -240,26 +269,21 @@ def run_replica(spec: ReplicaSpec) -> None:
     group = dist.new_group(list(range(spec.replicas)), timeout=IDLE_TIMEOUT)
     sync.group = group
     command = torch.zeros(3, dtype=torch.int64)
+    rows, r, n = spec.rows, spec.replica, spec.replicas
     while True:
         dist.broadcast(command, 0, group=group)
         op, step, flag = (int(v) for v in command)
         if op == STOP:
             break
         if op == FORWARD:
-            x, labels = _receive_part(group, spec.replicas), _receive_part(group, spec.replicas)
-            _send_part(logic.forward(step, x, labels, bool(flag)), group)
+            h = logic.forward(step, _take(rows.x, r, n), _take(rows.labels, r, n), bool(flag))
+            _give(rows.h, h, r, n, group)
         elif op == LOCAL_UPDATE:
-            dx = logic.local_update(step)
-            if dx is not None:
-                _send_part(dx, group)
+            _give(rows.dx, logic.local_update(step), r, n, group)
         elif op == RECEIVE_GRAD:
-            dx = logic.receive_grad(step, _receive_part(group, spec.replicas), bool(flag))
-            if dx is not None:
-                _send_part(dx, group)
+            _give(rows.dx, logic.receive_grad(step, _take(rows.g, r, n), bool(flag)), r, n, group)
         elif op == LAST_STEP:
-            x, labels = _receive_part(group, spec.replicas), _receive_part(group, spec.replicas)
-            loss, dx = logic.last_step(step, x, labels, bool(flag))
-            _send_part(torch.tensor([loss], dtype=torch.float64), group)
-            if dx is not None:
-                _send_part(dx, group)
+            loss, dx = logic.last_step(step, _take(rows.x, r, n), _take(rows.labels, r, n), bool(flag))
+            rows.loss[r] = loss
+            _give(rows.dx, dx, r, n, group)
     dist.destroy_process_group()
