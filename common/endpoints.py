@@ -11,6 +11,11 @@ import tempfile
 
 import zmq
 
+# how long a worker waits for the coordinator's answer (START) before it gives up, by default
+# (`launch.py worker --connect-timeout`); here, not with the worker, so that the command line
+# knows it without importing torch
+CONNECT_TIMEOUT_S = 600.0
+
 from synthgrad.common.config import ConfigError
 
 

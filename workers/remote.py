@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from synthgrad.common.config import ConfigError
-from synthgrad.common.endpoints import address_towards, tcp_host
+from synthgrad.common.endpoints import CONNECT_TIMEOUT_S, address_towards, tcp_host
 from synthgrad.common.security import resolve_keys
 from synthgrad.common.placement import plan_placement
 from synthgrad.common.procs import ProcessGroup, describe_exit
@@ -28,7 +28,7 @@ class RemoteStages:
     host: Optional[str] = None  # address to bind on; None = this host's address towards the coordinator
     run_dir: str = ""  # "" = the coordinator's run folder path, on this host
     placement: str = "auto"  # as train's --placement, for this host's stages (costs unknown here: equal)
-    connect_timeout: float = WorkerSpec.connect_timeout  # a stage gives up when the coordinator does not answer
+    connect_timeout: float = CONNECT_TIMEOUT_S  # a stage gives up when the coordinator does not answer
     keys: Optional[str] = None  # keys folder (launch.py keys)
     secure: Optional[bool] = None  # False (--no-secure): plain tcp; otherwise CURVE with `keys`
 

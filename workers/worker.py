@@ -28,6 +28,7 @@ from synthgrad.common.wire import Phase
 from synthgrad.common.data import Dataset, eval_batches, steps_per_epoch
 from synthgrad.common.datasets import load_dataset
 from synthgrad.common.devices import Compute, stage_device
+from synthgrad.common.endpoints import CONNECT_TIMEOUT_S
 from synthgrad.common.evaluation import EvalTally
 from synthgrad.common.files import atomic_write_json
 from synthgrad.common.placement import replica_blocks, unpinned_threads
@@ -52,7 +53,7 @@ class WorkerSpec:
     host: str = "127.0.0.1"  # address this worker binds its activation input on (tcp)
     run_dir: str = ""  # where to write checkpoints and traces; "" = the coordinator's folder
     core: Optional[int] = None  # pin here; None = the core the coordinator assigns (same host)
-    connect_timeout: float = 600.0  # give up when no START arrives within this many seconds
+    connect_timeout: float = CONNECT_TIMEOUT_S  # give up when no START arrives within this many seconds
     keys: Optional[Keys] = None  # CURVE on every link of this worker; None = plain
     local_index: Optional[int] = None  # torchrun's LOCAL_RANK: picks the GPU of a bare --device cuda
 
