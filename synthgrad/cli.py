@@ -190,19 +190,16 @@ def exit_code_of(job: Callable[[], None]) -> int:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    torchrun, format_summary, train = synthgrad.torchrun, synthgrad.format_summary, synthgrad.train
-    env = torchrun.detect()
-    if env is not None:  # started by torchrun: this process is the coordinator or one stage
-        def job() -> None:
-            cfg = config_from_args(ns)
+    def job() -> None:
+        cfg = config_from_args(ns)  # a bad option is refused before torch is even imported
+        torchrun, format_summary, train = synthgrad.torchrun, synthgrad.format_summary, synthgrad.train
+        env = torchrun.detect()
+        if env is not None:  # started by torchrun: this process is the coordinator or one stage
             if env.rank == 0 and sys.stdout.isatty():
                 _train_live(cfg, lambda c, **kw: torchrun.run_rank(c, env, **kw))
             else:
                 torchrun.run_rank(cfg, env)
-        return exit_code_of(job)
-
-    def job() -> None:
-        cfg = config_from_args(ns)
+            return
         if sys.stdout.isatty():
             _, summary = _train_live(cfg, train)
         else:  # plain progress lines (logs, CI, pipes)
