@@ -42,6 +42,7 @@ _EXPORTS = {
     "status_table": ("synthgrad.coordinator.monitor", "status_table"),
     "torchrun": ("synthgrad.coordinator.torchrun", None),
     "make_keys": ("synthgrad.common.security", "make_keys"),
+    "CONNECT_TIMEOUT_S": ("synthgrad.common.endpoints", "CONNECT_TIMEOUT_S"),
     "RemoteStages": ("synthgrad.workers.remote", "RemoteStages"),
     "run_stages": ("synthgrad.workers.remote", "run_stages"),
 }

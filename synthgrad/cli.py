@@ -20,7 +20,6 @@ from typing import Callable, Optional, Sequence
 
 import synthgrad
 from synthgrad import ConfigError, RunConfig
-from synthgrad.common.endpoints import CONNECT_TIMEOUT_S
 
 SUBCOMMANDS = ("train", "compare", "report", "monitor", "coordinator", "worker", "keys", "export")
 
@@ -147,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--host", default=None,
                         help="address to receive activations on (default: this host's address towards the coordinator)")
     worker.add_argument("--out", default="", help="folder for this host's checkpoints (default: the coordinator's run folder path)")
-    worker.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT_S,
+    worker.add_argument("--connect-timeout", type=float, default=synthgrad.CONNECT_TIMEOUT_S,
                         help="a stage gives up when the coordinator has not answered within this many seconds")
     worker.add_argument("--keys", default=None, help="keys folder (launch.py keys): CURVE on every link")
     worker.add_argument("--secure", action=argparse.BooleanOptionalAction, default=None,

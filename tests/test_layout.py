@@ -236,3 +236,23 @@ def test_a_stage_places_itself_by_the_same_rule(spec_core, given, start, expecte
     if expected[1] == "floor":
         expected = (-1, unpinned_threads(share, len(available_cores())))
     assert got == expected
+
+
+def test_flop_counts_are_flopcountermodes():
+    """costs.py counts with FlopCounterMode's per-op formulas but without its module tracking:
+    the totals must be the same, on layers of every kind the built-in models use."""
+    import copy
+
+    from torch import nn
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from synthgrad.common.costs import _PROBE_BATCH, training_flops
+    layers = [(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                             nn.Linear(8 * 7 * 7, 10)), (3, 16, 16)),
+              (nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), (5, 16))]
+    for layer, shape in layers:
+        probe = copy.deepcopy(layer).train()
+        x = torch.zeros(_PROBE_BATCH, *shape, requires_grad=True)
+        with FlopCounterMode(display=False) as counter:
+            probe(x).float().sum().backward()
+        assert training_flops(layer, shape) == counter.get_total_flops() / _PROBE_BATCH, layer
