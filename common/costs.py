@@ -33,12 +33,19 @@ class _FlopCount(TorchDispatchMode):
     """Total FLOPs of the aten ops run inside it, by torch's own per-op formulas
     (torch.utils.flop_counter's registry), decomposing an op without a formula as
     FlopCounterMode does, so the totals are FlopCounterMode's. FlopCounterMode also tracks which
-    module each op belongs to, with hooks on every module and tensor: 0.3 s more of every run's
-    start, for a breakdown nothing here reads."""
+    module each op belongs to, with hooks on every module and tensor, for a breakdown nothing
+    here reads."""
 
     def __init__(self) -> None:
         super().__init__()
         self.total = 0
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """Never run under torch.compile, so its dispatch need not be wrapped to keep dynamo out
+        (the wrapping imports torch._dynamo: 1.3 s of CPU in a launcher that has no other use
+        for it). Were this hook gone from torch, the default only costs that time again."""
+        return False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

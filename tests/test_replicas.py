@@ -55,25 +55,57 @@ def test_replicas_config_errors(tiny_cfg, changes, words):
     RunConfig(replicas=(1,)).validate()  # one process a stage is every run's default
 
 
+# One locked job the tests below share: stages 1 and 3 (a middle stage and the last) on two
+# processes each, SGD with momentum and one thread a stage (EXACT_SGD: the setting in which float
+# rounding is not amplified), 64 steps.
+JOB = [*LOCKED, "--model", PLAIN, "--epochs", "2", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9",
+       "--threads", "1"]
+REPLICAS = ["--replicas", "1,2,1,2"]
+
+
+def _config(*args: str) -> RunConfig:
+    return config_from_args(build_parser().parse_args(["train", *args]))
+
+
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory):
+    """The replicated job run undisturbed: (run folder, summary)."""
+    return run(_config(*JOB, *REPLICAS), out=str(tmp_path_factory.mktemp("replicated") / "run"))
+
+
+def _assert_replicas_stopped(summary: dict) -> list[int]:
+    replica_pids = {w["stage"]: w["replica_pids"] for w in summary["workers"]}
+    assert [len(replica_pids[s]) for s in range(4)] == [0, 1, 0, 1]
+    pids = replica_pids[1] + replica_pids[3]
+    for pid in pids:  # each replica stopped with its stage
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    return pids
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("mode", ["locked", "local"])
-def test_a_replicated_stage_computes_what_the_stage_alone_does(tiny_cfg, tmp_path, mode):
-    """Stages 1 and 3 (a middle stage and the last) on two processes each: after 20 steps every
-    parameter equals the run without replicas up to float32 rounding (LOCKED_EQUALS_BACKPROP:
-    the only change is that a batch's gradient is summed as two halves, then added, 1.5e-8 seen),
-    and both evaluate the same."""
-    cfg = tiny_cfg.replace(**EXACT_SGD, model=PLAIN, mode=mode)
+def test_a_replicated_stage_computes_what_the_stage_alone_does(tmp_path, replicated):
+    """Every parameter equals the run without replicas up to float32 rounding
+    (LOCKED_EQUALS_BACKPROP: the only change is that a batch's gradient is summed as two halves,
+    then added; 1.5e-8 seen), and both evaluate the same."""
+    split_dir, split = replicated
+    alone_dir, alone = run(_config(*JOB), out=str(tmp_path / "alone"))
+    assert alone["steps"] == split["steps"] == 64
+    assert_states_close(load_model_state(alone_dir), load_model_state(split_dir), **LOCKED_EQUALS_BACKPROP)
+    assert split["test_accuracy"] == pytest.approx(alone["test_accuracy"], abs=1 / 512)
+    assert split["layout"]["replicas"] == [1, 2, 1, 2]
+    _assert_replicas_stopped(split)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_replicated_stage_with_local_heads_computes_what_the_stage_alone_does(tiny_cfg, tmp_path):
+    """The same for `local` (also deterministic): the heads' gradients are summed too."""
+    cfg = tiny_cfg.replace(**EXACT_SGD, model=PLAIN, mode="local")
     alone_dir, alone = run(cfg, out=str(tmp_path / "alone"))
     split_dir, split = run(cfg, replicas=(1, 2, 1, 2), out=str(tmp_path / "replicated"))
     assert alone["steps"] == split["steps"] == 20
     assert_states_close(load_model_state(alone_dir), load_model_state(split_dir), **LOCKED_EQUALS_BACKPROP)
-    assert split["test_accuracy"] == pytest.approx(alone["test_accuracy"], abs=1 / 512)
-    assert split["layout"]["replicas"] == [1, 2, 1, 2]
-    replica_pids = {w["stage"]: w["replica_pids"] for w in split["workers"]}
-    assert [len(replica_pids[s]) for s in range(4)] == [0, 1, 0, 1]
-    for pid in replica_pids[1] + replica_pids[3]:  # each replica stopped with its stage
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
 def _replica_of(stage_pid: int) -> int:
@@ -88,13 +120,11 @@ def _replica_of(stage_pid: int) -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_a_killed_replica_is_named_and_its_stage_restarts_from_the_checkpoint(tmp_path):
-    args = [*LOCKED, "--model", PLAIN, "--epochs", "2", "--replicas", "1,2,1,1"]
-    undisturbed_dir, _ = run(config_from_args(build_parser().parse_args(["train", *args])),
-                             out=str(tmp_path / "undisturbed"))
+def test_a_killed_replica_is_named_and_its_stage_restarts_from_the_checkpoint(tmp_path, replicated):
     run_dir = tmp_path / "restarted"
-    proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "launch.py"), "train", *args, "--checkpoint-every",
-                             "0.3", "--on-failure", "restart", "--link-delay-ms", "3", "--out", str(run_dir)],
+    proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "launch.py"), "train", *JOB, *REPLICAS,
+                             "--checkpoint-every", "0.3", "--on-failure", "restart", "--link-delay-ms", "3",
+                             "--out", str(run_dir)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         line, seen = wait_for_line(proc, "checkpoint: step", timeout=90)
@@ -112,5 +142,6 @@ def test_a_killed_replica_is_named_and_its_stage_restarts_from_the_checkpoint(tm
     assert "restarting every stage from the checkpoint" in out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["restarts"] == 1 and summary["status"] == "done"
-    assert_states_equal(load_model_state(undisturbed_dir), load_model_state(run_dir), "after the restart")
+    assert_states_equal(load_model_state(replicated[0]), load_model_state(run_dir), "after the restart")
     assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
+    _assert_replicas_stopped(summary)
