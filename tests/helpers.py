@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import psutil
 import pytest
@@ -162,6 +162,24 @@ def interrupt_after(proc, *needles: str, timeout: float = 90.0) -> str:
             proc.kill()
             proc.wait(10)
     return "".join(seen) + out
+
+
+def kill_after(proc, needle: str, victim: Callable[[list[str]], int], timeout: float = 90.0) -> tuple[str, int]:
+    """Wait for `needle` in a launcher's output, SIGKILL the process `victim` picks (given the
+    lines so far), let the launcher finish; return everything it printed and the victim's pid.
+    The launcher is killed if anything goes wrong."""
+    out = ""
+    seen: list[str] = []
+    try:
+        seen = wait_for_line(proc, needle, timeout=timeout)[1]
+        pid = victim(seen)
+        os.kill(pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    return "".join(seen) + out, pid
 
 
 def is_mp_helper(p: psutil.Process) -> bool:

@@ -6,8 +6,6 @@ run."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 
@@ -25,8 +23,8 @@ from tests.helpers import (
     ROOT,
     assert_states_close,
     assert_states_equal,
+    kill_after,
     run,
-    wait_for_line,
 )
 
 # The model has no batch norm: a replica normalises by its own rows' statistics (as a pipeline's
@@ -127,17 +125,9 @@ def test_a_killed_replica_is_named_and_its_stage_restarts_from_the_checkpoint(tm
                              "--checkpoint-every", "0.3", "--on-failure", "restart", "--link-delay-ms", "3",
                              "--out", str(run_dir)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        line, seen = wait_for_line(proc, "checkpoint: step", timeout=90)
-        stage1 = int(next(l for l in seen if "stage 1 registered: pid" in l).split("pid ")[1].split()[0])
-        victim = _replica_of(stage1)
-        os.kill(victim, signal.SIGKILL)
-        out, _ = proc.communicate(timeout=150)
-        out = "".join(seen) + out
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+    def replica_of_stage1(seen: list[str]) -> int:
+        return _replica_of(int(next(l for l in seen if "stage 1 registered: pid" in l).split("pid ")[1].split()[0]))
+    out, victim = kill_after(proc, "checkpoint: step", replica_of_stage1)
     assert proc.returncode == 0, out[-3000:]
     assert f"stage 1: its replica 1 (pid {victim}) killed by SIGKILL" in out, out[-3000:]
     assert "restarting every stage from the checkpoint" in out

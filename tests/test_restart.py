@@ -3,16 +3,14 @@ complete checkpoint, and a locked run still ends exactly where an undisturbed on
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 
 import pytest
 
 from synthgrad.common.files import load_model_state
-from tests.helpers import LOCKED, ROOT, assert_states_equal, wait_for_line, worker_pids
+from tests.helpers import LOCKED, ROOT, assert_states_equal, kill_after, worker_pids
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
@@ -23,16 +21,7 @@ def test_killed_stage_restarts_from_the_checkpoint_and_the_result_is_unchanged(t
     cmd = [sys.executable, "-u", str(ROOT / "launch.py"), "train", *LOCKED, "--checkpoint-every", "0.5",
            "--on-failure", "restart", "--link-delay-ms", "3", "--out", str(run_dir)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        _, seen = wait_for_line(proc, "checkpoint: step", timeout=90)
-        victim = worker_pids(proc)[2]
-        os.kill(victim, signal.SIGKILL)
-        out, _ = proc.communicate(timeout=150)
-        out = "".join(seen) + out
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+    out, victim = kill_after(proc, "checkpoint: step", lambda seen: worker_pids(proc)[2])
     assert proc.returncode == 0, out[-3000:]
     assert f"stage 2 (pid {victim}) killed by SIGKILL" in out and "restarting every stage from the checkpoint" in out
     summary = json.loads((run_dir / "summary.json").read_text())
