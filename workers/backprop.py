@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from synthgrad.common.config import RunConfig, default_backprop_threads
-from synthgrad.common.devices import CPU, Compute, stage_device
 from synthgrad.common.data import eval_batches, steps_per_epoch
 from synthgrad.common.datasets import load_dataset
+from synthgrad.common.devices import CPU, Compute, stage_device
 from synthgrad.common.evaluation import EvalTally, eval_line, eval_record
 from synthgrad.common.models import build_units, loss_function, make_optimizer
 from synthgrad.common.modes import Mode

@@ -23,19 +23,31 @@ import torch.distributed as dist
 from torch import nn
 
 from synthgrad.common.config import RunConfig
-from synthgrad.common.devices import Compute, stage_device
 from synthgrad.common.data import Dataset, steps_per_epoch
 from synthgrad.common.datasets import load_dataset
+from synthgrad.common.devices import Compute, stage_device
 from synthgrad.common.evaluation import EvalTally, eval_record
 from synthgrad.common.files import JsonlLog, atomic_write_json
-from synthgrad.common.models import build_units, loss_function, make_optimizer, stage_bounds, stage_io_shapes
+from synthgrad.common.models import (
+    build_units,
+    loss_function,
+    make_optimizer,
+    stage_bounds,
+    stage_io_shapes,
+)
 from synthgrad.common.procs import (
     die_with_parent,
     pin_to_core,
 )
 from synthgrad.workers.checkpointing import final_path, save_stage
 from synthgrad.workers.meter import Meter
-from synthgrad.workers.schedule import Evaluate, TrainBatch, no_batches, schedule, split_batches
+from synthgrad.workers.schedule import (
+    Evaluate,
+    TrainBatch,
+    no_batches,
+    schedule,
+    split_batches,
+)
 from synthgrad.workers.stage import NonFinite, require_finite
 
 

@@ -35,7 +35,12 @@ import torch.distributed as dist
 
 from synthgrad.common.config import RunConfig
 from synthgrad.common.devices import Compute
-from synthgrad.common.procs import ProcessGroup, describe_exit, die_with_parent, pin_to_core
+from synthgrad.common.procs import (
+    ProcessGroup,
+    describe_exit,
+    die_with_parent,
+    pin_to_core,
+)
 from synthgrad.common.reports import RunFailed
 from synthgrad.workers.stage import StageLogic, StagePlan, build_stage
 from synthgrad.workers.sync import GradientSync

@@ -24,7 +24,6 @@ import zmq
 
 from synthgrad.common import wire
 from synthgrad.common.config import RunConfig
-from synthgrad.common.wire import Phase
 from synthgrad.common.data import Dataset, eval_batches, steps_per_epoch
 from synthgrad.common.datasets import load_dataset
 from synthgrad.common.devices import Compute, stage_device
@@ -34,11 +33,20 @@ from synthgrad.common.files import atomic_write_json
 from synthgrad.common.placement import replica_blocks, unpinned_threads
 from synthgrad.common.procs import available_cores, die_with_parent, pin_to_core
 from synthgrad.common.security import Keys
+from synthgrad.common.wire import Phase
 from synthgrad.workers.checkpointing import StageCheckpoints, final_path
 from synthgrad.workers.links import POLL_MS, CoordinatorGone, Handlers, Links, Stopped
-from synthgrad.workers.reporting import StageReporter
-from synthgrad.workers.schedule import Boundary, End, Evaluate, StreamOrder, TrainBatch, schedule, split_batches
 from synthgrad.workers.replicas import ReplicatedLogic
+from synthgrad.workers.reporting import StageReporter
+from synthgrad.workers.schedule import (
+    Boundary,
+    End,
+    Evaluate,
+    StreamOrder,
+    TrainBatch,
+    schedule,
+    split_batches,
+)
 from synthgrad.workers.stage import StageLogic, build_stage
 from synthgrad.workers.sync import GradientSync
 from synthgrad.workers.timings import Timings
