@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from synthgrad.common.config import RunConfig  # noqa: E402
 from synthgrad.common.data import eval_batches, train_batches  # noqa: E402
-from synthgrad.common.datasets import load_dataset  # noqa: E402
+from synthgrad.common.datasets import run_dataset  # noqa: E402
 from synthgrad.common.models import build_units, stage_bounds, stage_io_shapes  # noqa: E402
 from synthgrad.common.modes import Corrected, Delayed, Local, UpdateRule  # noqa: E402
 from synthgrad.workers.stage import StageLogic  # noqa: E402
@@ -142,7 +142,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     cfg = RunConfig(dataset=args.dataset, epochs=args.epochs, layers=tuple(int(v) for v in args.layers.split(",")))
-    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.synthetic_train, cfg.synthetic_test)
+    ds = run_dataset(cfg)
     print(f"{cfg.dataset}, MLP {args.layers}, {args.epochs} epochs, batch {cfg.batch_size}, "
           f"Adam {cfg.lr}, each backward hop {args.hop_delay} steps late; one process, one thread")
     rows = []

@@ -74,7 +74,8 @@ class RunConfig:
     """Every option of a run, grouped by concern (the field's metadata says which; access stays
     flat, cfg.lr, so that code reads as the command line does)."""
     mode: str = MODEL.opt("unlocked", " | ".join(MODE_NAMES) + " (README: Modes; each is a Mode in common/modes.py)")
-    model: str = MODEL.opt("mlp", "mlp (sizes from --layers) | cnn (two conv blocks, two linear) | "
+    model: str = MODEL.opt("mlp", "mlp (sizes from --layers) | cnn (two conv blocks, two linear) | lstm (stream "
+                                  "data: an LSTM, then a read-out at every position) | "
                                   "package.module:factory (your own: returns an nn.Sequential or a list of "
                                   "modules, one per layer; called with input_shape, num_classes)")
     layers: tuple[int, ...] = MODEL.opt((784, 256, 256, 256, 10), "MLP sizes: input, hidden..., classes")
@@ -97,9 +98,20 @@ class RunConfig:
         None, "one sample's shape, read from the data's header when the run starts", derived=True)
     num_classes: Optional[int] = DATA.opt(
         None, "classes in the data, read from its labels when the run starts", derived=True)
+    label_shape: Optional[tuple[int, ...]] = DATA.opt(
+        None, "one sample's targets: () a class per sample, (T,) a class per position of a stream window; "
+              "read from the data when the run starts", derived=True)
     model_layers: Optional[int] = MODEL.opt(
         None, "layers of a model given by import path, counted when the run starts", derived=True)
-    synthetic_train: int = DATA.opt(12800, "samples in the generated set (dataset=synthetic)")
+    bptt: int = DATA.opt(16, "stream data (copy, repeat-copy, text, your own Streams): T, the window of truncated "
+                             "backprop through time; one sample is T positions of a stream, and a recurrent "
+                             "layer carries its state from each window to the next")
+    copy_length: int = DATA.opt(8, "copy / repeat-copy: symbols per sequence (N)")
+    copy_repeats: int = DATA.opt(3, "repeat-copy: each sequence is written 1..R times (R, drawn per sequence)")
+    text_chars: Optional[int] = DATA.opt(None, "text: the first N characters of the Python standard library's "
+                                               "sources (None = all; 90%% train, 5%% valid, 5%% test)")
+    synthetic_train: int = DATA.opt(12800, "samples in the generated set (dataset=synthetic; a generated stream: "
+                                           "windows of --bptt positions)")
     synthetic_test: int = DATA.opt(2560, "test samples in the generated set")
     eval_samples: Optional[int] = DATA.opt(None, "evaluate on the first N test samples (None = all)", resume=True)
     eval_every: Optional[int] = DATA.opt(None, "also evaluate every N training steps (None = after each epoch only)",
@@ -130,6 +142,9 @@ class RunConfig:
     sg_update_lr_scale: float = SYNTHETIC.opt(0.2, "layers stepped by a synthetic or stale gradient use lr x this "
                                               "(Adam gives a predicted gradient's errors full-size steps); 0 "
                                               "freezes them: a control of what the last stage learns alone")
+    sg_discount: float = SYNTHETIC.opt(0.1, "a recurrent layer's state synthetic gradient enters its window's "
+                                       "backward pass x this; below 1 it keeps the bootstrapped targets (each "
+                                       "holds the next window's prediction) from growing without bound")
     bootstrap: bool = SYNTHETIC.opt(False, "train SG_i also on the next stage's synthetic gradient")
 
     microbatches: int = PIPELINE.opt(4, "pipeline: microbatches per batch (must divide --batch-size)")
@@ -270,6 +285,7 @@ class RunConfig:
         within("sg_lr", 0, 100, lo_open=True)
         within("momentum", 0, 1)
         within("sg_update_lr_scale", 0, 100)
+        within("sg_discount", 0, 1)
         for name in ("metrics_every", "progress_every", "start_timeout", "stall_timeout"):
             within(name, 0, 1e9, lo_open=True)
         within("checkpoint_every", 0, 1e9)
@@ -277,6 +293,10 @@ class RunConfig:
         need(self.batch_size <= 1 << 20, "--batch-size must be at most 1048576")
         need(self.max_message_mb <= 1 << 16, "--max-message-mb must be at most 65536 (64 GiB)")
         need(self.true_grad_every >= 1, "--true-grad-every must be at least 1")
+        need(self.bptt >= 1, f"--bptt must be at least 1 (positions per window), got {self.bptt}")
+        need(self.copy_length >= 1, f"--copy-length must be at least 1, got {self.copy_length}")
+        need(self.copy_repeats >= 1, f"--copy-repeats must be at least 1, got {self.copy_repeats}")
+        need(self.text_chars is None or self.text_chars >= 2, "--text-chars must be at least 2")
         rule = Mode(self.mode).rule
         need(not self.bootstrap or (rule is not None and rule.uses_predictor),
              "--bootstrap trains synthetic-gradient models on each other: only mode unlocked has them")
@@ -371,7 +391,7 @@ class RunConfig:
         given by import path: its units, once the run has built it; None before)."""
         if self.model == "mlp":
             return len(self.layers) - 1
-        return 4 if self.model == "cnn" else self.model_layers
+        return {"cnn": 4, "lstm": 2}.get(self.model, self.model_layers)
 
     @property
     def stage_groups(self) -> tuple[int, ...]:
@@ -390,6 +410,11 @@ class RunConfig:
     def sample_shape(self) -> tuple[int, ...]:
         """One sample's shape: from the data once the run has read it, else the built-in sets'."""
         return tuple(self.input_shape) if self.input_shape else DEFAULT_SAMPLE_SHAPE
+
+    @property
+    def per_position(self) -> bool:
+        """Targets at every position of a window (stream data), not one per sample."""
+        return bool(self.label_shape)
 
     @property
     def classes(self) -> int:
@@ -436,7 +461,8 @@ class RunConfig:
             kwargs.setdefault("placement", "auto" if kwargs.pop("pin_cores") else "none")
         if "threads_per_worker" in kwargs:  # a run folder from before --threads
             kwargs.setdefault("threads", [kwargs.pop("threads_per_worker")])
-        for k in ("layers", "groups", "slow_stage", "fail_saves", "input_shape", "threads", "replicas"):
+        for k in ("layers", "groups", "slow_stage", "fail_saves", "input_shape", "label_shape", "threads",
+                  "replicas"):
             if kwargs.get(k) is not None:
                 kwargs[k] = tuple(int(v) for v in kwargs[k])
         return cls(**kwargs).validate()

@@ -67,9 +67,36 @@ def training_flops(module: nn.Module, in_shape: Sequence[int]) -> float:
     statistics and gradients are not touched)."""
     probe = copy.deepcopy(module).train()
     x = torch.zeros(_PROBE_BATCH, *in_shape, requires_grad=True)
+    seen: list[tuple[nn.RNNBase, tuple[int, ...]]] = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append((m, tuple(args[0].shape))))
+             for m in probe.modules() if isinstance(m, nn.RNNBase)]
     with _FlopCount() as counter:
-        probe(x).float().sum().backward()
-    return counter.total / _PROBE_BATCH
+        out = probe(x)
+        out = out[0] if isinstance(out, tuple) else out
+        out.float().sum().backward()
+    for h in hooks:
+        h.remove()
+    return (counter.total + sum(_uncounted_rnn_flops(m, shape) for m, shape in seen)) / _PROBE_BATCH
+
+
+_GATES = {"LSTM": 4, "GRU": 3}  # matrix products per step and layer (a plain RNN's: 1)
+
+
+def _uncounted_rnn_flops(rnn: nn.RNNBase, in_shape: tuple[int, ...]) -> float:
+    """A torch recurrent layer whose fused kernel has no FLOP formula (nn.LSTM on the CPU counts
+    0): its matrix products, forward and backward (three forwards' worth), counted by hand; 0
+    when the counter saw them (its ops decomposed, as nn.GRU's do)."""
+    probe = copy.deepcopy(rnn)
+    x = torch.zeros(*in_shape, requires_grad=True)
+    with _FlopCount() as counter:
+        probe(x)[0].float().sum().backward()
+    batch, steps = (in_shape[0], in_shape[1]) if rnn.batch_first else (in_shape[1], in_shape[0])
+    gates, dirs, h = _GATES.get(rnn.mode, 1), 2 if rnn.bidirectional else 1, rnn.hidden_size
+    by_hand = 0.0
+    for layer in range(rnn.num_layers):
+        d_in = rnn.input_size if layer == 0 else h * dirs
+        by_hand += 3 * 2 * gates * h * (d_in + h) * steps * batch * dirs
+    return by_hand if counter.total < by_hand / 2 else 0.0
 
 
 def forward_flops(module: nn.Module, *inputs: torch.Tensor) -> float:
@@ -159,15 +186,15 @@ class HeadChoice:
     flops: float
 
     def build(self, cfg: RunConfig, out_shape: Sequence[int]) -> LocalHead:
-        return LocalHead(out_shape, cfg.classes, self.pool)
+        return LocalHead(out_shape, cfg.classes, self.pool, cfg.per_position)
 
 
 HEAD_POOLS = (2, 1)  # a conv activation's head pools to 2x2 (DGL's auxiliary nets), else 1x1
 
 
 @functools.lru_cache(maxsize=1024)
-def _head_flops(out_shape: tuple[int, ...], classes: int, pool: int) -> float:
-    return training_flops(LocalHead(out_shape, classes, pool), out_shape)
+def _head_flops(out_shape: tuple[int, ...], classes: int, pool: int, per_position: bool = False) -> float:
+    return training_flops(LocalHead(out_shape, classes, pool, per_position), out_shape)
 
 
 def choose_head(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float) -> HeadChoice:
@@ -179,10 +206,10 @@ def choose_head(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float) ->
     pools = HEAD_POOLS if len(shape) == 3 else (HEAD_POOLS[0],)
     budget = cfg.sg_budget * stage_flops
     for pool in pools:
-        flops = _head_flops(shape, cfg.classes, pool)
+        flops = _head_flops(shape, cfg.classes, pool, cfg.per_position)
         if flops <= budget:
             return HeadChoice(pool, flops)
-    return HeadChoice(pools[-1], _head_flops(shape, cfg.classes, pools[-1]))
+    return HeadChoice(pools[-1], _head_flops(shape, cfg.classes, pools[-1], cfg.per_position))
 
 
 def predictor_cost(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float = 0.0) -> float:

@@ -254,6 +254,7 @@ class DataSpec:
     """What the model needs to know about the data before any process loads it."""
     sample_shape: tuple[int, ...]
     num_classes: int
+    label_shape: tuple[int, ...] = ()  # (T,): a class at every position of a stream's window
 
 
 def idx_dims(path: Path) -> tuple[int, ...]:
@@ -355,7 +356,14 @@ def total_steps(n_train: int, batch_size: int, epochs: int, steps: Optional[int]
 
 
 def train_batches(split: Split, batch_size: int, seed: int, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of shuffled training batches; the order depends only on (seed, epoch)."""
+    """One epoch of shuffled training batches; the order depends only on (seed, epoch). A stream
+    (common/streams.py) is read in order instead: batch w is window w of each of its
+    `batch_size` parts."""
+    if getattr(split, "ordered", False):
+        from synthgrad.common.streams import window_batches
+        for idx in window_batches(len(split), batch_size):
+            yield split.take(idx)
+        return
     g = torch.Generator().manual_seed(seed * 1000003 + epoch)
     order = torch.randperm(len(split), generator=g)
     for b in range(steps_per_epoch(len(split), batch_size)):
@@ -364,7 +372,16 @@ def train_batches(split: Split, batch_size: int, seed: int, epoch: int) -> Itera
 
 
 def eval_batches(split: Split, batch_size: int, limit: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The first `limit` test samples (all when None) in order, in batches of at most
+    `batch_size`. A stream's first `limit` windows are cut into min(batch_size, windows)
+    parts read side by side, as in training (the windows past the last whole batch are left
+    out)."""
     n = len(split) if limit is None else min(limit, len(split))
+    if getattr(split, "ordered", False):
+        from synthgrad.common.streams import window_batches
+        for idx in window_batches(n, min(batch_size, n)):
+            yield split.take(idx)
+        return
     for start in range(0, n, batch_size):
         end = min(start + batch_size, n)
         yield split.take(torch.arange(start, end))

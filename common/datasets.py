@@ -7,6 +7,7 @@ in common/data.py.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -18,6 +19,20 @@ from synthgrad.common.data import (CIFAR_ADVICE, CIFAR_RECORD, CIFAR_SHAPE, FASH
                                    _sample as sample_of, idx_dims, load_cifar10, load_idx_folder, read_idx,
                                    synthetic)
 from synthgrad.common.imports import ImportPathError, import_object, is_import_path
+from synthgrad.common.streams import Stream, StreamError, StreamSplit, copy_stream, stdlib_text, text_streams
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """What a stream dataset is read with (the run's --bptt, --copy-length, ...)."""
+    window: int = 16
+    copy_length: int = 8
+    copy_repeats: int = 3
+    text_chars: Optional[int] = None
+
+    @classmethod
+    def of(cls, cfg) -> "StreamOptions":
+        return cls(cfg.bptt, cfg.copy_length, cfg.copy_repeats, cfg.text_chars)
 
 
 class Source:
@@ -124,23 +139,105 @@ class Cifar10(Source):
 
 @dataclass(frozen=True)
 class UserDataset(Source):
-    """A user's factory by import path (given data_dir if it takes it)."""
+    """A user's factory by import path (given data_dir if it takes it): map-style datasets, or
+    two Streams (common/streams.py) read in windows of --bptt."""
     name: str
+    options: StreamOptions = StreamOptions()
 
     def check(self, data_dir):
         return None  # spec(), which every new run calls next, reads and checks it
 
     def spec(self, data_dir):
-        return user_spec(self.name, *user_datasets(self.name, data_dir))
+        train, test = user_datasets(self.name, data_dir)
+        if isinstance(train, Stream):
+            return _stream_spec(self.name, train, test, self.options.window)
+        return user_spec(self.name, train, test)
 
     def count_train(self, data_dir, n_synthetic):
-        return len(user_datasets(self.name, data_dir)[0])
+        train = user_datasets(self.name, data_dir)[0]
+        return len(train) // self.options.window if isinstance(train, Stream) else len(train)
 
     def load(self, data_dir, n_train, n_test):
         train, test = user_datasets(self.name, data_dir)
+        if isinstance(train, Stream):
+            return _stream_dataset(self.name, train, test, self.options.window)
         spec = user_spec(self.name, train, test)
         return Dataset(self.name, UserSplit(train, f"{self.name} train", spec.sample_shape, spec.num_classes),
                        UserSplit(test, f"{self.name} test", spec.sample_shape, spec.num_classes), spec.num_classes)
+
+
+def _stream_spec(name: str, train: Stream, test: Stream, window: int) -> DataSpec:
+    """A window's shape; both streams hold a window at least and agree on their features."""
+    for s, part in ((train, "training"), (test, "test")):
+        if len(s) < window:
+            raise DataError(f"--dataset {name}: the {part} stream has {len(s)} positions, fewer than one window "
+                            f"of {window}: lower --bptt or give a longer stream")
+    if train.features != test.features or train.num_classes != test.num_classes:
+        raise DataError(f"--dataset {name}: the training and test streams differ (features {train.features} vs "
+                        f"{test.features}, classes {train.num_classes} vs {test.num_classes})")
+    return DataSpec((window, *train.features), train.num_classes, (window,))
+
+
+def _stream_dataset(name: str, train: Stream, test: Stream, window: int) -> Dataset:
+    try:
+        return Dataset(name, StreamSplit(train, window, f"{name} training stream"),
+                       StreamSplit(test, window, f"{name} test stream"), train.num_classes)
+    except StreamError as exc:
+        raise DataError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class CopyTask(Source):
+    """The Copy task (repeats 1) or Repeat-Copy, generated: --synthetic-train / --synthetic-test
+    windows of --bptt positions, sequences of --copy-length symbols (common/streams.py)."""
+    name: str = "copy"
+    repeat: bool = False
+    options: StreamOptions = StreamOptions()
+
+    def _streams(self, n_train: int, n_test: int) -> tuple[Stream, Stream]:
+        o = self.options
+        repeats = o.copy_repeats if self.repeat else 1
+        return (copy_stream(n_train * o.window, o.copy_length, 1, repeats),
+                copy_stream(n_test * o.window, o.copy_length, 2, repeats))
+
+    def check(self, data_dir):
+        return None
+
+    def spec(self, data_dir):
+        return _stream_spec(self.name, *self._streams(1, 1), self.options.window)
+
+    def count_train(self, data_dir, n_synthetic):
+        return n_synthetic
+
+    def load(self, data_dir, n_train, n_test):
+        return _stream_dataset(self.name, *self._streams(n_train, n_test), self.options.window)
+
+
+@dataclass(frozen=True)
+class TextTask(Source):
+    """Next-character prediction on the Python standard library's source files (or the .py files
+    in --data-dir): train and test are the first 90% and the last 5% of the text."""
+    name: str = "text"
+    options: StreamOptions = StreamOptions()
+
+    def _streams(self, data_dir) -> tuple[Stream, Stream]:
+        try:
+            train, _, test = text_streams(stdlib_text(data_dir), self.options.text_chars)
+        except StreamError as exc:
+            raise DataError(str(exc)) from None
+        return train, test
+
+    def check(self, data_dir):
+        self._streams(data_dir)
+
+    def spec(self, data_dir):
+        return _stream_spec(self.name, *self._streams(data_dir), self.options.window)
+
+    def count_train(self, data_dir, n_synthetic):
+        return len(self._streams(data_dir)[0]) // self.options.window
+
+    def load(self, data_dir, n_train, n_test):
+        return _stream_dataset(self.name, *self._streams(data_dir), self.options.window)
 
 
 FASHION_ADVICE = ("install it with `apt-get install dataset-fashion-mnist` (files land in "
@@ -151,36 +248,47 @@ BUILTIN: dict[str, Source] = {s.name: s for s in (
     IdxFolder("mnist"),
     Cifar10(),
     Synthetic(),
+    CopyTask("copy"),
+    CopyTask("repeat-copy", repeat=True),
+    TextTask(),
 )}
 
 
-def source(name: str) -> Source:
-    """The source --dataset NAME names: a built-in one, or a user's by import path."""
+def source(name: str, stream: Optional[StreamOptions] = None) -> Source:
+    """The source --dataset NAME names: a built-in one, or a user's by import path; a stream
+    dataset is read with `stream` (the run's window and task options)."""
     if name in BUILTIN:
-        return BUILTIN[name]
+        found = BUILTIN[name]
+        return dataclasses.replace(found, options=stream) if stream and hasattr(found, "options") else found
     if is_import_path(name):
-        return UserDataset(name)
+        return UserDataset(name, stream or StreamOptions())
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(BUILTIN)}, or give your own as "
                     f"package.module:function")
 
 
-def check_dataset(name: str, data_dir: Optional[str]) -> None:
+def check_dataset(name: str, data_dir: Optional[str], stream: Optional[StreamOptions] = None) -> None:
     """Fail fast, before any process starts, when the files are not there."""
-    source(name).check(data_dir)
+    source(name, stream).check(data_dir)
 
 
-def data_spec(name: str, data_dir: Optional[str]) -> DataSpec:
+def data_spec(name: str, data_dir: Optional[str], stream: Optional[StreamOptions] = None) -> DataSpec:
     """One sample's shape and the number of classes, without loading the images."""
-    return source(name).spec(data_dir)
+    return source(name, stream).spec(data_dir)
 
 
-def count_train(name: str, data_dir: Optional[str], n_synthetic: int) -> int:
-    """Training-set size from headers alone (the coordinator loads no data)."""
-    return source(name).count_train(data_dir, n_synthetic)
+def count_train(name: str, data_dir: Optional[str], n_synthetic: int, stream: Optional[StreamOptions] = None) -> int:
+    """Training-set size from headers alone (the coordinator loads no data); a stream's windows."""
+    return source(name, stream).count_train(data_dir, n_synthetic)
 
 
-def load_dataset(name: str, data_dir: Optional[str], n_train: int = 12800, n_test: int = 2560) -> Dataset:
-    return source(name).load(data_dir, n_train, n_test)
+def load_dataset(name: str, data_dir: Optional[str], n_train: int = 12800, n_test: int = 2560,
+                 stream: Optional[StreamOptions] = None) -> Dataset:
+    return source(name, stream).load(data_dir, n_train, n_test)
+
+
+def run_dataset(cfg) -> Dataset:
+    """The data of run `cfg` (a RunConfig), loaded where stage 0 runs."""
+    return load_dataset(cfg.dataset, cfg.data_dir, cfg.synthetic_train, cfg.synthetic_test, StreamOptions.of(cfg))
 
 
 def user_datasets(path: str, data_dir: Optional[str]):
@@ -197,12 +305,15 @@ def user_datasets(path: str, data_dir: Optional[str]):
     except Exception as exc:
         raise DataError(f"--dataset {path} failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(
-            hasattr(d, "__getitem__") and hasattr(d, "__len__") for d in pair):
+            isinstance(d, Stream) or (hasattr(d, "__getitem__") and hasattr(d, "__len__")) for d in pair):
         raise DataError(f"--dataset {path} returned {type(pair).__name__}; it must return (train, test): two "
-                        f"map-style datasets (dataset[i] -> (sample, class index), len(dataset))")
+                        f"map-style datasets (dataset[i] -> (sample, class index), len(dataset)), or two "
+                        f"synthgrad.Stream")
     for d, what in zip(pair, ("training", "test")):
         if len(d) == 0:
             raise DataError(f"--dataset {path}: the {what} set is empty")
+    if isinstance(pair[0], Stream) != isinstance(pair[1], Stream):
+        raise DataError(f"--dataset {path}: give two Streams or two map-style datasets, not one of each")
     return pair
 
 

@@ -6,9 +6,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from synthgrad.common.streams import IGNORE
+
+
+def scored(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [N, classes], labels [N]) of the predictions that count: every sample's, or with
+    targets at every position (stream data) every position that has one."""
+    if labels.dim() <= 1:
+        return logits, labels
+    flat, targets = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    keep = targets != IGNORE
+    return flat[keep], targets[keep]
+
+
+def count_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """(correct, counted) predictions of one batch."""
+    logits, labels = scored(logits, labels)
+    return int((logits.argmax(-1) == labels).sum()), int(labels.shape[0])
+
 
 class EvalTally:
-    """Summed test loss, correct predictions and samples over the batches of one evaluation."""
+    """Summed test loss, correct predictions and samples over the batches of one evaluation (with
+    targets at every position: positions with a target, so loss / ln 2 is bits per position)."""
 
     def __init__(self, loss=F.cross_entropy) -> None:
         self.loss_fn = loss  # the run's loss (mean over a batch)
@@ -19,9 +38,11 @@ class EvalTally:
     @torch.no_grad()
     def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """One batch: logits from any device, in any float dtype (bf16 runs: scored in float32)."""
-        logits, labels = logits.float().cpu(), labels.cpu()
+        logits, labels = scored(logits.float().cpu(), labels.cpu())
+        if not labels.shape[0]:
+            return
         self.loss_sum += float(self.loss_fn(logits, labels)) * int(labels.shape[0])
-        self.correct += int((logits.argmax(1) == labels).sum())
+        self.correct += int((logits.argmax(-1) == labels).sum())
         self.n += int(labels.shape[0])
 
     @property

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from synthgrad.common.config import RunConfig
 from synthgrad.common.imports import ImportPathError, import_object
+from synthgrad.common.recurrent import as_layer, recurrent_layers, reset_streams, stream_through
+from synthgrad.common.streams import IGNORE
 
 NUM_CLASSES = 10  # the default of the helper models' label conditioning (the run passes its own)
 
@@ -54,8 +56,21 @@ def cnn(input_shape: Sequence[int] = (1, 28, 28), num_classes: int = NUM_CLASSES
     ]
 
 
+LSTM_HIDDEN = 128
+
+
+def lstm(input_shape: Sequence[int] = (16, 9), num_classes: int = NUM_CLASSES) -> list[nn.Module]:
+    """`--model lstm`, for stream data: an LSTM of LSTM_HIDDEN units over the window (carrying its
+    state to the next), then a linear read-out at every position. Two units: a run of two
+    stages puts the recurrent core and the read-out in processes of their own."""
+    if len(input_shape) != 2:
+        raise ValueError(f"--model lstm needs windows of [time, features] (stream data such as --dataset "
+                         f"copy), got samples of shape {tuple(input_shape)}")
+    return [nn.LSTM(input_shape[1], LSTM_HIDDEN, batch_first=True), nn.Linear(LSTM_HIDDEN, num_classes)]
+
+
 # the built-in models are factories of the same kind as a user's, called the same way
-BUILT_IN_MODELS = {"mlp": f"{__name__}:mlp", "cnn": f"{__name__}:cnn"}
+BUILT_IN_MODELS = {"mlp": f"{__name__}:mlp", "cnn": f"{__name__}:cnn", "lstm": f"{__name__}:lstm"}
 
 
 def factory_path(model: str) -> str:
@@ -65,8 +80,13 @@ def factory_path(model: str) -> str:
 
 def build_units(cfg: RunConfig) -> list[nn.Module]:
     """The whole network as a list of layers ("units"), from the seed: every process builds
-    the same one and keeps its own stage's units."""
-    return [unit for _, unit in _named_units(cfg)]
+    the same one and keeps its own stage's units. On stream data its recurrent layers carry
+    their state from one window to the next."""
+    units = [unit for _, unit in _named_units(cfg)]
+    if cfg.per_position:
+        for unit in units:
+            stream_through(unit)
+    return units
 
 
 def _named_units(cfg: RunConfig) -> list[tuple[str, nn.Module]]:
@@ -117,9 +137,9 @@ def user_named_units(path: str, **offered) -> list[tuple[str, nn.Module]]:
     except Exception as exc:  # the user's code: any failure is theirs to see, named
         raise ModelError(f"the factory failed: {type(exc).__name__}: {exc}") from None
     if isinstance(model, nn.Sequential):
-        units = list(model.named_children())
+        units = [(name, as_layer(m)) for name, m in model.named_children()]
     elif isinstance(model, (list, tuple)) and all(isinstance(m, nn.Module) for m in model):
-        units = [(str(i), m) for i, m in enumerate(model)]
+        units = [(str(i), as_layer(m)) for i, m in enumerate(model)]
     else:
         raise ModelError(f"the factory returned {type(model).__name__}; it must return an nn.Sequential "
                          f"or a list of nn.Modules (one per layer, in order)")
@@ -133,36 +153,66 @@ def check_model(cfg: RunConfig) -> int:
     data's samples and end in one logit per class, and that the loss takes those logits and
     gives a scalar to differentiate. Returns its number of layers (units)."""
     units = build_units(cfg)
+    if any(recurrent_layers(u) for u in units):
+        from synthgrad.common.modes import Mode
+        if cfg.mode == Mode.PIPELINE:
+            raise ModelError("mode pipeline cannot carry a recurrent layer's state between windows; use "
+                             "locked (the same truncated BPTT) or another stage-worker mode")
+        if cfg.replicas is not None and max(cfg.replicas) > 1:
+            raise ModelError("--replicas cannot split a recurrent layer's streams yet; run it without replicas")
     shapes = unit_shapes(units, cfg.sample_shape)
-    if shapes[-1] != (cfg.classes,):
-        raise ModelError(f"the last layer gives {shapes[-1]} per sample; the data has {cfg.classes} classes, "
-                         f"so it must give ({cfg.classes},): one logit per class")
-    loss = loss_function(cfg.loss)
-    logits = torch.zeros(2, cfg.classes, requires_grad=True)
+    label_shape = tuple(cfg.label_shape or ())
+    want = (*label_shape, cfg.classes)
+    if shapes[-1] != want:
+        per = "per position of a window" if label_shape else "per sample"
+        raise ModelError(f"the last layer gives {shapes[-1]} per sample; the data has {cfg.classes} classes "
+                         f"{per}, so it must give {want}: one logit per class{' at every position' * bool(label_shape)}")
+    loss = loss_function(cfg.loss, bool(label_shape))
+    logits = torch.zeros(2, *want, requires_grad=True)
     try:
-        value = loss(logits, torch.zeros(2, dtype=torch.long))
+        value = loss(logits, torch.zeros(2, *label_shape, dtype=torch.long))
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise TypeError(f"it returned {type(value).__name__}"
                             f"{f' of shape {tuple(value.shape)}' if isinstance(value, torch.Tensor) else ''}, "
                             f"not one number")
         value.backward()
     except Exception as exc:
-        raise ModelError(f"--loss {cfg.loss} on logits [2, {cfg.classes}] and class indices [2]: "
+        raise ModelError(f"--loss {cfg.loss} on logits {[2, *want]} and class indices {[2, *label_shape]}: "
                          f"{type(exc).__name__}: {exc}") from None
     return len(units)
 
 
-def loss_function(name: str):
-    """The training loss: cross-entropy, or a user's function by import path."""
+def loss_function(name: str, per_position: bool = False):
+    """The training loss: cross-entropy, or a user's function by import path. With targets at
+    every position (stream data) it is taken over the positions that have one: a user's loss
+    gets those as logits [N, classes] and class indices [N]."""
     if name == "cross_entropy":
-        return F.cross_entropy
-    try:
-        fn = import_object(name)
-    except ImportPathError as exc:
-        raise ModelError(f"--loss {name}: {exc}") from None
-    if not callable(fn):
-        raise ModelError(f"--loss {name} is not a function")
-    return fn
+        fn = F.cross_entropy
+    else:
+        try:
+            fn = import_object(name)
+        except ImportPathError as exc:
+            raise ModelError(f"--loss {name}: {exc}") from None
+        if not callable(fn):
+            raise ModelError(f"--loss {name} is not a function")
+    return PerPosition(fn) if per_position else fn
+
+
+class PerPosition:
+    """A loss over the positions with a target (not IGNORE) of logits [..., classes] and
+    targets [...]. Cross-entropy is summed and divided by the count, so a batch whose windows hold
+    no target gives 0 (and a zero gradient), not NaN."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        flat, targets = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+        if self.fn is F.cross_entropy:
+            return F.cross_entropy(flat, targets, reduction="sum", ignore_index=IGNORE) / (
+                (targets != IGNORE).sum().clamp_min(1))
+        keep = targets != IGNORE
+        return self.fn(flat[keep], targets[keep])
 
 
 def stage_bounds(cfg: RunConfig) -> list[tuple[int, int]]:
@@ -190,6 +240,7 @@ def unit_shapes(units: Sequence[nn.Module], sample_shape: Sequence[int] = (1, 28
                                  f"it, per sample {tuple(x.shape[1:])}: {type(exc).__name__}: {exc}") from None
             finally:
                 u.train(was)
+                reset_streams(u, training=False)  # a probe is not an evaluation's stream
             if not isinstance(out, torch.Tensor) or out.dim() < 2:
                 raise ModelError(f"layer {i} ({type(u).__name__}) must return one tensor with a batch dimension")
             x = out
@@ -258,9 +309,13 @@ class SyntheticGradient(nn.Module):
         if self.conditioned:
             if labels is None:
                 raise ValueError("a conditioned synthetic-gradient model needs the labels")
-            onehot = F.one_hot(labels, self.num_classes).to(x.dtype)
+            onehot = one_hot(labels, self.num_classes).to(x.dtype)  # [B, C], or [B, T, C] per position
+            if onehot.dim() == 3 and not (x.dim() == 3 and x.shape[1] == onehot.shape[1]):
+                onehot = onehot.mean(dim=1)  # per-position targets beside a non-sequence: their mix
             if x.dim() == 4:  # beside every pixel, as channels
                 x = torch.cat([x, onehot[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])], dim=1)
+            elif x.dim() == 3 and onehot.dim() == 3:  # each position's target beside it
+                x = torch.cat([x, onehot], dim=2)
             elif x.dim() == 3:  # beside every position of a sequence
                 x = torch.cat([x, onehot[:, None, :].expand(-1, x.shape[1], -1)], dim=2)
             else:
@@ -268,17 +323,30 @@ class SyntheticGradient(nn.Module):
         return self.net(x).reshape(h.shape)
 
 
+def one_hot(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """One-hot float targets; a position without one (IGNORE) is all zeros."""
+    known = labels != IGNORE
+    return F.one_hot(labels.clamp_min(0), classes).float() * known[..., None]
+
+
 class LocalHead(nn.Module):
     """A stage's own small classifier (mode local): linear on dense activations; for conv
     activations, average-pooled to `pool` x `pool` first (2x2 as in decoupled greedy learning's
     auxiliary nets; common/costs.py choose_head takes 1x1 when 2x2 is over the budget), so the
     head stays small whatever the image size; for a sequence (T, D), the mean over positions;
-    any other shape, flattened."""
+    any other shape, flattened. With targets at every position (`per_position`, stream data) a
+    sequence's head classifies every position."""
 
-    def __init__(self, shape: Sequence[int], num_classes: int = NUM_CLASSES, pool: int = 2):
+    def __init__(self, shape: Sequence[int], num_classes: int = NUM_CLASSES, pool: int = 2,
+                 per_position: bool = False):
         super().__init__()
         shape = tuple(shape)
-        if len(shape) == 1:
+        if per_position:
+            if len(shape) != 2:
+                raise ValueError(f"a local head for targets at every position needs [time, features] "
+                                 f"activations, got {shape}")
+            self.net = nn.Linear(shape[1], num_classes)
+        elif len(shape) == 1:
             self.net = nn.Linear(shape[0], num_classes)
         elif len(shape) == 3:
             self.net = nn.Sequential(nn.AdaptiveAvgPool2d(pool), nn.Flatten(),

@@ -441,7 +441,14 @@ def check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
     return t
 
 
-def check_labels(labels: torch.Tensor, num_classes: int, what: str) -> torch.Tensor:
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise WireError(f"{what}: labels outside 0..{num_classes - 1}", what)
+IGNORE_LABEL = -100  # a stream position without a target (common/streams.py IGNORE)
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, what: str, positions: bool = False) -> torch.Tensor:
+    """Class indices in 0..num_classes-1 (`positions`: targets at every position of a window,
+    where IGNORE_LABEL marks a position without one)."""
+    real = labels[labels != IGNORE_LABEL] if positions else labels
+    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= num_classes):
+        raise WireError(f"{what}: labels outside 0..{num_classes - 1}"
+                        f"{f' (or {IGNORE_LABEL}: no target)' if positions else ''}", what)
     return labels

@@ -18,7 +18,7 @@ from synthgrad.common.models import BUILT_IN_MODELS, ModelError, check_model, gr
 from synthgrad.common.modes import STAGE_WORKER_MODES, Mode, spoken
 from synthgrad.common.devices import check_run_devices
 from synthgrad.common.data import total_steps
-from synthgrad.common.datasets import check_dataset, count_train, data_spec
+from synthgrad.common.datasets import StreamOptions, check_dataset, count_train, data_spec
 from synthgrad.common.endpoints import tcp_host
 from synthgrad.common.files import atomic_write_json
 from synthgrad.common.security import Guard, Keys, MonitorKeys, local_run_keys, resolve_keys
@@ -112,7 +112,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
         log(layout.describe() if bind is None else
             f"layout: layers per stage {list(layout.groups)} (each host pins its own stages)")
     # the run's length, computed once here and handed to everything that needs it
-    total = total_steps(count_train(cfg.dataset, cfg.data_dir, cfg.synthetic_train), cfg.batch_size,
+    total = total_steps(count_train(cfg.dataset, cfg.data_dir, cfg.synthetic_train, StreamOptions.of(cfg)), cfg.batch_size,
                         cfg.epochs, cfg.steps)
     resume = None
     if cfg.resume:
@@ -181,7 +181,7 @@ def prepare(cfg: RunConfig):
     the data's files, what _resolve derives, and every stage's device. Returns (config, layout).
     compare calls it for every contender before the first one runs."""
     cfg.validate()
-    check_dataset(cfg.dataset, cfg.data_dir)  # stage 0 runs here: all its files, or a clear error
+    check_dataset(cfg.dataset, cfg.data_dir, StreamOptions.of(cfg))  # stage 0 runs here: all its files, or a clear error
     cfg, layout = _resolve(cfg)
     check_run_devices(cfg)  # every stage starts on this host: its device must be here
     return cfg, layout
@@ -193,8 +193,8 @@ def _resolve(cfg: RunConfig):
     and the placement. A resumed run keeps what its config.json holds."""
     if cfg.resume:
         return cfg, plan_layout(cfg)[1]
-    spec = data_spec(cfg.dataset, cfg.data_dir)
-    cfg = cfg.replace(input_shape=spec.sample_shape, num_classes=spec.num_classes)
+    spec = data_spec(cfg.dataset, cfg.data_dir, StreamOptions.of(cfg))
+    cfg = cfg.replace(input_shape=spec.sample_shape, num_classes=spec.num_classes, label_shape=spec.label_shape)
     try:
         layers = check_model(cfg)
     except ModelError as exc:

@@ -27,6 +27,8 @@ _EXPORTS = {
     "Mode": ("synthgrad.common.modes", "Mode"),
     "PLACEMENTS": ("synthgrad.common.placement", "PLACEMENTS"),
     "DataError": ("synthgrad.common.data", "DataError"),
+    "Stream": ("synthgrad.common.streams", "Stream"),
+    "Recurrent": ("synthgrad.common.recurrent", "Recurrent"),
     "RunFailed": ("synthgrad.coordinator.watchdog", "RunFailed"),
     "load_model_state": ("synthgrad.common.files", "load_model_state"),
     "trained_model": ("synthgrad.coordinator.export", "trained_model"),

@@ -111,12 +111,13 @@ def test_split_points_by_layer_name(tmp_path):
 
 
 def test_the_built_in_models_are_factories_like_a_users():
-    """--model mlp and cnn name factories called exactly as a user's: by their import path they
-    build the same layers with the same weights."""
+    """--model mlp, cnn and lstm name factories called exactly as a user's: by their import path
+    they build the same layers with the same weights."""
     from synthgrad.common.models import BUILT_IN_MODELS, build_units
     for name, path in BUILT_IN_MODELS.items():
-        by_name = build_units(RunConfig(model=name, layers=(784, 32, 10)))
-        by_path = build_units(RunConfig(model=path, layers=(784, 32, 10)))
+        data = {"input_shape": (16, 9), "label_shape": (16,)} if name == "lstm" else {}
+        by_name = build_units(RunConfig(model=name, layers=(784, 32, 10), **data))
+        by_path = build_units(RunConfig(model=path, layers=(784, 32, 10), **data))
         assert [type(u) for u in by_name] == [type(u) for u in by_path]
         for a, b in zip(by_name, by_path):
             sa, sb = a.state_dict(), b.state_dict()

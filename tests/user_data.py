@@ -68,3 +68,20 @@ class Volumes(Patterns):
 
 def volumes(data_dir=None):
     return Volumes(128, seed=1), Volumes(32, seed=2)
+
+
+def streams(data_dir=None):
+    """A user's stream data: token ids in, the next token's class out (two Streams)."""
+    from synthgrad import Stream
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, 6, (1201,), generator=g)
+    return (Stream(tokens[:1000], tokens[1:1001], 6),
+            Stream(tokens[1000:1200], tokens[1001:1201], 6))
+
+
+def short_stream():
+    """A test stream of 3 positions: shorter than any window over 3."""
+    from synthgrad import Stream
+    x = torch.zeros(200, 2)
+    y = torch.zeros(200, dtype=torch.int64)
+    return Stream(x, y, 2), Stream(x[:3], y[:3], 2)

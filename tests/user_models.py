@@ -76,3 +76,8 @@ def plain_mlp(input_shape, num_classes):
                          nn.Sequential(nn.Linear(64, 64), nn.ReLU()),
                          nn.Sequential(nn.Linear(64, 64), nn.ReLU()),
                          nn.Linear(64, num_classes))
+
+
+def gru_cell_then_readout(input_shape, num_classes):
+    """A recurrent core given as a cell (unrolled over each window by synthgrad), then a read-out."""
+    return [nn.GRUCell(input_shape[-1], 16), nn.Linear(16, num_classes)]

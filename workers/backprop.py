@@ -16,11 +16,12 @@ from torch import nn
 
 from synthgrad.common.config import RunConfig, default_backprop_threads
 from synthgrad.common.data import eval_batches, steps_per_epoch
-from synthgrad.common.datasets import load_dataset
+from synthgrad.common.datasets import run_dataset
 from synthgrad.common.devices import CPU, Compute, stage_device
 from synthgrad.common.evaluation import EvalTally, eval_line, eval_record
 from synthgrad.common.models import build_units, loss_function, make_optimizer
 from synthgrad.common.modes import Mode
+from synthgrad.common.recurrent import reset_streams
 from synthgrad.common.reports import StatusSink, progress_line, run_summary
 from synthgrad.workers.checkpointing import final_path, save_stage
 from synthgrad.workers.meter import Meter
@@ -31,6 +32,7 @@ from synthgrad.workers.stage import require_finite
 @torch.no_grad()
 def evaluate(model: nn.Module, split, batch_size: int, limit, loss=F.cross_entropy,
              dev: Compute = CPU) -> EvalTally:
+    reset_streams(model, training=False)  # an evaluation reads its streams from their start
     model.eval()
     tally = EvalTally(loss)
     for x, y in eval_batches(split, batch_size, limit):
@@ -48,11 +50,11 @@ def run_backprop(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stre
     t_created = time.monotonic()
     threads = cfg.backprop_threads or default_backprop_threads()
     torch.set_num_threads(threads)
-    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.synthetic_train, cfg.synthetic_test)
+    ds = run_dataset(cfg)
     units = build_units(cfg)
     dev = Compute.of(stage_device(cfg.device, 0), cfg.precision)
     model = nn.Sequential(*units).to(dev.device)
-    loss_fn = loss_function(cfg.loss)
+    loss_fn = loss_function(cfg.loss, cfg.per_position)
     opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
     per_epoch = steps_per_epoch(len(ds.train), cfg.batch_size)
     meter = Meter(0)
@@ -71,8 +73,12 @@ def run_backprop(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stre
             last_progress = time.monotonic()
 
     meter.start()
+    stream_epoch = 0
     for event in schedule(cfg, split_batches(cfg, ds.train), per_epoch, total):
         if isinstance(event, TrainBatch):
+            if event.epoch != stream_epoch:  # a new epoch restarts the streams, as on the stages
+                reset_streams(model, training=True)
+                stream_epoch = event.epoch
             t0 = time.perf_counter()
             x, y = dev.arrive(event.x), dev.arrive(event.labels)
             with dev.autocast():  # the layers and the loss, as the last stage computes them

@@ -263,10 +263,11 @@ class Links:
                 if not msg.phase.is_marker:
                     full = msg.phase is wire.Phase.TRAIN  # training batches are always full (batch norm)
                     wire.check_tensor(msg.h, "ACTIVATION.h", self.wire_dtype, self.in_shape, self.cfg.batch_size, full)
-                    wire.check_tensor(msg.labels, "ACTIVATION.labels", torch.int64, (), msg.h.shape[0])
+                    label_shape = tuple(self.cfg.label_shape or ())
+                    wire.check_tensor(msg.labels, "ACTIVATION.labels", torch.int64, label_shape, msg.h.shape[0])
                     if msg.labels.shape[0] != msg.h.shape[0]:
                         raise wire.WireError("ACTIVATION: labels and h differ in batch size", "ACTIVATION.labels")
-                    wire.check_labels(msg.labels, self.num_classes, "ACTIVATION.labels")
+                    wire.check_labels(msg.labels, self.num_classes, "ACTIVATION.labels", bool(label_shape))
                     wire.check_finite(msg.h, "ACTIVATION.h")
                 elif msg.h is not None or msg.labels is not None:
                     raise wire.WireError(f"ACTIVATION: a {msg.phase.value} marker carries no tensors",

@@ -24,7 +24,7 @@ from torch import nn
 
 from synthgrad.common.config import RunConfig
 from synthgrad.common.data import Dataset, steps_per_epoch
-from synthgrad.common.datasets import load_dataset
+from synthgrad.common.datasets import run_dataset
 from synthgrad.common.devices import Compute, stage_device
 from synthgrad.common.evaluation import EvalTally, eval_record
 from synthgrad.common.files import JsonlLog, atomic_write_json
@@ -128,8 +128,7 @@ def _set_up(spec: RankSpec, cfg: RunConfig, run_dir: Path) -> _Rank:
                               dev)
     optimizer = make_optimizer(module.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
     _warm_up(cfg, schedule, module, first, last, in_shape, dev)
-    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.synthetic_train, cfg.synthetic_test) \
-        if (first or last) else None
+    ds = run_dataset(cfg) if (first or last) else None
     n_train = torch.tensor([len(ds.train) if ds is not None else 0], device=dev.device)
     dist.all_reduce(n_train, op=dist.ReduceOp.MAX)  # middle ranks load no data
     return _Rank(cfg, rank, first, last, (a, b), dev, module, schedule, eval_schedule, optimizer, ds,

@@ -33,7 +33,9 @@ from synthgrad.common.models import (
     stage_bounds,
     stage_io_shapes,
 )
+from synthgrad.common.evaluation import count_correct
 from synthgrad.common.modes import UpdateRule
+from synthgrad.common.recurrent import StateSynthesizer, recurrent_layers, reset_streams, state_sizes
 from synthgrad.common.reports import RunFailed
 from synthgrad.workers.sync import GradientSync
 
@@ -96,6 +98,7 @@ class StageStats:
     delay_max: int = 0  # cumulative
     delay_total: int = 0  # cumulative, for the run's mean
     delay_total_n: int = 0
+    state_synths: tuple = ()  # the stage's StateSynthesizers: their figures join each record
 
     def take(self) -> dict:
         rec = {
@@ -110,6 +113,8 @@ class StageStats:
             "gradient_delay_mean": self.delay_sum / self.delay_n if self.delay_n else None,
             "gradient_delay_max": self.delay_max if self.delay_n else None,
         }
+        for synth in self.state_synths[:1]:  # the first recurrent layer's (a stage rarely holds two)
+            rec.update(synth.take())
         self.loss_sum = self.sg_loss_sum = self.cos_sum = self.head_loss_sum = 0.0
         self.loss_n = self.correct = self.seen = self.sg_loss_n = self.cos_n = self.head_loss_n = 0
         self.delay_sum = self.delay_n = 0
@@ -135,8 +140,11 @@ class StageLogic:
         self.rule: UpdateRule = rule or cfg.rule
         uses_predictor = stage < num_stages - 1 and self.rule.uses_predictor
         uses_head = stage < num_stages - 1 and self.rule.uses_head
+        # a recurrent layer's state at a window's end gets a synthetic gradient where the rule
+        # predicts gradients, on any stage (the last one's too: its window still ends)
+        synth_states = self.rule.uses_predictor and cfg.per_position and bool(recurrent_layers(module))
         # counted on the CPU, before the module moves to its device (the layout counts the same)
-        own_flops = training_flops(module, in_shape) if (uses_predictor or uses_head) else 0.0
+        own_flops = training_flops(module, in_shape) if (uses_predictor or uses_head or synth_states) else 0.0
         self.dev = dev or Compute(torch.device("cpu"), cfg.precision)
         module.to(self.dev.device)
         self.stage = stage
@@ -161,11 +169,23 @@ class StageLogic:
             torch.manual_seed(cfg.seed * 7919 + stage)
             self.head = self.head_choice.build(cfg, out_shape).to(self.dev.device)
             self.head_optimizer = make_optimizer(self.head.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
+        self.state_synths: list[StateSynthesizer] = []
+        if synth_states:
+            for i, size in enumerate(state_sizes(module, in_shape)):
+                choice = choose_predictor(cfg.replace(conditioned=False), (size,), own_flops)
+                torch.manual_seed(cfg.seed * 7919 + 104729 * (i + 1) + stage)
+                model = SyntheticGradient((size,), cfg.sg_model, choice.rank).to(self.dev.device)
+                self.state_synths.append(StateSynthesizer(
+                    model, make_optimizer(model.parameters(), cfg.sg_optimizer, cfg.sg_lr), cfg.sg_discount))
+            for layer, synth in zip(recurrent_layers(module), self.state_synths):
+                layer.synthesizer = synth
+        self.stream_epoch: Optional[int] = None  # the epoch the training streams are in
         self.latest_step = -1  # the latest step this stage has run forward
-        self.loss_fn = loss_function(cfg.loss)  # the last stage's; local heads keep cross-entropy
+        self.loss_fn = loss_function(cfg.loss, cfg.per_position)  # the last stage's
+        self.head_loss = loss_function("cross_entropy", cfg.per_position)  # local heads keep cross-entropy
         self.kept: dict[int, Kept] = {}
         self.last_true: Optional[torch.Tensor] = None  # stale mode
-        self.stats = StageStats()
+        self.stats = StageStats(state_synths=tuple(self.state_synths))
         self.snapshot_steps = snapshot_steps
         self.snapshots: list[dict] = []  # synthetic beside true gradient at a few steps
         self._pending: Optional[tuple] = None  # (step, h, x, keep_graph, labels) between forward and update
@@ -176,6 +196,15 @@ class StageLogic:
         self._synced(self.module)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        for synth in self.state_synths:  # the window's backward pass gave its initial state a gradient
+            synth.learn()
+
+    def begin_epoch(self, epoch: int) -> None:
+        """A training step of `epoch` comes next: a new epoch restarts the streams (recurrent
+        layers start from zero)."""
+        if self.stream_epoch is not None and epoch != self.stream_epoch:
+            reset_streams(self.module, training=True)
+        self.stream_epoch = epoch
 
     def predict(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The synthetic-gradient model's per-sample dL/dh (batch size x dL_mean/dh), in float32
@@ -206,7 +235,7 @@ class StageLogic:
         assert self.head is not None and self.head_optimizer is not None
         t0 = time.perf_counter()
         h_leaf = h.detach().float().requires_grad_(True)
-        loss = F.cross_entropy(self.head(h_leaf), labels)
+        loss = self.head_loss(self.head(h_leaf), labels)
         require_finite(loss.detach(), "the local head's loss", self.stage, step)
         self.head_optimizer.zero_grad(set_to_none=True)
         self._shared(loss).backward()
@@ -396,16 +425,20 @@ class StageLogic:
         value = loss.item()
         self.stats.loss_sum += value
         self.stats.loss_n += 1
-        self.stats.correct += int((out.detach().argmax(1) == labels).sum())
-        self.stats.seen += int(labels.shape[0])
+        correct, counted = count_correct(out.detach(), labels)
+        self.stats.correct += correct
+        self.stats.seen += counted
         dx = x.grad if (need_dx and not self.is_first) else None
         return value, None if dx is None else self.dev.leave(require_finite(dx, "dL/dx", self.stage, step))
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def eval_forward(self, x: torch.Tensor, fresh: bool = False) -> torch.Tensor:
         """The stage's output in eval mode, ready for the wire (the last stage's logits stay as
-        computed, on the device, for the evaluation's tally)."""
+        computed, on the device, for the evaluation's tally). `fresh`: an evaluation's first
+        batch (its streams start from zero; the training streams' state is kept apart)."""
+        if fresh:
+            reset_streams(self.module, training=False)
         self.module.eval()
         try:
             with self.dev.autocast():
@@ -439,6 +472,10 @@ class StageLogic:
             state["head_optimizer"] = self.head_optimizer.state_dict()
         if self.last_true is not None:
             state["last_true"] = self.last_true
+        layers = recurrent_layers(self.module)
+        if layers:  # where the training streams are: their epoch, and each layer's carried state
+            state["streams"] = {"epoch": self.stream_epoch, "carried": [layer.carried() for layer in layers],
+                                "synths": [synth.state_dict() for synth in self.state_synths]}
         for t in _tensors(state):
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise NonFinite(f"stage {self.stage}: its state holds NaN or infinite values; "
@@ -457,6 +494,15 @@ class StageLogic:
             self.head_optimizer.load_state_dict(state["head_optimizer"])
         last_true = state.get("last_true")
         self.last_true = None if last_true is None else self.dev.arrive(last_true)
+        streams = state.get("streams")
+        if streams is not None:
+            self.stream_epoch = streams["epoch"]
+            for layer, carried in zip(recurrent_layers(self.module), streams["carried"]):
+                layer.carry(None if carried is None else
+                            tuple(map(self.dev.arrive, carried)) if isinstance(carried, (tuple, list))
+                            else self.dev.arrive(carried))
+            for synth, saved in zip(self.state_synths, streams["synths"]):
+                synth.load_state_dict(saved)
 
 
 @dataclass(frozen=True)
@@ -481,8 +527,8 @@ def build_stage(cfg: RunConfig, stage: int, total_steps: int, dev: Compute,
     num_stages = len(cfg.stage_groups)
     logic = StageLogic(cfg, stage, num_stages, nn.Sequential(*units[first_unit:end_unit]), in_shape, out_shape,
                        snapshot_steps=snapshot_steps(cfg, total_steps), dev=dev, sync=sync)
-    # the last stage's output: one logit per class
-    return logic, StagePlan((first_unit, end_unit), in_shape, out_shape, shapes[-1][1][0], num_stages)
+    # the last stage's output: one logit per class (at every position, for stream data)
+    return logic, StagePlan((first_unit, end_unit), in_shape, out_shape, shapes[-1][1][-1], num_stages)
 
 
 def _tensors(obj):

@@ -25,7 +25,7 @@ import zmq
 from synthgrad.common import wire
 from synthgrad.common.config import RunConfig
 from synthgrad.common.data import Dataset, eval_batches, steps_per_epoch
-from synthgrad.common.datasets import load_dataset
+from synthgrad.common.datasets import run_dataset
 from synthgrad.common.devices import Compute, stage_device
 from synthgrad.common.endpoints import CONNECT_TIMEOUT_S
 from synthgrad.common.evaluation import EvalTally
@@ -149,7 +149,7 @@ class LayerWorker:
                                       on_committed=self._on_committed, on_idle=reporter.maybe_report))
         dataset = None
         if self.stage == 0:
-            dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.synthetic_train, cfg.synthetic_test)
+            dataset = run_dataset(cfg)
         self.parts = StageParts(cfg, run_dir, core, plan.units, plan.out_shape, is_last, start.total_steps,
                                 start.resume_step + 1, logic, reporter, checkpoints, dataset)
 
@@ -222,6 +222,7 @@ class LayerWorker:
         if slow is not None and slow[0] == self.stage:  # --slow-stage (testing): the bottleneck
             with self.timings.span("compute"):
                 time.sleep(slow[1] / 1000.0)
+        parts.logic.begin_epoch(epoch)
         if parts.is_last:
             with self.timings.span("compute"):
                 _, dx = parts.logic.last_step(step, x, labels, true_grad)
@@ -266,7 +267,7 @@ class LayerWorker:
         tally = EvalTally(parts.logic.loss_fn)
         for b, (x, y) in enumerate(eval_batches(test, parts.cfg.batch_size, parts.cfg.eval_samples)):
             with self.timings.span("compute"):
-                out = parts.logic.eval_forward(x)
+                out = parts.logic.eval_forward(x, fresh=b == 0)
             if parts.is_last:
                 tally.add(out, y)
             else:
@@ -292,7 +293,7 @@ class LayerWorker:
                 self.train_step(msg.step, msg.epoch, msg.h, msg.labels)
             elif msg.phase is Phase.EVAL:
                 with self.timings.span("compute"):
-                    out = parts.logic.eval_forward(msg.h)
+                    out = parts.logic.eval_forward(msg.h, fresh=msg.step == 0)
                     if parts.is_last:
                         tally.add(out, msg.labels)
                 if not parts.is_last:
