@@ -182,6 +182,31 @@ def as_layer(unit: nn.Module) -> nn.Module:
     return unit
 
 
+class Slow(nn.Module):
+    """A recurrent core that ticks every `every` positions, for a network of two timescales: it
+    reads its input at positions 0, k, 2k, ... of each window (the window's length a multiple
+    of k), carries its own state from tick to tick and window to window, and holds each tick's
+    output for the k positions that follow, so position p sees the last tick at or before p
+    (nothing from its future). Its output at a position is the input there beside the held
+    output ([B, T, D + H]), so a read-out after it sees both timescales."""
+
+    def __init__(self, core: nn.Module, every: int):
+        super().__init__()
+        if not isinstance(every, int) or every < 1:
+            raise RecurrentError(f"a slow core ticks every k >= 1 positions, got k = {every!r}")
+        self.every = every
+        self.core = as_layer(core) if not isinstance(core, Recurrent) else core
+        if not isinstance(self.core, Recurrent):
+            self.core = Recurrent(core)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[1] % self.every:
+            raise RecurrentError(f"a slow core ticking every {self.every} positions needs windows of a multiple "
+                                 f"of {self.every} positions ([batch, time, features]), got {list(x.shape)}")
+        held = self.core(x[:, ::self.every]).repeat_interleave(self.every, dim=1)
+        return torch.cat([x, held], dim=2)
+
+
 class _WithStateGradient(torch.autograd.Function):
     """Passes the output through; in the backward pass the final state's tensors also receive
     the predicted gradients, so whichever backward a rule runs through the output, the window's

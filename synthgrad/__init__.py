@@ -29,6 +29,7 @@ _EXPORTS = {
     "DataError": ("synthgrad.common.data", "DataError"),
     "Stream": ("synthgrad.common.streams", "Stream"),
     "Recurrent": ("synthgrad.common.recurrent", "Recurrent"),
+    "Slow": ("synthgrad.common.recurrent", "Slow"),
     "RunFailed": ("synthgrad.coordinator.watchdog", "RunFailed"),
     "load_model_state": ("synthgrad.common.files", "load_model_state"),
     "trained_model": ("synthgrad.coordinator.export", "trained_model"),

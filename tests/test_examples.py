@@ -45,3 +45,11 @@ def test_csv_dataset(tmp_path):
         (tmp_path / f"{name}.csv").write_text("\n".join(rows) + "\n")
     summary = csv_dataset.main(["--data-dir", str(tmp_path), "--epochs", "8", "--out", str(tmp_path / "run")])
     assert summary["status"] == "done" and summary["test_accuracy"] > 0.5  # four classes
+
+
+@pytest.mark.timeout(120)
+def test_two_timescales(tmp_path):
+    from examples import two_timescales
+    summary = two_timescales.main(["--steps", "4", "--text-chars", "20000", "--out", str(tmp_path / "run")])
+    assert summary["status"] == "done" and summary["steps"] == 4 and summary["num_stages"] == 2
+    assert summary["layout"]["groups"] == [1, 2]  # the fast core alone; the slow one with the read-out

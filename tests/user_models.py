@@ -81,3 +81,32 @@ def plain_mlp(input_shape, num_classes):
 def gru_cell_then_readout(input_shape, num_classes):
     """A recurrent core given as a cell (unrolled over each window by synthgrad), then a read-out."""
     return [nn.GRUCell(input_shape[-1], 16), nn.Linear(16, num_classes)]
+
+
+def two_timescales(input_shape, num_classes, fast=16, slow=16, every=2):
+    """A fast LSTM, then a slow one that ticks every `every` positions on its output, then a
+    read-out of both (tests/test_recurrent.py writes the same network directly in PyTorch)."""
+    from synthgrad import Slow
+    return [nn.LSTM(input_shape[-1], fast, batch_first=True),
+            Slow(nn.LSTM(fast, slow, batch_first=True), every=every),
+            nn.Linear(fast + slow, num_classes)]
+
+
+def two_timescales_mismatched(input_shape, num_classes):
+    """The slow core expects 8 features where the fast one gives 16."""
+    from synthgrad import Slow
+    return [nn.LSTM(input_shape[-1], 16, batch_first=True), Slow(nn.LSTM(8, 16, batch_first=True), every=2),
+            nn.Linear(32, num_classes)]
+
+
+def two_timescales_never(input_shape, num_classes):
+    return two_timescales(input_shape, num_classes, every=0)
+
+
+def two_timescales_every_3(input_shape, num_classes):
+    return two_timescales(input_shape, num_classes, every=3)
+
+
+def small_lstm(input_shape, num_classes):
+    """An LSTM of 32 units and a read-out at every position: --model lstm, smaller."""
+    return [nn.LSTM(input_shape[-1], 32, batch_first=True), nn.Linear(32, num_classes)]
