@@ -157,7 +157,8 @@ def check_model(cfg: RunConfig) -> int:
         from synthgrad.common.modes import Mode
         if cfg.mode == Mode.PIPELINE:
             raise ModelError("mode pipeline cannot carry a recurrent layer's state between windows; use "
-                             "locked (the same truncated BPTT) or another stage-worker mode")
+                             "locked (the same truncated BPTT) or another stage-worker mode (compare: leave "
+                             "pipeline out of --contenders)")
         if cfg.replicas is not None and max(cfg.replicas) > 1:
             raise ModelError("--replicas cannot split a recurrent layer's streams yet; run it without replicas")
     shapes = unit_shapes(units, cfg.sample_shape)

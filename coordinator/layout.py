@@ -41,6 +41,9 @@ class Layout:
     # each non-last stage's local classifier head (None: the mode has none), and its share
     heads: tuple[Optional[HeadChoice], ...] = ()
     head_shares: tuple[Optional[float], ...] = ()
+    # each stage's recurrent layers' state predictors (mode unlocked on stream data), and shares
+    state_predictors: tuple[tuple[PredictorChoice, ...], ...] = ()
+    state_predictor_shares: tuple[tuple[float, ...], ...] = ()
 
     @property
     def ceiling_samples_per_s(self) -> Optional[float]:
@@ -67,7 +70,10 @@ class Layout:
                                                        "share_of_stage_flops": round(share, 4)}
                                for c, share in zip(self.predictors, self.predictor_shares)],
                 "heads": [None if c is None else {"pool": c.pool, "share_of_stage_flops": round(share, 4)}
-                          for c, share in zip(self.heads, self.head_shares)]}
+                          for c, share in zip(self.heads, self.head_shares)],
+                "state_predictors": [[{"rank": c.rank, "share_of_stage_flops": round(share, 4)}
+                                      for c, share in zip(cs, shares)]
+                                     for cs, shares in zip(self.state_predictors, self.state_predictor_shares)]}
 
     def describe(self) -> str:
         mflops = ", ".join(f"{f / 1e6:.2f}" for f in self.stage_flops)
@@ -76,13 +82,16 @@ class Layout:
               for i, (c, share) in enumerate(zip(self.predictors, self.predictor_shares)) if c is not None]
         heads = [f"{i}: {100 * share:.1f}%" for i, (c, share) in enumerate(zip(self.heads, self.head_shares))
                  if c is not None]
+        states = [f"{i}: rank {c.rank} {100 * share:.1f}%" for i, (cs, shares) in
+                  enumerate(zip(self.state_predictors, self.state_predictor_shares)) for c, share in zip(cs, shares)]
         return (f"layout: layers per stage {list(self.groups)}, MFLOPs per sample {mflops}; "
                 f"{self.placement.describe()}"
                 + (f"; replicas per stage {list(self.replicas)} (the stage's threads split among them)"
                    if any(r > 1 for r in self.replicas) else "")
                 + (f"; ceiling {ceiling:,.0f} samples/s" if ceiling is not None else "")
                 + (f"; predictors (share of their stage) {', '.join(sg)}" if sg else "")
-                + (f"; local heads (share of their stage) {', '.join(heads)}" if heads else ""))
+                + (f"; local heads (share of their stage) {', '.join(heads)}" if heads else "")
+                + (f"; state predictors (share of their stage) {', '.join(states)}" if states else ""))
 
 
 def plan_layout(cfg: RunConfig) -> tuple[RunConfig, Optional[Layout]]:
@@ -121,9 +130,12 @@ def plan_layout(cfg: RunConfig) -> tuple[RunConfig, Optional[Layout]]:
                           if rule is not None and rule.uses_predictor else ((), ()))
     heads, head_shares = (_helper_models(cfg, units, costs, choose_head)
                           if rule is not None and rule.uses_head else ((), ()))
+    states, state_shares = (_state_predictors(cfg, units, costs) if rule is not None and rule.uses_predictor
+                            and cfg.per_position else ((), ()))
     placement = plan_placement(flops, cfg.placement, threads=cfg.stage_thread_counts())
     return cfg, Layout(tuple(cfg.stage_groups), tuple(flops), placement, core_flops_per_s(cfg.batch_size),
-                       on_cpu, predictors, shares, cfg.stage_replica_counts(), heads, head_shares)
+                       on_cpu, predictors, shares, cfg.stage_replica_counts(), heads, head_shares, states,
+                       state_shares)
 
 
 def _helper_models(cfg: RunConfig, units, costs, choose: Callable) -> tuple[tuple, tuple]:
@@ -138,6 +150,25 @@ def _helper_models(cfg: RunConfig, units, costs, choose: Callable) -> tuple[tupl
         choice = choose(cfg, shapes[end - 1], own) if i < len(cfg.stage_groups) - 1 else None
         choices.append(choice)
         shares.append(None if choice is None else choice.flops / max(own, 1.0))
+        start = end
+    return tuple(choices), tuple(shares)
+
+
+def _state_predictors(cfg: RunConfig, units, costs) -> tuple[tuple, tuple]:
+    """Each stage's state predictors as its worker builds them (workers/stage.py: one per
+    recurrent layer, priced against the stage's own layers), and their shares of its FLOPs."""
+    from torch import nn
+
+    from synthgrad.common.recurrent import state_sizes
+    shapes = [cfg.sample_shape, *unit_shapes(units, cfg.sample_shape)]
+    choices, shares, start = [], [], 0
+    for n in cfg.stage_groups:
+        end = start + n
+        own = sum(costs[start:end])
+        sizes = state_sizes(nn.Sequential(*units[start:end]), shapes[start])
+        stage = tuple(choose_predictor(cfg.replace(conditioned=False), (size,), own) for size in sizes)
+        choices.append(stage)
+        shares.append(tuple(c.flops / max(own, 1.0) for c in stage))
         start = end
     return tuple(choices), tuple(shares)
 

@@ -102,6 +102,18 @@ def test_locked_two_timescales_across_processes_is_plain_truncated_bptt(tmp_path
     assert_states_close(plain_two_timescales(cfg), load_model_state(run_dir), **LOCKED_EQUALS_BACKPROP)
 
 
+def test_a_resumed_recurrent_run_continues_the_same_streams(tmp_path):
+    """Stopped in the middle of its second epoch and resumed, a locked run ends bitwise where an
+    uninterrupted one does: the checkpoint held each layer's carried state and the epoch."""
+    from synthgrad.common.files import largest_difference, load_model_state
+    from synthgrad.coordinator.resume import resume_config
+    cfg = COPY.replace(model="tests.user_models:two_timescales", groups=(1, 2))
+    whole, _ = run(cfg, mode="locked", out=str(tmp_path / "whole"))
+    part, _ = run(cfg, mode="locked", steps=17, out=str(tmp_path / "part"))  # 12 steps an epoch
+    run(resume_config(str(part), {"steps": 24}), resume=str(part))
+    assert largest_difference(load_model_state(whole), load_model_state(part)) == (0.0, "nowhere")
+
+
 def prepared(cfg: RunConfig) -> RunConfig:
     from synthgrad.coordinator.train import prepare
     return prepare(cfg)[0]

@@ -423,9 +423,11 @@ class StageLogic:
         self._shared(loss).backward()
         self.step_optimizer()
         value = loss.item()
-        self.stats.loss_sum += value
-        self.stats.loss_n += 1
         correct, counted = count_correct(out.detach(), labels)
+        # weighted by the predictions it scored: a stream's windows hold different numbers of
+        # targets (some none), and the reported loss is per target, as the evaluation's is
+        self.stats.loss_sum += value * counted
+        self.stats.loss_n += counted
         self.stats.correct += correct
         self.stats.seen += counted
         dx = x.grad if (need_dx and not self.is_first) else None
