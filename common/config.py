@@ -142,6 +142,10 @@ class RunConfig:
     sg_update_lr_scale: float = SYNTHETIC.opt(0.2, "layers stepped by a synthetic or stale gradient use lr x this "
                                               "(Adam gives a predicted gradient's errors full-size steps); 0 "
                                               "freezes them: a control of what the last stage learns alone")
+    sg_min_cosine: float = SYNTHETIC.opt(0.0, "a stage steps on its predictor only while the predictor's running "
+                                         "cosine with the true gradients (over true-gradient steps) is at "
+                                         "least this; below it the layers keep their weights (0 = always, "
+                                         "the DNI paper's rule)")
     sg_discount: float = SYNTHETIC.opt(0.1, "a recurrent layer's state synthetic gradient enters its window's "
                                        "backward pass x this; below 1 it keeps the bootstrapped targets (each "
                                        "holds the next window's prediction) from growing without bound")
@@ -286,6 +290,7 @@ class RunConfig:
         within("momentum", 0, 1)
         within("sg_update_lr_scale", 0, 100)
         within("sg_discount", 0, 1)
+        within("sg_min_cosine", 0, 1)
         for name in ("metrics_every", "progress_every", "start_timeout", "stall_timeout"):
             within(name, 0, 1e9, lo_open=True)
         within("checkpoint_every", 0, 1e9)

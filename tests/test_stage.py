@@ -109,6 +109,33 @@ def test_unlocked_update_moves_weights_once_the_sg_has_learned():
     assert not torch.equal(before[0], first.module[0][1].weight)
 
 
+def test_a_stage_steps_on_its_predictor_only_once_it_predicts():
+    """--sg-min-cosine: the layers keep their weights while the predictor's running cosine with
+    the true gradients is below the bar, and step once it is above it (the same steps as
+    without the bar from then on). The predictor learns meanwhile."""
+    torch.manual_seed(0)
+    cfg = RunConfig(mode="unlocked", layers=(784, 32, 10), sg_lr=1e-2, sg_min_cosine=0.5)
+    first = chain(cfg)[0]
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    target = torch.randn(16, 32) / 16  # one fixed dL/dh: the predictor can learn it exactly
+    weight = first.module[0][1].weight
+    step = 0
+    while first.sg_trust < 0.5:
+        before = weight.clone()
+        first.forward(step, x, y, True)
+        first.local_update(step)
+        assert torch.equal(before, weight), f"step {step}: a stage stepped on a predictor it did not trust"
+        first.receive_grad(step, target, True)
+        step += 1
+        assert step < 200, f"the predictor never reached the bar (running cosine {first.sg_trust:.2f})"
+    assert first.stats.untrusted_steps == step
+    before = weight.clone()
+    first.forward(step, x, y, True)
+    first.local_update(step)
+    assert not torch.equal(before, weight)
+    assert first.state_dict()["sg_trust"] == first.sg_trust  # a resumed run keeps its trust
+
+
 def test_gradient_for_unknown_step_is_refused():
     cfg = RunConfig(mode="unlocked", layers=(784, 32, 10))
     first = chain(cfg)[0]

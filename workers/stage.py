@@ -12,6 +12,7 @@ and dL/dx is exactly the gradient of the forward pass that produced h (no recomp
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -39,6 +40,7 @@ from synthgrad.common.recurrent import StateSynthesizer, recurrent_layers, reset
 from synthgrad.common.reports import RunFailed
 from synthgrad.workers.sync import GradientSync
 
+TRUST_DECAY = 0.8  # the predictor's running cosine: each true-gradient step's weighs 1 - this
 MAX_KEPT_STEPS = 4096  # a safety bound; bounded queues keep the real number far below it
 SNAPSHOT_AT = (0.0, 0.1, 0.5, 1.0)  # fractions of the run at which to keep SG-vs-true samples
 SNAPSHOT_ROWS, SNAPSHOT_COLS = 16, 64  # samples x units kept per snapshot (for a heatmap)
@@ -98,6 +100,7 @@ class StageStats:
     delay_max: int = 0  # cumulative
     delay_total: int = 0  # cumulative, for the run's mean
     delay_total_n: int = 0
+    untrusted_steps: int = 0  # steps not taken: the predictor's running cosine was below --sg-min-cosine (cumulative)
     state_synths: tuple = ()  # the stage's StateSynthesizers: their figures join each record
 
     def take(self) -> dict:
@@ -109,6 +112,7 @@ class StageStats:
             "true_grads": self.true_grads,
             "bootstrap_grads": self.bootstrap_grads,
             "dropped_steps": self.dropped,
+            "untrusted_steps": self.untrusted_steps,
             "head_loss": self.head_loss_sum / self.head_loss_n if self.head_loss_n else None,
             "gradient_delay_mean": self.delay_sum / self.delay_n if self.delay_n else None,
             "gradient_delay_max": self.delay_max if self.delay_n else None,
@@ -179,6 +183,7 @@ class StageLogic:
                     model, make_optimizer(model.parameters(), cfg.sg_optimizer, cfg.sg_lr), cfg.sg_discount))
             for layer, synth in zip(recurrent_layers(module), self.state_synths):
                 layer.synthesizer = synth
+        self.sg_trust = 0.0  # the predictor's running cosine with the true gradients (trusts_predictor)
         self.stream_epoch: Optional[int] = None  # the epoch the training streams are in
         self.latest_step = -1  # the latest step this stage has run forward
         self.loss_fn = loss_function(cfg.loss, cfg.per_position)  # the last stage's
@@ -222,12 +227,30 @@ class StageLogic:
             return
         if kept.sg_pred is not None:
             target = g.float() * self.batch_rows(g)
-            cos = float(F.cosine_similarity(kept.sg_pred.reshape(1, -1), target.reshape(1, -1)))
+            cos = self._whole_batch_cosine(kept.sg_pred, target)
             self.stats.cos_sum += cos
             self.stats.cos_n += 1
+            self.sg_trust = TRUST_DECAY * self.sg_trust + (1 - TRUST_DECAY) * cos
             if step in self.snapshot_steps:
                 self._snapshot(step, kept.sg_pred, target, cos)
         self._train_sg(kept, g)
+
+    def _whole_batch_cosine(self, predicted: torch.Tensor, true: torch.Tensor) -> float:
+        """The cosine between a prediction and the true gradient over the whole batch (summed
+        over a replicated stage's processes, so every replica sees the same figure)."""
+        p, t = predicted.reshape(-1).double(), true.reshape(-1).double()
+        sums = torch.stack([p @ t, p @ p, t @ t])
+        if self.sync is not None:
+            self.sync.total(sums)
+        dot, pp, tt = sums.tolist()
+        return dot / max(math.sqrt(pp * tt), 1e-12)
+
+    def trusts_predictor(self) -> bool:
+        """Whether the layers may step on the synthetic-gradient model now: its running cosine
+        with the true gradients (an average over true-gradient steps, TRUST_DECAY) is at least
+        --sg-min-cosine. A predictor that does not (yet) predict gives updates of no use, and
+        Adam turns even small ones into full-size steps in their direction."""
+        return self.sg is None or self.cfg.sg_min_cosine <= 0 or self.sg_trust >= self.cfg.sg_min_cosine
 
     def head_gradient(self, step: int, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Train the local classifier head one step on h and return dL_local/dh (mean over the
@@ -379,9 +402,17 @@ class StageLogic:
         grad = self.rule.local_gradient(self, step, h, labels, self.kept.get(step))
         if grad is None:
             return None
+        trusted = self.trusts_predictor()
+        if not trusted:
+            self.stats.untrusted_steps += 1
+            if not self.cfg.bootstrap:  # nothing to step on, nothing to send back
+                return None
         require_finite(grad, "the local gradient", self.stage, step)
         h.backward(grad.to(h.dtype), retain_graph=keep_graph)
-        self.step_optimizer()
+        if trusted:
+            self.step_optimizer()
+        else:  # a bootstrapped dL/dx still goes back; the layers keep their weights
+            self.optimizer.zero_grad(set_to_none=True)
         if self.cfg.bootstrap and not keep_graph and x is not None and x.grad is not None:
             dx = x.grad
             x.grad = None
@@ -474,6 +505,8 @@ class StageLogic:
             state["head_optimizer"] = self.head_optimizer.state_dict()
         if self.last_true is not None:
             state["last_true"] = self.last_true
+        if self.sg is not None:
+            state["sg_trust"] = self.sg_trust
         layers = recurrent_layers(self.module)
         if layers:  # where the training streams are: their epoch, and each layer's carried state
             state["streams"] = {"epoch": self.stream_epoch, "carried": [layer.carried() for layer in layers],
@@ -494,6 +527,7 @@ class StageLogic:
         if self.head is not None and self.head_optimizer is not None:
             self.head.load_state_dict(state["head"])
             self.head_optimizer.load_state_dict(state["head_optimizer"])
+        self.sg_trust = float(state.get("sg_trust", self.sg_trust))
         last_true = state.get("last_true")
         self.last_true = None if last_true is None else self.dev.arrive(last_true)
         streams = state.get("streams")

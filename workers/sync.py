@@ -15,6 +15,11 @@ class GradientSync:
         self.share = 1.0 / replicas  # each replica's part of a batch (equal parts)
         self.group = group  # the replicas' process group (None: the default group)
 
+    def total(self, t: torch.Tensor) -> None:
+        """Sum a small tensor over the replicas, in place (every replica calls it at the same
+        point, as with reduce)."""
+        dist.all_reduce(t, group=self.group)
+
     def reduce(self, model: nn.Module) -> None:
         """Sum the gradients of `model`'s parameters over the replicas, in place. Every replica
         calls this at the same point with the same parameters holding gradients (they all run
