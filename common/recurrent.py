@@ -250,8 +250,9 @@ class StateSynthesizer:
         flat = layer.flat(new).detach().float()
         with torch.no_grad():
             per_stream = self.model(flat)
-        grads = _tensors(layer.unflat((self.discount * per_stream / flat.shape[0]).to(out.dtype), new))
         tensors = _tensors(new)
+        grads = tuple(g.to(t.dtype) for g, t in
+                      zip(_tensors(layer.unflat(self.discount * per_stream / flat.shape[0], new)), tensors))
         return _WithStateGradient.apply(out, len(tensors), *tensors, *grads)
 
     def learn(self) -> None:
