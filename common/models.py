@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from synthgrad.common.config import RunConfig
 from synthgrad.common.imports import ImportPathError, import_object
-from synthgrad.common.recurrent import as_layer, recurrent_layers, reset_streams, stream_through
+from synthgrad.common.recurrent import as_layer, reset_streams, stream_through
 from synthgrad.common.streams import IGNORE
 
 NUM_CLASSES = 10  # the default of the helper models' label conditioning (the run passes its own)
@@ -153,14 +153,15 @@ def check_model(cfg: RunConfig) -> int:
     data's samples and end in one logit per class, and that the loss takes those logits and
     gives a scalar to differentiate. Returns its number of layers (units)."""
     units = build_units(cfg)
-    if any(recurrent_layers(u) for u in units):
+    if cfg.per_position:  # stream data: windows read in order, a target at every position
         from synthgrad.common.modes import Mode
         if cfg.mode == Mode.PIPELINE:
-            raise ModelError("mode pipeline cannot carry a recurrent layer's state between windows; use "
-                             "locked (the same truncated BPTT) or another stage-worker mode (compare: leave "
-                             "pipeline out of --contenders)")
+            raise ModelError("mode pipeline does not take stream data (a target at every position, a recurrent "
+                             "layer's state carried between windows); use locked (the same truncated BPTT) or "
+                             "another stage-worker mode (compare: leave pipeline out of --contenders)")
         if cfg.replicas is not None and max(cfg.replicas) > 1:
-            raise ModelError("--replicas cannot split a recurrent layer's streams yet; run it without replicas")
+            raise ModelError("--replicas does not take stream data yet (each replica would carry its rows' "
+                             "state); run without replicas")
     shapes = unit_shapes(units, cfg.sample_shape)
     label_shape = tuple(cfg.label_shape or ())
     want = (*label_shape, cfg.classes)

@@ -2,7 +2,9 @@
 
 The stages' files hold {unit index: state dict}; this rebuilds the network from the run's
 config.json, loads every unit, and hands back an `nn.Sequential` of torch.nn layers only, so the
-exported file needs nothing but torch to load.
+exported file needs nothing but torch to load; a recurrent model's layers are synthgrad's
+`Recurrent` (and `Slow`), so loading it needs synthgrad, and each call starts from a zero state
+(the stream a run carried its state along is not the caller's).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from torch import nn
 from synthgrad.common.config import ConfigError, RunConfig
 from synthgrad.common.files import atomic_torch_save, load_model_state
 from synthgrad.common.models import build_units
+from synthgrad.common.recurrent import recurrent_layers
 
 
 def trained_model(run_dir: str | Path) -> nn.Sequential:
@@ -37,6 +40,8 @@ def trained_model(run_dir: str | Path) -> nn.Sequential:
                           f"each host's stage*.pt there; copy them into this folder")
     for i, unit in enumerate(units):
         unit.load_state_dict(states[i])
+    for layer in recurrent_layers(nn.Sequential(*units)):
+        layer.streaming = False
     return nn.Sequential(*units).eval()
 
 

@@ -10,59 +10,11 @@ from torch import nn
 from synthgrad.common.config import ConfigError, RunConfig
 from synthgrad.common.data import DataError, eval_batches, train_batches
 from synthgrad.common.datasets import StreamOptions, load_dataset
-from synthgrad.common.models import LSTM_HIDDEN
 from synthgrad.common.streams import IGNORE, SYMBOLS
 from tests.helpers import EXACT_SGD, LOCKED_EQUALS_BACKPROP, assert_states_close, run
 
 COPY = RunConfig(dataset="copy", model="lstm", bptt=4, copy_length=3, batch_size=8, synthetic_train=96,
                  synthetic_test=24, epochs=2, start_timeout=60, stall_timeout=30, **EXACT_SGD)
-
-
-def plain_tbptt(cfg: RunConfig) -> tuple[dict, float]:
-    """Truncated BPTT written directly in PyTorch: an nn.LSTM and a read-out built from the seed as
-    `--model lstm` builds them, the copy stream read window after window, the state detached
-    between windows and zeroed at each epoch's start; SGD with momentum. Returns the trained
-    units (as load_model_state gives them) and the last epoch's test loss."""
-    torch.manual_seed(cfg.seed)
-    lstm, readout = nn.LSTM(SYMBOLS + 1, LSTM_HIDDEN, batch_first=True), nn.Linear(LSTM_HIDDEN, SYMBOLS + 1)
-    params = [*lstm.parameters(), *readout.parameters()]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
-    ds = load_dataset("copy", None, cfg.synthetic_train, cfg.synthetic_test, StreamOptions.of(cfg))
-
-    def loss_of(x, y, state):
-        out, state = lstm(x, state)
-        logits = readout(out).reshape(-1, SYMBOLS + 1)
-        counted = (y != IGNORE).sum()
-        return F.cross_entropy(logits, y.reshape(-1), reduction="sum", ignore_index=IGNORE), counted, state
-
-    for epoch in range(cfg.epochs):
-        state = None
-        for x, y in train_batches(ds.train, cfg.batch_size, cfg.seed, epoch):
-            total, counted, state = loss_of(x, y, state)
-            opt.zero_grad()
-            (total / counted.clamp_min(1)).backward()
-            opt.step()
-            state = tuple(s.detach() for s in state)
-    with torch.no_grad():
-        state, loss_sum, n = None, 0.0, 0
-        for x, y in eval_batches(ds.test, cfg.batch_size):
-            total, counted, state = loss_of(x, y, state)
-            loss_sum, n = loss_sum + float(total), n + int(counted)
-    units = {0: {f"core.{k}": v for k, v in lstm.state_dict().items()}, 1: readout.state_dict()}
-    return units, loss_sum / n
-
-
-def test_locked_on_a_recurrent_stage_is_plain_truncated_bptt(tmp_path):
-    """An LSTM stage and a read-out stage in two processes, two epochs of the copy task with an
-    evaluation after each: the weights equal plain TBPTT's within LOCKED_EQUALS_BACKPROP (the
-    same operations in the same order; tests/helpers.py says why a tolerance at all), and so
-    does the test loss, read from the test streams' start with a state of its own."""
-    from synthgrad.common.files import load_model_state
-    expected, test_loss = plain_tbptt(COPY)
-    run_dir, summary = run(COPY, mode="locked", out=str(tmp_path / "locked"))
-    assert summary["steps"] == 2 * (COPY.synthetic_train // COPY.batch_size)
-    assert_states_close(expected, load_model_state(run_dir), **LOCKED_EQUALS_BACKPROP)
-    assert summary["evals"][-1]["test_loss"] == pytest.approx(test_loss, rel=1e-5)
 
 
 def plain_two_timescales(cfg: RunConfig, every: int = 2, width: int = 16) -> dict:
@@ -89,17 +41,37 @@ def plain_two_timescales(cfg: RunConfig, every: int = 2, width: int = 16) -> dic
             opt.step()
             fast_state = tuple(t.detach() for t in fast_state)
             slow_state = tuple(t.detach() for t in slow_state)
-    return {0: {f"core.{k}": v for k, v in fast.state_dict().items()},
-            1: {f"core.core.{k}": v for k, v in slow.state_dict().items()}, 2: readout.state_dict()}
+    with torch.no_grad():  # the test stream from its start, with states of its own
+        fast_state = slow_state = None
+        loss_sum, n = 0.0, 0
+        for x, y in eval_batches(ds.test, cfg.batch_size):
+            h, fast_state = fast(x, fast_state)
+            s, slow_state = slow(h[:, ::every], slow_state)
+            logits = readout(torch.cat([h, s.repeat_interleave(every, dim=1)], dim=2)).reshape(-1, SYMBOLS + 1)
+            loss_sum += float(F.cross_entropy(logits, y.reshape(-1), reduction="sum", ignore_index=IGNORE))
+            n += int((y != IGNORE).sum())
+    units = {0: {f"core.{k}": v for k, v in fast.state_dict().items()},
+             1: {f"core.core.{k}": v for k, v in slow.state_dict().items()}, 2: readout.state_dict()}
+    return units, loss_sum / n
 
 
-def test_locked_two_timescales_across_processes_is_plain_truncated_bptt(tmp_path):
-    """A fast LSTM in one stage process, a slow one ticking every 2 positions (and the read-out) in
-    another: locked equals the same network trained with plain TBPTT (tolerance as above)."""
+def test_locked_on_recurrent_stages_is_plain_truncated_bptt(tmp_path):
+    """An LSTM stage, and a slow LSTM ticking every 2 positions with the read-out in another
+    stage process (two timescales), two epochs of the copy task with an evaluation after each:
+    the weights equal the same network trained with truncated BPTT written directly in PyTorch
+    within LOCKED_EQUALS_BACKPROP (the same operations in the same order; tests/helpers.py says
+    why a tolerance at all), and so does the test loss, read from the test stream's start with
+    states of its own."""
     from synthgrad.common.files import load_model_state
+    from synthgrad.coordinator.export import trained_model
     cfg = COPY.replace(model="tests.user_models:two_timescales", groups=(1, 2))
-    run_dir, _ = run(cfg, mode="locked", out=str(tmp_path / "locked"))
-    assert_states_close(plain_two_timescales(cfg), load_model_state(run_dir), **LOCKED_EQUALS_BACKPROP)
+    expected, test_loss = plain_two_timescales(cfg)
+    run_dir, summary = run(cfg, mode="locked", out=str(tmp_path / "locked"))
+    assert summary["steps"] == 2 * (cfg.synthetic_train // cfg.batch_size)
+    assert_states_close(expected, load_model_state(run_dir), **LOCKED_EQUALS_BACKPROP)
+    assert summary["evals"][-1]["test_loss"] == pytest.approx(test_loss, rel=1e-5)
+    model, x = trained_model(run_dir), torch.randn(3, cfg.bptt, SYMBOLS + 1)
+    assert torch.equal(model(x), model(x)), "an exported model starts every call from a zero state"
 
 
 def test_a_resumed_recurrent_run_continues_the_same_streams(tmp_path):
@@ -204,8 +176,10 @@ def test_bad_stream_input_is_refused_before_anything_starts():
         prepared(COPY.replace(dataset="tests.user_data:short_stream", model="tests.user_models:gru_cell_then_readout"))
     with pytest.raises(ConfigError, match="must give \\(4, 9\\)"):  # per-position targets, per-sample logits
         prepared(COPY.replace(model="tests.user_models:plain_mlp"))
-    with pytest.raises(ConfigError, match="mode pipeline cannot carry"):
+    with pytest.raises(ConfigError, match="mode pipeline does not take stream data"):
         prepared(COPY.replace(mode="pipeline"))
+    with pytest.raises(ConfigError, match="--replicas does not take stream data"):
+        prepared(COPY.replace(replicas=(2,)))
     with pytest.raises(ConfigError, match="layer 1 \\(Slow\\) cannot take the output of the layer before it"):
         prepared(COPY.replace(model="tests.user_models:two_timescales_mismatched"))
     with pytest.raises(ConfigError, match="ticks every k >= 1 positions, got k = 0"):
@@ -214,7 +188,7 @@ def test_bad_stream_input_is_refused_before_anything_starts():
         prepared(COPY.replace(model="tests.user_models:two_timescales_every_3"))
 
 
-def test_a_users_stream_and_cell_train_in_every_stage_worker_mode(tmp_path):
+def test_a_users_stream_and_cell_train_through_the_stage_workers(tmp_path):
     """Token ids in, next-token classes out, a GRU cell unrolled over each window: the user's
     pieces run as the built-in ones do."""
     cfg = COPY.replace(dataset="tests.user_data:streams", model="tests.user_models:gru_cell_then_readout",

@@ -22,6 +22,7 @@ from synthgrad.common.evaluation import EvalTally, eval_line, eval_record
 from synthgrad.common.models import build_units, loss_function, make_optimizer
 from synthgrad.common.modes import Mode
 from synthgrad.common.recurrent import reset_streams
+from synthgrad.common.streams import IGNORE
 from synthgrad.common.reports import StatusSink, progress_line, run_summary
 from synthgrad.workers.checkpointing import final_path, save_stage
 from synthgrad.workers.meter import Meter
@@ -88,7 +89,8 @@ def run_backprop(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stre
             loss.backward()
             opt.step()
             dev.synchronize()  # on a GPU: the work done, not the work queued
-            meter.step_done(event.step, int(y.shape[0]), time.perf_counter() - t0, loss.item())
+            targets = int((y != IGNORE).sum()) if cfg.per_position else 1  # per target, as the stages report
+            meter.step_done(event.step, int(y.shape[0]), time.perf_counter() - t0, loss.item(), targets)
             if meter.due(cfg.metrics_every):
                 report()
             stream.tick(time.monotonic() - meter.started)

@@ -32,7 +32,10 @@ class Meter:
         """Training begins now (rates count from here)."""
         self.started = self._last_report = time.monotonic()
 
-    def step_done(self, step: int, samples: int, compute_s: float = 0.0, loss: Optional[float] = None) -> None:
+    def step_done(self, step: int, samples: int, compute_s: float = 0.0, loss: Optional[float] = None,
+                  loss_weight: int = 1) -> None:
+        """`loss_weight`: the predictions the step's loss is a mean over, where steps differ (a
+        stream's windows hold different numbers of targets), so the reported loss is per target."""
         self.steps += 1
         self.samples += samples
         self.last_step = step
@@ -40,8 +43,8 @@ class Meter:
         self._samples += samples
         self._compute += compute_s
         if loss is not None:
-            self._loss += loss
-            self._losses += 1
+            self._loss += loss * loss_weight
+            self._losses += loss_weight
 
     def due(self, every: float) -> bool:
         return time.monotonic() - self._last_report >= every

@@ -182,7 +182,8 @@ class ReplicatedLogic:
             rows.loss[0] = own
             dx = self._collect(rows.dx, dx)  # every replica's loss is in rows.loss once this returns
             loss = float(rows.loss.mean())  # equal parts: the batch's mean loss
-            self.logic.stats.loss_sum += loss - own  # the stage reports the whole batch's loss
+            # the stage reports the whole batch's loss, weighted as last_step weighted its own rows
+            self.logic.stats.loss_sum += (loss - own) * int(self._mine(labels).shape[0])
             return loss, dx
 
     def close(self) -> None:

@@ -149,6 +149,7 @@ class StageLogic:
         synth_states = self.rule.uses_predictor and cfg.per_position and bool(recurrent_layers(module))
         # counted on the CPU, before the module moves to its device (the layout counts the same)
         own_flops = training_flops(module, in_shape) if (uses_predictor or uses_head or synth_states) else 0.0
+        sizes = state_sizes(module, in_shape) if synth_states else []  # probed on the CPU too
         self.dev = dev or Compute(torch.device("cpu"), cfg.precision)
         module.to(self.dev.device)
         self.stage = stage
@@ -175,7 +176,7 @@ class StageLogic:
             self.head_optimizer = make_optimizer(self.head.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
         self.state_synths: list[StateSynthesizer] = []
         if synth_states:
-            for i, size in enumerate(state_sizes(module, in_shape)):
+            for i, size in enumerate(sizes):
                 choice = choose_predictor(cfg.replace(conditioned=False), (size,), own_flops)
                 torch.manual_seed(cfg.seed * 7919 + 104729 * (i + 1) + stage)
                 model = SyntheticGradient((size,), cfg.sg_model, choice.rank).to(self.dev.device)
