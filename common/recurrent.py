@@ -195,9 +195,7 @@ class Slow(nn.Module):
         if not isinstance(every, int) or every < 1:
             raise RecurrentError(f"a slow core ticks every k >= 1 positions, got k = {every!r}")
         self.every = every
-        self.core = as_layer(core) if not isinstance(core, Recurrent) else core
-        if not isinstance(self.core, Recurrent):
-            self.core = Recurrent(core)
+        self.core = core if isinstance(core, Recurrent) else Recurrent(core)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3 or x.shape[1] % self.every:
