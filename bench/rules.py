@@ -6,11 +6,13 @@ data, and honest about accuracy: every rule sees the same batches in the same or
 
     python bench/rules.py                         # every rule, Fashion-MNIST, 3 epochs, default MLP
     python bench/rules.py --rules local,corrected:10 --epochs 1
+    python bench/rules.py --model bench.models:digits_cnn --batch-size 128 --steps 300 \
+        --rules backprop,unlocked:10 --set sg_true_updates=false     # any RunConfig field
 
 Rules: backprop (no delay: the reference), unlocked:N (DNI), local (DGL), delayed (DDG),
 corrected:N (local heads plus every N-th true gradient; a mode), and candidates that did not
-become modes (swapped:N, residual:N; below, with what they measured in the README). Prints test accuracy per rule and how many
-gradients travelled backward per step; writes bench/results/rules.json. Throughput is not
+become modes (swapped:N, residual:N; below, with what they measured in the README). Prints test accuracy per rule, how many
+gradients travelled backward per step and each predictor's running cosine at the end; writes bench/results/rules.json. Throughput is not
 measured here (one process): that is what `launch.py compare` does.
 """
 from __future__ import annotations
@@ -108,6 +110,8 @@ def train_rule(name: str, cfg: RunConfig, ds, hop_delay: int) -> dict:
 
     for epoch in range(cfg.epochs):
         for x, y in train_batches(ds.train, cfg.batch_size, cfg.seed, epoch):
+            if cfg.steps is not None and step >= cfg.steps:
+                break
             deliver(step)
             true_grad = rule.true_grad_at(step, every)
             h = x
@@ -127,6 +131,7 @@ def train_rule(name: str, cfg: RunConfig, ds, hop_delay: int) -> dict:
         correct += int((h.argmax(1) == y).sum())
         total += int(y.shape[0])
     return {"rule": name, "test_accuracy": correct / total, "steps": step,
+            "sg_cosine": [round(st.sg_trust, 3) for st in stages if st.sg is not None],
             "gradients_back_per_step": sent_back / step, "seconds": time.perf_counter() - t0}
 
 
@@ -137,13 +142,28 @@ def main() -> None:
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--hop-delay", type=int, default=2, help="steps each backward hop arrives late")
     p.add_argument("--layers", default="784,256,256,256,10")
+    p.add_argument("--model", default=None, help="a model by import path (bench.models:digits_cnn), instead of --layers")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--set", action="append", default=[], help="a RunConfig field=value for every rule (repeatable)")
     p.add_argument("--seeds", default="0", help="seeds to repeat every rule with (initial weights, batch order)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "rules.json"))
     args = p.parse_args()
     torch.set_num_threads(1)
-    cfg = RunConfig(dataset=args.dataset, epochs=args.epochs, layers=tuple(int(v) for v in args.layers.split(",")))
+    extra = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            extra[key] = json.loads(value)  # numbers, true/false, null
+        except json.JSONDecodeError:
+            extra[key] = value  # a plain word: sgd, lowrank
+    cfg = RunConfig(dataset=args.dataset, epochs=args.epochs, layers=tuple(int(v) for v in args.layers.split(",")),
+                    model=args.model or "mlp", batch_size=args.batch_size, steps=args.steps, **extra)
+    if args.model:  # its layers are counted and its data's shapes filled in, as launch.py does
+        from synthgrad.coordinator.train import _resolve
+        cfg = _resolve(cfg)[0]
     ds = run_dataset(cfg)
-    print(f"{cfg.dataset}, MLP {args.layers}, {args.epochs} epochs, batch {cfg.batch_size}, "
+    print(f"{cfg.dataset}, {args.model or 'MLP ' + args.layers}, {args.epochs} epochs, batch {cfg.batch_size}, "
           f"Adam {cfg.lr}, each backward hop {args.hop_delay} steps late; one process, one thread")
     rows = []
     seeds = [int(v) for v in args.seeds.split(",")]
@@ -153,10 +173,12 @@ def main() -> None:
         mean = sum(accs) / len(accs)
         spread = (max(accs) - min(accs)) / 2
         rows.append({"rule": name, "seeds": seeds, "test_accuracy": accs, "mean": mean,
+                     "sg_cosine": [r["sg_cosine"] for r in runs],
                      "gradients_back_per_step": runs[0]["gradients_back_per_step"]})
         print(f"{name:>14}  test accuracy {100 * mean:6.2f}% +- {100 * spread:.2f} ({len(seeds)} seeds)  "
               f"gradients back per step {runs[0]['gradients_back_per_step']:.2f}  "
-              f"({sum(r['seconds'] for r in runs):.0f}s)", flush=True)
+              f"({sum(r['seconds'] for r in runs):.0f}s)"
+              + (f"  predictors' running cosine {runs[0]['sg_cosine']}" if runs[0]["sg_cosine"] else ""), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"epochs": args.epochs, "layers": args.layers,
                                           "hop_delay": args.hop_delay, "rows": rows}, indent=2) + "\n")

@@ -146,6 +146,13 @@ class RunConfig:
                                          "cosine with the true gradients (over true-gradient steps) is at "
                                          "least this; below it the layers keep their weights (0 = always, "
                                          "the DNI paper's rule)")
+    sg_trust_scale: bool = SYNTHETIC.opt(True, "a step on the predictor is taken at lr x --sg-update-lr-scale x the "
+                                         "predictor's running cosine with the true gradients (clamped to 0..1): "
+                                         "one that does not predict yet moves nothing (off: full steps from the "
+                                         "start, the DNI paper's rule)")
+    sg_true_updates: bool = SYNTHETIC.opt(True, "a true gradient that comes back also steps the layers, at the "
+                                          "weights its forward pass used and at the full --lr (as mode delayed); "
+                                          "off: it only trains the predictor (the DNI paper's rule)")
     sg_discount: float = SYNTHETIC.opt(0.1, "a recurrent layer's state synthetic gradient enters its window's "
                                        "backward pass x this; below 1 it keeps the bootstrapped targets (each "
                                        "holds the next window's prediction) from growing without bound")

@@ -112,7 +112,10 @@ class Locked(UpdateRule):
 
 class Unlocked(UpdateRule):
     """Decoupled neural interfaces: step now on the synthetic-gradient model's prediction; a
-    true gradient trains the predictor and travels on as the true dL/dx of its own step."""
+    true gradient trains the predictor, travels on as the true dL/dx of its own step, and (with
+    --sg-true-updates, the default) steps the layers too, at the weights that step's forward
+    pass used, as mode delayed does: it costs one more product with the kept graph, and the
+    layers of a predictor that cannot predict still learn from every N-th step."""
     mode = Mode.UNLOCKED
     uses_predictor = True
 
@@ -124,6 +127,8 @@ class Unlocked(UpdateRule):
 
     def on_gradient(self, stage, step, kept, g, true_grad):
         stage.learn_predictor(step, kept, g)
+        if true_grad and stage.cfg.sg_true_updates:
+            return stage.apply_stashed(step, kept, g, lr=stage.cfg.lr)
         return stage.true_dx(kept, g) if true_grad else None
 
 

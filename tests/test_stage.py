@@ -74,7 +74,8 @@ def test_synthetic_gradient_starts_at_zero_and_conditions_on_labels():
 
 
 def test_unlocked_true_gradient_uses_the_weights_of_its_step():
-    cfg = RunConfig(mode="unlocked", layers=(784, 32, 32, 10), true_grad_every=1, sg_lr=1e-2)
+    cfg = RunConfig(mode="unlocked", layers=(784, 32, 32, 10), true_grad_every=1, sg_lr=1e-2,
+                    sg_trust_scale=False)  # full steps on the predictor, so the weights move before g comes
     stages = chain(cfg)
     mid = stages[1]
     x, y = torch.randn(16, 32), torch.randint(0, 10, (16,))
@@ -96,7 +97,8 @@ def test_unlocked_true_gradient_uses_the_weights_of_its_step():
 
 
 def test_unlocked_update_moves_weights_once_the_sg_has_learned():
-    cfg = RunConfig(mode="unlocked", layers=(784, 32, 10), sg_lr=1e-2)
+    """The DNI paper's rule: the true gradient only trains the predictor, whose steps are full."""
+    cfg = RunConfig(mode="unlocked", layers=(784, 32, 10), sg_lr=1e-2, sg_trust_scale=False, sg_true_updates=False)
     first = chain(cfg)[0]
     x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
     before = [p.clone() for p in first.module.parameters()]
@@ -134,6 +136,61 @@ def test_a_stage_steps_on_its_predictor_only_once_it_predicts():
     first.local_update(step)
     assert not torch.equal(before, weight)
     assert first.state_dict()["sg_trust"] == first.sg_trust  # a resumed run keeps its trust
+
+
+def test_unlocked_true_updates_are_delayed_updates():
+    """--sg-true-updates: a true gradient that comes back steps the layers at the weights its
+    step's forward pass used, at the full lr. With a predictor never trusted (the bar at 1.0)
+    that is all the layers learn from, so unlocked at N=1 walks exactly mode delayed's path:
+    the same kernels on the same tensors, compared bitwise."""
+    base = dict(layers=(784, 32, 32, 10), optimizer="sgd", lr=0.1, momentum=0.9, true_grad_every=1)
+    unlocked = RunConfig(mode="unlocked", sg_min_cosine=1.0, **base)
+    delayed = RunConfig(mode="delayed", **base)
+    a, b = chain(unlocked), chain(delayed)
+    torch.manual_seed(4)
+    for step in range(4):
+        x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+        run_step(a, step, x, y, unlocked)
+        run_step(b, step, x, y, delayed)
+    assert a[0].stats.untrusted_steps == 4 and a[0].stats.true_grads == 4
+    moved = [not torch.equal(p, q) for p, q in zip(a[0].module.parameters(), chain(delayed)[0].module.parameters())]
+    assert all(moved)  # stage 0 learned, from the true gradients alone
+    for sa, sb in zip(a, b):
+        for p, q in zip(sa.module.parameters(), sb.module.parameters()):
+            assert torch.equal(p, q)
+
+
+def test_a_step_on_the_predictor_is_scaled_by_its_running_cosine():
+    """--sg-trust-scale: with plain SGD the step on the same prediction at running cosine 0.5
+    is half the full step; at a running cosine of 0 or below the layers do not step at all (and
+    the step is counted untrusted). Tolerance: the two deltas are each rounded to the weights'
+    float32 ulp when subtracted, so they agree to a few ulps, not bitwise."""
+    def stage(trust_scale: bool, trust: float) -> StageLogic:
+        cfg = RunConfig(mode="unlocked", layers=(784, 32, 10), optimizer="sgd", lr=0.1, momentum=0.0,
+                        sg_update_lr_scale=1.0, sg_trust_scale=trust_scale, sg_true_updates=False)
+        first = chain(cfg)[0]
+        with torch.no_grad():  # a predictor that predicts something (its last layer starts at zero)
+            for p in first.sg.parameters():
+                p.copy_(torch.linspace(-1, 1, p.numel()).reshape(p.shape))
+        first.sg_trust = trust
+        return first
+
+    torch.manual_seed(1)
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+
+    def delta(first: StageLogic) -> torch.Tensor:
+        before = first.module[0][1].weight.detach().clone()
+        first.forward(0, x, y, False)
+        first.local_update(0)
+        return first.module[0][1].weight.detach() - before
+
+    full, half = delta(stage(False, 0.5)), delta(stage(True, 0.5))
+    assert full.abs().max() > 0
+    torch.testing.assert_close(half, full / 2, rtol=1e-4, atol=1e-6)
+    for trust in (0.0, -0.3):
+        silent = stage(True, trust)
+        assert delta(silent).abs().max() == 0
+        assert silent.stats.untrusted_steps == 1
 
 
 def test_gradient_for_unknown_step_is_refused():

@@ -100,7 +100,7 @@ class StageStats:
     delay_max: int = 0  # cumulative
     delay_total: int = 0  # cumulative, for the run's mean
     delay_total_n: int = 0
-    untrusted_steps: int = 0  # steps not taken: the predictor's running cosine was below --sg-min-cosine (cumulative)
+    untrusted_steps: int = 0  # steps on the predictor not taken: its running cosine was not above 0 or below --sg-min-cosine (cumulative)
     state_synths: tuple = ()  # the stage's StateSynthesizers: their figures join each record
 
     def take(self) -> dict:
@@ -156,8 +156,8 @@ class StageLogic:
         self.is_first = stage == 0
         self.is_last = stage == num_stages - 1
         self.module = module
-        lr = cfg.lr * self.rule.lr_scale(cfg.sg_update_lr_scale, self.is_last)
-        self.optimizer = make_optimizer(module.parameters(), cfg.optimizer, lr, cfg.momentum)
+        self.lr = cfg.lr * self.rule.lr_scale(cfg.sg_update_lr_scale, self.is_last)
+        self.optimizer = make_optimizer(module.parameters(), cfg.optimizer, self.lr, cfg.momentum)
         self.sg: Optional[SyntheticGradient] = None
         self.predictor: Optional[PredictorChoice] = None
         self.sg_optimizer: Optional[torch.optim.Optimizer] = None
@@ -184,7 +184,7 @@ class StageLogic:
                     model, make_optimizer(model.parameters(), cfg.sg_optimizer, cfg.sg_lr), cfg.sg_discount))
             for layer, synth in zip(recurrent_layers(module), self.state_synths):
                 layer.synthesizer = synth
-        self.sg_trust = 0.0  # the predictor's running cosine with the true gradients (trusts_predictor)
+        self.sg_trust = 0.0  # the predictor's running cosine with the true gradients (predictor_step_scale)
         self.stream_epoch: Optional[int] = None  # the epoch the training streams are in
         self.latest_step = -1  # the latest step this stage has run forward
         self.loss_fn = loss_function(cfg.loss, cfg.per_position)  # the last stage's
@@ -195,13 +195,20 @@ class StageLogic:
         self.snapshot_steps = snapshot_steps
         self.snapshots: list[dict] = []  # synthetic beside true gradient at a few steps
         self._pending: Optional[tuple] = None  # (step, h, x, keep_graph, labels) between forward and update
-        self._deferred: list[dict] = []  # late true gradients held until the pending step's update
+        self._deferred: list[tuple[dict, Optional[float]]] = []  # late true gradients (and their lr) held until the pending step's update
 
     # ------------------------------------------------------------------ what the rules use
-    def step_optimizer(self) -> None:
+    def step_optimizer(self, lr: Optional[float] = None) -> None:
+        """Step the layers on their .grad, at `lr` (default: the rule's learning rate)."""
         self._synced(self.module)
+        lr = self.lr if lr is None else lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._learn_states()
+
+    def _learn_states(self) -> None:
         for synth in self.state_synths:  # the window's backward pass gave its initial state a gradient
             synth.learn()
 
@@ -246,12 +253,18 @@ class StageLogic:
         dot, pp, tt = sums.tolist()
         return dot / max(math.sqrt(pp * tt), 1e-12)
 
-    def trusts_predictor(self) -> bool:
-        """Whether the layers may step on the synthetic-gradient model now: its running cosine
-        with the true gradients (an average over true-gradient steps, TRUST_DECAY) is at least
-        --sg-min-cosine. A predictor that does not (yet) predict gives updates of no use, and
-        Adam turns even small ones into full-size steps in their direction."""
-        return self.sg is None or self.cfg.sg_min_cosine <= 0 or self.sg_trust >= self.cfg.sg_min_cosine
+    def predictor_step_scale(self) -> float:
+        """The factor on the layers' learning rate for a step on the synthetic-gradient model
+        now (0: no step). A predictor that does not (yet) predict gives updates of no use, and
+        Adam turns even small ones into full-size steps in their direction, so the step follows
+        the evidence: the predictor's running cosine with the true gradients (an average over
+        true-gradient steps, TRUST_DECAY), clamped to [0, 1] (--sg-trust-scale), and nothing
+        below --sg-min-cosine."""
+        if self.sg is None:
+            return 1.0
+        if self.cfg.sg_min_cosine > 0 and self.sg_trust < self.cfg.sg_min_cosine:
+            return 0.0
+        return min(max(self.sg_trust, 0.0), 1.0) if self.cfg.sg_trust_scale else 1.0
 
     def head_gradient(self, step: int, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Train the local classifier head one step on h and return dL_local/dh (mean over the
@@ -270,7 +283,8 @@ class StageLogic:
         self.stats.head_loss_n += 1
         return h_leaf.grad
 
-    def apply_stashed(self, step: int, kept: Kept, g: torch.Tensor) -> Optional[torch.Tensor]:
+    def apply_stashed(self, step: int, kept: Kept, g: torch.Tensor,
+                      lr: Optional[float] = None) -> Optional[torch.Tensor]:
         """Step the layers on step `step`'s true gradient, taken at the weights its forward pass
         used (kept.weights), now; return its dL/dx. The delay (steps run forward since) is
         counted for the report."""
@@ -281,9 +295,9 @@ class StageLogic:
         update = {name: require_finite(grad, f"the gradient of {name}", self.stage, step)
                   for name, grad in zip(names, grads) if grad is not None}
         if self._pending is not None:  # a step ran forward and awaits its own update: its graph
-            self._deferred.append(update)  # holds these weights, so they change after it
+            self._deferred.append((update, lr))  # holds these weights, so they change after it
         else:
-            self._step_on(update)
+            self._step_on(update, lr)
         delay = self.latest_step - step
         self.stats.delay_sum += delay
         self.stats.delay_n += 1
@@ -292,11 +306,11 @@ class StageLogic:
         self.stats.delay_total_n += 1
         return grads[-1] if kept.x is not None else None
 
-    def _step_on(self, update: dict) -> None:
+    def _step_on(self, update: dict, lr: Optional[float] = None) -> None:
         params = dict(self.module.named_parameters())
         for name, grad in update.items():
             params[name].grad = grad
-        self.step_optimizer()
+        self.step_optimizer(lr)
 
     @staticmethod
     def true_dx(kept: Kept, g: torch.Tensor) -> Optional[torch.Tensor]:
@@ -394,7 +408,7 @@ class StageLogic:
             return None if dx is None else self.dev.leave(dx)
         finally:
             while self._deferred:  # late true gradients that arrived during this step
-                self._step_on(self._deferred.pop(0))
+                self._step_on(*self._deferred.pop(0))
 
     def _local_update(self, step: int) -> Optional[torch.Tensor]:
         pstep, h, x, keep_graph, labels = self._pending
@@ -403,17 +417,18 @@ class StageLogic:
         grad = self.rule.local_gradient(self, step, h, labels, self.kept.get(step))
         if grad is None:
             return None
-        trusted = self.trusts_predictor()
-        if not trusted:
+        scale = self.predictor_step_scale()
+        if scale <= 0:
             self.stats.untrusted_steps += 1
-            if not self.cfg.bootstrap:  # nothing to step on, nothing to send back
+            if not (self.cfg.bootstrap or self.state_synths):  # nothing to step on, nothing to send back
                 return None
         require_finite(grad, "the local gradient", self.stage, step)
         h.backward(grad.to(h.dtype), retain_graph=keep_graph)
-        if trusted:
-            self.step_optimizer()
-        else:  # a bootstrapped dL/dx still goes back; the layers keep their weights
-            self.optimizer.zero_grad(set_to_none=True)
+        if scale > 0:
+            self.step_optimizer(self.lr * scale)
+        else:  # a bootstrapped dL/dx still goes back, and the state predictors learn from the
+            self.optimizer.zero_grad(set_to_none=True)  # window; the layers keep their weights
+            self._learn_states()
         if self.cfg.bootstrap and not keep_graph and x is not None and x.grad is not None:
             dx = x.grad
             x.grad = None
