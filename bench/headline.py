@@ -7,6 +7,7 @@ its range (one invocation can hold a lucky pair).
     for i in 1 2 3; do python bench/headline.py run --model bench.models:digits_cnn --batch-size 128 \\
         --epochs 2 --rules local,corrected:10,unlocked:10 --out bench/results/headline-cnn.jsonl; done
     python bench/headline.py run ... --rules local,local+replicas=1/2/1/1   # a rule's own options
+    python bench/headline.py run ... --rules unlocked:10+sg-true-updates=false+sg-trust-scale=false
     python bench/headline.py summary bench/results/headline-cnn.jsonl
 
 `run` appends one JSON line per pair to --out; `summary` prints, per rule: samples/s ratio to
@@ -42,9 +43,20 @@ def _options(rule: str) -> tuple[str, dict]:
     for opt in opts:
         key, _, value = opt.partition("=")
         changes[key.replace("-", "_")] = (tuple(int(v) for v in value.split("/")) if "/" in value or key in
-                                          ("replicas", "threads", "groups") else
-                                          int(value) if value.isdigit() else value)
+                                          ("replicas", "threads", "groups") else _scalar(value))
     return name, changes
+
+
+def _scalar(value: str):
+    """An option's value as the config wants it: true/false, a number, or the word itself."""
+    if value in ("true", "false"):
+        return value == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _config(args, rule: str, out: Path) -> RunConfig:
