@@ -150,6 +150,9 @@ class RunConfig:
                                          "predictor's running cosine with the true gradients (clamped to 0..1): "
                                          "one that does not predict yet moves nothing (off: full steps from the "
                                          "start, the DNI paper's rule)")
+    sg_normalize: bool = SYNTHETIC.opt(False, "the predictor learns the true gradients divided by their running RMS "
+                                       "and predicts in those units times it, so --sg-lr means the same "
+                                       "whatever the size of a stage's gradients")
     sg_true_updates: bool = SYNTHETIC.opt(True, "a true gradient that comes back also steps the layers, at the "
                                           "weights its forward pass used and at the full --lr (as mode delayed); "
                                           "off: it only trains the predictor (the DNI paper's rule)")

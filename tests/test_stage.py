@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from synthgrad.common.config import RunConfig
 from synthgrad.common.devices import Compute
 from synthgrad.common.models import LocalHead, SyntheticGradient, build_units, stage_bounds, stage_io_shapes
-from synthgrad.workers.stage import StageLogic
+from synthgrad.workers.stage import TRUST_DECAY, StageLogic
 
 
 def chain(cfg: RunConfig) -> list[StageLogic]:
@@ -140,24 +140,79 @@ def test_a_stage_steps_on_its_predictor_only_once_it_predicts():
 
 def test_unlocked_true_updates_are_delayed_updates():
     """--sg-true-updates: a true gradient that comes back steps the layers at the weights its
-    step's forward pass used, at the full lr. With a predictor never trusted (the bar at 1.0)
-    that is all the layers learn from, so unlocked at N=1 walks exactly mode delayed's path:
-    the same kernels on the same tensors, compared bitwise."""
+    step's forward pass used, at lr x (1 - the predictor's running cosine). With a predictor
+    that never predicts (it never learns: its zero-initialised output scores cosine 0) the
+    layers take no step on it and the whole step on each true gradient, so unlocked at N=1
+    walks exactly mode delayed's path: the same kernels on the same tensors, compared bitwise."""
     base = dict(layers=(784, 32, 32, 10), optimizer="sgd", lr=0.1, momentum=0.9, true_grad_every=1)
-    unlocked = RunConfig(mode="unlocked", sg_min_cosine=1.0, **base)
+    unlocked = RunConfig(mode="unlocked", **base)
     delayed = RunConfig(mode="delayed", **base)
     a, b = chain(unlocked), chain(delayed)
+    for stage in a[:-1]:
+        for group in stage.sg_optimizer.param_groups:
+            group["lr"] = 0.0
     torch.manual_seed(4)
     for step in range(4):
         x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
         run_step(a, step, x, y, unlocked)
         run_step(b, step, x, y, delayed)
-    assert a[0].stats.untrusted_steps == 4 and a[0].stats.true_grads == 4
+    assert a[0].stats.untrusted_steps == 4 and a[0].stats.true_grads == 4 and a[0].sg_trust == 0.0
     moved = [not torch.equal(p, q) for p, q in zip(a[0].module.parameters(), chain(delayed)[0].module.parameters())]
     assert all(moved)  # stage 0 learned, from the true gradients alone
     for sa, sb in zip(a, b):
         for p, q in zip(sa.module.parameters(), sb.module.parameters()):
             assert torch.equal(p, q)
+
+
+def test_a_true_update_leaves_out_what_the_predictor_got_right():
+    """A true gradient steps the layers at lr x (1 - running cosine): with plain SGD the step at
+    running cosine 0.25 is (1 - 0.25 x TRUST_DECAY) of the step at 0 (the gradient's own score
+    joins the running cosine first, and the untrained predictor's zero prediction scores 0; no
+    step on the predictor here: its lr scale is 0). Tolerance as in the test below: each delta
+    is rounded to the weights' ulp when subtracted."""
+    def delta(trust: float) -> torch.Tensor:
+        cfg = RunConfig(mode="unlocked", layers=(784, 32, 10), optimizer="sgd", lr=0.1, momentum=0.0,
+                        sg_update_lr_scale=0.0)
+        first = chain(cfg)[0]
+        first.sg_trust = trust
+        torch.manual_seed(2)
+        x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+        before = first.module[0][1].weight.detach().clone()
+        h = first.forward(0, x, y, True)
+        first.local_update(0)
+        first.receive_grad(0, torch.randn_like(h) / 16, True)
+        return first.module[0][1].weight.detach() - before
+
+    full, part = delta(0.0), delta(0.25)
+    assert full.abs().max() > 0
+    torch.testing.assert_close(part, full * (1 - 0.25 * TRUST_DECAY), rtol=1e-4, atol=1e-6)
+
+
+def test_a_normalised_predictor_learns_alike_whatever_the_gradients_size():
+    """--sg-normalize: the predictor learns the true gradients over their running RMS, so
+    gradients 10,000 times smaller train it the same way and it predicts them 10,000 times
+    smaller. Without it, Adam's steps (about --sg-lr per weight whatever the target's size)
+    overshoot the small targets: the two predictions then differ in direction, which is what
+    left the digits CNN's lower predictors at cosine 0. Tolerance: the two runs differ by the
+    rounding of one division per target, far below rtol 1e-3 after a few Adam steps."""
+    def predictions(normalize: bool, size: float) -> torch.Tensor:
+        cfg = RunConfig(mode="unlocked", layers=(784, 32, 10), sg_normalize=normalize, sg_true_updates=False,
+                        sg_update_lr_scale=0.0)
+        first = chain(cfg)[0]
+        torch.manual_seed(6)
+        x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+        direction = torch.randn(16, 32)
+        for step in range(8):
+            first.forward(step, x, y, True)
+            first.local_update(step)
+            first.receive_grad(step, direction * size / 16, True)
+        return first.predict(first.module(x), y)
+
+    big, small = predictions(True, 1.0), predictions(True, 1e-4)
+    torch.testing.assert_close(small, big * 1e-4, rtol=1e-3, atol=0.0)
+    plain_big, plain_small = predictions(False, 1.0), predictions(False, 1e-4)
+    cos = F.cosine_similarity(plain_big.reshape(1, -1), plain_small.reshape(1, -1)).item()
+    assert cos < 0.99, cos
 
 
 def test_a_step_on_the_predictor_is_scaled_by_its_running_cosine():

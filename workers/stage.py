@@ -41,6 +41,7 @@ from synthgrad.common.reports import RunFailed
 from synthgrad.workers.sync import GradientSync
 
 TRUST_DECAY = 0.8  # the predictor's running cosine: each true-gradient step's weighs 1 - this
+SCALE_DECAY = 0.9  # the true gradients' running RMS (--sg-normalize): each target's weighs 1 - this
 MAX_KEPT_STEPS = 4096  # a safety bound; bounded queues keep the real number far below it
 SNAPSHOT_AT = (0.0, 0.1, 0.5, 1.0)  # fractions of the run at which to keep SG-vs-true samples
 SNAPSHOT_ROWS, SNAPSHOT_COLS = 16, 64  # samples x units kept per snapshot (for a heatmap)
@@ -158,6 +159,12 @@ class StageLogic:
         self.module = module
         self.lr = cfg.lr * self.rule.lr_scale(cfg.sg_update_lr_scale, self.is_last)
         self.optimizer = make_optimizer(module.parameters(), cfg.optimizer, self.lr, cfg.momentum)
+        # where the layers step on predictions and on the true gradients too (--sg-true-updates),
+        # each kind has its own optimiser state at its own lr: Adam's moments would otherwise mix
+        # nine predicted gradients with each true one and carry the predictions into its step
+        self.true_optimizer: Optional[torch.optim.Optimizer] = None
+        if self.rule.uses_predictor and cfg.sg_true_updates and not self.is_last:
+            self.true_optimizer = make_optimizer(module.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
         self.sg: Optional[SyntheticGradient] = None
         self.predictor: Optional[PredictorChoice] = None
         self.sg_optimizer: Optional[torch.optim.Optimizer] = None
@@ -185,6 +192,7 @@ class StageLogic:
             for layer, synth in zip(recurrent_layers(module), self.state_synths):
                 layer.synthesizer = synth
         self.sg_trust = 0.0  # the predictor's running cosine with the true gradients (predictor_step_scale)
+        self.sg_scale = 0.0  # the running RMS of the per-sample gradients it learns (--sg-normalize)
         self.stream_epoch: Optional[int] = None  # the epoch the training streams are in
         self.latest_step = -1  # the latest step this stage has run forward
         self.loss_fn = loss_function(cfg.loss, cfg.per_position)  # the last stage's
@@ -195,17 +203,19 @@ class StageLogic:
         self.snapshot_steps = snapshot_steps
         self.snapshots: list[dict] = []  # synthetic beside true gradient at a few steps
         self._pending: Optional[tuple] = None  # (step, h, x, keep_graph, labels) between forward and update
-        self._deferred: list[tuple[dict, Optional[float]]] = []  # late true gradients (and their lr) held until the pending step's update
+        self._deferred: list[dict] = []  # late true gradients held until the pending step's update
 
     # ------------------------------------------------------------------ what the rules use
-    def step_optimizer(self, lr: Optional[float] = None) -> None:
-        """Step the layers on their .grad, at `lr` (default: the rule's learning rate)."""
+    def step_optimizer(self, lr: Optional[float] = None, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Step the layers on their .grad with `optimizer` (default: the rule's, at `lr`,
+        default the rule's learning rate; the true gradients' optimiser keeps --lr)."""
         self._synced(self.module)
-        lr = self.lr if lr is None else lr
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if optimizer is None:
+            optimizer = self.optimizer
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr if lr is None else lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         self._learn_states()
 
     def _learn_states(self) -> None:
@@ -226,6 +236,8 @@ class StageLogic:
         t0 = time.perf_counter()
         with torch.no_grad():
             per_sample = self.sg(h.detach().float(), labels)
+            if self.cfg.sg_normalize:
+                per_sample = per_sample * self.sg_scale
         self.stats.sg_seconds += time.perf_counter() - t0
         return per_sample
 
@@ -283,8 +295,7 @@ class StageLogic:
         self.stats.head_loss_n += 1
         return h_leaf.grad
 
-    def apply_stashed(self, step: int, kept: Kept, g: torch.Tensor,
-                      lr: Optional[float] = None) -> Optional[torch.Tensor]:
+    def apply_stashed(self, step: int, kept: Kept, g: torch.Tensor) -> Optional[torch.Tensor]:
         """Step the layers on step `step`'s true gradient, taken at the weights its forward pass
         used (kept.weights), now; return its dL/dx. The delay (steps run forward since) is
         counted for the report."""
@@ -295,9 +306,9 @@ class StageLogic:
         update = {name: require_finite(grad, f"the gradient of {name}", self.stage, step)
                   for name, grad in zip(names, grads) if grad is not None}
         if self._pending is not None:  # a step ran forward and awaits its own update: its graph
-            self._deferred.append((update, lr))  # holds these weights, so they change after it
+            self._deferred.append(update)  # holds these weights, so they change after it
         else:
-            self._step_on(update, lr)
+            self._step_on(update)
         delay = self.latest_step - step
         self.stats.delay_sum += delay
         self.stats.delay_n += 1
@@ -306,11 +317,19 @@ class StageLogic:
         self.stats.delay_total_n += 1
         return grads[-1] if kept.x is not None else None
 
-    def _step_on(self, update: dict, lr: Optional[float] = None) -> None:
+    def _step_on(self, update: dict) -> None:
+        """Step the layers on a true gradient. Where the rule steps on predictions too, with the
+        true gradients' own optimiser, at --lr x (1 - the predictor's running cosine): the part
+        of this gradient the predictor got right was stepped on when it was predicted, so a
+        predictor that predicts well leaves its true gradients little to add (at N=1 they would
+        otherwise double every step), and one that does not leaves them the whole step."""
         params = dict(self.module.named_parameters())
         for name, grad in update.items():
             params[name].grad = grad
-        self.step_optimizer(lr)
+        if self.true_optimizer is not None:
+            for group in self.true_optimizer.param_groups:
+                group["lr"] = self.cfg.lr * (1 - min(max(self.sg_trust, 0.0), 1.0))
+        self.step_optimizer(optimizer=self.true_optimizer)
 
     @staticmethod
     def true_dx(kept: Kept, g: torch.Tensor) -> Optional[torch.Tensor]:
@@ -362,6 +381,8 @@ class StageLogic:
         assert self.sg is not None and self.sg_optimizer is not None
         t0 = time.perf_counter()
         target = g.float() * self.batch_rows(g)
+        if self.cfg.sg_normalize:
+            target = target / self._rescale(target)
         pred = self.sg(kept.h_detached.float(), kept.labels)
         loss = F.mse_loss(pred, target)
         self.sg_optimizer.zero_grad(set_to_none=True)
@@ -371,6 +392,18 @@ class StageLogic:
         self.stats.sg_seconds += time.perf_counter() - t0
         self.stats.sg_loss_sum += loss.item()
         self.stats.sg_loss_n += 1
+
+    def _rescale(self, target: torch.Tensor) -> float:
+        """Fold `target`'s RMS (over the whole batch, summed over a replicated stage's
+        processes) into the running scale and return it: the predictor learns targets of about
+        unit size, so its optimiser's step means the same whatever the size of the gradients
+        (Adam moves a weight by about --sg-lr per step whatever the gradient's size)."""
+        sums = torch.stack([target.double().pow(2).sum(), torch.tensor(float(target.numel()), dtype=torch.float64)])
+        if self.sync is not None:
+            self.sync.total(sums)
+        rms = math.sqrt(float(sums[0]) / max(float(sums[1]), 1.0))
+        self.sg_scale = rms if self.sg_scale == 0 else SCALE_DECAY * self.sg_scale + (1 - SCALE_DECAY) * rms
+        return max(self.sg_scale, 1e-30)
 
     def _snapshot(self, step: int, predicted: torch.Tensor, true: torch.Tensor, cos: float) -> None:
         def corner(t: torch.Tensor) -> list:
@@ -408,7 +441,7 @@ class StageLogic:
             return None if dx is None else self.dev.leave(dx)
         finally:
             while self._deferred:  # late true gradients that arrived during this step
-                self._step_on(*self._deferred.pop(0))
+                self._step_on(self._deferred.pop(0))
 
     def _local_update(self, step: int) -> Optional[torch.Tensor]:
         pstep, h, x, keep_graph, labels = self._pending
@@ -513,6 +546,8 @@ class StageLogic:
         its optimizer, and (stale mode) the gradient being reused. Raises NonFinite rather than
         hand over a poisoned state (a checkpoint is only ever written from this)."""
         state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.true_optimizer is not None:
+            state["true_optimizer"] = self.true_optimizer.state_dict()
         if self.sg is not None and self.sg_optimizer is not None:
             state["sg"] = self.sg.state_dict()
             state["sg_optimizer"] = self.sg_optimizer.state_dict()
@@ -523,6 +558,7 @@ class StageLogic:
             state["last_true"] = self.last_true
         if self.sg is not None:
             state["sg_trust"] = self.sg_trust
+            state["sg_scale"] = self.sg_scale
         layers = recurrent_layers(self.module)
         if layers:  # where the training streams are: their epoch, and each layer's carried state
             state["streams"] = {"epoch": self.stream_epoch, "carried": [layer.carried() for layer in layers],
@@ -537,6 +573,8 @@ class StageLogic:
         """The inverse of state_dict (resuming from a checkpoint)."""
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.true_optimizer is not None and "true_optimizer" in state:
+            self.true_optimizer.load_state_dict(state["true_optimizer"])
         if self.sg is not None and self.sg_optimizer is not None:
             self.sg.load_state_dict(state["sg"])
             self.sg_optimizer.load_state_dict(state["sg_optimizer"])
@@ -544,6 +582,7 @@ class StageLogic:
             self.head.load_state_dict(state["head"])
             self.head_optimizer.load_state_dict(state["head_optimizer"])
         self.sg_trust = float(state.get("sg_trust", self.sg_trust))
+        self.sg_scale = float(state.get("sg_scale", self.sg_scale))
         last_true = state.get("last_true")
         self.last_true = None if last_true is None else self.dev.arrive(last_true)
         streams = state.get("streams")
