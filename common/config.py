@@ -153,9 +153,10 @@ class RunConfig:
     sg_normalize: bool = SYNTHETIC.opt(False, "the predictor learns the true gradients divided by their running RMS "
                                        "and predicts in those units times it, so --sg-lr means the same "
                                        "whatever the size of a stage's gradients")
-    sg_true_updates: bool = SYNTHETIC.opt(True, "a true gradient that comes back also steps the layers, at the "
-                                          "weights its forward pass used and at the full --lr (as mode delayed); "
-                                          "off: it only trains the predictor (the DNI paper's rule)")
+    sg_true_updates: Optional[bool] = SYNTHETIC.opt(None, "a true gradient that comes back also steps the layers, at "
+                                                    "the weights its forward pass used (as mode delayed), at lr x "
+                                                    "(1 - the predictor's running cosine); off: it only trains the "
+                                                    "predictor (the DNI paper's rule); default: on when N > 1")
     sg_discount: float = SYNTHETIC.opt(0.1, "a recurrent layer's state synthetic gradient enters its window's "
                                        "backward pass x this; below 1 it keeps the bootstrapped targets (each "
                                        "holds the next window's prediction) from growing without bound")
@@ -446,6 +447,14 @@ class RunConfig:
         if rule is None:
             raise ValueError(f"mode {self.mode} does not run on stage workers")
         return rule
+
+    @property
+    def applies_true_gradients(self) -> bool:
+        """--sg-true-updates as it applies: by default on when N > 1. At N=1 every step's true
+        gradient trains the predictor, which then carries it; stepping on it as well would cost
+        a weight gradient every step (the row transformer: 0.57x backprop's samples/s against
+        0.64x; docs/results.md)."""
+        return self.true_grad_every > 1 if self.sg_true_updates is None else self.sg_true_updates
 
     def true_grad_at(self, step: int) -> bool:
         """Whether step `step`'s true gradient comes back (every step for locked, every N-th

@@ -127,7 +127,7 @@ class Unlocked(UpdateRule):
 
     def on_gradient(self, stage, step, kept, g, true_grad):
         stage.learn_predictor(step, kept, g)
-        if true_grad and stage.cfg.sg_true_updates:
+        if true_grad and stage.cfg.applies_true_gradients:
             return stage.apply_stashed(step, kept, g)
         return stage.true_dx(kept, g) if true_grad else None
 

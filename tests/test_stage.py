@@ -145,7 +145,9 @@ def test_unlocked_true_updates_are_delayed_updates():
     layers take no step on it and the whole step on each true gradient, so unlocked at N=1
     walks exactly mode delayed's path: the same kernels on the same tensors, compared bitwise."""
     base = dict(layers=(784, 32, 32, 10), optimizer="sgd", lr=0.1, momentum=0.9, true_grad_every=1)
-    unlocked = RunConfig(mode="unlocked", **base)
+    unlocked = RunConfig(mode="unlocked", sg_true_updates=True, **base)  # by default off at N=1
+    assert not RunConfig(mode="unlocked", **base).applies_true_gradients
+    assert RunConfig(mode="unlocked", **{**base, "true_grad_every": 2}).applies_true_gradients
     delayed = RunConfig(mode="delayed", **base)
     a, b = chain(unlocked), chain(delayed)
     for stage in a[:-1]:
@@ -172,7 +174,7 @@ def test_a_true_update_leaves_out_what_the_predictor_got_right():
     is rounded to the weights' ulp when subtracted."""
     def delta(trust: float) -> torch.Tensor:
         cfg = RunConfig(mode="unlocked", layers=(784, 32, 10), optimizer="sgd", lr=0.1, momentum=0.0,
-                        sg_update_lr_scale=0.0)
+                        sg_update_lr_scale=0.0, sg_true_updates=True)
         first = chain(cfg)[0]
         first.sg_trust = trust
         torch.manual_seed(2)

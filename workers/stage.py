@@ -163,7 +163,7 @@ class StageLogic:
         # each kind has its own optimiser state at its own lr: Adam's moments would otherwise mix
         # nine predicted gradients with each true one and carry the predictions into its step
         self.true_optimizer: Optional[torch.optim.Optimizer] = None
-        if self.rule.uses_predictor and cfg.sg_true_updates and not self.is_last:
+        if self.rule.uses_predictor and cfg.applies_true_gradients and not self.is_last:
             self.true_optimizer = make_optimizer(module.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
         self.sg: Optional[SyntheticGradient] = None
         self.predictor: Optional[PredictorChoice] = None
