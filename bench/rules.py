@@ -50,7 +50,9 @@ class Swapped(Corrected):
 
 class Residual(UpdateRule):
     """A synthetic gradient on top of the local head's: step on dL_head/dh + SG(h), where the
-    predictor learns only the residual (true - head gradient) from every N-th true gradient."""
+    predictor learns only the residual (true - head gradient) from every N-th true gradient.
+    Run with full steps and no true updates (make_rule's settings): the stage scales its step
+    by the predictor's cosine, which would scale the head's part too."""
     uses_head = True
     uses_predictor = True
 
@@ -70,6 +72,10 @@ class Residual(UpdateRule):
         return stage.true_dx(kept, g) if true_grad else None
 
 
+# settings a candidate rule needs whatever --set says (see its class)
+RULE_SETTINGS = {"residual": {"sg_trust_scale": False, "sg_true_updates": False}}
+
+
 def make_rule(name: str) -> tuple[str, UpdateRule | None, int]:
     """(mode for the config, rule object or None for the mode's own, N)."""
     base, _, n = name.partition(":")
@@ -82,7 +88,7 @@ def make_rule(name: str) -> tuple[str, UpdateRule | None, int]:
 
 def train_rule(name: str, cfg: RunConfig, ds, hop_delay: int) -> dict:
     mode, rule, every = make_rule(name)
-    cfg = cfg.replace(mode=mode, true_grad_every=every)
+    cfg = cfg.replace(mode=mode, true_grad_every=every, **RULE_SETTINGS.get(name.partition(":")[0], {}))
     rule = rule or cfg.rule
     delay = 0 if name == "backprop" else hop_delay
     units = build_units(cfg)
@@ -150,20 +156,27 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "rules.json"))
     args = p.parse_args()
     torch.set_num_threads(1)
-    extra = {}
+    fields = dict(dataset=args.dataset, epochs=args.epochs, layers=tuple(int(v) for v in args.layers.split(",")),
+                  model=args.model or "mlp", batch_size=args.batch_size, steps=args.steps)
     for item in args.set:
         key, _, value = item.partition("=")
+        key = key.replace("-", "_")
+        if key in ("mode", "true_grad_every"):
+            p.error(f"--set {key}: each rule sets it (unlocked:10)")
         try:
-            extra[key] = json.loads(value)  # numbers, true/false, null
+            parsed = json.loads(value)  # numbers, true/false, null, lists
         except json.JSONDecodeError:
-            extra[key] = value  # a plain word: sgd, lowrank
-    cfg = RunConfig(dataset=args.dataset, epochs=args.epochs, layers=tuple(int(v) for v in args.layers.split(",")),
-                    model=args.model or "mlp", batch_size=args.batch_size, steps=args.steps, **extra)
+            parsed = value  # a plain word: sgd, lowrank
+        fields[key] = tuple(parsed) if isinstance(parsed, list) else parsed
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be at least 1")
+    cfg = RunConfig(**fields)
     if args.model:  # its layers are counted and its data's shapes filled in, as launch.py does
         from synthgrad.coordinator.train import _resolve
         cfg = _resolve(cfg)[0]
     ds = run_dataset(cfg)
-    print(f"{cfg.dataset}, {args.model or 'MLP ' + args.layers}, {args.epochs} epochs, batch {cfg.batch_size}, "
+    length = f"{args.steps} steps" if args.steps else f"{args.epochs} epochs"
+    print(f"{cfg.dataset}, {args.model or 'MLP ' + args.layers}, {length}, batch {cfg.batch_size}, "
           f"Adam {cfg.lr}, each backward hop {args.hop_delay} steps late; one process, one thread")
     rows = []
     seeds = [int(v) for v in args.seeds.split(",")]

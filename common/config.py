@@ -126,7 +126,8 @@ class RunConfig:
     lr: float = OPTIMISER.opt(1e-3, "learning rate of the layers")
     momentum: float = OPTIMISER.opt(0.9, "sgd only")
 
-    true_grad_every: int = SYNTHETIC.opt(1, "N: every N-th step's true gradient trains the SG models")
+    true_grad_every: int = SYNTHETIC.opt(1, "N: every N-th step's true gradient trains the SG models (and, "
+                                         "with --sg-true-updates, steps the layers)")
     sg_model: str = SYNTHETIC.opt("lowrank", "linear (full map) | lowrank (d -> r -> d; a 1x1 bottleneck for conv "
                                   "activations) | mlp (one ReLU hidden layer); last layer zero-initialised")
     sg_hidden: Optional[int] = SYNTHETIC.opt(None, "the rank r (lowrank: width or channels of its bottleneck), or "
@@ -140,12 +141,13 @@ class RunConfig:
     sg_optimizer: str = SYNTHETIC.opt("adam", "adam | sgd, for the synthetic-gradient models")
     conditioned: bool = SYNTHETIC.opt(True, "cDNI: the SG model also sees the labels (one-hot)")
     sg_update_lr_scale: float = SYNTHETIC.opt(0.2, "layers stepped by a synthetic or stale gradient use lr x this "
-                                              "(Adam gives a predicted gradient's errors full-size steps); 0 "
-                                              "freezes them: a control of what the last stage learns alone")
+                                              "(Adam gives a predicted gradient's errors full-size steps); 0: "
+                                              "no step on predictions (with --no-sg-true-updates the lower "
+                                              "stages are then frozen: a control of what the last stage learns "
+                                              "alone)")
     sg_min_cosine: float = SYNTHETIC.opt(0.0, "a stage steps on its predictor only while the predictor's running "
                                          "cosine with the true gradients (over true-gradient steps) is at "
-                                         "least this; below it the layers keep their weights (0 = always, "
-                                         "the DNI paper's rule)")
+                                         "least this; below it the layers keep their weights (0 = no bar)")
     sg_trust_scale: bool = SYNTHETIC.opt(True, "a step on the predictor is taken at lr x --sg-update-lr-scale x the "
                                          "predictor's running cosine with the true gradients (clamped to 0..1): "
                                          "one that does not predict yet moves nothing (off: full steps from the "
@@ -485,6 +487,8 @@ class RunConfig:
             kwargs.setdefault("placement", "auto" if kwargs.pop("pin_cores") else "none")
         if "threads_per_worker" in kwargs:  # a run folder from before --threads
             kwargs.setdefault("threads", [kwargs.pop("threads_per_worker")])
+        if "sg_trust_scale" not in kwargs:  # a run folder from before --sg-trust-scale and
+            kwargs.update(sg_trust_scale=False, sg_true_updates=False)  # --sg-true-updates: its rule, the DNI paper's
         for k in ("layers", "groups", "slow_stage", "fail_saves", "input_shape", "label_shape", "threads",
                   "replicas"):
             if kwargs.get(k) is not None:

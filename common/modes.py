@@ -113,9 +113,9 @@ class Locked(UpdateRule):
 class Unlocked(UpdateRule):
     """Decoupled neural interfaces: step now on the synthetic-gradient model's prediction; a
     true gradient trains the predictor, travels on as the true dL/dx of its own step, and (with
-    --sg-true-updates, the default) steps the layers too, at the weights that step's forward
-    pass used, as mode delayed does: it costs one more product with the kept graph, and the
-    layers of a predictor that cannot predict still learn from every N-th step."""
+    --sg-true-updates, by default where N > 1) steps the layers too, at the weights that step's
+    forward pass used, as mode delayed does: it costs one more product with the kept graph, and
+    the layers of a predictor that cannot predict still learn from every N-th step."""
     mode = Mode.UNLOCKED
     uses_predictor = True
 

@@ -217,6 +217,34 @@ def test_a_normalised_predictor_learns_alike_whatever_the_gradients_size():
     assert cos < 0.99, cos
 
 
+def test_true_updates_keep_their_own_optimiser_state_through_a_checkpoint():
+    """At N=2 with Adam: the predicted steps and the true updates step two optimiser states (each
+    counts only its own steps), and a stage loaded from the other's state_dict (both states,
+    the running cosine, the normalising scale) continues bitwise as the original does."""
+    cfg = RunConfig(mode="unlocked", layers=(784, 32, 10), true_grad_every=2, sg_lr=1e-2, sg_normalize=True)
+    torch.manual_seed(8)
+    data = [(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))) for _ in range(12)]
+    original = chain(cfg)
+    for step in range(8):
+        run_step(original, step, *data[step], cfg)
+    first = original[0]
+    true_steps = {int(s["step"]) for s in first.true_optimizer.state.values()}
+    predicted_steps = {int(s["step"]) for s in first.optimizer.state.values()}
+    assert true_steps == {4}, true_steps  # one per true gradient (steps 1, 3, 5, 7)
+    assert predicted_steps == {8 - first.stats.untrusted_steps} != {0}, predicted_steps
+    assert first.sg_scale > 0 and first.sg_trust != 0
+    resumed = chain(cfg)
+    for a, b in zip(original, resumed):
+        b.load_state_dict(copy.deepcopy(a.state_dict()))
+    assert resumed[0].sg_scale == first.sg_scale and resumed[0].sg_trust == first.sg_trust
+    for step in range(8, 12):
+        run_step(original, step, *data[step], cfg)
+        run_step(resumed, step, *data[step], cfg)
+    for a, b in zip(original, resumed):
+        for p, q in zip(a.module.parameters(), b.module.parameters()):
+            assert torch.equal(p, q)
+
+
 def test_a_step_on_the_predictor_is_scaled_by_its_running_cosine():
     """--sg-trust-scale: with plain SGD the step on the same prediction at running cosine 0.5
     is half the full step; at a running cosine of 0 or below the layers do not step at all (and

@@ -101,7 +101,7 @@ class StageStats:
     delay_max: int = 0  # cumulative
     delay_total: int = 0  # cumulative, for the run's mean
     delay_total_n: int = 0
-    untrusted_steps: int = 0  # steps on the predictor not taken: its running cosine was not above 0 or below --sg-min-cosine (cumulative)
+    untrusted_steps: int = 0  # steps on the predictor not taken (predictor_step_scale gave 0; cumulative)
     state_synths: tuple = ()  # the stage's StateSynthesizers: their figures join each record
 
     def take(self) -> dict:
@@ -398,7 +398,8 @@ class StageLogic:
         processes) into the running scale and return it: the predictor learns targets of about
         unit size, so its optimiser's step means the same whatever the size of the gradients
         (Adam moves a weight by about --sg-lr per step whatever the gradient's size)."""
-        sums = torch.stack([target.double().pow(2).sum(), torch.tensor(float(target.numel()), dtype=torch.float64)])
+        sums = torch.stack([target.double().pow(2).sum(),
+                            torch.tensor(float(target.numel()), dtype=torch.float64, device=target.device)])
         if self.sync is not None:
             self.sync.total(sums)
         rms = math.sqrt(float(sums[0]) / max(float(sums[1]), 1.0))
