@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 import time
 
 import pytest
 
 from tests.test_multihost import RUN, launch, stop_all
-from tests.helpers import assert_all_gone, training_launcher, wait_for_line, worker_pids
+from tests.helpers import assert_all_gone, start_launcher, wait_for_line, worker_pids
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
@@ -23,67 +24,78 @@ LATE_S = 6.0
 TIMEOUT_S = 3.0
 
 
-@pytest.mark.timeout(120)
-def test_hung_stage_is_detected_within_the_heartbeat_timeout(tmp_path):
-    """SIGSTOP freezes stage 2 without closing a socket: only the heartbeat check can tell."""
-    with training_launcher(tmp_path, "--heartbeat-timeout", str(TIMEOUT_S), "--stall-timeout", "30") as (proc, pids):
-        victim = pids[2]
-        os.kill(victim, signal.SIGSTOP)
-        t0 = time.monotonic()
+
+def _exits(procs: dict[str, object], t0: float) -> dict[str, tuple[str, float, int]]:
+    """Each process's output, seconds from t0 to its exit, and exit code, read side by side."""
+    got: dict[str, tuple[str, float, int]] = {}
+
+    def read(name, proc):
         out, _ = proc.communicate(timeout=60)
-        took = time.monotonic() - t0
-        assert proc.returncode == 1, out
-        assert f"stage 2 (pid {victim} on " in out and "it is hung or unreachable" in out, out
-        assert f"--heartbeat-timeout {TIMEOUT_S:g}" in out, out
-        silent = float(re.search(r"sent nothing for ([0-9.]+)s", out).group(1))
-        assert TIMEOUT_S <= silent < TIMEOUT_S + LATE_S, out
-        assert took < TIMEOUT_S + LATE_S, f"the run ended {took:.1f}s after the stage froze"
-        assert_all_gone(pids)  # the stopped process too (SIGKILL works on a stopped process)
+        got[name] = (out, time.monotonic() - t0, proc.returncode)
+
+    threads = [threading.Thread(target=read, args=item) for item in procs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(70)
+    return got
 
 
-def _workers_lose_their_coordinator(tmp_path, vanish) -> tuple[str, float, int]:
-    """A coordinator started by hand and its workers (`launch.py worker`, as on another host):
-    once training runs, `vanish(coordinator)`; returns what the workers printed, how long they
-    took to exit after it, and their exit code."""
-    coord = launch("coordinator", "--bind", "tcp://127.0.0.1:0", *RUN, "--epochs", "200",
-                   "--heartbeat-timeout", str(TIMEOUT_S), "--out", str(tmp_path / "run"))
-    procs = [coord]
+@pytest.mark.timeout(200)
+def test_dead_and_hung_peers_are_noticed_within_the_heartbeat_timeout(tmp_path):
+    """Three runs side by side, each disturbed once all three train (they share the wait for
+    their processes to start; once disturbed, none trains, so none loads the others while they
+    count):
+    - a hung stage: SIGSTOP freezes stage 2 without closing a socket; only the coordinator's
+      heartbeat check can tell, and it names the stage and stops the run;
+    - a coordinator killed (SIGKILL: its connections close) under workers started by hand
+      (`launch.py worker`, as on another host): the workers exit with the reason;
+    - a coordinator hung with its connections open (SIGSTOP: its pid stays alive, nothing a
+      closed connection or a pid check could see): only its silence past the timeout tells."""
+    timeout = ["--heartbeat-timeout", str(TIMEOUT_S)]
+    (tmp_path / "hung").mkdir()
+    run = start_launcher(tmp_path / "hung", *timeout, "--stall-timeout", "30")
+    coords = {name: launch("coordinator", "--bind", "tcp://127.0.0.1:0", *RUN, "--epochs", "200", *timeout,
+                           "--out", str(tmp_path / name)) for name in ("killed", "stopped")}
+    procs = [run, *coords.values()]
+    stopped = []
     try:
-        line, _ = wait_for_line(coord, "coordinator at ", timeout=60)
-        endpoint = line.split("coordinator at ")[1].split(";")[0]
-        workers = launch("worker", "--coordinator", endpoint, "--stages", "0,1,2,3", "--no-secure")
-        procs.append(workers)
-        wait_for_line(coord, "train step", timeout=60)
-        stages = worker_pids(workers)
-        assert len(stages) == 4
-        vanish(coord)
+        workers = {}
+        for name, coord in coords.items():
+            line, _ = wait_for_line(coord, "coordinator at ", timeout=60)
+            endpoint = line.split("coordinator at ")[1].split(";")[0]
+            workers[name] = launch("worker", "--coordinator", endpoint, "--stages", "0,1,2,3", "--no-secure")
+            procs.append(workers[name])
+        for proc in (run, *coords.values()):
+            wait_for_line(proc, "train step", timeout=90)
+        pids = {"hung": worker_pids(run), **{name: worker_pids(w) for name, w in workers.items()}}
+        assert all(len(p) == 4 for p in pids.values()), pids
+        victim = pids["hung"][2]
         t0 = time.monotonic()
-        out, _ = workers.communicate(timeout=60)
-        took = time.monotonic() - t0
+        os.kill(victim, signal.SIGSTOP)
+        coords["killed"].kill()
+        os.kill(coords["stopped"].pid, signal.SIGSTOP)
+        stopped.append(coords["stopped"])
+        exits = _exits({"hung": run, "killed": workers["killed"], "stopped": workers["stopped"]}, t0)
     finally:
-        if coord.poll() is None:
-            os.kill(coord.pid, signal.SIGCONT)  # a stopped process is killed all the same; be tidy
+        for p in stopped:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)  # a stopped process is killed all the same; be tidy
         stop_all(*procs)
-    assert_all_gone(stages)
-    return out, took, workers.returncode
+    for p in pids.values():
+        assert_all_gone(p)  # the stopped stage too (SIGKILL works on a stopped process)
 
-
-@pytest.mark.timeout(120)
-def test_workers_notice_a_coordinator_that_hangs_with_its_connections_open(tmp_path):
-    """SIGSTOP: the coordinator's sockets stay open and its pid stays alive (nothing a closed
-    connection or a pid check could see); only its silence past --heartbeat-timeout tells."""
-    out, took, code = _workers_lose_their_coordinator(tmp_path, lambda c: os.kill(c.pid, signal.SIGSTOP))
+    out, took, code = exits["hung"]
     assert code == 1, out
-    assert "no word from the coordinator at" in out and f"--heartbeat-timeout {TIMEOUT_S:g}" in out, out
-    silent = [float(x) for x in re.findall(r"no word from the coordinator at \S+ for ([0-9.]+)s", out)]
-    assert silent and all(TIMEOUT_S <= x < TIMEOUT_S + LATE_S for x in silent), out
-    assert took < TIMEOUT_S + LATE_S, f"workers noticed after {took:.1f}s"
-
-
-@pytest.mark.timeout(120)
-def test_workers_notice_a_coordinator_that_is_killed(tmp_path):
-    """SIGKILL: its connections close; the workers (a host of their own) exit with the reason."""
-    out, took, code = _workers_lose_their_coordinator(tmp_path, lambda c: c.kill())
-    assert code == 1, out
-    assert "no word from the coordinator at" in out and f"--heartbeat-timeout {TIMEOUT_S:g}" in out, out
-    assert took < TIMEOUT_S + LATE_S, f"workers noticed after {took:.1f}s"
+    assert f"stage 2 (pid {victim} on " in out and "it is hung or unreachable" in out, out
+    assert f"--heartbeat-timeout {TIMEOUT_S:g}" in out, out
+    silent = float(re.search(r"sent nothing for ([0-9.]+)s", out).group(1))
+    assert TIMEOUT_S <= silent < TIMEOUT_S + LATE_S, out
+    assert took < TIMEOUT_S + LATE_S, f"the run ended {took:.1f}s after the stage froze"
+    for name in ("killed", "stopped"):
+        out, took, code = exits[name]
+        assert code == 1, out
+        assert "no word from the coordinator at" in out and f"--heartbeat-timeout {TIMEOUT_S:g}" in out, out
+        assert took < TIMEOUT_S + LATE_S, f"{name}: workers noticed after {took:.1f}s"
+    silent = [float(x) for x in re.findall(r"no word from the coordinator at \S+ for ([0-9.]+)s", exits["stopped"][0])]
+    assert silent and all(TIMEOUT_S <= x < TIMEOUT_S + LATE_S for x in silent), exits["stopped"][0]
