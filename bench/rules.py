@@ -12,7 +12,8 @@ data, and honest about accuracy: every rule sees the same batches in the same or
 Rules: backprop (no delay: the reference), unlocked:N (DNI), local (DGL), delayed (DDG),
 corrected:N (local heads plus every N-th true gradient; a mode), and candidates that did not
 become modes (swapped:N, residual:N; below, with what they measured in the README). Prints test accuracy per rule, how many
-gradients travelled backward per step and each predictor's running cosine at the end; writes bench/results/rules.json. Throughput is not
+gradients travelled backward per step, each predictor's running cosine at the end and each
+stage's share of dead units (outputs zero on all of 1,024 test samples); writes bench/results/rules.json. Throughput is not
 measured here (one process): that is what `launch.py compare` does.
 """
 from __future__ import annotations
@@ -86,6 +87,19 @@ def make_rule(name: str) -> tuple[str, UpdateRule | None, int]:
             "residual": ("unlocked", Residual(), every)}[base]
 
 
+@torch.no_grad()
+def _dead_units(stages: list[StageLogic], x: torch.Tensor) -> list[float]:
+    """Per stage below the last, the share of its output units (channels of a conv output)
+    that are zero on every one of the samples `x` in eval mode: ReLUs that never fire, which
+    pass no gradient and so never come back."""
+    shares = []
+    for st in stages[:-1]:
+        x = st.eval_forward(x)
+        per_unit = x.reshape(x.shape[0], x.shape[1], -1).abs().amax(dim=(0, 2))
+        shares.append(round(float((per_unit == 0).float().mean()), 3))
+    return shares
+
+
 def train_rule(name: str, cfg: RunConfig, ds, hop_delay: int) -> dict:
     mode, rule, every = make_rule(name)
     cfg = cfg.replace(mode=mode, true_grad_every=every, **RULE_SETTINGS.get(name.partition(":")[0], {}))
@@ -130,13 +144,14 @@ def train_rule(name: str, cfg: RunConfig, ds, hop_delay: int) -> dict:
             step += 1
     deliver(10 ** 9)
     correct = total = 0
+    dead = _dead_units(stages, next(iter(eval_batches(ds.test, 1024)))[0])
     for x, y in eval_batches(ds.test, 1024):
         h = x
         for st in stages:
             h = st.eval_forward(h)
         correct += int((h.argmax(1) == y).sum())
         total += int(y.shape[0])
-    return {"rule": name, "test_accuracy": correct / total, "steps": step,
+    return {"rule": name, "test_accuracy": correct / total, "steps": step, "dead_units": dead,
             "sg_cosine": [round(st.sg_trust, 3) for st in stages if st.sg is not None],
             "gradients_back_per_step": sent_back / step, "seconds": time.perf_counter() - t0}
 
@@ -186,12 +201,14 @@ def main() -> None:
         mean = sum(accs) / len(accs)
         spread = (max(accs) - min(accs)) / 2
         rows.append({"rule": name, "seeds": seeds, "test_accuracy": accs, "mean": mean,
+                     "dead_units": [r["dead_units"] for r in runs],
                      "sg_cosine": [r["sg_cosine"] for r in runs],
                      "gradients_back_per_step": runs[0]["gradients_back_per_step"]})
         print(f"{name:>14}  test accuracy {100 * mean:6.2f}% +- {100 * spread:.2f} ({len(seeds)} seeds)  "
               f"gradients back per step {runs[0]['gradients_back_per_step']:.2f}  "
               f"({sum(r['seconds'] for r in runs):.0f}s)"
-              + (f"  predictors' running cosine {runs[0]['sg_cosine']}" if runs[0]["sg_cosine"] else ""), flush=True)
+              + (f"  predictors' running cosine {runs[0]['sg_cosine']}" if runs[0]["sg_cosine"] else "")
+              + f"  dead units per stage {runs[0]['dead_units']}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"epochs": args.epochs, "layers": args.layers,
                                           "hop_delay": args.hop_delay, "rows": rows}, indent=2) + "\n")
