@@ -276,7 +276,11 @@ class StageLogic:
             return 1.0
         if self.cfg.sg_min_cosine > 0 and self.sg_trust < self.cfg.sg_min_cosine:
             return 0.0
-        return min(max(self.sg_trust, 0.0), 1.0) if self.cfg.sg_trust_scale else 1.0
+        return self._trust() if self.cfg.sg_trust_scale else 1.0
+
+    def _trust(self) -> float:
+        """The predictor's running cosine with the true gradients, clamped to [0, 1]."""
+        return min(max(self.sg_trust, 0.0), 1.0)
 
     def head_gradient(self, step: int, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Train the local classifier head one step on h and return dL_local/dh (mean over the
@@ -328,7 +332,7 @@ class StageLogic:
             params[name].grad = grad
         if self.true_optimizer is not None:
             for group in self.true_optimizer.param_groups:
-                group["lr"] = self.cfg.lr * (1 - min(max(self.sg_trust, 0.0), 1.0))
+                group["lr"] = self.cfg.lr * (1 - self._trust())
         self.step_optimizer(optimizer=self.true_optimizer)
 
     @staticmethod
