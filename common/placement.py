@@ -19,6 +19,13 @@ PLACEMENTS = {
 }
 
 
+# `--placement auto` leaves stages that could each have cores of their own to the OS only when
+# that promises this much more throughput (the busiest pinned core's work over the shared
+# bound): measured on 2 cores (the digits CNN's two stages: 1.8x promised), not on more, where
+# pinned stages keep their caches and the pinned layouts measured before stay as they were
+SHARE_GAIN = 1.25
+
+
 def partition(n: int, k: int, group_cost: Callable[[int, int], float]) -> tuple[int, ...]:
     """Split n units, in order, into k non-empty groups so that the costliest group costs least
     (a pipeline runs at the pace of its slowest stage); `group_cost(a, b)` is the cost of units
@@ -79,11 +86,15 @@ class Placement:
     reason: str
     threads: tuple[int, ...] = ()  # torch threads per stage (and cores per pinned stage)
     shares: tuple[float, ...] = ()  # each stage's share of the run's FLOPs
+    yields: tuple[bool, ...] = ()  # per stage: runs at the lowest CPU priority (yielding_stages)
 
     def of(self, stage: int) -> tuple[int, int, float]:
         """(first core or -1, threads, share of the run's FLOPs) of one stage."""
         return (self.cores[stage], self.threads[stage] if self.threads else 1,
                 self.shares[stage] if self.shares else 0.0)
+
+    def yields_at(self, stage: int) -> bool:
+        return bool(self.yields and self.yields[stage])
 
     @property
     def pinned(self) -> bool:
@@ -102,6 +113,9 @@ class Placement:
         where = ("stage->core " + ", ".join(block(s, c) for s, c in enumerate(self.cores))
                  if self.pinned else "not pinned")
         threads = f"; threads per stage {list(self.threads)}" if self.threads else ""
+        yielding = [s for s, y in enumerate(self.yields) if y]
+        if yielding:
+            threads += f"; stages {', '.join(map(str, yielding))} yield the CPU to the others"
         return f"placement {where} ({self.reason}){threads}"
 
 
@@ -114,23 +128,28 @@ def shared_bound(costs: Sequence[float], n_cores: int, threads: Sequence[int] | 
 
 
 def unpinned_threads(share: float, n_cores: int) -> int:
-    """Torch threads for a stage the OS schedules among others: one per whole core's worth of
-    the run's work it carries (floor(cores x share)), at least one. A stage gets a second thread
-    only when it alone is more than a core's share: more threads than that would contend with
-    the other stages for cores they use (measured: four stages of two threads each on two cores
-    ran at a third of the speed of one thread each)."""
-    return max(1, math.floor(n_cores * share + 1e-9))
+    """Torch threads for one stage the OS schedules among others, alone: its share of the run's
+    work in cores, rounded (at least one). stage_threads decides for a whole run."""
+    return max(1, math.floor(n_cores * share + 0.5))
 
 
 def stage_threads(costs: Sequence[float], n_cores: int, pinned: bool) -> tuple[int, ...]:
     """Cores follow cost. Pinned (a block of cores per stage, at most one stage per core): every
     stage gets one core, and each spare core goes to the stage whose work per thread is then the
     largest, so the busiest stage's work per thread is as small as whole cores allow. Not
-    pinned: unpinned_threads for each stage."""
+    pinned: each stage its share of the cores, rounded (unpinned_threads). Several threads run
+    one stage's every operation in parallel and wait for each other at its end, so the stages
+    of more than one thread must fit the cores together: when they do not, each stage gets one
+    thread per whole core's worth of work instead (measured: four stages of two threads each on
+    two cores ran at a third of the speed of one thread each). The stages of one thread share
+    what is left and yield to the others (Placement.yields)."""
     total = sum(costs) or 1.0
     shares = [c / total for c in costs]
     if not pinned:
-        return tuple(unpinned_threads(s, n_cores) for s in shares)
+        rounded = [unpinned_threads(s, n_cores) for s in shares]
+        if sum(t for t in rounded if t > 1) <= n_cores:
+            return tuple(rounded)
+        return tuple(max(1, math.floor(n_cores * s + 1e-9)) for s in shares)
     if len(costs) > n_cores:
         return (1,) * len(costs)
     threads = [1] * len(costs)
@@ -142,15 +161,33 @@ def stage_threads(costs: Sequence[float], n_cores: int, pinned: bool) -> tuple[i
     return tuple(threads)
 
 
+def yielding_stages(threads: Sequence[int], n_cores: int, pinned: bool) -> tuple[bool, ...]:
+    """Which stages run at the lowest CPU priority (common/procs.py yield_cpu): on cores shared
+    by more threads than there are, a stage of fewer threads than the largest. A stage of
+    several threads waits at the end of every operation for its slowest thread, so when the OS
+    takes one of its cores for another stage, all its threads wait: the light stage's work costs
+    the cores twice. Yielding, the light stages run in the heavy stage's gaps (its Python, its
+    sends, its idle threads, which then sleep rather than spin: procs.worker_environment), and
+    the pipeline's bounded queues stop the heavy stage when they fall behind, so they never
+    starve. Measured on the digits CNN's two stages (bench/results/, docs/results.md)."""
+    if pinned or sum(threads) <= n_cores or len(set(threads)) < 2:
+        return (False,) * len(threads)
+    most = max(threads)
+    return tuple(t < most for t in threads)
+
+
 def plan_placement(costs: Sequence[float], how: str, cores: Sequence[int] | None = None,
                    threads: Sequence[int] | None = None) -> Placement:
     """Where each stage runs, and with how many torch threads (`threads`: given per stage, or
     None for stage_threads). `pin`: pin every stage, balancing the cores' work (balance). `none`:
     leave every stage to the OS. `auto`: pin when every stage gets cores of its own (nothing to
     share, and a pinned process keeps its caches): each stage a block of as many cores as it
-    has threads; with more stages than cores, leave them to the OS, which hands a core to
-    whichever process is ready while the others wait for messages: measured on
-    bench/placement.py, a fixed split of the cores loses to that when stages wait on each other."""
+    has threads; with more stages than cores, or when one stage's work makes the busiest
+    pinned core carry more than the OS sharing all cores would (the digits CNN's two stages,
+    90% of the work in one, on 2 cores), leave them to the OS, which hands a core to whichever
+    process is ready while the others wait for messages: measured on bench/placement.py, a
+    fixed split of the cores loses to that when stages wait on each other. Stages sharing cores
+    this way get yielding_stages."""
     if how not in PLACEMENTS:
         raise ValueError(f"unknown placement {how!r}; choose one of {', '.join(PLACEMENTS)}")
     cores = list(cores if cores is not None else available_cores())
@@ -159,12 +196,19 @@ def plan_placement(costs: Sequence[float], how: str, cores: Sequence[int] | None
     own = len(costs) <= len(cores)  # every stage can have cores of its own
     pinned = how == "pin" or (how == "auto" and own)
     chosen = tuple(threads) if threads is not None else stage_threads(costs, len(cores), pinned and own)
+    if how == "auto" and own and threads is None:
+        # pinning gives each stage only cores of its own: when one stage carries most of the
+        # work, the busiest core can carry more than sharing every core would give it
+        shared_threads = stage_threads(costs, len(cores), pinned=False)
+        pinned_busiest = max(c / t for c, t in zip(costs, chosen))
+        if shared_bound(costs, len(cores), shared_threads) * SHARE_GAIN < pinned_busiest:
+            pinned, chosen = False, shared_threads
     if not pinned or (own and sum(chosen) > len(cores)):
         reason = ("--placement none" if how == "none" else
                   f"{len(costs)} stages on {len(cores)} cores: the OS shares the cores" if not own else
                   f"{sum(chosen)} threads on {len(cores)} cores: the OS shares the cores")
         return Placement(how, tuple(-1 for _ in costs), shared_bound(costs, len(cores), chosen), reason,
-                         chosen, shares)
+                         chosen, shares, yielding_stages(chosen, len(cores), pinned=False))
     if own:  # a block of cores per stage, in order
         starts = [0, *itertools.accumulate(chosen)][:-1]
         placed = [cores[i] for i in starts]

@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import psutil
@@ -121,12 +122,76 @@ def start_method() -> mp.context.BaseContext:
     return mp.get_context("spawn")
 
 
-def warm_up() -> None:
+# OpenMP settings the user chose, which worker_environment leaves alone
+OPENMP_WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+_server_env: Optional[dict[str, str]] = None  # what the running fork server was started with
+_open_groups: list["ProcessGroup"] = []
+
+
+def worker_environment(yielding: bool) -> dict[str, str]:
+    """What a run's workers add to this process's environment. With stages that yield the CPU
+    (common/placement.py yielding_stages), a stage's idle OpenMP threads sleep at once instead
+    of spinning (OMP_WAIT_POLICY=PASSIVE), so the yielding stages get the cores they leave:
+    spinning, they kept the cores busy and yielding gained nothing (measured on the digits CNN's
+    two stages, docs/results.md). Otherwise nothing: a stage alone on its cores, and backprop,
+    run with OpenMP's defaults. The user's own setting wins."""
+    if not yielding or any(k in os.environ for k in OPENMP_WAIT_SETTINGS):
+        return {}
+    return {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def warm_up(env: Optional[Mapping[str, str]] = None) -> None:
     """Start the fork server now, so that its imports run while this process prepares the run
-    (costs, layout, data checks) instead of after it."""
-    if start_method().get_start_method() == "forkserver":
-        from multiprocessing import forkserver
+    (data checks, keys) instead of after it; with `env` added to its environment, which every
+    worker it forks then has from the start (OpenMP reads its settings once, when torch is
+    imported, which the server does). A server started with other additions is stopped first
+    (never while a worker it forked runs)."""
+    global _server_env
+    env = dict(env or {})
+    running_with = _server_env or {}
+    if start_method().get_start_method() != "forkserver":
+        os.environ.update(env)  # spawn: each child starts from this environment
+        return
+    from multiprocessing import forkserver
+    server = forkserver._forkserver
+    if running_with != env and server._forkserver_pid is not None:
+        if any(c.process.exitcode is None for g in _open_groups for c in g.children):
+            raise RuntimeError("cannot change the workers' environment while workers run")
+        server._stop()  # the same call the standard library's own tests use
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
         forkserver.ensure_running()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    _server_env = env
+
+
+def cpu_priority() -> str:
+    """This process's CPU priority as the OS holds it: "idle" (SCHED_IDLE), "nice N", or
+    "normal"; what a stage's summary reports."""
+    try:
+        if os.sched_getscheduler(0) == os.SCHED_IDLE:  # type: ignore[attr-defined]
+            return "idle"
+    except (AttributeError, OSError):
+        pass
+    niceness = os.nice(0) if hasattr(os, "nice") else 0
+    return f"nice {niceness}" if niceness else "normal"
+
+
+def yield_cpu() -> None:
+    """Run this process at the lowest CPU priority (nice 19), for a stage that yields the cores
+    to heavier ones (common/placement.py yielding_stages). Threads started later inherit it.
+    Not SCHED_IDLE, which measured no faster here: a process at nice 19 still gets a sliver of
+    a busy core, so other load on the machine cannot starve a stage past its heartbeats."""
+    try:
+        os.nice(19)
+    except (AttributeError, OSError):
+        pass  # no niceness here (Windows): the stage runs at normal priority
 
 
 class ProcessGroup:
@@ -137,6 +202,7 @@ class ProcessGroup:
         self._ctx = start_method()
         self.children: list[Child] = []
         self._closed = False
+        _open_groups.append(self)
         atexit.register(self.shutdown)
 
     def start(self, name: str, target: Callable[..., None], *args: Any) -> Child:
@@ -181,3 +247,5 @@ class ProcessGroup:
         for p in procs:
             p.join(0.5)
         atexit.unregister(self.shutdown)
+        if self in _open_groups:
+            _open_groups.remove(self)

@@ -92,6 +92,7 @@ class Start:
     resume_path: str = ""  # this stage's checkpoint of resume_step, on its host
     threads: int = 1  # torch threads (and cores from `core` on, when pinned)
     share: float = 1.0  # this stage's share of the run's FLOPs (a worker placing itself sizes by it)
+    yields: bool = False  # run at the lowest CPU priority (common/placement.py yielding_stages)
 
 
 @dataclass(frozen=True)

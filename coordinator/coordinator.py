@@ -213,7 +213,7 @@ class Coordinator:
             resume = self.resume["stages"][str(stage)]["path"] if self.resume else ""
             core, threads, share = self.placement.of(stage)
             self._send(stage, wire.Start(self.cfg.to_dict(), str(self.run_dir), core, self.total_steps,
-                                         resume_step, resume, threads, share))
+                                         resume_step, resume, threads, share, self.placement.yields_at(stage)))
 
     def _begin(self) -> None:
         """Every stage is ready: tell each its downstream neighbour, and training begins."""

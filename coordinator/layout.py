@@ -59,6 +59,7 @@ class Layout:
         p = self.placement
         return {"groups": list(self.groups), "stage_mflops_per_sample": [round(f / 1e6, 3) for f in self.stage_flops],
                 "placement": p.asked, "cores": list(p.cores), "threads": list(p.threads), "pinned": p.pinned,
+                "yields": [p.yields_at(s) for s in range(len(self.groups))],
                 "replicas": list(self.replicas or (1,) * len(self.groups)),
                 "reason": p.reason,
                 "flops_share": [round(f / max(sum(self.stage_flops), 1.0), 4) for f in self.stage_flops],

@@ -53,7 +53,8 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stre
     try:
         for rank in range(world):
             group.start(f"pipeline-{rank}", run_rank,
-                        RankSpec(rank, world, cfg.to_dict(), str(run_dir), *placement.of(rank)[:2], total))
+                        RankSpec(rank, world, cfg.to_dict(), str(run_dir), *placement.of(rank)[:2], total,
+                                 placement.yields_at(rank)))
         log(f"pipeline: {world} stage processes ({cfg.schedule}, {cfg.microbatches} microbatches), "
             f"pids {', '.join(str(c.process.pid) for c in group.children)}")
         tail = JsonlTail(run_dir / "metrics.jsonl")  # the last rank's reports and evaluations

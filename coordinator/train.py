@@ -23,7 +23,7 @@ from synthgrad.common.endpoints import tcp_host
 from synthgrad.common.files import atomic_write_json
 from synthgrad.common.security import Guard, Keys, MonitorKeys, local_run_keys, resolve_keys
 from synthgrad.common.placement import Placement
-from synthgrad.common.procs import ProcessGroup, warm_up
+from synthgrad.common.procs import ProcessGroup, warm_up, worker_environment
 from synthgrad.coordinator.coordinator import Coordinator, RunFailed
 from synthgrad.coordinator.layout import plan_layout
 from synthgrad.coordinator.pipeline import PipelineFailed, run_pipeline
@@ -90,10 +90,10 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
     With `bind` (tcp://HOST:PORT, port 0 for any) this process is the coordinator only: it
     binds there, calls `on_listening(endpoint)`, and waits for workers started elsewhere
     (`launch.py worker`, or the other ranks under torchrun)."""
-    if bind is None and cfg.mode != Mode.BACKPROP:
-        warm_up()  # stage processes will be started here
     if bind is None:
         cfg, layout = prepare(cfg)
+        # processes will be started here, with what the layout asks of their OpenMP
+        warm_up(worker_environment(layout is not None and any(layout.placement.yields)))
     else:
         cfg, layout = _resolve(cfg.validate())
     if bind is not None:  # the stages are started elsewhere: they bring keys from the same set

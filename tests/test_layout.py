@@ -68,8 +68,12 @@ def test_placement_choices():
     pin = plan_placement(costs, "pin", cores=[0, 1])
     assert pin.cores == (0, 1, 0, 1) and pin.busiest == pytest.approx(5.6)
     assert plan_placement(costs, "none", cores=[0, 1, 2, 3]).cores == (-1,) * 4
-    own = plan_placement(costs, "auto", cores=[2, 3, 5, 7])
-    assert own.cores == (2, 3, 5, 7) and own.busiest == 4.0 and "one core per stage" in own.describe()
+    own = plan_placement([1.0, 1.2, 0.9, 1.1], "auto", cores=[2, 3, 5, 7])
+    assert own.cores == (2, 3, 5, 7) and own.busiest == 1.2 and "one core per stage" in own.describe()
+    # two stages carry 82% of the work: pinned, each would have one core (4.0 on the busiest);
+    # shared, two threads each and the light two yielding (bound 9.7 / 4 cores)
+    uneven = plan_placement(costs, "auto", cores=[2, 3, 5, 7])
+    assert not uneven.pinned and uneven.threads == (2, 2, 1, 1) and uneven.busiest == pytest.approx(2.425)
     with pytest.raises(ValueError, match="unknown placement"):
         plan_placement(costs, "best", cores=[0])
     with pytest.raises(ConfigError, match="--placement"):
@@ -181,25 +185,48 @@ def test_an_explicit_rank_is_kept_and_the_layout_reports_each_predictor():
 def test_cores_follow_cost():
     """Threads per stage from its share of the run's FLOPs: pinned, the cores are apportioned
     (every core given, each stage at least one, spare cores to the largest work per thread);
-    left to the OS, a stage gets one thread per whole core's share it carries."""
+    left to the OS, a stage gets its share of the cores, rounded, while the stages of several
+    threads fit the cores together (else one per whole core's share)."""
     from synthgrad.common.placement import stage_threads, unpinned_threads
     cnn = [1.18, 64.25, 7.09, 0.01]  # MFLOPs of a CNN whose second conv dominates
-    assert stage_threads(cnn, 2, pinned=False) == (1, 1, 1, 1)  # 2 cores: nobody has a whole one
-    assert stage_threads(cnn, 16, pinned=False) == (1, 14, 1, 1)
+    assert stage_threads(cnn, 2, pinned=False) == (1, 2, 1, 1)  # 1.77 cores' worth
+    assert stage_threads(cnn, 16, pinned=False) == (1, 14, 2, 1)
     assert stage_threads(cnn, 16, pinned=True) == (1, 12, 2, 1) and sum(stage_threads(cnn, 16, True)) == 16
     assert stage_threads([1.0, 1.0], 2, pinned=True) == (1, 1)
-    assert unpinned_threads(0.885, 2) == 1 and unpinned_threads(0.885, 16) == 14 and unpinned_threads(0.0, 8) == 1
+    assert stage_threads([1.0, 1.0], 3, pinned=False) == (1, 1)  # 2 + 2 threads would not fit 3 cores
+    assert stage_threads([1.0, 1.0, 2.0], 4, pinned=False) == (1, 1, 2)
+    assert unpinned_threads(0.885, 2) == 2 and unpinned_threads(0.6, 2) == 1 and unpinned_threads(0.0, 8) == 1
     # the placement pins blocks of cores when every stage has its own, and the busiest figure
     # (the ceiling's divisor) is the largest work per thread
     p = plan_placement(cnn, "auto", cores=list(range(16)))
-    assert p.threads == (1, 12, 2, 1) and p.cores == (0, 1, 13, 15) and p.pinned
+    assert p.threads == (1, 12, 2, 1) and p.cores == (0, 1, 13, 15) and p.pinned and not any(p.yields)
     assert p.busiest == pytest.approx(max(c / t for c, t in zip(cnn, p.threads)))
     assert p.shares == pytest.approx(tuple(c / sum(cnn) for c in cnn))
     shared = plan_placement(cnn, "auto", cores=[0, 1])
-    assert not shared.pinned and shared.threads == (1, 1, 1, 1) and shared.busiest == 64.25
-    given = plan_placement(cnn, "auto", cores=[0, 1], threads=(1, 2, 1, 1))  # --threads 1,2,1,1
-    assert given.threads == (1, 2, 1, 1) and given.busiest == pytest.approx(max(64.25 / 2, sum(cnn) / 2))
+    assert not shared.pinned and shared.threads == (1, 2, 1, 1) and shared.busiest == pytest.approx(sum(cnn) / 2)
+    given = plan_placement(cnn, "auto", cores=[0, 1], threads=(1, 1, 1, 1))  # --threads 1
+    assert given.threads == (1, 1, 1, 1) and given.busiest == 64.25 and not any(given.yields)
     assert plan_placement(cnn, "pin", cores=[0, 1]).threads == (1, 1, 1, 1)  # stages share pinned cores
+
+
+def test_light_stages_yield_to_a_heavy_one_on_shared_cores():
+    """Two stages on two cores, one with 90% of the work: pinned, its core would carry 0.9 of
+    the work against half of it shared, so auto shares them, the heavy stage on two threads and
+    the light one yielding. Even stages stay pinned, and no stage yields on cores it has alone."""
+    two = [65.43, 7.09]  # the digits CNN split by --stages 2
+    p = plan_placement(two, "auto", cores=[0, 1])
+    assert not p.pinned and p.threads == (2, 1) and p.yields == (False, True)
+    assert p.busiest == pytest.approx(sum(two) / 2) and "stages 1 yield" in p.describe()
+    assert plan_placement(two, "pin", cores=[0, 1]).threads == (1, 1)  # pinning asked for: one core each
+    even = plan_placement([1.0, 1.0], "auto", cores=[0, 1])
+    assert even.pinned and not any(even.yields)
+    four = plan_placement([1.18, 64.25, 7.09, 0.01], "auto", cores=[0, 1])
+    assert four.yields == (True, False, True, True)
+    # --threads given: the same rule; equal threads yield to nobody
+    assert plan_placement(two, "none", cores=[0, 1], threads=(2, 1)).yields == (False, True)
+    assert not any(plan_placement(two, "none", cores=[0, 1], threads=(2, 2)).yields)
+    assert not any(plan_placement(two, "none", cores=list(range(4)), threads=(2, 1)).yields)  # 3 threads, 4 cores
+    assert plan_placement(two, "auto", cores=[0, 1]).yields_at(1) and not even.yields_at(0)
 
 
 def test_threads_option_and_the_layout_record():
@@ -215,13 +242,14 @@ def test_threads_option_and_the_layout_record():
     assert RunConfig.from_dict({**old, "threads_per_worker": 3}).threads == (3,)
     record = plan_layout(RunConfig(mode="unlocked", threads=(1, 2, 1, 1)))[1].record()
     assert record["threads"] == [1, 2, 1, 1] and sum(record["flops_share"]) == pytest.approx(1.0, abs=1e-3)
+    assert record["yields"] == [True, False, True, True]
 
 
 @pytest.mark.parametrize("spec_core, given, start, expected", [
     (None, None, (5, 3, 0.5), (5, 3)),  # a local stage: the coordinator's layout
     (None, (2,), (5, 3, 0.5), (5, 2)),  # --threads decides
     (4, None, (-1, 1, 0.9), (4, 1)),  # started by hand and pinned to one core of its host
-    (-1, None, (-1, 1, 0.9), (-1, "floor")),  # started by hand, not pinned: by share and host cores
+    (-1, None, (-1, 1, 0.9), (-1, "share")),  # started by hand, not pinned: by share and host cores
 ])
 def test_a_stage_places_itself_by_the_same_rule(spec_core, given, start, expected):
     from synthgrad.common import wire
@@ -233,7 +261,7 @@ def test_a_stage_places_itself_by_the_same_rule(spec_core, given, start, expecte
     worker.spec, worker.stage = WorkerSpec(1, "tcp://127.0.0.1:1", core=spec_core), 1
     core, threads, share = start
     got = worker._place(cfg, wire.Start({}, "", core, 10, threads=threads, share=share))
-    if expected[1] == "floor":
+    if expected[1] == "share":
         expected = (-1, unpinned_threads(share, len(available_cores())))
     assert got == expected
 

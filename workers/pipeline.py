@@ -36,8 +36,10 @@ from synthgrad.common.models import (
     stage_io_shapes,
 )
 from synthgrad.common.procs import (
+    cpu_priority,
     die_with_parent,
     pin_to_core,
+    yield_cpu,
 )
 from synthgrad.workers.checkpointing import final_path, save_stage
 from synthgrad.workers.meter import Meter
@@ -60,6 +62,7 @@ class RankSpec:
     core: int  # the first of `threads` cores to pin to; -1: not pinned
     threads: int  # torch threads (coordinator/layout.py: cores follow cost)
     total_steps: int  # the run's length (the launcher's, so every rank agrees)
+    yields: bool = False  # run at the lowest CPU priority (common/placement.py yielding_stages)
 
 
 class _InPrecision(nn.Module):
@@ -165,6 +168,8 @@ def run_rank(spec: RankSpec) -> None:
     run_dir = Path(spec.run_dir)
     torch.set_num_threads(spec.threads)
     pin_to_core(spec.core, spec.threads)
+    if spec.yields:
+        yield_cpu()
     r = _set_up(spec, cfg, run_dir)
     batches = split_batches(cfg, r.ds.train) if r.ds is not None else no_batches(r.per_epoch)
     metrics = JsonlLog(run_dir / "metrics.jsonl") if r.last else None
@@ -203,7 +208,8 @@ def run_rank(spec: RankSpec) -> None:
     path = final_path(run_dir, r.rank)
     save_stage(path, r.rank, r.units[0], r.module, {"optimizer": r.optimizer.state_dict()}, meter.last_step, cfg)
     atomic_write_json(run_dir / f"pipeline-rank{r.rank}.json", {
-        **meter.totals(ended), "core": spec.core, "threads": spec.threads, "units": list(r.units),
+        **meter.totals(ended), "core": spec.core, "threads": spec.threads,
+        "cpu_priority": cpu_priority(), "units": list(r.units),
         "checkpoint": str(path), "evals": evals})
     dist.destroy_process_group()
 

@@ -40,6 +40,7 @@ from synthgrad.common.procs import (
     describe_exit,
     die_with_parent,
     pin_to_core,
+    yield_cpu,
 )
 from synthgrad.common.reports import RunFailed
 from synthgrad.workers.stage import StageLogic, StagePlan, build_stage
@@ -95,6 +96,7 @@ class ReplicaSpec:
     rows: Rows
     resume_path: str = ""
     resume_step: int = -1
+    yields: bool = False  # the stage yields the CPU (common/placement.py yielding_stages): so does each replica
 
 
 class ReplicatedLogic:
@@ -114,7 +116,8 @@ class ReplicatedLogic:
 
     @classmethod
     def start(cls, logic: StageLogic, plan: StagePlan, cfg: RunConfig, stage: int, total_steps: int,
-              blocks: list[tuple[int, int]], resume_path: str, resume_step: int) -> "ReplicatedLogic":
+              blocks: list[tuple[int, int]], resume_path: str, resume_step: int,
+              yields: bool = False) -> "ReplicatedLogic":
         """Start replicas 1..R-1 (blocks[r]: their cores and threads) and join them; they must
         all join within --start-timeout."""
         replicas = len(blocks)
@@ -126,7 +129,7 @@ class ReplicatedLogic:
             for r in range(1, replicas):
                 procs.start(f"replica {r}", run_replica, ReplicaSpec(
                     stage, r, replicas, cfg.to_dict(), str(rendezvous), *blocks[r], total_steps, rows,
-                    resume_path or "", resume_step))
+                    resume_path or "", resume_step, yields))
             dist.init_process_group("gloo", init_method=rendezvous.as_uri(), rank=0, world_size=replicas,
                                     timeout=timedelta(seconds=cfg.start_timeout))
             group = dist.new_group(list(range(replicas)), timeout=IDLE_TIMEOUT)
@@ -264,6 +267,8 @@ def run_replica(spec: ReplicaSpec) -> None:
     cfg = RunConfig.from_dict(spec.config)
     torch.set_num_threads(spec.threads)
     pin_to_core(spec.core, spec.threads)
+    if spec.yields:
+        yield_cpu()
     sync = GradientSync(spec.replicas)
     logic, _ = build_stage(cfg, spec.stage, spec.total_steps, Compute.of("cpu", cfg.precision), sync)
     if spec.resume_path:

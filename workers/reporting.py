@@ -10,6 +10,7 @@ import torch
 
 from synthgrad.common import wire
 from synthgrad.common.config import RunConfig
+from synthgrad.common.procs import cpu_priority
 from synthgrad.workers.meter import Meter
 from synthgrad.workers.stage import StageLogic
 from synthgrad.workers.timings import MESSAGING, Timings
@@ -75,6 +76,7 @@ class StageReporter:
             **run,
             "input_endpoint": endpoint, "core": core, "threads": torch.get_num_threads(),
             "cores_allowed": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "cpu_priority": cpu_priority(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "units": list(units),
             "replica_pids": self.logic.replica_pids,  # the stage's other processes (--replicas)
             "messaging_fraction": sum(totals[k] for k in MESSAGING) / elapsed if elapsed > 0 else 0.0,

@@ -31,7 +31,7 @@ from synthgrad.common.endpoints import CONNECT_TIMEOUT_S
 from synthgrad.common.evaluation import EvalTally
 from synthgrad.common.files import atomic_write_json
 from synthgrad.common.placement import replica_blocks, unpinned_threads
-from synthgrad.common.procs import available_cores, die_with_parent, pin_to_core
+from synthgrad.common.procs import available_cores, die_with_parent, pin_to_core, yield_cpu
 from synthgrad.common.security import Keys
 from synthgrad.common.wire import Phase
 from synthgrad.workers.checkpointing import StageCheckpoints, final_path
@@ -125,6 +125,9 @@ class LayerWorker:
         core, threads = blocks[0]
         torch.set_num_threads(threads)
         pin_to_core(core, threads)
+        self.yields = self.spec.core is None and start.yields  # a stage placed here by hand or by torchrun does not
+        if self.yields:
+            yield_cpu()
         device = stage_device(cfg.device, self.stage, self.spec.local_index)
         dev = Compute.of(device, cfg.precision)  # DeviceError when this host has no such device
         sync = GradientSync(replicas) if replicas > 1 else None
@@ -138,7 +141,7 @@ class LayerWorker:
             checkpoints.load(Path(start.resume_path), start.resume_step)
         if sync is not None:  # the other replicas load the same checkpoint themselves
             logic = ReplicatedLogic.start(logic, plan, cfg, self.stage, start.total_steps, blocks,
-                                          start.resume_path, start.resume_step)
+                                          start.resume_path, start.resume_step, self.yields)
             checkpoints.logic = logic
         reporter = StageReporter(self.stage, cfg, logic, self.timings, self.links.send_coord,
                                  lambda: self.links.rejected)
