@@ -148,9 +148,11 @@ def markdown(rows: list[dict], base: RunConfig, target: float) -> str:
         pinned = ("yes" if lay["pinned"] else "no") if lay else "-"
         threads = r.get("threads")
         replicas = lay.get("replicas") or []
-        if isinstance(threads, list):  # a replicated stage: processes x threads each
-            threads = ",".join(f"{replicas[i]}x{max(t // replicas[i], 1)}" if i < len(replicas) and replicas[i] > 1
-                               else str(t) for i, t in enumerate(threads))
+        yields = lay.get("yields") or []
+        if isinstance(threads, list):  # a replicated stage: processes x threads each; * yields the CPU
+            threads = ",".join((f"{replicas[i]}x{max(t // replicas[i], 1)}" if i < len(replicas) and replicas[i] > 1
+                                else str(t)) + ("*" if i < len(yields) and yields[i] else "")
+                               for i, t in enumerate(threads))
         else:
             threads = str(threads or "-")
         ceiling = f"{lay['ceiling_samples_per_s']:.0f}" if lay and lay.get("ceiling_samples_per_s") else "-"
@@ -180,6 +182,9 @@ def markdown(rows: list[dict], base: RunConfig, target: float) -> str:
     lines += ["", "Ceiling: the most samples/s the busiest core allows at this machine's best "
               "single-core matmul rate, from the layout's FLOP counts (coordinator/layout.py); "
               "messages, elementwise work and waiting come on top."]
+    if any(any((r.get("layout") or {}).get("yields") or []) for r in rows):
+        lines += ["", "Threads marked *: a stage that yields the CPU to heavier ones on shared cores "
+                  "(nice 19; docs/usage.md)."]
     lines += ["", "Plots: curves.png (accuracy and loss vs wall clock), timeline.png (first steps per "
               "worker), sg_heatmaps.png and sg_cosine.png (synthetic vs true gradients).", ""]
     return "\n".join(lines)

@@ -170,6 +170,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
         summary["config"] = cfg.to_dict()
         summary["run_dir"] = str(run_dir)
         summary["keys"] = key_source  # "per-run", a keys folder, or None (plain links)
+        summary.setdefault("secure", guard.on)  # an unfinished run's summary says it too
         if layout is not None:
             summary["layout"] = layout.record()
         _write_summary(run_dir, summary, log)

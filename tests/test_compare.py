@@ -82,7 +82,9 @@ def test_compare_writes_table_json_and_plots(tmp_path):
     assert "| unlocked N=4 |" in table and "best locked" in table
     # threads per stage: the layout's (cores follow cost), shown in the table
     assert rows[2]["threads"] == rows[2]["layout"]["threads"] and len(rows[2]["threads"]) == 2
-    assert "threads per stage |" in table and f"| {','.join(map(str, rows[2]['threads']))} |" in table
+    yields = rows[2]["layout"]["yields"]
+    shown = ",".join(f"{t}*" if y else str(t) for t, y in zip(rows[2]["threads"], yields))
+    assert "threads per stage |" in table and f"| {shown} |" in table
     for png in ("curves.png", "timeline.png", "sg_heatmaps.png", "sg_cosine.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
@@ -100,3 +102,19 @@ def test_report_draws_a_finished_run(tiny_cfg, tmp_path, capsys):
         assert (tmp_path / "png" / png).read_bytes()[:4] == b"\x89PNG", png
     assert launch.main(["report", str(tmp_path / "png")]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_the_table_marks_stages_that_yield_the_cpu():
+    """compare.md's threads column shows each stage's threads and marks (*) a stage that yields
+    to a heavier one on shared cores, with a line saying what * means."""
+    from synthgrad.common.config import RunConfig
+    from synthgrad.coordinator.compare import markdown
+    row = {"contender": "local", "mode": "local", "cores": 2, "workers": 2, "samples_per_s": 100.0, "wall_clock_s": 1.0,
+           "test_accuracy": 0.5, "time_to_target_s": None, "true_gradient_steps": 0, "messaging_fraction": 0.01,
+           "bytes_backward_per_step": None, "threads": [2, 1],
+           "layout": {"groups": [2, 2], "pinned": False, "replicas": [1, 1], "yields": [False, True],
+                      "ceiling_samples_per_s": 200.0}}
+    table = markdown([row], RunConfig(), 0.5)
+    assert "| 2,1* |" in table and "Threads marked *" in table
+    plain = markdown([{**row, "layout": {**row["layout"], "yields": [False, False]}}], RunConfig(), 0.5)
+    assert "| 2,1 |" in plain and "Threads marked *" not in plain

@@ -284,3 +284,15 @@ def test_flop_counts_are_flopcountermodes():
         with FlopCounterMode(display=False) as counter:
             probe(x).float().sum().backward()
         assert training_flops(layer, shape) == counter.get_total_flops() / _PROBE_BATCH, layer
+
+
+def test_yielding_runs_give_their_workers_sleeping_openmp_threads(monkeypatch):
+    """The workers of a run with yielding stages start with OMP_WAIT_POLICY=PASSIVE; other runs
+    (and backprop) with OpenMP's defaults; an OpenMP wait setting of the user's own is kept.
+    That the workers get it, and lose it again, is checked on real runs in test_training.py."""
+    from synthgrad.common.procs import OPENMP_WAIT_SETTINGS, worker_environment
+    for key in OPENMP_WAIT_SETTINGS:
+        monkeypatch.delenv(key, raising=False)
+    assert worker_environment(True) == {"OMP_WAIT_POLICY": "PASSIVE"} and worker_environment(False) == {}
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
+    assert worker_environment(True) == {}

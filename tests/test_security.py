@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -121,7 +122,14 @@ def _monitor(endpoint: str, *args: str) -> subprocess.Popen:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_secure_run_refuses_strangers_and_goes_on(tmp_path):
+def test_secure_runs_refuse_strangers_and_go_on(tmp_path):
+    """Two secure runs side by side, each disturbed once both listen, so they share one start-up:
+    - A: a keys folder, its stages started by hand; a worker with a stranger's keys, a plain
+      worker and two monitors without an authorised key are refused, an authorised monitor
+      reads the status stream, and no secret key lands in the run folder;
+    - B: a local tcp run with no keys given makes its own: its stages get them at start, a
+      monitor gets them from the private folder the run prints, a process without them is
+      refused, and the folder goes when the run ends (here by Ctrl-C, once all that is seen)."""
     keys, stranger = tmp_path / "keys", tmp_path / "stranger"
     make_keys(keys)
     stranger.mkdir()  # knows the coordinator's public key, but has its own worker/monitor keys
@@ -129,88 +137,72 @@ def test_secure_run_refuses_strangers_and_goes_on(tmp_path):
     for role in ("worker", "monitor"):  # kept private, as a careful stranger would
         os.chmod(zmq.auth.create_certificates(stranger, role)[1], 0o600)
     coord = launch("coordinator", "--bind", "tcp://127.0.0.1:0", "--keys", str(keys), *JOB,
-                   "--epochs", "30", "--metrics-every", "0.2", "--out", str(tmp_path / "run"))
-    procs = [coord]
+                   "--epochs", "4", "--metrics-every", "0.2", "--out", str(tmp_path / "a"))
+    # B runs until it is interrupted (its last stage sleeping 25 ms a step: 40 s for its 50
+    # epochs): its strangers, started after it listens, knock while it runs
+    run = subprocess.Popen([sys.executable, "-u", str(ROOT / "launch.py"), "train", *JOB, "--transport", "tcp",
+                            "--epochs", "50", "--slow-stage", "3,25", "--metrics-every", "0.2",
+                            "--out", str(tmp_path / "b")],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    procs = [coord, run]
     try:
         line, seen = wait_for_line(coord, "coordinator at ", timeout=60)
         endpoint = line.split("coordinator at ")[1].split(";")[0]
-        status_ep = next(x for x in seen if "monitor --connect" in x).split("--connect ")[1].split()[0]
-        intruder = launch("worker", "--coordinator", endpoint, "--stage", "0", "--keys", str(stranger),
-                          "--connect-timeout", "20")
-        plain = launch("worker", "--coordinator", endpoint, "--stage", "0", "--connect-timeout", "20",
-                       "--no-secure")
-        procs += [intruder, plain]
-        for p, why in ((intruder, "refused this process's key"), (plain, "one side uses CURVE")):
-            out, _ = p.communicate(timeout=60)
-            assert p.returncode == 1 and why in out, out
-        workers = launch("worker", "--coordinator", endpoint, "--stages", "0,1,2,3", "--keys", str(keys))
-        procs.append(workers)
-        _, more = wait_for_line(coord, "training ")  # all stages ready
-        seen += more
-        stranger_monitor = _monitor(status_ep, "--keys", str(stranger), "--timeout", "3", "--count", "2")
-        plain_monitor = _monitor(status_ep, "--no-secure", "--timeout", "3", "--count", "2")
-        monitor = _monitor(status_ep, "--keys", str(keys), "--timeout", "30", "--count", "3")
-        procs += [stranger_monitor, plain_monitor, monitor]
-        out, _ = monitor.communicate(timeout=60)
-        assert monitor.returncode == 0, out
-        assert sum(json.loads(x)["event"] == "status" for x in out.splitlines()) == 3
-        for m in (stranger_monitor, plain_monitor):  # nothing readable without an authorised key
-            out, _ = m.communicate(timeout=60)
-            assert m.returncode == 1 and "nothing from" in out, out
-        rest, _ = coord.communicate(timeout=150)
-        coord_out = "".join(seen) + rest
-        assert coord.returncode == 0, coord_out[-3000:]
-        assert workers.wait(30) == 0
-    finally:
-        stop_all(*procs)
-    # four strangers, each refused where it knocked (a peer that retries is refused again)
-    assert "refused a peer with an unauthorised key" in coord_out and "on a links socket" in coord_out
-    assert "refused a failed handshake on the coordinator socket" in coord_out
-    assert "on a status socket" in coord_out and "refused a failed handshake on the status socket" in coord_out
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["secure"] and summary["refused_connections"] >= 4
-    assert summary["steps"] == 30 * 32
-    secrets = [Keys.load(keys, role).secret for role in ("coordinator", "worker", "monitor")]
-    for path in (p for p in (tmp_path / "run").rglob("*") if p.is_file()):  # no secret key anywhere
-        data = path.read_bytes()
-        assert not any(s in data for s in secrets), path
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(180)
-def test_a_local_tcp_run_admits_only_its_own_processes(tmp_path):
-    """No keys given: the run makes its own, its stages get them at start, a monitor gets them from
-    the private folder the run prints; a process without them is refused; the folder goes at the end."""
-    # the run lasts >= 8 s (320 steps, the last stage sleeping 25 ms in each): the strangers,
-    # started after it, knock while it runs
-    run = subprocess.Popen([sys.executable, "-u", str(ROOT / "launch.py"), "train", *JOB, "--transport", "tcp",
-                            "--epochs", "10", "--slow-stage", "3,25", "--metrics-every", "0.2",
-                            "--out", str(tmp_path / "run")],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    procs = [run]
-    try:
-        watch, seen = wait_for_line(run, "watch it:", timeout=60)
-        status_ep = watch.split("--connect ")[1].split()[0]
+        status_a = next(x for x in seen if "monitor --connect" in x).split("--connect ")[1].split()[0]
+        watch, seen_b = wait_for_line(run, "watch it:", timeout=60)
+        status_b = watch.split("--connect ")[1].split()[0]
         folder = watch.split("--keys ")[1].split()[0]
         assert oct(os.stat(folder).st_mode & 0o777) == oct(0o700)
         line, more = wait_for_line(run, "coordinator at ", timeout=60)
-        seen += more
-        endpoint = line.split("coordinator at ")[1].split(";")[0]
-        plain = launch("worker", "--coordinator", endpoint, "--stage", "0", "--connect-timeout", "20",
-                       "--no-secure")
-        plain_monitor = _monitor(status_ep, "--no-secure", "--timeout", "3", "--count", "2")
-        monitor = _monitor(status_ep, "--keys", folder, "--timeout", "30", "--count", "2")
-        procs += [plain, plain_monitor, monitor]
-        out, _ = monitor.communicate(timeout=60)
-        assert monitor.returncode == 0, out
-        out, _ = plain_monitor.communicate(timeout=60)
-        assert plain_monitor.returncode == 1 and "nothing from" in out, out
-        out, _ = plain.communicate(timeout=60)
-        assert plain.returncode == 1 and "one side uses CURVE" in out, out
-        rest, _ = run.communicate(timeout=150)
-        assert run.returncode == 0, "".join(seen)[-2000:] + rest[-2000:]
+        seen_b += more
+        endpoint_b = line.split("coordinator at ")[1].split(";")[0]
+        a = {"intruder": launch("worker", "--coordinator", endpoint, "--stage", "0", "--keys", str(stranger),
+                                "--connect-timeout", "20"),
+             "plain": launch("worker", "--coordinator", endpoint, "--stage", "0", "--connect-timeout", "20",
+                             "--no-secure"),
+             "workers": launch("worker", "--coordinator", endpoint, "--stages", "0,1,2,3", "--keys", str(keys)),
+             "stranger monitor": _monitor(status_a, "--keys", str(stranger), "--timeout", "3", "--count", "2"),
+             "plain monitor": _monitor(status_a, "--no-secure", "--timeout", "3", "--count", "2"),
+             "monitor": _monitor(status_a, "--keys", str(keys), "--timeout", "30", "--count", "3")}
+        b = {"plain": launch("worker", "--coordinator", endpoint_b, "--stage", "0", "--connect-timeout", "20",
+                             "--no-secure"),
+             "plain monitor": _monitor(status_b, "--no-secure", "--timeout", "3", "--count", "2"),
+             "monitor": _monitor(status_b, "--keys", folder, "--timeout", "30", "--count", "2")}
+        procs += [*a.values(), *b.values()]
+        for p, why in ((a["intruder"], "refused this process's key"), (a["plain"], "one side uses CURVE"),
+                       (b["plain"], "one side uses CURVE")):
+            out, _ = p.communicate(timeout=60)
+            assert p.returncode == 1 and why in out, out
+        for m, count in ((a["monitor"], 3), (b["monitor"], 2)):
+            out, _ = m.communicate(timeout=60)
+            assert m.returncode == 0, out
+            assert sum(json.loads(x)["event"] == "status" for x in out.splitlines()) == count
+        for m in (a["stranger monitor"], a["plain monitor"], b["plain monitor"]):  # nothing readable
+            out, _ = m.communicate(timeout=60)
+            assert m.returncode == 1 and "nothing from" in out, out
+        assert run.poll() is None, "B ended before its strangers were refused"
+        run.send_signal(signal.SIGINT)
+        rest_b, _ = run.communicate(timeout=60)
+        assert run.returncode == 130, "".join(seen_b)[-2000:] + rest_b[-2000:]
+        rest, _ = coord.communicate(timeout=150)
+        coord_out = "".join(seen) + rest
+        assert coord.returncode == 0, coord_out[-3000:]
+        assert a["workers"].wait(30) == 0
     finally:
         stop_all(*procs)
-    assert not os.path.exists(folder)  # the monitor's key does not outlive the run
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["secure"] and summary["keys"] == "per-run" and summary["refused_connections"] >= 1
+    # A: four strangers, each refused where it knocked (a peer that retries is refused again)
+    assert "refused a peer with an unauthorised key" in coord_out and "on a links socket" in coord_out
+    assert "refused a failed handshake on the coordinator socket" in coord_out
+    assert "on a status socket" in coord_out and "refused a failed handshake on the status socket" in coord_out
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["secure"] and summary["refused_connections"] >= 4
+    assert summary["steps"] == 4 * 32
+    secrets = [Keys.load(keys, role).secret for role in ("coordinator", "worker", "monitor")]
+    for path in (p for p in (tmp_path / "a").rglob("*") if p.is_file()):  # no secret key anywhere
+        data = path.read_bytes()
+        assert not any(s in data for s in secrets), path
+    # B: the monitor's key does not outlive the run
+    assert not os.path.exists(folder)
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["keys"] == "per-run" and summary["secure"]
+    assert "refused a failed handshake on the coordinator socket" in "".join(seen_b) + rest_b
