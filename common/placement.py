@@ -13,7 +13,8 @@ from synthgrad.common.procs import available_cores
 
 # every --placement, with what it does (plan_placement's docstring says why)
 PLACEMENTS = {
-    "auto": "pin when every stage gets cores of its own, else leave the stages to the OS",
+    "auto": "pin when every stage gets cores of its own and no stage's work makes its pinned cores the bound, "
+            "else leave the stages to the OS",
     "pin": "pin every stage, balancing the cores' work",
     "none": "leave every stage to the OS",
 }
@@ -21,9 +22,23 @@ PLACEMENTS = {
 
 # `--placement auto` leaves stages that could each have cores of their own to the OS only when
 # that promises this much more throughput (the busiest pinned core's work over the shared
-# bound): measured on 2 cores (the digits CNN's two stages: 1.8x promised), not on more, where
-# pinned stages keep their caches and the pinned layouts measured before stay as they were
+# bound), since pinned stages keep their caches. Measured on 2 cores (the digits CNN's two
+# stages: 1.8x promised, 1.27x measured); on more cores the same bound decides, unmeasured
+# (no machine with more was at hand): e.g. the default MLP on 4 cores is shared, threads 2,1,1,1
 SHARE_GAIN = 1.25
+
+# A thread's part of one training step below this costs more than it saves: each parallel
+# operation wakes and joins its threads (tens of microseconds, dozens of operations a step).
+# Measured on 2 cores: the tiny MLP of the tests (784-64-64-64-10, batch 64; its first stage
+# 0.2 ms a step) ran 15% slower with that stage on two threads; the digits CNN's conv stage
+# (77 ms a step at batch 128) is what two threads are for.
+MIN_THREAD_STEP_S = 0.005
+
+
+def useful_threads(step_seconds: float) -> int:
+    """The most torch threads a stage whose training step takes `step_seconds` on one core can
+    use: one per MIN_THREAD_STEP_S of it, at least one."""
+    return max(1, int(step_seconds / MIN_THREAD_STEP_S))
 
 
 def partition(n: int, k: int, group_cost: Callable[[int, int], float]) -> tuple[int, ...]:
@@ -128,12 +143,20 @@ def shared_bound(costs: Sequence[float], n_cores: int, threads: Sequence[int] | 
 
 
 def unpinned_threads(share: float, n_cores: int) -> int:
-    """Torch threads for one stage the OS schedules among others, alone: its share of the run's
-    work in cores, rounded (at least one). stage_threads decides for a whole run."""
+    """Torch threads for one stage the OS schedules among others: its share of the run's work
+    in cores, rounded (at least one). stage_threads decides for a whole run."""
     return max(1, math.floor(n_cores * share + 0.5))
 
 
-def stage_threads(costs: Sequence[float], n_cores: int, pinned: bool) -> tuple[int, ...]:
+def self_sized_threads(share: float, n_cores: int) -> int:
+    """Torch threads for a stage that sizes itself without seeing the others (started by hand
+    or by torchrun, not pinned): one per whole core's share it carries, at least one. Rounded
+    up, two such stages could take more cores than the host has, and they do not yield."""
+    return max(1, math.floor(n_cores * share + 1e-9))
+
+
+def stage_threads(costs: Sequence[float], n_cores: int, pinned: bool,
+                  usable: Sequence[int] | None = None) -> tuple[int, ...]:
     """Cores follow cost. Pinned (a block of cores per stage, at most one stage per core): every
     stage gets one core, and each spare core goes to the stage whose work per thread is then the
     largest, so the busiest stage's work per thread is as small as whole cores allow. Not
@@ -141,22 +164,29 @@ def stage_threads(costs: Sequence[float], n_cores: int, pinned: bool) -> tuple[i
     one stage's every operation in parallel and wait for each other at its end, so the stages
     of more than one thread must fit the cores together: when they do not, each stage gets one
     thread per whole core's worth of work instead (measured: four stages of two threads each on
-    two cores ran at a third of the speed of one thread each). The stages of one thread share
-    what is left and yield to the others (Placement.yields)."""
+    two cores ran at a third of the speed of one thread each). The stages of fewer threads
+    share what is left and yield to the others (yielding_stages). `usable` caps each stage's
+    threads at what its work per step can use (useful_threads; None: no cap): cores no stage
+    can use stay free."""
     total = sum(costs) or 1.0
     shares = [c / total for c in costs]
+    cap = list(usable) if usable is not None else [n_cores] * len(costs)
     if not pinned:
-        rounded = [unpinned_threads(s, n_cores) for s in shares]
+        rounded = [min(unpinned_threads(s, n_cores), u) for s, u in zip(shares, cap)]
         if sum(t for t in rounded if t > 1) <= n_cores:
             return tuple(rounded)
-        return tuple(max(1, math.floor(n_cores * s + 1e-9)) for s in shares)
+        return tuple(min(self_sized_threads(s, n_cores), u) for s, u in zip(shares, cap))
     if len(costs) > n_cores:
         return (1,) * len(costs)
     threads = [1] * len(costs)
     spare = n_cores - len(costs)
-    # each spare core to the stage whose work per thread is then the largest (ties: earlier stage)
+    # each spare core to the stage whose work per thread is then the largest (ties: earlier
+    # stage), among those that can use another thread
     for _ in range(spare):
-        i = max(range(len(costs)), key=lambda j: (costs[j] / threads[j], -j))
+        can = [j for j in range(len(costs)) if threads[j] < cap[j]]
+        if not can:
+            break
+        i = max(can, key=lambda j: (costs[j] / threads[j], -j))
         threads[i] += 1
     return tuple(threads)
 
@@ -177,9 +207,9 @@ def yielding_stages(threads: Sequence[int], n_cores: int, pinned: bool) -> tuple
 
 
 def plan_placement(costs: Sequence[float], how: str, cores: Sequence[int] | None = None,
-                   threads: Sequence[int] | None = None) -> Placement:
+                   threads: Sequence[int] | None = None, usable: Sequence[int] | None = None) -> Placement:
     """Where each stage runs, and with how many torch threads (`threads`: given per stage, or
-    None for stage_threads). `pin`: pin every stage, balancing the cores' work (balance). `none`:
+    None for stage_threads, capped by `usable`). `pin`: pin every stage, balancing the cores' work (balance). `none`:
     leave every stage to the OS. `auto`: pin when every stage gets cores of its own (nothing to
     share, and a pinned process keeps its caches): each stage a block of as many cores as it
     has threads; with more stages than cores, or when one stage's work makes the busiest
@@ -195,11 +225,11 @@ def plan_placement(costs: Sequence[float], how: str, cores: Sequence[int] | None
     shares = tuple(c / total for c in costs)
     own = len(costs) <= len(cores)  # every stage can have cores of its own
     pinned = how == "pin" or (how == "auto" and own)
-    chosen = tuple(threads) if threads is not None else stage_threads(costs, len(cores), pinned and own)
+    chosen = tuple(threads) if threads is not None else stage_threads(costs, len(cores), pinned and own, usable)
     if how == "auto" and own and threads is None:
         # pinning gives each stage only cores of its own: when one stage carries most of the
         # work, the busiest core can carry more than sharing every core would give it
-        shared_threads = stage_threads(costs, len(cores), pinned=False)
+        shared_threads = stage_threads(costs, len(cores), pinned=False, usable=usable)
         pinned_busiest = max(c / t for c, t in zip(costs, chosen))
         if shared_bound(costs, len(cores), shared_threads) * SHARE_GAIN < pinned_busiest:
             pinned, chosen = False, shared_threads

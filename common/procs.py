@@ -128,6 +128,18 @@ _server_env: Optional[dict[str, str]] = None  # what the running fork server was
 _open_groups: list["ProcessGroup"] = []
 
 
+def _users_own(key: str) -> bool:
+    """An OpenMP setting in this environment that the user made (not one warm_up left there
+    for spawned children)."""
+    return key in os.environ and (_server_env or {}).get(key) != os.environ[key]
+
+
+def openmp_threads_sleep() -> bool:
+    """Whether this process's idle OpenMP threads sleep rather than spin: what a stage that
+    yields needs of the stages it yields to (they share this environment)."""
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+
+
 def worker_environment(yielding: bool) -> dict[str, str]:
     """What a run's workers add to this process's environment. With stages that yield the CPU
     (common/placement.py yielding_stages), a stage's idle OpenMP threads sleep at once instead
@@ -135,7 +147,7 @@ def worker_environment(yielding: bool) -> dict[str, str]:
     spinning, they kept the cores busy and yielding gained nothing (measured on the digits CNN's
     two stages, docs/results.md). Otherwise nothing: a stage alone on its cores, and backprop,
     run with OpenMP's defaults. The user's own setting wins."""
-    if not yielding or any(k in os.environ for k in OPENMP_WAIT_SETTINGS):
+    if not yielding or any(_users_own(k) for k in OPENMP_WAIT_SETTINGS):
         return {}
     return {"OMP_WAIT_POLICY": "PASSIVE"}
 
@@ -149,8 +161,12 @@ def warm_up(env: Optional[Mapping[str, str]] = None) -> None:
     global _server_env
     env = dict(env or {})
     running_with = _server_env or {}
-    if start_method().get_start_method() != "forkserver":
-        os.environ.update(env)  # spawn: each child starts from this environment
+    if start_method().get_start_method() != "forkserver":  # spawn: each child starts from this environment
+        for key, value in (_server_env or {}).items():
+            if os.environ.get(key) == value and key not in env:
+                del os.environ[key]  # what the last run added, and this one does not want
+        os.environ.update(env)
+        _server_env = env
         return
     from multiprocessing import forkserver
     server = forkserver._forkserver
@@ -185,7 +201,9 @@ def cpu_priority() -> str:
 
 def yield_cpu() -> None:
     """Run this process at the lowest CPU priority (nice 19), for a stage that yields the cores
-    to heavier ones (common/placement.py yielding_stages). Threads started later inherit it.
+    to heavier ones (common/placement.py yielding_stages). On Linux niceness is per thread:
+    the calling thread and those it starts later (torch's) get it; ZeroMQ's I/O threads,
+    started before, keep theirs, as they should (they only move messages).
     Not SCHED_IDLE, which measured no faster here: a process at nice 19 still gets a sliver of
     a busy core, so other load on the machine cannot starve a stage past its heartbeats."""
     try:

@@ -23,7 +23,7 @@ from synthgrad.common.costs import (
 )
 from synthgrad.common.models import build_units, unit_shapes
 from synthgrad.common.modes import Mode
-from synthgrad.common.placement import Placement, blocks, partition, plan_placement
+from synthgrad.common.placement import Placement, blocks, partition, plan_placement, useful_threads
 
 
 @dataclass(frozen=True)
@@ -133,8 +133,10 @@ def plan_layout(cfg: RunConfig) -> tuple[RunConfig, Optional[Layout]]:
                           if rule is not None and rule.uses_head else ((), ()))
     states, state_shares = (_state_predictors(cfg, units, costs) if rule is not None and rule.uses_predictor
                             and cfg.per_position else ((), ()))
-    placement = plan_placement(flops, cfg.placement, threads=cfg.stage_thread_counts())
-    return cfg, Layout(tuple(cfg.stage_groups), tuple(flops), placement, core_flops_per_s(cfg.batch_size),
+    rate = core_flops_per_s(cfg.batch_size)
+    usable = tuple(useful_threads(f * cfg.batch_size / rate) for f in flops)  # threads each stage's step can use
+    placement = plan_placement(flops, cfg.placement, threads=cfg.stage_thread_counts(), usable=usable)
+    return cfg, Layout(tuple(cfg.stage_groups), tuple(flops), placement, rate,
                        on_cpu, predictors, shares, cfg.stage_replica_counts(), heads, head_shares, states,
                        state_shares)
 

@@ -229,6 +229,21 @@ def test_light_stages_yield_to_a_heavy_one_on_shared_cores():
     assert plan_placement(two, "auto", cores=[0, 1]).yields_at(1) and not even.yields_at(0)
 
 
+def test_a_stage_gets_no_more_threads_than_its_step_can_use():
+    """Threads are capped by a stage's work per step (useful_threads: one per 5 ms of it on one
+    core): a tiny layer gets one thread whatever its share, and then nobody yields; pinned,
+    cores no stage can use stay free."""
+    from synthgrad.common.placement import MIN_THREAD_STEP_S, stage_threads, useful_threads
+    assert useful_threads(0.0002) == 1 and useful_threads(0.077) == int(0.077 / MIN_THREAD_STEP_S) == 15
+    two = [65.43, 7.09]
+    tiny = plan_placement(two, "auto", cores=[0, 1], usable=(1, 1))  # the same shares, a tiny step
+    assert tiny.pinned and tiny.threads == (1, 1) and not any(tiny.yields)
+    assert plan_placement(two, "auto", cores=[0, 1], usable=(15, 2)).threads == (2, 1)
+    assert stage_threads([1.18, 64.25, 7.09, 0.01], 2, pinned=False, usable=(1, 1, 1, 1)) == (1, 1, 1, 1)
+    assert stage_threads([1.18, 64.25, 7.09, 0.01], 16, pinned=True, usable=(1, 4, 1, 1)) == (1, 4, 1, 1)
+    assert plan_placement(two, "none", cores=[0, 1], threads=(2, 1), usable=(1, 1)).threads == (2, 1)  # given: as given
+
+
 def test_threads_option_and_the_layout_record():
     cfg = RunConfig(mode="unlocked", threads=(2,))
     assert cfg.stage_thread_counts() == (2, 2, 2, 2)
@@ -249,11 +264,11 @@ def test_threads_option_and_the_layout_record():
     (None, None, (5, 3, 0.5), (5, 3)),  # a local stage: the coordinator's layout
     (None, (2,), (5, 3, 0.5), (5, 2)),  # --threads decides
     (4, None, (-1, 1, 0.9), (4, 1)),  # started by hand and pinned to one core of its host
-    (-1, None, (-1, 1, 0.9), (-1, "share")),  # started by hand, not pinned: by share and host cores
+    (-1, None, (-1, 1, 0.9), (-1, "share")),  # started by hand, not pinned: whole cores of its share here
 ])
 def test_a_stage_places_itself_by_the_same_rule(spec_core, given, start, expected):
     from synthgrad.common import wire
-    from synthgrad.common.placement import unpinned_threads
+    from synthgrad.common.placement import self_sized_threads
     from synthgrad.common.procs import available_cores
     from synthgrad.workers.worker import LayerWorker, WorkerSpec
     cfg = RunConfig(mode="unlocked", threads=given)
@@ -262,7 +277,7 @@ def test_a_stage_places_itself_by_the_same_rule(spec_core, given, start, expecte
     core, threads, share = start
     got = worker._place(cfg, wire.Start({}, "", core, 10, threads=threads, share=share))
     if expected[1] == "share":
-        expected = (-1, unpinned_threads(share, len(available_cores())))
+        expected = (-1, self_sized_threads(share, len(available_cores())))
     assert got == expected
 
 
@@ -296,3 +311,28 @@ def test_yielding_runs_give_their_workers_sleeping_openmp_threads(monkeypatch):
     assert worker_environment(True) == {"OMP_WAIT_POLICY": "PASSIVE"} and worker_environment(False) == {}
     monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
     assert worker_environment(True) == {}
+
+
+def test_self_sized_stages_take_whole_cores_only():
+    """A stage that sizes itself (by hand or torchrun, unpinned) sees neither the others nor
+    yields: two such stages of half the work on 3 cores take one thread each, not 2 + 2."""
+    from synthgrad.common.placement import self_sized_threads
+    assert self_sized_threads(0.5, 3) == 1 and self_sized_threads(0.9, 2) == 1 and self_sized_threads(0.5, 4) == 2
+
+
+@pytest.mark.timeout(60)
+def test_the_fork_server_is_not_restarted_under_running_workers():
+    """warm_up restarts the fork server for other worker settings only when no worker it
+    forked still runs (stopping it would orphan their exit codes)."""
+    import time
+
+    from synthgrad.common.procs import ProcessGroup, warm_up
+    group = ProcessGroup()
+    try:
+        child = group.start("sleeper", time.sleep, 30)
+        assert child.process.exitcode is None
+        with pytest.raises(RuntimeError, match="while workers run"):
+            warm_up({"SYNTHGRAD_TEST_SETTING": str(time.monotonic())})
+    finally:
+        group.kill()
+        group.shutdown()

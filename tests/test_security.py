@@ -137,7 +137,7 @@ def test_secure_runs_refuse_strangers_and_go_on(tmp_path):
     for role in ("worker", "monitor"):  # kept private, as a careful stranger would
         os.chmod(zmq.auth.create_certificates(stranger, role)[1], 0o600)
     coord = launch("coordinator", "--bind", "tcp://127.0.0.1:0", "--keys", str(keys), *JOB,
-                   "--epochs", "4", "--metrics-every", "0.2", "--out", str(tmp_path / "a"))
+                   "--epochs", "10", "--metrics-every", "0.2", "--out", str(tmp_path / "a"))
     # B runs until it is interrupted (its last stage sleeping 25 ms a step: 40 s for its 50
     # epochs): its strangers, started after it listens, knock while it runs
     run = subprocess.Popen([sys.executable, "-u", str(ROOT / "launch.py"), "train", *JOB, "--transport", "tcp",
@@ -196,7 +196,7 @@ def test_secure_runs_refuse_strangers_and_go_on(tmp_path):
     assert "on a status socket" in coord_out and "refused a failed handshake on the status socket" in coord_out
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["secure"] and summary["refused_connections"] >= 4
-    assert summary["steps"] == 4 * 32
+    assert summary["steps"] == 10 * 32
     secrets = [Keys.load(keys, role).secret for role in ("coordinator", "worker", "monitor")]
     for path in (p for p in (tmp_path / "a").rglob("*") if p.is_file()):  # no secret key anywhere
         data = path.read_bytes()

@@ -38,6 +38,7 @@ from synthgrad.common.models import (
 from synthgrad.common.procs import (
     cpu_priority,
     die_with_parent,
+    openmp_threads_sleep,
     pin_to_core,
     yield_cpu,
 )
@@ -168,7 +169,7 @@ def run_rank(spec: RankSpec) -> None:
     run_dir = Path(spec.run_dir)
     torch.set_num_threads(spec.threads)
     pin_to_core(spec.core, spec.threads)
-    if spec.yields:
+    if spec.yields and openmp_threads_sleep():  # as a stage worker decides (workers/worker.py setup)
         yield_cpu()
     r = _set_up(spec, cfg, run_dir)
     batches = split_batches(cfg, r.ds.train) if r.ds is not None else no_batches(r.per_epoch)

@@ -30,8 +30,8 @@ from synthgrad.common.devices import Compute, stage_device
 from synthgrad.common.endpoints import CONNECT_TIMEOUT_S
 from synthgrad.common.evaluation import EvalTally
 from synthgrad.common.files import atomic_write_json
-from synthgrad.common.placement import replica_blocks, unpinned_threads
-from synthgrad.common.procs import available_cores, die_with_parent, pin_to_core, yield_cpu
+from synthgrad.common.placement import replica_blocks, self_sized_threads
+from synthgrad.common.procs import available_cores, die_with_parent, openmp_threads_sleep, pin_to_core, yield_cpu
 from synthgrad.common.security import Keys
 from synthgrad.common.wire import Phase
 from synthgrad.workers.checkpointing import StageCheckpoints, final_path
@@ -125,7 +125,9 @@ class LayerWorker:
         core, threads = blocks[0]
         torch.set_num_threads(threads)
         pin_to_core(core, threads)
-        self.yields = self.spec.core is None and start.yields  # a stage placed here by hand or by torchrun does not
+        # a stage placed by hand or by torchrun does not yield; nor one whose heavier neighbours'
+        # idle threads spin (the user's own OpenMP wait setting): it would hardly run at all
+        self.yields = self.spec.core is None and start.yields and openmp_threads_sleep()
         if self.yields:
             yield_cpu()
         device = stage_device(cfg.device, self.stage, self.spec.local_index)
@@ -168,7 +170,7 @@ class LayerWorker:
             return self.spec.core, given[self.stage]
         if self.spec.core >= 0:  # pinned to one core of this host
             return self.spec.core, 1
-        return -1, unpinned_threads(start.share, len(available_cores()))
+        return -1, self_sized_threads(start.share, len(available_cores()))
 
     def wait_begin(self) -> None:
         links = self.links
