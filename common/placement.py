@@ -27,17 +27,19 @@ PLACEMENTS = {
 # (no machine with more was at hand): e.g. the default MLP on 4 cores is shared, threads 2,1,1,1
 SHARE_GAIN = 1.25
 
-# A thread's part of one training step below this costs more than it saves: each parallel
-# operation wakes and joins its threads (tens of microseconds, dozens of operations a step).
-# Measured on 2 cores: the tiny MLP of the tests (784-64-64-64-10, batch 64; its first stage
-# 0.2 ms a step) ran 15% slower with that stage on two threads; the digits CNN's conv stage
-# (77 ms a step at batch 128) is what two threads are for.
-MIN_THREAD_STEP_S = 0.005
+# A thread's part of one training step (its FLOPs at this core's best matmul rate) below this
+# costs more than a second thread gains: each parallel operation wakes and joins its threads,
+# and a stage of several threads makes the lighter stages yield, so their work waits for its
+# gaps. Measured on 2 cores, one stage per layer, `local`, batch 128: the digits CNN's conv
+# stage (77 ms a step) on two threads, the rest yielding, ran 1.18x its one-thread layout
+# (2,096-2,125 against 1,786-1,790 samples/s); the built-in cnn's (26 ms, batch norm) ran 0.85x
+# (2,997-3,004 against 3,510-3,553); the tests' tiny MLP (0.2 ms) 0.85x.
+MIN_THREAD_STEP_S = 0.02
 
 
 def useful_threads(step_seconds: float) -> int:
     """The most torch threads a stage whose training step takes `step_seconds` on one core can
-    use: one per MIN_THREAD_STEP_S of it, at least one."""
+    use well: one per MIN_THREAD_STEP_S of it, at least one."""
     return max(1, int(step_seconds / MIN_THREAD_STEP_S))
 
 

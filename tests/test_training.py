@@ -91,7 +91,7 @@ def test_unlocked_learns_and_counts_true_gradients(tiny_cfg):
     {"mode": "stale", "true_grad_every": 4},
     {"mode": "unlocked", "conditioned": True, "bootstrap": True, "sg_model": "mlp", "sg_hidden": 32,
      "true_grad_every": 4, "stages": 2},
-    # the CNN's stages together: on two cores its heavy stage gets both and the other yields
+    # the CNN's stages together; with --threads 2,1 on two cores its second stage yields
     {"mode": "unlocked", "model": "cnn", "true_grad_every": 2, "stages": 2, "transport": "tcp",
      "sg_model": "lowrank", "sg_hidden": 8},
     {"mode": "local", "model": "cnn", "stages": 2, "true_grad_every": 10 ** 6, "threads": (2, 1)},
