@@ -92,8 +92,9 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
     (`launch.py worker`, or the other ranks under torchrun)."""
     if bind is None:
         cfg, layout = prepare(cfg)
-        # processes will be started here, with what the layout asks of their OpenMP
-        warm_up(worker_environment(layout is not None and any(layout.placement.yields)))
+        if cfg.mode != Mode.BACKPROP:  # backprop trains in this process: nothing is forked for it
+            # processes will be started here, with what the layout asks of their OpenMP
+            warm_up(worker_environment(layout is not None and any(layout.placement.yields)))
     else:
         cfg, layout = _resolve(cfg.validate())
     if bind is not None:  # the stages are started elsewhere: they bring keys from the same set
