@@ -94,6 +94,7 @@ class LayerWorker:
         self.timings = Timings()
         self.links = Links(spec.stage, spec.coordinator, spec.coordinator_pid, spec.keys, self.timings)
         self.parts: Optional[StageParts] = None  # set up on START
+        self.yields = False  # runs at nice 19 (decided on START: common/placement.py yielding_stages)
         self._checkpoint_asked: Optional[str] = None
 
     # ------------------------------------------------------------------ handshake and set up
