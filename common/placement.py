@@ -23,7 +23,7 @@ PLACEMENTS = {
 # `--placement auto` leaves stages that could each have cores of their own to the OS only when
 # that promises this much more throughput (the busiest pinned core's work over the shared
 # bound), since pinned stages keep their caches. Measured on 2 cores (the digits CNN's two
-# stages: 1.8x promised, 1.27x measured); on more cores the same bound decides, unmeasured
+# stages: 1.8x promised, 1.26x measured: 0.92x against 0.73x backprop); on more cores the same bound decides, unmeasured
 # (no machine with more was at hand): e.g. the default MLP on 4 cores is shared, threads 2,1,1,1
 SHARE_GAIN = 1.25
 
