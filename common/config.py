@@ -454,8 +454,8 @@ class RunConfig:
     def applies_true_gradients(self) -> bool:
         """--sg-true-updates as it applies: by default on when N > 1. At N=1 every step's true
         gradient trains the predictor, which then carries it; stepping on it as well would cost
-        a weight gradient every step, and bought nothing there (the row transformer at N=1: 0.57x
-        backprop's samples/s and -16.9 points with them, 0.61x and -7.2 without; docs/results.md)."""
+        a weight gradient every step, and bought nothing there (slower and less accurate on the
+        row transformer: docs/results.md, its table)."""
         return self.true_grad_every > 1 if self.sg_true_updates is None else self.sg_true_updates
 
     def true_grad_at(self, step: int) -> bool:

@@ -128,8 +128,9 @@ class PredictorChoice:
 
 MIN_CONV_RANK_3X3 = 8  # below this rank a 3x3 back-projection gives way to a 1x1 one of higher rank
 # auto never goes above the former fixed default: a larger predictor on the stage that bounds the
-# pipeline costs throughput (the digits CNN's heavy stage: +16% FLOPs at rank 265), and what a
-# higher rank buys in accuracy is for bench/predictors.py to show, not for a default to assume
+# pipeline costs throughput (the budget alone would load the digits CNN's heavy stage with a
+# much larger one: docs/results.md), and what a higher rank buys in accuracy is for
+# bench/predictors.py to show, not for a default to assume
 MAX_AUTO_RANK = 64
 
 

@@ -22,18 +22,16 @@ PLACEMENTS = {
 
 # `--placement auto` leaves stages that could each have cores of their own to the OS only when
 # that promises this much more throughput (the busiest pinned core's work over the shared
-# bound), since pinned stages keep their caches. Measured on 2 cores (the digits CNN's two
-# stages: 1.8x promised, 1.26x measured: 0.92x against 0.73x backprop); on more cores the same bound decides, unmeasured
-# (no machine with more was at hand): e.g. the default MLP on 4 cores is shared, threads 2,1,1,1
+# bound), since pinned stages keep their caches and a promise is not a measurement: sharing
+# gained less than the bound promised where it was measured. Only 2 cores were measured; on
+# more the same bound decides. The figures: docs/results.md, "The placement rules' thresholds".
 SHARE_GAIN = 1.25
 
 # A thread's part of one training step (its FLOPs at this core's best matmul rate) below this
 # costs more than a second thread gains: each parallel operation wakes and joins its threads,
 # and a stage of several threads makes the lighter stages yield, so their work waits for its
-# gaps. Measured on 2 cores, one stage per layer, `local`, batch 128: the digits CNN's conv
-# stage (77 ms a step) on two threads, the rest yielding, ran 1.18x its one-thread layout
-# (2,096-2,125 against 1,786-1,790 samples/s); the built-in cnn's (26 ms, batch norm) ran 0.85x
-# (2,997-3,004 against 3,510-3,553); the tests' tiny MLP (0.2 ms) 0.85x.
+# gaps. Set between a conv stage that gained from a second thread and lighter ones that lost
+# (docs/results.md, "The placement rules' thresholds").
 MIN_THREAD_STEP_S = 0.02
 
 
@@ -165,8 +163,8 @@ def stage_threads(costs: Sequence[float], n_cores: int, pinned: bool,
     pinned: each stage its share of the cores, rounded (unpinned_threads). Several threads run
     one stage's every operation in parallel and wait for each other at its end, so the stages
     of more than one thread must fit the cores together: when they do not, each stage gets one
-    thread per whole core's worth of work instead (measured: four stages of two threads each on
-    two cores ran at a third of the speed of one thread each). The stages of fewer threads
+    thread per whole core's worth of work instead (more threads than cores, each stage waiting
+    for its slowest thread, ran far slower: docs/results.md). The stages of fewer threads
     share what is left and yield to the others (yielding_stages). `usable` caps each stage's
     threads at what its work per step can use (useful_threads; None: no cap): cores no stage
     can use stay free."""
