@@ -45,12 +45,15 @@ class Group:
     """A concern the options are grouped by (one section of `launch.py train --help`)."""
     title: str
 
-    def opt(self, default: Any, help: str, *, resume: bool = False, derived: bool = False) -> Any:
+    def opt(self, default: Any, help: str, *, resume: bool = False, derived: bool = False,
+            auto: bool = False) -> Any:
         """A config field with its help text and group (launch.py builds its options from these).
         `resume`: `--resume` may change it, because it does not change what the run computes.
-        `derived`: the run fills it in (from the data) before anything starts; not an option."""
+        `derived`: the run fills it in (from the data) before anything starts; not an option.
+        `auto`: its default, None, is decided by the run, and the word "auto" stands for it (on
+        the command line, in a --config file and from Python alike)."""
         return field(default=default, metadata={"help": help, "group": self.title, "resume": resume,
-                                                "derived": derived})
+                                                "derived": derived, "auto": auto})
 
 
 MODEL = Group("model and update rule")
@@ -131,8 +134,9 @@ class RunConfig:
     sg_model: str = SYNTHETIC.opt("lowrank", "linear (full map) | lowrank (d -> r -> d; a 1x1 bottleneck for conv "
                                   "activations) | mlp (one ReLU hidden layer); last layer zero-initialised")
     sg_hidden: Optional[int] = SYNTHETIC.opt(None, "the rank r (lowrank: width or channels of its bottleneck), or "
-                                             "the hidden width of mlp on dense activations (None = auto: the "
-                                             "largest within --sg-budget of its stage's FLOPs)")
+                                             "the hidden width of mlp on dense activations; auto (the default): "
+                                             "the largest up to 64 within --sg-budget of its stage's FLOPs",
+                                             auto=True)
     sg_budget: float = SYNTHETIC.opt(0.2, "with --sg-hidden auto: a predictor (its forward every step, its "
                                      "training on true-gradient steps) costs at most this fraction of its "
                                      "stage's training FLOPs; a conv predictor projects back with a 3x3 "
@@ -175,9 +179,9 @@ class RunConfig:
     keys: Optional[str] = PROCESSES.opt(None, "folder made by `launch.py keys DIR` (secret keys stay there); "
                                         "needed where stages are started by hand or by torchrun", resume=True)
     threads: Optional[tuple[int, ...]] = PROCESSES.opt(None, "torch threads per stage process: N for every "
-                                                       "stage, or N,N,... one per stage (None = auto: "
-                                                       "cores follow each stage's share of the run's FLOPs, "
-                                                       "common/placement.py)")
+                                                       "stage, or N,N,... one per stage; auto (the default): "
+                                                       "cores follow each stage's share of the run's FLOPs "
+                                                       "(common/placement.py)", auto=True)
     replicas: Optional[tuple[int, ...]] = PROCESSES.opt(None, "processes per stage, each training on an equal part "
                                                         "of every batch's rows, gradients summed over them "
                                                         "(torch.distributed, gloo) before every step: N for every "
@@ -228,6 +232,11 @@ class RunConfig:
     link_delay_ms: float = TESTING.opt(0.0, "testing: deliver each activation and gradient this long after it "
                                        "was sent, to simulate link latency between hosts on one machine",
                                        resume=True)
+
+    def __post_init__(self) -> None:
+        for name in AUTO_FIELDS:  # "auto" is the default, None
+            if isinstance(getattr(self, name), str) and getattr(self, name).strip().lower() == "auto":
+                object.__setattr__(self, name, None)
 
     @property
     def heartbeat_every(self) -> float:
@@ -491,7 +500,7 @@ class RunConfig:
             kwargs.update(sg_trust_scale=False, sg_true_updates=False)  # --sg-true-updates: its rule, the DNI paper's
         for k in ("layers", "groups", "slow_stage", "fail_saves", "input_shape", "label_shape", "threads",
                   "replicas"):
-            if kwargs.get(k) is not None:
+            if kwargs.get(k) is not None and not isinstance(kwargs[k], str):  # "auto": __post_init__
                 kwargs[k] = tuple(int(v) for v in kwargs[k])
         return cls(**kwargs).validate()
 
@@ -502,6 +511,10 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes).validate()
+
+
+# the fields whose default (None) the run decides, for which "auto" may be written
+AUTO_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("auto"))
 
 
 def default_backprop_threads() -> int:
@@ -518,8 +531,12 @@ def load_config_file(path: str) -> dict[str, Any]:
     with the same settings (its `out` and `resume` are left out: the new run gets its own folder).
     Options given on the command line override the file's. Errors name the file."""
     import json
-    import tomllib
+    import sys
     from pathlib import Path
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # the same parser before it joined the standard library (pyproject's conditional dependency)
+        import tomli as tomllib
     file = Path(path)
     try:
         raw = file.read_bytes()
@@ -530,7 +547,7 @@ def load_config_file(path: str) -> dict[str, Any]:
             values = json.loads(raw)
         else:
             values = tomllib.loads(raw.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:  # tomllib.TOMLDecodeError and JSON errors are ValueErrors
+    except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError and JSON errors are ValueErrors
         raise ConfigError(f"--config {path}: not valid {'JSON' if file.suffix == '.json' else 'TOML'}: {exc}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path}: expected a table of options, got {type(values).__name__}")

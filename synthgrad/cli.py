@@ -41,6 +41,15 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _or_auto(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """An option whose default the run decides: `auto` says so (config_from_args makes it None,
+    the default, while it still overrides a --config file's value)."""
+    def parse_or_auto(text: str) -> object:
+        return "auto" if text.strip().lower() == "auto" else parse(text)
+    parse_or_auto.__name__ = getattr(parse, "__name__", "value")  # argparse names the type in errors
+    return parse_or_auto
+
+
 def add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """One --option per RunConfig field (except `skip`), typed from the field's annotation, and
     --config FILE for all of them at once."""
@@ -63,10 +72,14 @@ def add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = 
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         if default is not None:  # a None default's meaning is in the help text ("None = ...")
             help_text = f"{help_text} (default: {shown})" if help_text else f"(default: {shown})"
+        auto = f.metadata.get("auto", False)
         if base is bool:
             section.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(base) is tuple:
-            section.add_argument(flag, type=_int_list, default=None, metavar="N,N,...", help=help_text)
+            section.add_argument(flag, type=_or_auto(_int_list) if auto else _int_list, default=None,
+                                 metavar="N,N,...|auto" if auto else "N,N,...", help=help_text)
+        elif auto:
+            section.add_argument(flag, type=_or_auto(base), default=None, metavar="N|auto", help=help_text)
         else:
             section.add_argument(flag, type=base, default=None, help=help_text)
 
@@ -74,6 +87,8 @@ def add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = 
 def config_from_args(ns: argparse.Namespace) -> RunConfig:
     given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(RunConfig)
              if getattr(ns, f.name, None) is not None}
+    auto = {f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("auto")}
+    given.update({k: None for k, v in given.items() if k in auto and v == "auto"})  # given, as the default
     if given.get("resume") == "auto":  # a restarted job continues; its first start begins the run
         folder = synthgrad.auto_resume(given)
         if folder is None:

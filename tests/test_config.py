@@ -88,6 +88,26 @@ def test_config_file_gives_options_and_the_command_line_overrides_them(tmp_path)
     assert again.mode == "local" and again.epochs == 1 and again.out is None
 
 
+def test_auto_stands_for_a_default_the_run_decides(tmp_path):
+    """--threads and --sg-hidden default to None, which the run decides ("auto"): the word is
+    accepted for it on the command line, in a --config file and from Python, and on the command
+    line it overrides the file's value."""
+    parse = launch.build_parser().parse_args
+    cfg = launch.config_from_args(parse(["train", "--threads", "auto", "--sg-hidden", "Auto"]))
+    assert cfg.threads is None and cfg.sg_hidden is None
+    assert cfg == RunConfig(threads="auto", sg_hidden="auto") == RunConfig()
+    toml = tmp_path / "run.toml"
+    toml.write_text('threads = "auto"\nsg-hidden = 16\n')
+    cfg = launch.config_from_args(parse(["train", "--config", str(toml)]))
+    assert (cfg.threads, cfg.sg_hidden) == (None, 16)
+    toml.write_text('threads = [2, 1, 1, 1]\nsg-hidden = 16\n')
+    cfg = launch.config_from_args(parse(["train", "--config", str(toml), "--threads", "auto", "--sg-hidden", "auto"]))
+    assert (cfg.threads, cfg.sg_hidden) == (None, None)
+    assert RunConfig.from_dict({**RunConfig().to_dict(), "threads": "auto"}).threads is None
+    with pytest.raises(SystemExit):  # anything else is still a number
+        parse(["train", "--sg-hidden", "most"])
+
+
 @pytest.mark.parametrize("text, needle", [
     ("lr = 0.001\nlearning_rate = 3\n", "unknown option learning_rate"),
     ("lr = \n", "not valid TOML"),
