@@ -200,8 +200,10 @@ class RunConfig:
 
     max_message_mb: int = LIMITS.opt(256, "upper bound on one message's tensor bytes", resume=True)
     start_timeout: float = LIMITS.opt(120.0, "seconds for all workers to register and be ready", resume=True)
-    stall_timeout: float = LIMITS.opt(120.0, "no training progress (new step, evaluation) for this many seconds "
-                                      "= failure", resume=True)
+    stall_timeout: float = LIMITS.opt(120.0, "fail the run after this many seconds without progress (no worker "
+                                      "reports a new highest step, no evaluation, no stage finishes) although "
+                                      "every stage is alive (silence is --heartbeat-timeout's); pipeline: "
+                                      "without a report from its ranks", resume=True)
     heartbeat_timeout: float = LIMITS.opt(10.0, "a worker or coordinator that sends nothing for this many seconds "
                                           "during training is dead or hung: the run stops (heartbeats every "
                                           "timeout/10 s, at most 1 s; keep it above the longest compute step)",
