@@ -41,10 +41,15 @@ print(json.dumps({"rss_mib": (after - before) / 2**20, "load_s": load_s,
 """
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """This script's command line (tests/test_docs.py parses the documented commands with it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=None, help="a folder of uncompressed Fashion-MNIST IDX files")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     sources = [("Debian package (gzipped)", "")] + ([("uncompressed folder", args.data_dir)] if args.data_dir else [])
     print(f"{'files':>26} {'held as':>8} {'resident MiB':>12} {'load s':>7} {'epoch of batches s':>18}")
     rows = []

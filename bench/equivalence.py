@@ -52,13 +52,18 @@ def contenders(steps: int) -> dict[str, dict]:
     }
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """This script's command line (tests/test_docs.py parses the documented commands with it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", default="20,200", help="run lengths to compare at")
     p.add_argument("--optimizers", default="adam,sgd")
     p.add_argument("--models", default="mlp,cnn", help="mlp (784-64-64-64-10) and/or cnn (the built-in CNN)")
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     # one torch thread per stage, as the reference (--threads auto may give a costly stage more)
     base = RunConfig(dataset="synthetic", layers=(784, 64, 64, 64, 10), batch_size=64, synthetic_train=2048,
                      synthetic_test=512, epochs=100, progress_every=3600, checkpoint_every=0, threads=(1,))

@@ -72,12 +72,17 @@ def flood(targets: list[str], seconds: float, rate: float, seed: int) -> dict:
     return sent
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """This script's command line (tests/test_docs.py parses the documented commands with it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--rate", type=float, default=1000.0, help="messages per second at each socket")
     p.add_argument("--flooder", nargs="+", help=argparse.SUPPRESS)  # the child's targets
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.flooder:
         print(json.dumps(flood(args.flooder, args.seconds, args.rate, seed=0)), flush=True)
         return

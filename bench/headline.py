@@ -125,7 +125,8 @@ def summary(args) -> None:
     print(f"backprop samples/s over the invocations: {_spread(bp, ',.0f')}")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """This script's command line (tests/test_docs.py parses the documented commands with it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run")
@@ -141,7 +142,11 @@ def main() -> None:
     r.add_argument("--out", required=True, help="JSON lines file to append this invocation's pairs to")
     s = sub.add_parser("summary")
     s.add_argument("file")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     (run if args.command == "run" else summary)(args)
 
 

@@ -27,7 +27,8 @@ from synthgrad.common.procs import available_cores  # noqa: E402
 from synthgrad.coordinator.train import train  # noqa: E402
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """This script's command line (tests/test_docs.py parses the documented commands with it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--delays", default="0,1,2,5,10", help="one-way delays in ms")
     p.add_argument("--steps", type=int, default=300)
@@ -39,7 +40,11 @@ def main() -> None:
     p.add_argument("--modes", default="", help="only these modes (default: locked, unlocked at N=1 and "
                    "--true-grad-every, local, delayed, corrected)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "latency.json"))
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     delays = [float(d) for d in args.delays.split(",")]
     n = args.true_grad_every
     contenders = [("locked", 1), ("unlocked", 1), ("unlocked", n), ("local", 1), ("delayed", 1), ("corrected", n)]

@@ -25,7 +25,8 @@ from synthgrad.common.procs import available_cores  # noqa: E402
 from synthgrad.coordinator.train import train  # noqa: E402
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """This script's command line (tests/test_docs.py parses the documented commands with it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", default="784,2048,2048,2048,10")
     p.add_argument("--mode", default="unlocked")
@@ -37,7 +38,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--placements", default="none,pin,auto")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     layers = tuple(int(v) for v in args.layers.split(","))
     base = RunConfig(dataset="synthetic", layers=layers, mode=args.mode, true_grad_every=args.true_grad_every,
                      stages=args.stages, sg_model=args.sg_model, sg_hidden=args.sg_hidden,

@@ -26,7 +26,8 @@ from synthgrad.common.procs import available_cores  # noqa: E402
 from synthgrad.coordinator.train import train  # noqa: E402
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """This script's command line (tests/test_docs.py parses the documented commands with it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="synthetic")
     p.add_argument("--layers", default="784,1024,1024,1024,10")
@@ -35,7 +36,11 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--steps", type=int, default=120, help="0: whole epochs")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     layers = tuple(int(v) for v in args.layers.split(","))
     steps = args.steps or None
     base = RunConfig(dataset=args.dataset, layers=layers, epochs=args.epochs, steps=steps, device=args.device,

@@ -30,7 +30,8 @@ from synthgrad.common.procs import available_cores  # noqa: E402
 from synthgrad.coordinator.train import train  # noqa: E402
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """This script's command line (tests/test_docs.py parses the documented commands with it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--model", default="mlp", help="mlp (sizes from --layers), cnn, or package.module:factory")
@@ -41,7 +42,11 @@ def main() -> None:
     p.add_argument("--every", default="1,10", help="values of N (--true-grad-every)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--steps", type=int, default=None)
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     layers = tuple(int(v) for v in args.layers.split(","))
     base = RunConfig(dataset=args.dataset, model=args.model, layers=layers, mode="unlocked", epochs=args.epochs,
                      steps=args.steps, batch_size=args.batch_size, synthetic_train=256 * (args.steps or 100),

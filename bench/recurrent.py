@@ -123,7 +123,8 @@ def timescales(args) -> None:
               f"{statistics.median(ratio):.2f} [{min(ratio):.2f}-{max(ratio):.2f}]")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """This script's command line (tests/test_docs.py parses the documented commands with it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("copy", help="longest Copy / Repeat-Copy length solved")
@@ -144,7 +145,11 @@ def main() -> None:
         q.add_argument("--batch-size", type=int, default=32)
         q.add_argument("--lr", type=float, default=1e-3)
         q.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     {"copy": copy, "text": text, "timescales": timescales}[args.command](args)
 

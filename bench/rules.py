@@ -156,7 +156,8 @@ def train_rule(name: str, cfg: RunConfig, ds, hop_delay: int) -> dict:
             "gradients_back_per_step": sent_back / step, "seconds": time.perf_counter() - t0}
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """This script's command line (tests/test_docs.py parses the documented commands with it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rules", default="backprop,unlocked:10,local,delayed,corrected:10,residual:10")
     p.add_argument("--epochs", type=int, default=3)
@@ -169,6 +170,11 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="a RunConfig field=value for every rule (repeatable)")
     p.add_argument("--seeds", default="0", help="seeds to repeat every rule with (initial weights, batch order)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "rules.json"))
+    return p
+
+
+def main() -> None:
+    p = build_parser()
     args = p.parse_args()
     torch.set_num_threads(1)
     fields = dict(dataset=args.dataset, epochs=args.epochs, layers=tuple(int(v) for v in args.layers.split(",")),

@@ -52,7 +52,8 @@ def predict(costs: list[tuple[float, float]], cores: int, batch: int, mode: str,
     return batch / max(max(stage), sum(stage) / cores)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """This script's command line (tests/test_docs.py parses the documented commands with it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stages", default="1,2,4,8")
     p.add_argument("--widths", default="256,1024")
@@ -61,7 +62,11 @@ def main() -> None:
     p.add_argument("--hop-us", type=float, default=None,
                    help="one-message latency for the locked model (default: measured by a short ping-pong)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     cores = len(available_cores())
     out = Path(args.out)
     hop = args.hop_us * 1e-6 if args.hop_us is not None else _measure_hop()

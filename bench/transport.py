@@ -153,12 +153,17 @@ def measure(transport: str, seconds: float, cores: list[int]) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """This script's command line (tests/test_docs.py parses the documented commands with it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--transports", default="ipc,tcp,tcp+curve")
     p.add_argument("--seconds", type=float, default=1.0, help="per size and measurement")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "transport.json"))
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     cores = available_cores()
     print(f"{len(cores)} cores; sender on core {cores[0]}, receiver on core {cores[-1]}; "
           f"messages are float32 activations of 64 rows")

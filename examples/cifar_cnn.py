@@ -33,7 +33,8 @@ def make(input_shape, num_classes):
                          nn.Sequential(nn.Flatten(), nn.Linear(128 * (h // 8) * (w // 8), num_classes)))
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """This script's command line (tests/test_docs.py parses the documented commands with it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", required=True, help="folder with data_batch_*.bin and test_batch.bin")
     p.add_argument("--mode", default="local")
@@ -44,7 +45,11 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu", help="cpu, cuda, or one per stage (cuda:0,cuda:1)")
     p.add_argument("--precision", default="fp32", help="fp32 or bf16")
     p.add_argument("--out", default="runs/example-cifar")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
     cfg = synthgrad.RunConfig(model=f"{MODULE}:make", dataset="cifar10", data_dir=args.data_dir, mode=args.mode,
                               stages=args.stages, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
                               device=args.device, precision=args.precision, out=args.out)

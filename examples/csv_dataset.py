@@ -40,14 +40,19 @@ def data(data_dir):
     return CsvRows(folder / "train.csv"), CsvRows(folder / "test.csv")
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """This script's command line (tests/test_docs.py parses the documented commands with it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", required=True)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--mode", default="local")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--out", default="runs/example-csv")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
     train, _ = data(args.data_dir)
     layers = (train.features.shape[1], args.hidden, args.hidden, train.num_classes)
     cfg = synthgrad.RunConfig(dataset=f"{MODULE}:data", data_dir=args.data_dir, layers=layers, mode=args.mode,

@@ -69,13 +69,18 @@ def make(input_shape, num_classes):
             nn.Sequential(MeanOverTime(), nn.Linear(32, num_classes))]
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """This script's command line (tests/test_docs.py parses the documented commands with it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", default="unlocked")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--out", default="runs/example-sequence")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
     cfg = synthgrad.RunConfig(model=f"{MODULE}:make", dataset=f"{MODULE}:data", mode=args.mode, epochs=args.epochs,
                               steps=args.steps, batch_size=64, out=args.out)
     _, summary = synthgrad.train(cfg)

@@ -31,13 +31,18 @@ def make(input_shape, num_classes):
             nn.Linear(FAST + SLOW, num_classes)]
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """This script's command line (tests/test_docs.py parses the documented commands with it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", default="unlocked")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--text-chars", type=int, default=400_000)
     p.add_argument("--out", default="runs/example-two-timescales")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
     cfg = synthgrad.RunConfig(model=f"{MODULE}:make", dataset="text", mode=args.mode, groups=(1, 2), bptt=16,
                               batch_size=32, steps=args.steps, epochs=100, text_chars=args.text_chars,
                               out=args.out)
