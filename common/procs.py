@@ -1,9 +1,11 @@
-"""Process lifecycle, the same for every process synthgrad starts: spawn, pin, watch, stop.
+"""Process lifecycle, the same for every process synthgrad starts: fork, pin, watch, stop.
 
-Shutdown escalates (ask, wait, SIGTERM, wait, SIGKILL), is safe to call twice, and runs at
-interpreter exit too, so no worker outlives the process that started it. Workers additionally
-ask the kernel for SIGTERM when their parent dies (PR_SET_PDEATHSIG) and watch the coordinator's
-pid themselves.
+Workers come from this process's fork server (common/forkserver.py), which hands each one over
+as a child of this process; where there is none (not Linux) they are spawned. Shutdown
+escalates (ask, wait, SIGTERM, wait, SIGKILL), is safe to call twice, and runs at interpreter
+exit too, so no worker outlives the process that started it. Workers additionally ask the
+kernel for SIGTERM when their parent dies (PR_SET_PDEATHSIG) and watch the coordinator's pid
+themselves.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ from typing import Any, Callable, Optional
 
 import psutil
 
+from synthgrad.common import forkserver
+from synthgrad.common.forkserver import ForkServer
+
 
 def describe_exit(code: Optional[int]) -> str:
     if code is None:
@@ -32,7 +37,8 @@ def describe_exit(code: Optional[int]) -> str:
 
 
 def die_with_parent() -> None:
-    """Linux: have the kernel send SIGTERM to this process when its parent exits."""
+    """Linux: have the kernel send SIGTERM to this process when its parent exits (a worker's
+    parent is the process that asked for it: common/forkserver.py hands it over first)."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -110,28 +116,29 @@ class Child:
 # imports: no torch thread pool and no CUDA context exist in it to be forked.
 PRELOAD = ["torch", "torch._dynamo", "synthgrad.workers.worker", "synthgrad.workers.pipeline"]
 
-
-def start_method() -> mp.context.BaseContext:
-    """forkserver where the platform has it (Linux, macOS), with PRELOAD imported once by the
-    server; spawn elsewhere. Either way a child shares no state with the process that asked for
-    it: the server was itself started fresh, before any of this process's threads or sockets."""
-    if "forkserver" in mp.get_all_start_methods():
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(PRELOAD)
-        return ctx
-    return mp.get_context("spawn")
-
-
 # OpenMP settings the user chose, which worker_environment leaves alone
 OPENMP_WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
-_server_env: Optional[dict[str, str]] = None  # what the running fork server was started with
-_open_groups: list["ProcessGroup"] = []
+_server: Optional[ForkServer] = None  # this process's fork server (Linux), made on first use
+_spawn_env: dict[str, str] = {}  # elsewhere: what the last warm_up added to this environment
+
+
+def fork_server() -> Optional[ForkServer]:
+    """This process's fork server (common/forkserver.py), or None where workers are spawned."""
+    global _server
+    if _server is None and forkserver.supported():
+        _server = ForkServer(PRELOAD)
+    return _server
+
+
+def _server_env() -> dict[str, str]:
+    server = fork_server()
+    return server.env if server is not None else _spawn_env
 
 
 def _users_own(key: str) -> bool:
     """An OpenMP setting in this environment that the user made (not one warm_up left there
     for spawned children)."""
-    return key in os.environ and (_server_env or {}).get(key) != os.environ[key]
+    return key in os.environ and _server_env().get(key) != os.environ[key]
 
 
 def openmp_threads_sleep() -> bool:
@@ -144,9 +151,9 @@ def worker_environment(yielding: bool) -> dict[str, str]:
     """What a run's workers add to this process's environment. With stages that yield the CPU
     (common/placement.py yielding_stages), a stage's idle OpenMP threads sleep at once instead
     of spinning (OMP_WAIT_POLICY=PASSIVE), so the yielding stages get the cores they leave:
-    spinning, they kept the cores busy and yielding gained nothing (measured on the digits CNN's
-    two stages, docs/results.md). Otherwise nothing: a stage alone on its cores, and backprop,
-    run with OpenMP's defaults. The user's own setting wins."""
+    spinning, they would keep the cores busy and yielding would gain nothing (docs/results.md).
+    Otherwise nothing: a stage alone on its cores, and backprop, run with OpenMP's defaults.
+    The user's own setting wins."""
     if not yielding or any(_users_own(k) for k in OPENMP_WAIT_SETTINGS):
         return {}
     return {"OMP_WAIT_POLICY": "PASSIVE"}
@@ -156,35 +163,19 @@ def warm_up(env: Optional[Mapping[str, str]] = None) -> None:
     """Start the fork server now, so that its imports run while this process prepares the run
     (data checks, keys) instead of after it; with `env` added to its environment, which every
     worker it forks then has from the start (OpenMP reads its settings once, when torch is
-    imported, which the server does). A server started with other additions is stopped first
-    (never while a worker it forked runs)."""
-    global _server_env
+    imported, which the server does). A server started with other additions is replaced;
+    workers already running are this process's children, not the server's, and go on."""
+    global _spawn_env
     env = dict(env or {})
-    running_with = _server_env or {}
-    if start_method().get_start_method() != "forkserver":  # spawn: each child starts from this environment
-        for key, value in (_server_env or {}).items():
-            if os.environ.get(key) == value and key not in env:
-                del os.environ[key]  # what the last run added, and this one does not want
-        os.environ.update(env)
-        _server_env = env
+    server = fork_server()
+    if server is not None:
+        server.start(env)
         return
-    from multiprocessing import forkserver
-    server = forkserver._forkserver
-    if running_with != env and server._forkserver_pid is not None:
-        if any(c.process.exitcode is None for g in _open_groups for c in g.children):
-            raise RuntimeError("cannot change the workers' environment while workers run")
-        server._stop()  # the same call the standard library's own tests use
-    saved = {k: os.environ.get(k) for k in env}
+    for key, value in _spawn_env.items():  # spawn: each child starts from this environment
+        if os.environ.get(key) == value and key not in env:
+            del os.environ[key]  # what the last run added, and this one does not want
     os.environ.update(env)
-    try:
-        forkserver.ensure_running()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    _server_env = env
+    _spawn_env = env
 
 
 def cpu_priority() -> str:
@@ -204,8 +195,9 @@ def yield_cpu() -> None:
     to heavier ones (common/placement.py yielding_stages). On Linux niceness is per thread:
     the calling thread and those it starts later (torch's) get it; ZeroMQ's I/O threads,
     started before, keep theirs, as they should (they only move messages).
-    Not SCHED_IDLE, which measured no faster here: a process at nice 19 still gets a sliver of
-    a busy core, so other load on the machine cannot starve a stage past its heartbeats."""
+    Not SCHED_IDLE, which measured no faster (docs/results.md): a process at nice 19 still gets
+    a sliver of a busy core, so other load on the machine cannot starve a stage past its
+    heartbeats."""
     try:
         os.nice(19)
     except (AttributeError, OSError):
@@ -213,19 +205,22 @@ def yield_cpu() -> None:
 
 
 class ProcessGroup:
-    """Children started from a clean server process (start_method) and stopped by their own
-    pids."""
+    """Children of this process, forked by its fork server (spawned where there is none), and
+    stopped by their own pids."""
 
     def __init__(self) -> None:
-        self._ctx = start_method()
         self.children: list[Child] = []
         self._closed = False
-        _open_groups.append(self)
         atexit.register(self.shutdown)
 
     def start(self, name: str, target: Callable[..., None], *args: Any) -> Child:
-        proc = self._ctx.Process(target=target, args=args, name=name, daemon=False)
-        proc.start()
+        server = fork_server()
+        if server is not None:
+            server.start(server.env)  # a no-op while it runs; warm_up chose its environment
+            proc: Any = server.fork(name, target, args)
+        else:
+            proc = mp.get_context("spawn").Process(target=target, args=args, name=name, daemon=False)
+            proc.start()
         child = Child(name, proc)
         self.children.append(child)
         return child
@@ -243,14 +238,7 @@ class ProcessGroup:
 
     def kill(self) -> None:
         """SIGKILL every child that is still running, at once."""
-        for c in self.children:
-            if c.process.exitcode is None and c.process.pid and alive(c.process.pid):
-                try:
-                    psutil.Process(c.process.pid).kill()
-                except psutil.Error:
-                    pass
-        for c in self.children:
-            c.process.join(1.0)
+        self._signal([c.process for c in self.children], signal.SIGKILL, timeout=1.0)
 
     def shutdown(self, grace: float = 3.0) -> None:
         """Stop every child: wait `grace`, then SIGTERM, then SIGKILL. Idempotent."""
@@ -258,12 +246,23 @@ class ProcessGroup:
             return
         self._closed = True
         procs = [c.process for c in self.children if c.process.pid is not None]
-        frozen = [p.pid for p in procs if p.exitcode is None and _stopped(p.pid)]
-        terminate_then_kill(frozen, timeout=0.0)  # a stopped process cannot act on STOP or SIGTERM
+        # a stopped process cannot act on STOP or SIGTERM
+        self._signal([p for p in procs if p.exitcode is None and _stopped(p.pid)], signal.SIGKILL, 0.5)
         self.wait(grace)
-        terminate_then_kill([p.pid for p in procs if p.exitcode is None])
-        for p in procs:
-            p.join(0.5)
+        self._signal(procs, signal.SIGTERM, timeout=2.0)
+        self._signal(procs, signal.SIGKILL, timeout=2.0)
         atexit.unregister(self.shutdown)
-        if self in _open_groups:
-            _open_groups.remove(self)
+
+    @staticmethod
+    def _signal(procs: list[Any], sig: int, timeout: float) -> None:
+        """Send `sig` to those of `procs` still running and wait up to `timeout` for them, by
+        their own handles: their exit codes stay readable (psutil's wait would reap them)."""
+        running = [p for p in procs if p.pid is not None and p.exitcode is None]
+        for p in running:
+            try:
+                os.kill(p.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + timeout
+        for p in running:
+            p.join(max(0.0, deadline - time.monotonic()))

@@ -1,9 +1,20 @@
-"""Shared fixtures. Every test that starts processes is followed by a reaper that stops any
-child it left behind (terminate, then kill) and fails the test if there were any."""
+"""Shared fixtures, and two rules no test can forget:
+
+- No process outlives the test that started it. This process is made a child subreaper, so a
+  worker orphaned from a `launch.py` subprocess (its launcher killed, say) is reparented here
+  rather than to init, and after every test the reaper looks at every descendant: the dead are
+  reaped, and any still running after a short grace (death signals are delivered
+  asynchronously) is killed and fails the test.
+- The fast tier starts no process. An audit hook sees every way Python starts one (subprocess,
+  fork, exec, spawn, and the workers' fork server's `synthgrad.fork`); in a test without the
+  `slow` mark it refuses with a message saying to mark the test.
+"""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import psutil
 import pytest
@@ -11,24 +22,93 @@ import pytest
 if str(Path(__file__).resolve().parent.parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from synthgrad.common.procs import terminate_then_kill  # noqa: E402
+from synthgrad.common import forkserver  # noqa: E402
 from tests.helpers import LOCKED, ROOT, is_mp_helper  # noqa: E402
 
+# processes that exit by themselves this soon after their test ends were on their way out (a
+# parent-death signal, a pipe's EOF); anything slower is a leftover
+GRACE_S = 2.0
+STARTS_A_PROCESS = {"subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec",
+                    "os.system", "pty.spawn", "synthgrad.fork"}
 
-def _reap() -> list[int]:
-    children = psutil.Process().children(recursive=True)
-    # the resource tracker and fork server of multiprocessing live as long as this process and
-    # are not ours to judge; what they started is
-    ours = [c.pid for c in children if not is_mp_helper(c)]
-    terminate_then_kill(ours, timeout=3.0)
-    return ours
+_fast_test: Optional[str] = None  # the node id of the fast-tier test running now, if one is
+_started_in_fast_test: list[str] = []
+
+
+def _refuse_processes_in_fast_tests(event: str, args: tuple) -> None:
+    if _fast_test is not None and event in STARTS_A_PROCESS:
+        what = f"{event}{args[:2]!r}"
+        _started_in_fast_test.append(what)
+        raise RuntimeError(f"{_fast_test} starts a process ({what}) but is not marked "
+                           f"@pytest.mark.slow: the fast tier (-m 'not slow') starts none")
+
+
+def pytest_configure(config) -> None:
+    forkserver._prctl(forkserver.PR_SET_CHILD_SUBREAPER, 1)  # orphans below come back here
+    sys.addaudithook(_refuse_processes_in_fast_tests)
+
+
+def _exempt(p: psutil.Process) -> bool:
+    """This process's own helpers, which live as long as it does: its fork server and
+    multiprocessing's resource tracker. A fork server whose launcher has gone is not exempt."""
+    from synthgrad.common.procs import fork_server
+    server = fork_server()
+    try:
+        if p.name() == forkserver.SERVER_NAME:
+            return server is not None and p.pid == server.pid
+    except psutil.Error:
+        return True  # gone
+    return is_mp_helper(p)
+
+
+def _reap_dead_children() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _leftovers() -> list[psutil.Process]:
+    _reap_dead_children()
+    live = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and not _exempt(p):
+                live.append(p)
+        except psutil.Error:
+            pass
+    return live
 
 
 @pytest.fixture(autouse=True)
-def reap_children():
-    yield
-    leftovers = _reap()
-    assert not leftovers, f"test left child processes running: {leftovers}"
+def no_process_outlives_its_test(request):
+    global _fast_test
+    fast = request.node.get_closest_marker("slow") is None
+    _fast_test = request.node.nodeid if fast else None
+    _started_in_fast_test.clear()
+    try:
+        yield
+    finally:
+        _fast_test = None
+    assert not _started_in_fast_test, (f"a test outside the slow tier started processes: "
+                                       f"{_started_in_fast_test}; mark it @pytest.mark.slow")
+    live = _leftovers()
+    if live:
+        _, live = psutil.wait_procs(live, timeout=GRACE_S)
+    if live:
+        described = []
+        for p in live:
+            try:
+                described.append(f"{p.pid} {p.name()!r} {' '.join(p.cmdline())[:120]!r}")
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(live, timeout=3.0)
+        _reap_dead_children()
+        pytest.fail(f"processes outlived the test: {described}")
 
 
 @pytest.fixture
@@ -39,7 +119,6 @@ def tiny_cfg(tmp_path):
                      synthetic_train=2048, synthetic_test=512, epochs=1, steps=20,
                      out=str(tmp_path / "run"), progress_every=60.0, start_timeout=60.0,
                      stall_timeout=30.0)
-
 
 
 @pytest.fixture(scope="session")

@@ -44,6 +44,7 @@ import pytest
 import torch
 
 from synthgrad.common.files import largest_difference  # noqa: F401  (re-exported for the tests)
+from synthgrad.common.forkserver import SERVER_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -183,24 +184,17 @@ def kill_after(proc, needle: str, victim: Callable[[list[str]], int], timeout: f
 
 
 def is_mp_helper(p: psutil.Process) -> bool:
-    """multiprocessing's own processes (the fork server the workers start from, the resource
-    tracker): started and stopped by multiprocessing, with the process that uses them."""
-    def cmd(proc: Optional[psutil.Process]) -> str:
-        try:
-            return " ".join(proc.cmdline()) if proc is not None else ""
-        except psutil.Error:
-            return ""
-    server = "multiprocessing.forkserver"
-    try:  # a worker forked from the server carries the server's command line: its parent tells
-        parent = p.parent()
+    """A helper process that lives as long as the process that uses it, not a run's: a fork
+    server (common/forkserver.py) and multiprocessing's resource tracker."""
+    try:
+        return p.name() == SERVER_NAME or "resource_tracker" in " ".join(p.cmdline())
     except psutil.Error:
-        parent = None
-    return "resource_tracker" in cmd(p) or (server in cmd(p) and server not in cmd(parent))
+        return False
 
 
 def worker_pids(proc) -> list[int]:
     """The worker processes a launcher (or `launch.py worker`) started, in the order started:
-    children of its fork server, or its own children where it has none."""
+    its own children, and theirs (a replicated stage's replicas), less the fork servers."""
     found = [c for c in psutil.Process(proc.pid if hasattr(proc, "pid") else proc).children(recursive=True)
              if not is_mp_helper(c)]
     return [c.pid for c in sorted(found, key=lambda c: c.create_time())]

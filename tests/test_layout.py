@@ -319,21 +319,3 @@ def test_self_sized_stages_take_whole_cores_only():
     yields: two such stages of half the work on 3 cores take one thread each, not 2 + 2."""
     from synthgrad.common.placement import self_sized_threads
     assert self_sized_threads(0.5, 3) == 1 and self_sized_threads(0.9, 2) == 1 and self_sized_threads(0.5, 4) == 2
-
-
-@pytest.mark.timeout(60)
-def test_the_fork_server_is_not_restarted_under_running_workers():
-    """warm_up restarts the fork server for other worker settings only when no worker it
-    forked still runs (stopping it would orphan their exit codes)."""
-    import time
-
-    from synthgrad.common.procs import ProcessGroup, warm_up
-    group = ProcessGroup()
-    try:
-        child = group.start("sleeper", time.sleep, 30)
-        assert child.process.exitcode is None
-        with pytest.raises(RuntimeError, match="while workers run"):
-            warm_up({"SYNTHGRAD_TEST_SETTING": str(time.monotonic())})
-    finally:
-        group.kill()
-        group.shutdown()

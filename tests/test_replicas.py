@@ -23,6 +23,7 @@ from tests.helpers import (
     ROOT,
     assert_states_close,
     assert_states_equal,
+    is_mp_helper,
     kill_after,
     run,
 )
@@ -108,12 +109,11 @@ def test_a_replicated_stage_with_local_heads_computes_what_the_stage_alone_does(
 
 
 def _replica_of(stage_pid: int) -> int:
-    """The replica process of a stage worker: started through the stage's own fork server, so a
-    grandchild of the stage worker."""
+    """The replica process of a stage worker: forked by the stage's own fork server and handed
+    to the stage, so a child of the stage worker."""
     for child in psutil.Process(stage_pid).children():
-        grandchildren = child.children()
-        if grandchildren:
-            return grandchildren[0].pid
+        if not is_mp_helper(child):
+            return child.pid
     raise AssertionError(f"stage worker {stage_pid} has no replica")
 
 

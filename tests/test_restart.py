@@ -1,15 +1,22 @@
 """--on-failure restart: a stage killed mid-run is noticed, every stage restarts from the last
-complete checkpoint, and a locked run still ends exactly where an undisturbed one does."""
+complete checkpoint, and a locked run still ends exactly where an undisturbed one does; a run
+whose fork server was killed, and whose every listening socket got random bytes, goes on, and
+its restart forks again."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from synthgrad.common.files import load_model_state
+from synthgrad.common.forkserver import SERVER_NAME
 from tests.helpers import LOCKED, ROOT, assert_states_equal, kill_after, worker_pids
 
 pytestmark = pytest.mark.slow  # every test here starts processes
@@ -21,9 +28,24 @@ def test_killed_stage_restarts_from_the_checkpoint_and_the_result_is_unchanged(t
     cmd = [sys.executable, "-u", str(ROOT / "launch.py"), "train", *LOCKED, "--checkpoint-every", "0.5",
            "--on-failure", "restart", "--link-delay-ms", "3", "--out", str(run_dir)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out, victim = kill_after(proc, "checkpoint: step", lambda seen: worker_pids(proc)[2])
+    servers: list[int] = []
+
+    def after_hostile_bytes_and_a_dead_fork_server(seen: list[str]) -> int:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        servers.extend(p.pid for p in tree if p.name() == SERVER_NAME)
+        assert len(servers) == 1, servers
+        # nothing can reach the fork server: it has no listening socket and no address
+        assert all(not c.laddr for c in psutil.Process(servers[0]).net_connections(kind="unix"))
+        os.kill(servers[0], signal.SIGKILL)
+        # the coordinator's and every stage's input, at least
+        assert _write_random_bytes_to_every_listening_socket([proc.pid, *(p.pid for p in tree)]) >= 5
+        return worker_pids(proc)[2]
+
+    out, victim = kill_after(proc, "checkpoint: step", after_hostile_bytes_and_a_dead_fork_server)
     assert proc.returncode == 0, out[-3000:]
     assert f"stage 2 (pid {victim}) killed by SIGKILL" in out and "restarting every stage from the checkpoint" in out
+    # the restart found the fork server dead and started another before forking the stages again
+    assert f"the workers' fork server (pid {servers[0]}) killed by SIGKILL; starting it again" in out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["restarts"] == 1
     failure = summary["failures"][0]
@@ -44,3 +66,31 @@ def test_killed_stage_restarts_from_the_checkpoint_and_the_result_is_unchanged(t
     a, b = locked_reference, load_model_state(run_dir)
     assert_states_equal(a, b, "after the restart")
     print(json.dumps(failure))  # the figures the README reports (pytest -s)
+
+
+def _write_random_bytes_to_every_listening_socket(pids: list[int]) -> int:
+    """What any local process could do: connect to each socket these processes listen on (TCP,
+    and Unix sockets with an address, ZeroMQ's ipc among them) and write a few random bytes;
+    how many took them."""
+    written = 0
+    for pid in pids:
+        try:
+            conns = psutil.Process(pid).net_connections(kind="all")
+        except psutil.Error:
+            continue
+        for c in conns:
+            if c.family == socket.AF_UNIX and c.laddr:
+                family, address = socket.AF_UNIX, c.laddr
+            elif c.status == psutil.CONN_LISTEN and c.family in (socket.AF_INET, socket.AF_INET6):
+                family, address = c.family, (c.laddr.ip, c.laddr.port)
+            else:
+                continue
+            try:
+                with socket.socket(family, socket.SOCK_STREAM) as s:
+                    s.settimeout(1.0)
+                    s.connect(address)
+                    s.sendall(os.urandom(64))
+                written += 1
+            except OSError:
+                pass  # refused or gone: nothing to write to
+    return written
