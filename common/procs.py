@@ -74,28 +74,6 @@ def alive(pid: int) -> bool:
         return False
 
 
-def terminate_then_kill(pids: list[int], timeout: float = 2.0) -> None:
-    """SIGTERM the processes, wait up to `timeout`, SIGKILL what is left, and reap."""
-    procs = []
-    for pid in pids:
-        try:
-            procs.append(psutil.Process(pid))
-        except psutil.Error:
-            pass  # already gone
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, still = psutil.wait_procs(procs, timeout=timeout)
-    for p in still:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(still, timeout=timeout)
-
-
 def _stopped(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() == psutil.STATUS_STOPPED
