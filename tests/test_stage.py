@@ -11,30 +11,9 @@ import torch.nn.functional as F
 
 from synthgrad.common.config import RunConfig
 from synthgrad.common.devices import Compute
-from synthgrad.common.models import LocalHead, SyntheticGradient, build_units, stage_bounds, stage_io_shapes
+from synthgrad.common.models import LocalHead, SyntheticGradient, build_units
 from synthgrad.workers.stage import TRUST_DECAY, StageLogic
-
-
-def chain(cfg: RunConfig) -> list[StageLogic]:
-    units = build_units(cfg)
-    shapes = stage_io_shapes(cfg)
-    k = len(cfg.stage_groups)
-    return [StageLogic(cfg, i, k, nn.Sequential(*units[a:b]), shapes[i][0], shapes[i][1])
-            for i, (a, b) in enumerate(stage_bounds(cfg))]
-
-
-def run_step(stages: list[StageLogic], step: int, x, y, cfg: RunConfig):
-    """One step through the chain, delivering each true gradient at once."""
-    true_grad = cfg.true_grad_at(step)
-    h = x
-    for s in stages[:-1]:
-        h = s.forward(step, h, y, true_grad)
-        s.local_update(step)
-    _, g = stages[-1].last_step(step, h, y, true_grad)
-    for s in reversed(stages[:-1]):
-        if g is None:
-            break
-        g = s.receive_grad(step, g, True)
+from tests.chain import chain, run_step
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
