@@ -1,5 +1,6 @@
 """Recurrent stages on stream data: locked is plain truncated BPTT, a stage's streams survive
-evaluations, epochs and checkpoints, and bad stream input is refused before anything starts."""
+evaluations, epochs and checkpoints, and bad stream input is refused before anything starts.
+Every test that starts a process is marked slow: the pure tier here starts none."""
 from __future__ import annotations
 
 import pytest
@@ -55,6 +56,7 @@ def plain_two_timescales(cfg: RunConfig, every: int = 2, width: int = 16) -> dic
     return units, loss_sum / n
 
 
+@pytest.mark.slow  # stage processes
 def test_locked_on_recurrent_stages_is_plain_truncated_bptt(tmp_path):
     """An LSTM stage, and a slow LSTM ticking every 2 positions with the read-out in another
     stage process (two timescales), two epochs of the copy task with an evaluation after each:
@@ -74,6 +76,7 @@ def test_locked_on_recurrent_stages_is_plain_truncated_bptt(tmp_path):
     assert torch.equal(model(x), model(x)), "an exported model starts every call from a zero state"
 
 
+@pytest.mark.slow  # stage processes
 def test_a_resumed_recurrent_run_continues_the_same_streams(tmp_path):
     """Stopped in the middle of its second epoch and resumed, a locked run ends bitwise where an
     uninterrupted one does: the checkpoint held each layer's carried state and the epoch."""
@@ -91,41 +94,66 @@ def prepared(cfg: RunConfig) -> RunConfig:
     return prepare(cfg)[0]
 
 
-def test_a_stage_carries_its_streams_through_evaluations_and_checkpoints():
-    """In one process: a stage's training streams do not see its evaluations, a new epoch starts
-    them from zero, and a stage loaded from a checkpoint continues them bitwise."""
+def test_a_stage_carries_its_streams_through_evaluations_and_checkpoints(tmp_path):
+    """In one process, both stages of an unlocked LSTM (the LSTM with its output and state
+    predictors, and the read-out) played as the workers play them (tests/chain.py), every
+    second step's true gradient coming back a step late: a stage's training streams do not see
+    its evaluations (the stages that evaluated after every step take the same cut as those that
+    did not, bitwise), stages loaded from the files of the cut continue bitwise (the carried
+    streams, the output predictor and the state predictor with their optimisers, the running
+    cosine, the true updates' optimiser: each checked to have moved before the cut), and a new
+    epoch starts the streams from zero."""
+    import copy
+
     from synthgrad.common.devices import CPU
     from synthgrad.workers.stage import build_stage
-    cfg = prepared(COPY.replace(mode="unlocked"))
-    ds = load_dataset("copy", None, cfg.synthetic_train, cfg.synthetic_test, StreamOptions.of(cfg))
-    batches = list(train_batches(ds.train, cfg.batch_size, cfg.seed, 0))
-    test_x = next(iter(eval_batches(ds.test, cfg.batch_size)))[0]
+    from tests.chain import Chain, assert_same_state, differs, one_thread, through_files
+    with one_thread():  # tests/chain.py says why
+        cfg = prepared(COPY.replace(mode="unlocked", true_grad_every=2))
+        ds = load_dataset("copy", None, cfg.synthetic_train, cfg.synthetic_test, StreamOptions.of(cfg))
+        batches = list(train_batches(ds.train, cfg.batch_size, cfg.seed, 0))
+        test_x = next(iter(eval_batches(ds.test, cfg.batch_size)))[0]
+        cut = 7  # 12 steps an epoch
 
-    def steps(logic, first, last, evaluate=False):
-        outs = []
-        for step in range(first, last):
-            logic.begin_epoch(0)
-            outs.append(logic.forward(step, *batches[step], cfg.true_grad_at(step)).clone())
-            logic.local_update(step)
-            if evaluate:
-                logic.eval_forward(test_x, fresh=True)
-        return outs
+        def stages():
+            return [build_stage(cfg, i, len(batches), CPU)[0] for i in range(len(cfg.stage_groups))]
 
-    plain, _ = build_stage(cfg, 0, 12, CPU)
-    assert plain.state_synths, "an unlocked recurrent stage predicts its state's gradient"
-    with_evals, _ = build_stage(cfg, 0, 12, CPU)
-    steps(plain, 0, 3)
-    steps(with_evals, 0, 3, evaluate=True)
-    saved = with_evals.state_dict()
-    resumed, _ = build_stage(cfg, 0, 12, CPU)
-    resumed.load_state_dict(saved)
-    for a, b in zip(steps(plain, 3, 6), steps(resumed, 3, 6)):
-        assert torch.equal(a, b)
-    assert plain.stats.take()["state_sg_loss"] is not None  # the state predictor trained
-    layer = plain.module[0]
-    before = layer.carried()
-    plain.begin_epoch(1)
-    assert before is not None and layer.carried() is None
+        plain, with_evals = Chain(stages(), cfg, delay=1), Chain(stages(), cfg, delay=1)
+        assert plain.stages[0].state_synths, "an unlocked recurrent stage predicts its state's gradient"
+        fresh = copy.deepcopy(plain.stages[0].state_dict())
+        for step in range(cut + 1):
+            plain.step(step, *batches[step])
+            with_evals.step(step, *batches[step])
+            with_evals.evaluate(test_x, fresh=True)
+        saved, travelling = with_evals.checkpoint()
+        assert travelling > 0  # the cut applied the true gradient still on its way
+        for i, (a, b) in enumerate(zip(plain.checkpoint()[0], saved)):
+            assert_same_state(a, b, f"stage {i} (evaluations must not touch the training streams)")
+        lstm = saved[0]
+        moved = [k for k in ("sg", "sg_optimizer", "true_optimizer") if differs(lstm[k], fresh[k])]
+        assert moved == ["sg", "sg_optimizer", "true_optimizer"], moved
+        synth, synth0 = lstm["streams"]["synths"][0], fresh["streams"]["synths"][0]
+        assert differs(synth["model"], synth0["model"]) and differs(synth["optimizer"], synth0["optimizer"])
+        assert lstm["sg_trust"] > 0 and lstm["streams"]["carried"] is not None
+        figures = plain.stages[0].stats.take()
+        assert figures["state_sg_loss"] > 0 and plain.stages[0].stats.untrusted_steps < cut + 1, figures
+
+        resumed = Chain(stages(), cfg, delay=1)
+        through_files(cfg, with_evals.stages, resumed.stages, tmp_path, cut)  # as the workers save and load
+        for i, (stage, state) in enumerate(zip(resumed.stages, saved)):
+            assert_same_state(state, stage.state_dict(), f"stage {i}, read back from its file")
+        for step in range(cut + 1, len(batches)):
+            for a, b in zip(plain.step(step, *batches[step]), resumed.step(step, *batches[step])):
+                assert torch.equal(a, b)
+        plain.drain()
+        resumed.drain()
+        assert plain.losses[cut + 1:] == resumed.losses
+        for i, (a, b) in enumerate(zip(plain.stages, resumed.stages)):
+            assert_same_state(a.state_dict(), b.state_dict(), f"stage {i} at the end")
+        layer = plain.stages[0].module[0]
+        before = layer.carried()
+        plain.stages[0].begin_epoch(1)
+        assert before is not None and layer.carried() is None
 
 
 def copy_bits(mode: str, steps: int, seed: int = 0, batch: int = 32) -> float:
@@ -152,6 +180,7 @@ def copy_bits(mode: str, steps: int, seed: int = 0, batch: int = 32) -> float:
     return tally.loss / math.log(2)
 
 
+@pytest.mark.slow  # two processes of its own
 @pytest.mark.timeout(120)
 def test_the_state_synthetic_gradient_learns_a_dependency_longer_than_the_window():
     """Copy sequences of 3 symbols with windows of T=2: every output depends on an input 4
@@ -163,7 +192,8 @@ def test_the_state_synthetic_gradient_learns_a_dependency_longer_than_the_window
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     steps = 6000
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("forkserver")) as pool:  # a core each
+    # a core each; spawned, so that nothing outlives the test (multiprocessing's fork server would)
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         bptt, dni = pool.map(copy_bits, ("locked", "unlocked"), (steps, steps))
     assert bptt > 2.5, f"truncated BPTT learnt to copy past its window ({bptt:.2f} bits): the test proves nothing"
     assert dni < bptt - 1.0, f"the state's synthetic gradient did not learn past the window ({dni:.2f} bits, BPTT {bptt:.2f})"
@@ -188,6 +218,7 @@ def test_bad_stream_input_is_refused_before_anything_starts():
         prepared(COPY.replace(model="tests.user_models:two_timescales_every_3"))
 
 
+@pytest.mark.slow  # stage processes
 def test_a_users_stream_and_cell_train_through_the_stage_workers(tmp_path):
     """Token ids in, next-token classes out, a GRU cell unrolled over each window: the user's
     pieces run as the built-in ones do."""
