@@ -22,7 +22,7 @@ from synthgrad.common.config import RunConfig
 from synthgrad.common.data import synthetic, train_batches
 from tests.chain import Chain, assert_same_state, chain, differs, one_thread, through_files
 
-# 8 batches of 16 an epoch, two epochs; the cut after step CUT, in the second half of the first
+# 8 batches of 16 an epoch, two epochs; the cut after step CUT, early in the second
 BATCH, STEPS_PER_EPOCH, EPOCHS, CUT = 16, 8, 2, 9
 BASE = dict(dataset="synthetic", layers=(784, 32, 32, 10), batch_size=BATCH, lr=3e-3, sg_lr=1e-2)
 
@@ -88,8 +88,7 @@ def test_a_stage_loaded_from_a_checkpoint_continues_bitwise(variant, tmp_path):
     for i, (now, start) in enumerate(zip(cut, fresh)):
         assert set(start) <= set(now) <= set(start) | {"last_true"}, (i, list(start), list(now))
         moved = {k for k in now if k not in start or differs(now[k], start[k])}
-        # sg_scale only moves with --sg-normalize; a predictor's running cosine on the last
-        # stage (which has none) stays 0
+        # the predictor's normalising scale moves only with --sg-normalize
         still = set(now) - moved - ({"sg_scale"} if not cfg.sg_normalize else set())
         assert not still, f"stage {i}: {sorted(still)} never moved before the cut"
     lower = whole.stages[:-1]
