@@ -1,6 +1,7 @@
 """CURVE links: `launch.py keys` makes the key pairs; with --keys every link is encrypted and
-authenticated; a worker or monitor without an authorised key is refused (and the coordinator
-logs it) while the run goes on; no secret ever lands in the run folder."""
+authenticated; a worker, monitor or peer at a stage's activation input without an authorised key
+is refused (and the process it knocked on logs and counts it) while the run goes on; no secret
+ever lands in the run folder."""
 from __future__ import annotations
 
 import json
@@ -8,8 +9,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
+from typing import Optional
 
+import psutil
 import pytest
+import zmq
 import zmq.auth
 
 from synthgrad.common.config import ConfigError
@@ -114,6 +120,59 @@ def test_keys_command_and_loading(tmp_path):
         Keys.load(tmp_path / "k", "coordinator")
 
 
+def listening_ports(pid: int, besides: tuple[str, ...] = (), count: int = 3, timeout: float = 60.0) -> list[int]:
+    """The TCP ports `pid`'s descendants listen on, other than those of the `besides` endpoints
+    (here: the stages' activation inputs), once there are `count` of them."""
+    skip = {int(e.rsplit(":", 1)[1]) for e in besides}
+    deadline = time.monotonic() + timeout
+    while True:
+        ports = set()
+        for p in psutil.Process(pid).children(recursive=True):
+            try:
+                ports |= {c.laddr.port for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+            except psutil.Error:
+                pass
+        ports -= skip
+        if len(ports) >= count or time.monotonic() > deadline:
+            assert len(ports) == count, f"expected {count} stage inputs, found ports {sorted(ports)}"
+            return sorted(ports)
+        time.sleep(0.1)
+
+
+def knock(ctx: zmq.Context, port: int, curve: Optional[tuple[bytes, bytes, bytes]] = None) -> zmq.Socket:
+    """A stranger pushing an activation-sized message at a stage's input: plain, or as a CURVE
+    client (`curve`: its public and secret key, and the server key it expects)."""
+    sock = ctx.socket(zmq.PUSH)
+    sock.linger = 0
+    if curve is not None:
+        sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = curve
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    sock.send_multipart([b"\x00" * 64, b"\x00" * 4096], flags=zmq.NOBLOCK)  # queued: nothing gets through
+    return sock
+
+
+def wait_for_stage_refusals(proc: subprocess.Popen, needle: str, stages: set[int],
+                            timeout: float = 60.0) -> list[str]:
+    """Read `proc`'s output until each of `stages` has logged a refusal containing `needle`."""
+    seen: list[str] = []
+    waiting = set(stages)
+    while waiting:
+        line, more = wait_for_line(proc, needle, timeout=timeout)
+        seen += more
+        waiting -= {s for s in waiting if line.startswith(f"[stage {s}] refused ")}
+    return seen
+
+
+def assert_no_secret_in(folder: Path, secrets: list[bytes]) -> None:
+    """No file under `folder` holds any of `secrets`, nor a secret key in ZeroMQ's certificate
+    format (a key this test does not know, as a local run's own)."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert files, folder
+    for path in files:
+        data = path.read_bytes()
+        assert not any(s in data for s in secrets) and b"secret-key" not in data, path
+
+
 def _monitor(endpoint: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "monitor", "--connect", endpoint,
                              "--json", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -125,19 +184,25 @@ def _monitor(endpoint: str, *args: str) -> subprocess.Popen:
 def test_secure_runs_refuse_strangers_and_go_on(tmp_path):
     """Two secure runs side by side, each disturbed once both listen, so they share one start-up:
     - A: a keys folder, its stages started by hand; a worker with a stranger's keys, a plain
-      worker and two monitors without an authorised key are refused, an authorised monitor
-      reads the status stream, and no secret key lands in the run folder;
+      worker and two monitors without an authorised key are refused, a stranger with CURVE keys
+      of its own (and the stages' public key, which is no secret) is refused at each stage's
+      activation input, an authorised monitor reads the status stream, and no secret key lands
+      in the run folder;
     - B: a local tcp run with no keys given makes its own: its stages get them at start, a
       monitor gets them from the private folder the run prints, a process without them is
-      refused, and the folder goes when the run ends (here by Ctrl-C, once all that is seen)."""
+      refused at the coordinator and a plain peer at each stage's activation input, no secret
+      lands in its run folder, and the key folder goes when the run ends (here by Ctrl-C, once
+      all that is seen). Each stage logs and counts what it refused, and trains on."""
     keys, stranger = tmp_path / "keys", tmp_path / "stranger"
     make_keys(keys)
     stranger.mkdir()  # knows the coordinator's public key, but has its own worker/monitor keys
     (stranger / "coordinator.key").write_bytes((keys / "coordinator.key").read_bytes())
     for role in ("worker", "monitor"):  # kept private, as a careful stranger would
         os.chmod(zmq.auth.create_certificates(stranger, role)[1], 0o600)
+    # A's last stage sleeps 10 ms a step (3.2 s for its 320): its stages take the refusals at
+    # their inputs in while they train
     coord = launch("coordinator", "--bind", "tcp://127.0.0.1:0", "--keys", str(keys), *JOB,
-                   "--epochs", "10", "--metrics-every", "0.2", "--out", str(tmp_path / "a"))
+                   "--epochs", "10", "--slow-stage", "3,10", "--metrics-every", "0.2", "--out", str(tmp_path / "a"))
     # B runs until it is interrupted (its last stage sleeping 25 ms a step: 40 s for its 50
     # epochs): its strangers, started after it listens, knock while it runs
     run = subprocess.Popen([sys.executable, "-u", str(ROOT / "launch.py"), "train", *JOB, "--transport", "tcp",
@@ -145,6 +210,8 @@ def test_secure_runs_refuse_strangers_and_go_on(tmp_path):
                             "--out", str(tmp_path / "b")],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     procs = [coord, run]
+    ctx = zmq.Context()
+    knocks: list[zmq.Socket] = []
     try:
         line, seen = wait_for_line(coord, "coordinator at ", timeout=60)
         endpoint = line.split("coordinator at ")[1].split(";")[0]
@@ -169,6 +236,18 @@ def test_secure_runs_refuse_strangers_and_go_on(tmp_path):
              "plain monitor": _monitor(status_b, "--no-secure", "--timeout", "3", "--count", "2"),
              "monitor": _monitor(status_b, "--keys", folder, "--timeout", "30", "--count", "2")}
         procs += [*a.values(), *b.values()]
+        # strangers at the stages' activation inputs: in A with CURVE keys of their own and the
+        # stages' public key, in B plain
+        stage_key = zmq.auth.load_certificate(keys / "worker.key")[0]
+        stranger_key = zmq.auth.load_certificate(stranger / "worker.key_secret")
+        knocks += [knock(ctx, port, (*stranger_key, stage_key)) for port in listening_ports(a["workers"].pid)]
+        knocks += [knock(ctx, port) for port in listening_ports(run.pid, besides=(endpoint_b, status_b))]
+        monitor_secret_b = Keys.load(folder, "monitor").secret  # B's one secret on disk, while it runs
+        a_refusals = wait_for_stage_refusals(a["workers"], "refused a peer with an unauthorised key", {1, 2, 3})
+        assert all("on a links socket" in line for line in a_refusals if "unauthorised key" in line), a_refusals
+        seen_b += wait_for_stage_refusals(run, "refused a failed handshake on the stage", {1, 2, 3})
+        for sock in knocks:  # a stranger that stays retries: once refused is enough here
+            sock.close(0)
         for p, why in ((a["intruder"], "refused this process's key"), (a["plain"], "one side uses CURVE"),
                        (b["plain"], "one side uses CURVE")):
             out, _ = p.communicate(timeout=60)
@@ -189,6 +268,9 @@ def test_secure_runs_refuse_strangers_and_go_on(tmp_path):
         assert coord.returncode == 0, coord_out[-3000:]
         assert a["workers"].wait(30) == 0
     finally:
+        for sock in knocks:
+            sock.close(0)
+        ctx.term()
         stop_all(*procs)
     # A: four strangers, each refused where it knocked (a peer that retries is refused again)
     assert "refused a peer with an unauthorised key" in coord_out and "on a links socket" in coord_out
@@ -197,12 +279,17 @@ def test_secure_runs_refuse_strangers_and_go_on(tmp_path):
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["secure"] and summary["refused_connections"] >= 4
     assert summary["steps"] == 10 * 32
+    # ... and the stranger at the stages' inputs, counted by each stage, which trained on
+    assert all(w["rejected_messages"] >= 1 and w["steps"] == 10 * 32 for w in summary["workers"][1:]), \
+        summary["workers"]
     secrets = [Keys.load(keys, role).secret for role in ("coordinator", "worker", "monitor")]
-    for path in (p for p in (tmp_path / "a").rglob("*") if p.is_file()):  # no secret key anywhere
-        data = path.read_bytes()
-        assert not any(s in data for s in secrets), path
+    assert_no_secret_in(tmp_path / "a", secrets)
     # B: the monitor's key does not outlive the run
     assert not os.path.exists(folder)
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["keys"] == "per-run" and summary["secure"]
     assert "refused a failed handshake on the coordinator socket" in "".join(seen_b) + rest_b
+    records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    refused = {r["stage"]: r["rejected_messages"] for r in records if r["event"] == "worker"}  # the latest
+    assert all(refused[stage] >= 1 for stage in (1, 2, 3)), refused
+    assert_no_secret_in(tmp_path / "b", [monitor_secret_b])
