@@ -126,3 +126,14 @@ class Compute:
 
 
 CPU = Compute(torch.device("cpu"))
+
+
+def device_of(module: torch.nn.Module, default: torch.device) -> str:
+    """Where `module` computes, as torch names it ("cpu", "cuda:0"): the device its parameters
+    are on (a module without any, its buffers'; without those either, `default`). What a
+    worker reports, so a run that asked for a device shows where it really ran."""
+    for t in module.parameters():
+        return str(t.device)
+    for t in module.buffers():
+        return str(t.device)
+    return str(default)

@@ -58,7 +58,7 @@ def run_backprop(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stre
     loss_fn = loss_function(cfg.loss, cfg.per_position)
     opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
     per_epoch = steps_per_epoch(len(ds.train), cfg.batch_size)
-    meter = Meter(0)
+    meter = Meter(0, model, dev.device)
     evals: list[dict] = []
     last_progress = time.monotonic()
     log(f"backprop: one process, {threads} torch threads, {dev.device} {cfg.precision}; "

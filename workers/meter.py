@@ -10,11 +10,18 @@ import time
 from typing import Optional
 
 import psutil
+import torch
+
+from synthgrad.common.devices import device_of
 
 
 class Meter:
-    def __init__(self, stage: int):
+    def __init__(self, stage: int, module: torch.nn.Module, default_device: torch.device):
+        """`module`: what the trainer computes with; every record names the device its
+        parameters are on (`default_device` where it has none)."""
         self.stage = stage
+        self.module = module
+        self.default_device = default_device
         self.proc = psutil.Process()
         self.proc.cpu_percent(None)
         self.steps = 0
@@ -46,6 +53,11 @@ class Meter:
             self._loss += loss * loss_weight
             self._losses += loss_weight
 
+    @property
+    def device(self) -> str:
+        """Where the trainer's parameters are, as torch names it ("cpu", "cuda:0")."""
+        return device_of(self.module, self.default_device)
+
     def due(self, every: float) -> bool:
         return time.monotonic() - self._last_report >= every
 
@@ -57,9 +69,9 @@ class Meter:
         now = time.monotonic()
         span = max(now - self._last_report, 1e-9)
         busy = self._compute if seconds is None else seconds["compute"]
-        rec = {"stage": self.stage, "pid": os.getpid(), "final": final, "step": self.last_step,
-               "steps": self.steps, "samples": self.samples, "samples_per_s": self._samples / span,
-               "busy_fraction": busy / span,
+        rec = {"stage": self.stage, "pid": os.getpid(), "device": self.device, "final": final,
+               "step": self.last_step, "steps": self.steps, "samples": self.samples,
+               "samples_per_s": self._samples / span, "busy_fraction": busy / span,
                **{f"{k}_fraction": v / span for k, v in (seconds or {}).items() if k != "compute"},
                "cpu_percent": self.proc.cpu_percent(None), "rss_mb": self.proc.memory_info().rss / 2**20}
         if self._losses:
@@ -74,6 +86,7 @@ class Meter:
         elapsed = (time.monotonic() if ended is None else ended) - self.started
         busy = self.compute_s if busy_s is None else busy_s
         return {"stage": self.stage, "pid": os.getpid(), "host": socket.gethostname(),
-                "steps": self.steps, "last_step": self.last_step, "samples": self.samples,
-                "elapsed_s": elapsed, "samples_per_s": self.samples / elapsed if elapsed > 0 else 0.0,
+                "device": self.device, "steps": self.steps, "last_step": self.last_step,
+                "samples": self.samples, "elapsed_s": elapsed,
+                "samples_per_s": self.samples / elapsed if elapsed > 0 else 0.0,
                 "busy_fraction": busy / elapsed if elapsed > 0 else 0.0}

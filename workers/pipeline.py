@@ -174,7 +174,7 @@ def run_rank(spec: RankSpec) -> None:
     r = _set_up(spec, cfg, run_dir)
     batches = split_batches(cfg, r.ds.train) if r.ds is not None else no_batches(r.per_epoch)
     metrics = JsonlLog(run_dir / "metrics.jsonl") if r.last else None
-    meter = Meter(r.rank)
+    meter = Meter(r.rank, r.module, r.dev.device)
     evals: list[dict] = []
     dist.barrier()
     meter.start()

@@ -25,7 +25,7 @@ class StageReporter:
         self.timings = timings
         self.send = send
         self.rejected = rejected  # messages this stage's links turned away so far
-        self.meter = Meter(stage)
+        self.meter = Meter(stage, logic.module, logic.dev.device)
         self.max_outstanding = 0  # most steps held at once awaiting their gradient (staleness)
 
     @property
