@@ -5,12 +5,13 @@ talks to. It decodes each message, checks who sent it, and hands it to the part 
 - the gradient relay (here): true and bootstrapped gradients from stage i to stage i-1, relayed
   as the frames that arrived (no copy), and counted;
 - checkpoints.py: when to checkpoint, who has saved what, the manifest;
-- watchdog.py: stages never ready, silent or stalled; heartbeats to the workers;
+- watchdog.py: the coordinator's liveness watch over its stages (common/liveness.py: exited,
+  silent, stalled, never ready); heartbeats to the workers;
 - the status stream (stream.py): reports and evaluations, to metrics.jsonl and monitors.
 
-It ends the run cleanly when every stage reports DONE, or with RunFailed naming the stage when
-one dies, reports an error, or the watchdog gives up; a first Ctrl-C / SIGTERM saves a checkpoint
-and stops, a second stops at once.
+It ends the run cleanly when every stage reports DONE, or with ProcessFailure (a RunFailed
+carrying the verdict) when a stage dies, reports an error, or the watchdog gives up; a first
+Ctrl-C / SIGTERM saves a checkpoint and stops, a second stops at once.
 """
 from __future__ import annotations
 
@@ -29,18 +30,19 @@ from synthgrad.common.config import ConfigError, RunConfig
 from synthgrad.common.endpoints import bind_wildcard, max_frame_bytes, set_heartbeats
 from synthgrad.common.evaluation import eval_line, eval_record
 from synthgrad.common.placement import Placement
-from synthgrad.common.procs import ProcessGroup, describe_exit
+from synthgrad.common.liveness import Cause, reported
+from synthgrad.common.procs import Child, ProcessGroup
 from synthgrad.common.security import Guard, RefusalLog
 from synthgrad.common.reports import run_summary
 from synthgrad.coordinator.checkpoints import CheckpointBook, StopAfterCheckpoint
 from synthgrad.coordinator.registry import Registry
 from synthgrad.coordinator.status import progress_line
 from synthgrad.coordinator.stream import StatusStream
-from synthgrad.coordinator.watchdog import RunFailed, Watchdog
+from synthgrad.coordinator.watchdog import ProcessFailure, RunFailed, Watchdog
 
 POLL_MS = 100
 
-__all__ = ["Coordinator", "RunFailed"]
+__all__ = ["Coordinator", "ProcessFailure", "RunFailed"]
 
 
 PEER_BACKLOG = 1000  # unread messages held per connected peer (ZMQ_RCVHWM of the ROUTER)
@@ -71,7 +73,7 @@ class Coordinator:
         self.stream = stream or StatusStream(cfg, self.run_dir, num_stages=self.num_stages,
                                              total_steps=total_steps, guard=self.guard)
         self.registry = Registry(self.num_stages)
-        self.watchdog = Watchdog(cfg, time.monotonic())
+        self.watchdog = Watchdog(cfg, time.monotonic(), self.num_stages)
         self.checkpoints = CheckpointBook(cfg, self.run_dir, self.num_stages, log, self._wall,
                                           committed=self._committed)
         self.done: dict[int, dict] = {}
@@ -123,7 +125,7 @@ class Coordinator:
         """The one way anything leaves the coordinator's socket. With ROUTER_MANDATORY a send to a
         peer whose connection has gone raises EHOSTUNREACH. That is news about the peer, never a
         reason to end the run: it is counted and logged here, and whether the stage is lost is
-        for the process group (a local stage that exited) and the watchdog (a silent one) to say.
+        for the watchdog to say (a local stage that exited, a silent one).
         Returns whether the message was handed to the peer's connection."""
         try:
             self.sock.send_multipart([identity, *frames], copy=False)
@@ -179,18 +181,18 @@ class Coordinator:
             self.watchdog.advanced(now)
             self.log(eval_line(rec))
         elif isinstance(msg, wire.Ready):
+            self.watchdog.ready(msg.stage)
             if self.registry.set_ready(msg.stage, msg.endpoint):
                 self._begin()
         elif isinstance(msg, wire.Saved):
             self.checkpoints.on_saved(msg)
         elif isinstance(msg, wire.Done):
-            self.watchdog.advanced(now)
+            self.watchdog.finished(msg.stage, now)
             self.done[msg.stage] = msg.summary
         elif isinstance(msg, wire.Error):
             last = self.checkpoints.last_complete
-            raise RunFailed(f"stage {msg.stage} failed: {msg.message}" + (
-                "" if last is None else f" (the last complete checkpoint is step {last}: "
-                                        f"--resume {self.run_dir})"))
+            hint = "" if last is None else f"the last complete checkpoint is step {last}: --resume {self.run_dir}"
+            raise ProcessFailure(reported(self.watchdog.process(msg.stage), msg.message, hint))
         else:
             self._reject(identity, f"unexpected {type(msg).__name__}")
 
@@ -201,6 +203,7 @@ class Coordinator:
             self.log(f"[coordinator] refused stage {msg.stage} (pid {msg.pid} on {msg.host}): {problem}")
             self._deliver(identity, wire.encode(wire.Stop(f"refused: {problem}")), "a refusal")
             return
+        self.watchdog.identify(msg.stage, msg.pid, msg.host)
         self.watchdog.heard(msg.stage, time.monotonic())
         self.log(f"[coordinator] stage {msg.stage} registered: pid {msg.pid} on {msg.host} "
                  f"({len(self.registry.registered)}/{self.num_stages})")
@@ -239,7 +242,7 @@ class Coordinator:
             self._reject(identities.get(msg.to_stage + 1, b"?"), f"gradient for unknown stage {msg.to_stage}")
             return
         if not self._deliver(identities[msg.to_stage], body, f"the gradient of step {msg.step}"):
-            return  # a stage that is gone: the process group or the watchdog says so
+            return  # a stage that is gone: the watchdog says so
         self.bytes_backward += sum(len(frame) for frame in body)
         if msg.true_grad:
             self.relayed_true[msg.to_stage] += 1
@@ -250,15 +253,18 @@ class Coordinator:
     def _wall(self) -> float:
         return self.wall_offset + time.monotonic() - (self.started or self.watchdog.created)
 
-    def _check(self, group: Optional[ProcessGroup]) -> None:
+    def adopt(self, stage: int, child: Child) -> None:
+        """`child` is stage `stage`, started on this host: the watchdog reads its exit status."""
+        self.watchdog.adopt(stage, child.process, child.process.pid, when="during the run")
+
+    def _check(self) -> None:
         self.refusals.take(self.guard)  # CURVE: peers without an authorised key
-        self.watchdog.check(time.monotonic(), self.registry.missing, self.registry.who, sorted(self.done))
-        if group is not None:
-            for child in group.dead():
-                stage = int(child.name.split("-")[1])
-                self._drain()  # an ERROR it sent before dying explains more than its exit code
-                raise RunFailed(f"stage {stage} (pid {child.process.pid}) "
-                                f"{describe_exit(child.process.exitcode)} during the run")
+        verdict = self.watchdog.verdict(time.monotonic())
+        if verdict is None:
+            return
+        if verdict.cause in (Cause.EXITED, Cause.KILLED):
+            self._drain()  # an ERROR it sent before dying explains more than its exit code
+        raise ProcessFailure(verdict)
 
     def _heartbeat(self) -> None:
         """Tell every registered worker, about every heartbeat_every, that the coordinator lives."""
@@ -301,8 +307,9 @@ class Coordinator:
         self.stopping.arm(signal.Signals(signum).name)
 
     def serve(self, group: Optional[ProcessGroup] = None) -> dict:
-        """Run until every stage is done; return the summary. Raises RunFailed, or
-        KeyboardInterrupt after Ctrl-C / SIGTERM (once a checkpoint is written)."""
+        """Run until every stage is done; return the summary. Raises ProcessFailure, or
+        KeyboardInterrupt after Ctrl-C / SIGTERM (once a checkpoint is written). `group`: the
+        stages started here (each adopted, `adopt`), waited for at the end."""
         handlers = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -314,7 +321,7 @@ class Coordinator:
                         self._handle(wire.receive(self.sock, envelope=1))
                         if not self.sock.poll(0):
                             break
-                self._check(group)
+                self._check()
                 self._heartbeat()
                 if self.started is not None and self.checkpoints.due():
                     self.request_checkpoint(f"every {self.cfg.checkpoint_every:g}s")

@@ -1,6 +1,7 @@
 """mode=pipeline, the launcher's side: start one rank process per stage (workers/pipeline.py),
-watch them (failing fast when one dies or the pipeline goes quiet), feed the run's status stream
-from the last rank's metrics.jsonl, and assemble the summary from the ranks' result files."""
+watch them (common/liveness.py: failing fast when one dies, never joins, or the pipeline goes
+quiet), feed the run's status stream from the last rank's metrics.jsonl, and assemble the
+summary from the ranks' result files."""
 from __future__ import annotations
 
 import json
@@ -13,53 +14,65 @@ from synthgrad.common.evaluation import eval_line
 from synthgrad.common.files import JsonlTail
 from synthgrad.common.modes import Mode
 from synthgrad.common.placement import Placement
-from synthgrad.common.procs import ProcessGroup, describe_exit
-from synthgrad.common.reports import progress_line, run_summary
+from synthgrad.common.liveness import Cause, Limit, Limits, Process, ProcessFailure, Verdict, Watch, reported
+from synthgrad.common.procs import ProcessGroup
+from synthgrad.common.reports import RunFailed, progress_line, run_summary
 from synthgrad.coordinator.stream import StatusStream
 from synthgrad.workers.pipeline import RankSpec, run_rank
 
-
-class PipelineFailed(RuntimeError):
-    pass
+PROGRESS = "no report from the pipeline ranks"
 
 
-def _rank_failure(run_dir: Path, child) -> str:
-    """Why the pipeline failed when `child` ended badly: the words a rank left (a non-finite
+def _limits(cfg: RunConfig) -> Limits:
+    """The ranks join within --start-timeout; afterwards the last rank reports at least every
+    --metrics-every, so a pipeline quiet for --stall-timeout (or two reports' time) has stalled.
+    Silence is not watched: the ranks talk over torch.distributed, whose own timeout covers a
+    rank that hangs inside a collective."""
+    return Limits(start=Limit(cfg.start_timeout, "they did not join the process group: raise --start-timeout"),
+                  stall=Limit(max(cfg.stall_timeout, 2 * cfg.metrics_every), f"--stall-timeout {cfg.stall_timeout:g}"),
+                  progress=PROGRESS)
+
+
+def _explained(run_dir: Path, watch: Watch, verdict: Verdict) -> Verdict:
+    """Why the pipeline failed when a rank ended badly: the words a rank left (a non-finite
     value; a rank writes them before it exits, so they are there by the time its peers die of
-    the closed connection), else how `child` exited."""
-    how = f"pipeline {child.name} (pid {child.process.pid}) {describe_exit(child.process.exitcode)}"
-    for said in sorted(run_dir.glob("pipeline-rank*.error.json")):
+    the closed connection), else how the rank exited."""
+    if verdict.cause not in (Cause.EXITED, Cause.KILLED):
+        return verdict
+    for rank in sorted(watch.entries):
         try:
-            return f"{said.name.split('.')[0]}: {json.loads(said.read_text())['error']}"
+            said = json.loads((run_dir / f"pipeline-rank{rank}.error.json").read_text())["error"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-    return how
+        return reported(watch.process(rank), str(said))
+    return verdict
 
 
 def run_pipeline(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stream: StatusStream,
                  total: int, placement: Placement) -> dict:
     """Start one process per stage, wait for them (failing fast when one dies), feed `stream`
     from the last rank's metrics.jsonl records, and return the run summary in the same shape as
-    the other modes'."""
+    the other modes'. Raises ProcessFailure with the verdict on the rank that failed."""
     world = len(cfg.stage_groups)
     if world < 2:
-        raise PipelineFailed("mode=pipeline needs at least two stages (--stages 2 or more)")
+        raise RunFailed("mode=pipeline needs at least two stages (--stages 2 or more)")
     rendezvous = run_dir / ".pipeline-rendezvous"
     rendezvous.unlink(missing_ok=True)
     for old in [*run_dir.glob("pipeline-rank*.json"), *run_dir.glob(".pipeline-rank*.started")]:
         old.unlink()
     group = ProcessGroup()
     t_created = time.monotonic()
+    watch = Watch(_limits(cfg), t_created)
     try:
         for rank in range(world):
-            group.start(f"pipeline-{rank}", run_rank,
-                        RankSpec(rank, world, cfg.to_dict(), str(run_dir), *placement.of(rank)[:2], total,
-                                 placement.yields_at(rank)))
+            child = group.start(f"pipeline-{rank}", run_rank,
+                                RankSpec(rank, world, cfg.to_dict(), str(run_dir), *placement.of(rank)[:2], total,
+                                         placement.yields_at(rank)))
+            watch.add(rank, Process.of_rank(rank, child.process.pid), handle=child.process, may_finish=True)
         log(f"pipeline: {world} stage processes ({cfg.schedule}, {cfg.microbatches} microbatches), "
             f"pids {', '.join(str(c.process.pid) for c in group.children)}")
         tail = JsonlTail(run_dir / "metrics.jsonl")  # the last rank's reports and evaluations
-        joined = None  # time.monotonic() when every rank had joined
-        last_sign = last_progress = time.monotonic()
+        last_progress = time.monotonic()
 
         def follow(rec: dict) -> None:
             """Hand one of the last rank's records to the stream; log progress and evaluations."""
@@ -73,28 +86,26 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stre
                 stream.eval(rec, logged=True)
                 log(eval_line(rec))
 
-        while not all(c.process.exitcode is not None for c in group.children):
-            for c in group.dead():
-                if c.process.exitcode != 0:
-                    raise PipelineFailed(_rank_failure(run_dir, c))
+        while not watch.all_ended():
             now = time.monotonic()
-            started = len(list(run_dir.glob(".pipeline-rank*.started")))
-            if started < world and now - t_created > cfg.start_timeout:
-                raise PipelineFailed(f"only {started} of {world} pipeline stages joined the process "
-                                     f"group within {cfg.start_timeout:.0f}s (raise --start-timeout)")
-            if started == world and joined is None:
-                joined = last_sign = now
+            if watch.started is None:
+                for rank in range(world):
+                    if (run_dir / f".pipeline-rank{rank}.started").exists():  # the rank's start marker
+                        watch.ready(rank)
+                if watch.all_ready():
+                    watch.start(now)
             for rec in tail.read():
-                last_sign = now
+                watch.advanced(now)
                 follow(rec)
-            if joined is not None:
-                stream.tick(now - joined)
-                if now - last_sign > max(cfg.stall_timeout, 2 * cfg.metrics_every):
-                    raise PipelineFailed(f"the pipeline wrote no metrics for {cfg.stall_timeout:.0f}s")
+            verdict = watch.verdict(now)
+            if verdict is not None:
+                raise ProcessFailure(_explained(run_dir, watch, verdict))
+            if watch.started is not None:
+                stream.tick(now - watch.started)
             time.sleep(0.1)
-        bad = [c for c in group.children if c.process.exitcode != 0]
+        bad = watch.exits()
         if bad:
-            raise PipelineFailed(_rank_failure(run_dir, bad[0]))
+            raise ProcessFailure(_explained(run_dir, watch, bad[0]))
     finally:
         group.shutdown()
         rendezvous.unlink(missing_ok=True)

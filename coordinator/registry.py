@@ -64,12 +64,3 @@ class Registry:
 
     def downstream(self, stage: int) -> str:
         return self.ready[stage + 1] if stage + 1 < self.num_stages else ""
-
-    def missing(self) -> list[int]:
-        """Stages not registered yet, or (all registered) not ready yet."""
-        everyone = set(range(self.num_stages))
-        return sorted(everyone - set(self.registered)) or sorted(everyone - set(self.ready))
-
-    def who(self, stage: int) -> str:
-        reg = self.registered.get(stage)
-        return f"pid {reg.pid} on {reg.host}" if reg else "not registered"

@@ -21,12 +21,13 @@ from synthgrad.common.data import total_steps
 from synthgrad.common.datasets import StreamOptions, check_dataset, count_train, data_spec
 from synthgrad.common.endpoints import tcp_host
 from synthgrad.common.files import atomic_write_json
+from synthgrad.common.liveness import Verdict
 from synthgrad.common.security import Guard, Keys, MonitorKeys, local_run_keys, resolve_keys
 from synthgrad.common.placement import Placement
 from synthgrad.common.procs import ProcessGroup, warm_up, worker_environment
-from synthgrad.coordinator.coordinator import Coordinator, RunFailed
+from synthgrad.coordinator.coordinator import Coordinator, ProcessFailure, RunFailed
 from synthgrad.coordinator.layout import plan_layout
-from synthgrad.coordinator.pipeline import PipelineFailed, run_pipeline
+from synthgrad.coordinator.pipeline import run_pipeline
 from synthgrad.coordinator import record
 from synthgrad.coordinator.resume import read_manifest
 from synthgrad.coordinator.stream import StatusStream
@@ -141,10 +142,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
         if cfg.mode == Mode.BACKPROP:
             summary = run_backprop(cfg, run_dir, log, stream, total)
         elif cfg.mode == Mode.PIPELINE:
-            try:
-                summary = run_pipeline(cfg, run_dir, log, stream, total, layout.placement)
-            except PipelineFailed as exc:
-                raise RunFailed(str(exc)) from None
+            summary = run_pipeline(cfg, run_dir, log, stream, total, layout.placement)
         elif bind is None and cfg.on_failure == "restart":
             summary = _train_restarting(cfg, run_dir, total, log, stream, resume, worker_keys,
                                         layout.placement)
@@ -225,9 +223,10 @@ def _write_summary(run_dir: Path, summary: dict, log: Callable[[str], None]) -> 
 def _train_restarting(cfg: RunConfig, run_dir: Path, total: int, log: Callable[[str], None],
                       stream: StatusStream, resume: Optional[dict], worker_keys: Optional[Keys],
                       placement: Placement) -> dict:
-    """--on-failure restart: when the run fails (a stage died, hung or reported an error), stop
-    every stage and start them all again from the last checkpoint complete on every stage: the
-    surviving stages have moved past it, and one consistent cut is what makes the result exact."""
+    """--on-failure restart: when the watchdog gives its verdict on a stage (it died, hung,
+    reported an error, or the run stalled), stop every stage and start them all again from the
+    last checkpoint complete on every stage: the surviving stages have moved past it, and one
+    consistent cut is what makes the result exact. Each failure is recorded from its verdict."""
     failures: list[dict] = []
     t_run = time.monotonic()
     wall0 = resume["wall_s"] if resume else 0.0
@@ -241,27 +240,37 @@ def _train_restarting(cfg: RunConfig, run_dir: Path, total: int, log: Callable[[
             if failures:  # failure noticed -> training again
                 failures[-1]["restart_s"] = failures[-1]["shutdown_s"] + summary["startup_s"]
             break
-        except RunFailed as exc:
+        except ProcessFailure as exc:
             failed_at = time.monotonic()
             if len(failures) >= cfg.max_restarts:
-                raise RunFailed(f"{exc} (after {len(failures)} restarts; --max-restarts {cfg.max_restarts})") from None
+                raise ProcessFailure(exc.verdict, note=f"after {len(failures)} restarts; "
+                                                       f"--max-restarts {cfg.max_restarts}") from None
             manifest = (run_dir / "checkpoints" / "manifest.json")
             resume = read_manifest(run_dir) if manifest.is_file() else resume
             if resume is not None and resume.get("final"):
                 resume = None  # a final manifest of an earlier run in this folder is not ours
             reached = stream.latest.get(len(cfg.stage_groups) - 1, {}).get("step", -1)
             restart_from = resume["step"] if resume else -1
-            failures.append({"error": str(exc), "after_s": failed_at - t_try, "reached_step": reached,
-                             "restarted_from_step": restart_from,
+            failures.append({**_failure_record(exc.verdict), "after_s": failed_at - t_try,
+                             "reached_step": reached, "restarted_from_step": restart_from,
                              "steps_lost": max(reached - restart_from, 0), "_failed_at": failed_at})
             if resume is not None:  # the wall clock of the run goes on across restarts
                 resume = {**resume, "wall_s": wall0 + time.monotonic() - t_run}
-            log(f"run failed: {exc}")
+            log(f"run failed: {exc.verdict}")
             log("restarting every stage from " + (f"the checkpoint at step {restart_from}" if resume else
                 "the beginning (no checkpoint yet)") + f" (restart {len(failures)} of at most {cfg.max_restarts})")
     summary["failures"] = failures
     summary["restarts"] = len(failures)
     return summary
+
+
+def _failure_record(verdict: Verdict) -> dict:
+    """A failure as the summary lists it: the verdict's words, and what they say as data (the
+    cause, which process)."""
+    who = verdict.process
+    return {"error": str(verdict), "cause": verdict.cause.value,
+            "process": who.name if who is not None else None,
+            "pid": who.pid if who is not None else None}
 
 
 def _coordinator_only(cfg: RunConfig, bind: str) -> RunConfig:
@@ -306,7 +315,7 @@ def _train_workers(cfg: RunConfig, run_dir: Path, total: int, log: Callable[[str
         for stage in range(coord.num_stages):
             spec = WorkerSpec(stage, coord.endpoint, os.getpid(), cfg.transport, cfg.host,
                               keys=worker_keys)
-            group.start(f"stage-{stage}", run_worker, spec)
+            coord.adopt(stage, group.start(f"stage-{stage}", run_worker, spec))
         log(f"coordinator at {coord.endpoint}; started {coord.num_stages} workers "
             f"(pids {', '.join(str(c.process.pid) for c in group.children)})")
         return coord.serve(group)

@@ -61,7 +61,7 @@ def test_a_diverged_pipeline_fails_naming_rank_and_step(tiny_cfg):
     from synthgrad import RunFailed
     cfg = tiny_cfg.replace(mode="pipeline", schedule="gpipe", microbatches=1, stages=2, optimizer="sgd",
                            lr=100.0, momentum=0.99, steps=60, epochs=2)
-    with pytest.raises(RunFailed, match=r"pipeline-rank\d: stage \d: .* of step \d+ is NaN or infinite"):
+    with pytest.raises(RunFailed, match=r"pipeline rank \d failed: stage \d: .* of step \d+ is NaN or infinite"):
         run(cfg)
     summary = json.loads((Path(cfg.out) / "summary.json").read_text())
     assert summary["status"] == "failed" and "NaN or infinite" in summary["error"]

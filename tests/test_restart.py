@@ -50,6 +50,8 @@ def test_killed_stage_restarts_from_the_checkpoint_and_the_result_is_unchanged(t
     assert summary["restarts"] == 1
     failure = summary["failures"][0]
     assert "killed by SIGKILL" in failure["error"]
+    # the policy records the verdict as data: which process, what became of it
+    assert (failure["cause"], failure["process"], failure["pid"]) == ("killed", "stage 2", victim)
     # it restarted from the last checkpoint the log called complete before the failure
     before = out.split("run failed:")[0]
     saved = [int(x) for x in re.findall(r"checkpoint: step (\d+) saved", before)]

@@ -2,9 +2,11 @@
 this host for activations from the stage before, the PUSH connected to the stage after.
 
 Everything about moving messages lives here: encoding and decoding (a malformed message is a
-counted rejection, never an exception), the simulated link delay (testing), noticing a vanished
-coordinator, and the one wait loop. Every wait polls the coordinator socket too, so gradients
-are handled while the stage would otherwise sit idle.
+counted rejection, never an exception), the simulated link delay (testing), the heartbeats that
+keep both ends' watches fed, and the one wait loop. Whether the coordinator is still there is
+the stage's `Watch` over it to say (common/liveness.py: its pid, when on this host, and its
+silence). Every wait polls the coordinator socket too, so gradients are handled while the
+stage would otherwise sit idle.
 """
 from __future__ import annotations
 
@@ -26,21 +28,18 @@ from synthgrad.common import wire
 from synthgrad.common.config import RunConfig
 from synthgrad.common.devices import wire_dtype
 from synthgrad.common.endpoints import bind_wildcard, max_frame_bytes, set_heartbeats
-from synthgrad.common.procs import alive
+from synthgrad.common.liveness import Cause, Limit, Limits, Process, ProcessFailure, Watch
 from synthgrad.common.security import Guard, HandshakeWatch, Keys, RefusalLog
 from synthgrad.workers.timings import Timings
 
 POLL_MS = 100
-LIVENESS_EVERY_S = 1.0
+LIVENESS_EVERY_S = 1.0  # how often the coordinator's pid is probed, and refusals collected
+COORDINATOR = "coordinator"  # the one key of a stage's watch
 DEFAULT_MAX_BYTES = 256 << 20  # before START says the run's bound
 
 
 class Stopped(Exception):
     """The coordinator said stop."""
-
-
-class CoordinatorGone(RuntimeError):
-    pass
 
 
 @dataclass
@@ -87,8 +86,12 @@ class Links:
         self.refusals = RefusalLog(lambda line: print(f"[stage {stage}] {line}", file=sys.stderr, flush=True))
         self._held: collections.deque[tuple[float, wire.Grad]] = collections.deque()
         self._pollers: dict[tuple[int, int], zmq.Poller] = {}
-        self._last_liveness = time.monotonic()
-        self._last_from_coord = self._last_to_coord = time.monotonic()
+        self._last_liveness = self._last_to_coord = time.monotonic()
+        # the coordinator: gone (its pid, when on this host) at once; silent once configured
+        self.watch = Watch(created=self._last_liveness)
+        pid = coordinator_pid if coordinator_pid > 0 else None
+        self.watch.add(COORDINATOR, Process.of_coordinator(coordinator, pid),
+                       pid_every=LIVENESS_EVERY_S if pid is not None else 0.0)
 
     # ------------------------------------------------------------------ set up
     def configure(self, cfg: RunConfig, in_shape: tuple[int, ...], num_classes: int, is_last: bool,
@@ -102,6 +105,9 @@ class Links:
         self.handlers = handlers
         self.max_bytes = cfg.max_message_mb << 20
         self.delay = cfg.link_delay_ms / 1000.0
+        timeout = cfg.heartbeat_timeout
+        self.watch.limits = Limits(silence=Limit(timeout, f"--heartbeat-timeout {timeout:g}"))
+        self.watch.start(time.monotonic())
         if self.stage > 0:
             # the high-water mark must be set before bind: a listener copies its options then
             self.inbox = self.ctx.socket(zmq.PULL)
@@ -137,7 +143,7 @@ class Links:
         """One message from the coordinator (None for a heartbeat or a malformed message);
         anything that arrives proves the coordinator alive."""
         msg = self.decode(wire.receive(self.coord))
-        self._last_from_coord = time.monotonic()
+        self.watch.heard(COORDINATOR, time.monotonic())
         return None if isinstance(msg, wire.Heartbeat) else msg
 
     def poll_coord(self, timeout_ms: int) -> bool:
@@ -145,30 +151,24 @@ class Links:
 
     def heard_from_coordinator_now(self) -> None:
         """Restart the silence clock (after a long blocking step such as building the model)."""
-        self._last_from_coord = time.monotonic()
+        self.watch.heard(COORDINATOR, time.monotonic())
 
     def check_liveness(self) -> None:
-        """Heartbeats both ways once the run is configured; a coordinator silent for longer than
-        --heartbeat-timeout, or (same host) gone, raises CoordinatorGone."""
+        """Heartbeats both ways once the run is configured; raises ProcessFailure when the watch
+        finds the coordinator gone (same host) or silent past --heartbeat-timeout."""
         now = time.monotonic()
-        cfg = self.cfg
-        if cfg is not None:
-            if now - self._last_to_coord >= cfg.heartbeat_every:
-                self.send_coord(wire.Heartbeat(self.stage))
-            if now - self._last_from_coord > cfg.heartbeat_timeout and not self.coord.poll(0):
-                raise CoordinatorGone(
-                    f"stage {self.stage}: no word from the coordinator at {self.coordinator} for "
-                    f"{now - self._last_from_coord:.1f}s (dead, hung or unreachable; "
-                    f"--heartbeat-timeout {cfg.heartbeat_timeout:g}); exiting")
+        if self.cfg is not None and now - self._last_to_coord >= self.cfg.heartbeat_every:
+            self.send_coord(wire.Heartbeat(self.stage))
+        verdict = self.watch.verdict(now)
+        # a message waiting to be read is word from the coordinator, however late it is read
+        if verdict is not None and not (verdict.cause is Cause.SILENT and self.coord.poll(0)):
+            raise ProcessFailure(verdict, by=f"stage {self.stage}")
         if now - self._last_liveness < LIVENESS_EVERY_S:
             return
         self._last_liveness = now
         before = self.refusals.count
         self.refusals.take(self.guard)  # CURVE: a peer without an authorised key
         self.rejected += self.refusals.count - before
-        if self.coordinator_pid > 0 and not alive(self.coordinator_pid):
-            raise CoordinatorGone(f"stage {self.stage}: coordinator (pid "
-                                  f"{self.coordinator_pid}) is gone; exiting")
 
     # ------------------------------------------------------------------ decoding
     def decode(self, frames) -> Optional[wire.Message]:

@@ -17,7 +17,8 @@ from synthgrad.common.config import ConfigError
 from synthgrad.common.endpoints import CONNECT_TIMEOUT_S, address_towards, tcp_host
 from synthgrad.common.security import resolve_keys
 from synthgrad.common.placement import plan_placement
-from synthgrad.common.procs import ProcessGroup, describe_exit
+from synthgrad.common.liveness import Process, Watch
+from synthgrad.common.procs import ProcessGroup
 from synthgrad.workers.worker import WorkerSpec, run_worker
 
 
@@ -59,12 +60,15 @@ def run_stages(job: RemoteStages, log: Callable[[str], None] = print) -> int:
     """Start the stages, wait for all of them, stop them on Ctrl-C; 0 if every one exited 0."""
     specs = job.specs()
     group = ProcessGroup()
+    watch = Watch()  # how each stage ended, said as the coordinator would (common/liveness.py)
     try:
         for spec in specs:
-            group.start(f"stage-{spec.stage}", run_worker, spec)
+            child = group.start(f"stage-{spec.stage}", run_worker, spec)
+            watch.add(spec.stage, Process.of_stage(spec.stage, child.process.pid), handle=child.process,
+                      may_finish=True)
         log(f"stages {list(job.stages)} on {specs[0].host} (pids "
             f"{', '.join(str(c.process.pid) for c in group.children)}) -> {job.coordinator}")
-        while len(group.dead()) < len(group.children):
+        while not watch.all_ended():
             time.sleep(0.2)
     except KeyboardInterrupt:
         log("interrupted: stopping the stages started here")
@@ -72,7 +76,7 @@ def run_stages(job: RemoteStages, log: Callable[[str], None] = print) -> int:
         return 130
     finally:
         group.shutdown()
-    failed = [c for c in group.children if c.process.exitcode != 0]
-    for c in failed:
-        log(f"{c.name} (pid {c.process.pid}) {describe_exit(c.process.exitcode)}")
+    failed = watch.exits()
+    for verdict in failed:
+        log(str(verdict))
     return 1 if failed else 0

@@ -35,13 +35,8 @@ import torch.distributed as dist
 
 from synthgrad.common.config import RunConfig
 from synthgrad.common.devices import Compute
-from synthgrad.common.procs import (
-    ProcessGroup,
-    describe_exit,
-    die_with_parent,
-    pin_to_core,
-    yield_cpu,
-)
+from synthgrad.common.liveness import Process, ProcessFailure, Watch
+from synthgrad.common.procs import ProcessGroup, die_with_parent, pin_to_core, yield_cpu
 from synthgrad.common.reports import RunFailed
 from synthgrad.workers.stage import StageLogic, StagePlan, build_stage
 from synthgrad.workers.sync import GradientSync
@@ -49,13 +44,10 @@ from synthgrad.workers.sync import GradientSync
 FORWARD, LOCAL_UPDATE, RECEIVE_GRAD, LAST_STEP, STOP = range(1, 6)
 # Collectives wait this long: a replica idles in one while the leader evaluates, checkpoints or
 # waits for its input. A replica that dies closes its connections, which fails the leader's next
-# collective at once; a leader that dies takes its replicas with it (die_with_parent); a leader
-# that hangs is the coordinator's watchdog's to notice.
+# collective at once, and the leader's watch names it (common/liveness.py); a leader that dies
+# takes its replicas with it (die_with_parent); a leader that hangs is the coordinator's
+# watchdog's to notice.
 IDLE_TIMEOUT = timedelta(days=7)
-
-
-class ReplicaGone(RunFailed):
-    """A replica of this stage has exited: the stage cannot go on (a restart starts it anew)."""
 
 
 @dataclass(frozen=True)
@@ -105,11 +97,12 @@ class ReplicatedLogic:
     state: kept steps, statistics, the module for checkpoints and evaluation)."""
 
     def __init__(self, logic: StageLogic, replicas: int, group: Any, procs: ProcessGroup, rendezvous: Path,
-                 rows: Rows):
+                 rows: Rows, watch: Watch):
         self.logic = logic
         self.replicas = replicas
         self.group = group
         self.procs = procs
+        self.watch = watch  # the replicas' exits, each by its number (not its process's name)
         self.rows = rows
         self._rendezvous = rendezvous
         self._closed = False
@@ -125,11 +118,13 @@ class ReplicatedLogic:
         rendezvous = folder / "group"
         rows = Rows.make(cfg.batch_size, plan.in_shape, plan.out_shape, replicas)
         procs = ProcessGroup()
+        watch = Watch()  # no limits: a replica is judged by its exit (see IDLE_TIMEOUT)
         try:
             for r in range(1, replicas):
-                procs.start(f"replica {r}", run_replica, ReplicaSpec(
+                child = procs.start(f"replica {r}", run_replica, ReplicaSpec(
                     stage, r, replicas, cfg.to_dict(), str(rendezvous), *blocks[r], total_steps, rows,
                     resume_path or "", resume_step, yields))
+                watch.add(r, Process.of_replica(stage, r, child.process.pid), handle=child.process)
             dist.init_process_group("gloo", init_method=rendezvous.as_uri(), rank=0, world_size=replicas,
                                     timeout=timedelta(seconds=cfg.start_timeout))
             group = dist.new_group(list(range(replicas)), timeout=IDLE_TIMEOUT)
@@ -138,7 +133,7 @@ class ReplicatedLogic:
             raise
         assert logic.sync is not None
         logic.sync.group = group
-        return cls(logic, replicas, group, procs, folder, rows)
+        return cls(logic, replicas, group, procs, folder, rows, watch)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.logic, name)
@@ -210,19 +205,16 @@ class ReplicatedLogic:
     @contextmanager
     def _replicas_alive(self) -> Iterator[None]:
         """A collective that fails because a replica has gone says which and how (gloo only
-        says that a connection closed)."""
+        says that a connection closed): ProcessFailure with the watch's verdict."""
         try:
             yield
         except RuntimeError as exc:
             deadline = time.monotonic() + 2.0  # its exit status comes through the fork server
-            while not self.procs.dead() and time.monotonic() < deadline:
+            while not (gone := self.watch.exits()) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            gone = self.procs.dead()
             if not gone:
                 raise
-            c = gone[0]
-            raise ReplicaGone(f"stage {self.logic.stage}: its {c.name} (pid {c.process.pid}) "
-                              f"{describe_exit(c.process.exitcode)}") from exc
+            raise ProcessFailure(gone[0]) from exc
 
     def _command(self, op: int, step: int, flag: bool = False, *inputs: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Put the call's inputs (buffer, batch) in shared memory, then tell every replica."""

@@ -30,12 +30,13 @@ from synthgrad.common.devices import Compute, stage_device
 from synthgrad.common.endpoints import CONNECT_TIMEOUT_S
 from synthgrad.common.evaluation import EvalTally
 from synthgrad.common.files import atomic_write_json
+from synthgrad.common.liveness import ProcessFailure, Role
 from synthgrad.common.placement import replica_blocks, self_sized_threads
 from synthgrad.common.procs import available_cores, die_with_parent, openmp_threads_sleep, pin_to_core, yield_cpu
 from synthgrad.common.security import Keys
 from synthgrad.common.wire import Phase
 from synthgrad.workers.checkpointing import StageCheckpoints, final_path
-from synthgrad.workers.links import POLL_MS, CoordinatorGone, Handlers, Links, Stopped
+from synthgrad.workers.links import POLL_MS, Handlers, Links, Stopped
 from synthgrad.workers.replicas import ReplicatedLogic
 from synthgrad.workers.reporting import StageReporter
 from synthgrad.workers.schedule import (
@@ -366,9 +367,14 @@ def run_worker(spec: WorkerSpec) -> None:
         worker.run()
     except Stopped:
         pass
-    except (CoordinatorGone, Refused, TimeoutError) as exc:
+    except (Refused, TimeoutError) as exc:
         print(str(exc), file=sys.stderr, flush=True)
         code = 1
+    except ProcessFailure as exc:  # the coordinator is gone (nobody to tell), or a replica is
+        print(str(exc), file=sys.stderr, flush=True)
+        code = 1
+        if not exc.verdict.about(Role.COORDINATOR):
+            _report(worker, spec.stage, str(exc.verdict))
     except SystemExit as exc:  # SIGTERM: told to stop, nothing to report
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException as exc:  # report anything, then exit non-zero
@@ -376,10 +382,15 @@ def run_worker(spec: WorkerSpec) -> None:
         tb = traceback.format_exc(limit=4)
         msg = f"{type(exc).__name__}: {exc}"
         print(f"[stage {spec.stage}] {tb}", file=sys.stderr, flush=True)
-        try:
-            worker.links.send_coord(wire.Error(spec.stage, msg))
-        except zmq.ZMQError:
-            pass
+        _report(worker, spec.stage, msg)
     finally:
         worker.close()
     sys.exit(code)
+
+
+def _report(worker: LayerWorker, stage: int, message: str) -> None:
+    """Tell the coordinator why this stage cannot go on (ERROR), if it can still be told."""
+    try:
+        worker.links.send_coord(wire.Error(stage, message))
+    except zmq.ZMQError:
+        pass
