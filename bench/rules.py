@@ -34,7 +34,7 @@ from synthgrad.common.config import RunConfig  # noqa: E402
 from synthgrad.common.data import eval_batches, train_batches  # noqa: E402
 from synthgrad.common.datasets import run_dataset  # noqa: E402
 from synthgrad.common.models import build_units, stage_bounds, stage_io_shapes  # noqa: E402
-from synthgrad.common.modes import Corrected, Delayed, Local, UpdateRule  # noqa: E402
+from synthgrad.common.modes import Corrected, UpdateRule  # noqa: E402
 from synthgrad.workers.stage import StageLogic  # noqa: E402
 
 
@@ -42,49 +42,19 @@ class Swapped(Corrected):
     """As corrected, but a true-gradient step takes no local update: its one update is the true
     gradient when it arrives (so every step still makes exactly one update)."""
 
-    def local_gradient(self, stage, step, h, labels, kept):
-        if kept is not None and kept.h is not None:
-            stage.head_gradient(step, h, labels)  # the head still learns from this step
-            return None
-        return stage.head_gradient(step, h, labels)
+    def local_gradient(self, step, h, labels, kept):
+        head = self.parts.head.gradient(step, h, labels)  # the head learns from every step
+        return None if kept is not None and kept.h is not None else head
 
 
-class Residual(UpdateRule):
-    """A synthetic gradient on top of the local head's: step on dL_head/dh + SG(h), where the
-    predictor learns only the residual (true - head gradient) from every N-th true gradient.
-    Run with full steps and no true updates (make_rule's settings): the stage scales its step
-    by the predictor's cosine, which would scale the head's part too."""
-    uses_head = True
-    uses_predictor = True
-
-    def lr_scale(self, sg_update_lr_scale: float, is_last: bool) -> float:
-        return 1.0  # the head's part is a true gradient of a local loss
-
-    def local_gradient(self, stage, step, h, labels, kept):
-        head = stage.head_gradient(step, h, labels)
-        per_sample = stage.predict(h, labels)
-        if kept is not None and kept.h is not None:
-            kept.sg_pred = per_sample
-            kept.head_grad = head
-        return head + per_sample / h.shape[0]
-
-    def on_gradient(self, stage, step, kept, g, true_grad):
-        stage.learn_predictor(step, kept, g - kept.head_grad)
-        return stage.true_dx(kept, g) if true_grad else None
-
-
-# settings a candidate rule needs whatever --set says (see its class)
-RULE_SETTINGS = {"residual": {"sg_trust_scale": False, "sg_true_updates": False}}
-
-
-def make_rule(name: str) -> tuple[str, UpdateRule | None, int]:
-    """(mode for the config, rule object or None for the mode's own, N)."""
+def make_rule(name: str) -> tuple[str, type[UpdateRule] | None, int]:
+    """(mode for the config, rule class or None for the mode's own, N)."""
     base, _, n = name.partition(":")
     every = int(n) if n else 1
     return {"backprop": ("locked", None, 1), "unlocked": ("unlocked", None, every),
-            "local": ("local", Local(), 1), "delayed": ("delayed", Delayed(), 1),
-            "corrected": ("corrected", Corrected(), every), "swapped": ("local", Swapped(), every),
-            "residual": ("unlocked", Residual(), every)}[base]
+            "local": ("local", None, 1), "delayed": ("delayed", None, 1),
+            "corrected": ("corrected", None, every), "swapped": ("corrected", Swapped, every),
+            "residual": ("residual", None, every)}[base]
 
 
 @torch.no_grad()
@@ -102,7 +72,7 @@ def _dead_units(stages: list[StageLogic], x: torch.Tensor) -> list[float]:
 
 def train_rule(name: str, cfg: RunConfig, ds, hop_delay: int) -> dict:
     mode, rule, every = make_rule(name)
-    cfg = cfg.replace(mode=mode, true_grad_every=every, **RULE_SETTINGS.get(name.partition(":")[0], {}))
+    cfg = cfg.replace(mode=mode, true_grad_every=every)
     rule = rule or cfg.rule
     delay = 0 if name == "backprop" else hop_delay
     units = build_units(cfg)
@@ -152,7 +122,7 @@ def train_rule(name: str, cfg: RunConfig, ds, hop_delay: int) -> dict:
         correct += int((h.argmax(1) == y).sum())
         total += int(y.shape[0])
     return {"rule": name, "test_accuracy": correct / total, "steps": step, "dead_units": dead,
-            "sg_cosine": [round(st.sg_trust, 3) for st in stages if st.sg is not None],
+            "sg_cosine": [round(st.parts.predictor.trust, 3) for st in stages if st.parts.predictor is not None],
             "gradients_back_per_step": sent_back / step, "seconds": time.perf_counter() - t0}
 
 

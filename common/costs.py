@@ -12,6 +12,7 @@ the same partition and placement on every machine.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -214,16 +215,55 @@ def choose_head(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float) ->
 
 
 def predictor_cost(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float = 0.0) -> float:
-    """FLOPs per sample a (non-last) stage spends on its own helper model, averaged over steps:
+    """FLOPs per sample a (non-last) stage spends on its own helper models, averaged over steps:
     a synthetic-gradient model predicts every step and trains (forward and backward) on
     true-gradient steps; a local classifier head trains every step. `stage_flops`: the stage's
-    own layers, which an auto-sized predictor is priced against (choose_predictor)."""
+    own layers, which auto-sized helpers are priced against."""
+    helpers = choose_helpers(cfg, is_last=False, out_shape=out_shape, stage_flops=stage_flops)
+    return sum(c.flops for c in (helpers.predictor, helpers.head) if c is not None)
+
+
+@dataclass(frozen=True)
+class Helpers:
+    """The helper models a stage's rule uses, chosen once by its layout (coordinator/layout.py)
+    and carried to the stage in START, which builds exactly these. None / empty: none of that
+    kind."""
+    predictor: Optional[PredictorChoice] = None
+    head: Optional[HeadChoice] = None
+    state_predictors: tuple[PredictorChoice, ...] = ()  # one per recurrent layer (stream data)
+
+    def to_dict(self) -> dict:
+        return {"predictor": None if self.predictor is None else dataclasses.asdict(self.predictor),
+                "head": None if self.head is None else dataclasses.asdict(self.head),
+                "state_predictors": [dataclasses.asdict(c) for c in self.state_predictors]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Helpers":
+        try:
+            return cls(None if d.get("predictor") is None else PredictorChoice(**d["predictor"]),
+                       None if d.get("head") is None else HeadChoice(**d["head"]),
+                       tuple(PredictorChoice(**c) for c in d.get("state_predictors") or ()))
+        except (TypeError, AttributeError) as exc:
+            raise ValueError(f"helper models: {exc}") from None
+
+    def flops(self) -> float:
+        return sum(c.flops for c in (self.predictor, self.head, *self.state_predictors) if c is not None)
+
+
+def choose_helpers(cfg: RunConfig, *, is_last: bool, out_shape: Sequence[int], stage_flops: float,
+                   state_widths: Sequence[int] = ()) -> Helpers:
+    """The helper models the run's rule gives a stage: a predictor of its output and a local
+    head (not on the last stage, whose gradient is exact) where the rule uses them, and a state
+    predictor per recurrent layer (`state_widths`) where the rule predicts gradients on stream
+    data, every one priced against the stage's own training FLOPs (`stage_flops`)."""
     rule = Mode(cfg.mode).rule  # None for the modes with processes of their own (pipeline)
-    if rule is not None and rule.uses_head:
-        return choose_head(cfg, out_shape, stage_flops).flops
-    if rule is None or not rule.uses_predictor:
-        return 0.0
-    return choose_predictor(cfg, out_shape, stage_flops).flops
+    if rule is None:
+        return Helpers()
+    predictor = choose_predictor(cfg, out_shape, stage_flops) if rule.uses_predictor and not is_last else None
+    head = choose_head(cfg, out_shape, stage_flops) if rule.uses_head and not is_last else None
+    states = tuple(choose_predictor(cfg.replace(conditioned=False), (width,), stage_flops)
+                   for width in state_widths) if rule.uses_predictor and cfg.per_position else ()
+    return Helpers(predictor, head, states)
 
 
 def stage_costs(cfg: RunConfig, groups: Sequence[int], units: Optional[Sequence[nn.Module]] = None,

@@ -1,26 +1,31 @@
 """The mode vocabulary: every way synthgrad can train, and, for the modes that run on stage
 workers, the update rule that says what a stage does with a step.
 
-A stage's step is always: forward its batch, send the output on, then ask its rule
+A rule is one class in this file (its mode's entry in ``Mode`` sits beside it). It names the
+parts it is made of (common/parts.py: a predictor, a head, a stash of weights), which the stage
+builds from the helper models its layout chose and hands to it, and it says
 
-- ``local_gradient``: which dL/dh to step on now, without waiting (None: no update now);
+- ``local_gradient``: which dL/dh to step on now, without waiting (None: no update now), and
+  ``step_scale``: how large a step to take on it;
 - ``on_gradient``: what to do when the true (or bootstrapped) dL/dh of an earlier step comes
   back, and what dL/dx travels on towards stage 0;
 - ``waits_for_gradient``: whether step s+1 waits for step s's true gradient;
 - ``true_grad_at``: which steps' true gradients come back at all.
 
-Adding a rule means one class here and its entry in ``Mode`` and ``RULES``; the config, the
-command line, compare, resume and torchrun read everything else from these objects.
+The stage (workers/stage.py) runs a rule over its layers and knows no rule by name; the config,
+the command line, compare, the layout, resume and torchrun read everything else from the rule
+classes. This module imports no torch and nothing of the workers: a rule reaches its stage only
+through the `Stage` protocol below.
 """
 from __future__ import annotations
 
 from enum import Enum
-from typing import TYPE_CHECKING, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Protocol
 
 if TYPE_CHECKING:  # only for annotations: this module stays importable without torch loaded
     import torch
 
-    from synthgrad.workers.stage import Kept, StageLogic
+    from synthgrad.common.parts import Parts
 
 
 class Mode(str, Enum):
@@ -33,12 +38,13 @@ class Mode(str, Enum):
     LOCAL = "local"  # stage workers; each stage learns from its own classifier head (DGL)
     DELAYED = "delayed"  # stage workers; true gradients applied when they arrive (DDG, PipeDream)
     CORRECTED = "corrected"  # stage workers; local heads, plus every N-th true gradient applied late
+    RESIDUAL = "residual"  # stage workers; the local head's gradient plus a learned correction
 
     def __str__(self) -> str:
         return self.value
 
     @property
-    def rule(self) -> Optional["UpdateRule"]:
+    def rule(self) -> Optional[type["UpdateRule"]]:
         """The update rule of a stage-worker mode; None for modes with their own processes."""
         return RULES.get(self)
 
@@ -55,61 +61,112 @@ class Mode(str, Enum):
         return rule is not None and rule.takes_n
 
 
+class Stage(Protocol):
+    """What a rule may ask of the stage it runs on (workers/stage.py StageLogic)."""
+    stage: int  # its place in the network, for messages
+    latest_step: int  # the latest step it has run forward
+
+    @property
+    def holding(self) -> bool:
+        """A step has run forward and not yet taken its own update (its graph holds the current
+        weights, so an update that comes in meanwhile waits for it)."""
+
+
 class UpdateRule:
-    """What a stage does after its forward pass and when a gradient arrives. Stateless: a
-    stage's state (kept graphs, predictor, last true gradient) lives in its StageLogic."""
+    """What a stage does after its forward pass and when a gradient arrives. One object per
+    stage, holding that stage's parts; state of its own beyond them goes in state_dict."""
     mode: ClassVar[Mode]
     waits_for_gradient: ClassVar[bool] = False
     takes_n: ClassVar[bool] = True  # true gradients every N steps, not every step
-    # the optimiser moves the weights before the true gradient of a step arrives: that step's
-    # forward must keep its own weights (weight stashing) for dL/dx to be the true one
-    weights_move_before_gradient: ClassVar[bool] = True
+    # the layers move before the true gradient of a step arrives: that step's forward runs on a
+    # stash of its own weights, for dL/dx (and a late update) to be that forward pass's
+    stashes: ClassVar[bool] = True
     uses_predictor: ClassVar[bool] = False  # the stage owns a synthetic-gradient model
     uses_head: ClassVar[bool] = False  # the stage owns a small classifier head (a local loss)
+    # the layers also step on the true gradients that come back, with an optimiser state of
+    # their own (Stash.optimizer); None: as the run's options say (RunConfig.applies_true_gradients)
+    true_updates: ClassVar[Optional[bool]] = False
 
-    def true_grad_at(self, step: int, every: int) -> bool:
+    def __init__(self, parts: "Parts", stage: Stage) -> None:
+        self.parts = parts
+        self.stage = stage
+
+    @classmethod
+    def true_grad_at(cls, step: int, every: int) -> bool:
         """Steps count from 0; every N-th step (N-1, 2N-1, ...) carries a true gradient."""
         return (step + 1) % every == 0
 
-    def lr_scale(self, sg_update_lr_scale: float, is_last: bool) -> float:
+    @classmethod
+    def lr_scale(cls, sg_update_lr_scale: float, is_last: bool) -> float:
         """The layers' learning rate factor: a stage stepped by an estimate takes smaller steps."""
         return 1.0 if is_last else sg_update_lr_scale
 
-    def local_gradient(self, stage: "StageLogic", step: int, h: torch.Tensor, labels: torch.Tensor,
-                       kept: Optional["Kept"]) -> Optional[torch.Tensor]:
-        """dL/dh (mean over the batch) to step on now, or None for no update now."""
+    def local_gradient(self, step: int, h: "torch.Tensor", labels: "torch.Tensor",
+                       kept: Optional[Any]) -> Optional["torch.Tensor"]:
+        """dL/dh (mean over the batch) to step on now, or None for no update now. `kept`: what
+        this step keeps for its gradient's return (None where nothing comes back)."""
         raise NotImplementedError
 
-    def on_gradient(self, stage: "StageLogic", step: int, kept: "Kept", g: torch.Tensor,
-                    true_grad: bool) -> Optional[torch.Tensor]:
+    def step_scale(self) -> float:
+        """The factor on the layers' learning rate for the step on local_gradient (0: none)."""
+        return 1.0
+
+    def on_gradient(self, step: int, kept: Any, g: "torch.Tensor", true_grad: bool) -> Optional["torch.Tensor"]:
         """A gradient for `step` arrived: learn from it; return dL/dx to pass on, or None."""
         raise NotImplementedError
 
+    def state_dict(self) -> dict:
+        """The rule's own state beyond its parts'."""
+        return {}
 
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    # ------------------------------------------------------------------ shared by the rules
+    def apply_late(self, step: int, kept: Any, g: "torch.Tensor") -> Optional["torch.Tensor"]:
+        """Step the layers on step `step`'s true gradient at the weights its forward used."""
+        assert self.parts.stash is not None and kept.h is not None and kept.weights is not None
+        return self.parts.stash.apply(step, kept.weights, kept.h, kept.x, g, self.stage.latest_step,
+                                      hold=self.stage.holding)
+
+
+def true_dx(kept: Any, g: "torch.Tensor") -> Optional["torch.Tensor"]:
+    """dL/dx of a kept step's own forward pass (None on stage 0 or without a kept graph)."""
+    if kept.x is None or kept.h is None:
+        return None
+    import torch
+    (dx,) = torch.autograd.grad(kept.h, kept.x, g)
+    return dx
+
+
+# ---------------------------------------------------------------------------- locked
 class Locked(UpdateRule):
     """Backprop split across processes: step s's update is its true gradient, and step s+1
     waits for it."""
     mode = Mode.LOCKED
     waits_for_gradient = True
     takes_n = False
-    weights_move_before_gradient = False
+    stashes = False
 
-    def true_grad_at(self, step: int, every: int) -> bool:
+    @classmethod
+    def true_grad_at(cls, step: int, every: int) -> bool:
         return True
 
-    def lr_scale(self, sg_update_lr_scale: float, is_last: bool) -> float:
+    @classmethod
+    def lr_scale(cls, sg_update_lr_scale: float, is_last: bool) -> float:
         return 1.0
 
-    def local_gradient(self, stage, step, h, labels, kept):
+    def local_gradient(self, step, h, labels, kept):
         return None
 
-    def on_gradient(self, stage, step, kept, g, true_grad):
+    def on_gradient(self, step, kept, g, true_grad):
         assert kept.h is not None
         kept.h.backward(g)
-        stage.step_optimizer()
+        self.parts.layers.step()
         return kept.x.grad if kept.x is not None else None
 
 
+# ---------------------------------------------------------------------------- unlocked
 class Unlocked(UpdateRule):
     """Decoupled neural interfaces: step now on the synthetic-gradient model's prediction; a
     true gradient trains the predictor, travels on as the true dL/dx of its own step, and (with
@@ -118,58 +175,82 @@ class Unlocked(UpdateRule):
     the layers of a predictor that cannot predict still learn from every N-th step."""
     mode = Mode.UNLOCKED
     uses_predictor = True
+    true_updates = None  # as --sg-true-updates says
 
-    def local_gradient(self, stage, step, h, labels, kept):
-        per_sample = stage.predict(h, labels)
+    def local_gradient(self, step, h, labels, kept):
+        predictor = self.parts.predictor
+        per_sample = predictor.predict(h, labels)
         if kept is not None and kept.h is not None:
-            kept.sg_pred = per_sample
-        return per_sample / stage.batch_rows(h)  # the whole batch's mean, whichever rows this process holds
+            kept.prediction = per_sample
+        return per_sample / predictor.share.rows(h)  # the whole batch's mean, whichever rows this process holds
 
-    def on_gradient(self, stage, step, kept, g, true_grad):
-        stage.learn_predictor(step, kept, g)
-        if true_grad and stage.cfg.applies_true_gradients:
-            return stage.apply_stashed(step, kept, g)
-        return stage.true_dx(kept, g) if true_grad else None
+    def step_scale(self) -> float:
+        return self.parts.predictor.step_scale()
+
+    def on_gradient(self, step, kept, g, true_grad):
+        predictor = self.parts.predictor
+        if kept.prediction is not None:
+            predictor.score(step, kept.prediction, g)
+        predictor.learn(kept.h_detached, kept.labels, g)
+        if true_grad and self.parts.stash.optimizer is not None:
+            return self.apply_late(step, kept, g)
+        return true_dx(kept, g) if true_grad else None
 
 
+# ---------------------------------------------------------------------------- stale
 class Stale(UpdateRule):
     """A control: step on the latest true gradient that has arrived (nothing until one has)."""
     mode = Mode.STALE
 
-    def local_gradient(self, stage, step, h, labels, kept):
-        last = stage.last_true
+    def __init__(self, parts: "Parts", stage: Stage) -> None:
+        super().__init__(parts, stage)
+        self.last_true: Optional["torch.Tensor"] = None
+
+    def local_gradient(self, step, h, labels, kept):
+        last = self.last_true
         return last if last is not None and last.shape == h.shape else None
 
-    def on_gradient(self, stage, step, kept, g, true_grad):
+    def on_gradient(self, step, kept, g, true_grad):
         if not true_grad:
             return None
-        stage.last_true = g.clone()
-        return stage.true_dx(kept, g)
+        self.last_true = g.clone()
+        return true_dx(kept, g)
+
+    def state_dict(self) -> dict:
+        return {} if self.last_true is None else {"last_true": self.last_true}
+
+    def load_state_dict(self, state: dict) -> None:
+        last_true = state.get("last_true")
+        self.last_true = None if last_true is None else last_true.to(self.parts.layers.device)
 
 
+# ---------------------------------------------------------------------------- local
 class Local(UpdateRule):
     """Decoupled greedy learning (Belilovsky et al. 2019): every stage but the last trains on a
     small classifier head of its own (the labels travel forward with the activations) and steps
     at once. Nothing travels backward: no gradient, no relay, no stage ever waits."""
     mode = Mode.LOCAL
     takes_n = False
-    weights_move_before_gradient = False  # no gradient ever comes back: nothing to stash
+    stashes = False  # no gradient ever comes back: nothing to stash
     uses_head = True
 
-    def true_grad_at(self, step: int, every: int) -> bool:
+    @classmethod
+    def true_grad_at(cls, step: int, every: int) -> bool:
         return False
 
-    def lr_scale(self, sg_update_lr_scale: float, is_last: bool) -> float:
+    @classmethod
+    def lr_scale(cls, sg_update_lr_scale: float, is_last: bool) -> float:
         return 1.0  # a true gradient, of a local loss
 
-    def local_gradient(self, stage, step, h, labels, kept):
-        return stage.head_gradient(step, h, labels)
+    def local_gradient(self, step, h, labels, kept):
+        return self.parts.head.gradient(step, h, labels)
 
-    def on_gradient(self, stage, step, kept, g, true_grad):
-        raise ValueError(f"stage {stage.stage}: a gradient arrived for step {step}, but mode local "
+    def on_gradient(self, step, kept, g, true_grad):
+        raise ValueError(f"stage {self.stage.stage}: a gradient arrived for step {step}, but mode local "
                          f"sends none back")
 
 
+# ---------------------------------------------------------------------------- delayed
 class Delayed(UpdateRule):
     """Delayed gradients with weight stashing (DDG, Huo et al. 2018; PipeDream's stashing): every
     step's true gradient flows back, no stage waits for it, and a stage applies the gradient of
@@ -177,38 +258,76 @@ class Delayed(UpdateRule):
     mode = Mode.DELAYED
     takes_n = False
 
-    def true_grad_at(self, step: int, every: int) -> bool:
+    @classmethod
+    def true_grad_at(cls, step: int, every: int) -> bool:
         return True
 
-    def lr_scale(self, sg_update_lr_scale: float, is_last: bool) -> float:
+    @classmethod
+    def lr_scale(cls, sg_update_lr_scale: float, is_last: bool) -> float:
         return 1.0  # a true gradient, late
 
-    def local_gradient(self, stage, step, h, labels, kept):
+    def local_gradient(self, step, h, labels, kept):
         return None  # the update comes with the gradient
 
-    def on_gradient(self, stage, step, kept, g, true_grad):
-        return stage.apply_stashed(step, kept, g)
+    def on_gradient(self, step, kept, g, true_grad):
+        return self.apply_late(step, kept, g)
 
 
-class Corrected(Local):
+# ---------------------------------------------------------------------------- corrected
+class Corrected(UpdateRule):
     """Local heads corrected by sparse true gradients: every stage steps at once on its head's
     gradient (as local), and every N-th step's true gradient also comes back and is applied at
     the weights that step's forward pass used, when it arrives (as delayed). The layers learn
-    the network's objective as well as their own, while nine steps in ten send nothing back.
-    Tried beside other candidates in bench/rules.py (see the README's results)."""
+    the network's objective as well as their own, while nine steps in ten send nothing back."""
     mode = Mode.CORRECTED
-    takes_n = True
-    weights_move_before_gradient = True
+    uses_head = True
 
-    def true_grad_at(self, step: int, every: int) -> bool:
-        return UpdateRule.true_grad_at(self, step, every)
+    @classmethod
+    def lr_scale(cls, sg_update_lr_scale: float, is_last: bool) -> float:
+        return 1.0  # true gradients: of a local loss now, of the network's later
 
-    def on_gradient(self, stage, step, kept, g, true_grad):
-        return stage.apply_stashed(step, kept, g)
+    def local_gradient(self, step, h, labels, kept):
+        return self.parts.head.gradient(step, h, labels)
+
+    def on_gradient(self, step, kept, g, true_grad):
+        return self.apply_late(step, kept, g)
 
 
-RULES: dict[Mode, UpdateRule] = {rule.mode: rule for rule in
-                                 (Locked(), Unlocked(), Stale(), Local(), Delayed(), Corrected())}
+# ---------------------------------------------------------------------------- residual
+class Residual(UpdateRule):
+    """A synthetic gradient whose prior is the local head's: step now on dL_head/dh + SG(h),
+    where the predictor learns only the correction (true - head gradient) from every N-th true
+    gradient. With no true gradient (N = infinity) it is `local`; the better the predictor
+    learns the correction, the nearer each step is to backprop's. The step is a full one (the
+    head's part is an exact gradient of a local loss; the predictor starts at zero, so it adds
+    nothing before it has learned), and the true gradients train the predictor only."""
+    mode = Mode.RESIDUAL
+    uses_head = True
+    uses_predictor = True
+
+    @classmethod
+    def lr_scale(cls, sg_update_lr_scale: float, is_last: bool) -> float:
+        return 1.0
+
+    def local_gradient(self, step, h, labels, kept):
+        head = self.parts.head.gradient(step, h, labels)
+        predictor = self.parts.predictor
+        correction = predictor.predict(h, labels)
+        if kept is not None and kept.h is not None:
+            kept.prediction, kept.prior = correction, head
+        return head + correction / predictor.share.rows(h)
+
+    def on_gradient(self, step, kept, g, true_grad):
+        predictor = self.parts.predictor
+        wanted = g - kept.prior.to(g.dtype)
+        if kept.prediction is not None:
+            predictor.score(step, kept.prediction, wanted)
+        predictor.learn(kept.h_detached, kept.labels, wanted)
+        return true_dx(kept, g) if true_grad else None
+
+
+RULES: dict[Mode, type[UpdateRule]] = {rule.mode: rule for rule in
+                                       (Locked, Unlocked, Stale, Local, Delayed, Corrected, Residual)}
 MODE_NAMES: tuple[str, ...] = tuple(m.value for m in Mode)
 STAGE_WORKER_MODES: tuple[str, ...] = tuple(m.value for m in Mode if m.on_stage_workers)
 

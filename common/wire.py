@@ -88,6 +88,7 @@ class Start:
     run_dir: str
     core: int  # core to pin to, -1 = none
     total_steps: int  # training steps in the run (workers other than stage 0 load no data)
+    helpers: dict  # the stage's helper models, as its layout chose them (common/costs.py Helpers.to_dict)
     resume_step: int = -1  # continue after this step (-1: a new run)
     resume_path: str = ""  # this stage's checkpoint of resume_step, on its host
     threads: int = 1  # torch threads (and cores from `core` on, when pinned)

@@ -30,6 +30,7 @@ from synthgrad.common.config import ConfigError, RunConfig
 from synthgrad.common.endpoints import bind_wildcard, max_frame_bytes, set_heartbeats
 from synthgrad.common.evaluation import eval_line, eval_record
 from synthgrad.common.placement import Placement
+from synthgrad.coordinator.layout import Layout, plan_layout
 from synthgrad.common.liveness import Cause, reported
 from synthgrad.common.procs import Child, ProcessGroup
 from synthgrad.common.security import Guard, RefusalLog
@@ -52,9 +53,10 @@ class Coordinator:
     def __init__(self, cfg: RunConfig, run_dir: Path, *, total_steps: int,
                  log: Callable[[str], None] = print, bind: Optional[str] = None,
                  stream: Optional[StatusStream] = None, guard: Optional[Guard] = None,
-                 resume: Optional[dict] = None, placement: Optional[Placement] = None):
-        """`placement`: where each stage is pinned and with how many threads (coordinator/layout.py
-        decides; None: not pinned, one thread); workers on other hosts place themselves. `stream` receives the workers' reports (train.py passes the run's); without one the
+                 resume: Optional[dict] = None, layout: Optional[Layout] = None):
+        """`layout` (coordinator/layout.py): where each stage is pinned and with how many threads
+        (None: not pinned, one thread; workers on other hosts place themselves), and each
+        stage's helper models, which START carries (None: chosen from the config the same way). `stream` receives the workers' reports (train.py passes the run's); without one the
         coordinator makes and closes its own. `guard` makes the ROUTER a CURVE server (its
         context is used); without one the links are plain and the context is the coordinator's."""
         self.cfg = cfg
@@ -63,8 +65,10 @@ class Coordinator:
         self.wall_offset = resume["wall_s"] if resume else 0.0  # curves continue the old run's
         self.log = log
         self.num_stages = len(cfg.stage_groups)
-        self.placement = placement or Placement("none", (-1,) * self.num_stages, 0.0, "not placed",
-                                                (1,) * self.num_stages, (1.0 / self.num_stages,) * self.num_stages)
+        self.placement = layout.placement if layout is not None else Placement(
+            "none", (-1,) * self.num_stages, 0.0, "not placed", (1,) * self.num_stages,
+            (1.0 / self.num_stages,) * self.num_stages)
+        self.layout = layout
         self.total_steps = total_steps
         self._own_ctx = guard is None
         self.guard = guard or Guard(zmq.Context())
@@ -212,11 +216,13 @@ class Coordinator:
 
     def _start_all(self) -> None:
         resume_step = self.resume["step"] if self.resume else -1
+        helpers = (self.layout or plan_layout(self.cfg)[1]).helpers
         for stage in range(self.num_stages):
             resume = self.resume["stages"][str(stage)]["path"] if self.resume else ""
             core, threads, share = self.placement.of(stage)
             self._send(stage, wire.Start(self.cfg.to_dict(), str(self.run_dir), core, self.total_steps,
-                                         resume_step, resume, threads, share, self.placement.yields_at(stage)))
+                                         helpers[stage].to_dict(), resume_step, resume, threads, share,
+                                         self.placement.yields_at(stage)))
 
     def _begin(self) -> None:
         """Every stage is ready: tell each its downstream neighbour, and training begins."""

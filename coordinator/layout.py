@@ -13,9 +13,9 @@ from typing import Optional
 from synthgrad.common.config import ConfigError, RunConfig
 from synthgrad.common.costs import (
     HeadChoice,
+    Helpers,
     PredictorChoice,
-    choose_head,
-    choose_predictor,
+    choose_helpers,
     core_flops_per_s,
     predictor_cost,
     stage_costs,
@@ -33,17 +33,46 @@ class Layout:
     placement: Placement
     core_flops_per_s: float  # one core's best matmul rate here (common/costs.py)
     on_cpu: bool = True  # every stage computes on the CPU (--device cpu)
-    # each non-last stage's synthetic-gradient model (None: the mode has none), and the share of
-    # the stage's FLOPs it costs
-    predictors: tuple[Optional[PredictorChoice], ...] = ()
-    predictor_shares: tuple[Optional[float], ...] = ()
     replicas: tuple[int, ...] = ()  # processes per stage (--replicas; workers/replicas.py)
-    # each non-last stage's local classifier head (None: the mode has none), and its share
-    heads: tuple[Optional[HeadChoice], ...] = ()
-    head_shares: tuple[Optional[float], ...] = ()
-    # each stage's recurrent layers' state predictors (mode unlocked on stream data), and shares
-    state_predictors: tuple[tuple[PredictorChoice, ...], ...] = ()
-    state_predictor_shares: tuple[tuple[float, ...], ...] = ()
+    # each stage's helper models (predictor, head, state predictors), chosen here once: START
+    # carries them and the stage builds exactly these; and each stage's own layers' FLOPs, which
+    # their shares are of
+    helpers: tuple[Helpers, ...] = ()
+    own_flops: tuple[float, ...] = ()
+
+    def _shares(self, pick: Callable[[Helpers], Optional[PredictorChoice | HeadChoice]]
+                ) -> tuple[tuple, tuple]:
+        """Each stage's helper of one kind and its share of the stage's FLOPs; () where no stage
+        has one."""
+        choices = tuple(pick(h) for h in self.helpers)
+        if all(c is None for c in choices):
+            return (), ()
+        return choices, tuple(None if c is None else c.flops / max(own, 1.0) for c, own in zip(choices, self.own_flops))
+
+    @property
+    def predictors(self) -> tuple[Optional[PredictorChoice], ...]:
+        return self._shares(lambda h: h.predictor)[0]
+
+    @property
+    def predictor_shares(self) -> tuple[Optional[float], ...]:
+        return self._shares(lambda h: h.predictor)[1]
+
+    @property
+    def heads(self) -> tuple[Optional[HeadChoice], ...]:
+        return self._shares(lambda h: h.head)[0]
+
+    @property
+    def head_shares(self) -> tuple[Optional[float], ...]:
+        return self._shares(lambda h: h.head)[1]
+
+    @property
+    def state_predictors(self) -> tuple[tuple[PredictorChoice, ...], ...]:
+        return tuple(h.state_predictors for h in self.helpers)
+
+    @property
+    def state_predictor_shares(self) -> tuple[tuple[float, ...], ...]:
+        return tuple(tuple(c.flops / max(own, 1.0) for c in h.state_predictors)
+                     for h, own in zip(self.helpers, self.own_flops))
 
     @property
     def ceiling_samples_per_s(self) -> Optional[float]:
@@ -126,54 +155,33 @@ def plan_layout(cfg: RunConfig) -> tuple[RunConfig, Optional[Layout]]:
     # else one stage per layer, every layer trainable: groups stay unset, as the options gave them
     flops = stage_costs(cfg, cfg.stage_groups, units, costs)
     on_cpu = all(d.strip() == "cpu" for d in cfg.device.split(","))
-    rule = Mode(cfg.mode).rule
-    predictors, shares = (_helper_models(cfg, units, costs, choose_predictor)
-                          if rule is not None and rule.uses_predictor else ((), ()))
-    heads, head_shares = (_helper_models(cfg, units, costs, choose_head)
-                          if rule is not None and rule.uses_head else ((), ()))
-    states, state_shares = (_state_predictors(cfg, units, costs) if rule is not None and rule.uses_predictor
-                            and cfg.per_position else ((), ()))
+    own, helpers = _helper_models(cfg, units, costs)
     rate = core_flops_per_s(cfg.batch_size)
     usable = tuple(useful_threads(f * cfg.batch_size / rate) for f in flops)  # threads each stage's step can use
     placement = plan_placement(flops, cfg.placement, threads=cfg.stage_thread_counts(), usable=usable)
-    return cfg, Layout(tuple(cfg.stage_groups), tuple(flops), placement, rate,
-                       on_cpu, predictors, shares, cfg.stage_replica_counts(), heads, head_shares, states,
-                       state_shares)
+    return cfg, Layout(tuple(cfg.stage_groups), tuple(flops), placement, rate, on_cpu, cfg.stage_replica_counts(),
+                       helpers, own)
 
 
-def _helper_models(cfg: RunConfig, units, costs, choose: Callable) -> tuple[tuple, tuple]:
-    """Each non-last stage's helper model as its worker will build it (`choose`: common/costs.py
-    choose_predictor or choose_head, priced against the stage's own layers), and its share of
-    the stage's FLOPs."""
-    shapes = unit_shapes(units, cfg.sample_shape)
-    choices, shares, start = [], [], 0
-    for i, n in enumerate(cfg.stage_groups):
-        end = start + n
-        own = sum(costs[start:end])
-        choice = choose(cfg, shapes[end - 1], own) if i < len(cfg.stage_groups) - 1 else None
-        choices.append(choice)
-        shares.append(None if choice is None else choice.flops / max(own, 1.0))
-        start = end
-    return tuple(choices), tuple(shares)
-
-
-def _state_predictors(cfg: RunConfig, units, costs) -> tuple[tuple, tuple]:
-    """Each stage's state predictors as its worker builds them (workers/stage.py: one per
-    recurrent layer, priced against the stage's own layers), and their shares of its FLOPs."""
+def _helper_models(cfg: RunConfig, units, costs) -> tuple[tuple[float, ...], tuple[Helpers, ...]]:
+    """Each stage's own training FLOPs, and the helper models its rule gets (common/costs.py
+    choose_helpers, priced against those FLOPs): what START carries to the stage."""
     from torch import nn
 
     from synthgrad.common.recurrent import state_sizes
     shapes = [cfg.sample_shape, *unit_shapes(units, cfg.sample_shape)]
-    choices, shares, start = [], [], 0
-    for n in cfg.stage_groups:
+    rule = Mode(cfg.mode).rule
+    own_flops, helpers, start = [], [], 0
+    for i, n in enumerate(cfg.stage_groups):
         end = start + n
         own = sum(costs[start:end])
-        sizes = state_sizes(nn.Sequential(*units[start:end]), shapes[start])
-        stage = tuple(choose_predictor(cfg.replace(conditioned=False), (size,), own) for size in sizes)
-        choices.append(stage)
-        shares.append(tuple(c.flops / max(own, 1.0) for c in stage))
+        widths = (state_sizes(nn.Sequential(*units[start:end]), shapes[start])
+                  if rule is not None and rule.uses_predictor and cfg.per_position else [])
+        own_flops.append(own)
+        helpers.append(choose_helpers(cfg, is_last=i == len(cfg.stage_groups) - 1, out_shape=shapes[end],
+                                      stage_flops=own, state_widths=widths))
         start = end
-    return tuple(choices), tuple(shares)
+    return tuple(own_flops), tuple(helpers)
 
 
 def _check_every_stage_trains(cfg: RunConfig, units) -> None:

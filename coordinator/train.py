@@ -23,10 +23,9 @@ from synthgrad.common.endpoints import tcp_host
 from synthgrad.common.files import atomic_write_json
 from synthgrad.common.liveness import Verdict
 from synthgrad.common.security import Guard, Keys, MonitorKeys, local_run_keys, resolve_keys
-from synthgrad.common.placement import Placement
 from synthgrad.common.procs import ProcessGroup, warm_up, worker_environment
 from synthgrad.coordinator.coordinator import Coordinator, ProcessFailure, RunFailed
-from synthgrad.coordinator.layout import plan_layout
+from synthgrad.coordinator.layout import Layout, plan_layout
 from synthgrad.coordinator.pipeline import run_pipeline
 from synthgrad.coordinator import record
 from synthgrad.coordinator.resume import read_manifest
@@ -144,11 +143,10 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
         elif cfg.mode == Mode.PIPELINE:
             summary = run_pipeline(cfg, run_dir, log, stream, total, layout.placement)
         elif bind is None and cfg.on_failure == "restart":
-            summary = _train_restarting(cfg, run_dir, total, log, stream, resume, worker_keys,
-                                        layout.placement)
+            summary = _train_restarting(cfg, run_dir, total, log, stream, resume, worker_keys, layout)
         else:
             summary = _train_workers(cfg, run_dir, total, log, stream, bind, on_listening, resume,
-                                     worker_keys, layout.placement)
+                                     worker_keys, layout)
         status = record.DONE
     except KeyboardInterrupt:
         status, error = record.INTERRUPTED, "interrupted (Ctrl-C or SIGTERM)"
@@ -222,7 +220,7 @@ def _write_summary(run_dir: Path, summary: dict, log: Callable[[str], None]) -> 
 
 def _train_restarting(cfg: RunConfig, run_dir: Path, total: int, log: Callable[[str], None],
                       stream: StatusStream, resume: Optional[dict], worker_keys: Optional[Keys],
-                      placement: Placement) -> dict:
+                      layout: Layout) -> dict:
     """--on-failure restart: when the watchdog gives its verdict on a stage (it died, hung,
     reported an error, or the run stalled), stop every stage and start them all again from the
     last checkpoint complete on every stage: the surviving stages have moved past it, and one
@@ -236,7 +234,7 @@ def _train_restarting(cfg: RunConfig, run_dir: Path, total: int, log: Callable[[
             failures[-1]["shutdown_s"] = t_try - failures[-1].pop("_failed_at")
         try:
             summary = _train_workers(cfg, run_dir, total, log, stream, resume=resume,
-                                     worker_keys=worker_keys, placement=placement)
+                                     worker_keys=worker_keys, layout=layout)
             if failures:  # failure noticed -> training again
                 failures[-1]["restart_s"] = failures[-1]["shutdown_s"] + summary["startup_s"]
             break
@@ -292,9 +290,9 @@ def _train_workers(cfg: RunConfig, run_dir: Path, total: int, log: Callable[[str
                    stream: StatusStream, bind: Optional[str] = None,
                    on_listening: Optional[Callable[[str], None]] = None,
                    resume: Optional[dict] = None, worker_keys: Optional[Keys] = None,
-                   placement: Optional[Placement] = None) -> dict:
+                   layout: Optional[Layout] = None) -> dict:
     coord = Coordinator(cfg, run_dir, total_steps=total, log=log, stream=stream, bind=bind,
-                        guard=stream.guard, resume=resume, placement=placement)
+                        guard=stream.guard, resume=resume, layout=layout)
     if bind is not None:
         how = "" if on_listening is not None else (
             f": python launch.py worker --coordinator {coord.endpoint} "

@@ -121,9 +121,9 @@ def test_every_mode_trains_in_bf16(mode):
     assert all(p.dtype == torch.float32 and bool(torch.isfinite(p).all()) for p in after)
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
     for s in stages:
-        for helper in (s.sg, s.head):
-            if helper is not None:
-                assert all(p.dtype == torch.float32 for p in helper.parameters())
+        for helper in s.parts.helpers():
+            if hasattr(helper, "model"):
+                assert all(p.dtype == torch.float32 for p in helper.model.parameters())
     logits = stages[-1].eval_forward(stages[0].eval_forward(torch.randn(4, 1, 28, 28)))
     assert logits.shape == (4, 10)
 
@@ -156,7 +156,7 @@ def test_a_stage_started_elsewhere_checks_its_own_hosts_device(tmp_path):
     from synthgrad.workers.worker import LayerWorker, WorkerSpec
     cfg = RunConfig(dataset="synthetic", layers=(784, 32, 10), mode="locked", device="cpu,cuda:99",
                     input_shape=(1, 28, 28), num_classes=10).validate()
-    start = wire.Start(config=cfg.to_dict(), run_dir=str(tmp_path), core=-1, total_steps=10)
+    start = wire.Start(config=cfg.to_dict(), run_dir=str(tmp_path), core=-1, total_steps=10, helpers={})
     for stage, outcome in ((0, None), (1, r"--device cuda:99: this host has")):
         worker = LayerWorker(WorkerSpec(stage, "tcp://127.0.0.1:9", connect_timeout=1.0))
         try:

@@ -178,7 +178,7 @@ def test_an_explicit_rank_is_kept_and_the_layout_reports_each_predictor():
     units = build_units(cfg)
     shapes = stage_io_shapes(cfg, units)
     logic = StageLogic(cfg, 0, 4, nn.Sequential(units[0]), shapes[0][0], shapes[0][1])
-    assert (logic.predictor.rank, logic.predictor.kernel) == (record[0]["rank"], record[0]["kernel"])
+    assert (logic.parts.predictor.choice.rank, logic.parts.predictor.choice.kernel) == (record[0]["rank"], record[0]["kernel"])
     assert plan_layout(cfg.replace(mode="local"))[1].record()["predictors"] == []
 
 
@@ -276,7 +276,7 @@ def test_a_stage_places_itself_by_the_same_rule(spec_core, given, start, expecte
     worker = LayerWorker.__new__(LayerWorker)  # only its placement is asked here: no sockets
     worker.spec, worker.stage = WorkerSpec(1, "tcp://127.0.0.1:1", core=spec_core), 1
     core, threads, share = start
-    got = worker._place(cfg, wire.Start({}, "", core, 10, threads=threads, share=share))
+    got = worker._place(cfg, wire.Start({}, "", core, 10, {}, threads=threads, share=share))
     if expected[1] == "share":
         expected = (-1, self_sized_threads(share, len(available_cores())))
     assert got == expected

@@ -119,7 +119,7 @@ def test_a_stage_carries_its_streams_through_evaluations_and_checkpoints(tmp_pat
             return [build_stage(cfg, i, len(batches), CPU)[0] for i in range(len(cfg.stage_groups))]
 
         plain, with_evals = Chain(stages(), cfg, delay=1), Chain(stages(), cfg, delay=1)
-        assert plain.stages[0].state_synths, "an unlocked recurrent stage predicts its state's gradient"
+        assert plain.stages[0].streams.synths, "an unlocked recurrent stage predicts its state's gradient"
         fresh = copy.deepcopy(plain.stages[0].state_dict())
         for step in range(cut + 1):
             plain.step(step, *batches[step])
@@ -135,8 +135,8 @@ def test_a_stage_carries_its_streams_through_evaluations_and_checkpoints(tmp_pat
         synth, synth0 = lstm["streams"]["synths"][0], fresh["streams"]["synths"][0]
         assert differs(synth["model"], synth0["model"]) and differs(synth["optimizer"], synth0["optimizer"])
         assert lstm["sg_trust"] > 0 and lstm["streams"]["carried"] is not None
-        figures = plain.stages[0].stats.take()
-        assert figures["state_sg_loss"] > 0 and plain.stages[0].stats.untrusted_steps < cut + 1, figures
+        figures = plain.stages[0].take_figures()
+        assert figures["state_sg_loss"] > 0 and plain.stages[0].parts.predictor.stats.untrusted_steps < cut + 1, figures
 
         resumed = Chain(stages(), cfg, delay=1)
         through_files(cfg, with_evals.stages, resumed.stages, tmp_path, cut)  # as the workers save and load

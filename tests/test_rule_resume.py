@@ -39,6 +39,7 @@ VARIANTS = {
     "local": (dict(mode="local"), 0),
     "delayed": (dict(mode="delayed"), 2),
     "corrected": (dict(mode="corrected", true_grad_every=2), 1),
+    "residual": (dict(mode="residual", true_grad_every=2), 1),
 }
 
 
@@ -93,7 +94,7 @@ def test_a_stage_loaded_from_a_checkpoint_continues_bitwise(variant, tmp_path):
         assert not still, f"stage {i}: {sorted(still)} never moved before the cut"
     lower = whole.stages[:-1]
     if cfg.rule.uses_predictor:
-        assert all(s.sg_trust > 0 for s in lower), [s.sg_trust for s in lower]
+        assert all(s.parts.predictor.trust > 0 for s in lower), [s.parts.predictor.trust for s in lower]
     if variant == "stale":
         assert all("last_true" in state for state in cut[:-1])
 
@@ -110,7 +111,7 @@ def test_a_stage_loaded_from_a_checkpoint_continues_bitwise(variant, tmp_path):
         assert_same_state(a.state_dict(), b.state_dict(), f"stage {i} at the end")
     if cfg.rule.uses_predictor and cfg.sg_trust_scale:  # the resumed stages stepped on their predictors
         steps_after = len(data) - CUT - 1
-        assert all(s.stats.untrusted_steps < steps_after for s in resumed.stages[:-1])
+        assert all(s.parts.predictor.stats.untrusted_steps < steps_after for s in resumed.stages[:-1])
 
     # the gradients came back at their usual steps: each stage but the last got the true
     # gradient of exactly the true-gradient steps, and (bootstrapping) a bootstrapped one of

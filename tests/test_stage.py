@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from synthgrad.common.config import RunConfig
 from synthgrad.common.devices import Compute
 from synthgrad.common.models import LocalHead, SyntheticGradient, build_units
-from synthgrad.workers.stage import TRUST_DECAY, StageLogic
+from synthgrad.common.parts import TRUST_DECAY
+from synthgrad.workers.stage import StageLogic
 from tests.chain import chain, run_step
 
 
@@ -66,12 +67,13 @@ def test_unlocked_true_gradient_uses_the_weights_of_its_step():
     xx = x.clone().requires_grad_(True)
     expected = torch.autograd.grad(frozen(xx), xx, g)[0]
     mid.forward(1, torch.randn(16, 32), y, True)
-    mid._train_sg(mid.kept[1], torch.randn_like(h))
+    kept = mid.kept[1]
+    mid.parts.predictor.learn(kept.h_detached, kept.labels, torch.randn_like(h))
     mid.local_update(1)
     assert not all(torch.equal(a, b) for a, b in zip(frozen.parameters(), mid.module.parameters()))
     dx = mid.receive_grad(0, g, True)
     torch.testing.assert_close(dx, expected)
-    assert mid.stats.true_grads == 1 and mid.stats.sg_loss_n == 2
+    assert mid.stats.true_grads == 1 and mid.parts.predictor.stats.loss_n == 2
     assert mid.outstanding() == 1
 
 
@@ -101,20 +103,20 @@ def test_a_stage_steps_on_its_predictor_only_once_it_predicts():
     target = torch.randn(16, 32) / 16  # one fixed dL/dh: the predictor can learn it exactly
     weight = first.module[0][1].weight
     step = 0
-    while first.sg_trust < 0.5:
+    while first.parts.predictor.trust < 0.5:
         before = weight.clone()
         first.forward(step, x, y, True)
         first.local_update(step)
         assert torch.equal(before, weight), f"step {step}: a stage stepped on a predictor it did not trust"
         first.receive_grad(step, target, True)
         step += 1
-        assert step < 200, f"the predictor never reached the bar (running cosine {first.sg_trust:.2f})"
-    assert first.stats.untrusted_steps == step
+        assert step < 200, f"the predictor never reached the bar (running cosine {first.parts.predictor.trust:.2f})"
+    assert first.parts.predictor.stats.untrusted_steps == step
     before = weight.clone()
     first.forward(step, x, y, True)
     first.local_update(step)
     assert not torch.equal(before, weight)
-    assert first.state_dict()["sg_trust"] == first.sg_trust  # a resumed run keeps its trust
+    assert first.state_dict()["sg_trust"] == first.parts.predictor.trust  # a resumed run keeps its trust
 
 
 def test_unlocked_true_updates_are_delayed_updates():
@@ -130,14 +132,14 @@ def test_unlocked_true_updates_are_delayed_updates():
     delayed = RunConfig(mode="delayed", **base)
     a, b = chain(unlocked), chain(delayed)
     for stage in a[:-1]:
-        for group in stage.sg_optimizer.param_groups:
+        for group in stage.parts.predictor.optimizer.param_groups:
             group["lr"] = 0.0
     torch.manual_seed(4)
     for step in range(4):
         x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
         run_step(a, step, x, y, unlocked)
         run_step(b, step, x, y, delayed)
-    assert a[0].stats.untrusted_steps == 4 and a[0].stats.true_grads == 4 and a[0].sg_trust == 0.0
+    assert a[0].parts.predictor.stats.untrusted_steps == 4 and a[0].stats.true_grads == 4 and a[0].parts.predictor.trust == 0.0
     moved = [not torch.equal(p, q) for p, q in zip(a[0].module.parameters(), chain(delayed)[0].module.parameters())]
     assert all(moved)  # stage 0 learned, from the true gradients alone
     for sa, sb in zip(a, b):
@@ -155,7 +157,7 @@ def test_a_true_update_leaves_out_what_the_predictor_got_right():
         cfg = RunConfig(mode="unlocked", layers=(784, 32, 10), optimizer="sgd", lr=0.1, momentum=0.0,
                         sg_update_lr_scale=0.0, sg_true_updates=True)
         first = chain(cfg)[0]
-        first.sg_trust = trust
+        first.parts.predictor.trust = trust
         torch.manual_seed(2)
         x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
         before = first.module[0][1].weight.detach().clone()
@@ -187,7 +189,7 @@ def test_a_normalised_predictor_learns_alike_whatever_the_gradients_size():
             first.forward(step, x, y, True)
             first.local_update(step)
             first.receive_grad(step, direction * size / 16, True)
-        return first.predict(first.module(x), y)
+        return first.parts.predictor.predict(first.module(x), y)
 
     big, small = predictions(True, 1.0), predictions(True, 1e-4)
     torch.testing.assert_close(small, big * 1e-4, rtol=1e-3, atol=0.0)
@@ -207,15 +209,15 @@ def test_true_updates_keep_their_own_optimiser_state_through_a_checkpoint():
     for step in range(8):
         run_step(original, step, *data[step], cfg)
     first = original[0]
-    true_steps = {int(s["step"]) for s in first.true_optimizer.state.values()}
-    predicted_steps = {int(s["step"]) for s in first.optimizer.state.values()}
+    true_steps = {int(s["step"]) for s in first.parts.stash.optimizer.state.values()}
+    predicted_steps = {int(s["step"]) for s in first.parts.layers.optimizer.state.values()}
     assert true_steps == {4}, true_steps  # one per true gradient (steps 1, 3, 5, 7)
-    assert predicted_steps == {8 - first.stats.untrusted_steps} != {0}, predicted_steps
-    assert first.sg_scale > 0 and first.sg_trust != 0
+    assert predicted_steps == {8 - first.parts.predictor.stats.untrusted_steps} != {0}, predicted_steps
+    assert first.parts.predictor.scale > 0 and first.parts.predictor.trust != 0
     resumed = chain(cfg)
     for a, b in zip(original, resumed):
         b.load_state_dict(copy.deepcopy(a.state_dict()))
-    assert resumed[0].sg_scale == first.sg_scale and resumed[0].sg_trust == first.sg_trust
+    assert resumed[0].parts.predictor.scale == first.parts.predictor.scale and resumed[0].parts.predictor.trust == first.parts.predictor.trust
     for step in range(8, 12):
         run_step(original, step, *data[step], cfg)
         run_step(resumed, step, *data[step], cfg)
@@ -234,9 +236,9 @@ def test_a_step_on_the_predictor_is_scaled_by_its_running_cosine():
                         sg_update_lr_scale=1.0, sg_trust_scale=trust_scale, sg_true_updates=False)
         first = chain(cfg)[0]
         with torch.no_grad():  # a predictor that predicts something (its last layer starts at zero)
-            for p in first.sg.parameters():
+            for p in first.parts.predictor.model.parameters():
                 p.copy_(torch.linspace(-1, 1, p.numel()).reshape(p.shape))
-        first.sg_trust = trust
+        first.parts.predictor.trust = trust
         return first
 
     torch.manual_seed(1)
@@ -254,7 +256,7 @@ def test_a_step_on_the_predictor_is_scaled_by_its_running_cosine():
     for trust in (0.0, -0.3):
         silent = stage(True, trust)
         assert delta(silent).abs().max() == 0
-        assert silent.stats.untrusted_steps == 1
+        assert silent.parts.predictor.stats.untrusted_steps == 1
 
 
 def test_gradient_for_unknown_step_is_refused():
@@ -285,7 +287,7 @@ def test_delayed_applies_each_gradient_at_the_weights_its_forward_used():
         # the same kernels on the same tensors; the tolerance (a few float32 ulps of weights of
         # size ~0.1) only allows SGD's in-place add to round apart from this expression's
         torch.testing.assert_close(p, p0 - 0.1 * g0 - 0.1 * g1, rtol=1e-6, atol=1e-7)
-    rec = first.stats.take()
+    rec = first.take_figures()
     assert rec["gradient_delay_max"] == 1 and rec["gradient_delay_mean"] == 0.5  # step 0 waited one step
     out, dx = last.last_step(0, hs[0], ys[0], True)
     assert dx is not None and dx.shape == hs[0].shape  # the last stage sends its dL/dx back
@@ -294,7 +296,7 @@ def test_delayed_applies_each_gradient_at_the_weights_its_forward_used():
 def test_local_stages_learn_from_their_own_head_and_send_nothing_back():
     cfg = RunConfig(mode="local", layers=(784, 16, 16, 10), optimizer="sgd", lr=0.1)
     stages = chain(cfg)
-    assert [s.head is not None for s in stages] == [True, True, False] and all(s.sg is None for s in stages)
+    assert [s.parts.head is not None for s in stages] == [True, True, False] and all(s.parts.predictor is None for s in stages)
     before = [copy.deepcopy(s.module.state_dict()) for s in stages]
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     h = x
@@ -305,11 +307,11 @@ def test_local_stages_learn_from_their_own_head_and_send_nothing_back():
     assert dx is None  # nothing travels backward
     for s, old in zip(stages, before):
         assert any(not torch.equal(v, old[k]) for k, v in s.module.state_dict().items() if v.is_floating_point())
-    assert stages[0].stats.take()["head_loss"] > 0
+    assert stages[0].take_figures()["head_loss"] > 0
     state = stages[0].state_dict()  # the head is part of what a checkpoint keeps
     assert "head" in state and "head_optimizer" in state
     with pytest.raises(ValueError, match="mode local sends none back"):
-        stages[0].rule.on_gradient(stages[0], 0, None, torch.zeros(1), True)
+        stages[0].rule.on_gradient(0, None, torch.zeros(1), True)
 
 
 @pytest.mark.parametrize("shape", [(64,), (8, 7, 7)])

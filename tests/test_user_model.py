@@ -142,7 +142,7 @@ def test_samples_of_four_dimensions(tmp_path):
     from tests.test_stage import chain, run_step
     every2 = resolved.replace(true_grad_every=2)
     stages = chain(every2)
-    assert stages[0].sg is not None and stages[0].sg.flatten  # (4, 2, 4, 8) activations: flattened
+    assert stages[0].parts.predictor is not None and stages[0].parts.predictor.model.flatten  # (4, 2, 4, 8) activations: flattened
     before = [p.detach().clone() for p in stages[0].module.parameters()]
     for step in range(4):
         run_step(stages, step, torch.randn(16, 1, 2, 4, 8), torch.randint(0, 3, (16,)), every2)

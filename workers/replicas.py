@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from synthgrad.common.config import RunConfig
+from synthgrad.common.costs import Helpers
 from synthgrad.common.devices import Compute
 from synthgrad.common.liveness import Process, ProcessFailure, Watch
 from synthgrad.common.procs import ProcessGroup, die_with_parent, pin_to_core, yield_cpu
@@ -89,6 +90,7 @@ class ReplicaSpec:
     resume_path: str = ""
     resume_step: int = -1
     yields: bool = False  # the stage yields the CPU (common/placement.py yielding_stages): so does each replica
+    helpers: Optional[dict] = None  # the stage's helper models, as its START gave them
 
 
 class ReplicatedLogic:
@@ -110,7 +112,7 @@ class ReplicatedLogic:
     @classmethod
     def start(cls, logic: StageLogic, plan: StagePlan, cfg: RunConfig, stage: int, total_steps: int,
               blocks: list[tuple[int, int]], resume_path: str, resume_step: int,
-              yields: bool = False) -> "ReplicatedLogic":
+              yields: bool = False, helpers: Optional[Helpers] = None) -> "ReplicatedLogic":
         """Start replicas 1..R-1 (blocks[r]: their cores and threads) and join them; they must
         all join within --start-timeout."""
         replicas = len(blocks)
@@ -123,7 +125,7 @@ class ReplicatedLogic:
             for r in range(1, replicas):
                 child = procs.start(f"replica {r}", run_replica, ReplicaSpec(
                     stage, r, replicas, cfg.to_dict(), str(rendezvous), *blocks[r], total_steps, rows,
-                    resume_path or "", resume_step, yields))
+                    resume_path or "", resume_step, yields, None if helpers is None else helpers.to_dict()))
                 watch.add(r, Process.of_replica(stage, r, child.process.pid), handle=child.process)
             dist.init_process_group("gloo", init_method=rendezvous.as_uri(), rank=0, world_size=replicas,
                                     timeout=timedelta(seconds=cfg.start_timeout))
@@ -131,8 +133,9 @@ class ReplicatedLogic:
         except BaseException:
             procs.shutdown()
             raise
-        assert logic.sync is not None
-        logic.sync.group = group
+        sync = logic.parts.share.sync
+        assert sync is not None
+        sync.group = group
         return cls(logic, replicas, group, procs, folder, rows, watch)
 
     def __getattr__(self, name: str) -> Any:
@@ -262,7 +265,8 @@ def run_replica(spec: ReplicaSpec) -> None:
     if spec.yields:
         yield_cpu()
     sync = GradientSync(spec.replicas)
-    logic, _ = build_stage(cfg, spec.stage, spec.total_steps, Compute.of("cpu", cfg.precision), sync)
+    helpers = None if spec.helpers is None else Helpers.from_dict(spec.helpers)
+    logic, _ = build_stage(cfg, spec.stage, spec.total_steps, Compute.of("cpu", cfg.precision), sync, helpers)
     if spec.resume_path:
         state = torch.load(spec.resume_path, map_location="cpu", weights_only=True)
         logic.load_state_dict(state["state"])

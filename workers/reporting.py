@@ -61,7 +61,7 @@ class StageReporter:
             "messaging_fraction": sum(t[k] for k in MESSAGING) / span,
             "outstanding_steps": self.logic.outstanding(),
             "rejected_messages": self.rejected(),
-            **self.logic.stats.take(),
+            **self.logic.take_figures(),
         })
         self.send(wire.Metrics(self.stage, rec))
 
@@ -69,7 +69,7 @@ class StageReporter:
                       checkpoint: str) -> dict:
         """This stage's figures over the whole run (the DONE message's summary)."""
         totals = self.timings.total
-        stats = self.logic.stats
+        own = self.logic.totals()
         run = self.meter.totals(ended, busy_s=totals["compute"])
         elapsed = run["elapsed_s"]
         return {
@@ -83,13 +83,13 @@ class StageReporter:
             **{f"{k}_s": v for k, v in totals.items()},
             "compute_cpu_s": self.timings.compute_cpu,
             "max_outstanding_steps": self.max_outstanding,
-            "true_grads_received": stats.true_grads,
-            "bootstrap_grads_received": stats.bootstrap_grads,
-            "sg_s": stats.sg_seconds,
-            "sg_share_of_compute": stats.sg_seconds / totals["compute"] if totals["compute"] > 0 else 0.0,
-            "head_share_of_compute": stats.head_seconds / totals["compute"] if totals["compute"] > 0 else 0.0,
-            "gradient_delay_mean": stats.delay_total / stats.delay_total_n if stats.delay_total_n else None,
-            "gradient_delay_max": stats.delay_max if stats.delay_total_n else None,
+            "true_grads_received": own["true_grads_received"],
+            "bootstrap_grads_received": own["bootstrap_grads_received"],
+            "sg_s": own["sg_s"],
+            "sg_share_of_compute": own["sg_s"] / totals["compute"] if totals["compute"] > 0 else 0.0,
+            "head_share_of_compute": own["head_s"] / totals["compute"] if totals["compute"] > 0 else 0.0,
+            "gradient_delay_mean": own["gradient_delay_mean"],
+            "gradient_delay_max": own["gradient_delay_max"],
             "rejected_messages": self.rejected(),
             "checkpoint": checkpoint,
         }

@@ -1,50 +1,47 @@
 """What one stage does with a batch, free of sockets and processes (so it is testable alone).
 
-A stage owns some consecutive layers, their optimiser, and (when its update rule uses one) a
-synthetic-gradient model with its own optimiser. Per training step it runs forward, hands the
-output on, and asks its update rule (common/modes.py) what to step on now and what to do when a
-gradient of an earlier step comes back; this class holds the machinery the rules share.
+A stage owns some consecutive layers and runs an update rule over them (common/modes.py): per
+training step it runs forward, hands the output on, and asks its rule what to step on now and
+what to do when a gradient of an earlier step comes back. The rule is made of parts
+(common/parts.py: the layers, and a predictor, a head or a stash where the rule names them),
+which the stage builds from the helper models its layout chose; the stage saves, loads and
+reports the parts without knowing which rule it runs.
 
-A step whose true gradient will come back keeps its autograd graph. Where the optimiser changes
-the weights before that gradient arrives (every rule but locked), such a step runs forward on
-differentiable clones of the weights: the kept graph then still holds the weights of that step,
-and dL/dx is exactly the gradient of the forward pass that produced h (no recomputation).
+A step whose true gradient will come back keeps its autograd graph. Where the layers move before
+that gradient arrives (every rule but locked and local), such a step runs forward on
+differentiable clones of the weights (the stash): the kept graph then still holds the weights
+of that step, and dL/dx is exactly the gradient of the forward pass that produced h.
 """
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.func import functional_call
 
 from synthgrad.common.config import RunConfig
-from synthgrad.common.costs import HeadChoice, PredictorChoice, choose_head, choose_predictor, training_flops
+from synthgrad.common.costs import Helpers, choose_helpers, training_flops
 from synthgrad.common.devices import Compute
-from synthgrad.common.models import (
-    LocalHead,
-    SyntheticGradient,
-    build_units,
-    loss_function,
-    make_optimizer,
-    stage_bounds,
-    stage_io_shapes,
-)
 from synthgrad.common.evaluation import count_correct
+from synthgrad.common.models import SyntheticGradient, build_units, loss_function, make_optimizer, stage_bounds, \
+    stage_io_shapes
 from synthgrad.common.modes import UpdateRule
+from synthgrad.common.parts import (  # noqa: F401  (NonFinite, require_finite: re-exported)
+    Head,
+    Layers,
+    NonFinite,
+    Parts,
+    Predictor,
+    Share,
+    Stash,
+    require_finite,
+)
 from synthgrad.common.recurrent import StateSynthesizer, recurrent_layers, reset_streams, state_sizes
-from synthgrad.common.reports import RunFailed
 from synthgrad.workers.sync import GradientSync
 
-TRUST_DECAY = 0.8  # the predictor's running cosine: each true-gradient step's weighs 1 - this
-SCALE_DECAY = 0.9  # the true gradients' running RMS (--sg-normalize): each target's weighs 1 - this
 MAX_KEPT_STEPS = 4096  # a safety bound; bounded queues keep the real number far below it
 SNAPSHOT_AT = (0.0, 0.1, 0.5, 1.0)  # fractions of the run at which to keep SG-vs-true samples
-SNAPSHOT_ROWS, SNAPSHOT_COLS = 16, 64  # samples x units kept per snapshot (for a heatmap)
 
 
 def snapshot_steps(cfg: RunConfig, total_steps: int) -> frozenset[int]:
@@ -55,18 +52,6 @@ def snapshot_steps(cfg: RunConfig, total_steps: int) -> frozenset[int]:
     return frozenset(true_steps[min(int(f * len(true_steps)), len(true_steps) - 1)] for f in SNAPSHOT_AT)
 
 
-class NonFinite(RunFailed):
-    """Training produced NaN or Inf. The policy: the run fails here, naming the stage and step,
-    before the value updates a weight or travels on, so no checkpoint ever holds it."""
-
-
-def require_finite(t: torch.Tensor, what: str, stage: int, step: int) -> torch.Tensor:
-    if not bool(torch.isfinite(t).all()):
-        raise NonFinite(f"stage {stage}: {what} of step {step} is NaN or infinite (training diverged; "
-                        f"lower --lr or --sg-lr, or check the data); it was not used")
-    return t
-
-
 @dataclass
 class Kept:
     """What a step keeps until its true or bootstrapped gradient comes back."""
@@ -74,289 +59,159 @@ class Kept:
     h: Optional[torch.Tensor]  # output still attached to its graph (true-gradient steps)
     h_detached: torch.Tensor
     labels: torch.Tensor
-    sg_pred: Optional[torch.Tensor] = None  # the synthetic gradient used at forward time
+    prediction: Optional[torch.Tensor] = None  # what the rule's predictor said at forward time
+    prior: Optional[torch.Tensor] = None  # what the rule stepped on besides (residual: the head's)
     weights: Optional[dict] = None  # the stashed weights h was computed with (name -> clone)
 
 
 @dataclass
 class StageStats:
-    """Running sums since the last metrics report (reset by ``take``)."""
+    """The layers' running sums since the last report (reset by ``take``), and counts."""
     loss_sum: float = 0.0
     loss_n: int = 0
     correct: int = 0
     seen: int = 0
-    sg_loss_sum: float = 0.0
-    sg_loss_n: int = 0
-    cos_sum: float = 0.0
-    cos_n: int = 0
     true_grads: int = 0  # true gradients received (cumulative, not reset)
     bootstrap_grads: int = 0
     dropped: int = 0
-    sg_seconds: float = 0.0  # predicting and training the synthetic-gradient model (cumulative)
-    head_loss_sum: float = 0.0  # the local classifier head's loss (mode local)
-    head_loss_n: int = 0
-    head_seconds: float = 0.0  # training the local head (cumulative)
-    delay_sum: int = 0  # steps between a step's forward pass and its gradient's update (delayed)
-    delay_n: int = 0
-    delay_max: int = 0  # cumulative
-    delay_total: int = 0  # cumulative, for the run's mean
-    delay_total_n: int = 0
-    untrusted_steps: int = 0  # steps on the predictor not taken (predictor_step_scale gave 0; cumulative)
-    state_synths: tuple = ()  # the stage's StateSynthesizers: their figures join each record
 
     def take(self) -> dict:
-        rec = {
-            "loss": self.loss_sum / self.loss_n if self.loss_n else None,
-            "train_accuracy": self.correct / self.seen if self.seen else None,
-            "sg_loss": self.sg_loss_sum / self.sg_loss_n if self.sg_loss_n else None,
-            "sg_cosine": self.cos_sum / self.cos_n if self.cos_n else None,
-            "true_grads": self.true_grads,
-            "bootstrap_grads": self.bootstrap_grads,
-            "dropped_steps": self.dropped,
-            "untrusted_steps": self.untrusted_steps,
-            "head_loss": self.head_loss_sum / self.head_loss_n if self.head_loss_n else None,
-            "gradient_delay_mean": self.delay_sum / self.delay_n if self.delay_n else None,
-            "gradient_delay_max": self.delay_max if self.delay_n else None,
-        }
-        for synth in self.state_synths[:1]:  # the first recurrent layer's (a stage rarely holds two)
-            rec.update(synth.take())
-        self.loss_sum = self.sg_loss_sum = self.cos_sum = self.head_loss_sum = 0.0
-        self.loss_n = self.correct = self.seen = self.sg_loss_n = self.cos_n = self.head_loss_n = 0
-        self.delay_sum = self.delay_n = 0
+        rec = {"loss": self.loss_sum / self.loss_n if self.loss_n else None,
+               "train_accuracy": self.correct / self.seen if self.seen else None,
+               "true_grads": self.true_grads, "bootstrap_grads": self.bootstrap_grads,
+               "dropped_steps": self.dropped}
+        self.loss_sum, self.loss_n, self.correct, self.seen = 0.0, 0, 0, 0
         return rec
+
+
+@dataclass
+class Streams:
+    """A recurrent stage's training streams: the epoch they are in (a new one restarts them),
+    and each recurrent layer's state predictor (where the rule predicts gradients)."""
+    synths: list[StateSynthesizer] = field(default_factory=list)
+    epoch: Optional[int] = None
+
+    def learn(self) -> None:
+        for synth in self.synths:  # the window's backward pass gave its initial state a gradient
+            synth.learn()
+
+
+def build_parts(rule: type[UpdateRule], cfg: RunConfig, stage: int, is_last: bool, module: nn.Module,
+                out_shape: tuple[int, ...], helpers: Helpers, dev: Compute, share: Share,
+                snapshot_steps: frozenset[int], after_step) -> Parts:
+    """The parts `rule` is made of, for this stage: exactly the helper models `helpers` names."""
+    lr = cfg.lr * rule.lr_scale(cfg.sg_update_lr_scale, is_last)
+    layers = Layers(module, make_optimizer(module.parameters(), cfg.optimizer, lr, cfg.momentum), lr, share,
+                    after_step)
+    seed = cfg.seed * 7919 + stage
+    predictor = None if helpers.predictor is None else Predictor.build(
+        helpers.predictor, cfg, out_shape, seed, dev.device, share, snapshot_steps)
+    head = None if helpers.head is None else Head.build(helpers.head, cfg, out_shape, seed, dev.device, share, stage)
+    stash = None
+    if rule.stashes and not is_last:
+        # where the layers step on estimates and on the true gradients too, each kind has its own
+        # optimiser state at its own lr: Adam's moments would otherwise mix nine predicted
+        # gradients with each true one and carry the predictions into its step
+        true_updates = cfg.applies_true_gradients if rule.true_updates is None else rule.true_updates
+        optimizer = make_optimizer(module.parameters(), cfg.optimizer, cfg.lr, cfg.momentum) if true_updates else None
+        stash = Stash(layers, optimizer, cfg.lr, predictor, stage)
+    return Parts(layers, share, predictor, head, stash)
 
 
 class StageLogic:
     def __init__(self, cfg: RunConfig, stage: int, num_stages: int, module: nn.Module,
                  in_shape: tuple[int, ...], out_shape: tuple[int, ...],
                  snapshot_steps: frozenset[int] = frozenset(),
-                 rule: Optional[UpdateRule] = None, dev: Optional[Compute] = None,
-                 sync: Optional[GradientSync] = None):
-        """`in_shape`, `out_shape`: one sample's, in and out (a predictor is priced against
-        the stage's FLOPs on them). `rule`: the mode's unless given (bench/rules.py tries rules
-        that are not modes yet). `dev`: the device and precision (default: the CPU, in the
-        run's precision). What comes in (data, activations, gradients) is moved onto the
-        device; what goes out comes back in the wire's dtype, in host memory. `sync`: this
-        stage runs as one of several replicas, each on its share of every batch's rows
-        (workers/replicas.py): each model's gradients are summed over the replicas before it
-        steps, so every loss here counts for its share of the batch."""
+                 rule: Optional[type[UpdateRule]] = None, dev: Optional[Compute] = None,
+                 sync: Optional[GradientSync] = None, helpers: Optional[Helpers] = None):
+        """`in_shape`, `out_shape`: one sample's, in and out. `rule`: the mode's unless given
+        (bench/rules.py tries rules that are not modes yet). `helpers`: the helper models the
+        layout chose (START carries them); chosen here the same way when not given. `dev`: the
+        device and precision (default: the CPU, in the run's precision). What comes in (data,
+        activations, gradients) is moved onto the device; what goes out comes back in the
+        wire's dtype, in host memory. `sync`: this stage runs as one of several replicas, each
+        on its share of every batch's rows (workers/replicas.py): each model's gradients are
+        summed over the replicas before it steps, so every loss here counts for its share."""
         self.cfg = cfg
-        self.sync = sync
-        self.rule: UpdateRule = rule or cfg.rule
-        uses_predictor = stage < num_stages - 1 and self.rule.uses_predictor
-        uses_head = stage < num_stages - 1 and self.rule.uses_head
-        # a recurrent layer's state at a window's end gets a synthetic gradient where the rule
-        # predicts gradients, on any stage (the last one's too: its window still ends)
-        synth_states = self.rule.uses_predictor and cfg.per_position and bool(recurrent_layers(module))
-        # counted on the CPU, before the module moves to its device (the layout counts the same)
-        own_flops = training_flops(module, in_shape) if (uses_predictor or uses_head or synth_states) else 0.0
-        sizes = state_sizes(module, in_shape) if synth_states else []  # probed on the CPU too
+        self.stage = stage
+        self.num_stages = num_stages
+        rule_class = rule or cfg.rule
+        if helpers is None:  # counted on the CPU, before the module moves (the layout counts the same)
+            helpers = stage_helpers(cfg.replace(mode=rule_class.mode.value) if rule else cfg, module, in_shape,
+                                    out_shape, self.is_last)
+        widths = state_sizes(module, in_shape) if helpers.state_predictors else []  # probed on the CPU
         self.dev = dev or Compute(torch.device("cpu"), cfg.precision)
         module.to(self.dev.device)
-        self.stage = stage
-        self.is_first = stage == 0
-        self.is_last = stage == num_stages - 1
-        self.module = module
-        self.lr = cfg.lr * self.rule.lr_scale(cfg.sg_update_lr_scale, self.is_last)
-        self.optimizer = make_optimizer(module.parameters(), cfg.optimizer, self.lr, cfg.momentum)
-        # where the layers step on predictions and on the true gradients too (--sg-true-updates),
-        # each kind has its own optimiser state at its own lr: Adam's moments would otherwise mix
-        # nine predicted gradients with each true one and carry the predictions into its step
-        self.true_optimizer: Optional[torch.optim.Optimizer] = None
-        if self.rule.uses_predictor and cfg.applies_true_gradients and not self.is_last:
-            self.true_optimizer = make_optimizer(module.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
-        self.sg: Optional[SyntheticGradient] = None
-        self.predictor: Optional[PredictorChoice] = None
-        self.sg_optimizer: Optional[torch.optim.Optimizer] = None
-        if uses_predictor:
-            self.predictor = choose_predictor(cfg, out_shape, own_flops)
-            torch.manual_seed(cfg.seed * 7919 + stage)
-            self.sg = self.predictor.build(cfg, out_shape).to(self.dev.device)
-            self.sg_optimizer = make_optimizer(self.sg.parameters(), cfg.sg_optimizer, cfg.sg_lr)
-        self.head: Optional[LocalHead] = None
-        self.head_choice: Optional[HeadChoice] = None
-        self.head_optimizer: Optional[torch.optim.Optimizer] = None
-        if uses_head:
-            self.head_choice = choose_head(cfg, out_shape, own_flops)
-            torch.manual_seed(cfg.seed * 7919 + stage)
-            self.head = self.head_choice.build(cfg, out_shape).to(self.dev.device)
-            self.head_optimizer = make_optimizer(self.head.parameters(), cfg.optimizer, cfg.lr, cfg.momentum)
-        self.state_synths: list[StateSynthesizer] = []
-        if synth_states:
-            for i, size in enumerate(sizes):
-                choice = choose_predictor(cfg.replace(conditioned=False), (size,), own_flops)
-                torch.manual_seed(cfg.seed * 7919 + 104729 * (i + 1) + stage)
-                model = SyntheticGradient((size,), cfg.sg_model, choice.rank).to(self.dev.device)
-                self.state_synths.append(StateSynthesizer(
-                    model, make_optimizer(model.parameters(), cfg.sg_optimizer, cfg.sg_lr), cfg.sg_discount))
-            for layer, synth in zip(recurrent_layers(module), self.state_synths):
-                layer.synthesizer = synth
-        self.sg_trust = 0.0  # the predictor's running cosine with the true gradients (predictor_step_scale)
-        self.sg_scale = 0.0  # the running RMS of the per-sample gradients it learns (--sg-normalize)
-        self.stream_epoch: Optional[int] = None  # the epoch the training streams are in
+        self.streams = Streams()
+        self.parts = build_parts(rule_class, cfg, stage, self.is_last, module, out_shape, helpers, self.dev,
+                                 Share(sync), snapshot_steps, self.streams.learn)
+        self.streams.synths = self._state_synths(helpers, widths)
+        self.rule: UpdateRule = rule_class(self.parts, self)
         self.latest_step = -1  # the latest step this stage has run forward
         self.loss_fn = loss_function(cfg.loss, cfg.per_position)  # the last stage's
-        self.head_loss = loss_function("cross_entropy", cfg.per_position)  # local heads keep cross-entropy
         self.kept: dict[int, Kept] = {}
-        self.last_true: Optional[torch.Tensor] = None  # stale mode
-        self.stats = StageStats(state_synths=tuple(self.state_synths))
-        self.snapshot_steps = snapshot_steps
-        self.snapshots: list[dict] = []  # synthetic beside true gradient at a few steps
+        self.stats = StageStats()
         self._pending: Optional[tuple] = None  # (step, h, x, keep_graph, labels) between forward and update
-        self._deferred: list[dict] = []  # late true gradients held until the pending step's update
 
-    # ------------------------------------------------------------------ what the rules use
-    def step_optimizer(self, lr: Optional[float] = None, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
-        """Step the layers on their .grad with `optimizer` (default: the rule's, at `lr`,
-        default the rule's learning rate; the true gradients' optimiser keeps --lr)."""
-        self._synced(self.module)
-        if optimizer is None:
-            optimizer = self.optimizer
-            for group in optimizer.param_groups:
-                group["lr"] = self.lr if lr is None else lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        self._learn_states()
+    def _state_synths(self, helpers: Helpers, widths: list[int]) -> list[StateSynthesizer]:
+        """A state predictor per recurrent layer (of its state's `widths`), as `helpers` says,
+        each attached to its layer."""
+        cfg, synths = self.cfg, []
+        for i, (layer, choice, width) in enumerate(zip(recurrent_layers(self.module), helpers.state_predictors,
+                                                        widths)):
+            torch.manual_seed(cfg.seed * 7919 + 104729 * (i + 1) + self.stage)
+            model = SyntheticGradient((width,), cfg.sg_model, choice.rank).to(self.dev.device)
+            synth = StateSynthesizer(model, make_optimizer(model.parameters(), cfg.sg_optimizer, cfg.sg_lr),
+                                     cfg.sg_discount)
+            layer.synthesizer = synth
+            synths.append(synth)
+        return synths
 
-    def _learn_states(self) -> None:
-        for synth in self.state_synths:  # the window's backward pass gave its initial state a gradient
-            synth.learn()
+    @property
+    def module(self) -> nn.Module:
+        return self.parts.layers.module
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.num_stages - 1
+
+    @property
+    def holding(self) -> bool:
+        """A step ran forward and awaits its own update (the rules' Stage protocol)."""
+        return self._pending is not None
 
     def begin_epoch(self, epoch: int) -> None:
         """A training step of `epoch` comes next: a new epoch restarts the streams (recurrent
         layers start from zero)."""
-        if self.stream_epoch is not None and epoch != self.stream_epoch:
+        if self.streams.epoch is not None and epoch != self.streams.epoch:
             reset_streams(self.module, training=True)
-        self.stream_epoch = epoch
+        self.streams.epoch = epoch
 
-    def predict(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The synthetic-gradient model's per-sample dL/dh (batch size x dL_mean/dh), in float32
-        (predictors and heads are float32 whatever the layers' precision)."""
-        assert self.sg is not None
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            per_sample = self.sg(h.detach().float(), labels)
-            if self.cfg.sg_normalize:
-                per_sample = per_sample * self.sg_scale
-        self.stats.sg_seconds += time.perf_counter() - t0
-        return per_sample
+    # ------------------------------------------------------------------ figures
+    def take_figures(self) -> dict:
+        """The running figures since the last report: the layers', each part's, and the first
+        recurrent layer's state predictor's (a stage rarely holds two)."""
+        rec = {**self.stats.take(), **self.parts.take_stats()}
+        for synth in self.streams.synths[:1]:
+            rec.update(synth.take())
+        return rec
 
-    def learn_predictor(self, step: int, kept: Kept, g: torch.Tensor) -> None:
-        """Score the prediction made at forward time against `g`, then train the predictor on it."""
-        if self.sg is None:
-            return
-        if kept.sg_pred is not None:
-            target = g.float() * self.batch_rows(g)
-            cos = self._whole_batch_cosine(kept.sg_pred, target)
-            self.stats.cos_sum += cos
-            self.stats.cos_n += 1
-            self.sg_trust = TRUST_DECAY * self.sg_trust + (1 - TRUST_DECAY) * cos
-            if step in self.snapshot_steps:
-                self._snapshot(step, kept.sg_pred, target, cos)
-        self._train_sg(kept, g)
+    def totals(self) -> dict:
+        """Cumulative figures for the stage's summary."""
+        return {"true_grads_received": self.stats.true_grads,
+                "bootstrap_grads_received": self.stats.bootstrap_grads, **self.parts.totals()}
 
-    def _whole_batch_cosine(self, predicted: torch.Tensor, true: torch.Tensor) -> float:
-        """The cosine between a prediction and the true gradient over the whole batch (summed
-        over a replicated stage's processes, so every replica sees the same figure)."""
-        p, t = predicted.reshape(-1).double(), true.reshape(-1).double()
-        sums = torch.stack([p @ t, p @ p, t @ t])
-        if self.sync is not None:
-            self.sync.total(sums)
-        dot, pp, tt = sums.tolist()
-        return dot / max(math.sqrt(pp * tt), 1e-12)
-
-    def predictor_step_scale(self) -> float:
-        """The factor on the layers' learning rate for a step on the synthetic-gradient model
-        now (0: no step). A predictor that does not (yet) predict gives updates of no use, and
-        Adam turns even small ones into full-size steps in their direction, so the step follows
-        the evidence: the predictor's running cosine with the true gradients (an average over
-        true-gradient steps, TRUST_DECAY), clamped to [0, 1] (--sg-trust-scale), and nothing
-        below --sg-min-cosine."""
-        if self.sg is None:
-            return 1.0
-        if self.cfg.sg_min_cosine > 0 and self.sg_trust < self.cfg.sg_min_cosine:
-            return 0.0
-        return self._trust() if self.cfg.sg_trust_scale else 1.0
-
-    def _trust(self) -> float:
-        """The predictor's running cosine with the true gradients, clamped to [0, 1]."""
-        return min(max(self.sg_trust, 0.0), 1.0)
-
-    def head_gradient(self, step: int, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Train the local classifier head one step on h and return dL_local/dh (mean over the
-        batch): what the layers step on in mode local."""
-        assert self.head is not None and self.head_optimizer is not None
-        t0 = time.perf_counter()
-        h_leaf = h.detach().float().requires_grad_(True)
-        loss = self.head_loss(self.head(h_leaf), labels)
-        require_finite(loss.detach(), "the local head's loss", self.stage, step)
-        self.head_optimizer.zero_grad(set_to_none=True)
-        self._shared(loss).backward()
-        self._synced(self.head)
-        self.head_optimizer.step()
-        self.stats.head_seconds += time.perf_counter() - t0
-        self.stats.head_loss_sum += loss.item()
-        self.stats.head_loss_n += 1
-        return h_leaf.grad
-
-    def apply_stashed(self, step: int, kept: Kept, g: torch.Tensor) -> Optional[torch.Tensor]:
-        """Step the layers on step `step`'s true gradient, taken at the weights its forward pass
-        used (kept.weights), now; return its dL/dx. The delay (steps run forward since) is
-        counted for the report."""
-        assert kept.h is not None and kept.weights is not None
-        names = list(kept.weights)
-        inputs = [kept.weights[n] for n in names] + ([kept.x] if kept.x is not None else [])
-        grads = torch.autograd.grad(kept.h, inputs, g, allow_unused=True)
-        update = {name: require_finite(grad, f"the gradient of {name}", self.stage, step)
-                  for name, grad in zip(names, grads) if grad is not None}
-        if self._pending is not None:  # a step ran forward and awaits its own update: its graph
-            self._deferred.append(update)  # holds these weights, so they change after it
-        else:
-            self._step_on(update)
-        delay = self.latest_step - step
-        self.stats.delay_sum += delay
-        self.stats.delay_n += 1
-        self.stats.delay_max = max(self.stats.delay_max, delay)
-        self.stats.delay_total += delay
-        self.stats.delay_total_n += 1
-        return grads[-1] if kept.x is not None else None
-
-    def _step_on(self, update: dict) -> None:
-        """Step the layers on a true gradient. Where the rule steps on predictions too, with the
-        true gradients' own optimiser, at --lr x (1 - the predictor's running cosine): the part
-        of this gradient the predictor got right was stepped on when it was predicted, so a
-        predictor that predicts well leaves its true gradients little to add (at N=1 they would
-        otherwise double every step), and one that does not leaves them the whole step."""
-        params = dict(self.module.named_parameters())
-        for name, grad in update.items():
-            params[name].grad = grad
-        if self.true_optimizer is not None:
-            for group in self.true_optimizer.param_groups:
-                group["lr"] = self.cfg.lr * (1 - self._trust())
-        self.step_optimizer(optimizer=self.true_optimizer)
-
-    @staticmethod
-    def true_dx(kept: Kept, g: torch.Tensor) -> Optional[torch.Tensor]:
-        """dL/dx of the kept step's own forward pass (None on stage 0 or without a kept graph)."""
-        if kept.x is None or kept.h is None:
-            return None
-        (dx,) = torch.autograd.grad(kept.h, kept.x, g)
-        return dx
+    @property
+    def snapshots(self) -> list[dict]:
+        """The predictor's output beside the true gradient at a few steps (for a heatmap)."""
+        predictor = self.parts.predictor
+        return [] if predictor is None else [{"stage": self.stage, **snap} for snap in predictor.snapshots]
 
     # ------------------------------------------------------------------ helpers
-    def batch_rows(self, t: torch.Tensor) -> int:
-        """The rows of the whole batch `t` is (this process's part of) a tensor of."""
-        return t.shape[0] if self.sync is None else t.shape[0] * self.sync.replicas
-
-    def _shared(self, loss: torch.Tensor) -> torch.Tensor:
-        """A loss (a mean over this process's rows) as its share of the whole batch's mean."""
-        return loss if self.sync is None else loss * self.sync.share
-
-    def _synced(self, model: nn.Module) -> None:
-        """Sum `model`'s gradients over the replicas before it steps (nothing without them)."""
-        if self.sync is not None:
-            self.sync.reduce(model)
-
     def _input(self, x: torch.Tensor, need_dx: bool) -> torch.Tensor:
         if need_dx and not self.is_first:
             return x.detach().requires_grad_(True)
@@ -365,56 +220,10 @@ class StageLogic:
     def _forward(self, x: torch.Tensor, stash_weights: bool) -> tuple[torch.Tensor, Optional[dict]]:
         """The output, and the stashed weights it was computed with (None when not stashed)."""
         with self.dev.autocast():
-            return self._forward_as_is(x, stash_weights)
-
-    def _forward_as_is(self, x: torch.Tensor, stash_weights: bool) -> tuple[torch.Tensor, Optional[dict]]:
-        if not stash_weights:
+            if stash_weights:
+                assert self.parts.stash is not None
+                return self.parts.stash.forward(x)
             return self.module(x), None
-        clones = {name: p.clone() for name, p in self.module.named_parameters()}
-        # buffers too: batch norm saves its running statistics for backward, and the next step's
-        # forward updates them in place, which would make this step's graph unusable; the
-        # updated copies are written back, so the statistics evolve exactly as without stashing
-        buffers = {name: b.clone() for name, b in self.module.named_buffers()}
-        h = functional_call(self.module, {**clones, **buffers}, (x,))
-        with torch.no_grad():
-            for name, b in self.module.named_buffers():
-                b.copy_(buffers[name])
-        return h, clones
-
-    def _train_sg(self, kept: Kept, g: torch.Tensor) -> None:
-        assert self.sg is not None and self.sg_optimizer is not None
-        t0 = time.perf_counter()
-        target = g.float() * self.batch_rows(g)
-        if self.cfg.sg_normalize:
-            target = target / self._rescale(target)
-        pred = self.sg(kept.h_detached.float(), kept.labels)
-        loss = F.mse_loss(pred, target)
-        self.sg_optimizer.zero_grad(set_to_none=True)
-        self._shared(loss).backward()
-        self._synced(self.sg)
-        self.sg_optimizer.step()
-        self.stats.sg_seconds += time.perf_counter() - t0
-        self.stats.sg_loss_sum += loss.item()
-        self.stats.sg_loss_n += 1
-
-    def _rescale(self, target: torch.Tensor) -> float:
-        """Fold `target`'s RMS (over the whole batch, summed over a replicated stage's
-        processes) into the running scale and return it: the predictor learns targets of about
-        unit size, so its optimiser's step means the same whatever the size of the gradients
-        (Adam moves a weight by about --sg-lr per step whatever the gradient's size)."""
-        sums = torch.stack([target.double().pow(2).sum(),
-                            torch.tensor(float(target.numel()), dtype=torch.float64, device=target.device)])
-        if self.sync is not None:
-            self.sync.total(sums)
-        rms = math.sqrt(float(sums[0]) / max(float(sums[1]), 1.0))
-        self.sg_scale = rms if self.sg_scale == 0 else SCALE_DECAY * self.sg_scale + (1 - SCALE_DECAY) * rms
-        return max(self.sg_scale, 1e-30)
-
-    def _snapshot(self, step: int, predicted: torch.Tensor, true: torch.Tensor, cos: float) -> None:
-        def corner(t: torch.Tensor) -> list:
-            return t.reshape(t.shape[0], -1)[:SNAPSHOT_ROWS, :SNAPSHOT_COLS].tolist()
-        self.snapshots.append({"stage": self.stage, "step": step, "cosine": cos,
-                               "predicted": corner(predicted), "true": corner(true)})
 
     def _bound_kept(self, step: int) -> None:
         for old in [s for s in self.kept if s <= step - MAX_KEPT_STEPS]:
@@ -428,7 +237,7 @@ class StageLogic:
         keep_graph = true_grad
         need_dx = keep_graph or self.cfg.bootstrap
         x = self._input(x, need_dx)
-        h, stash = self._forward(x, stash_weights=keep_graph and self.rule.weights_move_before_gradient)
+        h, stash = self._forward(x, stash_weights=keep_graph and self.rule.stashes)
         require_finite(h, "the output", self.stage, step)
         self.latest_step = step
         if keep_graph or self.cfg.bootstrap:
@@ -445,28 +254,26 @@ class StageLogic:
             dx = self._local_update(step)
             return None if dx is None else self.dev.leave(dx)
         finally:
-            while self._deferred:  # late true gradients that arrived during this step
-                self._step_on(self._deferred.pop(0))
+            if self.parts.stash is not None:  # late true gradients that arrived during this step
+                self.parts.stash.release()
 
     def _local_update(self, step: int) -> Optional[torch.Tensor]:
         pstep, h, x, keep_graph, labels = self._pending
         assert pstep == step, "local_update must follow forward of the same step"
         self._pending = None
-        grad = self.rule.local_gradient(self, step, h, labels, self.kept.get(step))
+        grad = self.rule.local_gradient(step, h, labels, self.kept.get(step))
         if grad is None:
             return None
-        scale = self.predictor_step_scale()
+        scale = self.rule.step_scale()
         if scale <= 0:
-            self.stats.untrusted_steps += 1
-            if not (self.cfg.bootstrap or self.state_synths):  # nothing to step on, nothing to send back
+            if not (self.cfg.bootstrap or self.streams.synths):  # nothing to step on, nothing to send back
                 return None
         require_finite(grad, "the local gradient", self.stage, step)
         h.backward(grad.to(h.dtype), retain_graph=keep_graph)
         if scale > 0:
-            self.step_optimizer(self.lr * scale)
+            self.parts.layers.step(self.parts.layers.lr * scale)
         else:  # a bootstrapped dL/dx still goes back, and the state predictors learn from the
-            self.optimizer.zero_grad(set_to_none=True)  # window; the layers keep their weights
-            self._learn_states()
+            self.parts.layers.skip()  # window; the layers keep their weights
         if self.cfg.bootstrap and not keep_graph and x is not None and x.grad is not None:
             dx = x.grad
             x.grad = None
@@ -489,7 +296,7 @@ class StageLogic:
         else:
             self.stats.bootstrap_grads += 1
         g = self.dev.arrive(g).to(kept.h_detached.dtype)  # the wire's dtype may be narrower
-        dx = self.rule.on_gradient(self, step, kept, g, true_grad)
+        dx = self.rule.on_gradient(step, kept, g, true_grad)
         return None if dx is None else self.dev.leave(require_finite(dx, "dL/dx", self.stage, step))
 
     # ------------------------------------------------------------------ last stage
@@ -505,8 +312,8 @@ class StageLogic:
             out = self.module(x)
             loss = self.loss_fn(out, labels)
         require_finite(loss.detach(), "the loss", self.stage, step)
-        self._shared(loss).backward()
-        self.step_optimizer()
+        self.parts.share.loss(loss).backward()
+        self.parts.layers.step()
         value = loss.item()
         correct, counted = count_correct(out.detach(), labels)
         # weighted by the predictions it scored: a stream's windows hold different numbers of
@@ -547,27 +354,15 @@ class StageLogic:
         return len(self.kept)
 
     def state_dict(self) -> dict:
-        """Everything training needs to continue: layers, optimizer, synthetic-gradient model and
-        its optimizer, and (stale mode) the gradient being reused. Raises NonFinite rather than
-        hand over a poisoned state (a checkpoint is only ever written from this)."""
-        state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
-        if self.true_optimizer is not None:
-            state["true_optimizer"] = self.true_optimizer.state_dict()
-        if self.sg is not None and self.sg_optimizer is not None:
-            state["sg"] = self.sg.state_dict()
-            state["sg_optimizer"] = self.sg_optimizer.state_dict()
-        if self.head is not None and self.head_optimizer is not None:
-            state["head"] = self.head.state_dict()
-            state["head_optimizer"] = self.head_optimizer.state_dict()
-        if self.last_true is not None:
-            state["last_true"] = self.last_true
-        if self.sg is not None:
-            state["sg_trust"] = self.sg_trust
-            state["sg_scale"] = self.sg_scale
+        """Everything training needs to continue: each part's state (the layers and their
+        optimiser, and the rule's helper models with theirs), the rule's own (stale: the
+        gradient it reuses) and where a recurrent stage's streams are. Raises NonFinite rather
+        than hand over a poisoned state (a checkpoint is only ever written from this)."""
+        state = {**self.parts.state_dict(), **self.rule.state_dict()}
         layers = recurrent_layers(self.module)
         if layers:  # where the training streams are: their epoch, and each layer's carried state
-            state["streams"] = {"epoch": self.stream_epoch, "carried": [layer.carried() for layer in layers],
-                                "synths": [synth.state_dict() for synth in self.state_synths]}
+            state["streams"] = {"epoch": self.streams.epoch, "carried": [layer.carried() for layer in layers],
+                                "synths": [synth.state_dict() for synth in self.streams.synths]}
         for t in _tensors(state):
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise NonFinite(f"stage {self.stage}: its state holds NaN or infinite values; "
@@ -576,29 +371,30 @@ class StageLogic:
 
     def load_state_dict(self, state: dict) -> None:
         """The inverse of state_dict (resuming from a checkpoint)."""
-        self.module.load_state_dict(state["module"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.true_optimizer is not None and "true_optimizer" in state:
-            self.true_optimizer.load_state_dict(state["true_optimizer"])
-        if self.sg is not None and self.sg_optimizer is not None:
-            self.sg.load_state_dict(state["sg"])
-            self.sg_optimizer.load_state_dict(state["sg_optimizer"])
-        if self.head is not None and self.head_optimizer is not None:
-            self.head.load_state_dict(state["head"])
-            self.head_optimizer.load_state_dict(state["head_optimizer"])
-        self.sg_trust = float(state.get("sg_trust", self.sg_trust))
-        self.sg_scale = float(state.get("sg_scale", self.sg_scale))
-        last_true = state.get("last_true")
-        self.last_true = None if last_true is None else self.dev.arrive(last_true)
+        self.parts.load_state_dict(state)
+        self.rule.load_state_dict(state)
         streams = state.get("streams")
         if streams is not None:
-            self.stream_epoch = streams["epoch"]
+            self.streams.epoch = streams["epoch"]
             for layer, carried in zip(recurrent_layers(self.module), streams["carried"]):
                 layer.carry(None if carried is None else
                             tuple(map(self.dev.arrive, carried)) if isinstance(carried, (tuple, list))
                             else self.dev.arrive(carried))
-            for synth, saved in zip(self.state_synths, streams["synths"]):
+            for synth, saved in zip(self.streams.synths, streams["synths"]):
                 synth.load_state_dict(saved)
+
+
+def stage_helpers(cfg: RunConfig, module: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+                  is_last: bool) -> Helpers:
+    """The helper models the layout chooses for a stage of these layers (coordinator/layout.py
+    chooses them the same way, from the same counts)."""
+    rule = cfg.rule
+    predicts_states = rule.uses_predictor and cfg.per_position and bool(recurrent_layers(module))
+    if not (rule.uses_predictor or rule.uses_head):
+        return Helpers()
+    widths = state_sizes(module, in_shape) if predicts_states else []
+    return choose_helpers(cfg, is_last=is_last, out_shape=out_shape, stage_flops=training_flops(module, in_shape),
+                          state_widths=widths)
 
 
 @dataclass(frozen=True)
@@ -612,17 +408,18 @@ class StagePlan:
 
 
 def build_stage(cfg: RunConfig, stage: int, total_steps: int, dev: Compute,
-                sync: Optional[GradientSync] = None) -> tuple[StageLogic, StagePlan]:
+                sync: Optional[GradientSync] = None, helpers: Optional[Helpers] = None
+                ) -> tuple[StageLogic, StagePlan]:
     """Stage `stage`'s logic with its layers, made the same way in every process that runs it
     (a stage worker, each of its replicas): the whole network is built from the seed, so the
-    stage's weights are backprop's."""
+    stage's weights are backprop's; with the helper models START gave (`helpers`)."""
     first_unit, end_unit = stage_bounds(cfg)[stage]
     units = build_units(cfg)
     shapes = stage_io_shapes(cfg, units)
     in_shape, out_shape = shapes[stage]
     num_stages = len(cfg.stage_groups)
     logic = StageLogic(cfg, stage, num_stages, nn.Sequential(*units[first_unit:end_unit]), in_shape, out_shape,
-                       snapshot_steps=snapshot_steps(cfg, total_steps), dev=dev, sync=sync)
+                       snapshot_steps=snapshot_steps(cfg, total_steps), dev=dev, sync=sync, helpers=helpers)
     # the last stage's output: one logit per class (at every position, for stream data)
     return logic, StagePlan((first_unit, end_unit), in_shape, out_shape, shapes[-1][1][-1], num_stages)
 

@@ -26,6 +26,7 @@ from synthgrad.common import wire
 from synthgrad.common.config import RunConfig
 from synthgrad.common.data import Dataset, eval_batches, steps_per_epoch
 from synthgrad.common.datasets import run_dataset
+from synthgrad.common.costs import Helpers
 from synthgrad.common.devices import Compute, stage_device
 from synthgrad.common.endpoints import CONNECT_TIMEOUT_S
 from synthgrad.common.evaluation import EvalTally
@@ -135,7 +136,8 @@ class LayerWorker:
         device = stage_device(cfg.device, self.stage, self.spec.local_index)
         dev = Compute.of(device, cfg.precision)  # DeviceError when this host has no such device
         sync = GradientSync(replicas) if replicas > 1 else None
-        logic, plan = build_stage(cfg, self.stage, start.total_steps, dev, sync)
+        helpers = Helpers.from_dict(start.helpers)  # as the layout chose them: built, not chosen again
+        logic, plan = build_stage(cfg, self.stage, start.total_steps, dev, sync, helpers)
         run_dir = Path(self.spec.run_dir or start.run_dir)
         is_last = self.stage == plan.num_stages - 1
         checkpoints = StageCheckpoints(self.stage, cfg, run_dir, logic, plan.units[0])
@@ -145,7 +147,7 @@ class LayerWorker:
             checkpoints.load(Path(start.resume_path), start.resume_step)
         if sync is not None:  # the other replicas load the same checkpoint themselves
             logic = ReplicatedLogic.start(logic, plan, cfg, self.stage, start.total_steps, blocks,
-                                          start.resume_path, start.resume_step, self.yields)
+                                          start.resume_path, start.resume_step, self.yields, helpers)
             checkpoints.logic = logic
         reporter = StageReporter(self.stage, cfg, logic, self.timings, self.links.send_coord,
                                  lambda: self.links.rejected)

@@ -1,0 +1,492 @@
+"""The parts an update rule is made of (common/modes.py), each owning its model, its optimiser,
+its state in a checkpoint, its figures in the metrics, and the time it costs its stage:
+
+- `Layers`: the stage's own layers and the optimiser the rule steps them with;
+- `Predictor`: a synthetic-gradient model with its running statistics (the cosine with the true
+  gradients it is trusted by, the scale of the gradients it learns);
+- `Head`: a small classifier on the stage's output (a local loss);
+- `Stash`: the weights a step's forward pass used, kept until its true gradient comes back, and
+  true-gradient updates held until the step in hand has taken its own.
+
+A stage (workers/stage.py) builds the parts its rule names from the helper models its layout
+chose (common/costs.py `Helpers`, carried in START), hands them to the rule, and saves and reports whatever
+the parts hold without knowing which rule it runs. Every part is pure torch: testable alone.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from synthgrad.common.costs import HeadChoice, PredictorChoice
+from synthgrad.common.models import LocalHead, SyntheticGradient, loss_function, make_optimizer
+from synthgrad.common.reports import RunFailed
+
+TRUST_DECAY = 0.8  # the predictor's running cosine: each true-gradient step's weighs 1 - this
+SCALE_DECAY = 0.9  # the true gradients' running RMS (--sg-normalize): each target's weighs 1 - this
+SNAPSHOT_ROWS, SNAPSHOT_COLS = 16, 64  # samples x units kept per snapshot (for a heatmap)
+
+
+class NonFinite(RunFailed):
+    """Training produced NaN or Inf. The policy: the run fails here, naming the stage and step,
+    before the value updates a weight or travels on, so no checkpoint ever holds it."""
+
+
+def require_finite(t: torch.Tensor, what: str, stage: int, step: int) -> torch.Tensor:
+    if not bool(torch.isfinite(t).all()):
+        raise NonFinite(f"stage {stage}: {what} of step {step} is NaN or infinite (training diverged; "
+                        f"lower --lr or --sg-lr, or check the data); it was not used")
+    return t
+
+
+class Sync(Protocol):
+    """A replicated stage's gradient sum (workers/sync.py GradientSync)."""
+    replicas: int
+    share: float
+
+    def total(self, t: torch.Tensor) -> None: ...
+
+    def reduce(self, model: nn.Module) -> None: ...
+
+
+@dataclass
+class Share:
+    """This process's part of a stage that runs as several replicas, each on its rows of every
+    batch (workers/replicas.py); alone (sync None) the whole."""
+    sync: Optional[Sync] = None
+
+    def rows(self, t: torch.Tensor) -> int:
+        """The rows of the whole batch `t` is (this process's part of) a tensor of."""
+        return t.shape[0] if self.sync is None else t.shape[0] * self.sync.replicas
+
+    def loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """A loss (a mean over this process's rows) as its share of the whole batch's mean."""
+        return loss if self.sync is None else loss * self.sync.share
+
+    def reduce(self, model: nn.Module) -> None:
+        """Sum `model`'s gradients over the replicas before it steps (nothing without them)."""
+        if self.sync is not None:
+            self.sync.reduce(model)
+
+    def total(self, sums: torch.Tensor) -> None:
+        if self.sync is not None:
+            self.sync.total(sums)
+
+
+# ---------------------------------------------------------------------------- layers
+class Layers:
+    """The stage's layers and the optimiser its rule steps them with, at the rule's learning
+    rate. `after_step` runs after every step of the layers (a recurrent stage's state
+    predictors learn from the window the step's backward pass went through)."""
+    key = "layers"
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, lr: float, share: Share,
+                 after_step: Any = None):
+        self.module = module
+        self.optimizer = optimizer
+        self.lr = lr
+        self.share = share
+        self.after_step = after_step or (lambda: None)
+
+    def step(self, lr: Optional[float] = None, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Step the layers on their .grad with `optimizer` (default: the rule's, at `lr`, default
+        the rule's learning rate; another optimiser keeps the rate it was given)."""
+        self.share.reduce(self.module)
+        if optimizer is None:
+            optimizer = self.optimizer
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr if lr is None else lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.after_step()
+
+    def skip(self) -> None:
+        """Drop the gradients of a step not taken (the state predictors still learn)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.after_step()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def set_grads(self, update: dict[str, torch.Tensor]) -> None:
+        params = dict(self.module.named_parameters())
+        for name, grad in update.items():
+            params[name].grad = grad
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+# ---------------------------------------------------------------------------- predictor
+@dataclass
+class PredictorStats:
+    loss_sum: float = 0.0
+    loss_n: int = 0
+    cos_sum: float = 0.0
+    cos_n: int = 0
+    untrusted_steps: int = 0  # steps on the predictor not taken (step_scale gave 0; cumulative)
+    seconds: float = 0.0  # predicting and training (cumulative)
+
+    def take(self) -> dict:
+        rec = {"sg_loss": self.loss_sum / self.loss_n if self.loss_n else None,
+               "sg_cosine": self.cos_sum / self.cos_n if self.cos_n else None,
+               "untrusted_steps": self.untrusted_steps}
+        self.loss_sum = self.cos_sum = 0.0
+        self.loss_n = self.cos_n = 0
+        return rec
+
+
+@dataclass(frozen=True)
+class PredictorSettings:
+    """What the run's options say about stepping on and training a predictor."""
+    normalize: bool = False  # --sg-normalize: learn gradients over their running RMS
+    min_cosine: float = 0.0  # --sg-min-cosine: no step on it below this running cosine
+    trust_scale: bool = True  # --sg-trust-scale: the step scales with the running cosine
+
+    @classmethod
+    def of(cls, cfg: Any) -> "PredictorSettings":
+        return cls(cfg.sg_normalize, cfg.sg_min_cosine, cfg.sg_trust_scale)
+
+
+class Predictor:
+    """A synthetic-gradient model of the stage's output (DNI): it predicts dL/dh per sample
+    now, and learns from each true (or bootstrapped) gradient that comes back later."""
+    key = "predictor"
+
+    def __init__(self, model: SyntheticGradient, optimizer: torch.optim.Optimizer, choice: PredictorChoice,
+                 settings: PredictorSettings, share: Share, snapshot_steps: frozenset[int] = frozenset()):
+        self.model = model
+        self.optimizer = optimizer
+        self.choice = choice
+        self.settings = settings
+        self.share = share
+        self.snapshot_steps = snapshot_steps
+        self.trust = 0.0  # the running cosine with the true gradients
+        self.scale = 0.0  # the running RMS of the per-sample gradients it learns (--sg-normalize)
+        self.stats = PredictorStats()
+        self.snapshots: list[dict] = []  # predicted beside true gradient at a few steps
+
+    @classmethod
+    def build(cls, choice: PredictorChoice, cfg: Any, out_shape: Sequence[int], seed: int,
+              device: torch.device, share: Share, snapshot_steps: frozenset[int] = frozenset()) -> "Predictor":
+        torch.manual_seed(seed)
+        model = choice.build(cfg, out_shape).to(device)
+        return cls(model, make_optimizer(model.parameters(), cfg.sg_optimizer, cfg.sg_lr), choice,
+                   PredictorSettings.of(cfg), share, snapshot_steps)
+
+    def predict(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-sample dL/dh (batch size x dL_mean/dh), in float32 (predictors and heads are
+        float32 whatever the layers' precision)."""
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            per_sample = self.model(h.detach().float(), labels)
+            if self.settings.normalize:
+                per_sample = per_sample * self.scale
+        self.stats.seconds += time.perf_counter() - t0
+        return per_sample
+
+    def clamped_trust(self) -> float:
+        return min(max(self.trust, 0.0), 1.0)
+
+    def step_scale(self) -> float:
+        """The factor on the layers' learning rate for the step on a prediction now (0: none;
+        counted as a step not taken, so ask once a step).
+        A predictor that does not (yet) predict gives updates of no use, and Adam turns even
+        small ones into full-size steps in their direction, so the step follows the evidence:
+        the running cosine with the true gradients, clamped to [0, 1] (--sg-trust-scale), and
+        nothing below --sg-min-cosine."""
+        if self.settings.min_cosine > 0 and self.trust < self.settings.min_cosine:
+            scale = 0.0
+        else:
+            scale = self.clamped_trust() if self.settings.trust_scale else 1.0
+        if scale <= 0:
+            self.stats.untrusted_steps += 1  # asked once a step: a step on it not taken
+        return scale
+
+    def score(self, step: int, predicted: torch.Tensor, g: torch.Tensor) -> float:
+        """The cosine of a prediction made at forward time with the gradient `g` (a mean over
+        the batch) that came back for it, folded into the running trust."""
+        target = g.float() * self.share.rows(g)
+        cos = self._whole_batch_cosine(predicted, target)
+        self.stats.cos_sum += cos
+        self.stats.cos_n += 1
+        self.trust = TRUST_DECAY * self.trust + (1 - TRUST_DECAY) * cos
+        if step in self.snapshot_steps:
+            def corner(t: torch.Tensor) -> list:
+                return t.reshape(t.shape[0], -1)[:SNAPSHOT_ROWS, :SNAPSHOT_COLS].tolist()
+            self.snapshots.append({"step": step, "cosine": cos, "predicted": corner(predicted),
+                                   "true": corner(target)})
+        return cos
+
+    def learn(self, h: torch.Tensor, labels: torch.Tensor, g: torch.Tensor) -> None:
+        """One step of the predictor towards `g` (a mean over the batch) at the output `h`."""
+        t0 = time.perf_counter()
+        target = g.float() * self.share.rows(g)
+        if self.settings.normalize:
+            target = target / self._rescale(target)
+        pred = self.model(h.float(), labels)
+        loss = F.mse_loss(pred, target)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.share.loss(loss).backward()
+        self.share.reduce(self.model)
+        self.optimizer.step()
+        self.stats.seconds += time.perf_counter() - t0
+        self.stats.loss_sum += loss.item()
+        self.stats.loss_n += 1
+
+    def _whole_batch_cosine(self, predicted: torch.Tensor, true: torch.Tensor) -> float:
+        """Over the whole batch (summed over a replicated stage's processes, so every replica
+        sees the same figure)."""
+        p, t = predicted.reshape(-1).double(), true.reshape(-1).double()
+        sums = torch.stack([p @ t, p @ p, t @ t])
+        self.share.total(sums)
+        dot, pp, tt = sums.tolist()
+        return dot / max(math.sqrt(pp * tt), 1e-12)
+
+    def _rescale(self, target: torch.Tensor) -> float:
+        """Fold `target`'s RMS (over the whole batch) into the running scale and return it: the
+        predictor learns targets of about unit size, so its optimiser's step means the same
+        whatever the size of the gradients (Adam moves a weight by about --sg-lr per step)."""
+        sums = torch.stack([target.double().pow(2).sum(),
+                            torch.tensor(float(target.numel()), dtype=torch.float64, device=target.device)])
+        self.share.total(sums)
+        rms = math.sqrt(float(sums[0]) / max(float(sums[1]), 1.0))
+        self.scale = rms if self.scale == 0 else SCALE_DECAY * self.scale + (1 - SCALE_DECAY) * rms
+        return max(self.scale, 1e-30)
+
+    def state_dict(self) -> dict:
+        return {"sg": self.model.state_dict(), "sg_optimizer": self.optimizer.state_dict(),
+                "sg_trust": self.trust, "sg_scale": self.scale}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["sg"])
+        self.optimizer.load_state_dict(state["sg_optimizer"])
+        self.trust = float(state.get("sg_trust", self.trust))
+        self.scale = float(state.get("sg_scale", self.scale))
+
+    def take_stats(self) -> dict:
+        return self.stats.take()
+
+    @property
+    def seconds(self) -> float:
+        return self.stats.seconds
+
+
+# ---------------------------------------------------------------------------- head
+@dataclass
+class HeadStats:
+    loss_sum: float = 0.0
+    loss_n: int = 0
+    seconds: float = 0.0  # training the head (cumulative)
+
+    def take(self) -> dict:
+        rec = {"head_loss": self.loss_sum / self.loss_n if self.loss_n else None}
+        self.loss_sum, self.loss_n = 0.0, 0
+        return rec
+
+
+class Head:
+    """A small classifier on the stage's output (DGL, Belilovsky et al. 2019): its loss on the
+    labels that travel with the activations is the stage's local objective."""
+    key = "head"
+
+    def __init__(self, model: LocalHead, optimizer: torch.optim.Optimizer, choice: HeadChoice, share: Share,
+                 per_position: bool = False, stage: int = 0):
+        self.stage = stage
+        self.model = model
+        self.optimizer = optimizer
+        self.choice = choice
+        self.share = share
+        self.loss_fn = loss_function("cross_entropy", per_position)  # heads keep cross-entropy
+        self.stats = HeadStats()
+
+    @classmethod
+    def build(cls, choice: HeadChoice, cfg: Any, out_shape: Sequence[int], seed: int, device: torch.device,
+              share: Share, stage: int = 0) -> "Head":
+        torch.manual_seed(seed)
+        model = choice.build(cfg, out_shape).to(device)
+        return cls(model, make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum), choice, share,
+                   cfg.per_position, stage)
+
+    def gradient(self, step: int, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Train the head one step on h and return dL_local/dh (a mean over the batch)."""
+        t0 = time.perf_counter()
+        h_leaf = h.detach().float().requires_grad_(True)
+        loss = self.loss_fn(self.model(h_leaf), labels)
+        require_finite(loss.detach(), "the local head's loss", self.stage, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.share.loss(loss).backward()
+        self.share.reduce(self.model)
+        self.optimizer.step()
+        self.stats.seconds += time.perf_counter() - t0
+        self.stats.loss_sum += loss.item()
+        self.stats.loss_n += 1
+        assert h_leaf.grad is not None
+        return h_leaf.grad
+
+    def state_dict(self) -> dict:
+        return {"head": self.model.state_dict(), "head_optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["head_optimizer"])
+
+    def take_stats(self) -> dict:
+        return self.stats.take()
+
+    @property
+    def seconds(self) -> float:
+        return self.stats.seconds
+
+
+# ---------------------------------------------------------------------------- stash
+@dataclass
+class DelayStats:
+    """Steps between a step's forward pass and its gradient's update."""
+    total: int = 0  # cumulative, for the run's mean
+    total_n: int = 0
+    window_sum: int = 0  # since the last report
+    window_n: int = 0
+    max: int = 0  # cumulative
+
+    def add(self, delay: int) -> None:
+        self.window_sum += delay
+        self.window_n += 1
+        self.max = max(self.max, delay)
+        self.total += delay
+        self.total_n += 1
+
+    def take(self) -> dict:
+        rec = {"gradient_delay_mean": self.window_sum / self.window_n if self.window_n else None,
+               "gradient_delay_max": self.max if self.window_n else None}
+        self.window_sum = self.window_n = 0
+        return rec
+
+
+@dataclass
+class Stash:
+    """Weight stashing (PipeDream; DDG, Huo et al. 2018): a step whose true gradient comes back
+    after the weights have moved runs forward on differentiable clones of them, so its kept
+    graph still holds the weights it used and the gradient it gets is exactly that forward
+    pass's. When the gradient comes back the update is applied now, or, while a later step has
+    run forward and not yet taken its own update (its graph holds the current weights), held
+    until it has. `optimizer`: the true gradients' own optimiser state (None: the rule's), at
+    `lr`; `trust`: a predictor whose running cosine takes its part of the step (the part of a
+    true gradient the predictor got right was stepped on when predicted)."""
+    layers: Layers
+    optimizer: Optional[torch.optim.Optimizer] = None
+    lr: float = 0.0
+    trust: Optional[Predictor] = None
+    stage: int = 0
+    held: list[dict] = field(default_factory=list)
+    delays: DelayStats = field(default_factory=DelayStats)
+    key = "stash"
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The output of the layers on clones of their weights, and the clones."""
+        module = self.layers.module
+        clones = {name: p.clone() for name, p in module.named_parameters()}
+        # buffers too: batch norm saves its running statistics for backward, and the next step's
+        # forward updates them in place, which would make this step's graph unusable; the
+        # updated copies are written back, so the statistics evolve exactly as without stashing
+        buffers = {name: b.clone() for name, b in module.named_buffers()}
+        h = functional_call(module, {**clones, **buffers}, (x,))
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                b.copy_(buffers[name])
+        return h, clones
+
+    def apply(self, step: int, weights: dict, h: torch.Tensor, x: Optional[torch.Tensor], g: torch.Tensor,
+              latest_step: int, hold: bool) -> Optional[torch.Tensor]:
+        """Step the layers on step `step`'s gradient `g`, taken at the weights its forward pass
+        used (`weights`, with output `h` and input leaf `x`); held while `hold`. Returns dL/dx."""
+        names = list(weights)
+        inputs = [weights[n] for n in names] + ([x] if x is not None else [])
+        grads = torch.autograd.grad(h, inputs, g, allow_unused=True)
+        update = {name: require_finite(grad, f"the gradient of {name}", self.stage, step)
+                  for name, grad in zip(names, grads) if grad is not None}
+        if hold:
+            self.held.append(update)
+        else:
+            self._step_on(update)
+        self.delays.add(latest_step - step)
+        return grads[-1] if x is not None else None
+
+    def release(self) -> None:
+        """The step in hand has taken its update: apply what was held for it."""
+        while self.held:
+            self._step_on(self.held.pop(0))
+
+    def _step_on(self, update: dict) -> None:
+        self.layers.set_grads(update)
+        if self.optimizer is not None:
+            scale = 1 - self.trust.clamped_trust() if self.trust is not None else 1.0
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr * scale
+        self.layers.step(optimizer=self.optimizer)
+
+    def state_dict(self) -> dict:
+        return {} if self.optimizer is None else {"true_optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.optimizer is not None and "true_optimizer" in state:
+            self.optimizer.load_state_dict(state["true_optimizer"])
+
+    def take_stats(self) -> dict:
+        return self.delays.take()
+
+    seconds = 0.0
+
+
+# ---------------------------------------------------------------------------- a rule's parts
+@dataclass
+class Parts:
+    """What a stage's rule is made of: its layers always; a predictor, a head and a stash where
+    the rule names them (common/modes.py). A stage saves, loads and reports them all alike."""
+    layers: Layers
+    share: Share
+    predictor: Optional[Predictor] = None
+    head: Optional[Head] = None
+    stash: Optional[Stash] = None
+
+    def helpers(self) -> list[Any]:
+        """The parts besides the layers, in a fixed order."""
+        return [p for p in (self.predictor, self.head, self.stash) if p is not None]
+
+    def state_dict(self) -> dict:
+        state = self.layers.state_dict()
+        for part in self.helpers():
+            state.update(part.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.layers.load_state_dict(state)
+        for part in self.helpers():
+            part.load_state_dict(state)
+
+    def take_stats(self) -> dict:
+        """Each part's figures since the last report (those a part does not have: None)."""
+        rec: dict = {"sg_loss": None, "sg_cosine": None, "untrusted_steps": 0, "head_loss": None,
+                     "gradient_delay_mean": None, "gradient_delay_max": None}
+        for part in self.helpers():
+            rec.update(part.take_stats())
+        return rec
+
+    def totals(self) -> dict:
+        """Cumulative figures for the run's summary: seconds each helper cost, late updates."""
+        delays = self.stash.delays if self.stash is not None else DelayStats()
+        return {"sg_s": self.predictor.seconds if self.predictor is not None else 0.0,
+                "head_s": self.head.seconds if self.head is not None else 0.0,
+                "gradient_delay_mean": delays.total / delays.total_n if delays.total_n else None,
+                "gradient_delay_max": delays.max if delays.total_n else None}

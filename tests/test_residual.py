@@ -1,0 +1,65 @@
+"""Mode residual (common/modes.py Residual): the local head's gradient plus a learned correction.
+Without true gradients it is mode local; with them its predictor learns what the head's
+gradient misses, and the stage steps on both at once."""
+from __future__ import annotations
+
+import torch
+
+from synthgrad.common.config import RunConfig
+from tests.chain import Chain, chain, one_thread
+
+BASE = dict(dataset="synthetic", layers=(784, 32, 32, 10), batch_size=16, sg_lr=1e-2)
+
+
+def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(16, 784, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(n)]
+
+
+def test_without_true_gradients_it_is_local_bit_for_bit():
+    """N larger than the run: no true gradient comes back, the predictor stays at its zero start
+    and adds nothing, so every weight and every head equals mode local's."""
+    with one_thread():
+        runs = {}
+        for mode in ("local", "residual"):
+            cfg = RunConfig(**BASE, mode=mode, true_grad_every=10 ** 6)
+            played = Chain(chain(cfg), cfg)
+            for step, (x, y) in enumerate(_batches(6)):
+                played.step(step, x, y)
+            played.drain()
+            runs[mode] = played.stages
+    for local, residual in zip(runs["local"], runs["residual"]):
+        for name, value in local.module.state_dict().items():
+            assert torch.equal(value, residual.module.state_dict()[name]), name
+        if local.parts.head is not None:
+            for name, value in local.parts.head.model.state_dict().items():
+                assert torch.equal(value, residual.parts.head.model.state_dict()[name]), name
+    assert all(s.parts.predictor is None or s.parts.predictor.stats.loss_n == 0 for s in runs["residual"])
+
+
+def test_its_predictor_learns_what_the_head_misses():
+    """Layers and head held still (lr 0): each true gradient g trains the predictor towards
+    g - the head's gradient, which it then predicts (the running cosine with that correction
+    climbs past 0.9), while the stage's step is the head's gradient plus that prediction."""
+    cfg = RunConfig(**{**BASE, "sg_lr": 3e-2}, mode="residual", true_grad_every=1, lr=0.0)
+    with one_thread():
+        first = chain(cfg)[0]
+        x, y = _batches(1)[0]
+        start = first.parts.head.gradient(-1, first.module(x), y)  # lr 0: the head's gradient throughout
+        noise = torch.randn(16, 32)
+        g = noise * start.norm() / noise.norm()  # as large as the head's part, in another direction
+        for step in range(60):
+            first.forward(step, x, y, True)
+            first.local_update(step)
+            first.receive_grad(step, g, True)
+        predictor, head = first.parts.predictor, first.parts.head
+        assert predictor.trust > 0.9, predictor.trust
+        h = first.module(x)
+        prior = head.gradient(60, h, y)
+        wanted = (g - prior) * 16
+        predicted = predictor.predict(h, y)
+        cosine = torch.nn.functional.cosine_similarity(predicted.flatten(), wanted.flatten(), dim=0)
+        assert cosine > 0.9, float(cosine)
+        # the true gradient itself is not what it learned: the head's part is left out
+        unlike = torch.nn.functional.cosine_similarity(predicted.flatten(), (g * 16).flatten(), dim=0)
+        assert unlike < cosine - 0.05, (float(unlike), float(cosine))
