@@ -45,7 +45,8 @@ def partial_summary(cfg: RunConfig, latest: dict[int, dict], evals: list[dict], 
 def _segment(summary: dict, first_step: int, status: str, error: Optional[str]) -> dict:
     return {"status": status, "error": error, "first_step": first_step, "steps": summary.get("steps", 0),
             "samples": summary.get("samples", 0), "wall_clock_s": summary.get("wall_clock_s", 0.0),
-            "samples_per_s": summary.get("samples_per_s", 0.0)}
+            "samples_per_s": summary.get("samples_per_s", 0.0),
+            "true_gradient_steps": summary.get("true_gradient_steps")}
 
 
 def finish(summary: dict, *, cfg: RunConfig, run_dir: Path, status: str, error: Optional[str],
@@ -61,6 +62,8 @@ def finish(summary: dict, *, cfg: RunConfig, run_dir: Path, status: str, error: 
     segments = [*earlier, segment]
     steps = first_step + segment["steps"]  # the steps the final weights have seen
     wall = sum(s["wall_clock_s"] or 0.0 for s in segments)
+    if resumed_from is not None:  # the true-gradient steps of those steps (each segment has its own count)
+        summary = {**summary, "true_gradient_steps": sum(cfg.true_grad_at(s) for s in range(steps))}
     return {**summary, "status": status, "error": error, "last_checkpoint": last_checkpoint(run_dir),
             "steps": steps, "samples": steps * cfg.batch_size if resumed_from is not None else summary.get("samples", 0),
             "wall_clock_s": wall, "samples_per_s": (steps * cfg.batch_size / wall if resumed_from is not None and wall

@@ -205,7 +205,7 @@ def assert_both_outcomes_common(outcomes: collections.Counter) -> None:
 def test_any_header_is_a_typed_message_or_a_named_rejection():
     outcomes: collections.Counter = collections.Counter()
 
-    @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(frames=messages())
     def check(frames):
         outcomes[decode_or_named_rejection(frames)] += 1
@@ -237,7 +237,7 @@ def gradient_messages(draw) -> list[bytes]:
 def test_gradient_headers_with_any_field_values():
     outcomes: collections.Counter = collections.Counter()
 
-    @settings(max_examples=200, deadline=None)
+    @settings(max_examples=100, deadline=None)
     @given(frames=gradient_messages())
     def check(frames):
         outcomes[decode_or_named_rejection(frames)] += 1
