@@ -313,8 +313,10 @@ class Residual(UpdateRule):
         head = self.parts.head.gradient(step, h, labels)
         predictor = self.parts.predictor
         correction = predictor.predict(h, labels)
-        if kept is not None and kept.h is not None:
-            kept.prediction, kept.prior = correction, head
+        if kept is not None:  # a gradient will come back for this step (true, or bootstrapped)
+            kept.prior = head
+            if kept.h is not None:  # scored against the true gradient only
+                kept.prediction = correction
         return head + correction / predictor.share.rows(h)
 
     def on_gradient(self, step, kept, g, true_grad):

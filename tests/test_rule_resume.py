@@ -40,6 +40,7 @@ VARIANTS = {
     "delayed": (dict(mode="delayed"), 2),
     "corrected": (dict(mode="corrected", true_grad_every=2), 1),
     "residual": (dict(mode="residual", true_grad_every=2), 1),
+    "residual-bootstrap": (dict(mode="residual", true_grad_every=3, bootstrap=True), 1),
 }
 
 
