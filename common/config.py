@@ -76,7 +76,7 @@ class ConfigError(ValueError):
 class RunConfig:
     """Every option of a run, grouped by concern (the field's metadata says which; access stays
     flat, cfg.lr, so that code reads as the command line does)."""
-    mode: str = MODEL.opt("unlocked", " | ".join(MODE_NAMES) + " (README: Modes; each is a Mode in common/modes.py)")
+    mode: Mode = MODEL.opt(Mode.UNLOCKED, " | ".join(MODE_NAMES) + " (README: Modes; each is a Mode in common/modes.py)")
     model: str = MODEL.opt("mlp", "mlp (sizes from --layers) | cnn (two conv blocks, two linear) | lstm (stream "
                                   "data: an LSTM, then a read-out at every position) | "
                                   "package.module:factory (your own: returns an nn.Sequential or a list of "
@@ -236,6 +236,11 @@ class RunConfig:
                                        resume=True)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.mode, Mode):  # a name, from Python, a file or the command line: parsed once, here
+            try:
+                object.__setattr__(self, "mode", Mode(self.mode))
+            except ValueError:
+                raise ConfigError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODE_NAMES)}") from None
         for name in AUTO_FIELDS:  # "auto" is the default, None
             if isinstance(getattr(self, name), str) and getattr(self, name).strip().lower() == "auto":
                 object.__setattr__(self, name, None)
@@ -252,7 +257,6 @@ class RunConfig:
             if not cond:
                 raise ConfigError(msg)
 
-        need(self.mode in MODE_NAMES, f"unknown mode {self.mode!r}; choose one of {', '.join(MODE_NAMES)}")
         need(self.loss == "cross_entropy" or is_import_path(self.loss),
              f"unknown --loss {self.loss!r}: cross_entropy, or your own as package.module:function")
         from synthgrad.common.models import BUILT_IN_MODELS as MODELS  # the registries (they import
@@ -326,7 +330,7 @@ class RunConfig:
         need(self.copy_length >= 1, f"--copy-length must be at least 1, got {self.copy_length}")
         need(self.copy_repeats >= 1, f"--copy-repeats must be at least 1, got {self.copy_repeats}")
         need(self.text_chars is None or self.text_chars >= 2, "--text-chars must be at least 2")
-        rule = Mode(self.mode).rule
+        rule = self.mode.rule
         need(not self.bootstrap or (rule is not None and rule.uses_predictor),
              "--bootstrap trains synthetic-gradient models on each other: only mode unlocked has them")
         need(self.sg_hidden is None or self.sg_hidden >= 1, "--sg-hidden must be at least 1")
@@ -345,7 +349,7 @@ class RunConfig:
             need(len(self.fail_saves) == 2 and 0 <= self.fail_saves[0] < len(self.stage_groups)
                  and self.fail_saves[1] >= 0,
                  f"--fail-saves needs STAGE,N with STAGE in 0..{len(self.stage_groups) - 1}, got {self.fail_saves}")
-        need(not self.resume or Mode(self.mode).on_stage_workers,
+        need(not self.resume or self.mode.on_stage_workers,
              f"--resume continues {spoken(STAGE_WORKER_MODES)} runs, not {self.mode}")
         need(self.resume != "auto", "resume='auto' is decided before the run: pass the folder "
                                     "(synthgrad.auto_resume finds it), or use --resume auto on the command line")
@@ -456,7 +460,7 @@ class RunConfig:
     @property
     def rule(self) -> UpdateRule:
         """The stage update rule of this mode (stage-worker modes only)."""
-        rule = Mode(self.mode).rule
+        rule = self.mode.rule
         if rule is None:
             raise ValueError(f"mode {self.mode} does not run on stage workers")
         return rule
@@ -472,7 +476,7 @@ class RunConfig:
     def true_grad_at(self, step: int) -> bool:
         """Whether step `step`'s true gradient comes back (every step for locked, every N-th
         otherwise: N-1, 2N-1, ...)."""
-        rule = Mode(self.mode).rule
+        rule = self.mode.rule
         return rule.true_grad_at(step, self.true_grad_every) if rule is not None else True
 
     def mid_epoch_eval(self, steps_done: int, per_epoch: int, total: int) -> bool:
@@ -482,6 +486,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        d["mode"] = self.mode.value  # a plain str: checkpoints are loaded with weights_only
         for k, v in d.items():
             if isinstance(v, tuple):
                 d[k] = list(v)

@@ -80,7 +80,7 @@ def record(contender: Contender, summary: dict, target: float, cores: int) -> di
         "contender": contender.name, "mode": cfg.mode, "cores": cores,
         "workers": summary["num_stages"],
         "threads": summary.get("threads") or (summary.get("layout") or {}).get("threads"),
-        "true_grad_every": cfg.true_grad_every if Mode(cfg.mode).takes_n else 1,
+        "true_grad_every": cfg.true_grad_every if cfg.mode.takes_n else 1,
         "samples_per_s": summary["samples_per_s"], "wall_clock_s": summary["wall_clock_s"],
         "startup_s": summary.get("startup_s"),
         "test_accuracy": summary["test_accuracy"],

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from synthgrad.common.config import ConfigError, RunConfig
-from synthgrad.common.modes import STAGE_WORKER_MODES, Mode, spoken
+from synthgrad.common.modes import STAGE_WORKER_MODES, spoken
 
 # options a resumed run may change: how long, how it is watched and transported, not what it
 # computes (each field says so itself: common/config.py, resume=True)
@@ -49,7 +49,7 @@ def resume_config(run_dir: str, given: dict) -> RunConfig:
     if not saved_path.is_file():
         raise ConfigError(f"--resume {run_dir}: not a run folder (no config.json)")
     saved = RunConfig.from_dict(json.loads(saved_path.read_text()))
-    if not Mode(saved.mode).on_stage_workers:
+    if not saved.mode.on_stage_workers:
         raise ConfigError(f"--resume continues {spoken(STAGE_WORKER_MODES)} runs; {run_dir} is {saved.mode}")
     changed = sorted(k for k, v in given.items()
                      if k not in MAY_CHANGE and k not in ("resume", "out") and v != getattr(saved, k))

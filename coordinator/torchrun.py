@@ -15,7 +15,7 @@ from datetime import timedelta
 from typing import Callable, Optional
 
 from synthgrad.common.config import ConfigError, RunConfig
-from synthgrad.common.modes import STAGE_WORKER_MODES, Mode, spoken
+from synthgrad.common.modes import STAGE_WORKER_MODES, spoken
 from synthgrad.common.endpoints import address_towards, tcp_host
 from synthgrad.common.placement import plan_placement
 from synthgrad.common.security import resolve_keys
@@ -41,8 +41,8 @@ def detect(environ: Optional[dict] = None) -> Optional[TorchrunEnv]:
 
 
 def check_world(cfg: RunConfig, env: TorchrunEnv) -> None:
-    if not Mode(cfg.mode).on_stage_workers:
-        raise ConfigError(f"under torchrun the modes are {spoken(STAGE_WORKER_MODES)}; mode {cfg.mode!r} "
+    if not cfg.mode.on_stage_workers:
+        raise ConfigError(f"under torchrun the modes are {spoken(STAGE_WORKER_MODES)}; mode '{cfg.mode}' "
                           f"starts its own processes (run it with python launch.py train)")
     if cfg.num_layers is None and cfg.stages is None and cfg.groups is None:
         raise ConfigError(f"under torchrun, a model given by import path needs --stages {env.world_size - 1} "

@@ -272,9 +272,9 @@ def _failure_record(verdict: Verdict) -> dict:
 
 
 def _coordinator_only(cfg: RunConfig, bind: str) -> RunConfig:
-    if not Mode(cfg.mode).on_stage_workers:
+    if not cfg.mode.on_stage_workers:
         raise ConfigError(f"a coordinator with remote workers runs modes {spoken(STAGE_WORKER_MODES)}; "
-                          f"mode {cfg.mode!r} starts its own processes (use launch.py train)")
+                          f"mode '{cfg.mode}' starts its own processes (use launch.py train)")
     try:
         host = tcp_host(bind)
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:

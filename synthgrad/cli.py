@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import sys
 import typing
 from typing import Callable, Optional, Sequence
@@ -78,6 +79,8 @@ def add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = 
         elif typing.get_origin(base) is tuple:
             section.add_argument(flag, type=_or_auto(_int_list) if auto else _int_list, default=None,
                                  metavar="N,N,...|auto" if auto else "N,N,...", help=help_text)
+        elif isinstance(base, type) and issubclass(base, enum.Enum):  # a name: RunConfig parses it, or says why not
+            section.add_argument(flag, type=str, default=None, help=help_text)
         elif auto:
             section.add_argument(flag, type=_or_auto(base), default=None, metavar="N|auto", help=help_text)
         else:

@@ -137,7 +137,7 @@ class StageLogic:
         self.num_stages = num_stages
         rule_class = rule or cfg.rule
         if helpers is None:  # counted on the CPU, before the module moves (the layout counts the same)
-            helpers = stage_helpers(cfg.replace(mode=rule_class.mode.value) if rule else cfg, module, in_shape,
+            helpers = stage_helpers(cfg.replace(mode=rule_class.mode) if rule else cfg, module, in_shape,
                                     out_shape, self.is_last)
         widths = state_sizes(module, in_shape) if helpers.state_predictors else []  # probed on the CPU
         self.dev = dev or Compute(torch.device("cpu"), cfg.precision)
