@@ -4,12 +4,15 @@ A message is a multipart ZeroMQ message: frame 0 is a msgpack header
 ``{"kind": int, "fields": {...}, "tensors": [[name, dtype, shape], ...]}``, then one raw frame
 per tensor, sent with ``copy=False`` and decoded with ``torch.frombuffer`` (no copy, no pickle).
 ``decode`` trusts nothing: the kind must be known, the fields must be exactly the dataclass's
-with the right types, each tensor's dtype must be allowed and its frame length must equal
+with the right types (a record field, such as METRICS' WorkerReport, is checked the same way,
+field by field: common/records.py), each tensor's dtype must be allowed and its frame length must equal
 ``prod(shape) * itemsize``, and nothing may exceed the size bounds.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import types
 import typing
 import warnings
 from dataclasses import dataclass, fields
@@ -18,6 +21,8 @@ from typing import Any, Optional, Sequence, Union
 
 import msgpack
 import torch
+
+from synthgrad.common.records import StageSummary, WorkerReport
 
 # frombuffer on a read-only ZeroMQ frame warns once; the tensors are only read, never written.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -73,6 +78,7 @@ class Kind(IntEnum):
     CHECKPOINT = 13  # coordinator -> stage 0: save at the next step boundary (a marker follows the stream)
     SAVED = 14  # worker -> coordinator: my state after step N is on disk at PATH
     COMMITTED = 15  # coordinator -> every stage: step N is complete everywhere (older files may go)
+    RECORD = 16  # status stream -> monitors: one metrics.jsonl record (status, eval)
 
 
 @dataclass(frozen=True)
@@ -152,7 +158,7 @@ class Grad:
 @dataclass(frozen=True)
 class Metrics:
     stage: int
-    record: dict
+    record: WorkerReport
 
 
 @dataclass(frozen=True)
@@ -167,7 +173,14 @@ class EvalResult:
 @dataclass(frozen=True)
 class Done:
     stage: int
-    summary: dict
+    summary: StageSummary
+
+
+@dataclass(frozen=True)
+class Record:
+    """A line of metrics.jsonl as the status stream publishes it (coordinator/stream.py): its
+    readers (monitors) print it, so it stays a JSON object of any shape."""
+    record: dict
 
 
 @dataclass(frozen=True)
@@ -207,12 +220,12 @@ class Heartbeat:
 
 
 Message = Union[Register, Start, Ready, Begin, Activation, Grad, Metrics, EvalResult, Done, Stop, Error,
-                Heartbeat, Checkpoint, Saved, Committed]
+                Heartbeat, Checkpoint, Saved, Committed, Record]
 MESSAGE_TYPES: dict[Kind, type] = {
     Kind.REGISTER: Register, Kind.START: Start, Kind.ACTIVATION: Activation, Kind.GRAD: Grad,
     Kind.METRICS: Metrics, Kind.EVAL: EvalResult, Kind.DONE: Done, Kind.STOP: Stop,
     Kind.ERROR: Error, Kind.READY: Ready, Kind.BEGIN: Begin, Kind.HEARTBEAT: Heartbeat,
-    Kind.CHECKPOINT: Checkpoint, Kind.SAVED: Saved, Kind.COMMITTED: Committed,
+    Kind.CHECKPOINT: Checkpoint, Kind.SAVED: Saved, Kind.COMMITTED: Committed, Kind.RECORD: Record,
 }
 KIND_OF = {cls: kind for kind, cls in MESSAGE_TYPES.items()}
 
@@ -278,6 +291,7 @@ def _value_problem(name: str, value: Any) -> Optional[str]:
 
 
 def _type_ok(value: Any, t: Any) -> bool:
+    """`value` (as msgpack decoded it) is a scalar of type `t`, or an enum member's value."""
     if isinstance(t, type) and issubclass(t, Enum):  # sent as its value: one of the members'
         return isinstance(value, t) or (isinstance(value, str) and value in t._value2member_map_)
     if t is bool:
@@ -287,6 +301,66 @@ def _type_ok(value: Any, t: Any) -> bool:
     if t is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     return isinstance(value, t)
+
+
+def _type_name(t: Any) -> str:
+    if isinstance(t, type) and issubclass(t, Enum):
+        return " | ".join(map(repr, t._value2member_map_))
+    return getattr(t, "__name__", None) or str(t).replace("typing.", "")
+
+
+def _optional_of(t: Any) -> Optional[Any]:
+    """X for Optional[X] (None for any other type)."""
+    if typing.get_origin(t) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(t)) == 2:
+            return args[0]
+    return None
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def record_fields(cls: type) -> dict[str, Any]:
+    """A record dataclass's fields and their types (computed once per class)."""
+    if cls not in _HINTS:
+        hints = typing.get_type_hints(cls)
+        _HINTS[cls] = {f.name: hints[f.name] for f in fields(cls)}
+    return _HINTS[cls]
+
+
+def _checked(value: Any, t: Any, where: str) -> Any:
+    """`value` as a field of type `t` holds it (a record dataclass built, an enum member), or
+    WireError naming the field at fault (`where`: "METRICS.record.loss")."""
+    inner = _optional_of(t)
+    if inner is not None:
+        return None if value is None else _checked(value, inner, where)
+    if typing.get_origin(t) is list:
+        (item,) = typing.get_args(t)
+        if not isinstance(value, list):
+            raise WireError(f"{where}: expected a list, got {value!r:.60}", where)
+        if len(value) > 1024:
+            raise WireError(f"{where}: {len(value)} entries (at most 1024)", where)
+        return [_checked(v, item, f"{where}.{i}") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(t):
+        declared = record_fields(t)
+        if not isinstance(value, dict):
+            raise WireError(f"{where}: expected a {t.__name__} record, got {value!r:.60}", where)
+        if set(value) != set(declared):
+            unknown = sorted(map(str, set(value) - set(declared)))
+            missing = sorted(set(declared) - set(value))
+            raise WireError(f"{where}: fields do not match {t.__name__}: unknown {unknown!s:.200}, "
+                            f"missing {missing}", where)
+        return t(**{name: _checked(value[name], ft, f"{where}.{name}") for name, ft in declared.items()})
+    if not _type_ok(value, t):
+        raise WireError(f"{where}: expected {_type_name(t)}, got {value!r:.60}", where)
+    name = where.rsplit(".", 1)[-1]
+    problem = _value_problem(name, value)
+    if problem is not None:
+        raise WireError(f"{where}: {problem}", where)
+    if isinstance(t, type) and issubclass(t, Enum):
+        return t(value)
+    return value
 
 
 # ------------------------------------------------------------------------------ tensors
@@ -372,15 +446,7 @@ def _decode(frames: Sequence[Any], max_tensor_bytes: int, align: bool) -> Messag
         got = sorted(map(str, values)) if isinstance(values, dict) else type(values).__name__
         raise WireError(f"{kind.name}.fields: {got!s:.200} do not match {sorted(header_types)}",
                         f"{kind.name}.fields")
-    for name, t in header_types.items():
-        if not _type_ok(values[name], t):
-            expected = (" | ".join(map(repr, t._value2member_map_))
-                        if isinstance(t, type) and issubclass(t, Enum) else t.__name__)
-            raise WireError(f"{kind.name}.{name}: expected {expected}, got {values[name]!r:.60}",
-                            f"{kind.name}.{name}")
-        problem = _value_problem(name, values[name])
-        if problem is not None:
-            raise WireError(f"{kind.name}.{name}: {problem}", f"{kind.name}.{name}")
+    checked = {name: _checked(values[name], t, f"{kind.name}.{name}") for name, t in header_types.items()}
     specs = header["tensors"]
     if not isinstance(specs, list) or len(specs) != len(frames) - 1:
         n = len(specs) if isinstance(specs, list) else "?"
@@ -410,13 +476,13 @@ def _decode(frames: Sequence[Any], max_tensor_bytes: int, align: bool) -> Messag
                             f"{max_tensor_bytes} bytes (--max-message-mb)", f"{kind.name}.tensors")
         buf = frame.buffer if hasattr(frame, "buffer") else frame
         tensors[name] = tensor_from_frame(buf, dtype_name, shape, f"{kind.name}.{name}", align)
-    enums = {name: t(values[name]) for name, t in header_types.items()
-             if isinstance(t, type) and issubclass(t, Enum)}
-    return cls(**{**values, **enums}, **tensors)
+    return cls(**checked, **tensors)
 
 
 def _plain_value(value: Any) -> Any:
-    """A header field as msgpack sends it (an enum member as its value)."""
+    """A header field as msgpack sends it (an enum member as its value, a record as a map)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain_value(getattr(value, f.name)) for f in fields(value)}
     return value.value if isinstance(value, Enum) else value
 
 

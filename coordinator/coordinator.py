@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -33,6 +34,7 @@ from synthgrad.common.placement import Placement
 from synthgrad.coordinator.layout import Layout, plan_layout
 from synthgrad.common.liveness import Cause, reported
 from synthgrad.common.procs import Child, ProcessGroup
+from synthgrad.common.records import StageSummary
 from synthgrad.common.security import Guard, RefusalLog
 from synthgrad.common.reports import run_summary
 from synthgrad.coordinator.checkpoints import CheckpointBook, StopAfterCheckpoint
@@ -49,6 +51,93 @@ __all__ = ["Coordinator", "ProcessFailure", "RunFailed"]
 PEER_BACKLOG = 1000  # unread messages held per connected peer (ZMQ_RCVHWM of the ROUTER)
 
 
+@dataclass
+class StartPlan:
+    """What START tells each stage: where it is pinned and with how many threads, its helper
+    models (`layout`; None: chosen from the config when the stages start) and the checkpoint it
+    continues from (`resume`, the manifest; None: a new run)."""
+    placement: Placement
+    layout: Optional[Layout]
+    resume: Optional[dict]
+
+    @classmethod
+    def of(cls, num_stages: int, layout: Optional[Layout], resume: Optional[dict]) -> "StartPlan":
+        placement = layout.placement if layout is not None else Placement(
+            "none", (-1,) * num_stages, 0.0, "not placed", (1,) * num_stages, (1.0 / num_stages,) * num_stages)
+        return cls(placement, layout, resume)
+
+    @property
+    def resume_step(self) -> Optional[int]:
+        return self.resume["step"] if self.resume else None
+
+    def starts(self, cfg: RunConfig, run_dir: Path, total_steps: int) -> list[wire.Start]:
+        """Each stage's START, in stage order."""
+        helpers = (self.layout or plan_layout(cfg)[1]).helpers
+        resume_step = self.resume_step if self.resume_step is not None else -1
+        out = []
+        for stage in range(len(cfg.stage_groups)):
+            resume = self.resume["stages"][str(stage)]["path"] if self.resume else ""
+            core, threads, share = self.placement.of(stage)
+            out.append(wire.Start(cfg.to_dict(), str(run_dir), core, total_steps, helpers[stage].to_dict(),
+                                  resume_step, resume, threads, share, self.placement.yields_at(stage)))
+        return out
+
+
+@dataclass
+class RelayCounts:
+    """The gradients relayed towards stage 0: true and bootstrapped ones delivered to each stage,
+    and the bytes of every one (the summary's figures)."""
+    true: list[int]
+    bootstrap: list[int]
+    bytes_backward: int = 0
+
+    @classmethod
+    def of(cls, num_stages: int) -> "RelayCounts":
+        return cls([0] * num_stages, [0] * num_stages)
+
+    def add(self, msg: wire.Grad, body: list) -> None:
+        self.bytes_backward += sum(len(frame) for frame in body)
+        (self.true if msg.true_grad else self.bootstrap)[msg.to_stage] += 1
+
+
+@dataclass
+class PeerFaults:
+    """Messages turned away (`rejected`) and ones whose peer's connection had gone
+    (`undelivered`), counted; each count says when to log, so a flood of garbage or of sends to
+    a gone peer does not become a flood of log lines (the first ten, then every thousandth)."""
+    rejected: int = 0
+    undelivered: int = 0
+
+    @staticmethod
+    def _worth_logging(n: int) -> bool:
+        return n <= 10 or n % 1000 == 0
+
+    def reject(self) -> bool:
+        self.rejected += 1
+        return self._worth_logging(self.rejected)
+
+    def undeliverable(self) -> bool:
+        self.undelivered += 1
+        return self._worth_logging(self.undelivered)
+
+
+@dataclass
+class RunClock:
+    """The run's clock beyond the watchdog's: where a resumed run's curves continue from
+    (`offset`, its wall_s), when training ended, and when progress was last logged."""
+    offset: float = 0.0
+    ended: Optional[float] = None
+    last_progress: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Owned:
+    """What this coordinator made itself, and so must close: the ZeroMQ context (no Guard
+    given) and the status stream (none given)."""
+    ctx: bool
+    stream: bool
+
+
 class Coordinator:
     def __init__(self, cfg: RunConfig, run_dir: Path, *, total_steps: int,
                  log: Callable[[str], None] = print, bind: Optional[str] = None,
@@ -61,35 +150,25 @@ class Coordinator:
         context is used); without one the links are plain and the context is the coordinator's."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.resume = resume  # the manifest to continue from, or None
-        self.wall_offset = resume["wall_s"] if resume else 0.0  # curves continue the old run's
         self.log = log
         self.num_stages = len(cfg.stage_groups)
-        self.placement = layout.placement if layout is not None else Placement(
-            "none", (-1,) * self.num_stages, 0.0, "not placed", (1,) * self.num_stages,
-            (1.0 / self.num_stages,) * self.num_stages)
-        self.layout = layout
+        self.plan = StartPlan.of(self.num_stages, layout, resume)
         self.total_steps = total_steps
-        self._own_ctx = guard is None
+        self.clock = RunClock(resume["wall_s"] if resume else 0.0)  # curves continue the old run's
+        self.owned = Owned(ctx=guard is None, stream=stream is None)
         self.guard = guard or Guard(zmq.Context())
         self.sock = self._listen(bind)
-        self._own_stream = stream is None
         self.stream = stream or StatusStream(cfg, self.run_dir, num_stages=self.num_stages,
                                              total_steps=total_steps, guard=self.guard)
         self.registry = Registry(self.num_stages)
         self.watchdog = Watchdog(cfg, time.monotonic(), self.num_stages)
         self.checkpoints = CheckpointBook(cfg, self.run_dir, self.num_stages, log, self._wall,
                                           committed=self._committed)
-        self.done: dict[int, dict] = {}
-        self.relayed_true = [0] * self.num_stages  # true gradients delivered to each stage
-        self.relayed_bootstrap = [0] * self.num_stages
-        self.bytes_backward = 0  # gradient bytes relayed towards stage 0 (every backward message)
-        self.rejected = 0
-        self.undelivered = 0  # messages to peers whose connection had gone (_deliver)
+        self.done: dict[int, StageSummary] = {}
+        self.relay = RelayCounts.of(self.num_stages)
+        self.faults = PeerFaults()
         self.refusals = RefusalLog(lambda line: log(f"[coordinator] {line}"))  # CURVE turned them away
         self.stopping = StopAfterCheckpoint(self.checkpoints, 3 * cfg.heartbeat_timeout, log)
-        self._last_progress = time.monotonic()
-        self.t_end: Optional[float] = None
 
     def _listen(self, bind: Optional[str]) -> zmq.Socket:
         cfg = self.cfg
@@ -112,7 +191,7 @@ class Coordinator:
             sock.bind(bind)
         except zmq.ZMQError as exc:
             sock.close(0)
-            if self._own_ctx:
+            if self.owned.ctx:
                 self.guard.close()
                 self.guard.ctx.term()
             raise ConfigError(f"the coordinator cannot listen on {bind}: {exc} (bind an "
@@ -137,12 +216,11 @@ class Coordinator:
         except zmq.ZMQError as exc:
             if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 raise  # not about a peer: a fault of this process
-            self.undelivered += 1
-            if self.undelivered <= 10 or self.undelivered % 1000 == 0:
+            if self.faults.undeliverable():
                 stage = self.registry.stage_of.get(identity)
                 to = f"stage {stage}" if stage is not None else f"peer {identity[:40]!r}"
                 self.log(f"[coordinator] could not deliver {what} to {to} (its connection is gone: "
-                         f"{exc.strerror}); undelivered #{self.undelivered}")
+                         f"{exc.strerror}); undelivered #{self.faults.undelivered}")
             return False
 
     def _send(self, stage: int, msg: wire.Message) -> bool:
@@ -175,10 +253,8 @@ class Coordinator:
         elif isinstance(msg, wire.Grad):
             self._relay(msg, body)
         elif isinstance(msg, wire.Metrics):
-            step = msg.record.get("step")
-            if isinstance(step, int):
-                self.watchdog.advanced(now, step)
-            self.stream.worker({"event": "worker", "wall_s": self._wall(), **msg.record, "stage": msg.stage})
+            self.watchdog.advanced(now, msg.record.step)
+            self.stream.worker({"event": "worker", "wall_s": self._wall(), **asdict(msg.record), "stage": msg.stage})
         elif isinstance(msg, wire.EvalResult):
             rec = eval_record(msg.epoch, msg.step, self._wall(), msg.loss, msg.accuracy, msg.samples)
             self.stream.eval(rec)
@@ -203,7 +279,7 @@ class Coordinator:
     def _on_register(self, identity: bytes, msg: wire.Register) -> None:
         problem = self.registry.register(identity, msg, started=self.started is not None)
         if problem is not None:  # turn the newcomer away; the run goes on
-            self.rejected += 1
+            self.faults.reject()
             self.log(f"[coordinator] refused stage {msg.stage} (pid {msg.pid} on {msg.host}): {problem}")
             self._deliver(identity, wire.encode(wire.Stop(f"refused: {problem}")), "a refusal")
             return
@@ -215,14 +291,8 @@ class Coordinator:
             self._start_all()
 
     def _start_all(self) -> None:
-        resume_step = self.resume["step"] if self.resume else -1
-        helpers = (self.layout or plan_layout(self.cfg)[1]).helpers
-        for stage in range(self.num_stages):
-            resume = self.resume["stages"][str(stage)]["path"] if self.resume else ""
-            core, threads, share = self.placement.of(stage)
-            self._send(stage, wire.Start(self.cfg.to_dict(), str(self.run_dir), core, self.total_steps,
-                                         helpers[stage].to_dict(), resume_step, resume, threads, share,
-                                         self.placement.yields_at(stage)))
+        for stage, start in enumerate(self.plan.starts(self.cfg, self.run_dir, self.total_steps)):
+            self._send(stage, start)
 
     def _begin(self) -> None:
         """Every stage is ready: tell each its downstream neighbour, and training begins."""
@@ -238,9 +308,8 @@ class Coordinator:
     def _reject(self, identity: bytes, why: str) -> None:
         """Count a bad message and log it (the first ten, then every thousandth): a flood of
         garbage must not become a flood of log lines."""
-        self.rejected += 1
-        if self.rejected <= 10 or self.rejected % 1000 == 0:
-            self.log(f"[coordinator] rejected message #{self.rejected} from {identity[:40]!r}: {why}")
+        if self.faults.reject():
+            self.log(f"[coordinator] rejected message #{self.faults.rejected} from {identity[:40]!r}: {why}")
 
     def _relay(self, msg: wire.Grad, body: list) -> None:
         identities = self.registry.identities
@@ -249,15 +318,11 @@ class Coordinator:
             return
         if not self._deliver(identities[msg.to_stage], body, f"the gradient of step {msg.step}"):
             return  # a stage that is gone: the watchdog says so
-        self.bytes_backward += sum(len(frame) for frame in body)
-        if msg.true_grad:
-            self.relayed_true[msg.to_stage] += 1
-        else:
-            self.relayed_bootstrap[msg.to_stage] += 1
+        self.relay.add(msg, body)
 
     # ------------------------------------------------------------------ the loop
     def _wall(self) -> float:
-        return self.wall_offset + time.monotonic() - (self.started or self.watchdog.created)
+        return self.clock.offset + time.monotonic() - (self.started or self.watchdog.created)
 
     def adopt(self, stage: int, child: Child) -> None:
         """`child` is stage `stage`, started on this host: the watchdog reads its exit status."""
@@ -285,10 +350,10 @@ class Coordinator:
 
     def _progress(self) -> None:
         now = time.monotonic()
-        if now - self._last_progress < self.cfg.progress_every or \
+        if now - self.clock.last_progress < self.cfg.progress_every or \
                 self.num_stages - 1 not in self.stream.latest:  # nothing to say before the last stage reports
             return
-        self._last_progress = now
+        self.clock.last_progress = now
         self.log(progress_line(self.stream.latest, self.num_stages, self.total_steps, self.cfg.batch_size))
 
     def _status(self, done: bool = False) -> None:
@@ -337,11 +402,11 @@ class Coordinator:
                     raise KeyboardInterrupt  # the launcher exits 130
                 self._progress()
                 self._status()
-            self.t_end = time.monotonic()
+            self.clock.ended = time.monotonic()
             try:
                 self.checkpoints.write_manifest(
-                    max(d.get("last_step", -1) for d in self.done.values()),
-                    {s: {"path": d["checkpoint"], "host": d["host"]} for s, d in self.done.items()}, final=True)
+                    max(d.last_step for d in self.done.values()),
+                    {s: {"path": d.checkpoint, "host": d.host} for s, d in self.done.items()}, final=True)
             except OSError as exc:
                 self.log(f"[coordinator] cannot write the final manifest: {exc}")
             self._status(done=True)
@@ -352,38 +417,39 @@ class Coordinator:
         finally:
             for sig, old in handlers.items():
                 signal.signal(sig, old)
-            if self._own_stream:
+            if self.owned.stream:
                 self.stream.close()
 
     def summary(self) -> dict:
-        workers = [self.done[s] for s in sorted(self.done)]
-        last = self.done.get(self.num_stages - 1, {})
+        done = [self.done[s] for s in sorted(self.done)]
+        last = self.done.get(self.num_stages - 1)
+        steps, samples = (last.steps, last.samples) if last is not None else (0, 0)
         created = self.watchdog.created
         started = self.started or created
         return run_summary(
-            self.cfg.mode, steps=last.get("steps", 0), samples=last.get("samples", 0),
-            wall_clock_s=(self.t_end or time.monotonic()) - started, startup_s=started - created,
-            evals=self.stream.evals, workers=workers,
-            true_gradient_steps=last.get("steps", 0) if self.num_stages == 1 else self.relayed_true[0],
+            self.cfg.mode, steps=steps, samples=samples,
+            wall_clock_s=(self.clock.ended or time.monotonic()) - started, startup_s=started - created,
+            evals=self.stream.evals, workers=[asdict(d) for d in done],
+            true_gradient_steps=steps if self.num_stages == 1 else self.relay.true[0],
             num_stages=self.num_stages,
-            rejected_messages=self.rejected + sum(w.get("rejected_messages", 0) for w in workers),
-            undelivered_messages=self.undelivered,
-            true_gradients_relayed=self.relayed_true,
-            bootstrap_gradients_relayed=self.relayed_bootstrap,
-            bytes_backward_per_step=self.bytes_backward / max(last.get("steps", 0), 1),
+            rejected_messages=self.faults.rejected + sum(d.rejected_messages for d in done),
+            undelivered_messages=self.faults.undelivered,
+            true_gradients_relayed=self.relay.true,
+            bootstrap_gradients_relayed=self.relay.bootstrap,
+            bytes_backward_per_step=self.relay.bytes_backward / max(steps, 1),
             refused_connections=self.refusals.count,
             checkpoints=self.checkpoints.taken,
             checkpoint_failures=self.checkpoints.failures,
-            resumed_from_step=self.resume["step"] if self.resume else None,
+            resumed_from_step=self.plan.resume_step,
             secure=self.guard.on,
             coordinator_pid=os.getpid(),
             endpoint=self.endpoint,
         )
 
     def close(self) -> None:
-        if getattr(self, "_own_stream", False):
+        if hasattr(self, "stream") and self.owned.stream:
             self.stream.close()
         self.sock.close(0)
-        if self._own_ctx:
+        if self.owned.ctx:
             self.guard.close()
             self.guard.ctx.term()

@@ -105,7 +105,7 @@ def watch(endpoint: str, *, timeout_s: float = 30.0, count: Optional[int] = None
             except wire.WireError as exc:
                 out(f"monitor: ignored a malformed record: {exc}")
                 continue
-            if not isinstance(msg, wire.Metrics):
+            if not isinstance(msg, wire.Record):
                 continue
             last = time.monotonic()
             rec = msg.record

@@ -90,7 +90,7 @@ class StatusStream:
         return rec
 
     def _publish(self, record: dict) -> None:
-        self.pub.send_multipart(wire.encode(wire.Metrics(-1, record)), copy=False)
+        self.pub.send_multipart(wire.encode(wire.Record(record)), copy=False)
 
     def close(self) -> None:
         self.metrics.close()

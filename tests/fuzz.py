@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from synthgrad.common import wire  # noqa: E402
+from synthgrad.common.records import StageSummary, WorkerReport  # noqa: E402
+from tests.helpers import blank_record  # noqa: E402
 
 
 def _header(kind: int, fields: dict, tensors: list) -> bytes:
@@ -66,6 +68,14 @@ def bad_messages(rng: random.Random, target: str, max_bytes: int, width: int, ba
                 yield "wrong-kind", wire.encode(wire.Stop("fuzz"))
             else:
                 yield "wrong-kind", wire.encode(wire.Begin("tcp://127.0.0.1:9"))
+        elif choice == 5 and target == "coordinator" and rng.random() < 0.5:  # a record's field unknown or mistyped
+            report = wire._plain_value(blank_record(WorkerReport, stage=1))
+            summary = wire._plain_value(blank_record(StageSummary, stage=1))
+            yield "wrong-field-type", rng.choice([
+                [_header(5, {"stage": 1, "record": {**report, "surprise": 1}}, [])],
+                [_header(5, {"stage": 1, "record": {**report, "step": "x"}}, [])],
+                [_header(7, {"stage": 1, "summary": {**summary, "last_step": None}}, [])],
+            ])
         elif choice == 5:
             yield "wrong-field-type", [_header(4 if target == "coordinator" else 3,
                                                {**(grad if target == "coordinator" else act), "step": "x"}, [])]
@@ -85,9 +95,9 @@ def bad_messages(rng: random.Random, target: str, max_bytes: int, width: int, ba
             forged = [
                 ("forged-register", lambda: wire.encode(wire.Register(rng.randrange(4), 1, "x"))),
                 ("forged-error", lambda: wire.encode(wire.Error(rng.randrange(4), "forged failure"))),
-                ("forged-done", lambda: wire.encode(wire.Done(rng.randrange(4), {"steps": 1, "last_step": 0}))),
+                ("forged-done", lambda: wire.encode(wire.Done(rng.randrange(4), blank_record(StageSummary, steps=1)))),
                 ("forged-saved", lambda: wire.encode(wire.Saved(rng.randrange(4), 0, "/forged.pt", "x"))),
-                ("forged-metrics", lambda: wire.encode(wire.Metrics(rng.randrange(4), {"step": 2**40}))),
+                ("forged-metrics", lambda: wire.encode(wire.Metrics(rng.randrange(4), blank_record(WorkerReport, step=2**40)))),
                 ("forged-eval", lambda: wire.encode(wire.EvalResult(0, 1, 0.0, 1.0, 512))),
                 ("forged-grad", lambda: wire.encode(wire.Grad(rng.randrange(1 << 20), rng.randrange(-1, 4),
                                                               rng.random() < 0.5, g,

@@ -36,13 +36,15 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import psutil
 import pytest
 import torch
 
+from synthgrad.common import wire
 from synthgrad.common.files import largest_difference  # noqa: F401  (re-exported for the tests)
 from synthgrad.common.forkserver import SERVER_NAME
 
@@ -221,3 +223,18 @@ def training_launcher(tmp_path, *extra):
         yield proc, worker_pids(proc)
     finally:
         proc.kill()
+
+
+def blank_record(cls: type, **values: Any) -> Any:
+    """A record dataclass (common/records.py) with every field not given at its type's zero (an
+    Optional one None): a well-typed WorkerReport or StageSummary in one line."""
+    zero = {int: 0, float: 0.0, bool: False, str: ""}
+    out = {}
+    for name, t in wire.record_fields(cls).items():
+        if name in values:
+            out[name] = values[name]
+        elif typing.get_origin(t) is list:
+            out[name] = []
+        else:
+            out[name] = zero.get(t)  # None for an Optional field
+    return cls(**out)

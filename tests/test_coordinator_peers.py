@@ -11,7 +11,9 @@ import torch
 import zmq
 
 from synthgrad.common import wire
+from synthgrad.common.records import StageSummary, WorkerReport
 from synthgrad.coordinator.coordinator import Coordinator
+from tests.helpers import blank_record
 
 
 @pytest.fixture
@@ -57,7 +59,7 @@ def test_a_refused_stranger_that_has_gone_does_not_end_the_run(coordinator):
     stranger.close()  # LINGER: the Register leaves first, then the connection closes
     time.sleep(0.25)  # the coordinator reads it only after the stranger has gone (a local close takes microseconds)
     _serve_until_quiet(coordinator)
-    assert coordinator.rejected == 1 and coordinator.undelivered == 1
+    assert coordinator.faults.rejected == 1 and coordinator.faults.undelivered == 1
     assert any("refused stage 1 (pid 1 on x): stage 1 is taken" in line for line in coordinator.lines)
     assert any("could not deliver a refusal to peer b'stranger'" in line for line in coordinator.lines)
     assert coordinator.registry.stage_of == {b"stage-1-a": 1}  # stage 1 is still the first
@@ -69,7 +71,7 @@ def test_a_refused_stranger_that_has_gone_does_not_end_the_run(coordinator):
     coordinator._committed(3, -1)
     coordinator.stop_all("run complete")
     coordinator._relay(wire.Grad(7, 1, True, torch.zeros(2, 2)), wire.encode(wire.Grad(7, 1, True, torch.zeros(2, 2))))
-    assert coordinator.undelivered == 5 and coordinator.relayed_true == [0, 0, 0, 0]
+    assert coordinator.faults.undelivered == 5 and coordinator.relay.true == [0, 0, 0, 0]
 
 
 def _register_all(coord) -> dict[int, zmq.Socket]:
@@ -86,7 +88,7 @@ def test_a_registered_peer_cannot_take_a_second_stage(coordinator):
     peer.send_multipart(wire.encode(wire.Register(0, 100, "h")))
     peer.send_multipart(wire.encode(wire.Register(2, 100, "h")))  # stage 2 is still free
     _serve_until_quiet(coordinator)
-    assert coordinator.registry.identities == {0: b"stage-0"} and coordinator.rejected == 1
+    assert coordinator.registry.identities == {0: b"stage-0"} and coordinator.faults.rejected == 1
     assert any("this peer is stage 0 already" in line for line in coordinator.lines)
 
 
@@ -97,8 +99,8 @@ def test_registered_stages_cannot_speak_for_others(coordinator):
     peers = _register_all(coordinator)
     g = torch.zeros(64, 64)
     forgeries = [
-        wire.Metrics(0, {"step": 5, "samples_per_s": 1.0}),
-        wire.Done(0, {"steps": 20, "checkpoint": "/x", "host": "h", "last_step": 19}),
+        wire.Metrics(0, blank_record(WorkerReport, stage=0, step=5, samples_per_s=1.0)),
+        wire.Done(0, blank_record(StageSummary, stage=0, steps=20, checkpoint="/x", host="h", last_step=19)),
         wire.Error(0, "forged failure"),
         wire.Saved(0, 3, "/forged.pt", "h"),
         wire.Ready(2, "tcp://127.0.0.1:9"),
@@ -112,10 +114,10 @@ def test_registered_stages_cannot_speak_for_others(coordinator):
     for msg in forgeries:
         peers[1].send_multipart(wire.encode(msg))
     _serve_until_quiet(coordinator)
-    assert coordinator.rejected == len(forgeries), coordinator.lines
+    assert coordinator.faults.rejected == len(forgeries), coordinator.lines
     assert coordinator.done == {} and coordinator.registry.ready == {}
     assert coordinator.registry.stage_of[b"stage-1"] == 1 and coordinator.registry.identities[2] == b"stage-2"
-    assert coordinator.relayed_true == [0, 0, 0, 0] and coordinator.stream.latest == {}
+    assert coordinator.relay.true == [0, 0, 0, 0] and coordinator.stream.latest == {}
 
 
 def test_strangers_are_refused_every_kind(coordinator):
@@ -123,14 +125,14 @@ def test_strangers_are_refused_every_kind(coordinator):
     _register_all(coordinator)
     stranger = _peer(coordinator, b"stranger")
     g = torch.zeros(64, 64)
-    kinds = [wire.Metrics(1, {"step": 5}), wire.Done(1, {}), wire.Error(1, "forged"), wire.Saved(1, 3, "/x", "h"),
+    kinds = [wire.Metrics(1, blank_record(WorkerReport, stage=1, step=5)), wire.Done(1, blank_record(StageSummary, stage=1)), wire.Error(1, "forged"), wire.Saved(1, 3, "/x", "h"),
              wire.Grad(3, 0, True, g, sent_at=1e18), wire.Grad(3, 0, False, g), wire.Register(1, 1, "h"),
              wire.EvalResult(0, 5, 0.1, 0.99, 512), wire.Heartbeat(1)]
     for msg in kinds:
         stranger.send_multipart(wire.encode(msg))
     _serve_until_quiet(coordinator)
-    assert coordinator.rejected == len(kinds), coordinator.lines
-    assert coordinator.done == {} and coordinator.relayed_true == [0, 0, 0, 0]
+    assert coordinator.faults.rejected == len(kinds), coordinator.lines
+    assert coordinator.done == {} and coordinator.relay.true == [0, 0, 0, 0]
     assert coordinator.stream.evals == []
 
 
@@ -143,3 +145,10 @@ def test_every_send_on_the_router_goes_through_one_method():
     source = inspect.getsource(module)
     assert source.count(".send_multipart(") == 1 and source.count(".send(") == 0
     assert ".send_multipart(" in inspect.getsource(Coordinator._deliver)
+
+
+def test_the_coordinator_holds_its_state_in_a_few_parts(coordinator):
+    """Related counters and settings live in small parts with one job each (relay counts, peer
+    faults, the clock, the start plan), so the shell stays readable: at most 20 attributes."""
+    own = set(vars(coordinator)) - {"lines", "peer_ctx"}  # the two the fixture adds
+    assert len(own) <= 20, sorted(own)

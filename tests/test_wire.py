@@ -7,6 +7,8 @@ import torch
 import zmq
 
 from synthgrad.common import wire
+from synthgrad.common.records import StageSummary, WorkerReport
+from tests.helpers import blank_record
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])
@@ -57,12 +59,13 @@ def test_round_trip_over_zeromq_without_tensors():
         a.bind("inproc://t")
         b.connect("inproc://t")
         big = torch.randn(256, 256)
+        report = blank_record(WorkerReport, stage=1, step=7, samples_per_s=1.5, loss=None)
         a.send_multipart(wire.encode(wire.Activation(9, 2, wire.Phase.EVAL, True, big, None)), copy=False)
-        a.send_multipart(wire.encode(wire.Metrics(1, {"x": 1.5, "y": [1, 2], "z": None})))
+        a.send_multipart(wire.encode(wire.Metrics(1, report)))
         m1 = wire.decode(b.recv_multipart(copy=False))
         m2 = wire.decode(b.recv_multipart(copy=False))
         assert torch.equal(m1.h, big) and m1.labels is None and m1.phase is wire.Phase.EVAL
-        assert m2 == wire.Metrics(1, {"x": 1.5, "y": [1, 2], "z": None})
+        assert m2 == wire.Metrics(1, report) and m2.record.loss is None
     finally:
         a.close(0), b.close(0), ctx.term()
 
@@ -148,3 +151,52 @@ def test_a_message_of_many_frames_is_held_bounded_and_rejected():
         push.close(0)
         pull.close(0)
         ctx.term()
+
+
+def _record_header(kind: wire.Kind, stage: int, record: dict) -> list[bytes]:
+    name = "record" if kind is wire.Kind.METRICS else "summary"
+    return [msgpack.packb({"kind": int(kind), "fields": {"stage": stage, name: record}, "tensors": []})]
+
+
+def test_records_travel_typed_and_come_back_equal():
+    """METRICS and DONE carry dataclasses; decode rebuilds them, lists and None included."""
+    summary = blank_record(StageSummary, stage=2, last_step=19, checkpoint="/x/stage2.pt", host="h",
+                           units=[3, 5], replica_pids=[11, 12], cores_allowed=None, gradient_delay_max=4)
+    done = wire.decode(wire.encode(wire.Done(2, summary)))
+    assert done == wire.Done(2, summary) and isinstance(done.summary, StageSummary)
+    assert done.summary.units == [3, 5] and done.summary.cores_allowed is None
+    report = blank_record(WorkerReport, stage=1, state_sg_loss=0.5, final=True)
+    assert wire.decode(wire.encode(wire.Metrics(1, report))).record == report
+    assert wire.decode(wire.encode(wire.Record({"event": "status", "x": [1, None]}))).record == \
+        {"event": "status", "x": [1, None]}
+
+
+@pytest.mark.parametrize("change, field, needle", [
+    ({"surprise": 1}, "METRICS.record", r"unknown \['surprise'\]"),
+    ({"step": "5"}, "METRICS.record.step", "expected int"),
+    ({"step": True}, "METRICS.record.step", "expected int"),
+    ({"step": None}, "METRICS.record.step", "expected int"),  # not Optional: None is no step
+    ({"loss": "low"}, "METRICS.record.loss", "expected float"),
+    ({"final": 1}, "METRICS.record.final", "expected bool"),
+])
+def test_a_records_unknown_or_mistyped_field_is_named(change, field, needle):
+    rec = {**wire._plain_value(blank_record(WorkerReport, stage=1)), **change}
+    with pytest.raises(wire.WireError, match=needle) as info:
+        wire.decode(_record_header(wire.Kind.METRICS, 1, rec))
+    assert info.value.field == field and not isinstance(info.value, wire.UncheckedWireError)
+
+
+def test_a_summarys_missing_or_mistyped_field_is_named():
+    rec = wire._plain_value(blank_record(StageSummary, stage=0))
+    del rec["host"]
+    with pytest.raises(wire.WireError, match=r"missing \['host'\]") as info:
+        wire.decode(_record_header(wire.Kind.DONE, 0, rec))
+    assert info.value.field == "DONE.summary"
+    for value, field in (([1, "2"], "DONE.summary.units.1"), ({"a": 1}, "DONE.summary.units"),
+                         (None, "DONE.summary.units")):
+        bad = {**wire._plain_value(blank_record(StageSummary, stage=0)), "units": value}
+        with pytest.raises(wire.WireError) as info:
+            wire.decode(_record_header(wire.Kind.DONE, 0, bad))
+        assert info.value.field == field, (value, info.value)
+    with pytest.raises(wire.WireError, match="DONE.summary: expected a StageSummary"):
+        wire.decode(_record_header(wire.Kind.DONE, 0, [1]))  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ import collections
 import dataclasses
 import enum
 import math
+import types
 import typing
 from typing import Any, Optional
 
@@ -25,6 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from synthgrad.common import wire
+from synthgrad.common.records import StageSummary, WorkerReport
+from tests.helpers import blank_record
 
 
 def declared(cls: type) -> tuple[dict[str, Any], list[str]]:
@@ -41,11 +44,39 @@ def declared(cls: type) -> tuple[dict[str, Any], list[str]]:
     return header, tensors
 
 
+def optional_of(t: Any) -> Optional[Any]:
+    """X for Optional[X], read off the annotation (None for any other type)."""
+    args = typing.get_args(t)
+    if typing.get_origin(t) in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return None
+
+
+def record_types(cls: type) -> dict[str, Any]:
+    """A record dataclass's fields and their annotated types."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
 def has_declared_type(value: Any, t: Any, *, sent: bool = False) -> bool:
     """The oracle: `value` is a `t` as the annotation means it. A float field takes an int
     (PEP 484's numeric tower), a bool is no int (a flag is not a count), a dict must be one JSON
     can write (string keys; records and configs are written as JSON), and an enum field holds a
-    member, or, as `sent` over the wire, one of the members' values."""
+    member, or, as `sent` over the wire, one of the members' values. Optional[X] is None or an
+    X, list[X] a list of X, and a record dataclass (common/records.py) an instance whose every
+    field has its type, or, as `sent`, a map with exactly its fields, each of its type."""
+    inner = optional_of(t)
+    if inner is not None:
+        return value is None or has_declared_type(value, inner, sent=sent)
+    if typing.get_origin(t) is list:
+        (item,) = typing.get_args(t)
+        return type(value) is list and all(has_declared_type(v, item, sent=sent) for v in value)
+    if dataclasses.is_dataclass(t):
+        declared_fields = record_types(t)
+        if sent and type(value) is dict:
+            return set(value) == set(declared_fields) and \
+                all(has_declared_type(value[n], ft, sent=True) for n, ft in declared_fields.items())
+        return type(value) is t and all(has_declared_type(getattr(value, n), ft) for n, ft in declared_fields.items())
     if isinstance(t, type) and issubclass(t, enum.Enum):
         return isinstance(value, t) or (sent and type(value) is str and value in {m.value for m in t})
     if t is float:
@@ -93,7 +124,20 @@ WELL = {**TYPED, float: st.floats(min_value=0, max_value=1e12) | st.integers(0, 
         wire.Phase: st.sampled_from([p.value for p in wire.Phase])}
 # what a careless or hostile peer puts in a field of another type: bools, numbers, strings and
 # bytes that look alike, an enum member's name, or anything
-NEAR = st.one_of(st.booleans(), st.sampled_from([0, 1, 1.0, "1", b"1", "TRAIN", [], {}]), values)
+NEAR = st.one_of(st.booleans(), st.sampled_from([0, 1, 1.0, "1", b"1", "TRAIN", [], {}, None]), values)
+
+
+def strategy(t: Any, table: dict) -> st.SearchStrategy:
+    """Values of the annotated type `t` from `table` (TYPED or WELL), records and their
+    Optional and list fields included; anything at all for a type the table lacks."""
+    inner = optional_of(t)
+    if inner is not None:
+        return st.none() | strategy(inner, table)
+    if typing.get_origin(t) is list:
+        return st.lists(strategy(typing.get_args(t)[0], table), max_size=3)
+    if dataclasses.is_dataclass(t):
+        return st.fixed_dictionaries({n: strategy(ft, table) for n, ft in record_types(t).items()})
+    return table.get(t, values)
 
 
 @st.composite
@@ -116,9 +160,19 @@ def messages(draw) -> list[bytes]:
     known = isinstance(kind, int) and not isinstance(kind, bool) and kind in DECLARED
     header_types, tensor_names = DECLARED[kind] if known else ({}, [])
     if how in ("well", "near", "typed") and known:
-        fields = {n: draw((TYPED if how == "typed" else WELL).get(t, values)) for n, t in header_types.items()}
+        fields = {n: draw(strategy(t, TYPED if how == "typed" else WELL)) for n, t in header_types.items()}
         if how == "near" and fields:  # one field off: a value of a kin type (a flag for a count) or any
-            fields[draw(st.sampled_from(sorted(fields)))] = draw(NEAR)
+            name = draw(st.sampled_from(sorted(fields)))
+            record = fields[name]
+            if isinstance(record, dict) and dataclasses.is_dataclass(header_types[name]) and draw(st.booleans()):
+                if draw(st.booleans()):  # one of the record's own fields off
+                    record[draw(st.sampled_from(sorted(record)))] = draw(NEAR)
+                elif draw(st.booleans()):  # a field it does not have
+                    record[draw(st.text(max_size=6))] = draw(NEAR)
+                else:  # one missing
+                    del record[draw(st.sampled_from(sorted(record)))]
+            else:
+                fields[name] = draw(NEAR)
     elif how == "any":
         fields = {n: draw(values) for n in header_types}
     else:
@@ -145,6 +199,9 @@ def _same(a, b) -> bool:
         return isinstance(b, float) and math.isnan(b)
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if dataclasses.is_dataclass(a):
+        return type(a) is type(b) and all(_same(getattr(a, f.name), getattr(b, f.name))
+                                          for f in dataclasses.fields(a))
     if isinstance(a, list):
         return isinstance(b, list) and len(a) == len(b) and all(map(_same, a, b))
     return type(a) is type(b) and a == b
@@ -176,8 +233,9 @@ def decode_or_named_rejection(frames) -> str:
         assert exc.field != "message" and all(part in str(exc) for part in parts), \
             f"the rejection does not name its field ({exc.field!r}): {exc}"
         if typed is not None and typed[1]:  # fields are checked first: one of them is named
-            name, fields = typed
-            assert exc.field in {f"{name}.{f}" for f in DECLARED[wire.Kind[name]][0]}, (exc.field, fields)
+            name, fields = typed  # (or a field inside one: "METRICS.record.loss")
+            assert any(exc.field == f"{name}.{f}" or exc.field.startswith(f"{name}.{f}.")
+                       for f in DECLARED[wire.Kind[name]][0]), (exc.field, fields)
         return "rejected"
     assert typed is not None and not typed[1], f"accepted with mistyped fields {typed}: {msg!r:.300}"
     cls = type(msg)
@@ -258,6 +316,23 @@ def test_the_oracle_judges_by_the_annotations():
     assert not has_declared_type({1: 2}, dict) and not has_declared_type([], dict)
     assert has_declared_type("train", wire.Phase, sent=True) and not has_declared_type("train", wire.Phase)
     assert has_declared_type(wire.Phase.END, wire.Phase) and not has_declared_type("march", wire.Phase, sent=True)
+    assert has_declared_type(None, Optional[float]) and has_declared_type(2, Optional[float])
+    assert not has_declared_type("2", Optional[float]) and not has_declared_type(None, float)
+    assert has_declared_type([1, 2], list[int]) and not has_declared_type([1, True], list[int])
+    assert not has_declared_type((1, 2), list[int])
+    report = blank_record(WorkerReport, stage=1)
+    sent = wire._plain_value(report)
+    assert declared(wire.Metrics)[0]["record"] is WorkerReport
+    assert has_declared_type(report, WorkerReport) and has_declared_type(sent, WorkerReport, sent=True)
+    assert not has_declared_type(sent, WorkerReport) and not has_declared_type({**sent, "x": 1}, WorkerReport, sent=True)
+    assert not has_declared_type({**sent, "step": 1.0}, WorkerReport, sent=True)
+    assert not has_declared_type({k: v for k, v in sent.items() if k != "loss"}, WorkerReport, sent=True)
+
+
+def test_every_record_field_is_one_the_oracle_can_judge():
+    """Each record field's type is one the oracle has a rule for, and its zero is well typed."""
+    for cls in (WorkerReport, StageSummary):
+        assert has_declared_type(blank_record(cls), cls)
 
 
 @pytest.mark.parametrize("tensors, frames, needle", [

@@ -11,6 +11,7 @@ import torch
 from synthgrad.common import wire
 from synthgrad.common.config import RunConfig
 from synthgrad.common.procs import cpu_priority
+from synthgrad.common.records import StageSummary, WorkerReport
 from synthgrad.workers.meter import Meter
 from synthgrad.workers.stage import StageLogic
 from synthgrad.workers.timings import MESSAGING, Timings
@@ -63,16 +64,16 @@ class StageReporter:
             "rejected_messages": self.rejected(),
             **self.logic.take_figures(),
         })
-        self.send(wire.Metrics(self.stage, rec))
+        self.send(wire.Metrics(self.stage, WorkerReport(**rec)))
 
     def final_summary(self, *, ended: float, endpoint: str, core: int, units: tuple[int, int],
-                      checkpoint: str) -> dict:
+                      checkpoint: str) -> StageSummary:
         """This stage's figures over the whole run (the DONE message's summary)."""
         totals = self.timings.total
         own = self.logic.totals()
         run = self.meter.totals(ended, busy_s=totals["compute"])
         elapsed = run["elapsed_s"]
-        return {
+        return StageSummary(**{
             **run,
             "input_endpoint": endpoint, "core": core, "threads": torch.get_num_threads(),
             "cores_allowed": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
@@ -92,4 +93,4 @@ class StageReporter:
             "gradient_delay_max": own["gradient_delay_max"],
             "rejected_messages": self.rejected(),
             "checkpoint": checkpoint,
-        }
+        })
