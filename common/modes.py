@@ -295,12 +295,15 @@ class Corrected(UpdateRule):
 
 # ---------------------------------------------------------------------------- residual
 class Residual(UpdateRule):
-    """A synthetic gradient whose prior is the local head's: step now on dL_head/dh + SG(h),
+    """A synthetic gradient whose prior is the local head's: step now on dL_head/dh + c SG(h),
     where the predictor learns only the correction (true - head gradient) from every N-th true
-    gradient. With no true gradient (N = infinity) it is `local`; the better the predictor
-    learns the correction, the nearer each step is to backprop's. The step is a full one (the
-    head's part is an exact gradient of a local loss; the predictor starts at zero, so it adds
-    nothing before it has learned), and the true gradients train the predictor only."""
+    gradient, and c is the predictor's own evidence (its step scale: the running cosine of its
+    corrections with the true ones, clamped to [0, 1], as unlocked's steps; --sg-trust-scale,
+    --sg-min-cosine). With no true gradient (N = infinity) it is `local`; the better the
+    predictor learns the correction, the nearer each step is to backprop's. A correction taken
+    at full size before it predicts kills units (measured on the digits CNN: docs/results.md).
+    The head's part is an exact gradient of a local loss and is always taken in full; the true
+    gradients train the predictor only."""
     mode = Mode.RESIDUAL
     uses_head = True
     uses_predictor = True
@@ -317,7 +320,7 @@ class Residual(UpdateRule):
             kept.prior = head
             if kept.h is not None:  # scored against the true gradient only
                 kept.prediction = correction
-        return head + correction / predictor.share.rows(h)
+        return head + correction * (predictor.step_scale() / predictor.share.rows(h))
 
     def on_gradient(self, step, kept, g, true_grad):
         predictor = self.parts.predictor
