@@ -6,38 +6,15 @@ so a worker needs nothing but the coordinator's endpoint and its stage index.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import math
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from synthgrad.common.imports import is_import_path
-from synthgrad.common.modes import MODE_NAMES, STAGE_WORKER_MODES, Mode, UpdateRule, spoken
+from synthgrad.common.modes import MODE_NAMES, Mode, UpdateRule
+from synthgrad.common.validation import ConfigError, check  # ConfigError: imported from here by most
 
-SCHEDULES = ("gpipe", "1f1b")
-SG_MODELS = ("linear", "lowrank", "mlp")
-OPTIMIZERS = ("adam", "sgd")
-TRANSPORTS = ("ipc", "tcp")
 DEFAULT_SAMPLE_SHAPE = (1, 28, 28)  # the built-in sets' (Fashion-MNIST, MNIST, synthetic) until read
 DEFAULT_CLASSES = 10
-MAX_SAMPLE_DIMS = 7  # a message's tensor has at most 8 dimensions (common/wire.py), the batch's included
-PRECISIONS = ("fp32", "bf16")  # common/devices.py says what each does
-_DEVICE_ENTRY = re.compile(r"^(cpu|cuda(:\d+)?)$")
-
-
-def device_syntax_problem(spec: str, num_stages: Optional[int]) -> Optional[str]:
-    """Why `spec` is not a valid --device for a run of `num_stages` stages (None: it is).
-    Whether the device exists is asked where it is used (common/devices.py check_device)."""
-    parts = [p.strip() for p in spec.split(",")]
-    bad = [p for p in parts if not _DEVICE_ENTRY.match(p)]
-    if bad:
-        return f"--device {spec!r}: each entry must be cpu, cuda or cuda:N (not {', '.join(map(repr, bad))})"
-    if len(parts) > 1 and num_stages is not None and len(parts) != num_stages:
-        return (f"--device lists {len(parts)} devices, but the run has {num_stages} stages: give one "
-                f"device for every stage, or one per stage")
-    return None
 
 
 @dataclass(frozen=True)
@@ -66,10 +43,6 @@ PROCESSES = Group("processes and transport")
 LIMITS = Group("limits and fault handling")
 OUTPUT = Group("output and monitoring")
 TESTING = Group("testing only")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message says what to change."""
 
 
 @dataclass(frozen=True)
@@ -252,156 +225,9 @@ class RunConfig:
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> RunConfig:
-        """Raise ConfigError naming the field and what to change; return self when valid."""
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ConfigError(msg)
-
-        need(self.loss == "cross_entropy" or is_import_path(self.loss),
-             f"unknown --loss {self.loss!r}: cross_entropy, or your own as package.module:function")
-        from synthgrad.common.models import BUILT_IN_MODELS as MODELS  # the registries (they import
-        from synthgrad.common.placement import PLACEMENTS  # torch and psutil: here only)
-        need(self.model in MODELS or is_import_path(self.model),
-             f"unknown model {self.model!r}: choose {' or '.join(MODELS)}, or give your own as "
-             f"package.module:factory (a function returning an nn.Sequential or a list of modules)")
-        from synthgrad.common.datasets import BUILTIN as DATASETS  # the registry (imports torch: here only)
-        need(self.dataset in DATASETS or is_import_path(self.dataset),
-             f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}, or give your own as "
-             f"package.module:function returning (train, test) map-style datasets")
-        need(self.sg_model in SG_MODELS,
-             f"unknown synthetic-gradient model {self.sg_model!r}; choose one of {', '.join(SG_MODELS)}")
-        need(self.optimizer in OPTIMIZERS and self.sg_optimizer in OPTIMIZERS,
-             f"optimizers must be one of {', '.join(OPTIMIZERS)}")
-        need(self.schedule in SCHEDULES,
-             f"unknown pipeline schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        need(self.microbatches >= 1, "--microbatches must be at least 1")
-        if self.mode == Mode.PIPELINE:
-            need(self.batch_size % self.microbatches == 0,
-                 f"--microbatches {self.microbatches} must divide --batch-size {self.batch_size}")
-            need(self.batch_size // self.microbatches >= 2,
-                 "pipeline microbatches need at least two samples each (batch norm)")
-            need(self.schedule != "1f1b" or self.microbatches >= len(self.stage_groups),
-                 f"--schedule 1f1b needs --microbatches >= stages ({len(self.stage_groups)}); "
-                 f"raise --microbatches or use --schedule gpipe")
-        need(self.placement in PLACEMENTS,
-             f"unknown --placement {self.placement!r}; choose one of {', '.join(PLACEMENTS)}")
-        need(self.precision in PRECISIONS,
-             f"unknown --precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
-        need(self.transport in TRANSPORTS,
-             f"unknown transport {self.transport!r}; choose one of {', '.join(TRANSPORTS)}")
-        need(self.input_shape is None or (1 <= len(self.input_shape) <= MAX_SAMPLE_DIMS
-                                          and all(int(d) > 0 for d in self.input_shape)),
-             f"a sample must have 1 to {MAX_SAMPLE_DIMS} dimensions of positive size, got {self.input_shape}")
-        need(self.num_classes is None or self.num_classes >= 2, f"num_classes must be at least 2, got {self.num_classes}")
-        if self.model == "mlp":
-            need(len(self.layers) >= 2, "--layers needs at least an input and an output size, e.g. 784,256,10")
-            need(all(int(s) > 0 for s in self.layers), f"--layers sizes must be positive, got {self.layers}")
-            if self.input_shape is not None:  # known once the run has read the data's header
-                shape, size = self.sample_shape, math.prod(self.sample_shape)
-                need(self.layers[0] == size, f"--layers must start with {size} (the {self.dataset} samples' "
-                                             f"{'x'.join(map(str, shape))} values), got {self.layers[0]}")
-            if self.num_classes is not None:
-                need(self.layers[-1] == self.classes,
-                     f"--layers must end with {self.classes} ({self.dataset}'s classes), got {self.layers[-1]}")
-        need(self.batch_size >= 2, "--batch-size must be at least 2 (batch norm needs two samples)")
-        need(self.epochs >= 1, "--epochs must be at least 1")
-        need(self.steps is None or self.steps >= 1, "--steps must be at least 1")
-        def within(name: str, lo: float, hi: float, lo_open: bool = False) -> None:
-            """A finite number in [lo, hi] ((lo, hi] with lo_open); the message names the option."""
-            v = getattr(self, name)
-            ok = isinstance(v, (int, float)) and math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi
-            need(ok, f"--{name.replace('_', '-')} must be a number {'>' if lo_open else '>='} {lo:g} "
-                     f"and <= {hi:g}, got {v!r}")
-
-        within("lr", 0, 100, lo_open=True)
-        within("sg_lr", 0, 100, lo_open=True)
-        within("momentum", 0, 1)
-        within("sg_update_lr_scale", 0, 100)
-        within("sg_discount", 0, 1)
-        within("sg_min_cosine", 0, 1)
-        for name in ("metrics_every", "progress_every", "start_timeout", "stall_timeout"):
-            within(name, 0, 1e9, lo_open=True)
-        within("checkpoint_every", 0, 1e9)
-        within("heartbeat_timeout", 0.5, 86400)
-        need(self.batch_size <= 1 << 20, "--batch-size must be at most 1048576")
-        need(self.max_message_mb <= 1 << 16, "--max-message-mb must be at most 65536 (64 GiB)")
-        need(self.true_grad_every >= 1, "--true-grad-every must be at least 1")
-        need(self.bptt >= 1, f"--bptt must be at least 1 (positions per window), got {self.bptt}")
-        need(self.copy_length >= 1, f"--copy-length must be at least 1, got {self.copy_length}")
-        need(self.copy_repeats >= 1, f"--copy-repeats must be at least 1, got {self.copy_repeats}")
-        need(self.text_chars is None or self.text_chars >= 2, "--text-chars must be at least 2")
-        rule = self.mode.rule
-        need(not self.bootstrap or (rule is not None and rule.uses_predictor),
-             "--bootstrap trains synthetic-gradient models on each other: only mode unlocked has them")
-        need(self.sg_hidden is None or self.sg_hidden >= 1, "--sg-hidden must be at least 1")
-        within("sg_budget", 0, 10, lo_open=True)
-        need(self.threads is None or (len(self.threads) >= 1 and all(t >= 1 for t in self.threads)),
-             f"--threads entries must be at least 1, got {self.threads}")
-        need(self.replicas is None or (len(self.replicas) >= 1 and all(r >= 1 for r in self.replicas)),
-             f"--replicas entries must be at least 1, got {self.replicas}")
-        need(self.queue_depth >= 1, "--queue-depth must be at least 1")
-        need(self.timeline_steps >= 0, "--timeline-steps must be 0 or more")
-        if self.slow_stage is not None:
-            need(len(self.slow_stage) == 2 and 0 <= self.slow_stage[0] < len(self.stage_groups)
-                 and self.slow_stage[1] >= 0,
-                 f"--slow-stage needs STAGE,MS with STAGE in 0..{len(self.stage_groups) - 1}, got {self.slow_stage}")
-        if self.fail_saves is not None:
-            need(len(self.fail_saves) == 2 and 0 <= self.fail_saves[0] < len(self.stage_groups)
-                 and self.fail_saves[1] >= 0,
-                 f"--fail-saves needs STAGE,N with STAGE in 0..{len(self.stage_groups) - 1}, got {self.fail_saves}")
-        need(not self.resume or self.mode.on_stage_workers,
-             f"--resume continues {spoken(STAGE_WORKER_MODES)} runs, not {self.mode}")
-        need(self.resume != "auto", "resume='auto' is decided before the run: pass the folder "
-                                    "(synthgrad.auto_resume finds it), or use --resume auto on the command line")
-        need(self.on_failure in ("stop", "restart"), f"--on-failure must be stop or restart, got {self.on_failure!r}")
-        need(self.max_restarts >= 0, "--max-restarts must be 0 or more")
-        need(0.0 <= self.link_delay_ms <= 10_000, "--link-delay-ms must be between 0 and 10000")
-        if self.tensorboard:
-            need(importlib.util.find_spec("tensorboard") is not None, "--tensorboard needs the tensorboard package: "
-                 "pip install 'synthgrad[tensorboard]' (or pip install tensorboard)")
-        need(self.max_message_mb >= 1, "--max-message-mb must be at least 1")
-        need(self.synthetic_train >= self.batch_size,
-             "--synthetic-train must hold at least one batch")
-        need(self.synthetic_test >= 1, "--synthetic-test must be at least 1")
-        need(self.eval_samples is None or self.eval_samples >= 1, "--eval-samples must be at least 1")
-        need(self.eval_every is None or self.eval_every >= 1, "--eval-every must be at least 1")
-        n_layers = self.num_layers
-        need(self.split_at is None or (self.groups is None and self.stages is None),
-             "give one of --stages (split by cost), --groups (layers per stage) and --split-at (by name)")
-        if n_layers is None:  # a model given by import path, not built yet: the run checks again
-            device_problem = device_syntax_problem(self.device, None)
-            need(device_problem is None, device_problem or "")
-            return self
-        if self.groups is not None:
-            need(all(g >= 1 for g in self.groups), f"--groups entries must be >= 1, got {self.groups}")
-            need(sum(self.groups) == n_layers,
-                 f"--groups {','.join(map(str, self.groups))} covers {sum(self.groups)} layers, "
-                 f"but the model has {n_layers}")
-            need(self.stages is None or self.stages == len(self.groups),
-                 "--stages and --groups disagree; give one of them")
-        if self.stages is not None:
-            need(self.stages >= 1, "--stages must be at least 1")
-            need(self.stages <= n_layers,
-                 f"--stages {self.stages} is more than the model's {n_layers} layers; "
-                 f"use --stages {n_layers} or fewer")
-        device_problem = device_syntax_problem(self.device, None if self.mode == Mode.BACKPROP
-                                               else len(self.stage_groups))
-        need(device_problem is None, device_problem or "")
-        need(self.threads is None or self.mode == Mode.BACKPROP or len(self.threads) in (1, len(self.stage_groups)),
-             f"--threads lists {len(self.threads or ())} counts, but the run has {len(self.stage_groups)} stages: "
-             f"give one for every stage, or one per stage")
-        need(self.replicas is None or len(self.replicas) in (1, len(self.stage_groups)),
-             f"--replicas lists {len(self.replicas or ())} counts, but the run has {len(self.stage_groups)} "
-             f"stages: give one for every stage, or one per stage")
-        if self.replicas is not None and max(self.replicas) > 1:
-            need(self.mode not in (Mode.BACKPROP, Mode.PIPELINE),
-                 f"--replicas runs stage workers; mode {self.mode} has none (use a stage-worker mode)")
-            bad = [r for r in self.stage_replica_counts() if self.batch_size % r]
-            need(not bad, f"--replicas {bad[0] if bad else ''} does not divide --batch-size {self.batch_size}: "
-                          f"each replica takes an equal part of every batch")
-            need(self.precision == "fp32", "--replicas needs --precision fp32 (the replicas' collectives "
-                                           "run in float32)")
-            need(self.device == "cpu", "--replicas runs on the CPU (gloo); --device must be cpu")
+        """Raise ConfigError naming the option and what to change; return self when valid. The
+        checks, one per option group, are in common/validation.py."""
+        check(self)
         return self
 
     def stage_thread_counts(self) -> Optional[tuple[int, ...]]:

@@ -16,15 +16,17 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from synthgrad.common.config import RunConfig
 from synthgrad.common.models import LocalHead, SyntheticGradient, build_units, unit_shapes
+
+if TYPE_CHECKING:  # annotations only
+    from synthgrad.common.config import RunConfig
 
 _PROBE_BATCH = 2  # batch norm needs two samples in training mode; costs are divided back
 

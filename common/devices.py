@@ -6,7 +6,7 @@ device and what it sends back to the CPU, in the wire's dtype (bf16 under `--pre
 half the bytes of float32). Under bf16 the layers run in torch.autocast; weights, optimiser
 state, predictors and local heads stay float32.
 
-The syntax is checked by RunConfig.validate (common/config.py, which imports no torch); whether
+The syntax is checked by RunConfig.validate (common/validation.py, which imports no torch); whether
 a device exists is checked where it will be used (`check_device`): by the launcher before
 anything starts for the stages it starts itself, and by each hand-started or torchrun stage on
 its own host.

@@ -7,16 +7,18 @@ initial weights equal the single-process reference's bit for bit.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from synthgrad.common.config import RunConfig
 from synthgrad.common.imports import ImportPathError, import_object
 from synthgrad.common.recurrent import as_layer, reset_streams, stream_through
 from synthgrad.common.streams import IGNORE
+
+if TYPE_CHECKING:  # annotations only
+    from synthgrad.common.config import RunConfig
 
 NUM_CLASSES = 10  # the default of the helper models' label conditioning (the run passes its own)
 

@@ -65,6 +65,45 @@ def test_config_round_trips_through_a_dict():
         RunConfig.from_dict({**cfg.to_dict(), "bogus": 1})
 
 
+def test_the_mode_is_parsed_once_where_the_config_is_made(tmp_path):
+    """Python, a dict (a saved run), a --config file and the command line all give a Mode; its
+    dict form is the plain name (checkpoints are read with weights_only)."""
+    from synthgrad.common.modes import Mode
+    assert RunConfig(mode="local").mode is Mode.LOCAL and RunConfig().mode is Mode.UNLOCKED
+    assert RunConfig.from_dict({"mode": "delayed"}).mode is Mode.DELAYED
+    assert type(RunConfig(mode="stale").to_dict()["mode"]) is str
+    assert RunConfig(mode=Mode.LOCKED).replace(epochs=1).mode is Mode.LOCKED
+    toml = tmp_path / "run.toml"
+    toml.write_text('mode = "corrected"\n')
+    parse = launch.build_parser().parse_args
+    assert launch.config_from_args(parse(["train", "--config", str(toml)])).mode is Mode.CORRECTED
+    assert launch.config_from_args(parse(["train", "--mode", "locked"])).mode is Mode.LOCKED
+    with pytest.raises(ConfigError, match="unknown mode 'sideways'; choose one of backprop"):
+        launch.config_from_args(parse(["train", "--mode", "sideways"]))
+    with pytest.raises(ConfigError, match="unknown mode 'sideways'"):
+        RunConfig.from_dict({"mode": "sideways"})
+
+
+def test_declaring_the_options_loads_no_registry():
+    """config.py imports neither torch nor the registries, anywhere (validation.py reads them), and
+    the modules that take a RunConfig import it for annotations only: no import cycle."""
+    import ast
+
+    def imported(path, typing_too=True):
+        tree = ast.parse((ROOT / path).read_text())
+        typing = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                  and getattr(node.test, "id", "") == "TYPE_CHECKING" for n in ast.walk(node)}
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+                and (typing_too or id(n) not in typing)} | {
+                a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+    heavy = {"torch", "synthgrad.common.models", "synthgrad.common.datasets", "synthgrad.common.placement",
+             "synthgrad.common.costs"}
+    assert not imported("common/config.py") & heavy
+    for path in ("common/models.py", "common/costs.py", "common/validation.py"):
+        assert "synthgrad.common.config" not in imported(path, typing_too=False), path
+
+
 def test_cli_builds_config():
     ns = launch.build_parser().parse_args(
         ["train", "--mode", "stale", "--layers", "784,32,10", "--conditioned", "--true-grad-every", "5"])

@@ -139,15 +139,11 @@ def test_checkpoint_is_complete_only_when_every_stage_saved(tmp_path):
 
 # ---------------------------------------------------------------------------- layers
 def _imports(path) -> set[str]:
-    """Top packages a module imports at run time (imports under `if TYPE_CHECKING:` excluded)."""
+    """Top packages a module imports anywhere: at the top, inside functions and under `if
+    TYPE_CHECKING:` alike (an import for annotations is a dependency all the same)."""
     import ast
-    tree = ast.parse(path.read_text())
-    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
-            and getattr(node.test, "id", "") == "TYPE_CHECKING" for n in ast.walk(node)}
     found = set()
-    for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found |= {_layer(a.name) for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
