@@ -274,3 +274,14 @@ def test_the_single_process_reference_follows_the_same_non_finite_policy(tmp_pat
         synthgrad.train(cfg, log=lambda *_: None)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "failed" and "NaN or infinite" in summary["error"]
+
+
+# ---------------------------------------------------------------------------- faults
+def test_a_fault_plan_gives_each_stage_its_part():
+    """The testing options become one plan; a run without them injects nothing anywhere."""
+    from synthgrad.common.faults import FaultPlan, StageFaults
+    assert all(FaultPlan.from_config(RunConfig()).for_stage(s).empty for s in range(4))
+    plan = FaultPlan.from_config(RunConfig(slow_stage=(2, 30), fail_saves=(1, 3), link_delay_ms=4))
+    assert plan.for_stage(2) == StageFaults(step_sleep_s=0.03, saves_fail_after=None, link_delay_s=0.004)
+    assert plan.for_stage(1) == StageFaults(step_sleep_s=0.0, saves_fail_after=3, link_delay_s=0.004)
+    assert FaultPlan.from_config(RunConfig(fail_saves=(0, 0))).for_stage(0).saves_fail_after == 0

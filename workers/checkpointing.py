@@ -50,14 +50,15 @@ def save_stage(path: Path, stage: int, first_unit: int, module: nn.Module, state
 
 
 class StageCheckpoints:
-    def __init__(self, stage: int, cfg: RunConfig, run_dir: Path, logic: StageLogic, first_unit: int):
+    def __init__(self, stage: int, cfg: RunConfig, run_dir: Path, logic: StageLogic, first_unit: int,
+                 fail_after: Optional[int] = None):
         self.stage = stage
         self.cfg = cfg
         self.run_dir = run_dir
         self.logic = logic
         self.first_unit = first_unit
         self.saved: dict[int, Path] = {}  # step -> this stage's periodic checkpoint file
-        self.fail_after: Optional[int] = None  # testing (--fail-saves): later periodic saves fail
+        self.fail_after = fail_after  # a fault (common/faults.py): the periodic saves after this many fail
 
     def load(self, path: Path, step: int) -> None:
         """Continue from this stage's checkpoint of `step` (resume, restart)."""

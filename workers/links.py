@@ -81,7 +81,7 @@ class Links:
         self.wire_dtype = torch.float32  # of activations (--precision), set by configure()
         self.num_classes = 0
         self.max_bytes = DEFAULT_MAX_BYTES
-        self.delay = 0.0  # --link-delay-ms, in seconds (testing: simulated link latency)
+        self.delay = 0.0  # a fault (common/faults.py): simulated link latency, in seconds
         self.rejected = 0
         self.refusals = RefusalLog(lambda line: print(f"[stage {stage}] {line}", file=sys.stderr, flush=True))
         self._held: collections.deque[tuple[float, wire.Grad]] = collections.deque()
@@ -95,16 +95,18 @@ class Links:
 
     # ------------------------------------------------------------------ set up
     def configure(self, cfg: RunConfig, in_shape: tuple[int, ...], num_classes: int, is_last: bool,
-                  host: str, transport: str, handlers: Handlers) -> None:
+                  host: str, transport: str, handlers: Handlers, delay_s: float = 0.0) -> None:
         """After START: bind the activation input (stages > 0), make the output (all but the
-        last), and take the run's bounds, shapes, delay and heartbeat interval."""
+        last), and take the run's bounds, shapes and heartbeat interval, and the simulated
+        delay of the run's faults (0: none)."""
         self.cfg = cfg
         self.in_shape = in_shape
         self.wire_dtype = wire_dtype(cfg.precision)
         self.num_classes = num_classes
         self.handlers = handlers
         self.max_bytes = cfg.max_message_mb << 20
-        self.delay = cfg.link_delay_ms / 1000.0
+        if delay_s:
+            self._simulate_delay(delay_s)
         timeout = cfg.heartbeat_timeout
         self.watch.limits = Limits(silence=Limit(timeout, f"--heartbeat-timeout {timeout:g}"))
         self.watch.start(time.monotonic())
@@ -123,6 +125,19 @@ class Links:
             if self.guard.on:
                 self.guard.client(self.outbox, self.guard.keys.worker_public)
 
+    def _simulate_delay(self, delay_s: float) -> None:
+        """A fault: stamp every gradient and activation sent with its time, and use what arrives
+        `delay_s` after it was sent. Only a run with the fault wraps its sends."""
+        self.delay = delay_s
+        send_coord, send_down = self.send_coord, self.send_down
+
+        def stamped_coord(msg: wire.Message) -> None:
+            send_coord(dataclasses.replace(msg, sent_at=time.monotonic()) if isinstance(msg, wire.Grad) else msg)
+
+        def stamped_down(msg: wire.Activation) -> None:
+            send_down(dataclasses.replace(msg, sent_at=time.monotonic()))
+        self.send_coord, self.send_down = stamped_coord, stamped_down  # type: ignore[method-assign]
+
     def connect_downstream(self, endpoint: str) -> None:
         if self.outbox is not None:
             self.outbox.connect(endpoint)
@@ -133,8 +148,6 @@ class Links:
 
     # ------------------------------------------------------------------ the coordinator
     def send_coord(self, msg: wire.Message) -> None:
-        if self.delay and isinstance(msg, wire.Grad):
-            msg = dataclasses.replace(msg, sent_at=time.monotonic())
         with self.timings.span("send"):
             self.coord.send_multipart(wire.encode(msg), copy=False)
         self._last_to_coord = time.monotonic()
@@ -287,8 +300,6 @@ class Links:
 
     def send_down(self, msg: wire.Activation) -> None:
         assert self.outbox is not None
-        if self.delay:
-            msg = dataclasses.replace(msg, sent_at=time.monotonic())
         with self.timings.span("send"):
             frames = wire.encode(msg)
         self.wait("wait_send", lambda: bool(self.outbox.poll(0, zmq.POLLOUT)), self.outbox, zmq.POLLOUT)

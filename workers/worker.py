@@ -17,7 +17,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import zmq
@@ -30,6 +30,7 @@ from synthgrad.common.costs import Helpers
 from synthgrad.common.devices import Compute, stage_device
 from synthgrad.common.endpoints import CONNECT_TIMEOUT_S
 from synthgrad.common.evaluation import EvalTally
+from synthgrad.common.faults import FaultPlan
 from synthgrad.common.files import atomic_write_json
 from synthgrad.common.liveness import ProcessFailure, Role
 from synthgrad.common.placement import replica_blocks, self_sized_threads
@@ -140,9 +141,11 @@ class LayerWorker:
         logic, plan = build_stage(cfg, self.stage, start.total_steps, dev, sync, helpers)
         run_dir = Path(self.spec.run_dir or start.run_dir)
         is_last = self.stage == plan.num_stages - 1
-        checkpoints = StageCheckpoints(self.stage, cfg, run_dir, logic, plan.units[0])
-        if cfg.fail_saves is not None and cfg.fail_saves[0] == self.stage:
-            checkpoints.fail_after = cfg.fail_saves[1]
+        faults = FaultPlan.from_config(cfg).for_stage(self.stage)  # testing: nothing, in a real run
+        checkpoints = StageCheckpoints(self.stage, cfg, run_dir, logic, plan.units[0],
+                                       fail_after=faults.saves_fail_after)
+        if faults.step_sleep_s:
+            self.train_step = self._slowed(self.train_step, faults.step_sleep_s)  # type: ignore[method-assign]
         if start.resume_path:
             checkpoints.load(Path(start.resume_path), start.resume_step)
         if sync is not None:  # the other replicas load the same checkpoint themselves
@@ -155,7 +158,8 @@ class LayerWorker:
             reporter.last_step = start.resume_step
         self.links.configure(cfg, plan.in_shape, plan.num_classes, is_last, self.spec.host, self.spec.transport,
                              Handlers(on_grad=self._on_grad, on_checkpoint=self._on_checkpoint,
-                                      on_committed=self._on_committed, on_idle=reporter.maybe_report))
+                                      on_committed=self._on_committed, on_idle=reporter.maybe_report),
+                             delay_s=faults.link_delay_s)
         dataset = None
         if self.stage == 0:
             dataset = run_dataset(cfg)
@@ -227,10 +231,6 @@ class LayerWorker:
         parts = self.parts
         true_grad = parts.cfg.true_grad_at(step)
         self.timings.recording = parts.reporter.steps < parts.cfg.timeline_steps
-        slow = parts.cfg.slow_stage
-        if slow is not None and slow[0] == self.stage:  # --slow-stage (testing): the bottleneck
-            with self.timings.span("compute"):
-                time.sleep(slow[1] / 1000.0)
         parts.logic.begin_epoch(epoch)
         if parts.is_last:
             with self.timings.span("compute"):
@@ -248,6 +248,14 @@ class LayerWorker:
             if parts.logic.rule.waits_for_gradient:
                 self._wait_for_gradients(lambda: step not in parts.logic.kept)
         parts.reporter.step_done(step, int(labels.shape[0]))
+
+    def _slowed(self, train_step: Callable[..., None], seconds: float) -> Callable[..., None]:
+        """A fault (--slow-stage): every training step first sleeps, as compute (the bottleneck)."""
+        def slowed(*args: object) -> None:
+            with self.timings.span("compute"):
+                time.sleep(seconds)
+            train_step(*args)
+        return slowed
 
     def checkpoint(self, step: int, epoch: int) -> None:
         parts = self.parts
