@@ -10,8 +10,9 @@ data, and honest about accuracy: every rule sees the same batches in the same or
         --rules backprop,unlocked:10 --set sg_true_updates=false     # any RunConfig field
 
 Rules: backprop (no delay: the reference), unlocked:N (DNI), local (DGL), delayed (DDG),
-corrected:N (local heads plus every N-th true gradient; a mode), and candidates that did not
-become modes (swapped:N, residual:N; below, with what they measured in the README). Prints test accuracy per rule, how many
+corrected:N (local heads plus every N-th true gradient; a mode), residual:N (the head's
+gradient plus a learned correction; a mode), and a candidate that did not become a mode
+(swapped:N, below). Prints test accuracy per rule, how many
 gradients travelled backward per step, each predictor's running cosine at the end and each
 stage's share of dead units (outputs zero on all of 1,024 test samples); writes bench/results/rules.json. Throughput is not
 measured here (one process): that is what `launch.py compare` does.
