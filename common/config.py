@@ -284,7 +284,7 @@ class RunConfig:
         return 1 if self.mode == Mode.BACKPROP else len(self.stage_groups)
 
     @property
-    def rule(self) -> UpdateRule:
+    def rule(self) -> type[UpdateRule]:
         """The stage update rule of this mode (stage-worker modes only)."""
         rule = self.mode.rule
         if rule is None:
