@@ -351,9 +351,10 @@ def _become_worker(label: str, payload: bytes, fds: list[int], sock: socket.sock
         traceback.print_exc()
         code = 1
     finally:
+        # as multiprocessing's children: no atexit handlers (they are the server's, inherited
+        # through the fork, and one that waits, e.g. on a socket's linger, would hang the
+        # exit); the target cleans up after itself (workers/worker.py run_worker)
         try:
-            import atexit
-            atexit._run_exitfuncs()
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
