@@ -1,7 +1,8 @@
 """One frozen run configuration, built by launch.py, validated before any process starts.
 
-The coordinator sends it to every worker in the START handshake (as a plain dict over msgpack),
-so a worker needs nothing but the coordinator's endpoint and its stage index.
+The coordinator sends it to every worker in the START handshake (the wire checks every field
+against the annotations here), so a worker needs nothing but the coordinator's endpoint and its
+stage index.
 """
 from __future__ import annotations
 

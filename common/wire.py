@@ -4,8 +4,9 @@ A message is a multipart ZeroMQ message: frame 0 is a msgpack header
 ``{"kind": int, "fields": {...}, "tensors": [[name, dtype, shape], ...]}``, then one raw frame
 per tensor, sent with ``copy=False`` and decoded with ``torch.frombuffer`` (no copy, no pickle).
 ``decode`` trusts nothing: the kind must be known, the fields must be exactly the dataclass's
-with the right types (a record field, such as METRICS' WorkerReport, is checked the same way,
-field by field: common/records.py), each tensor's dtype must be allowed and its frame length must equal
+with the right types (a record field, such as METRICS' WorkerReport or START's RunConfig and
+Helpers, is checked the same way, field by field, from the dataclass's annotations: a field added
+to one needs no change here), each tensor's dtype must be allowed and its frame length must equal
 ``prod(shape) * itemsize``, and nothing may exceed the size bounds.
 """
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any, Optional, Sequence, Union
 import msgpack
 import torch
 
+from synthgrad.common.config import RunConfig
+from synthgrad.common.costs import Helpers
 from synthgrad.common.records import StageSummary, WorkerReport
 
 # frombuffer on a read-only ZeroMQ frame warns once; the tensors are only read, never written.
@@ -90,11 +93,11 @@ class Register:
 
 @dataclass(frozen=True)
 class Start:
-    config: dict  # RunConfig.to_dict()
+    config: RunConfig  # checked field by field; the worker validates it
     run_dir: str
     core: int  # core to pin to, -1 = none
     total_steps: int  # training steps in the run (workers other than stage 0 load no data)
-    helpers: dict  # the stage's helper models, as its layout chose them (common/costs.py Helpers.to_dict)
+    helpers: Helpers  # the stage's helper models, as its layout chose them (common/costs.py)
     resume_step: int = -1  # continue after this step (-1: a new run)
     resume_path: str = ""  # this stage's checkpoint of resume_step, on its host
     threads: int = 1  # torch threads (and cores from `core` on, when pinned)
@@ -318,6 +321,19 @@ def _optional_of(t: Any) -> Optional[Any]:
     return None
 
 
+MAX_ENTRIES = 1024  # of a list or tuple field
+
+
+def _sequence_of(t: Any) -> Optional[Any]:
+    """X for list[X] and tuple[X, ...] (None for any other type)."""
+    args = typing.get_args(t)
+    if typing.get_origin(t) is list:
+        return args[0]
+    if typing.get_origin(t) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return args[0]
+    return None
+
+
 _HINTS: dict[type, dict[str, Any]] = {}
 
 
@@ -335,13 +351,14 @@ def _checked(value: Any, t: Any, where: str) -> Any:
     inner = _optional_of(t)
     if inner is not None:
         return None if value is None else _checked(value, inner, where)
-    if typing.get_origin(t) is list:
-        (item,) = typing.get_args(t)
+    item = _sequence_of(t)
+    if item is not None:  # a list, or a tuple of any length (sent as a list)
         if not isinstance(value, list):
             raise WireError(f"{where}: expected a list, got {value!r:.60}", where)
-        if len(value) > 1024:
-            raise WireError(f"{where}: {len(value)} entries (at most 1024)", where)
-        return [_checked(v, item, f"{where}.{i}") for i, v in enumerate(value)]
+        if len(value) > MAX_ENTRIES:
+            raise WireError(f"{where}: {len(value)} entries (at most {MAX_ENTRIES})", where)
+        items = [_checked(v, item, f"{where}.{i}") for i, v in enumerate(value)]
+        return items if typing.get_origin(t) is list else tuple(items)
     if dataclasses.is_dataclass(t):
         declared = record_fields(t)
         if not isinstance(value, dict):
@@ -480,9 +497,12 @@ def _decode(frames: Sequence[Any], max_tensor_bytes: int, align: bool) -> Messag
 
 
 def _plain_value(value: Any) -> Any:
-    """A header field as msgpack sends it (an enum member as its value, a record as a map)."""
+    """A header field as msgpack sends it (an enum member as its value, a record as a map, a
+    tuple as a list)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain_value(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain_value(v) for v in value]
     return value.value if isinstance(value, Enum) else value
 
 

@@ -78,7 +78,7 @@ class StartPlan:
         for stage in range(len(cfg.stage_groups)):
             resume = self.resume["stages"][str(stage)]["path"] if self.resume else ""
             core, threads, share = self.placement.of(stage)
-            out.append(wire.Start(cfg.to_dict(), str(run_dir), core, total_steps, helpers[stage].to_dict(),
+            out.append(wire.Start(cfg, str(run_dir), core, total_steps, helpers[stage],
                                   resume_step, resume, threads, share, self.placement.yields_at(stage)))
         return out
 

@@ -8,6 +8,7 @@ import torch
 
 from synthgrad.common import wire
 from synthgrad.common.config import ConfigError, RunConfig
+from synthgrad.common.costs import Helpers
 from synthgrad.common.devices import Compute, DeviceError, check_device, stage_device
 from synthgrad.common.files import load_model_state
 from synthgrad.common.modes import STAGE_WORKER_MODES
@@ -156,7 +157,7 @@ def test_a_stage_started_elsewhere_checks_its_own_hosts_device(tmp_path):
     from synthgrad.workers.worker import LayerWorker, WorkerSpec
     cfg = RunConfig(dataset="synthetic", layers=(784, 32, 10), mode="locked", device="cpu,cuda:99",
                     input_shape=(1, 28, 28), num_classes=10).validate()
-    start = wire.Start(config=cfg.to_dict(), run_dir=str(tmp_path), core=-1, total_steps=10, helpers={})
+    start = wire.Start(config=cfg, run_dir=str(tmp_path), core=-1, total_steps=10, helpers=Helpers())
     for stage, outcome in ((0, None), (1, r"--device cuda:99: this host has")):
         worker = LayerWorker(WorkerSpec(stage, "tcp://127.0.0.1:9", connect_timeout=1.0))
         try:

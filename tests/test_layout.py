@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from synthgrad.common.config import ConfigError, RunConfig
-from synthgrad.common.costs import predictor_cost, stage_costs, training_flops, unit_costs
+from synthgrad.common.costs import Helpers, predictor_cost, stage_costs, training_flops, unit_costs
 from synthgrad.common.placement import balance, partition, plan_placement, shared_bound
 from synthgrad.coordinator.layout import plan_layout
 
@@ -276,7 +276,7 @@ def test_a_stage_places_itself_by_the_same_rule(spec_core, given, start, expecte
     worker = LayerWorker.__new__(LayerWorker)  # only its placement is asked here: no sockets
     worker.spec, worker.stage = WorkerSpec(1, "tcp://127.0.0.1:1", core=spec_core), 1
     core, threads, share = start
-    got = worker._place(cfg, wire.Start({}, "", core, 10, {}, threads=threads, share=share))
+    got = worker._place(cfg, wire.Start(cfg, "", core, 10, Helpers(), threads=threads, share=share))
     if expected[1] == "share":
         expected = (-1, self_sized_threads(share, len(available_cores())))
     assert got == expected

@@ -1,12 +1,18 @@
 """The wire protocol round-trips every tensor kind and rejects every malformed message."""
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import msgpack
 import pytest
 import torch
 import zmq
 
 from synthgrad.common import wire
+from synthgrad.common.config import RunConfig
+from synthgrad.common.costs import HeadChoice, Helpers, PredictorChoice
+from synthgrad.common.modes import Mode
 from synthgrad.common.records import StageSummary, WorkerReport
 from tests.helpers import blank_record
 
@@ -200,3 +206,54 @@ def test_a_summarys_missing_or_mistyped_field_is_named():
         assert info.value.field == field, (value, info.value)
     with pytest.raises(wire.WireError, match="DONE.summary: expected a StageSummary"):
         wire.decode(_record_header(wire.Kind.DONE, 0, [1]))  # type: ignore[arg-type]
+
+
+def _start() -> wire.Start:
+    cfg = RunConfig(mode="local", groups=(1, 2), threads=(2,), input_shape=(1, 28, 28), num_classes=10,
+                    label_shape=())
+    helpers = Helpers(PredictorChoice(8, 3, 1.5), HeadChoice(2, 3.0), (PredictorChoice(4, 1, 2.0),))
+    return wire.Start(cfg, "/runs/a", 3, 100, helpers, threads=2)
+
+
+def test_start_carries_the_config_and_helpers_typed():
+    """START's RunConfig and Helpers come back equal: the mode a Mode, tuples tuples, the
+    helpers' choices dataclasses (a hand-started worker gets everything through it)."""
+    start = _start()
+    got = wire.decode(wire.encode(start))
+    assert got == start and got.config.mode is Mode.LOCAL and got.config.groups == (1, 2)
+    assert isinstance(got.helpers.predictor, PredictorChoice) and isinstance(got.helpers.state_predictors, tuple)
+
+
+def _start_header(change: Callable[[dict], None]) -> list[bytes]:
+    fields = wire._plain_value(_start())
+    change(fields)
+    return [msgpack.packb({"kind": int(wire.Kind.START), "fields": fields, "tensors": []})]
+
+
+@pytest.mark.parametrize("change, field, needle", [
+    (lambda f: f["config"].update(lr="fast"), "START.config.lr", "expected float"),
+    (lambda f: f["config"].update(mode="sideways"), "START.config.mode", "expected"),
+    (lambda f: f["config"].update(groups=[1, "2"]), "START.config.groups.1", "expected int"),
+    (lambda f: f["config"].update(surprise=1), "START.config", r"unknown \['surprise'\]"),
+    (lambda f: f["config"].pop("seed"), "START.config", r"missing \['seed'\]"),
+    (lambda f: f["helpers"]["predictor"].update(rank=1.5), "START.helpers.predictor.rank", "expected int"),
+    (lambda f: f["helpers"]["state_predictors"][0].pop("kernel"), "START.helpers.state_predictors.0",
+     r"missing \['kernel'\]"),
+    (lambda f: f.update(helpers={}), "START.helpers", "missing"),
+])
+def test_a_starts_unknown_or_mistyped_field_is_named(change, field, needle):
+    with pytest.raises(wire.WireError, match=needle) as info:
+        wire.decode(_start_header(change))
+    assert info.value.field == field and not isinstance(info.value, wire.UncheckedWireError)
+
+
+def test_the_wire_checks_every_field_a_choice_declares():
+    """The check is read from the dataclasses' fields: it follows a field added to one."""
+    @dataclasses.dataclass(frozen=True)
+    class Wider(PredictorChoice):
+        width: int = 0
+
+    assert set(wire.record_fields(Wider)) == {f.name for f in dataclasses.fields(PredictorChoice)} | {"width"}
+    assert wire._checked({"rank": 1, "kernel": 3, "flops": 1.0, "width": 5}, Wider, "X") == Wider(1, 3, 1.0, 5)
+    with pytest.raises(wire.WireError, match="missing"):
+        wire._checked({"rank": 1, "kernel": 3, "flops": 1.0}, Wider, "X")

@@ -26,6 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from synthgrad.common import wire
+from synthgrad.common.config import RunConfig
+from synthgrad.common.costs import HeadChoice, Helpers, PredictorChoice
 from synthgrad.common.records import StageSummary, WorkerReport
 from tests.helpers import blank_record
 
@@ -63,14 +65,18 @@ def has_declared_type(value: Any, t: Any, *, sent: bool = False) -> bool:
     (PEP 484's numeric tower), a bool is no int (a flag is not a count), a dict must be one JSON
     can write (string keys; records and configs are written as JSON), and an enum field holds a
     member, or, as `sent` over the wire, one of the members' values. Optional[X] is None or an
-    X, list[X] a list of X, and a record dataclass (common/records.py) an instance whose every
-    field has its type, or, as `sent`, a map with exactly its fields, each of its type."""
+    X, list[X] a list of X, tuple[X, ...] a tuple of X (as `sent`, a list), and a record
+    dataclass (common/records.py, RunConfig, Helpers) an instance whose every field has its
+    type, or, as `sent`, a map with exactly its fields, each of its type."""
     inner = optional_of(t)
     if inner is not None:
         return value is None or has_declared_type(value, inner, sent=sent)
     if typing.get_origin(t) is list:
         (item,) = typing.get_args(t)
         return type(value) is list and all(has_declared_type(v, item, sent=sent) for v in value)
+    if typing.get_origin(t) is tuple and typing.get_args(t)[1:] == (...,):
+        item = typing.get_args(t)[0]
+        return type(value) is (list if sent else tuple) and all(has_declared_type(v, item, sent=sent) for v in value)
     if dataclasses.is_dataclass(t):
         declared_fields = record_types(t)
         if sent and type(value) is dict:
@@ -133,10 +139,12 @@ def strategy(t: Any, table: dict) -> st.SearchStrategy:
     inner = optional_of(t)
     if inner is not None:
         return st.none() | strategy(inner, table)
-    if typing.get_origin(t) is list:
+    if typing.get_origin(t) in (list, tuple):  # a tuple[X, ...] is sent as a list
         return st.lists(strategy(typing.get_args(t)[0], table), max_size=3)
     if dataclasses.is_dataclass(t):
         return st.fixed_dictionaries({n: strategy(ft, table) for n, ft in record_types(t).items()})
+    if t not in table and isinstance(t, type) and issubclass(t, enum.Enum):
+        return st.sampled_from([m.value for m in t]) | st.text(max_size=8)
     return table.get(t, values)
 
 
@@ -333,6 +341,12 @@ def test_every_record_field_is_one_the_oracle_can_judge():
     """Each record field's type is one the oracle has a rule for, and its zero is well typed."""
     for cls in (WorkerReport, StageSummary):
         assert has_declared_type(blank_record(cls), cls)
+    helpers = Helpers(PredictorChoice(8, 3, 1.0), HeadChoice(2, 1.0), (PredictorChoice(4, 1, 1.0),))
+    for value in (RunConfig(), RunConfig(groups=(1, 2), threads=(2,), label_shape=()), helpers, Helpers()):
+        assert has_declared_type(value, type(value))
+        assert has_declared_type(wire._plain_value(value), type(value), sent=True)
+    assert has_declared_type((1, 2), tuple[int, ...]) and not has_declared_type([1, 2], tuple[int, ...])
+    assert has_declared_type([1, 2], tuple[int, ...], sent=True) and not has_declared_type((1,), tuple[int, ...], sent=True)
 
 
 @pytest.mark.parametrize("tensors, frames, needle", [

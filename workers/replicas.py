@@ -81,7 +81,7 @@ class ReplicaSpec:
     stage: int
     replica: int  # 1..replicas-1 (0 is the stage worker)
     replicas: int
-    config: dict
+    config: RunConfig
     rendezvous: str  # a file the group meets at, on this host
     core: int  # first core of its block; -1: not pinned
     threads: int
@@ -90,7 +90,7 @@ class ReplicaSpec:
     resume_path: str = ""
     resume_step: int = -1
     yields: bool = False  # the stage yields the CPU (common/placement.py yielding_stages): so does each replica
-    helpers: Optional[dict] = None  # the stage's helper models, as its START gave them
+    helpers: Optional[Helpers] = None  # the stage's helper models, as its START gave them
 
 
 class ReplicatedLogic:
@@ -124,8 +124,8 @@ class ReplicatedLogic:
         try:
             for r in range(1, replicas):
                 child = procs.start(f"replica {r}", run_replica, ReplicaSpec(
-                    stage, r, replicas, cfg.to_dict(), str(rendezvous), *blocks[r], total_steps, rows,
-                    resume_path or "", resume_step, yields, None if helpers is None else helpers.to_dict()))
+                    stage, r, replicas, cfg, str(rendezvous), *blocks[r], total_steps, rows,
+                    resume_path or "", resume_step, yields, helpers))
                 watch.add(r, Process.of_replica(stage, r, child.process.pid), handle=child.process)
             dist.init_process_group("gloo", init_method=rendezvous.as_uri(), rank=0, world_size=replicas,
                                     timeout=timedelta(seconds=cfg.start_timeout))
@@ -259,14 +259,13 @@ def run_replica(spec: ReplicaSpec) -> None:
     """Process entry point of replica `spec.replica` of a stage: build the stage as the leader
     did, load the same checkpoint, then do what the leader says on the rows it is sent."""
     die_with_parent()
-    cfg = RunConfig.from_dict(spec.config)
+    cfg = spec.config
     torch.set_num_threads(spec.threads)
     pin_to_core(spec.core, spec.threads)
     if spec.yields:
         yield_cpu()
     sync = GradientSync(spec.replicas)
-    helpers = None if spec.helpers is None else Helpers.from_dict(spec.helpers)
-    logic, _ = build_stage(cfg, spec.stage, spec.total_steps, Compute.of("cpu", cfg.precision), sync, helpers)
+    logic, _ = build_stage(cfg, spec.stage, spec.total_steps, Compute.of("cpu", cfg.precision), sync, spec.helpers)
     if spec.resume_path:
         state = torch.load(spec.resume_path, map_location="cpu", weights_only=True)
         logic.load_state_dict(state["state"])

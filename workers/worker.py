@@ -26,7 +26,6 @@ from synthgrad.common import wire
 from synthgrad.common.config import RunConfig
 from synthgrad.common.data import Dataset, eval_batches, steps_per_epoch
 from synthgrad.common.datasets import run_dataset
-from synthgrad.common.costs import Helpers
 from synthgrad.common.devices import Compute, stage_device
 from synthgrad.common.endpoints import CONNECT_TIMEOUT_S
 from synthgrad.common.evaluation import EvalTally
@@ -123,7 +122,7 @@ class LayerWorker:
                            f"endpoint it printed after 'coordinator at'?)")
 
     def setup(self, start: wire.Start) -> None:
-        cfg = RunConfig.from_dict(start.config)
+        cfg = start.config.validate()  # the wire checked its fields' types; this, what they say
         replicas = cfg.stage_replica_counts()[self.stage]
         blocks = replica_blocks(*self._place(cfg, start), replicas, available_cores())
         core, threads = blocks[0]
@@ -137,7 +136,7 @@ class LayerWorker:
         device = stage_device(cfg.device, self.stage, self.spec.local_index)
         dev = Compute.of(device, cfg.precision)  # DeviceError when this host has no such device
         sync = GradientSync(replicas) if replicas > 1 else None
-        helpers = Helpers.from_dict(start.helpers)  # as the layout chose them: built, not chosen again
+        helpers = start.helpers  # as the layout chose them: built, not chosen again
         logic, plan = build_stage(cfg, self.stage, start.total_steps, dev, sync, helpers)
         run_dir = Path(self.spec.run_dir or start.run_dir)
         is_last = self.stage == plan.num_stages - 1
