@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from synthgrad.common import scores
 from synthgrad.common.streams import IGNORE
 
 
@@ -54,13 +55,16 @@ class EvalTally:
         return self.correct / max(self.n, 1)
 
 
-def eval_record(epoch: int, step: int, wall_s: float, loss: float, accuracy: float, samples: int) -> dict:
-    """The "eval" record of metrics.jsonl, the status stream and the summary's evals."""
-    return {"event": "eval", "wall_s": wall_s, "epoch": epoch, "step": step, "test_loss": loss,
-            "test_accuracy": accuracy, "test_samples": samples}
+def eval_record(epoch: int, step: int, wall_s: float, loss: float, accuracy: float, samples: int,
+                in_bits: bool = False) -> dict:
+    """The "eval" record of metrics.jsonl, the status stream and the summary's evals. `in_bits`
+    (stream data under cross-entropy, common/scores.py): with test_bits and test_perplexity."""
+    rec = {"event": "eval", "wall_s": wall_s, "epoch": epoch, "step": step, "test_loss": loss,
+           "test_accuracy": accuracy, "test_samples": samples}
+    return {**rec, **scores.loss_figures(loss)} if in_bits else rec
 
 
 def eval_line(rec: dict) -> str:
     """The progress line of one evaluation."""
-    return (f"eval  epoch {rec['epoch'] + 1} step {rec['step']}: test accuracy "
-            f"{100 * rec['test_accuracy']:.2f}%  test loss {rec['test_loss']:.4f}  ({rec['wall_s']:.1f}s)")
+    return (f"eval  epoch {rec['epoch'] + 1} step {rec['step']}: {scores.describe(rec)}  "
+            f"test loss {rec['test_loss']:.4f}  ({rec['wall_s']:.1f}s)")

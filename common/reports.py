@@ -32,14 +32,15 @@ def progress_line(steps: int, total: int, samples_per_s: float, loss: Optional[f
 def run_summary(mode: str, *, steps: int, samples: int, wall_clock_s: float, startup_s: float,
                 evals: list[dict], workers: list[dict], true_gradient_steps: int, num_stages: int,
                 rejected_messages: int = 0, **extra: Any) -> dict:
-    """The fields every mode reports (final test figures from the last evaluation), then the
-    mode's own (`extra`)."""
+    """The fields every mode reports (final test figures from the last evaluation: on stream
+    data also its bits per target and perplexity), then the mode's own (`extra`)."""
     final = evals[-1] if evals else {}
     return {
         "mode": str(mode), "steps": steps, "samples": samples,
         "wall_clock_s": wall_clock_s, "startup_s": startup_s,
         "samples_per_s": samples / wall_clock_s if wall_clock_s > 0 else 0.0,
         "test_accuracy": final.get("test_accuracy"), "test_loss": final.get("test_loss"),
+        **{k: final[k] for k in ("test_bits", "test_perplexity") if k in final},
         "true_gradient_steps": true_gradient_steps, "num_stages": num_stages, "evals": evals,
         "rejected_messages": rejected_messages,
         **extra,

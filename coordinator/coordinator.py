@@ -30,6 +30,7 @@ from synthgrad.common import wire
 from synthgrad.common.config import ConfigError, RunConfig
 from synthgrad.common.endpoints import bind_wildcard, max_frame_bytes, set_heartbeats
 from synthgrad.common.evaluation import eval_line, eval_record
+from synthgrad.common.scores import in_bits
 from synthgrad.common.placement import Placement
 from synthgrad.coordinator.layout import Layout, plan_layout
 from synthgrad.common.liveness import Cause, reported
@@ -256,7 +257,8 @@ class Coordinator:
             self.watchdog.advanced(now, msg.record.step)
             self.stream.worker({"event": "worker", "wall_s": self._wall(), **asdict(msg.record), "stage": msg.stage})
         elif isinstance(msg, wire.EvalResult):
-            rec = eval_record(msg.epoch, msg.step, self._wall(), msg.loss, msg.accuracy, msg.samples)
+            rec = eval_record(msg.epoch, msg.step, self._wall(), msg.loss, msg.accuracy, msg.samples,
+                              in_bits(self.cfg.per_position, self.cfg.loss))
             self.stream.eval(rec)
             self.watchdog.advanced(now)
             self.log(eval_line(rec))

@@ -13,23 +13,30 @@ from typing import Callable, Optional
 
 import zmq
 
-from synthgrad.common import wire
+from synthgrad.common import scores, wire
 from synthgrad.common.security import curve_client, resolve_keys
+
+
+def test_figures(rec: dict) -> str:
+    """The last evaluation, short: accuracy; on stream data bits per target and perplexity first."""
+    acc = rec.get("test_accuracy")
+    accuracy = "-" if acc is None else f"{100 * acc:.2f}%"
+    if rec.get("test_bits") is None:
+        return f"test acc {accuracy}"
+    return f"test {rec['test_bits']:.3f} bits ppl {rec['test_perplexity']:.2f} acc {accuracy}"
 
 
 def format_status(rec: dict) -> str:
     """One plain line for logs and non-terminal output."""
     eta = rec.get("eta_s")
     loss = rec.get("loss")
-    acc = rec.get("test_accuracy")
     workers = " ".join(
         f"[s{w['stage']} {w.get('samples_per_s') or 0:.0f}/s busy {100 * (w.get('busy_fraction') or 0):.0f}%"
         f" cpu {w.get('cpu_percent') or 0:.0f}% {w.get('rss_mb') or 0:.0f}MB]" for w in rec.get("workers", []))
     return (f"{rec['wall_s']:7.1f}s step {rec['step']}/{rec['total_steps']} "
             f"({100 * rec.get('progress', 0):.0f}%) {rec.get('samples_per_s', 0):.0f} samples/s "
             f"eta {'?' if eta is None else f'{eta:.0f}s'} staleness {rec.get('staleness_steps', 0)} "
-            f"loss {'-' if loss is None else f'{loss:.4f}'} "
-            f"test {'-' if acc is None else f'{100 * acc:.2f}%'} {workers}")
+            f"loss {'-' if loss is None else f'{loss:.4f}'} {test_figures(rec)} {workers}")
 
 
 def status_table(rec: dict):
@@ -38,11 +45,10 @@ def status_table(rec: dict):
     from rich.table import Table
     from rich.text import Text
 
-    eta, acc, loss = rec.get("eta_s"), rec.get("test_accuracy"), rec.get("loss")
+    eta, loss = rec.get("eta_s"), rec.get("loss")
     head = Text(f"step {rec['step']}/{rec['total_steps']}  {rec.get('samples_per_s', 0):,.0f} samples/s  "
                 f"eta {'?' if eta is None else f'{eta:.0f}s'}  staleness {rec.get('staleness_steps', 0)} steps  "
-                f"loss {'-' if loss is None else f'{loss:.4f}'}  test acc "
-                f"{'-' if acc is None else f'{100 * acc:.2f}%'}")
+                f"loss {'-' if loss is None else f'{loss:.4f}'}  {test_figures(rec)}")
     table = Table(box=None, header_style="bold")
     for col in ("stage", "pid", "step", "samples/s", "compute", "wait in", "wait send", "wait grad",
                 "messaging", "queue", "cpu %", "rss MB", "sg loss", "sg cos"):
@@ -112,8 +118,7 @@ def watch(endpoint: str, *, timeout_s: float = 30.0, count: Optional[int] = None
             if as_json:
                 out(json.dumps(rec))
             elif rec.get("event") == "eval":
-                line = (f"eval  epoch {rec['epoch'] + 1} step {rec['step']}: test accuracy "
-                        f"{100 * rec['test_accuracy']:.2f}%")
+                line = f"eval  epoch {rec['epoch'] + 1} step {rec['step']}: {scores.describe(rec)}"
                 view.console.print(line) if view else out(line)
             elif rec.get("event") == "status":
                 view.update(status_table(rec)) if view else out(format_status(rec))

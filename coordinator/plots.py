@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from synthgrad.common import scores  # noqa: E402
+
 ACTIVITY_COLORS = {
     "compute": "#2e7d32", "send": "#ef6c00", "recv": "#ffb74d",
     "wait_input": "#b0bec5", "wait_send": "#78909c", "wait_grad": "#c62828",
@@ -40,22 +42,32 @@ def _last_stage_losses(records: list[dict]) -> tuple[list[float], list[float]]:
 
 
 def plot_curves(runs: Sequence[tuple[str, Path]], path: Path, title: str) -> None:
-    """Test accuracy and training loss against wall-clock seconds, every run on one chart."""
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(13, 4.8))
+    """Test accuracy and training loss against wall-clock seconds, every run on one chart. Runs
+    on stream data (evaluations in bits, common/scores.py) are judged in bits: test bits per
+    target on the left, the training loss in bits on the right."""
+    fig, (ax_test, ax_loss) = plt.subplots(1, 2, figsize=(13, 4.8))
+    in_bits = False
     for label, run_dir in runs:
         recs = read_metrics(run_dir)
         evals = [r for r in recs if r.get("event") == "eval"]
-        if evals:
-            ax_acc.plot([r["wall_s"] for r in evals], [100 * r["test_accuracy"] for r in evals],
-                        marker="o", ms=3, label=label)
         xs, ys = _last_stage_losses(recs)
+        if evals and evals[-1].get("test_bits") is not None:
+            in_bits = True
+            ax_test.plot([r["wall_s"] for r in evals], [r["test_bits"] for r in evals], marker="o", ms=3, label=label)
+            ys = [scores.bits(y) for y in ys]
+        elif evals:
+            ax_test.plot([r["wall_s"] for r in evals], [100 * r["test_accuracy"] for r in evals],
+                         marker="o", ms=3, label=label)
         if xs:
             ax_loss.plot(xs, ys, label=label)
-    ax_acc.set(title="Test accuracy", xlabel="wall-clock seconds since training started",
-               ylabel="test accuracy (%)")
-    ax_loss.set(title="Training loss (last stage, ~1 s averages)",
-                xlabel="wall-clock seconds since training started", ylabel="cross-entropy")
-    for ax in (ax_acc, ax_loss):
+    seconds = "wall-clock seconds since training started"
+    if in_bits:
+        ax_test.set(title="Test bits per target (lower is better)", xlabel=seconds, ylabel="bits per target")
+        ax_loss.set(title="Training loss (last stage, ~1 s averages)", xlabel=seconds, ylabel="bits per target")
+    else:
+        ax_test.set(title="Test accuracy", xlabel=seconds, ylabel="test accuracy (%)")
+        ax_loss.set(title="Training loss (last stage, ~1 s averages)", xlabel=seconds, ylabel="cross-entropy")
+    for ax in (ax_test, ax_loss):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)

@@ -20,8 +20,10 @@ def _step_at(report: dict, wall_s: float, batch_size: int) -> float:
 
 
 def status_record(latest: dict[int, dict], *, num_stages: int, total_steps: int, batch_size: int,
-                  wall_s: float, test_accuracy: Optional[float] = None, done: bool = False) -> dict:
-    """Run-wide figures plus one row per worker. `latest` maps stage -> its last report."""
+                  wall_s: float, test_accuracy: Optional[float] = None, done: bool = False,
+                  test_bits: Optional[float] = None, test_perplexity: Optional[float] = None) -> dict:
+    """Run-wide figures plus one row per worker. `latest` maps stage -> its last report. The
+    last evaluation's figures: accuracy, and on stream data bits per target and perplexity."""
     last = latest.get(num_stages - 1, {})
     first = latest.get(0, {})
     steps_done = last.get("step", -1) + 1
@@ -39,6 +41,8 @@ def status_record(latest: dict[int, dict], *, num_stages: int, total_steps: int,
         if first and last else 0,
         "loss": last.get("loss"),
         "test_accuracy": test_accuracy,
+        "test_bits": test_bits,
+        "test_perplexity": test_perplexity,
         "workers": [{**{k: latest[s].get(k) for k in WORKER_FIELDS},
                      "steps_per_s": (latest[s].get("samples_per_s") or 0.0) / batch_size}
                     for s in sorted(latest)],

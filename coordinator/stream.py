@@ -75,10 +75,11 @@ class StatusStream:
         if not done and now - self._last_status < self.cfg.metrics_every:
             return None
         self._last_status = now
+        last = self.evals[-1] if self.evals else {}
         rec = status_record(self.latest, num_stages=self.num_stages, total_steps=self.total_steps,
                             batch_size=self.cfg.batch_size, wall_s=wall_s,
-                            test_accuracy=self.evals[-1]["test_accuracy"] if self.evals else None,
-                            done=done)
+                            test_accuracy=last.get("test_accuracy"), test_bits=last.get("test_bits"),
+                            test_perplexity=last.get("test_perplexity"), done=done)
         rec["coordinator_pid"] = os.getpid()  # the process publishing this (backprop: the trainer)
         rec["coordinator_rss_mb"] = self._proc.memory_info().rss / 2**20
         self.metrics.write(rec)

@@ -3,9 +3,9 @@
     tensorboard --logdir RUN_DIR/tensorboard
 
 Tags: run/<figure> for the run as a whole (samples_per_s, steps_per_s, loss, eta_s, staleness_steps, progress,
-test_accuracy, test_loss) and stageI/<figure> for every worker (samples_per_s, steps_per_s, busy_fraction,
-wait_*_fraction, send/recv_fraction, outstanding_steps, cpu_percent, rss_mb, loss, sg_loss,
-sg_cosine). The x axis is the training step the last stage has finished.
+test_accuracy, test_loss; on stream data test_bits, test_perplexity) and stageI/<figure> for every
+worker (samples_per_s, steps_per_s, busy_fraction, wait_*_fraction, send/recv_fraction,
+outstanding_steps, cpu_percent, rss_mb, loss, sg_loss, sg_cosine). The x axis is the training step the last stage has finished.
 """
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ class TensorBoardWriter:
     def eval(self, rec: dict) -> None:
         self.writer.add_scalar("run/test_accuracy", rec["test_accuracy"], rec["step"])
         self.writer.add_scalar("run/test_loss", rec["test_loss"], rec["step"])
+        for name in ("test_bits", "test_perplexity"):  # stream data
+            if rec.get(name) is not None:
+                self.writer.add_scalar(f"run/{name}", rec[name], rec["step"])
 
     def close(self) -> None:
         self.writer.close()

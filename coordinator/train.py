@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional
 import zmq
 from torch import nn
 
+from synthgrad.common import scores
 from synthgrad.common.config import ConfigError, RunConfig
 from synthgrad.common.models import BUILT_IN_MODELS, ModelError, check_model, groups_at, unit_names
 from synthgrad.common.modes import STAGE_WORKER_MODES, Mode, spoken
@@ -329,11 +330,10 @@ def _train_workers(cfg: RunConfig, run_dir: Path, total: int, log: Callable[[str
 
 
 def format_summary(summary: dict) -> str:
-    acc = summary.get("test_accuracy")
     lines = [
         f"mode {summary['mode']}: {summary['steps']} steps, {summary['samples']} samples in "
         f"{summary['wall_clock_s']:.1f}s = {summary['samples_per_s']:.0f} samples/s; "
-        f"test accuracy {'n/a' if acc is None else f'{100 * acc:.2f}%'}; "
+        f"{scores.describe(summary)}; "
         f"true-gradient steps {summary['true_gradient_steps']}",
     ]
     for w in summary.get("workers", []):

@@ -118,10 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser(
         "compare", help="run several contenders one after another; write compare.json/.md and plots",
         formatter_class=DefaultsOnce, allow_abbrev=False)
-    compare.add_argument("--contenders", default="backprop,pipeline,locked,unlocked,stale",
-                         help="modes to run, in order; unlocked:N / stale:N set their --true-grad-every")
-    compare.add_argument("--target-accuracy", type=float, default=0.85,
-                         help="time_to_target_s is the wall clock at which a test evaluation first reaches this")
+    compare.add_argument("--contenders", default=None,
+                         help="modes to run, in order; unlocked:N / stale:N set their --true-grad-every "
+                              "(default: backprop,pipeline,locked,unlocked,stale; on stream data without "
+                              "pipeline, which does not take it)")
+    compare.add_argument("--target-accuracy", type=float, default=None,
+                         help="class data: time_to_target_s is the wall clock at which a test evaluation "
+                              "first reaches this accuracy (default: 0.85)")
+    compare.add_argument("--target-bits", type=float, default=None,
+                         help="stream data: time_to_target_s is the wall clock at which the test loss first "
+                              "falls to this many bits per target (default: the best locked contender's "
+                              "final bits)")
     add_config_options(compare, skip=("mode",))  # shared settings; --out is the comparison's folder
     report = sub.add_parser("report", help="draw the PNG plots of a finished run",
                             formatter_class=DefaultsOnce, allow_abbrev=False)
@@ -253,7 +260,8 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     run_compare = synthgrad.compare
 
     def job() -> None:
-        folder, _ = run_compare(config_from_args(ns), ns.contenders, ns.target_accuracy)
+        folder, _ = run_compare(config_from_args(ns), ns.contenders, ns.target_accuracy,
+                                target_bits=ns.target_bits)
         print((folder / "compare.md").read_text())
         print(f"written: {folder}/compare.json, compare.md, *.png")
     return exit_code_of(job)

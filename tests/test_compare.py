@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,17 @@ from pathlib import Path
 import pytest
 
 from synthgrad.common.config import ConfigError, RunConfig
-from synthgrad.coordinator.compare import add_time_to_backprop, parse_contenders, time_to_target
+from synthgrad.coordinator.compare import (
+    MATCH_BITS,
+    Target,
+    add_targets,
+    add_time_to_backprop,
+    default_contenders,
+    markdown,
+    parse_contenders,
+    record,
+    time_to_target,
+)
 from tests.helpers import ROOT, SG_COSINE_BAR, late_cosine, sg_cosines
 
 
@@ -107,14 +118,114 @@ def test_report_draws_a_finished_run(tiny_cfg, tmp_path, capsys):
 def test_the_table_marks_stages_that_yield_the_cpu():
     """compare.md's threads column shows each stage's threads and marks (*) a stage that yields
     to a heavier one on shared cores, with a line saying what * means."""
-    from synthgrad.common.config import RunConfig
-    from synthgrad.coordinator.compare import markdown
     row = {"contender": "local", "mode": "local", "cores": 2, "workers": 2, "samples_per_s": 100.0, "wall_clock_s": 1.0,
            "test_accuracy": 0.5, "time_to_target_s": None, "true_gradient_steps": 0, "messaging_fraction": 0.01,
            "bytes_backward_per_step": None, "threads": [2, 1],
            "layout": {"groups": [2, 2], "pinned": False, "replicas": [1, 1], "yields": [False, True],
                       "ceiling_samples_per_s": 200.0}}
-    table = markdown([row], RunConfig(), 0.5)
+    table = markdown([row], RunConfig(), Target(accuracy=0.5))
     assert "| 2,1* |" in table and "Threads marked *" in table
-    plain = markdown([{**row, "layout": {**row["layout"], "yields": [False, False]}}], RunConfig(), 0.5)
+    plain = markdown([{**row, "layout": {**row["layout"], "yields": [False, False]}}], RunConfig(),
+                     Target(accuracy=0.5))
     assert "| 2,1 |" in plain and "Threads marked *" not in plain
+
+
+LN2 = math.log(2)
+
+
+def _stream_row(name: str, mode: str, samples_per_s: float, bits_curve: list[tuple[float, float]]) -> dict:
+    """A compare row on stream data, as record() makes it, from (wall_s, bits per target) points."""
+    loss = bits_curve[-1][1] * LN2
+    return {"contender": name, "mode": mode, "cores": 2, "workers": 1 if mode == "backprop" else 4,
+            "samples_per_s": samples_per_s, "wall_clock_s": bits_curve[-1][0], "test_accuracy": 0.5,
+            "test_loss": loss, "test_bits": bits_curve[-1][1], "test_perplexity": math.exp(loss),
+            "true_gradient_steps": 10, "messaging_fraction": None, "bytes_backward_per_step": None,
+            "threads": 2, "layout": None, "curve": [[w, 0.5] for w, _ in bits_curve],
+            "loss_curve": [[w, b * LN2] for w, b in bits_curve]}
+
+
+def test_stream_data_is_judged_on_the_loss_in_bits():
+    """On stream data the target is a test loss (lower is better), by default the best locked
+    contender's final one; time to backprop's result is within MATCH_BITS of its final loss;
+    the table shows bits per target and perplexity, and no accuracy target."""
+    target = Target.of(per_position=True, loss_name="cross_entropy")
+    assert target.on_loss and target.in_bits and target.loss is None
+    rows = [_stream_row("backprop", "backprop", 500.0, [(1.0, 3.0), (2.0, 2.4), (3.0, 2.2)]),
+            _stream_row("locked", "locked", 300.0, [(2.0, 2.9), (4.0, 2.5), (6.0, 2.3)]),
+            _stream_row("unlocked N=10", "unlocked", 400.0, [(1.0, 2.8), (2.5, 2.21), (4.0, 2.19)])]
+    add_targets(rows, target)
+    # the best locked contender is backprop (fastest): its final 2.2 bits is the target
+    assert all(r["target_bits"] == pytest.approx(2.2) for r in rows)
+    assert [r["time_to_target_s"] for r in rows] == [3.0, None, 4.0]
+    # within 0.02 bits of backprop's final 2.2: 2.21 counts, 2.3 does not
+    assert MATCH_BITS == 0.02
+    assert [r["time_to_backprop_s"] for r in rows] == [3.0, None, 2.5]
+    table = markdown(rows, RunConfig(dataset="text", model="lstm"), target)
+    assert "Target accuracy" not in table and "2.200 bits per target" in table
+    assert "| test bits per target | perplexity | test acc |" in table
+    assert "| unlocked N=10 | 4 | 400 | 0.80 | 4.0 | 2.190 | 4.56 | 50.00% | 4.0 |" in table
+    assert "time to backprop's bits s" in table
+    given = Target.of(per_position=True, loss_name="cross_entropy", bits=2.5)
+    add_targets(rows, given)
+    assert [r["time_to_target_s"] for r in rows] == [2.0, 4.0, 2.5]
+    assert "Target: test loss down to 2.500 bits per target; lower" in markdown(rows, RunConfig(), given)
+
+
+def test_a_stream_compare_without_a_locked_contender_has_no_default_target():
+    rows = [_stream_row("local", "local", 400.0, [(1.0, 2.8)])]
+    target = Target.of(True, "cross_entropy")
+    add_targets(rows, target)
+    assert rows[0]["time_to_target_s"] is None and rows[0]["time_to_backprop_s"] is None
+    assert "No target" in markdown(rows, RunConfig(), target)
+
+
+def test_a_stream_with_a_loss_of_its_own_is_judged_in_that_loss():
+    target = Target.of(True, "mypkg.losses:focal")
+    assert target.on_loss and not target.in_bits
+    rows = [_stream_row("locked", "locked", 300.0, [(1.0, 2.0), (2.0, 1.5)])]
+    add_targets(rows, target)
+    table = markdown(rows, RunConfig(), target)
+    assert "| test loss | test acc |" in table and "test loss 1.0397" in table and "bits" not in table
+
+
+@pytest.mark.parametrize("args, needle", [
+    ((False, "cross_entropy", None, 2.0), "--target-bits judges stream data"),
+    ((False, "cross_entropy", 1.5, None), r"--target-accuracy must be in \(0, 1\]"),
+    ((True, "cross_entropy", 0.85, None), "stream data is judged on the test loss"),
+    ((True, "mypkg.losses:focal", None, 2.0), "--target-bits needs --loss cross_entropy"),
+    ((True, "cross_entropy", None, 0.0), "--target-bits must be > 0"),
+])
+def test_a_target_that_does_not_fit_the_data_is_refused(args, needle):
+    with pytest.raises(ConfigError, match=needle):
+        Target.of(*args)
+
+
+def test_class_data_keeps_its_accuracy_target():
+    assert Target.of(False, "cross_entropy") == Target(accuracy=0.85)
+    assert Target.of(False, "cross_entropy", 0.5).goal([]) == 0.5
+
+
+def test_default_contenders_leave_out_what_stream_data_refuses():
+    assert default_contenders(per_position=False) == "backprop,pipeline,locked,unlocked,stale"
+    assert default_contenders(per_position=True) == "backprop,locked,unlocked,stale"
+
+
+def test_a_contenders_record_carries_its_bits_and_loss_curve(tmp_path):
+    (contender,) = parse_contenders("locked", RunConfig(dataset="text", model="lstm"), tmp_path)
+    evals = [{"wall_s": 1.0, "test_accuracy": 0.3, "test_loss": 2.0}, {"wall_s": 2.0, "test_accuracy": 0.4,
+                                                                       "test_loss": 1.5}]
+    summary = {"num_stages": 2, "samples_per_s": 10.0, "wall_clock_s": 2.0, "test_accuracy": 0.4, "test_loss": 1.5,
+               "test_bits": 1.5 / LN2, "test_perplexity": math.exp(1.5), "true_gradient_steps": 5,
+               "workers": [], "evals": evals, "run_dir": str(tmp_path)}
+    row = record(contender, summary, cores=2)
+    assert row["test_bits"] == pytest.approx(2.164, abs=1e-3) and row["test_perplexity"] == pytest.approx(4.48, abs=0.01)
+    assert row["loss_curve"] == [[1.0, 2.0], [2.0, 1.5]] and row["curve"] == [[1.0, 0.3], [2.0, 0.4]]
+    assert time_to_target(evals, 1.8, on_loss=True) == 2.0
+
+
+def test_compare_takes_its_targets_and_default_contenders_from_the_command_line():
+    import launch
+    ns = launch.build_parser().parse_args(["compare", "--dataset", "text", "--model", "lstm"])
+    assert ns.contenders is None and ns.target_accuracy is None and ns.target_bits is None
+    ns = launch.build_parser().parse_args(["compare", "--target-bits", "2.3", "--contenders", "locked"])
+    assert ns.target_bits == 2.3

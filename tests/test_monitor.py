@@ -206,3 +206,46 @@ def test_staleness_compares_workers_at_the_same_moment():
     rec = status_record(latest, num_stages=2, total_steps=1000, batch_size=64, wall_s=10.0)
     assert rec["staleness_steps"] == 10  # stage 0 is at ~200 by now, the last stage at 190
     assert rec["step"] == 191 and rec["eta_s"] == pytest.approx((1000 - 191) / 100)
+
+
+def test_stream_runs_are_reported_in_bits_per_target_and_perplexity(tmp_path):
+    """On stream data under cross-entropy an evaluation carries bits per target (loss / ln 2)
+    and perplexity (exp(loss)), and every view of the run says them: the eval line, the
+    summary, the status record, the monitor's plain line and live table, and the curves plot."""
+    import math
+
+    from rich.console import Console
+
+    from synthgrad.common.evaluation import eval_line, eval_record
+    from synthgrad.common.reports import run_summary
+    from synthgrad.common.scores import in_bits
+    from synthgrad.coordinator.monitor import format_status, status_table
+    from synthgrad.coordinator.plots import plot_curves
+    from synthgrad.coordinator.status import status_record
+    from synthgrad.coordinator.train import format_summary
+
+    assert in_bits(True, "cross_entropy") and not in_bits(False, "cross_entropy")
+    assert not in_bits(True, "mypkg.losses:focal")  # a loss of the user's own has its own units
+    loss = 2.0 * math.log(2)
+    rec = eval_record(0, 99, 5.0, loss, 0.584, 1000, in_bits=True)
+    assert rec["test_bits"] == pytest.approx(2.0) and rec["test_perplexity"] == pytest.approx(4.0)
+    assert "test_bits" not in eval_record(0, 99, 5.0, loss, 0.584, 1000)  # class data: accuracy only
+    assert "2.000 bits per target, perplexity 4.00, accuracy 58.40%" in eval_line(rec)
+    summary = run_summary("locked", steps=100, samples=3200, wall_clock_s=10.0, startup_s=1.0, evals=[rec],
+                          workers=[], true_gradient_steps=100, num_stages=2)
+    assert summary["test_bits"] == pytest.approx(2.0) and summary["test_perplexity"] == pytest.approx(4.0)
+    assert "test 2.000 bits per target, perplexity 4.00" in format_summary({**summary, "run_dir": "r"})
+    status = status_record({}, num_stages=2, total_steps=100, batch_size=32, wall_s=10.0, test_accuracy=0.584,
+                           test_bits=rec["test_bits"], test_perplexity=rec["test_perplexity"])
+    assert "test 2.000 bits ppl 4.00 acc 58.40%" in format_status(status)
+    console = Console(record=True, width=200)
+    console.print(status_table(status))
+    assert "test 2.000 bits ppl 4.00" in console.export_text()
+    classes = status_record({}, num_stages=2, total_steps=100, batch_size=32, wall_s=1.0, test_accuracy=0.9)
+    assert classes["test_bits"] is None and "test acc 90.00%" in format_status(classes)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"event": "worker", "stage": 1, "wall_s": 1.0, "loss": 2.5}, {**rec, "wall_s": 2.0})) + "\n")
+    plot_curves([("locked", run)], tmp_path / "curves.png", "stream")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -24,6 +24,7 @@ from synthgrad.common.modes import Mode
 from synthgrad.common.recurrent import reset_streams
 from synthgrad.common.streams import IGNORE
 from synthgrad.common.reports import StatusSink, progress_line, run_summary
+from synthgrad.common.scores import in_bits
 from synthgrad.workers.checkpointing import final_path, save_stage
 from synthgrad.workers.meter import Meter
 from synthgrad.workers.schedule import Evaluate, TrainBatch, schedule, split_batches
@@ -99,7 +100,7 @@ def run_backprop(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], stre
                 report(final=True)
             tally = evaluate(model, ds.test, cfg.batch_size, cfg.eval_samples, loss_fn, dev)
             rec = eval_record(event.epoch, event.step, time.monotonic() - meter.started, tally.loss,
-                              tally.accuracy, tally.n)
+                              tally.accuracy, tally.n, in_bits(cfg.per_position, cfg.loss))
             evals.append(rec)
             stream.eval(rec)
             log(eval_line(rec))
