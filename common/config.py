@@ -16,6 +16,7 @@ from synthgrad.common.validation import ConfigError, check  # ConfigError: impor
 
 DEFAULT_SAMPLE_SHAPE = (1, 28, 28)  # the built-in sets' (Fashion-MNIST, MNIST, synthetic) until read
 DEFAULT_CLASSES = 10
+STAGES_AUTO = 0  # --stages auto, until the run counts what it can use (coordinator/layout.py)
 
 
 @dataclass(frozen=True)
@@ -24,14 +25,15 @@ class Group:
     title: str
 
     def opt(self, default: Any, help: str, *, resume: bool = False, derived: bool = False,
-            auto: bool = False) -> Any:
+            auto: bool = False, auto_value: Any = None) -> Any:
         """A config field with its help text and group (launch.py builds its options from these).
         `resume`: `--resume` may change it, because it does not change what the run computes.
         `derived`: the run fills it in (from the data) before anything starts; not an option.
         `auto`: its default, None, is decided by the run, and the word "auto" stands for it (on
-        the command line, in a --config file and from Python alike)."""
+        the command line, in a --config file and from Python alike). `auto_value`: the word
+        "auto" stands for this value instead, where None already means something else."""
         return field(default=default, metadata={"help": help, "group": self.title, "resume": resume,
-                                                "derived": derived, "auto": auto})
+                                                "derived": derived, "auto": auto, "auto_value": auto_value})
 
 
 MODEL = Group("model and update rule")
@@ -59,7 +61,10 @@ class RunConfig:
     loss: str = MODEL.opt("cross_entropy", "cross_entropy | package.module:function: your loss, called as "
                                            "loss(logits [B, classes], class indices [B]) -> the batch's mean loss")
     stages: Optional[int] = MODEL.opt(None, "number of stage processes, layers split by cost (default: one per "
-                                            "layer with parameters; a layer without rides with the one before)")
+                                            "layer with parameters; a layer without rides with the one before); "
+                                            "auto: as many as this host's usable cores (its CUDA devices with "
+                                            "--device cuda) can run side by side, never more than the layers "
+                                            "(0 in a saved config)", auto_value=STAGES_AUTO)
     groups: Optional[tuple[int, ...]] = MODEL.opt(None, "explicit layers per stage, e.g. 2,1,1")
     split_at: Optional[str] = MODEL.opt(None, "the layers where a new stage begins, by name, e.g. conv2,head "
                                               "(names of your nn.Sequential's children; built-in layers: 0, 1, ...)")
@@ -215,9 +220,11 @@ class RunConfig:
                 object.__setattr__(self, "mode", Mode(self.mode))
             except ValueError:
                 raise ConfigError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODE_NAMES)}") from None
-        for name in AUTO_FIELDS:  # "auto" is the default, None
-            if isinstance(getattr(self, name), str) and getattr(self, name).strip().lower() == "auto":
-                object.__setattr__(self, name, None)
+        for f in dataclasses.fields(self):  # "auto": the default, None, or the field's own auto_value
+            value = getattr(self, f.name)
+            if (f.metadata.get("auto") or f.metadata.get("auto_value") is not None) and \
+                    isinstance(value, str) and value.strip().lower() == "auto":
+                object.__setattr__(self, f.name, f.metadata.get("auto_value"))
 
     @property
     def heartbeat_every(self) -> float:
@@ -254,6 +261,12 @@ class RunConfig:
         return {"cnn": 4, "lstm": 2}.get(self.model, self.model_layers)
 
     @property
+    def stages_auto(self) -> bool:
+        """--stages auto, not resolved yet: the number of stages is not known before the run
+        counts this host's cores or devices."""
+        return self.stages == STAGES_AUTO and self.groups is None
+
+    @property
     def stage_groups(self) -> tuple[int, ...]:
         """Layers per stage: explicit groups, or an even split into `stages` (default one each).
         A run replaces the even split by its split by cost (coordinator/layout.py) before it starts."""
@@ -262,6 +275,8 @@ class RunConfig:
         n = self.num_layers
         if n is None:
             raise ValueError(f"the layers of {self.model} are counted when the run starts (coordinator/train.py)")
+        if self.stages_auto:
+            raise ValueError("--stages auto is resolved when the run starts (coordinator/layout.py)")
         k = self.stages or n
         base, extra = divmod(n, k)
         return tuple(base + (1 if i < extra else 0) for i in range(k))

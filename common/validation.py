@@ -149,7 +149,7 @@ def check_pipeline(cfg: RunConfig) -> None:
     need(cfg.batch_size % cfg.microbatches == 0,
          f"--microbatches {cfg.microbatches} must divide --batch-size {cfg.batch_size}")
     need(cfg.batch_size // cfg.microbatches >= 2, "pipeline microbatches need at least two samples each (batch norm)")
-    need(cfg.schedule != "1f1b" or cfg.microbatches >= len(cfg.stage_groups),
+    need(cfg.schedule != "1f1b" or cfg.stages_auto or cfg.microbatches >= len(cfg.stage_groups),
          f"--schedule 1f1b needs --microbatches >= stages ({len(cfg.stage_groups)}); "
          f"raise --microbatches or use --schedule gpipe")
 
@@ -205,6 +205,23 @@ def check_testing(cfg: RunConfig) -> None:
     need(0.0 <= cfg.link_delay_ms <= 10_000, "--link-delay-ms must be between 0 and 10000")
 
 
+def check_auto_stages(cfg: RunConfig) -> None:
+    """--stages auto: the run decides how many stages there are (coordinator/layout.py), so what
+    is given per stage must be given once for every stage."""
+    need(cfg.stages is None or cfg.stages >= 0, f"--stages must be at least 1, or auto; got {cfg.stages}")
+    if not cfg.stages_auto:
+        return
+    why = "--stages auto decides the number of stages"
+    need("," not in cfg.device, f"{why}: give one --device for every stage (a bare cuda spreads the stages "
+                                f"over this host's GPUs), or --stages K with one device per stage")
+    for name in ("threads", "replicas"):
+        given = getattr(cfg, name)
+        need(given is None or len(given) == 1, f"{why}: give one --{name} for every stage, or --stages K "
+                                               f"with one per stage")
+    for name in ("slow_stage", "fail_saves"):
+        need(getattr(cfg, name) is None, f"{why}: --{name.replace('_', '-')} names a stage; give --stages K")
+
+
 def check_split(cfg: RunConfig) -> None:
     """--groups and --stages against the model's layers (once they are known)."""
     n_layers = cfg.num_layers
@@ -215,15 +232,15 @@ def check_split(cfg: RunConfig) -> None:
         need(sum(cfg.groups) == n_layers, f"--groups {','.join(map(str, cfg.groups))} covers {sum(cfg.groups)} "
                                           f"layers, but the model has {n_layers}")
         need(cfg.stages is None or cfg.stages == len(cfg.groups), "--stages and --groups disagree; give one of them")
-    if cfg.stages is not None:
-        need(cfg.stages >= 1, "--stages must be at least 1")
+    if cfg.stages is not None and not cfg.stages_auto:
+        need(cfg.stages >= 1, "--stages must be at least 1, or auto")
         need(cfg.stages <= n_layers, f"--stages {cfg.stages} is more than the model's {n_layers} layers; "
                                      f"use --stages {n_layers} or fewer")
 
 
 def check_per_stage(cfg: RunConfig) -> None:
     """--device and --threads: one for every stage, or one per stage (once the stages are known)."""
-    known = cfg.num_layers is not None and cfg.mode != Mode.BACKPROP
+    known = cfg.num_layers is not None and cfg.mode != Mode.BACKPROP and not cfg.stages_auto
     problem = device_syntax_problem(cfg.device, len(cfg.stage_groups) if known else None)
     need(problem is None, problem or "")
     if not known:
@@ -238,15 +255,16 @@ def check_replicas(cfg: RunConfig) -> None:
     """--replicas: per stage, on stage workers, dividing the batch, on the CPU in float32."""
     if cfg.num_layers is None:
         return
-    n = len(cfg.stage_groups)
-    need(cfg.replicas is None or len(cfg.replicas) in (1, n),
-         f"--replicas lists {len(cfg.replicas or ())} counts, but the run has {n} "
-         f"stages: give one for every stage, or one per stage")
+    if not cfg.stages_auto:  # auto: one count for every stage (check_auto_stages)
+        n = len(cfg.stage_groups)
+        need(cfg.replicas is None or len(cfg.replicas) in (1, n),
+             f"--replicas lists {len(cfg.replicas or ())} counts, but the run has {n} "
+             f"stages: give one for every stage, or one per stage")
     if cfg.replicas is None or max(cfg.replicas) == 1:
         return
     need(cfg.mode not in (Mode.BACKPROP, Mode.PIPELINE),
          f"--replicas runs stage workers; mode {cfg.mode} has none (use a stage-worker mode)")
-    bad = [r for r in cfg.stage_replica_counts() if cfg.batch_size % r]
+    bad = [r for r in cfg.replicas if cfg.batch_size % r]
     need(not bad, f"--replicas {bad[0] if bad else ''} does not divide --batch-size {cfg.batch_size}: "
                   f"each replica takes an equal part of every batch")
     need(cfg.precision == "fp32", "--replicas needs --precision fp32 (the replicas' collectives run in float32)")
@@ -254,7 +272,7 @@ def check_replicas(cfg: RunConfig) -> None:
 
 
 CHECKS: tuple[Callable[[RunConfig], None], ...] = (
-    check_model, check_data, check_layers, check_schedule, check_optimiser, check_synthetic, check_pipeline,
+    check_model, check_auto_stages, check_data, check_layers, check_schedule, check_optimiser, check_synthetic, check_pipeline,
     check_processes, check_limits, check_output, check_testing, check_split, check_per_stage, check_replicas)
 
 

@@ -1,5 +1,6 @@
 """A run's layout, decided once before any process starts: how many layers each stage gets
-(`--stages K`: split by cost; `--groups`: as given; neither: one layer per stage) and which core
+(`--stages K`: split by cost; `--stages auto`: as many stages as this host can run side by side,
+split by cost; `--groups`: as given; neither: one layer per stage) and which core
 each stage runs on (`--placement`), with the throughput ceiling that layout predicts. The
 resolved split goes into the run's config (config.json, and every stage's START), so a resumed
 or restarted run keeps it."""
@@ -24,6 +25,7 @@ from synthgrad.common.costs import (
 from synthgrad.common.models import build_units, unit_shapes
 from synthgrad.common.modes import Mode
 from synthgrad.common.placement import Placement, blocks, partition, plan_placement, useful_threads
+from synthgrad.common.procs import available_cores
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class Layout:
     # their shares are of
     helpers: tuple[Helpers, ...] = ()
     own_flops: tuple[float, ...] = ()
+    auto: str = ""  # with --stages auto: what the number of stages was taken from
 
     def _shares(self, pick: Callable[[Helpers], Optional[PredictorChoice | HeadChoice]]
                 ) -> tuple[tuple, tuple]:
@@ -90,7 +93,7 @@ class Layout:
                 "placement": p.asked, "cores": list(p.cores), "threads": list(p.threads), "pinned": p.pinned,
                 "yields": [p.yields_at(s) for s in range(len(self.groups))],
                 "replicas": list(self.replicas or (1,) * len(self.groups)),
-                "reason": p.reason,
+                "reason": p.reason, "stages_auto": self.auto or None,
                 "flops_share": [round(f / max(sum(self.stage_flops), 1.0), 4) for f in self.stage_flops],
                 "busiest_core_mflops_per_sample": round(p.busiest / 1e6, 3),
                 "core_gflops_per_s": round(self.core_flops_per_s / 1e9, 2),
@@ -114,7 +117,8 @@ class Layout:
                  if c is not None]
         states = [f"{i}: rank {c.rank} {100 * share:.1f}%" for i, (cs, shares) in
                   enumerate(zip(self.state_predictors, self.state_predictor_shares)) for c, share in zip(cs, shares)]
-        return (f"layout: layers per stage {list(self.groups)}, MFLOPs per sample {mflops}; "
+        return (f"layout: layers per stage {list(self.groups)}{f' ({self.auto})' if self.auto else ''}, "
+                f"MFLOPs per sample {mflops}; "
                 f"{self.placement.describe()}"
                 + (f"; replicas per stage {list(self.replicas)} (the stage's threads split among them)"
                    if any(r > 1 for r in self.replicas) else "")
@@ -122,6 +126,42 @@ class Layout:
                 + (f"; predictors (share of their stage) {', '.join(sg)}" if sg else "")
                 + (f"; local heads (share of their stage) {', '.join(heads)}" if heads else "")
                 + (f"; state predictors (share of their stage) {', '.join(states)}" if states else ""))
+
+
+def auto_stages(cfg: RunConfig, blocks: int, cores: int, cuda_devices: int) -> tuple[int, str]:
+    """--stages auto on a host with `cores` usable cores and `cuda_devices` CUDA devices: as many
+    stages as run side by side there, never more than the model's `blocks` (its layers with
+    parameters). Side by side: a device each under a bare --device cuda (cuda:N is one device),
+    else one stage per core, or per the cores one stage asks for (--threads N, or --replicas R
+    processes, whichever is more); under mode pipeline's 1f1b, at most --microbatches (each
+    stage needs a microbatch in flight). Returns (stages, what they were taken from)."""
+    device = cfg.device.strip()
+    if device.startswith("cuda"):
+        slots = cuda_devices if device == "cuda" else 1
+        why = f"{slots} CUDA device{'s' if slots != 1 else ''}"
+    else:
+        per_stage = max(cfg.threads[0] if cfg.threads else 1, cfg.replicas[0] if cfg.replicas else 1)
+        slots = cores // per_stage
+        why = f"{cores} usable core{'s' if cores != 1 else ''}" + (f", {per_stage} per stage" if per_stage > 1 else "")
+    if cfg.mode == Mode.PIPELINE and cfg.schedule == "1f1b" and cfg.microbatches < slots:
+        slots, why = cfg.microbatches, f"{why}; 1f1b with {cfg.microbatches} microbatches"
+    k = max(1, min(blocks, slots))
+    if blocks < slots:
+        why = f"{why}; the model has {blocks} layers with parameters"
+    return k, f"--stages auto: {k} for {why}"
+
+
+def _resolve_auto(cfg: RunConfig, blocks: int) -> tuple[RunConfig, str]:
+    """--stages auto counted on this host: its usable cores (this process's CPU affinity) and,
+    under --device cuda, its CUDA devices."""
+    if not cfg.stages_auto:
+        return cfg, ""
+    devices = 0
+    if cfg.device.strip() == "cuda":
+        import torch
+        devices = torch.cuda.device_count()
+    k, why = auto_stages(cfg, blocks, len(available_cores()), devices)
+    return cfg.replace(stages=k), why
 
 
 def plan_layout(cfg: RunConfig) -> tuple[RunConfig, Optional[Layout]]:
@@ -133,6 +173,7 @@ def plan_layout(cfg: RunConfig) -> tuple[RunConfig, Optional[Layout]]:
     units = build_units(cfg)
     costs = unit_costs(cfg, units)
     runs = blocks([any(p.requires_grad for p in u.parameters()) for u in units])
+    cfg, auto = _resolve_auto(cfg, len(runs))
     if cfg.groups is not None:  # a split by hand (--groups, --split-at)
         _check_every_stage_trains(cfg, units)
     elif cfg.stages is not None or len(runs) < len(units):  # by cost; or the default, one stage per block
@@ -160,7 +201,7 @@ def plan_layout(cfg: RunConfig) -> tuple[RunConfig, Optional[Layout]]:
     usable = tuple(useful_threads(f * cfg.batch_size / rate) for f in flops)  # threads each stage's step can use
     placement = plan_placement(flops, cfg.placement, threads=cfg.stage_thread_counts(), usable=usable)
     return cfg, Layout(tuple(cfg.stage_groups), tuple(flops), placement, rate, on_cpu, cfg.stage_replica_counts(),
-                       helpers, own)
+                       helpers, own, auto)
 
 
 def _helper_models(cfg: RunConfig, units, costs) -> tuple[tuple[float, ...], tuple[Helpers, ...]]:

@@ -44,6 +44,9 @@ def check_world(cfg: RunConfig, env: TorchrunEnv) -> None:
     if not cfg.mode.on_stage_workers:
         raise ConfigError(f"under torchrun the modes are {spoken(STAGE_WORKER_MODES)}; mode '{cfg.mode}' "
                           f"starts its own processes (run it with python launch.py train)")
+    if cfg.stages_auto:
+        raise ConfigError(f"under torchrun the stages are its ranks: give --stages {env.world_size - 1} "
+                          f"(--stages auto counts one host's cores)")
     if cfg.num_layers is None and cfg.stages is None and cfg.groups is None:
         raise ConfigError(f"under torchrun, a model given by import path needs --stages {env.world_size - 1} "
                           f"(or --groups): every rank must know the number of stages before the model "

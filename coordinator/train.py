@@ -97,6 +97,9 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
             # processes will be started here, with what the layout asks of their OpenMP
             warm_up(worker_environment(layout is not None and any(layout.placement.yields)))
     else:
+        if cfg.stages_auto:
+            raise ConfigError("--stages auto counts this host's cores, but the stages run on other hosts: "
+                              "give --stages K")
         cfg, layout = _resolve(cfg.validate())
     if bind is not None:  # the stages are started elsewhere: they bring keys from the same set
         cfg = _coordinator_only(cfg, bind)

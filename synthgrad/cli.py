@@ -43,8 +43,9 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def _or_auto(parse: Callable[[str], object]) -> Callable[[str], object]:
-    """An option whose default the run decides: `auto` says so (config_from_args makes it None,
-    the default, while it still overrides a --config file's value)."""
+    """An option the run may decide: `auto` says so (config_from_args makes it None, the default,
+    while it still overrides a --config file's value; RunConfig reads it for a field whose auto
+    is a value of its own, --stages)."""
     def parse_or_auto(text: str) -> object:
         return "auto" if text.strip().lower() == "auto" else parse(text)
     parse_or_auto.__name__ = getattr(parse, "__name__", "value")  # argparse names the type in errors
@@ -73,7 +74,7 @@ def add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = 
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         if default is not None:  # a None default's meaning is in the help text ("None = ...")
             help_text = f"{help_text} (default: {shown})" if help_text else f"(default: {shown})"
-        auto = f.metadata.get("auto", False)
+        auto = f.metadata.get("auto", False) or f.metadata.get("auto_value") is not None  # takes the word
         if base is bool:
             section.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(base) is tuple:

@@ -147,6 +147,43 @@ def test_auto_stands_for_a_default_the_run_decides(tmp_path):
         parse(["train", "--sg-hidden", "most"])
 
 
+def test_stages_auto_is_a_value_of_its_own(tmp_path):
+    """--stages None is one stage per layer, so auto is a value of its own (STAGES_AUTO), read
+    from the command line, a --config file, a saved config and Python alike; the run resolves
+    it (coordinator/layout.py) and until then the number of stages is not known."""
+    from synthgrad.common.config import STAGES_AUTO
+    parse = launch.build_parser().parse_args
+    cfg = launch.config_from_args(parse(["train", "--stages", "auto"]))
+    assert cfg.stages == STAGES_AUTO and cfg.stages_auto and cfg == RunConfig(stages="Auto")
+    assert RunConfig().stages is None and not RunConfig().stages_auto  # the default: one per layer
+    toml = tmp_path / "run.toml"
+    toml.write_text('stages = "auto"\n')
+    assert launch.config_from_args(parse(["train", "--config", str(toml)])).stages_auto
+    toml.write_text("stages = 2\n")
+    assert launch.config_from_args(parse(["train", "--config", str(toml), "--stages", "auto"])).stages_auto
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="resolved when the run starts"):
+        cfg.stage_groups
+    with pytest.raises(SystemExit):
+        parse(["train", "--stages", "many"])
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"threads": (1, 2, 1, 1)}, "--stages auto decides the number of stages: give one --threads"),
+    ({"replicas": (2, 1, 1, 1)}, "give one --replicas for every stage"),
+    ({"device": "cpu,cpu,cpu,cpu"}, "give one --device for every stage"),
+    ({"slow_stage": (0, 5)}, "--slow-stage names a stage"),
+    ({"groups": (2, 2)}, "--stages and --groups disagree"),
+    ({"split_at": "1"}, "give one of --stages"),
+])
+def test_stages_auto_takes_what_is_given_per_stage_once(changes, needle):
+    with pytest.raises(ConfigError, match=needle):
+        RunConfig(stages="auto", **changes).validate()
+    RunConfig(stages="auto", threads=(2,), replicas=(2,), device="cpu").validate()
+    with pytest.raises(ConfigError, match="--stages must be at least 1, or auto"):
+        RunConfig(stages=-1).validate()
+
+
 @pytest.mark.parametrize("text, needle", [
     ("lr = 0.001\nlearning_rate = 3\n", "unknown option learning_rate"),
     ("lr = \n", "not valid TOML"),

@@ -96,6 +96,41 @@ def test_stages_k_splits_by_cost_and_groups_stay_as_given():
     assert plan_layout(skewed.replace(mode="pipeline"))[0].groups == (1, 3)  # no predictor there
 
 
+@pytest.mark.parametrize("changes, cores, devices, expected", [
+    ({}, 2, 0, 2),  # one stage per usable core
+    ({}, 16, 0, 4),  # never more than the layers
+    ({}, 1, 0, 1),
+    ({"threads": (2,)}, 6, 0, 3),  # a stage that asks for two cores takes two
+    ({"replicas": (3,), "threads": (2,)}, 7, 0, 2),  # three processes: three cores
+    ({"device": "cuda"}, 16, 2, 2),  # one stage per CUDA device
+    ({"device": "cuda"}, 2, 8, 4),
+    ({"device": "cuda:1"}, 16, 8, 1),  # one named device
+    ({"mode": "pipeline", "microbatches": 2}, 8, 0, 2),  # 1f1b needs a microbatch per stage
+    ({"mode": "pipeline", "microbatches": 2, "schedule": "gpipe"}, 8, 0, 4),
+])
+def test_stages_auto_counts_what_the_host_can_run_side_by_side(changes, cores, devices, expected):
+    from synthgrad.coordinator.layout import auto_stages
+    k, why = auto_stages(RunConfig(stages="auto", **changes), 4, cores, devices)
+    assert k == expected and why.startswith(f"--stages auto: {expected} for ")
+
+
+def test_stages_auto_splits_by_cost_on_the_cores_this_process_may_use(monkeypatch):
+    """The run counts the cores of its CPU affinity, then splits the layers by cost as --stages K
+    would; the resolved number goes into the config (config.json, every stage's START)."""
+    from synthgrad.coordinator import layout as layout_module
+    monkeypatch.setattr(layout_module, "available_cores", lambda: [3, 5])
+    skewed = RunConfig(mode="locked", layers=(784, 2048, 2048, 64, 10), stages="auto")
+    cfg, layout = plan_layout(skewed)
+    assert cfg.stages == 2 and cfg.groups == (1, 3) and not cfg.stages_auto
+    assert layout.groups == plan_layout(skewed.replace(stages=2))[1].groups
+    assert layout.record()["stages_auto"] == "--stages auto: 2 for 2 usable cores"
+    assert "(--stages auto: 2 for 2 usable cores)" in layout.describe()
+    monkeypatch.setattr(layout_module, "available_cores", lambda: list(range(64)))
+    cfg, layout = plan_layout(skewed)
+    assert cfg.groups == (1, 1, 1, 1) and "the model has 4 layers with parameters" in layout.auto
+    assert plan_layout(RunConfig(mode="backprop", stages="auto"))[1] is None
+
+
 def test_an_unlocked_stage_pays_for_its_predictor():
     cfg = RunConfig(mode="unlocked", layers=(784, 256, 10), true_grad_every=10, sg_model="linear")
     locked = cfg.replace(mode="locked")
@@ -319,3 +354,14 @@ def test_self_sized_stages_take_whole_cores_only():
     yields: two such stages of half the work on 3 cores take one thread each, not 2 + 2."""
     from synthgrad.common.placement import self_sized_threads
     assert self_sized_threads(0.5, 3) == 1 and self_sized_threads(0.9, 2) == 1 and self_sized_threads(0.5, 4) == 2
+
+
+def test_stages_auto_is_refused_where_the_stages_run_on_other_hosts():
+    """auto counts this host's cores: a coordinator whose stages start elsewhere, or torchrun
+    (whose ranks are the stages), needs the number."""
+    from synthgrad.coordinator.torchrun import TorchrunEnv, check_world
+    from synthgrad.coordinator.train import train
+    with pytest.raises(ConfigError, match="the stages run on other hosts: give --stages K"):
+        train(RunConfig(mode="locked", stages="auto"), bind="tcp://127.0.0.1:0")
+    with pytest.raises(ConfigError, match="under torchrun the stages are its ranks: give --stages 4"):
+        check_world(RunConfig(mode="locked", stages="auto"), TorchrunEnv(0, 5, 0, "127.0.0.1", 1))

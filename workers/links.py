@@ -13,11 +13,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-import os
-import socket as pysocket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,9 +25,9 @@ import zmq
 from synthgrad.common import wire
 from synthgrad.common.config import RunConfig
 from synthgrad.common.devices import wire_dtype
-from synthgrad.common.endpoints import bind_wildcard, max_frame_bytes, set_heartbeats
 from synthgrad.common.liveness import Cause, Limit, Limits, Process, ProcessFailure, Watch
-from synthgrad.common.security import Guard, HandshakeWatch, Keys, RefusalLog
+from synthgrad.common.security import Guard, Keys, RefusalLog
+from synthgrad.workers.sockets import Sockets
 from synthgrad.workers.timings import Timings
 
 POLL_MS = 100
@@ -51,47 +49,118 @@ class Handlers:
     on_idle: Callable[[], None]  # called in every wait (periodic reports)
 
 
+class Rejections:
+    """The bad messages this stage rejected and the peers its sockets refused (CURVE), counted
+    together (`rejected_messages`) and logged at a bounded rate: a flood of garbage must not
+    become a flood of lines."""
+
+    def __init__(self, stage: int):
+        self.stage = stage
+        self.count = 0
+        self.refusals = RefusalLog(lambda line: print(f"[stage {stage}] {line}", file=sys.stderr, flush=True))
+
+    def reject(self, exc: Exception) -> None:
+        """Count a bad message; log the first ten, then every thousandth."""
+        self.count += 1
+        if self.count <= 10 or self.count % 1000 == 0:
+            print(f"[stage {self.stage}] rejected message #{self.count}: {exc}", file=sys.stderr, flush=True)
+
+    def take_refusals(self, guard: Guard) -> None:
+        before = self.refusals.count
+        self.refusals.take(guard)
+        self.count += self.refusals.count - before
+
+
+class Delay:
+    """A fault of the run's plan (common/faults.py): simulated link latency. A message is used
+    `seconds` after it was sent; a gradient waits in `held` until then. 0: no delay."""
+
+    def __init__(self, seconds: float = 0.0):
+        self.seconds = seconds
+        self.held: collections.deque[tuple[float, wire.Grad]] = collections.deque()
+
+    def due(self, sent_at: float) -> float:
+        """When a message sent at `sent_at` may be used. A time in the future (a forged or
+        foreign clock) counts as now: nothing is held longer than the delay."""
+        return min(sent_at, time.monotonic()) + self.seconds
+
+    def hold(self, msg: wire.Grad) -> None:
+        self.held.append((self.due(msg.sent_at), msg))
+
+    def released(self) -> Iterator[wire.Grad]:
+        """The held gradients now due, in the order they came."""
+        while self.held and self.held[0][0] <= time.monotonic():
+            yield self.held.popleft()[1]
+
+    def next_due(self) -> Optional[float]:
+        return self.held[0][0] if self.held else None
+
+
+@dataclass
+class Terms:
+    """What the links agreed on at START, which every received message is checked against."""
+    cfg: Optional[RunConfig] = None  # None until configured: then heartbeats flow both ways
+    in_shape: tuple[int, ...] = ()
+    wire_dtype: torch.dtype = torch.float32  # of activations (--precision)
+    num_classes: int = 0
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+
+class CoordinatorWatch:
+    """Whether the coordinator is still there, and this stage's heartbeats to it: the stage's
+    `Watch` (common/liveness.py) sees the coordinator gone (its pid, when on this host) at once,
+    and silent once configured."""
+
+    def __init__(self, coordinator: str, coordinator_pid: int):
+        now = time.monotonic()
+        self.last_probe = self.last_sent = now
+        self.watch = Watch(created=now)
+        pid = coordinator_pid if coordinator_pid > 0 else None  # -1: not watched
+        self.watch.add(COORDINATOR, Process.of_coordinator(coordinator, pid),
+                       pid_every=LIVENESS_EVERY_S if pid is not None else 0.0)
+
+    def configure(self, heartbeat_timeout: float) -> None:
+        self.watch.limits = Limits(silence=Limit(heartbeat_timeout, f"--heartbeat-timeout {heartbeat_timeout:g}"))
+        self.watch.start(time.monotonic())
+
+    def heard(self) -> None:
+        self.watch.heard(COORDINATOR, time.monotonic())
+
+    def sent(self) -> None:
+        self.last_sent = time.monotonic()
+
+    def probe_due(self, now: float) -> bool:
+        """Whether the pid and the refusals are due a look (at most every LIVENESS_EVERY_S)."""
+        if now - self.last_probe < LIVENESS_EVERY_S:
+            return False
+        self.last_probe = now
+        return True
+
+
 class Links:
+    """The stage's end of every link: its sockets, what they agreed on, the rejections, the
+    simulated delay and the watch over the coordinator, each a part with one job; this class
+    moves the messages and runs the one wait loop."""
+
     def __init__(self, stage: int, coordinator: str, coordinator_pid: int, keys: Optional[Keys],
                  timings: Timings):
         self.stage = stage
-        self.coordinator = coordinator
-        self.coordinator_pid = coordinator_pid  # watched when on the same host; -1 = not watched
         self.timings = timings
-        self.ctx = zmq.Context()
-        self.guard = Guard(self.ctx, keys)
-        self.coord = self.ctx.socket(zmq.DEALER)
-        if self.guard.on:
-            self.guard.client(self.coord, self.guard.keys.coordinator_public)
-        # unique per process, so the coordinator can refuse a second stage-I instead of libzmq
-        # silently dropping the connection of a duplicate identity
-        self.coord.setsockopt(zmq.IDENTITY, f"stage-{stage}-{pysocket.gethostname()}-{os.getpid()}".encode())
-        self.coord.setsockopt(zmq.SNDHWM, 0)  # control traffic is bounded by the forward stream
-        self.coord.setsockopt(zmq.RCVHWM, 0)
-        self.coord.setsockopt(zmq.LINGER, 2000)  # the last word (ERROR, DONE) must arrive
-        set_heartbeats(self.coord, RunConfig.heartbeat_timeout)  # before the config arrives
-        self.handshake_watch = HandshakeWatch(self.coord)
-        self.coord.connect(coordinator)
-        self.inbox: Optional[zmq.Socket] = None
-        self.outbox: Optional[zmq.Socket] = None
-        self.endpoint = ""  # where this stage's input is bound ("" on stage 0)
+        self.sockets = Sockets(stage, coordinator, keys)
+        self.terms = Terms()
+        self.rejections = Rejections(stage)
+        self.delay = Delay()
+        self.alive = CoordinatorWatch(coordinator, coordinator_pid)
         self.handlers: Optional[Handlers] = None
-        self.cfg: Optional[RunConfig] = None  # set by configure(): then heartbeats flow both ways
-        self.in_shape: tuple[int, ...] = ()
-        self.wire_dtype = torch.float32  # of activations (--precision), set by configure()
-        self.num_classes = 0
-        self.max_bytes = DEFAULT_MAX_BYTES
-        self.delay = 0.0  # a fault (common/faults.py): simulated link latency, in seconds
-        self.rejected = 0
-        self.refusals = RefusalLog(lambda line: print(f"[stage {stage}] {line}", file=sys.stderr, flush=True))
-        self._held: collections.deque[tuple[float, wire.Grad]] = collections.deque()
         self._pollers: dict[tuple[int, int], zmq.Poller] = {}
-        self._last_liveness = self._last_to_coord = time.monotonic()
-        # the coordinator: gone (its pid, when on this host) at once; silent once configured
-        self.watch = Watch(created=self._last_liveness)
-        pid = coordinator_pid if coordinator_pid > 0 else None
-        self.watch.add(COORDINATOR, Process.of_coordinator(coordinator, pid),
-                       pid_every=LIVENESS_EVERY_S if pid is not None else 0.0)
+
+    @property
+    def endpoint(self) -> str:
+        return self.sockets.endpoint
+
+    @property
+    def rejected(self) -> int:
+        return self.rejections.count
 
     # ------------------------------------------------------------------ set up
     def configure(self, cfg: RunConfig, in_shape: tuple[int, ...], num_classes: int, is_last: bool,
@@ -99,36 +168,17 @@ class Links:
         """After START: bind the activation input (stages > 0), make the output (all but the
         last), and take the run's bounds, shapes and heartbeat interval, and the simulated
         delay of the run's faults (0: none)."""
-        self.cfg = cfg
-        self.in_shape = in_shape
-        self.wire_dtype = wire_dtype(cfg.precision)
-        self.num_classes = num_classes
+        self.terms = Terms(cfg, in_shape, wire_dtype(cfg.precision), num_classes, cfg.max_message_mb << 20)
         self.handlers = handlers
-        self.max_bytes = cfg.max_message_mb << 20
         if delay_s:
             self._simulate_delay(delay_s)
-        timeout = cfg.heartbeat_timeout
-        self.watch.limits = Limits(silence=Limit(timeout, f"--heartbeat-timeout {timeout:g}"))
-        self.watch.start(time.monotonic())
-        if self.stage > 0:
-            # the high-water mark must be set before bind: a listener copies its options then
-            self.inbox = self.ctx.socket(zmq.PULL)
-            self.inbox.setsockopt(zmq.LINGER, 0)
-            self.inbox.setsockopt(zmq.RCVHWM, cfg.queue_depth)
-            self.inbox.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes(cfg))
-            self.guard.server(self.inbox, f"stage {self.stage} input")
-            self.endpoint = bind_wildcard(self.inbox, transport, host)
-        if not is_last:
-            self.outbox = self.ctx.socket(zmq.PUSH)
-            self.outbox.setsockopt(zmq.SNDHWM, cfg.queue_depth)
-            self.outbox.setsockopt(zmq.LINGER, 2000)
-            if self.guard.on:
-                self.guard.client(self.outbox, self.guard.keys.worker_public)
+        self.alive.configure(cfg.heartbeat_timeout)
+        self.sockets.open(cfg, is_last, host, transport)
 
     def _simulate_delay(self, delay_s: float) -> None:
         """A fault: stamp every gradient and activation sent with its time, and use what arrives
         `delay_s` after it was sent. Only a run with the fault wraps its sends."""
-        self.delay = delay_s
+        self.delay = Delay(delay_s)
         send_coord, send_down = self.send_coord, self.send_down
 
         def stamped_coord(msg: wire.Message) -> None:
@@ -139,69 +189,62 @@ class Links:
         self.send_coord, self.send_down = stamped_coord, stamped_down  # type: ignore[method-assign]
 
     def connect_downstream(self, endpoint: str) -> None:
-        if self.outbox is not None:
-            self.outbox.connect(endpoint)
+        if self.sockets.outbox is not None:
+            self.sockets.outbox.connect(endpoint)
 
     def handshake_refusal(self) -> Optional[str]:
         """Why the coordinator's end refused this worker's connection (CURVE), or None."""
-        return self.handshake_watch.failure()
+        return self.sockets.handshake_watch.failure()
 
     # ------------------------------------------------------------------ the coordinator
     def send_coord(self, msg: wire.Message) -> None:
         with self.timings.span("send"):
-            self.coord.send_multipart(wire.encode(msg), copy=False)
-        self._last_to_coord = time.monotonic()
+            self.sockets.coord.send_multipart(wire.encode(msg), copy=False)
+        self.alive.sent()
 
     def recv_coord(self) -> Optional[wire.Message]:
         """One message from the coordinator (None for a heartbeat or a malformed message);
         anything that arrives proves the coordinator alive."""
-        msg = self.decode(wire.receive(self.coord))
-        self.watch.heard(COORDINATOR, time.monotonic())
+        msg = self.decode(wire.receive(self.sockets.coord))
+        self.alive.heard()
         return None if isinstance(msg, wire.Heartbeat) else msg
 
     def poll_coord(self, timeout_ms: int) -> bool:
-        return bool(self.coord.poll(timeout_ms))
+        return bool(self.sockets.coord.poll(timeout_ms))
 
     def heard_from_coordinator_now(self) -> None:
         """Restart the silence clock (after a long blocking step such as building the model)."""
-        self.watch.heard(COORDINATOR, time.monotonic())
+        self.alive.heard()
 
     def check_liveness(self) -> None:
         """Heartbeats both ways once the run is configured; raises ProcessFailure when the watch
         finds the coordinator gone (same host) or silent past --heartbeat-timeout."""
         now = time.monotonic()
-        if self.cfg is not None and now - self._last_to_coord >= self.cfg.heartbeat_every:
+        cfg = self.terms.cfg
+        if cfg is not None and now - self.alive.last_sent >= cfg.heartbeat_every:
             self.send_coord(wire.Heartbeat(self.stage))
-        verdict = self.watch.verdict(now)
+        verdict = self.alive.watch.verdict(now)
         # a message waiting to be read is word from the coordinator, however late it is read
-        if verdict is not None and not (verdict.cause is Cause.SILENT and self.coord.poll(0)):
+        if verdict is not None and not (verdict.cause is Cause.SILENT and self.sockets.coord.poll(0)):
             raise ProcessFailure(verdict, by=f"stage {self.stage}")
-        if now - self._last_liveness < LIVENESS_EVERY_S:
-            return
-        self._last_liveness = now
-        before = self.refusals.count
-        self.refusals.take(self.guard)  # CURVE: a peer without an authorised key
-        self.rejected += self.refusals.count - before
+        if self.alive.probe_due(now):
+            self.rejections.take_refusals(self.sockets.guard)  # CURVE: a peer without an authorised key
 
     # ------------------------------------------------------------------ decoding
     def decode(self, frames) -> Optional[wire.Message]:
         try:
-            return wire.decode(frames, max_tensor_bytes=self.max_bytes)
+            return wire.decode(frames, max_tensor_bytes=self.terms.max_bytes)
         except wire.WireError as exc:
             self.reject(exc)
             return None
 
     def reject(self, exc: Exception) -> None:
-        """Count a bad message; log the first ten, then every thousandth."""
-        self.rejected += 1
-        if self.rejected <= 10 or self.rejected % 1000 == 0:
-            print(f"[stage {self.stage}] rejected message #{self.rejected}: {exc}",
-                  file=sys.stderr, flush=True)
+        self.rejections.reject(exc)
 
     def handle_coord(self) -> None:
         """Handle every message the coordinator has queued, without blocking."""
         assert self.handlers is not None
-        while self.coord.poll(0):
+        while self.sockets.coord.poll(0):
             with self.timings.span("recv"):
                 msg = self.recv_coord()
             if msg is None:
@@ -215,14 +258,14 @@ class Links:
                 self.handlers.on_committed(msg.step, msg.drop)
                 continue
             if isinstance(msg, wire.Grad):
-                if self.delay:  # simulated latency: deliver it `delay` after it was sent
-                    self._held.append((self._due(msg.sent_at), msg))
+                if self.delay.seconds:  # simulated latency: deliver it `delay` after it was sent
+                    self.delay.hold(msg)
                 else:
                     self.handlers.on_grad(msg)
             else:
                 self.reject(ValueError(f"unexpected {type(msg).__name__} from the coordinator"))
-        while self._held and self._held[0][0] <= time.monotonic():
-            self.handlers.on_grad(self._held.popleft()[1])
+        for grad in self.delay.released():
+            self.handlers.on_grad(grad)
 
     # ------------------------------------------------------------------ waiting
     def _poller(self, sock: Optional[zmq.Socket], event: int) -> zmq.Poller:
@@ -230,7 +273,7 @@ class Links:
         key = (id(sock), event)
         if key not in self._pollers:
             poller = zmq.Poller()
-            poller.register(self.coord, zmq.POLLIN)
+            poller.register(self.sockets.coord, zmq.POLLIN)
             if sock is not None:
                 poller.register(sock, event)
             self._pollers[key] = poller
@@ -254,7 +297,7 @@ class Links:
 
     def _poll_ms(self, due: Optional[float] = None) -> int:
         """How long a wait may sleep: POLL_MS, or less when a held message falls due sooner."""
-        dues = [d for d in (due, self._held[0][0] if self._held else None) if d is not None]
+        dues = [d for d in (due, self.delay.next_due()) if d is not None]
         if not dues:
             return POLL_MS
         return max(0, min(POLL_MS, math.ceil(1000 * (min(dues) - time.monotonic()))))
@@ -263,11 +306,12 @@ class Links:
     def recv_activation(self) -> wire.Activation:
         """The next well-formed activation (or marker) from the stage before; anything else
         that arrives is rejected and counted."""
-        assert self.inbox is not None and self.cfg is not None
+        inbox, terms, cfg = self.sockets.inbox, self.terms, self.terms.cfg
+        assert inbox is not None and cfg is not None
         while True:
-            self.wait("wait_input", lambda: bool(self.inbox.poll(0)), self.inbox, zmq.POLLIN)
+            self.wait("wait_input", lambda: bool(inbox.poll(0)), inbox, zmq.POLLIN)
             with self.timings.span("recv"):
-                msg = self.decode(wire.receive(self.inbox))
+                msg = self.decode(wire.receive(inbox))
             if not isinstance(msg, wire.Activation):
                 if msg is not None:
                     self.reject(ValueError(f"unexpected {type(msg).__name__} on the activation link"))
@@ -275,12 +319,12 @@ class Links:
             try:
                 if not msg.phase.is_marker:
                     full = msg.phase is wire.Phase.TRAIN  # training batches are always full (batch norm)
-                    wire.check_tensor(msg.h, "ACTIVATION.h", self.wire_dtype, self.in_shape, self.cfg.batch_size, full)
-                    label_shape = tuple(self.cfg.label_shape or ())
+                    wire.check_tensor(msg.h, "ACTIVATION.h", terms.wire_dtype, terms.in_shape, cfg.batch_size, full)
+                    label_shape = tuple(cfg.label_shape or ())
                     wire.check_tensor(msg.labels, "ACTIVATION.labels", torch.int64, label_shape, msg.h.shape[0])
                     if msg.labels.shape[0] != msg.h.shape[0]:
                         raise wire.WireError("ACTIVATION: labels and h differ in batch size", "ACTIVATION.labels")
-                    wire.check_labels(msg.labels, self.num_classes, "ACTIVATION.labels", bool(label_shape))
+                    wire.check_labels(msg.labels, terms.num_classes, "ACTIVATION.labels", bool(label_shape))
                     wire.check_finite(msg.h, "ACTIVATION.h")
                 elif msg.h is not None or msg.labels is not None:
                     raise wire.WireError(f"ACTIVATION: a {msg.phase.value} marker carries no tensors",
@@ -288,28 +332,19 @@ class Links:
             except wire.WireError as exc:
                 self.reject(exc)
                 continue
-            if self.delay:  # simulated latency: use it `delay` after it was sent
-                due = self._due(msg.sent_at)
+            if self.delay.seconds:  # simulated latency: use it `delay` after it was sent
+                due = self.delay.due(msg.sent_at)
                 self.wait("wait_input", lambda: time.monotonic() >= due, due=due)
             return msg
 
-    def _due(self, sent_at: float) -> float:
-        """When a message sent at `sent_at` may be used under --link-delay-ms. A time in the
-        future (a forged or foreign clock) counts as now: nothing is held longer than the delay."""
-        return min(sent_at, time.monotonic()) + self.delay
-
     def send_down(self, msg: wire.Activation) -> None:
-        assert self.outbox is not None
+        outbox = self.sockets.outbox
+        assert outbox is not None
         with self.timings.span("send"):
             frames = wire.encode(msg)
-        self.wait("wait_send", lambda: bool(self.outbox.poll(0, zmq.POLLOUT)), self.outbox, zmq.POLLOUT)
+        self.wait("wait_send", lambda: bool(outbox.poll(0, zmq.POLLOUT)), outbox, zmq.POLLOUT)
         with self.timings.span("send"):
-            self.outbox.send_multipart(frames, copy=False)
+            outbox.send_multipart(frames, copy=False)
 
     def close(self) -> None:
-        self.handshake_watch.close()
-        for s in (self.outbox, self.inbox, self.coord):
-            if s is not None:
-                s.close()
-        self.guard.close()
-        self.ctx.term()
+        self.sockets.close()
