@@ -14,8 +14,11 @@ advanced) and from the exit status of the processes it started, whether one has
 
 and says so as a `Verdict`: which process (stage N, replica r of stage N, pipeline rank r, the
 coordinator; its pid, and its host where that is another), what happened, and the option that
-bounds it. An observer that cannot go on raises `ProcessFailure`, the one error that carries a
-verdict; the restart policy reads the verdict, never the words.
+bounds it. A process that failed in its own words also says what it ran into (`Fault`): whether
+the same run would meet it again. An observer that cannot go on raises `ProcessFailure`, the one
+error that carries a verdict; a stage sends the coordinator its verdict as it is (ERROR), so a
+replica's exit reaches the coordinator as one; the restart policy reads the verdict, never the
+words.
 
 A process's identity is data here (`Process`), given by whoever started or registered it, not
 read back from a process name.
@@ -33,7 +36,7 @@ from typing import Any, Optional
 from synthgrad.common.procs import alive, describe_exit
 from synthgrad.common.reports import RunFailed
 
-__all__ = ["Cause", "Limit", "Limits", "Process", "ProcessFailure", "Role", "Verdict", "Watch",
+__all__ = ["Cause", "Fault", "Limit", "Limits", "Process", "ProcessFailure", "Role", "Verdict", "Watch",
            "elsewhere", "exit_verdict", "reported"]
 
 
@@ -115,6 +118,14 @@ class Cause(Enum):
     NOT_READY = "not ready"  # did not become ready within the start limit
 
 
+class Fault(Enum):
+    """What a process that said why it failed (Cause.REPORTED) ran into, as far as another try
+    is concerned: whether the same run from the same checkpoint would meet it again."""
+    OTHER = "other"  # anything else (a lost peer, a full disk, ...): another try may go otherwise
+    DIVERGED = "diverged"  # training produced NaN or Inf: the same steps diverge again
+    CONFIGURATION = "configuration"  # the configuration, the model or the data cannot be used
+
+
 @dataclass(frozen=True)
 class Verdict:
     """What became of which processes, in words every observer shares (`str(verdict)`)."""
@@ -124,6 +135,7 @@ class Verdict:
     seconds: Optional[float] = None  # SILENT, STALLED: for how long; NOT_READY: the limit
     detail: str = ""  # REPORTED: its words; STALLED: what counts as progress; EXITED, KILLED: when
     hint: str = ""  # what bounds it or what to do, said last in parentheses
+    fault: Fault = Fault.OTHER  # REPORTED: what it ran into
 
     @property
     def process(self) -> Optional[Process]:
@@ -158,9 +170,9 @@ def exit_verdict(process: Process, code: Optional[int], when: str = "") -> Verdi
                    detail=when)
 
 
-def reported(process: Process, words: str, hint: str = "") -> Verdict:
+def reported(process: Process, words: str, hint: str = "", fault: Fault = Fault.OTHER) -> Verdict:
     """`process` failed and said why (its words name it: they are said after its name alone)."""
-    return Verdict((process,), Cause.REPORTED, detail=words, hint=hint)
+    return Verdict((process,), Cause.REPORTED, detail=words, hint=hint, fault=fault)
 
 
 class ProcessFailure(RunFailed):

@@ -25,6 +25,7 @@ import torch
 
 from synthgrad.common.config import RunConfig
 from synthgrad.common.costs import Helpers
+from synthgrad.common.liveness import Verdict
 from synthgrad.common.records import StageSummary, WorkerReport
 
 # frombuffer on a read-only ZeroMQ frame warns once; the tensors are only read, never written.
@@ -74,7 +75,7 @@ class Kind(IntEnum):
     EVAL = 6  # last stage -> coordinator: test loss and accuracy for one evaluation
     DONE = 7  # worker -> coordinator: finished, final figures, checkpoint written
     STOP = 8  # coordinator -> worker: shut down now
-    ERROR = 9  # worker -> coordinator: I failed, here is why
+    ERROR = 9  # worker -> coordinator: I (or my replica) failed, here is the verdict
     READY = 10  # worker -> coordinator: set up (model built, data loaded), input bound at ...
     BEGIN = 11  # coordinator -> worker: everyone is ready; your downstream endpoint; train
     HEARTBEAT = 12  # both ways, when nothing else was sent for a while: I am alive
@@ -193,8 +194,10 @@ class Stop:
 
 @dataclass(frozen=True)
 class Error:
+    """A stage cannot go on: why, as liveness says it (common/liveness.py): the process (the stage
+    itself, or one of its replicas), the cause, its words and what it ran into."""
     stage: int
-    message: str
+    verdict: Verdict
 
 
 @dataclass(frozen=True)

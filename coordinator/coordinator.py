@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -33,7 +33,7 @@ from synthgrad.common.evaluation import eval_line, eval_record
 from synthgrad.common.scores import in_bits
 from synthgrad.common.placement import Placement
 from synthgrad.coordinator.layout import Layout, plan_layout
-from synthgrad.common.liveness import Cause, reported
+from synthgrad.common.liveness import Cause, Role, Verdict, reported
 from synthgrad.common.procs import Child, ProcessGroup
 from synthgrad.common.records import StageSummary
 from synthgrad.common.security import Guard, RefusalLog
@@ -272,11 +272,22 @@ class Coordinator:
             self.watchdog.finished(msg.stage, now)
             self.done[msg.stage] = msg.summary
         elif isinstance(msg, wire.Error):
-            last = self.checkpoints.last_complete
-            hint = "" if last is None else f"the last complete checkpoint is step {last}: --resume {self.run_dir}"
-            raise ProcessFailure(reported(self.watchdog.process(msg.stage), msg.message, hint))
+            raise ProcessFailure(self._stage_verdict(msg))
         else:
             self._reject(identity, f"unexpected {type(msg).__name__}")
+
+    def _stage_verdict(self, msg: wire.Error) -> Verdict:
+        """The verdict a stage sent, said of whom the coordinator knows (a stage speaks for itself
+        and its replicas only): the exit of one of its replicas, on its host; anything else, the
+        stage's own failure in its words, with what it ran into."""
+        stage = self.watchdog.process(msg.stage)
+        last = self.checkpoints.last_complete
+        hint = "" if last is None else f"the last complete checkpoint is step {last}: --resume {self.run_dir}"
+        sent, who = msg.verdict, msg.verdict.process
+        if sent.cause in (Cause.EXITED, Cause.KILLED) and who is not None and who.role is Role.REPLICA \
+                and who.stage == msg.stage:
+            return Verdict((replace(who, host=stage.host),), sent.cause, sent.code, detail=sent.detail, hint=hint)
+        return reported(stage, sent.detail or sent.cause.value, hint, sent.fault)
 
     def _on_register(self, identity: bytes, msg: wire.Register) -> None:
         problem = self.registry.register(identity, msg, started=self.started is not None)

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from synthgrad.common import wire  # noqa: E402
+from synthgrad.common.liveness import Process, reported  # noqa: E402
 from synthgrad.common.records import StageSummary, WorkerReport  # noqa: E402
 from tests.helpers import blank_record  # noqa: E402
 
@@ -94,7 +95,7 @@ def bad_messages(rng: random.Random, target: str, max_bytes: int, width: int, ba
             g = torch.randn(batch, width)
             forged = [
                 ("forged-register", lambda: wire.encode(wire.Register(rng.randrange(4), 1, "x"))),
-                ("forged-error", lambda: wire.encode(wire.Error(rng.randrange(4), "forged failure"))),
+                ("forged-error", lambda: wire.encode(wire.Error(rng.randrange(4), reported(Process.of_stage(0), "forged failure")))),
                 ("forged-done", lambda: wire.encode(wire.Done(rng.randrange(4), blank_record(StageSummary, steps=1)))),
                 ("forged-saved", lambda: wire.encode(wire.Saved(rng.randrange(4), 0, "/forged.pt", "x"))),
                 ("forged-metrics", lambda: wire.encode(wire.Metrics(rng.randrange(4), blank_record(WorkerReport, step=2**40)))),

@@ -11,6 +11,7 @@ import torch
 import zmq
 
 from synthgrad.common import wire
+from synthgrad.common.liveness import Process, reported
 from synthgrad.common.records import StageSummary, WorkerReport
 from synthgrad.coordinator.coordinator import Coordinator
 from tests.helpers import blank_record
@@ -101,7 +102,7 @@ def test_registered_stages_cannot_speak_for_others(coordinator):
     forgeries = [
         wire.Metrics(0, blank_record(WorkerReport, stage=0, step=5, samples_per_s=1.0)),
         wire.Done(0, blank_record(StageSummary, stage=0, steps=20, checkpoint="/x", host="h", last_step=19)),
-        wire.Error(0, "forged failure"),
+        wire.Error(0, reported(Process.of_stage(0), "forged failure")),
         wire.Saved(0, 3, "/forged.pt", "h"),
         wire.Ready(2, "tcp://127.0.0.1:9"),
         wire.Heartbeat(2),
@@ -125,7 +126,7 @@ def test_strangers_are_refused_every_kind(coordinator):
     _register_all(coordinator)
     stranger = _peer(coordinator, b"stranger")
     g = torch.zeros(64, 64)
-    kinds = [wire.Metrics(1, blank_record(WorkerReport, stage=1, step=5)), wire.Done(1, blank_record(StageSummary, stage=1)), wire.Error(1, "forged"), wire.Saved(1, 3, "/x", "h"),
+    kinds = [wire.Metrics(1, blank_record(WorkerReport, stage=1, step=5)), wire.Done(1, blank_record(StageSummary, stage=1)), wire.Error(1, reported(Process.of_stage(1), "forged")), wire.Saved(1, 3, "/x", "h"),
              wire.Grad(3, 0, True, g, sent_at=1e18), wire.Grad(3, 0, False, g), wire.Register(1, 1, "h"),
              wire.EvalResult(0, 5, 0.1, 0.99, 512), wire.Heartbeat(1)]
     for msg in kinds:
@@ -152,3 +153,31 @@ def test_the_coordinator_holds_its_state_in_a_few_parts(coordinator):
     faults, the clock, the start plan), so the shell stays readable: at most 20 attributes."""
     own = set(vars(coordinator)) - {"lines", "peer_ctx"}  # the two the fixture adds
     assert len(own) <= 20, sorted(own)
+
+
+def test_a_stages_error_names_its_replica_or_itself_with_the_cause(coordinator):
+    """ERROR carries a verdict: a replica's exit reaches the coordinator's verdict as the
+    replica's (cause, pid; its stage's host), a stage's own error as its own with what it ran
+    into, and a verdict about anyone else is taken as the stage's own words."""
+    import signal
+
+    from synthgrad.common.liveness import Cause, Fault, ProcessFailure, Role, exit_verdict
+    peers = _register_all(coordinator)
+    sent = [
+        (1, exit_verdict(Process.of_replica(1, 2, pid=4242), -signal.SIGKILL)),
+        (2, reported(Process.of_stage(2, 77), "NonFinite: loss of step 5 is NaN", fault=Fault.DIVERGED)),
+        (3, exit_verdict(Process.of_replica(0, 1, pid=5), 1)),  # stage 3 speaking of stage 0's replica
+    ]
+    got = []
+    for stage, verdict in sent:
+        peers[stage].send_multipart(wire.encode(wire.Error(stage, verdict)))
+        with pytest.raises(ProcessFailure) as caught:
+            _serve_until_quiet(coordinator)
+        got.append(caught.value.verdict)
+    replica, own, other = got
+    assert (replica.cause, replica.code, replica.process.role, replica.process.stage, replica.process.index,
+            replica.process.pid) == (Cause.KILLED, -signal.SIGKILL, Role.REPLICA, 1, 2, 4242)
+    assert str(replica) == "stage 1: its replica 2 (pid 4242 on h) killed by SIGKILL"  # on its stage's host
+    assert (own.cause, own.fault, own.process.role, own.process.pid) == (Cause.REPORTED, Fault.DIVERGED, Role.STAGE, 102)
+    assert str(own) == "stage 2 failed: NonFinite: loss of step 5 is NaN"
+    assert (other.cause, other.process.role, other.process.index) == (Cause.REPORTED, Role.STAGE, 3)

@@ -257,3 +257,21 @@ def test_the_wire_checks_every_field_a_choice_declares():
     assert wire._checked({"rank": 1, "kernel": 3, "flops": 1.0, "width": 5}, Wider, "X") == Wider(1, 3, 1.0, 5)
     with pytest.raises(wire.WireError, match="missing"):
         wire._checked({"rank": 1, "kernel": 3, "flops": 1.0}, Wider, "X")
+
+
+def test_an_error_carries_a_verdict_typed():
+    """ERROR says who failed and how in liveness's words: a replica's exit travels as itself."""
+    import signal
+
+    from synthgrad.common.liveness import Cause, Fault, Process, Role, exit_verdict, reported
+    for verdict in (exit_verdict(Process.of_replica(1, 2, pid=99), -signal.SIGKILL, "during the run"),
+                    reported(Process.of_stage(1, 7), "ConfigError: no", fault=Fault.CONFIGURATION)):
+        got = wire.decode(wire.encode(wire.Error(1, verdict)))
+        assert got == wire.Error(1, verdict) and got.verdict.cause in Cause and got.verdict.process.role in Role
+    fields = wire._plain_value(wire.Error(1, verdict))
+    for change, field in (({"cause": "exploded"}, "ERROR.verdict.cause"), ({"fault": 1}, "ERROR.verdict.fault"),
+                          ({"code": "9"}, "ERROR.verdict.code")):
+        bad = {**fields, "verdict": {**fields["verdict"], **change}}
+        with pytest.raises(wire.WireError) as info:
+            wire.decode([msgpack.packb({"kind": int(wire.Kind.ERROR), "fields": bad, "tensors": []})])
+        assert info.value.field == field

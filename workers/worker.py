@@ -31,12 +31,13 @@ from synthgrad.common.endpoints import CONNECT_TIMEOUT_S
 from synthgrad.common.evaluation import EvalTally
 from synthgrad.common.faults import FaultPlan
 from synthgrad.common.files import atomic_write_json
-from synthgrad.common.liveness import ProcessFailure, Role
+from synthgrad.common.liveness import ProcessFailure, Role, Verdict
 from synthgrad.common.placement import replica_blocks, self_sized_threads
 from synthgrad.common.procs import available_cores, die_with_parent, openmp_threads_sleep, pin_to_core, yield_cpu
 from synthgrad.common.security import Keys
 from synthgrad.common.wire import Phase
 from synthgrad.workers.checkpointing import StageCheckpoints, final_path
+from synthgrad.workers.errors import bounded, own_failure
 from synthgrad.workers.links import POLL_MS, Handlers, Links, Stopped
 from synthgrad.workers.replicas import ReplicatedLogic
 from synthgrad.workers.reporting import StageReporter
@@ -382,24 +383,23 @@ def run_worker(spec: WorkerSpec) -> None:
     except ProcessFailure as exc:  # the coordinator is gone (nobody to tell), or a replica is
         print(str(exc), file=sys.stderr, flush=True)
         code = 1
-        if not exc.verdict.about(Role.COORDINATOR):
-            _report(worker, spec.stage, str(exc.verdict))
+        if not exc.verdict.about(Role.COORDINATOR):  # a replica's: sent as it is
+            _report(worker, spec.stage, bounded(exc.verdict))
     except SystemExit as exc:  # SIGTERM: told to stop, nothing to report
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException as exc:  # report anything, then exit non-zero
         code = 1
         tb = traceback.format_exc(limit=4)
-        msg = f"{type(exc).__name__}: {exc}"
         print(f"[stage {spec.stage}] {tb}", file=sys.stderr, flush=True)
-        _report(worker, spec.stage, msg)
+        _report(worker, spec.stage, own_failure(spec.stage, exc))
     finally:
         worker.close()
     sys.exit(code)
 
 
-def _report(worker: LayerWorker, stage: int, message: str) -> None:
+def _report(worker: LayerWorker, stage: int, verdict: Verdict) -> None:
     """Tell the coordinator why this stage cannot go on (ERROR), if it can still be told."""
     try:
-        worker.links.send_coord(wire.Error(stage, message))
+        worker.links.send_coord(wire.Error(stage, verdict))
     except zmq.ZMQError:
         pass
