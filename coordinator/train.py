@@ -22,13 +22,13 @@ from synthgrad.common.data import total_steps
 from synthgrad.common.datasets import StreamOptions, check_dataset, count_train, data_spec
 from synthgrad.common.endpoints import tcp_host
 from synthgrad.common.files import atomic_write_json
-from synthgrad.common.liveness import Verdict
 from synthgrad.common.security import Guard, Keys, MonitorKeys, local_run_keys, resolve_keys
 from synthgrad.common.procs import ProcessGroup, warm_up, worker_environment
 from synthgrad.coordinator.coordinator import Coordinator, ProcessFailure, RunFailed
 from synthgrad.coordinator.layout import Layout, plan_layout
 from synthgrad.coordinator.pipeline import run_pipeline
 from synthgrad.coordinator import record
+from synthgrad.coordinator.restarts import decide, failure_record
 from synthgrad.coordinator.resume import read_manifest
 from synthgrad.coordinator.stream import StatusStream
 from synthgrad.workers.backprop import run_backprop
@@ -141,13 +141,14 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
     previous = record.previous_record(run_dir) if resume else None
     t0 = time.monotonic()
     status, error, summary = record.FAILED, None, None
+    failures: list[dict] = []  # --on-failure restart: each failure and what was done about it
     try:
         if cfg.mode == Mode.BACKPROP:
             summary = run_backprop(cfg, run_dir, log, stream, total)
         elif cfg.mode == Mode.PIPELINE:
             summary = run_pipeline(cfg, run_dir, log, stream, total, layout.placement)
         elif bind is None and cfg.on_failure == "restart":
-            summary = _train_restarting(cfg, run_dir, total, log, stream, resume, worker_keys, layout)
+            summary = _train_restarting(cfg, run_dir, total, log, stream, resume, worker_keys, layout, failures)
         else:
             summary = _train_workers(cfg, run_dir, total, log, stream, bind, on_listening, resume,
                                      worker_keys, layout)
@@ -166,6 +167,8 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print,
             monitor_keys.remove()
         if summary is None:  # it did not finish: what is known of it
             summary = record.partial_summary(cfg, stream.latest, stream.evals, time.monotonic() - t0)
+            if failures:  # and the failures that ended it, the last one not restarted
+                summary.update(failures=failures, restarts=sum(f["restarted"] for f in failures))
         summary = record.finish(summary, cfg=cfg, run_dir=run_dir, status=status, error=error,
                                 resumed_from=resume["step"] if resume else None, previous=previous)
         summary["config"] = cfg.to_dict()
@@ -224,12 +227,13 @@ def _write_summary(run_dir: Path, summary: dict, log: Callable[[str], None]) -> 
 
 def _train_restarting(cfg: RunConfig, run_dir: Path, total: int, log: Callable[[str], None],
                       stream: StatusStream, resume: Optional[dict], worker_keys: Optional[Keys],
-                      layout: Layout) -> dict:
-    """--on-failure restart: when the watchdog gives its verdict on a stage (it died, hung,
-    reported an error, or the run stalled), stop every stage and start them all again from the
-    last checkpoint complete on every stage: the surviving stages have moved past it, and one
-    consistent cut is what makes the result exact. Each failure is recorded from its verdict."""
-    failures: list[dict] = []
+                      layout: Layout, failures: list[dict]) -> dict:
+    """--on-failure restart: when a verdict on a stage or its replicas is one a restart can
+    mend (coordinator/restarts.py: it died, hung, the run stalled), stop every stage and start
+    them all again from the last checkpoint complete on every stage: the surviving stages have
+    moved past it, and one consistent cut is what makes the result exact. A failure that would
+    only repeat (training diverged, a configuration error) ends the run. Each failure is
+    recorded in `failures` from its verdict, with what was done about it."""
     t_run = time.monotonic()
     wall0 = resume["wall_s"] if resume else 0.0
     while True:
@@ -244,35 +248,28 @@ def _train_restarting(cfg: RunConfig, run_dir: Path, total: int, log: Callable[[
             break
         except ProcessFailure as exc:
             failed_at = time.monotonic()
-            if len(failures) >= cfg.max_restarts:
-                raise ProcessFailure(exc.verdict, note=f"after {len(failures)} restarts; "
-                                                       f"--max-restarts {cfg.max_restarts}") from None
+            decision = decide(exc.verdict, len(failures), cfg.max_restarts)
+            if not decision.restart:
+                failures.append({**failure_record(exc.verdict, decision), "after_s": failed_at - t_try})
+                log(decision.why)  # the verdict is the error raised, said by whoever reports it
+                raise ProcessFailure(exc.verdict, note=decision.why) from None
             manifest = (run_dir / "checkpoints" / "manifest.json")
             resume = read_manifest(run_dir) if manifest.is_file() else resume
             if resume is not None and resume.get("final"):
                 resume = None  # a final manifest of an earlier run in this folder is not ours
             reached = stream.latest.get(len(cfg.stage_groups) - 1, {}).get("step", -1)
             restart_from = resume["step"] if resume else -1
-            failures.append({**_failure_record(exc.verdict), "after_s": failed_at - t_try,
+            failures.append({**failure_record(exc.verdict, decision), "after_s": failed_at - t_try,
                              "reached_step": reached, "restarted_from_step": restart_from,
                              "steps_lost": max(reached - restart_from, 0), "_failed_at": failed_at})
             if resume is not None:  # the wall clock of the run goes on across restarts
                 resume = {**resume, "wall_s": wall0 + time.monotonic() - t_run}
             log(f"run failed: {exc.verdict}")
             log("restarting every stage from " + (f"the checkpoint at step {restart_from}" if resume else
-                "the beginning (no checkpoint yet)") + f" (restart {len(failures)} of at most {cfg.max_restarts})")
+                "the beginning (no checkpoint yet)") + f" ({decision.why})")
     summary["failures"] = failures
     summary["restarts"] = len(failures)
     return summary
-
-
-def _failure_record(verdict: Verdict) -> dict:
-    """A failure as the summary lists it: the verdict's words, and what they say as data (the
-    cause, which process)."""
-    who = verdict.process
-    return {"error": str(verdict), "cause": verdict.cause.value,
-            "process": who.name if who is not None else None,
-            "pid": who.pid if who is not None else None}
 
 
 def _coordinator_only(cfg: RunConfig, bind: str) -> RunConfig:

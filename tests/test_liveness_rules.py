@@ -1,7 +1,7 @@
 """The one liveness watch (common/liveness.py), on a made-up clock and made-up processes: each
 cause is found by its rule and named in the shared words, with the process it is about; the
-observers (coordinator, pipeline launcher, restart policy) read verdicts, not strings. No
-process is started here."""
+observers (coordinator, pipeline launcher) read verdicts, not strings (the restart policy's
+reading: tests/test_restart_policy.py). No process is started here."""
 from __future__ import annotations
 
 import json
@@ -28,7 +28,6 @@ from synthgrad.common.liveness import (
 )
 from synthgrad.common.reports import RunFailed
 from synthgrad.coordinator.pipeline import _explained
-from synthgrad.coordinator.train import _failure_record
 from synthgrad.coordinator.watchdog import Watchdog
 
 
@@ -219,8 +218,3 @@ def test_the_pipeline_explains_an_exit_with_a_ranks_own_words(tmp_path):
     stalled = Verdict((), Cause.STALLED, seconds=1.0, detail="x")
     assert _explained(tmp_path, watch, stalled) is stalled  # words are looked for after an exit only
 
-
-def test_the_restart_policy_records_the_verdict_as_data():
-    v = exit_verdict(Process.of_stage(2, 1234), -signal.SIGKILL, "during the run")
-    assert _failure_record(v) == {"error": "stage 2 (pid 1234) killed by SIGKILL during the run",
-                                  "cause": "killed", "process": "stage 2", "pid": 1234}
