@@ -7,10 +7,18 @@ kinds are what the figures are checked on.
                                            costs ~50x the first
     --model bench.models:row_transformer   image rows as tokens, linear 28->64, two encoder
                                            layers (64 wide, 4 heads), mean-pool, linear
+    --model bench.models:dominant_cnn      a cheap 5x5 stem, one heavy block of two 3x3 convs, a
+                                           strided conv, two linears (5 layers; one dominates)
+    --model bench.models:deep_cnn          eight 3x3 convs (32-32-pool-64-64-pool-128-128-128-128),
+                                           global pool, linear (9 layers)
+    --model bench.models:small_gpt         stream data (--dataset text): one-hot characters and
+                                           learned positions, 4 pre-norm causal blocks (d 128, 4
+                                           heads), a norm and a read-out at every position (6 layers)
 """
 from __future__ import annotations
 
 
+import torch
 from torch import nn
 
 
@@ -48,4 +56,67 @@ def row_transformer(input_shape, num_classes, width: int = 64, heads: int = 4):
     )
 
 
-__all__ = ["digits_cnn", "row_transformer"]
+def dominant_cnn(input_shape, num_classes):
+    c, h, w = input_shape
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(c, 16, 5, padding=2), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                      nn.MaxPool2d(2)),
+        nn.Sequential(nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten()),
+        nn.Sequential(nn.Linear(64 * ((h // 2 + 1) // 2) * ((w // 2 + 1) // 2), 128), nn.ReLU()),
+        nn.Linear(128, num_classes),
+    )
+
+
+def deep_cnn(input_shape, num_classes):
+    c, h, w = input_shape
+    widths = (32, 32, 64, 64, 128, 128, 128, 128)
+    pool_after = {1, 3}
+    units, previous = [], c
+    for i, width in enumerate(widths):
+        layer = [nn.Conv2d(previous, width, 3, padding=1), nn.ReLU()]
+        if i in pool_after:
+            layer.append(nn.MaxPool2d(2))
+        units.append(nn.Sequential(*layer))
+        previous = width
+    units.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(previous, num_classes)))
+    return nn.Sequential(*units)
+
+
+class _Embed(nn.Module):
+    """One-hot characters [B, T, V] to vectors, plus a learned vector per position."""
+
+    def __init__(self, vocab: int, width: int, positions: int):
+        super().__init__()
+        self.tokens = nn.Linear(vocab, width, bias=False)
+        self.positions = nn.Parameter(torch.randn(positions, width) * 0.02)
+
+    def forward(self, x):
+        return self.tokens(x) + self.positions[: x.shape[1]]
+
+
+class _Block(nn.Module):
+    """A pre-norm causal transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x):
+        t = x.shape[1]
+        causal = torch.triu(torch.ones(t, t, dtype=torch.bool, device=x.device), diagonal=1)
+        y = self.norm1(x)
+        x = x + self.attention(y, y, y, attn_mask=causal, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+def small_gpt(input_shape, num_classes, width: int = 128, heads: int = 4, blocks: int = 4):
+    positions, vocab = input_shape
+    return nn.Sequential(_Embed(vocab, width, positions), *[_Block(width, heads) for _ in range(blocks)],
+                         nn.Sequential(nn.LayerNorm(width), nn.Linear(width, num_classes)))
+
+
+__all__ = ["digits_cnn", "row_transformer", "dominant_cnn", "deep_cnn", "small_gpt"]

@@ -16,11 +16,24 @@ gradient plus a learned correction; a mode), and a candidate that did not become
 gradients travelled backward per step, each predictor's running cosine at the end and each
 stage's share of dead units (outputs zero on all of 1,024 test samples); writes bench/results/rules.json. Throughput is not
 measured here (one process): that is what `launch.py compare` does.
+
+The stage-by-stage diagnosis (docs/results.md, "Synthetic gradients at depth"):
+
+    python bench/rules.py --model bench.models:digits_cnn --batch-size 128 --epochs 2 \
+        --rules unlocked:10,local --probe-every 20          # each stage's gradient against the exact one
+    python bench/rules.py --model bench.models:digits_cnn --batch-size 128 --epochs 2 \
+        --rules unlocked:10 --oracle 0                      # stage 0 steps on exact gradients
+
+`--probe-every P`: every P steps, each stage's exact dL/dh at the current weights downstream
+(the batch it just ran, the same labels) is set beside what the stage stepped on: their cosine
+and relative error, per stage and per quarter of the run. `--oracle I`: stage I steps on that
+exact gradient every step (everything else as the rule says): what stage I's own error costs.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -34,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from synthgrad.common.config import RunConfig  # noqa: E402
 from synthgrad.common.data import eval_batches, train_batches  # noqa: E402
 from synthgrad.common.datasets import run_dataset  # noqa: E402
+from synthgrad.common.evaluation import EvalTally  # noqa: E402
 from synthgrad.common.models import build_units, stage_bounds, stage_io_shapes  # noqa: E402
 from synthgrad.common.modes import Corrected, UpdateRule  # noqa: E402
 from synthgrad.workers.stage import StageLogic  # noqa: E402
@@ -71,7 +85,78 @@ def _dead_units(stages: list[StageLogic], x: torch.Tensor) -> list[float]:
     return shares
 
 
-def train_rule(name: str, cfg: RunConfig, ds, hop_delay: int) -> dict:
+class Probe:
+    """Exact gradients at a stage's output: the batch it just ran, pushed through the current
+    weights of every stage after it to the loss, with the random number generator and every
+    buffer (batch norm's statistics) put back, so the run goes on exactly as without it."""
+
+    def __init__(self, stages: list[StageLogic], every: int, oracle: int | None):
+        self.stages = stages
+        self.every = every
+        self.oracle = oracle
+        self.rows: list[list[tuple[int, float, float]]] = [[] for _ in stages[:-1]]  # (step, cos, rel. error)
+
+    def exact(self, i: int, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        rng = torch.get_rng_state()
+        modules = [st.parts.layers.module for st in self.stages[i + 1:]]
+        buffers = [[b.clone() for b in m.buffers()] for m in modules]
+        leaf = h.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = leaf
+            for m in modules:
+                out = m(out)
+            loss = self.stages[-1].loss_fn(out, labels)
+            (g,) = torch.autograd.grad(loss, leaf)
+        for m, saved in zip(modules, buffers):
+            for b, v in zip(m.buffers(), saved):
+                b.copy_(v)
+        for m in modules:
+            m.zero_grad(set_to_none=True)
+        torch.set_rng_state(rng)
+        return g
+
+    def watch(self, i: int, st: StageLogic) -> None:
+        """Wrap stage i's rule: note (or, as the oracle, replace) what it steps on."""
+        rule = st.rule
+        local_gradient, step_scale = rule.local_gradient, rule.step_scale
+
+        def probed(step, h, labels, kept):
+            g = local_gradient(step, h, labels, kept)
+            probing = self.every and step % self.every == 0
+            if i == self.oracle or (probing and g is not None):
+                exact = self.exact(i, h, labels)
+                if probing and g is not None:
+                    a, b = g.reshape(-1).double(), exact.reshape(-1).double()
+                    cos = float(a @ b / max(float(a.norm() * b.norm()), 1e-30))
+                    self.rows[i].append((step, cos, float((a - b).norm() / max(float(b.norm()), 1e-30))))
+                if i == self.oracle:
+                    return exact
+            return g
+
+        rule.local_gradient = probed
+        if i == self.oracle:
+            rule.step_scale = lambda: 1.0
+        else:
+            rule.step_scale = step_scale
+
+    def summary(self, steps: int) -> list[dict]:
+        """Per stage: mean cosine and relative error over the run and per quarter of it."""
+        out = []
+        for i, rows in enumerate(self.rows):
+            if not rows:
+                out.append({"stage": i, "probes": 0})
+                continue
+            quarters = [[r for r in rows if q * steps <= 4 * r[0] < (q + 1) * steps] for q in range(4)]
+            out.append({"stage": i, "probes": len(rows),
+                        "cosine": sum(r[1] for r in rows) / len(rows),
+                        "relative_error": sum(r[2] for r in rows) / len(rows),
+                        "cosine_by_quarter": [round(sum(r[1] for r in q) / len(q), 3) if q else None
+                                              for q in quarters]})
+        return out
+
+
+def train_rule(name: str, cfg: RunConfig, ds, hop_delay: int, probe_every: int = 0,
+               oracle: int | None = None) -> dict:
     mode, rule, every = make_rule(name)
     cfg = cfg.replace(mode=mode, true_grad_every=every)
     rule = rule or cfg.rule
@@ -81,7 +166,13 @@ def train_rule(name: str, cfg: RunConfig, ds, hop_delay: int) -> dict:
     k = len(cfg.stage_groups)
     stages = [StageLogic(cfg, i, k, nn.Sequential(*units[a:b]), shapes[i][0], shapes[i][1], rule=rule)
               for i, (a, b) in enumerate(stage_bounds(cfg))]
-    pending: list[tuple[int, int, int, torch.Tensor]] = []  # (due step, stage, step, gradient)
+    probe = Probe(stages, probe_every, oracle)
+    if probe_every or oracle is not None:
+        if oracle is not None and not 0 <= oracle < k - 1:
+            raise SystemExit(f"--oracle {oracle}: a stage before the last (0..{k - 2})")
+        for i, st in enumerate(stages[:-1]):
+            probe.watch(i, st)
+    pending: list[tuple[int, int, int, torch.Tensor, bool]] = []  # (due step, stage, step, gradient, true)
     sent_back = step = 0
     t0 = time.perf_counter()
 
@@ -93,11 +184,11 @@ def train_rule(name: str, cfg: RunConfig, ds, hop_delay: int) -> dict:
                 return
             item = min(due, key=lambda p: (p[0], -p[1]))
             pending.remove(item)
-            _, i, s, g = item
+            _, i, s, g, true = item
             sent_back += 1
-            dx = stages[i].receive_grad(s, g, True)
+            dx = stages[i].receive_grad(s, g, true)
             if dx is not None and i > 0:
-                pending.append((now + delay, i - 1, s, dx))
+                pending.append((now + delay, i - 1, s, dx, true))
 
     for epoch in range(cfg.epochs):
         for x, y in train_batches(ds.train, cfg.batch_size, cfg.seed, epoch):
@@ -106,23 +197,25 @@ def train_rule(name: str, cfg: RunConfig, ds, hop_delay: int) -> dict:
             deliver(step)
             true_grad = rule.true_grad_at(step, every)
             h = x
-            for st in stages[:-1]:
+            for i, st in enumerate(stages[:-1]):
                 h = st.forward(step, h, y, true_grad)
-                st.local_update(step)
+                boot = st.local_update(step)  # --bootstrap: dL/dx of a step whose true gradient is not coming
+                if boot is not None and i > 0:
+                    pending.append((step + delay, i - 1, step, boot, False))
             _, dx = stages[-1].last_step(step, h, y, true_grad)
             if dx is not None:
-                pending.append((step + delay, k - 2, step, dx))
+                pending.append((step + delay, k - 2, step, dx, true_grad))
             step += 1
     deliver(10 ** 9)
-    correct = total = 0
     dead = _dead_units(stages, next(iter(eval_batches(ds.test, 1024)))[0])
-    for x, y in eval_batches(ds.test, 1024):
+    tally = EvalTally(stages[-1].loss_fn)
+    for n, (x, y) in enumerate(eval_batches(ds.test, 1024)):
         h = x
         for st in stages:
-            h = st.eval_forward(h)
-        correct += int((h.argmax(1) == y).sum())
-        total += int(y.shape[0])
-    return {"rule": name, "test_accuracy": correct / total, "steps": step, "dead_units": dead,
+            h = st.eval_forward(h, fresh=n == 0)
+        tally.add(h, y)
+    return {"rule": name, "test_accuracy": tally.accuracy, "test_loss": tally.loss, "steps": step,
+            "dead_units": dead, "probes": probe.summary(step),
             "sg_cosine": [round(st.parts.predictor.trust, 3) for st in stages if st.parts.predictor is not None],
             "gradients_back_per_step": sent_back / step, "seconds": time.perf_counter() - t0}
 
@@ -140,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="stop after this many steps")
     p.add_argument("--set", action="append", default=[], help="a RunConfig field=value for every rule (repeatable)")
     p.add_argument("--seeds", default="0", help="seeds to repeat every rule with (initial weights, batch order)")
+    p.add_argument("--probe-every", type=int, default=0,
+                   help="every P steps, set each stage's gradient beside the exact one (0: never)")
+    p.add_argument("--oracle", type=int, default=None, help="this stage steps on exact gradients every step")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "rules.json"))
     return p
 
@@ -173,19 +269,28 @@ def main() -> None:
     rows = []
     seeds = [int(v) for v in args.seeds.split(",")]
     for name in args.rules.split(","):
-        runs = [train_rule(name, cfg.replace(seed=seed), ds, args.hop_delay) for seed in seeds]
+        runs = [train_rule(name, cfg.replace(seed=seed), ds, args.hop_delay, args.probe_every, args.oracle)
+                for seed in seeds]
         accs = [r["test_accuracy"] for r in runs]
+        bits = [r["test_loss"] / math.log(2) for r in runs]
         mean = sum(accs) / len(accs)
         spread = (max(accs) - min(accs)) / 2
         rows.append({"rule": name, "seeds": seeds, "test_accuracy": accs, "mean": mean,
+                     "test_loss": [r["test_loss"] for r in runs], "oracle": args.oracle,
                      "dead_units": [r["dead_units"] for r in runs],
-                     "sg_cosine": [r["sg_cosine"] for r in runs],
+                     "sg_cosine": [r["sg_cosine"] for r in runs], "probes": [r["probes"] for r in runs],
                      "gradients_back_per_step": runs[0]["gradients_back_per_step"]})
-        print(f"{name:>14}  test accuracy {100 * mean:6.2f}% +- {100 * spread:.2f} ({len(seeds)} seeds)  "
+        in_bits = f"  bits per target {sum(bits) / len(bits):.3f}" if cfg.per_position else ""
+        print(f"{name:>14}  test accuracy {100 * mean:6.2f}% +- {100 * spread:.2f} ({len(seeds)} seeds){in_bits}  "
               f"gradients back per step {runs[0]['gradients_back_per_step']:.2f}  "
               f"({sum(r['seconds'] for r in runs):.0f}s)"
               + (f"  predictors' running cosine {runs[0]['sg_cosine']}" if runs[0]["sg_cosine"] else "")
               + f"  dead units per stage {runs[0]['dead_units']}", flush=True)
+        for stage in runs[0]["probes"]:
+            if stage["probes"]:
+                print(f"{'':>16}stage {stage['stage']}: cosine with the exact gradient {stage['cosine']:.3f} "
+                      f"(by quarter {stage['cosine_by_quarter']}), relative error {stage['relative_error']:.3f}",
+                      flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"epochs": args.epochs, "layers": args.layers,
                                           "hop_delay": args.hop_delay, "rows": rows}, indent=2) + "\n")

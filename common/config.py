@@ -146,6 +146,13 @@ class RunConfig:
                                        "backward pass x this; below 1 it keeps the bootstrapped targets (each "
                                        "holds the next window's prediction) from growing without bound")
     bootstrap: bool = SYNTHETIC.opt(False, "train SG_i also on the next stage's synthetic gradient")
+    head_depth: int = SYNTHETIC.opt(0, "local heads (modes local, corrected, residual): hidden layers before "
+                                    "the classifier, each a 3x3 conv of the activation's channels (conv "
+                                    "activations) or a dense layer of its width")
+    head_reconstruct: float = SYNTHETIC.opt(0.0, "local heads: the weight of a second local loss, the mean "
+                                            "squared error of decoding the stage's input from its output "
+                                            "(InfoPro's reconstruction term: an early stage keeps what later "
+                                            "ones need); 0: none")
 
     microbatches: int = PIPELINE.opt(4, "pipeline: microbatches per batch (must divide --batch-size)")
     schedule: str = PIPELINE.opt("1f1b", "pipeline: gpipe | 1f1b")

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from synthgrad.common.models import LocalHead, SyntheticGradient, build_units, unit_shapes
+from synthgrad.common.models import LocalHead, Reconstruction, SyntheticGradient, build_units, unit_shapes
 
 if TYPE_CHECKING:  # annotations only
     from synthgrad.common.config import RunConfig
@@ -187,20 +187,27 @@ class HeadChoice:
     per sample (it trains every step)."""
     pool: int
     flops: float
+    depth: int = 0  # hidden layers before the classifier (--head-depth)
+    # the stage's input shape, decoded from its output (--head-reconstruct); None: no decoder
+    reconstructs: Optional[tuple[int, ...]] = None
 
     def build(self, cfg: RunConfig, out_shape: Sequence[int]) -> LocalHead:
-        return LocalHead(out_shape, cfg.classes, self.pool, cfg.per_position)
+        return LocalHead(out_shape, cfg.classes, self.pool, cfg.per_position, self.depth, self.reconstructs)
 
 
 HEAD_POOLS = (2, 1)  # a conv activation's head pools to 2x2 (DGL's auxiliary nets), else 1x1
 
 
 @functools.lru_cache(maxsize=1024)
-def _head_flops(out_shape: tuple[int, ...], classes: int, pool: int, per_position: bool = False) -> float:
-    return training_flops(LocalHead(out_shape, classes, pool, per_position), out_shape)
+def _head_flops(out_shape: tuple[int, ...], classes: int, pool: int, per_position: bool = False,
+                depth: int = 0, reconstructs: Optional[tuple[int, ...]] = None) -> float:
+    head = LocalHead(out_shape, classes, pool, per_position, depth, reconstructs)
+    decoding = training_flops(head.decoder, out_shape) if head.decoder is not None else 0.0
+    return training_flops(head, out_shape) + decoding
 
 
-def choose_head(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float) -> HeadChoice:
+def choose_head(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
+                in_shape: Optional[Sequence[int]] = None) -> HeadChoice:
     """The local head a stage gets: priced against the stage's own training FLOPs like a
     predictor (`--sg-budget`). A conv activation's head pools to 2x2, or to 1x1 when 2x2 is
     over the budget. A head is at least a linear map from the activation's features to the
@@ -208,19 +215,24 @@ def choose_head(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float) ->
     shape = tuple(out_shape)
     pools = HEAD_POOLS if len(shape) == 3 else (HEAD_POOLS[0],)
     budget = cfg.sg_budget * stage_flops
+    depth = cfg.head_depth
+    wanted = cfg.head_reconstruct > 0 and in_shape is not None and Reconstruction.fits(shape, in_shape)
+    reconstructs = tuple(in_shape) if wanted and in_shape is not None else None
     for pool in pools:
-        flops = _head_flops(shape, cfg.classes, pool, cfg.per_position)
+        flops = _head_flops(shape, cfg.classes, pool, cfg.per_position, depth, reconstructs)
         if flops <= budget:
-            return HeadChoice(pool, flops)
-    return HeadChoice(pools[-1], _head_flops(shape, cfg.classes, pools[-1], cfg.per_position))
+            return HeadChoice(pool, flops, depth, reconstructs)
+    return HeadChoice(pools[-1], _head_flops(shape, cfg.classes, pools[-1], cfg.per_position, depth, reconstructs),
+                      depth, reconstructs)
 
 
-def predictor_cost(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float = 0.0) -> float:
+def predictor_cost(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float = 0.0,
+                   in_shape: Optional[Sequence[int]] = None) -> float:
     """FLOPs per sample a (non-last) stage spends on its own helper models, averaged over steps:
     a synthetic-gradient model predicts every step and trains (forward and backward) on
     true-gradient steps; a local classifier head trains every step. `stage_flops`: the stage's
     own layers, which auto-sized helpers are priced against."""
-    helpers = choose_helpers(cfg, is_last=False, out_shape=out_shape, stage_flops=stage_flops)
+    helpers = choose_helpers(cfg, is_last=False, out_shape=out_shape, stage_flops=stage_flops, in_shape=in_shape)
     return sum(c.flops for c in (helpers.predictor, helpers.head) if c is not None)
 
 
@@ -252,7 +264,7 @@ class Helpers:
 
 
 def choose_helpers(cfg: RunConfig, *, is_last: bool, out_shape: Sequence[int], stage_flops: float,
-                   state_widths: Sequence[int] = ()) -> Helpers:
+                   state_widths: Sequence[int] = (), in_shape: Optional[Sequence[int]] = None) -> Helpers:
     """The helper models the run's rule gives a stage: a predictor of its output and a local
     head (not on the last stage, whose gradient is exact) where the rule uses them, and a state
     predictor per recurrent layer (`state_widths`) where the rule predicts gradients on stream
@@ -261,7 +273,7 @@ def choose_helpers(cfg: RunConfig, *, is_last: bool, out_shape: Sequence[int], s
     if rule is None:
         return Helpers()
     predictor = choose_predictor(cfg, out_shape, stage_flops) if rule.uses_predictor and not is_last else None
-    head = choose_head(cfg, out_shape, stage_flops) if rule.uses_head and not is_last else None
+    head = choose_head(cfg, out_shape, stage_flops, in_shape) if rule.uses_head and not is_last else None
     states = tuple(choose_predictor(cfg.replace(conditioned=False), (width,), stage_flops)
                    for width in state_widths) if rule.uses_predictor and cfg.per_position else ()
     return Helpers(predictor, head, states)
@@ -274,13 +286,13 @@ def stage_costs(cfg: RunConfig, groups: Sequence[int], units: Optional[Sequence[
     loss)."""
     units = list(units) if units is not None else build_units(cfg)
     costs = list(costs) if costs is not None else unit_costs(cfg, units)
-    shapes = unit_shapes(units, cfg.sample_shape)
+    shapes = [cfg.sample_shape, *unit_shapes(units, cfg.sample_shape)]
     out, start = [], 0
     for i, n in enumerate(groups):
         end = start + n
         cost = sum(costs[start:end])
         if i < len(groups) - 1:
-            cost += predictor_cost(cfg, shapes[end - 1], cost)
+            cost += predictor_cost(cfg, shapes[end], cost, shapes[start])
         out.append(cost)
         start = end
     return out

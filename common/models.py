@@ -342,21 +342,28 @@ class LocalHead(nn.Module):
     sequence's head classifies every position."""
 
     def __init__(self, shape: Sequence[int], num_classes: int = NUM_CLASSES, pool: int = 2,
-                 per_position: bool = False):
+                 per_position: bool = False, depth: int = 0, reconstructs: Optional[Sequence[int]] = None):
         super().__init__()
         shape = tuple(shape)
+        # decodes the stage's input (of shape `reconstructs`) from its output: --head-reconstruct
+        self.decoder = Reconstruction(shape, reconstructs) if reconstructs is not None else None
         if per_position:
             if len(shape) != 2:
                 raise ValueError(f"a local head for targets at every position needs [time, features] "
                                  f"activations, got {shape}")
-            self.net = nn.Linear(shape[1], num_classes)
+            self.net = nn.Sequential(*_hidden_dense(shape[1], depth), nn.Linear(_read_width(shape[1], depth),
+                                                                                num_classes))
         elif len(shape) == 1:
-            self.net = nn.Linear(shape[0], num_classes)
+            self.net = nn.Sequential(*_hidden_dense(shape[0], depth), nn.Linear(_read_width(shape[0], depth),
+                                                                                num_classes))
         elif len(shape) == 3:
-            self.net = nn.Sequential(nn.AdaptiveAvgPool2d(pool), nn.Flatten(),
-                                     nn.Linear(shape[0] * pool * pool, num_classes))
+            c = shape[0]
+            convs = [m for _ in range(depth) for m in (nn.Conv2d(c, c, 3, padding=1), nn.ReLU())]
+            self.net = nn.Sequential(*convs, nn.AdaptiveAvgPool2d(pool), nn.Flatten(),
+                                     nn.Linear(c * pool * pool, num_classes))
         elif len(shape) == 2:
-            self.net = nn.Sequential(_MeanOverPositions(), nn.Linear(shape[1], num_classes))
+            self.net = nn.Sequential(_MeanOverPositions(), *_hidden_dense(shape[1], depth),
+                                     nn.Linear(_read_width(shape[1], depth), num_classes))
         elif shape and math.prod(shape) >= 1:
             self.net = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), num_classes))
         else:
@@ -364,6 +371,56 @@ class LocalHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.net(h)
+
+
+HEAD_HIDDEN_MAX = 256  # a dense head's hidden width: the activation's, up to this
+
+
+def _hidden_dense(width: int, depth: int) -> list[nn.Module]:
+    hidden = min(width, HEAD_HIDDEN_MAX)
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Linear(width if i == 0 else hidden, hidden), nn.ReLU()]
+    return layers
+
+
+def _read_width(width: int, depth: int) -> int:
+    return min(width, HEAD_HIDDEN_MAX) if depth else width
+
+
+RECONSTRUCTION_MAX_WEIGHTS = 1 << 22  # a decoder larger than this is not built (the stage keeps its classifier)
+
+
+class Reconstruction(nn.Module):
+    """Decodes a stage's input from its output (InfoPro's reconstruction term, Wang et al. 2021,
+    here of the stage's own input, the one it can see): a local loss that rewards keeping what
+    the input held, where a classifier alone lets an early stage discard what later stages
+    need. Conv output to conv input: a 3x3 conv to the input's channels, resized to its size;
+    vectors (or every position of a sequence) to vectors: a linear map. None where no decoder
+    of this kind fits (`for_shapes`)."""
+
+    def __init__(self, out_shape: Sequence[int], in_shape: Sequence[int]):
+        super().__init__()
+        self.in_shape = tuple(in_shape)
+        if len(out_shape) == 3:
+            self.net: nn.Module = nn.Conv2d(out_shape[0], in_shape[0], 3, padding=1)
+        else:
+            self.net = nn.Linear(out_shape[-1], in_shape[-1])
+
+    @staticmethod
+    def fits(out_shape: Sequence[int], in_shape: Sequence[int]) -> bool:
+        out_shape, in_shape = tuple(out_shape), tuple(in_shape)
+        if len(out_shape) == 3 and len(in_shape) == 3:
+            return out_shape[0] * in_shape[0] * 9 <= RECONSTRUCTION_MAX_WEIGHTS
+        if len(out_shape) == len(in_shape) and len(out_shape) in (1, 2) and out_shape[:-1] == in_shape[:-1]:
+            return out_shape[-1] * in_shape[-1] <= RECONSTRUCTION_MAX_WEIGHTS
+        return False
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        y = self.net(h)
+        if y.dim() == 4 and tuple(y.shape[2:]) != self.in_shape[1:]:
+            y = F.interpolate(y, size=self.in_shape[1:], mode="bilinear", align_corners=False)
+        return y
 
 
 class _MeanOverPositions(nn.Module):

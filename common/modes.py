@@ -67,6 +67,11 @@ class Stage(Protocol):
     latest_step: int  # the latest step it has run forward
 
     @property
+    def step_input(self) -> Optional["torch.Tensor"]:
+        """The input of the step in hand (between its forward pass and its update): what a
+        local head's decoder learns to reconstruct."""
+
+    @property
     def holding(self) -> bool:
         """A step has run forward and not yet taken its own update (its graph holds the current
         weights, so an update that comes in meanwhile waits for it)."""
@@ -243,7 +248,7 @@ class Local(UpdateRule):
         return 1.0  # a true gradient, of a local loss
 
     def local_gradient(self, step, h, labels, kept):
-        return self.parts.head.gradient(step, h, labels)
+        return self.parts.head.gradient(step, h, labels, self.stage.step_input)
 
     def on_gradient(self, step, kept, g, true_grad):
         raise ValueError(f"stage {self.stage.stage}: a gradient arrived for step {step}, but mode local "
@@ -287,7 +292,7 @@ class Corrected(UpdateRule):
         return 1.0  # true gradients: of a local loss now, of the network's later
 
     def local_gradient(self, step, h, labels, kept):
-        return self.parts.head.gradient(step, h, labels)
+        return self.parts.head.gradient(step, h, labels, self.stage.step_input)
 
     def on_gradient(self, step, kept, g, true_grad):
         return self.apply_late(step, kept, g)
@@ -313,7 +318,7 @@ class Residual(UpdateRule):
         return 1.0
 
     def local_gradient(self, step, h, labels, kept):
-        head = self.parts.head.gradient(step, h, labels)
+        head = self.parts.head.gradient(step, h, labels, self.stage.step_input)
         predictor = self.parts.predictor
         correction = predictor.predict(h, labels)
         if kept is not None:  # a gradient will come back for this step (true, or bootstrapped)

@@ -302,8 +302,9 @@ class Head:
     key = "head"
 
     def __init__(self, model: LocalHead, optimizer: torch.optim.Optimizer, choice: HeadChoice, share: Share,
-                 per_position: bool = False, stage: int = 0):
+                 per_position: bool = False, stage: int = 0, reconstruct: float = 0.0):
         self.stage = stage
+        self.reconstruct = reconstruct  # the decoder's loss weight (where the choice built one)
         self.model = model
         self.optimizer = optimizer
         self.choice = choice
@@ -317,13 +318,17 @@ class Head:
         torch.manual_seed(seed)
         model = choice.build(cfg, out_shape).to(device)
         return cls(model, make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum), choice, share,
-                   cfg.per_position, stage)
+                   cfg.per_position, stage, cfg.head_reconstruct)
 
-    def gradient(self, step: int, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Train the head one step on h and return dL_local/dh (a mean over the batch)."""
+    def gradient(self, step: int, h: torch.Tensor, labels: torch.Tensor,
+                 x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Train the head one step on h and return dL_local/dh (a mean over the batch). `x`: the
+        stage's input, which a head with a decoder also learns to reconstruct from h."""
         t0 = time.perf_counter()
         h_leaf = h.detach().float().requires_grad_(True)
         loss = self.loss_fn(self.model(h_leaf), labels)
+        if self.model.decoder is not None and x is not None:
+            loss = loss + self.reconstruct * F.mse_loss(self.model.decoder(h_leaf), x.detach().float())
         require_finite(loss.detach(), "the local head's loss", self.stage, step)
         self.optimizer.zero_grad(set_to_none=True)
         self.share.loss(loss).backward()

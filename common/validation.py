@@ -134,6 +134,8 @@ def check_synthetic(cfg: RunConfig) -> None:
     within(cfg, "sg_budget", 0, 10, lo_open=True)
     need(cfg.true_grad_every >= 1, "--true-grad-every must be at least 1")
     need(cfg.sg_hidden is None or cfg.sg_hidden >= 1, "--sg-hidden must be at least 1")
+    within(cfg, "head_depth", 0, 8)
+    within(cfg, "head_reconstruct", 0, 1000)
     rule = cfg.mode.rule
     need(not cfg.bootstrap or (rule is not None and rule.uses_predictor),
          "--bootstrap trains synthetic-gradient models on each other: only mode unlocked has them")

@@ -183,12 +183,12 @@ def plan_layout(cfg: RunConfig) -> tuple[RunConfig, Optional[Layout]]:
                               f"without them shares the stage of the one before); use --stages {len(runs)} "
                               f"or fewer")
         n = len(units)
-        shapes = unit_shapes(units, cfg.sample_shape)
+        shapes = [cfg.sample_shape, *unit_shapes(units, cfg.sample_shape)]
 
         def group_cost(a: int, b: int) -> float:  # blocks a..b-1: their units, and the predictor unless last
             first, end = runs[a][0], runs[b - 1][1]
             own = sum(costs[first:end])
-            return own + (predictor_cost(cfg, shapes[end - 1], own) if end < n else 0.0)
+            return own + (predictor_cost(cfg, shapes[end], own, shapes[first]) if end < n else 0.0)
 
         block_groups = partition(len(runs), k, group_cost)
         bounds = [0, *itertools.accumulate(block_groups)]
@@ -220,7 +220,7 @@ def _helper_models(cfg: RunConfig, units, costs) -> tuple[tuple[float, ...], tup
                   if rule is not None and rule.uses_predictor and cfg.per_position else [])
         own_flops.append(own)
         helpers.append(choose_helpers(cfg, is_last=i == len(cfg.stage_groups) - 1, out_shape=shapes[end],
-                                      stage_flops=own, state_widths=widths))
+                                      stage_flops=own, state_widths=widths, in_shape=shapes[start]))
         start = end
     return tuple(own_flops), tuple(helpers)
 

@@ -184,6 +184,11 @@ class StageLogic:
         """A step ran forward and awaits its own update (the rules' Stage protocol)."""
         return self._pending is not None
 
+    @property
+    def step_input(self) -> Optional[torch.Tensor]:
+        """The input of the step between its forward pass and its update (None outside one)."""
+        return None if self._pending is None else self._pending[2]
+
     def begin_epoch(self, epoch: int) -> None:
         """A training step of `epoch` comes next: a new epoch restarts the streams (recurrent
         layers start from zero)."""
@@ -260,8 +265,10 @@ class StageLogic:
     def _local_update(self, step: int) -> Optional[torch.Tensor]:
         pstep, h, x, keep_graph, labels = self._pending
         assert pstep == step, "local_update must follow forward of the same step"
-        self._pending = None
-        grad = self.rule.local_gradient(step, h, labels, self.kept.get(step))
+        try:  # the rule may read the step's input (step_input) meanwhile
+            grad = self.rule.local_gradient(step, h, labels, self.kept.get(step))
+        finally:
+            self._pending = None
         if grad is None:
             return None
         scale = self.rule.step_scale()
@@ -394,7 +401,7 @@ def stage_helpers(cfg: RunConfig, module: nn.Module, in_shape: tuple[int, ...], 
         return Helpers()
     widths = state_sizes(module, in_shape) if predicts_states else []
     return choose_helpers(cfg, is_last=is_last, out_shape=out_shape, stage_flops=training_flops(module, in_shape),
-                          state_widths=widths)
+                          state_widths=widths, in_shape=in_shape)
 
 
 @dataclass(frozen=True)

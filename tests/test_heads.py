@@ -1,0 +1,75 @@
+"""Local heads at depth (--head-depth, --head-reconstruct): what each builds, what it costs,
+and that the decoder's loss reaches the gradient a stage steps on. No processes."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from synthgrad.common.config import ConfigError, RunConfig
+from synthgrad.common.costs import choose_head
+from synthgrad.common.models import LocalHead, Reconstruction
+from synthgrad.common.parts import Head, Share
+
+
+@pytest.mark.parametrize("shape", [(32, 12, 12), (300,), (16, 24)])
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_a_head_has_the_hidden_layers_it_was_asked_for(shape, depth):
+    head = LocalHead(shape, 10, pool=2, depth=depth)
+    hidden = [m for m in head.net if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))][:-1]
+    assert len(hidden) == depth
+    assert head(torch.randn(3, *shape)).shape == (3, 10)
+    per_position = LocalHead((16, 24), 10, per_position=True, depth=depth)
+    assert per_position(torch.randn(3, 16, 24)).shape == (3, 16, 10)
+
+
+def test_a_wide_dense_head_stays_narrow_inside():
+    head = LocalHead((9216,), 10, depth=1)
+    assert head.net[0].out_features == 256  # not 9216 x 9216 weights
+
+
+@pytest.mark.parametrize("out_shape,in_shape,fits", [
+    ((32, 26, 26), (1, 28, 28), True),  # conv to conv: resized
+    ((64, 8, 8), (32, 16, 16), True),
+    ((128,), (784,), True),
+    ((16, 24), (16, 9), True),  # every position to its own input
+    ((9216,), (32, 26, 26), False),  # flattened: no spatial decoder
+    ((4096,), (4096,), False),  # over the weight limit
+])
+def test_a_decoder_is_built_where_one_fits(out_shape, in_shape, fits):
+    assert Reconstruction.fits(out_shape, in_shape) is fits
+    if fits:
+        decoder = Reconstruction(out_shape, in_shape)
+        assert decoder(torch.randn(2, *out_shape)).shape == (2, *in_shape)
+
+
+def test_the_layout_gives_a_decoder_only_when_asked_and_prices_it():
+    cfg = RunConfig(mode="local", input_shape=(1, 28, 28), num_classes=10)
+    plain = choose_head(cfg, (32, 26, 26), 1e6, in_shape=(1, 28, 28))
+    asked = choose_head(cfg.replace(head_reconstruct=1.0), (32, 26, 26), 1e6, in_shape=(1, 28, 28))
+    assert plain.reconstructs is None and asked.reconstructs == (1, 28, 28)
+    assert asked.flops > plain.flops
+    flat = choose_head(cfg.replace(head_reconstruct=1.0), (9216,), 1e6, in_shape=(32, 26, 26))
+    assert flat.reconstructs is None  # no decoder of this kind fits: the classifier alone
+
+
+def test_the_decoders_loss_is_part_of_the_gradient_a_stage_steps_on():
+    torch.manual_seed(0)
+    cfg = RunConfig(mode="local", input_shape=(1, 8, 8), num_classes=10, head_reconstruct=2.0, lr=0.0)
+    choice = choose_head(cfg, (4, 8, 8), 1e9, in_shape=(1, 8, 8))
+    head = Head.build(choice, cfg, (4, 8, 8), seed=0, device=torch.device("cpu"), share=Share())
+    h, x, y = torch.randn(5, 4, 8, 8), torch.randn(5, 1, 8, 8), torch.randint(0, 10, (5,))
+    got = head.gradient(0, h, y, x)
+    leaf = h.clone().requires_grad_(True)
+    loss = F.cross_entropy(head.model(leaf), y) + 2.0 * F.mse_loss(head.model.decoder(leaf), x)
+    (want,) = torch.autograd.grad(loss, leaf)
+    torch.testing.assert_close(got, want)  # the same operations in the same order: equal
+    without = head.gradient(1, h, y)  # no input given: the classifier's gradient alone
+    assert not torch.allclose(without, got)
+
+
+def test_head_options_are_checked():
+    for bad in ({"head_depth": -1}, {"head_depth": 9}, {"head_reconstruct": -0.5},
+                {"head_reconstruct": float("nan")}):
+        with pytest.raises(ConfigError, match="head"):
+            RunConfig(mode="local", **bad).validate()
