@@ -12,7 +12,6 @@ the same partition and placement on every machine.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -244,20 +243,6 @@ class Helpers:
     predictor: Optional[PredictorChoice] = None
     head: Optional[HeadChoice] = None
     state_predictors: tuple[PredictorChoice, ...] = ()  # one per recurrent layer (stream data)
-
-    def to_dict(self) -> dict:
-        return {"predictor": None if self.predictor is None else dataclasses.asdict(self.predictor),
-                "head": None if self.head is None else dataclasses.asdict(self.head),
-                "state_predictors": [dataclasses.asdict(c) for c in self.state_predictors]}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Helpers":
-        try:
-            return cls(None if d.get("predictor") is None else PredictorChoice(**d["predictor"]),
-                       None if d.get("head") is None else HeadChoice(**d["head"]),
-                       tuple(PredictorChoice(**c) for c in d.get("state_predictors") or ()))
-        except (TypeError, AttributeError) as exc:
-            raise ValueError(f"helper models: {exc}") from None
 
     def flops(self) -> float:
         return sum(c.flops for c in (self.predictor, self.head, *self.state_predictors) if c is not None)
