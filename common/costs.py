@@ -189,9 +189,11 @@ class HeadChoice:
     depth: int = 0  # hidden layers before the classifier (--head-depth)
     # the stage's input shape, decoded from its output (--head-reconstruct); None: no decoder
     reconstructs: Optional[tuple[int, ...]] = None
+    scale_free: bool = False  # reads its input over its RMS (--head-norm)
 
     def build(self, cfg: RunConfig, out_shape: Sequence[int]) -> LocalHead:
-        return LocalHead(out_shape, cfg.classes, self.pool, cfg.per_position, self.depth, self.reconstructs)
+        return LocalHead(out_shape, cfg.classes, self.pool, cfg.per_position, self.depth, self.reconstructs,
+                         self.scale_free)
 
 
 HEAD_POOLS = (2, 1)  # a conv activation's head pools to 2x2 (DGL's auxiliary nets), else 1x1
@@ -220,9 +222,9 @@ def choose_head(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
     for pool in pools:
         flops = _head_flops(shape, cfg.classes, pool, cfg.per_position, depth, reconstructs)
         if flops <= budget:
-            return HeadChoice(pool, flops, depth, reconstructs)
+            return HeadChoice(pool, flops, depth, reconstructs, cfg.head_norm)
     return HeadChoice(pools[-1], _head_flops(shape, cfg.classes, pools[-1], cfg.per_position, depth, reconstructs),
-                      depth, reconstructs)
+                      depth, reconstructs, cfg.head_norm)
 
 
 def predictor_cost(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float = 0.0,

@@ -342,9 +342,14 @@ class LocalHead(nn.Module):
     sequence's head classifies every position."""
 
     def __init__(self, shape: Sequence[int], num_classes: int = NUM_CLASSES, pool: int = 2,
-                 per_position: bool = False, depth: int = 0, reconstructs: Optional[Sequence[int]] = None):
+                 per_position: bool = False, depth: int = 0, reconstructs: Optional[Sequence[int]] = None,
+                 scale_free: bool = False):
         super().__init__()
         shape = tuple(shape)
+        # reads h over its root mean square (per sample; per position with targets at every
+        # position): the head's loss then has no gradient along h itself, so it cannot grow the
+        # stage's activations, which a classifier's loss otherwise does without bound
+        self.scale_free = _RootMeanSquare(per_position) if scale_free else None
         # decodes the stage's input (of shape `reconstructs`) from its output: --head-reconstruct
         self.decoder = Reconstruction(shape, reconstructs) if reconstructs is not None else None
         if per_position:
@@ -359,7 +364,11 @@ class LocalHead(nn.Module):
         elif len(shape) == 3:
             c = shape[0]
             convs = [m for _ in range(depth) for m in (nn.Conv2d(c, c, 3, padding=1), nn.ReLU())]
-            self.net = nn.Sequential(*convs, nn.AdaptiveAvgPool2d(pool), nn.Flatten(),
+            # hidden convs see the map pooled to at most HEAD_CONV_SIDE a side, so a head on a
+            # large early map costs about what one on a late map does
+            shrink = ([nn.AdaptiveAvgPool2d((min(shape[1], HEAD_CONV_SIDE), min(shape[2], HEAD_CONV_SIDE)))]
+                      if depth and max(shape[1:]) > HEAD_CONV_SIDE else [])
+            self.net = nn.Sequential(*shrink, *convs, nn.AdaptiveAvgPool2d(pool), nn.Flatten(),
                                      nn.Linear(c * pool * pool, num_classes))
         elif len(shape) == 2:
             self.net = nn.Sequential(_MeanOverPositions(), *_hidden_dense(shape[1], depth),
@@ -370,10 +379,21 @@ class LocalHead(nn.Module):
             raise ValueError(f"no local head for activations of shape {shape}")
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.net(h)
+        return self.net(h if self.scale_free is None else self.scale_free(h))
+
+
+class _RootMeanSquare(nn.Module):
+    def __init__(self, per_position: bool):
+        super().__init__()
+        self.per_position = per_position
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(2 if self.per_position else 1, h.dim()))
+        return h * torch.rsqrt(h.pow(2).mean(dim=dims, keepdim=True) + 1e-6)
 
 
 HEAD_HIDDEN_MAX = 256  # a dense head's hidden width: the activation's, up to this
+HEAD_CONV_SIDE = 8  # a conv head's hidden layers run on a map of at most this many pixels a side
 
 
 def _hidden_dense(width: int, depth: int) -> list[nn.Module]:

@@ -73,3 +73,32 @@ def test_head_options_are_checked():
                 {"head_reconstruct": float("nan")}):
         with pytest.raises(ConfigError, match="head"):
             RunConfig(mode="local", **bad).validate()
+
+
+@pytest.mark.parametrize("shape,per_position", [((8, 12, 12), False), ((40,), False), ((6, 16), True)])
+def test_a_scale_free_head_gives_no_gradient_along_the_activation(shape, per_position):
+    """--head-norm: the head reads h over its RMS, so scaling h changes nothing it computes and
+    its loss cannot push the stage's activations to grow (the gradient is orthogonal to h, per
+    sample, or per position with targets at every position)."""
+    torch.manual_seed(0)
+    head = LocalHead(shape, 10, per_position=per_position, scale_free=True).double()
+    h = torch.randn(4, *shape, dtype=torch.float64, requires_grad=True)
+    # equal but for the RMS's epsilon (1e-6 beside a mean square of about 1): ~1e-6 relative
+    torch.testing.assert_close(head(3.0 * h), head(h), rtol=1e-5, atol=1e-5)
+    labels = torch.randint(0, 10, (4, shape[0]) if per_position else (4,))
+    logits = head(h)
+    F.cross_entropy(logits.reshape(-1, 10), labels.reshape(-1)).backward()
+    dims = tuple(range(2 if per_position else 1, h.dim()))
+    along = (h.grad * h).sum(dim=dims) / (h.grad.pow(2).sum(dim=dims) * h.pow(2).sum(dim=dims)).sqrt()
+    # the cosine of the gradient with h: what is left comes from the RMS's epsilon (1e-6 against
+    # an RMS of about 1), not from rounding (float64)
+    assert along.abs().max() < 1e-5
+
+
+def test_a_conv_heads_hidden_layers_run_on_a_small_map():
+    head = LocalHead((16, 26, 26), 10, depth=1)
+    conv = next(m for m in head.net if isinstance(m, torch.nn.Conv2d))
+    seen = {}
+    conv.register_forward_hook(lambda m, i, o: seen.update(side=i[0].shape[-1]))
+    head(torch.randn(2, 16, 26, 26))
+    assert seen["side"] == 8  # HEAD_CONV_SIDE: the early map is pooled first
