@@ -9,10 +9,11 @@ data, and honest about accuracy: every rule sees the same batches in the same or
     python bench/rules.py --model bench.models:digits_cnn --batch-size 128 --steps 300 \
         --rules backprop,unlocked:10 --set sg_true_updates=false     # any RunConfig field
 
-Rules: backprop (no delay: the reference), unlocked:N (DNI), local (DGL), delayed (DDG),
-corrected:N (local heads plus every N-th true gradient; a mode), residual:N (the head's
-gradient plus a learned correction; a mode), and a candidate that did not become a mode
-(swapped:N, below). Prints test accuracy per rule, how many
+Rules: backprop (no delay: the reference), unlocked:N (the mode as the run's options say;
+by default its predictor's prior is a local head's gradient), residual:N (unlocked with
+--sg-prior head), dni:N (unlocked with --sg-prior none: the DNI paper's predictor alone), local
+(DGL), delayed (DDG), corrected:N (local heads plus every N-th true gradient), and a candidate
+that did not become a mode (swapped:N, below). Prints test accuracy per rule, how many
 gradients travelled backward per step, each predictor's running cosine at the end and each
 stage's share of dead units (outputs zero on all of 1,024 test samples); writes bench/results/rules.json. Throughput is not
 measured here (one process): that is what `launch.py compare` does.
@@ -49,7 +50,7 @@ from synthgrad.common.data import eval_batches, train_batches  # noqa: E402
 from synthgrad.common.datasets import run_dataset  # noqa: E402
 from synthgrad.common.evaluation import EvalTally  # noqa: E402
 from synthgrad.common.models import build_units, stage_bounds, stage_io_shapes  # noqa: E402
-from synthgrad.common.modes import Corrected, UpdateRule  # noqa: E402
+from synthgrad.common.modes import Corrected, Mode, UpdateRule  # noqa: E402
 from synthgrad.workers.stage import StageLogic  # noqa: E402
 
 
@@ -62,14 +63,16 @@ class Swapped(Corrected):
         return None if kept is not None and kept.h is not None else head
 
 
-def make_rule(name: str) -> tuple[str, type[UpdateRule] | None, int]:
-    """(mode for the config, rule class or None for the mode's own, N)."""
+def make_rule(name: str) -> tuple[dict, type[UpdateRule] | None]:
+    """(the config fields the rule sets, its rule class or None for the mode's own)."""
     base, _, n = name.partition(":")
     every = int(n) if n else 1
-    return {"backprop": ("locked", None, 1), "unlocked": ("unlocked", None, every),
-            "local": ("local", None, 1), "delayed": ("delayed", None, 1),
-            "corrected": ("corrected", None, every), "swapped": ("corrected", Swapped, every),
-            "residual": ("residual", None, every)}[base]
+    mode, rule, fields = {"backprop": ("locked", None, {}), "unlocked": ("unlocked", None, {}),
+                          "dni": ("unlocked", None, {"sg_prior": "none"}),
+                          "residual": ("unlocked", None, {"sg_prior": "head"}),
+                          "local": ("local", None, {}), "delayed": ("delayed", None, {}),
+                          "corrected": ("corrected", None, {}), "swapped": ("corrected", Swapped, {})}[base]
+    return {"mode": mode, "true_grad_every": every if Mode(mode).takes_n else 1, **fields}, rule
 
 
 @torch.no_grad()
@@ -157,8 +160,8 @@ class Probe:
 
 def train_rule(name: str, cfg: RunConfig, ds, hop_delay: int, probe_every: int = 0,
                oracle: int | None = None) -> dict:
-    mode, rule, every = make_rule(name)
-    cfg = cfg.replace(mode=mode, true_grad_every=every)
+    fields, rule = make_rule(name)
+    cfg = cfg.replace(**fields)
     rule = rule or cfg.rule
     delay = 0 if name == "backprop" else hop_delay
     units = build_units(cfg)
@@ -223,7 +226,7 @@ def train_rule(name: str, cfg: RunConfig, ds, hop_delay: int, probe_every: int =
 def build_parser() -> argparse.ArgumentParser:
     """This script's command line (tests/test_docs.py parses the documented commands with it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rules", default="backprop,unlocked:10,local,delayed,corrected:10,residual:10")
+    p.add_argument("--rules", default="backprop,unlocked:10,dni:10,local,delayed,corrected:10")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--hop-delay", type=int, default=2, help="steps each backward hop arrives late")

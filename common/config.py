@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from synthgrad.common.modes import MODE_NAMES, Mode, UpdateRule
+from synthgrad.common.modes import DEFAULT_SG_PRIOR, MODE_NAMES, SG_PRIORS, Mode, UpdateRule
 from synthgrad.common.validation import ConfigError, check  # ConfigError: imported from here by most
 
 DEFAULT_SAMPLE_SHAPE = (1, 28, 28)  # the built-in sets' (Fashion-MNIST, MNIST, synthetic) until read
@@ -145,8 +145,12 @@ class RunConfig:
     sg_discount: float = SYNTHETIC.opt(0.1, "a recurrent layer's state synthetic gradient enters its window's "
                                        "backward pass x this; below 1 it keeps the bootstrapped targets (each "
                                        "holds the next window's prediction) from growing without bound")
+    sg_prior: str = SYNTHETIC.opt(DEFAULT_SG_PRIOR, "mode unlocked: what a stage's synthetic gradient adds "
+                                  "its predictor's output to: head (the gradient of a small local classifier "
+                                  "head, which holds where a predictor alone cannot learn the gradient: "
+                                  "docs/results.md) | none (the predictor alone, as in the DNI paper)")
     bootstrap: bool = SYNTHETIC.opt(False, "train SG_i also on the next stage's synthetic gradient")
-    head_depth: int = SYNTHETIC.opt(0, "local heads (modes local, corrected, residual): hidden layers before "
+    head_depth: int = SYNTHETIC.opt(0, "local heads (modes local, corrected, unlocked): hidden layers before "
                                     "the classifier, each a 3x3 conv of the activation's channels (conv "
                                     "activations) or a dense layer of its width")
     head_reconstruct: float = SYNTHETIC.opt(0.0, "local heads: the weight of a second local loss, the mean "
@@ -310,11 +314,19 @@ class RunConfig:
 
     @property
     def rule(self) -> type[UpdateRule]:
-        """The stage update rule of this mode (stage-worker modes only)."""
-        rule = self.mode.rule
+        """The stage update rule of this run (stage-worker modes only)."""
+        rule = self.stage_rule
         if rule is None:
             raise ValueError(f"mode {self.mode} does not run on stage workers")
         return rule
+
+    @property
+    def stage_rule(self) -> Optional[type[UpdateRule]]:
+        """The run's update rule, None for the modes with processes of their own: the mode's,
+        and for mode unlocked the one of its predictor's prior (--sg-prior)."""
+        if self.mode == Mode.UNLOCKED:
+            return SG_PRIORS.get(self.sg_prior, self.mode.rule)
+        return self.mode.rule
 
     @property
     def applies_true_gradients(self) -> bool:
@@ -327,7 +339,7 @@ class RunConfig:
     def true_grad_at(self, step: int) -> bool:
         """Whether step `step`'s true gradient comes back (every step for locked, every N-th
         otherwise: N-1, 2N-1, ...)."""
-        rule = self.mode.rule
+        rule = self.stage_rule
         return rule.true_grad_at(step, self.true_grad_every) if rule is not None else True
 
     def mid_epoch_eval(self, steps_done: int, per_epoch: int, total: int) -> bool:

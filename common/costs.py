@@ -256,7 +256,7 @@ def choose_helpers(cfg: RunConfig, *, is_last: bool, out_shape: Sequence[int], s
     head (not on the last stage, whose gradient is exact) where the rule uses them, and a state
     predictor per recurrent layer (`state_widths`) where the rule predicts gradients on stream
     data, every one priced against the stage's own training FLOPs (`stage_flops`)."""
-    rule = cfg.mode.rule  # None for the modes with processes of their own (pipeline)
+    rule = cfg.stage_rule  # None for the modes with processes of their own (pipeline)
     if rule is None:
         return Helpers()
     predictor = choose_predictor(cfg, out_shape, stage_flops) if rule.uses_predictor and not is_last else None

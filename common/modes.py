@@ -34,18 +34,19 @@ class Mode(str, Enum):
     PIPELINE = "pipeline"  # torch.distributed.pipelining stages over gloo (the strongest locked peer)
     LOCKED = "locked"  # stage workers; every update waits for its true gradient
     UNLOCKED = "unlocked"  # stage workers; updates from synthetic gradients, true ones every N steps
+    # (its predictor's prior, --sg-prior: a local head's gradient by default, or none as in DNI)
     STALE = "stale"  # stage workers; updates reuse the latest true gradient (a control)
     LOCAL = "local"  # stage workers; each stage learns from its own classifier head (DGL)
     DELAYED = "delayed"  # stage workers; true gradients applied when they arrive (DDG, PipeDream)
     CORRECTED = "corrected"  # stage workers; local heads, plus every N-th true gradient applied late
-    RESIDUAL = "residual"  # stage workers; the local head's gradient plus a learned correction
 
     def __str__(self) -> str:
         return self.value
 
     @property
     def rule(self) -> Optional[type["UpdateRule"]]:
-        """The update rule of a stage-worker mode; None for modes with their own processes."""
+        """The update rule of a stage-worker mode (unlocked: with the default prior; a run's own
+        is RunConfig.rule); None for modes with their own processes."""
         return RULES.get(self)
 
     @property
@@ -300,8 +301,9 @@ class Corrected(UpdateRule):
 
 # ---------------------------------------------------------------------------- residual
 class Residual(UpdateRule):
-    """A synthetic gradient whose prior is the local head's: step now on dL_head/dh + c SG(h),
-    where the predictor learns only the correction (true - head gradient) from every N-th true
+    """Mode unlocked with --sg-prior head (the default): a synthetic gradient whose prior is the
+    local head's. Step now on dL_head/dh + c SG(h), where the predictor learns only the
+    correction (true - head gradient) from every N-th true
     gradient, and c is the predictor's own evidence (its step scale: the running cosine of its
     corrections with the true ones, clamped to [0, 1], as unlocked's steps; --sg-trust-scale,
     --sg-min-cosine). With no true gradient (N = infinity) it is `local`; the better the
@@ -309,7 +311,7 @@ class Residual(UpdateRule):
     at full size before it predicts kills units (measured on the digits CNN: docs/results.md).
     The head's part is an exact gradient of a local loss and is always taken in full; the true
     gradients train the predictor only."""
-    mode = Mode.RESIDUAL
+    mode = Mode.UNLOCKED
     uses_head = True
     uses_predictor = True
 
@@ -336,8 +338,12 @@ class Residual(UpdateRule):
         return true_dx(kept, g) if true_grad else None
 
 
+# what --sg-prior names: the rule of mode unlocked whose predictor has that prior
+SG_PRIORS: dict[str, type[UpdateRule]] = {"head": Residual, "none": Unlocked}
+DEFAULT_SG_PRIOR = "head"
 RULES: dict[Mode, type[UpdateRule]] = {rule.mode: rule for rule in
-                                       (Locked, Unlocked, Stale, Local, Delayed, Corrected, Residual)}
+                                       (Locked, Unlocked, Stale, Local, Delayed, Corrected)}
+RULES[Mode.UNLOCKED] = SG_PRIORS[DEFAULT_SG_PRIOR]
 MODE_NAMES: tuple[str, ...] = tuple(m.value for m in Mode)
 STAGE_WORKER_MODES: tuple[str, ...] = tuple(m.value for m in Mode if m.on_stage_workers)
 

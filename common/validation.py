@@ -13,7 +13,7 @@ import re
 from typing import TYPE_CHECKING, Callable, Optional
 
 from synthgrad.common.imports import is_import_path
-from synthgrad.common.modes import STAGE_WORKER_MODES, Mode, spoken
+from synthgrad.common.modes import SG_PRIORS, STAGE_WORKER_MODES, Mode, spoken
 
 if TYPE_CHECKING:
     from synthgrad.common.config import RunConfig
@@ -136,7 +136,8 @@ def check_synthetic(cfg: RunConfig) -> None:
     need(cfg.sg_hidden is None or cfg.sg_hidden >= 1, "--sg-hidden must be at least 1")
     within(cfg, "head_depth", 0, 8)
     within(cfg, "head_reconstruct", 0, 1000)
-    rule = cfg.mode.rule
+    need(cfg.sg_prior in SG_PRIORS, f"unknown --sg-prior {cfg.sg_prior!r}; choose one of {', '.join(SG_PRIORS)}")
+    rule = cfg.stage_rule
     need(not cfg.bootstrap or (rule is not None and rule.uses_predictor),
          "--bootstrap trains synthetic-gradient models on each other: only mode unlocked has them")
 

@@ -211,7 +211,7 @@ def _helper_models(cfg: RunConfig, units, costs) -> tuple[tuple[float, ...], tup
 
     from synthgrad.common.recurrent import state_sizes
     shapes = [cfg.sample_shape, *unit_shapes(units, cfg.sample_shape)]
-    rule = cfg.mode.rule
+    rule = cfg.stage_rule
     own_flops, helpers, start = [], [], 0
     for i, n in enumerate(cfg.stage_groups):
         end = start + n

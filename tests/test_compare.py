@@ -51,7 +51,7 @@ def test_contenders_parse_and_fail_before_anything_runs(tmp_path):
     assert all(str(c.config.out).startswith(str(tmp_path / "runs")) for c in got)
     with pytest.raises(ConfigError, match="unknown mode"):
         parse_contenders("backprop,fast", base, tmp_path)
-    with pytest.raises(ConfigError, match=r"only unlocked, stale, corrected\b.* take ':N'"):
+    with pytest.raises(ConfigError, match=r"only unlocked, stale and corrected take .:N."):
         parse_contenders("locked:3", base, tmp_path)
     with pytest.raises(ConfigError, match="twice"):
         parse_contenders("locked,locked", base, tmp_path)

@@ -132,7 +132,7 @@ def test_stages_auto_splits_by_cost_on_the_cores_this_process_may_use(monkeypatc
 
 
 def test_an_unlocked_stage_pays_for_its_predictor():
-    cfg = RunConfig(mode="unlocked", layers=(784, 256, 10), true_grad_every=10, sg_model="linear")
+    cfg = RunConfig(mode="unlocked", sg_prior="none", layers=(784, 256, 10), true_grad_every=10, sg_model="linear")
     locked = cfg.replace(mode="locked")
     assert predictor_cost(locked, (256,)) == 0.0
     # linear predictor of (256 + 10 labels) -> 256: a forward every step, training every 10th
@@ -158,7 +158,7 @@ def test_the_default_predictor_costs_at_most_its_budget(shape, stage_flops, ever
     """--sg-hidden auto: the largest rank (up to 64) whose predictor, trained every N-th step,
     costs at most --sg-budget of its stage's FLOPs; one rank more would cost more."""
     from synthgrad.common.costs import MAX_AUTO_RANK, _sg_flops, choose_predictor
-    cfg = RunConfig(mode="unlocked", true_grad_every=every)
+    cfg = RunConfig(mode="unlocked", sg_prior="none", true_grad_every=every)
     choice = choose_predictor(cfg, shape, stage_flops)
     budget = cfg.sg_budget * stage_flops
     assert choice.flops <= budget or choice.rank == 1, choice
@@ -197,7 +197,7 @@ def test_the_default_local_head_costs_at_most_its_budget(shape, stage_flops, poo
 
 def test_an_explicit_rank_is_kept_and_the_layout_reports_each_predictor():
     from synthgrad.common.costs import choose_predictor
-    cfg = RunConfig(mode="unlocked", model="cnn", true_grad_every=10)
+    cfg = RunConfig(mode="unlocked", sg_prior="none", model="cnn", true_grad_every=10)
     assert choose_predictor(cfg.replace(sg_hidden=64), (32, 14, 14), 1e6).rank == 64
     _, layout = plan_layout(cfg)
     record = layout.record()["predictors"]

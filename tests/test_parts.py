@@ -21,10 +21,11 @@ from synthgrad.workers.schedule import Boundary, End, Evaluate, StreamOrder, Tra
 
 # ---------------------------------------------------------------------------- modes
 def test_one_mode_vocabulary():
-    assert MODE_NAMES == ("backprop", "pipeline", "locked", "unlocked", "stale", "local", "delayed", "corrected",
-                          "residual")
-    assert STAGE_WORKER_MODES == ("locked", "unlocked", "stale", "local", "delayed", "corrected", "residual")
-    assert [m.value for m in Mode if m.takes_n] == ["unlocked", "stale", "corrected", "residual"]
+    assert MODE_NAMES == ("backprop", "pipeline", "locked", "unlocked", "stale", "local", "delayed", "corrected")
+    assert STAGE_WORKER_MODES == ("locked", "unlocked", "stale", "local", "delayed", "corrected")
+    assert [m.value for m in Mode if m.takes_n] == ["unlocked", "stale", "corrected"]
+    # unlocked's predictor has a local head's gradient as its prior unless --sg-prior none
+    assert RunConfig(mode="unlocked").rule.uses_head and not RunConfig(mode="unlocked", sg_prior="none").rule.uses_head
     assert Mode.LOCKED.rule.waits_for_gradient and not Mode.UNLOCKED.rule.waits_for_gradient
     assert Mode.BACKPROP.rule is None and Mode("pipeline") is Mode.PIPELINE
     assert Mode.UNLOCKED.rule.uses_predictor and not Mode.STALE.rule.uses_predictor

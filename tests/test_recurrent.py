@@ -109,7 +109,7 @@ def test_a_stage_carries_its_streams_through_evaluations_and_checkpoints(tmp_pat
     from synthgrad.workers.stage import build_stage
     from tests.chain import Chain, assert_same_state, differs, one_thread, through_files
     with one_thread():  # tests/chain.py says why
-        cfg = prepared(COPY.replace(mode="unlocked", true_grad_every=2))
+        cfg = prepared(COPY.replace(mode="unlocked", true_grad_every=2, sg_prior="none"))
         ds = load_dataset("copy", None, cfg.synthetic_train, cfg.synthetic_test, StreamOptions.of(cfg))
         batches = list(train_batches(ds.train, cfg.batch_size, cfg.seed, 0))
         test_x = next(iter(eval_batches(ds.test, cfg.batch_size)))[0]

@@ -1,4 +1,5 @@
-"""Mode residual (common/modes.py Residual): the local head's gradient plus a learned correction.
+"""Mode unlocked with its default prior (common/modes.py Residual, --sg-prior head): the local
+head's gradient plus a learned correction.
 Without true gradients it is mode local; with them its predictor learns what the head's
 gradient misses, and the stage steps on both at once."""
 from __future__ import annotations
@@ -21,27 +22,27 @@ def test_without_true_gradients_it_is_local_bit_for_bit():
     and adds nothing, so every weight and every head equals mode local's."""
     with one_thread():
         runs = {}
-        for mode in ("local", "residual"):
+        for mode in ("local", "unlocked"):
             cfg = RunConfig(**BASE, mode=mode, true_grad_every=10 ** 6)
             played = Chain(chain(cfg), cfg)
             for step, (x, y) in enumerate(_batches(6)):
                 played.step(step, x, y)
             played.drain()
             runs[mode] = played.stages
-    for local, residual in zip(runs["local"], runs["residual"]):
+    for local, residual in zip(runs["local"], runs["unlocked"]):
         for name, value in local.module.state_dict().items():
             assert torch.equal(value, residual.module.state_dict()[name]), name
         if local.parts.head is not None:
             for name, value in local.parts.head.model.state_dict().items():
                 assert torch.equal(value, residual.parts.head.model.state_dict()[name]), name
-    assert all(s.parts.predictor is None or s.parts.predictor.stats.loss_n == 0 for s in runs["residual"])
+    assert all(s.parts.predictor is None or s.parts.predictor.stats.loss_n == 0 for s in runs["unlocked"])
 
 
 def test_its_predictor_learns_what_the_head_misses():
     """Layers and head held still (lr 0): each true gradient g trains the predictor towards
     g - the head's gradient, which it then predicts (the running cosine with that correction
     climbs past 0.9), while the stage's step is the head's gradient plus that prediction."""
-    cfg = RunConfig(**{**BASE, "sg_lr": 3e-2}, mode="residual", true_grad_every=1, lr=0.0)
+    cfg = RunConfig(**{**BASE, "sg_lr": 3e-2}, mode="unlocked", true_grad_every=1, lr=0.0)
     with one_thread():
         first = chain(cfg)[0]
         x, y = _batches(1)[0]

@@ -31,16 +31,18 @@ VARIANTS = {
     "locked": (dict(mode="locked"), 0),
     # the defaults: steps on the predictor scaled by its running cosine, and (N > 1) the true
     # gradients applied at stashed weights with an optimiser of their own
-    "unlocked": (dict(mode="unlocked", true_grad_every=2), 2),
-    "unlocked-at-once": (dict(mode="unlocked", true_grad_every=2), 0),
-    "unlocked-bootstrap": (dict(mode="unlocked", true_grad_every=3, bootstrap=True, sg_normalize=True), 1),
-    "unlocked-dni": (dict(mode="unlocked", true_grad_every=2, sg_trust_scale=False, sg_true_updates=False), 1),
+    "unlocked": (dict(mode="unlocked", true_grad_every=2, sg_prior="none"), 2),
+    "unlocked-at-once": (dict(mode="unlocked", true_grad_every=2, sg_prior="none"), 0),
+    "unlocked-bootstrap": (dict(mode="unlocked", true_grad_every=3, bootstrap=True, sg_normalize=True,
+                                sg_prior="none"), 1),
+    "unlocked-dni": (dict(mode="unlocked", true_grad_every=2, sg_trust_scale=False, sg_true_updates=False,
+                          sg_prior="none"), 1),
     "stale": (dict(mode="stale", true_grad_every=3), 2),
     "local": (dict(mode="local"), 0),
     "delayed": (dict(mode="delayed"), 2),
     "corrected": (dict(mode="corrected", true_grad_every=2), 1),
-    "residual": (dict(mode="residual", true_grad_every=2), 1),
-    "residual-bootstrap": (dict(mode="residual", true_grad_every=3, bootstrap=True), 1),
+    "unlocked-head-prior": (dict(mode="unlocked", true_grad_every=2), 1),
+    "unlocked-head-prior-bootstrap": (dict(mode="unlocked", true_grad_every=3, bootstrap=True), 1),
 }
 
 

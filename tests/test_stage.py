@@ -54,7 +54,7 @@ def test_synthetic_gradient_starts_at_zero_and_conditions_on_labels():
 
 
 def test_unlocked_true_gradient_uses_the_weights_of_its_step():
-    cfg = RunConfig(mode="unlocked", layers=(784, 32, 32, 10), true_grad_every=1, sg_lr=1e-2,
+    cfg = RunConfig(mode="unlocked", sg_prior="none", layers=(784, 32, 32, 10), true_grad_every=1, sg_lr=1e-2,
                     sg_trust_scale=False)  # full steps on the predictor, so the weights move before g comes
     stages = chain(cfg)
     mid = stages[1]
@@ -79,7 +79,7 @@ def test_unlocked_true_gradient_uses_the_weights_of_its_step():
 
 def test_unlocked_update_moves_weights_once_the_sg_has_learned():
     """The DNI paper's rule: the true gradient only trains the predictor, whose steps are full."""
-    cfg = RunConfig(mode="unlocked", layers=(784, 32, 10), sg_lr=1e-2, sg_trust_scale=False, sg_true_updates=False)
+    cfg = RunConfig(mode="unlocked", sg_prior="none", layers=(784, 32, 10), sg_lr=1e-2, sg_trust_scale=False, sg_true_updates=False)
     first = chain(cfg)[0]
     x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
     before = [p.clone() for p in first.module.parameters()]
@@ -97,7 +97,7 @@ def test_a_stage_steps_on_its_predictor_only_once_it_predicts():
     the true gradients is below the bar, and step once it is above it (the same steps as
     without the bar from then on). The predictor learns meanwhile."""
     torch.manual_seed(0)
-    cfg = RunConfig(mode="unlocked", layers=(784, 32, 10), sg_lr=1e-2, sg_min_cosine=0.5)
+    cfg = RunConfig(mode="unlocked", sg_prior="none", layers=(784, 32, 10), sg_lr=1e-2, sg_min_cosine=0.5)
     first = chain(cfg)[0]
     x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
     target = torch.randn(16, 32) / 16  # one fixed dL/dh: the predictor can learn it exactly
@@ -126,7 +126,7 @@ def test_unlocked_true_updates_are_delayed_updates():
     layers take no step on it and the whole step on each true gradient, so unlocked at N=1
     walks exactly mode delayed's path: the same kernels on the same tensors, compared bitwise."""
     base = dict(layers=(784, 32, 32, 10), optimizer="sgd", lr=0.1, momentum=0.9, true_grad_every=1)
-    unlocked = RunConfig(mode="unlocked", sg_true_updates=True, **base)  # by default off at N=1
+    unlocked = RunConfig(mode="unlocked", sg_prior="none", sg_true_updates=True, **base)  # by default off at N=1
     assert not RunConfig(mode="unlocked", **base).applies_true_gradients
     assert RunConfig(mode="unlocked", **{**base, "true_grad_every": 2}).applies_true_gradients
     delayed = RunConfig(mode="delayed", **base)
@@ -154,7 +154,7 @@ def test_a_true_update_leaves_out_what_the_predictor_got_right():
     step on the predictor here: its lr scale is 0). Tolerance as in the test below: each delta
     is rounded to the weights' ulp when subtracted."""
     def delta(trust: float) -> torch.Tensor:
-        cfg = RunConfig(mode="unlocked", layers=(784, 32, 10), optimizer="sgd", lr=0.1, momentum=0.0,
+        cfg = RunConfig(mode="unlocked", sg_prior="none", layers=(784, 32, 10), optimizer="sgd", lr=0.1, momentum=0.0,
                         sg_update_lr_scale=0.0, sg_true_updates=True)
         first = chain(cfg)[0]
         first.parts.predictor.trust = trust
@@ -179,7 +179,7 @@ def test_a_normalised_predictor_learns_alike_whatever_the_gradients_size():
     left the digits CNN's lower predictors at cosine 0. Tolerance: the two runs differ by the
     rounding of one division per target, far below rtol 1e-3 after a few Adam steps."""
     def predictions(normalize: bool, size: float) -> torch.Tensor:
-        cfg = RunConfig(mode="unlocked", layers=(784, 32, 10), sg_normalize=normalize, sg_true_updates=False,
+        cfg = RunConfig(mode="unlocked", sg_prior="none", layers=(784, 32, 10), sg_normalize=normalize, sg_true_updates=False,
                         sg_update_lr_scale=0.0)
         first = chain(cfg)[0]
         torch.manual_seed(6)
@@ -202,7 +202,7 @@ def test_true_updates_keep_their_own_optimiser_state_through_a_checkpoint():
     """At N=2 with Adam: the predicted steps and the true updates step two optimiser states (each
     counts only its own steps), and a stage loaded from the other's state_dict (both states,
     the running cosine, the normalising scale) continues bitwise as the original does."""
-    cfg = RunConfig(mode="unlocked", layers=(784, 32, 10), true_grad_every=2, sg_lr=1e-2, sg_normalize=True)
+    cfg = RunConfig(mode="unlocked", sg_prior="none", layers=(784, 32, 10), true_grad_every=2, sg_lr=1e-2, sg_normalize=True)
     torch.manual_seed(8)
     data = [(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))) for _ in range(12)]
     original = chain(cfg)
@@ -232,7 +232,7 @@ def test_a_step_on_the_predictor_is_scaled_by_its_running_cosine():
     the step is counted untrusted). Tolerance: the two deltas are each rounded to the weights'
     float32 ulp when subtracted, so they agree to a few ulps, not bitwise."""
     def stage(trust_scale: bool, trust: float) -> StageLogic:
-        cfg = RunConfig(mode="unlocked", layers=(784, 32, 10), optimizer="sgd", lr=0.1, momentum=0.0,
+        cfg = RunConfig(mode="unlocked", sg_prior="none", layers=(784, 32, 10), optimizer="sgd", lr=0.1, momentum=0.0,
                         sg_update_lr_scale=1.0, sg_trust_scale=trust_scale, sg_true_updates=False)
         first = chain(cfg)[0]
         with torch.no_grad():  # a predictor that predicts something (its last layer starts at zero)
