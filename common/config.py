@@ -157,8 +157,10 @@ class RunConfig:
                                             "squared error of decoding the stage's input from its output "
                                             "(InfoPro's reconstruction term: an early stage keeps what later "
                                             "ones need); 0: none")
-    head_norm: bool = SYNTHETIC.opt(False, "local heads read the stage's output over its root mean square, so "
-                                    "their loss cannot grow the stage's activations")
+    head_norm: bool = SYNTHETIC.opt(True, "local heads read the stage's output over its root mean square, so "
+                                    "their loss cannot grow the stage's activations (a classifier's loss "
+                                    "otherwise grows an early stage's, and the next stage's units die: "
+                                    "docs/results.md); --no-head-norm: the output as it is")
 
     microbatches: int = PIPELINE.opt(4, "pipeline: microbatches per batch (must divide --batch-size)")
     schedule: str = PIPELINE.opt("1f1b", "pipeline: gpipe | 1f1b")

@@ -263,7 +263,8 @@ def decode_or_named_rejection(frames) -> str:
 
 
 def assert_both_outcomes_common(outcomes: collections.Counter) -> None:
-    """Acceptance and rejection each at least a tenth of the generated messages."""
+    """Acceptance and rejection each at least a tenth of the generated messages. The examples are
+    derandomised (the same on every run), so the share is a property of the generator, not luck."""
     total = sum(outcomes.values())
     assert min(outcomes["accepted"], outcomes["rejected"]) >= total / 10, outcomes
 
@@ -271,7 +272,7 @@ def assert_both_outcomes_common(outcomes: collections.Counter) -> None:
 def test_any_header_is_a_typed_message_or_a_named_rejection():
     outcomes: collections.Counter = collections.Counter()
 
-    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
     @given(frames=messages())
     def check(frames):
         outcomes[decode_or_named_rejection(frames)] += 1
@@ -303,7 +304,7 @@ def gradient_messages(draw) -> list[bytes]:
 def test_gradient_headers_with_any_field_values():
     outcomes: collections.Counter = collections.Counter()
 
-    @settings(max_examples=100, deadline=None)
+    @settings(max_examples=100, deadline=None, derandomize=True)
     @given(frames=gradient_messages())
     def check(frames):
         outcomes[decode_or_named_rejection(frames)] += 1
