@@ -4,8 +4,8 @@ alternately (backprop, rule A, backprop, rule B, ...), so every ratio is taken b
 minutes apart at most; a figure worth quoting is the median of three or more invocations, with
 its range (one invocation can hold a lucky pair).
 
-    for i in 1 2 3; do python bench/headline.py run --model bench.models:digits_cnn --batch-size 128 \\
-        --epochs 2 --rules local,corrected:10,unlocked:10 --out bench/results/headline-cnn.jsonl; done
+    for i in 0 1 2; do python bench/headline.py run --model bench.models:digits_cnn --batch-size 128 \\
+        --epochs 2 --seed $i --rules local,unlocked:10 --out bench/results/headline-cnn.jsonl; done
     python bench/headline.py run ... --rules local,local+replicas=1/2/1/1   # a rule's own options
     python bench/headline.py run ... --rules unlocked:10+sg-true-updates=false+sg-trust-scale=false
     python bench/headline.py summary bench/results/headline-cnn.jsonl
@@ -67,7 +67,7 @@ def _config(args, rule: str, out: Path) -> RunConfig:
         changes["true_grad_every"] = int(n)
     layers = tuple(int(v) for v in args.layers.split(",")) if args.layers else RunConfig.layers
     return RunConfig(model=args.model, layers=layers, dataset=args.dataset, batch_size=args.batch_size,
-                     epochs=args.epochs, steps=args.steps, eval_every=args.eval_every,
+                     epochs=args.epochs, steps=args.steps, eval_every=args.eval_every, seed=args.seed,
                      eval_samples=args.eval_samples, progress_every=1e9,
                      **changes).validate()
 
@@ -92,7 +92,7 @@ def run(args) -> None:
             bp_reached = _first_within(bp["evals"], bp["test_accuracy"])
             row = {"invocation": invocation, "cores": cores, "model": args.model, "layers": args.layers,
                    "dataset": args.dataset, "batch_size": args.batch_size, "epochs": args.epochs,
-                   "steps": args.steps, "rule": rule,
+                   "steps": args.steps, "seed": args.seed, "rule": rule,
                    "backprop_samples_per_s": bp["samples_per_s"], "samples_per_s": got["samples_per_s"],
                    "ratio": got["samples_per_s"] / bp["samples_per_s"],
                    "backprop_accuracy": bp["test_accuracy"], "accuracy": got["test_accuracy"],
@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=256)
     r.add_argument("--epochs", type=int, default=2)
     r.add_argument("--steps", type=int, default=None)
+    r.add_argument("--seed", type=int, default=0, help="initial weights and batch order (vary it across invocations "
+                                                       "for medians over seeds)")
     r.add_argument("--eval-every", type=int, default=None, help="also evaluate every N steps (time to accuracy)")
     r.add_argument("--eval-samples", type=int, default=None, help="evaluate on the first N test samples")
     r.add_argument("--rules", default="local,corrected:10,unlocked:10")

@@ -198,7 +198,7 @@ def train_rule(name: str, cfg: RunConfig, ds, hop_delay: int, probe_every: int =
             if cfg.steps is not None and step >= cfg.steps:
                 break
             deliver(step)
-            true_grad = rule.true_grad_at(step, every)
+            true_grad = rule.true_grad_at(step, cfg.true_grad_every)
             h = x
             for i, st in enumerate(stages[:-1]):
                 h = st.forward(step, h, y, true_grad)
