@@ -348,19 +348,21 @@ class LocalHead(nn.Module):
         shape = tuple(shape)
         # reads h over its root mean square (per sample; per position with targets at every
         # position): the head's loss then has no gradient along h itself, so it cannot grow the
-        # stage's activations, which a classifier's loss otherwise does without bound
-        self.scale_free = _RootMeanSquare(per_position) if scale_free else None
+        # stage's activations, which a classifier's loss otherwise does without bound. A conv
+        # map is pooled first (pooling is linear, so the head stays scale-free): on an early,
+        # large map the normalisation would otherwise cost more than the stage's own layers
+        norm = [_RootMeanSquare(per_position)] if scale_free else []
         # decodes the stage's input (of shape `reconstructs`) from its output: --head-reconstruct
         self.decoder = Reconstruction(shape, reconstructs) if reconstructs is not None else None
         if per_position:
             if len(shape) != 2:
                 raise ValueError(f"a local head for targets at every position needs [time, features] "
                                  f"activations, got {shape}")
-            self.net = nn.Sequential(*_hidden_dense(shape[1], depth), nn.Linear(_read_width(shape[1], depth),
-                                                                                num_classes))
+            self.net = nn.Sequential(*norm, *_hidden_dense(shape[1], depth),
+                                     nn.Linear(_read_width(shape[1], depth), num_classes))
         elif len(shape) == 1:
-            self.net = nn.Sequential(*_hidden_dense(shape[0], depth), nn.Linear(_read_width(shape[0], depth),
-                                                                                num_classes))
+            self.net = nn.Sequential(*norm, *_hidden_dense(shape[0], depth),
+                                     nn.Linear(_read_width(shape[0], depth), num_classes))
         elif len(shape) == 3:
             c = shape[0]
             convs = [m for _ in range(depth) for m in (nn.Conv2d(c, c, 3, padding=1), nn.ReLU())]
@@ -368,18 +370,21 @@ class LocalHead(nn.Module):
             # large early map costs about what one on a late map does
             shrink = ([nn.AdaptiveAvgPool2d((min(shape[1], HEAD_CONV_SIDE), min(shape[2], HEAD_CONV_SIDE)))]
                       if depth and max(shape[1:]) > HEAD_CONV_SIDE else [])
-            self.net = nn.Sequential(*shrink, *convs, nn.AdaptiveAvgPool2d(pool), nn.Flatten(),
-                                     nn.Linear(c * pool * pool, num_classes))
+            if depth:
+                layers = [*shrink, *norm, *convs, nn.AdaptiveAvgPool2d(pool), nn.Flatten()]
+            else:
+                layers = [nn.AdaptiveAvgPool2d(pool), nn.Flatten(), *norm]
+            self.net = nn.Sequential(*layers, nn.Linear(c * pool * pool, num_classes))
         elif len(shape) == 2:
-            self.net = nn.Sequential(_MeanOverPositions(), *_hidden_dense(shape[1], depth),
+            self.net = nn.Sequential(_MeanOverPositions(), *norm, *_hidden_dense(shape[1], depth),
                                      nn.Linear(_read_width(shape[1], depth), num_classes))
         elif shape and math.prod(shape) >= 1:
-            self.net = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), num_classes))
+            self.net = nn.Sequential(nn.Flatten(), *norm, nn.Linear(math.prod(shape), num_classes))
         else:
             raise ValueError(f"no local head for activations of shape {shape}")
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.net(h if self.scale_free is None else self.scale_free(h))
+        return self.net(h)
 
 
 class _RootMeanSquare(nn.Module):
@@ -389,7 +394,7 @@ class _RootMeanSquare(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         dims = tuple(range(2 if self.per_position else 1, h.dim()))
-        return h * torch.rsqrt(h.pow(2).mean(dim=dims, keepdim=True) + 1e-6)
+        return h * torch.rsqrt(h.pow(2).mean(dim=dims, keepdim=True) + 1e-12)
 
 
 HEAD_HIDDEN_MAX = 256  # a dense head's hidden width: the activation's, up to this
