@@ -260,6 +260,15 @@ def choose_helpers(cfg: RunConfig, *, is_last: bool, out_shape: Sequence[int], s
     if rule is None:
         return Helpers()
     predictor = choose_predictor(cfg, out_shape, stage_flops) if rule.uses_predictor and not is_last else None
+    if (predictor is not None and rule.uses_head and cfg.sg_hidden is None
+            and (predictor.flops > cfg.sg_budget * stage_flops
+                 or (len(out_shape) == 3 and predictor.rank < MIN_CONV_RANK_3X3))):
+        # a stage far cheaper than the activation it sends affords only a predictor of rank 1,
+        # or on a conv map a few channels predicting each pixel's gradient from that pixel
+        # alone: at depth those learn no correction (docs/results.md) and their memory-bound
+        # work on a large map costs the stage a quarter of its time. With a head's gradient to
+        # step on, the stage goes without; without one, it keeps what it can afford
+        predictor = None
     head = choose_head(cfg, out_shape, stage_flops, in_shape) if rule.uses_head and not is_last else None
     states = tuple(choose_predictor(cfg.replace(conditioned=False), (width,), stage_flops)
                    for width in state_widths) if rule.uses_predictor and cfg.per_position else ()

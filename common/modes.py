@@ -322,6 +322,8 @@ class Residual(UpdateRule):
     def local_gradient(self, step, h, labels, kept):
         head = self.parts.head.gradient(step, h, labels, self.stage.step_input)
         predictor = self.parts.predictor
+        if predictor is None:  # none fits its budget here (common/costs.py): the head's gradient alone
+            return head
         correction = predictor.predict(h, labels)
         if kept is not None:  # a gradient will come back for this step (true, or bootstrapped)
             kept.prior = head
@@ -331,6 +333,8 @@ class Residual(UpdateRule):
 
     def on_gradient(self, step, kept, g, true_grad):
         predictor = self.parts.predictor
+        if predictor is None:
+            return true_dx(kept, g) if true_grad else None
         wanted = g - kept.prior.to(g.dtype)
         if kept.prediction is not None:
             predictor.score(step, kept.prediction, wanted)

@@ -64,3 +64,17 @@ def test_its_predictor_learns_what_the_head_misses():
         # the true gradient itself is not what it learned: the head's part is left out
         unlike = torch.nn.functional.cosine_similarity(predicted.flatten(), (g * 16).flatten(), dim=0)
         assert unlike < cosine - 0.05, (float(unlike), float(cosine))
+
+
+def test_a_stage_that_affords_no_useful_predictor_steps_on_its_head_alone():
+    """With a head's gradient to step on, a stage whose budget buys only a rank-1 or
+    pixel-by-pixel conv predictor goes without one (common/costs.py choose_helpers); the DNI
+    rule, with nothing else to step on, keeps it. Such a stage is `local` and still passes
+    the true gradients on."""
+    from synthgrad.common.costs import choose_helpers
+    cheap = dict(out_shape=(32, 26, 26), stage_flops=1.2e6, is_last=False)
+    prior = RunConfig(mode="unlocked", true_grad_every=10, input_shape=(1, 28, 28), num_classes=10)
+    assert choose_helpers(prior, **cheap).predictor is None and choose_helpers(prior, **cheap).head is not None
+    assert choose_helpers(prior.replace(sg_prior="none"), **cheap).predictor.rank == 1
+    assert choose_helpers(prior, out_shape=(64, 12, 12), stage_flops=6e7, is_last=False).predictor.rank >= 8
+    assert choose_helpers(prior.replace(sg_hidden=2), **cheap).predictor.rank == 2  # asked for: built
