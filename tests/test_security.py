@@ -259,6 +259,11 @@ def test_secure_runs_refuse_strangers_and_go_on(tmp_path):
         for m in (a["stranger monitor"], a["plain monitor"], b["plain monitor"]):  # nothing readable
             out, _ = m.communicate(timeout=60)
             assert m.returncode == 1 and "nothing from" in out, out
+        # the coordinator logs a failed handshake when its socket's monitor reports it, which
+        # under load can come after the plain worker has given up: wait for it before stopping B
+        refused_b = "refused a failed handshake on the coordinator socket"
+        if not any(refused_b in x for x in seen_b):
+            seen_b += wait_for_line(run, refused_b, timeout=60)[1]
         assert run.poll() is None, "B ended before its strangers were refused"
         run.send_signal(signal.SIGINT)
         rest_b, _ = run.communicate(timeout=60)
