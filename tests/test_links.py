@@ -8,6 +8,7 @@ import pytest
 
 from synthgrad.common import wire
 from synthgrad.common.config import RunConfig
+from synthgrad.common.liveness import ProcessFailure
 from synthgrad.workers.links import Delay, Handlers, Links, Rejections
 from synthgrad.workers.timings import Timings
 
@@ -48,3 +49,21 @@ def test_rejections_count_bad_messages(capsys):
         rejections.reject(ValueError("garbage"))
     assert rejections.count == 12
     assert capsys.readouterr().err.count("[stage 3] rejected message") == 10
+
+
+def test_a_message_the_coordinator_socket_cannot_queue_never_waits_forever(tmp_path):
+    """A refused handshake leaves the coordinator socket without a pipe, and a plain send would
+    wait for one forever: the handshake's send gives up at once, and any other send waits only
+    while the coordinator may still be there."""
+    endpoint = f"ipc://{tmp_path}/nobody"
+    links = Links(1, endpoint, 2**22 + 1, None, Timings())  # above any pid_max: a coordinator gone
+    try:
+        links.sockets.coord.disconnect(endpoint)  # no pipe left to queue into, as after a refusal
+        register = wire.Register(1, 1, "here")
+        assert not links.try_send_coord(register)
+        started = time.monotonic()
+        with pytest.raises(ProcessFailure, match="coordinator"):
+            links.send_coord(register)
+        assert time.monotonic() - started < 10
+    finally:
+        links.close()

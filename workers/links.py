@@ -40,6 +40,11 @@ class Stopped(Exception):
     """The coordinator said stop."""
 
 
+class Refused(RuntimeError):
+    """The coordinator turned this worker away (its key or CURVE setting, a wrong stage number,
+    a stage already taken)."""
+
+
 @dataclass
 class Handlers:
     """What the stage does with the coordinator's messages that are not about the links."""
@@ -197,10 +202,30 @@ class Links:
         return self.sockets.handshake_watch.failure()
 
     # ------------------------------------------------------------------ the coordinator
-    def send_coord(self, msg: wire.Message) -> None:
-        with self.timings.span("send"):
-            self.sockets.coord.send_multipart(wire.encode(msg), copy=False)
+    def try_send_coord(self, msg: wire.Message) -> bool:
+        """Queue a message for the coordinator without waiting; False when it cannot be queued
+        now. A connection whose handshake failed has no pipe to queue into, and a plain send
+        would wait for one forever."""
+        try:
+            with self.timings.span("send"):
+                self.sockets.coord.send_multipart(wire.encode(msg), flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
         self.alive.sent()
+        return True
+
+    def send_coord(self, msg: wire.Message) -> None:
+        """Queue a message for the coordinator; while it cannot be queued, wait for the socket,
+        raising Refused when the coordinator turned this worker's handshake away and
+        ProcessFailure when the watch finds the coordinator gone or silent."""
+        while not self.try_send_coord(msg):
+            why = self.handshake_refusal()
+            if why is not None:
+                raise Refused(f"stage {self.stage}: the coordinator turned this worker away: {why}")
+            verdict = self.alive.watch.verdict(time.monotonic())
+            if verdict is not None:
+                raise ProcessFailure(verdict, by=f"stage {self.stage}")
+            self.sockets.coord.poll(POLL_MS, zmq.POLLOUT)
 
     def recv_coord(self) -> Optional[wire.Message]:
         """One message from the coordinator (None for a heartbeat or a malformed message);

@@ -38,7 +38,7 @@ from synthgrad.common.security import Keys
 from synthgrad.common.wire import Phase
 from synthgrad.workers.checkpointing import StageCheckpoints, final_path
 from synthgrad.workers.errors import bounded, own_failure
-from synthgrad.workers.links import POLL_MS, Handlers, Links, Stopped
+from synthgrad.workers.links import POLL_MS, Handlers, Links, Refused, Stopped
 from synthgrad.workers.replicas import ReplicatedLogic
 from synthgrad.workers.reporting import StageReporter
 from synthgrad.workers.schedule import (
@@ -67,10 +67,6 @@ class WorkerSpec:
     connect_timeout: float = CONNECT_TIMEOUT_S  # give up when no START arrives within this many seconds
     keys: Optional[Keys] = None  # CURVE on every link of this worker; None = plain
     local_index: Optional[int] = None  # torchrun's LOCAL_RANK: picks the GPU of a bare --device cuda
-
-
-class Refused(RuntimeError):
-    """The coordinator turned this worker away (wrong stage number, stage already taken)."""
 
 
 @dataclass
@@ -103,9 +99,11 @@ class LayerWorker:
     # ------------------------------------------------------------------ handshake and set up
     def handshake(self) -> wire.Start:
         links = self.links
-        links.send_coord(wire.Register(self.stage, os.getpid(), pysocket.gethostname()))
+        register = wire.Register(self.stage, os.getpid(), pysocket.gethostname())
+        registered = False  # queued (a refused handshake leaves nothing to queue into)
         deadline = time.monotonic() + self.spec.connect_timeout
         while time.monotonic() < deadline:
+            registered = registered or links.try_send_coord(register)
             links.check_liveness()
             why = links.handshake_refusal()
             if why is not None:
