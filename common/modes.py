@@ -304,9 +304,10 @@ class Residual(UpdateRule):
     """Mode unlocked with --sg-prior head (the default): a synthetic gradient whose prior is the
     local head's. Step now on dL_head/dh + c SG(h), where the predictor learns only the
     correction (true - head gradient) from every N-th true
-    gradient, and c is the predictor's own evidence (its step scale: the running cosine of its
-    corrections with the true ones, clamped to [0, 1], as unlocked's steps; --sg-trust-scale,
-    --sg-min-cosine). With no true gradient (N = infinity) it is `local`; the better the
+    gradient, and c is the predictor's own evidence: the least-squares gain of its corrections
+    on the true ones, clamped to [0, 1] (Predictor.correction_scale; --sg-trust-scale,
+    --sg-min-cosine). The gain, not the cosine, since the correction is added to a gradient
+    whose size matters: an oversized correction counts for little. With no true gradient (N = infinity) it is `local`; the better the
     predictor learns the correction, the nearer each step is to backprop's. A correction taken
     at full size before it predicts kills units (measured on the digits CNN: docs/results.md).
     The head's part is an exact gradient of a local loss and is always taken in full; the true
@@ -329,7 +330,7 @@ class Residual(UpdateRule):
             kept.prior = head
             if kept.h is not None:  # scored against the true gradient only
                 kept.prediction = correction
-        return head + correction * (predictor.step_scale() / predictor.share.rows(h))
+        return head + correction * (predictor.correction_scale() / predictor.share.rows(h))
 
     def on_gradient(self, step, kept, g, true_grad):
         predictor = self.parts.predictor

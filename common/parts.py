@@ -173,6 +173,7 @@ class Predictor:
         self.share = share
         self.snapshot_steps = snapshot_steps
         self.trust = 0.0  # the running cosine with the true gradients
+        self.fit = (0.0, 0.0)  # running means of prediction . target and prediction . prediction
         self.scale = 0.0  # the running RMS of the per-sample gradients it learns (--sg-normalize)
         self.stats = PredictorStats()
         self.snapshots: list[dict] = []  # predicted beside true gradient at a few steps
@@ -206,10 +207,25 @@ class Predictor:
         small ones into full-size steps in their direction, so the step follows the evidence:
         the running cosine with the true gradients, clamped to [0, 1] (--sg-trust-scale), and
         nothing below --sg-min-cosine."""
+        return self._taken(self.clamped_trust())
+
+    def correction_scale(self) -> float:
+        """step_scale for a prediction added to another gradient (the head prior's correction):
+        the least-squares gain of the predictions on their targets, E[p.t] / E[p.p], clamped
+        to [0, 1]. There the size matters as much as the direction: the cosine alone took
+        corrections hundreds of times the target's size at cosine 0.001, noise that swamped the
+        head's gradient (the small GPT: docs/results.md). The gain is the scale at which the
+        correction's expected squared error is least, so an oversized one counts for little."""
+        dot, pp = self.fit
+        return self._taken(min(max(dot / pp, 0.0), 1.0) if pp > 0 else 0.0)
+
+    def _taken(self, evidence: float) -> float:
+        """The step's scale given the evidence, as the run's options say (--sg-trust-scale,
+        --sg-min-cosine); a scale of 0 counts as a step not taken."""
         if self.settings.min_cosine > 0 and self.trust < self.settings.min_cosine:
             scale = 0.0
         else:
-            scale = self.clamped_trust() if self.settings.trust_scale else 1.0
+            scale = evidence if self.settings.trust_scale else 1.0
         if scale <= 0:
             self.stats.untrusted_steps += 1  # asked once a step: a step on it not taken
         return scale
@@ -218,10 +234,13 @@ class Predictor:
         """The cosine of a prediction made at forward time with the gradient `g` (a mean over
         the batch) that came back for it, folded into the running trust."""
         target = g.float() * self.share.rows(g)
-        cos = self._whole_batch_cosine(predicted, target)
+        dot, pp, tt = self._whole_batch_products(predicted, target)
+        cos = dot / max(math.sqrt(pp * tt), 1e-12)
         self.stats.cos_sum += cos
         self.stats.cos_n += 1
         self.trust = TRUST_DECAY * self.trust + (1 - TRUST_DECAY) * cos
+        self.fit = (TRUST_DECAY * self.fit[0] + (1 - TRUST_DECAY) * dot,
+                    TRUST_DECAY * self.fit[1] + (1 - TRUST_DECAY) * pp)
         if step in self.snapshot_steps:
             def corner(t: torch.Tensor) -> list:
                 return t.reshape(t.shape[0], -1)[:SNAPSHOT_ROWS, :SNAPSHOT_COLS].tolist()
@@ -245,14 +264,14 @@ class Predictor:
         self.stats.loss_sum += loss.item()
         self.stats.loss_n += 1
 
-    def _whole_batch_cosine(self, predicted: torch.Tensor, true: torch.Tensor) -> float:
-        """Over the whole batch (summed over a replicated stage's processes, so every replica
-        sees the same figure)."""
+    def _whole_batch_products(self, predicted: torch.Tensor, true: torch.Tensor) -> tuple[float, float, float]:
+        """p.t, p.p and t.t over the whole batch (summed over a replicated stage's processes, so
+        every replica sees the same figures)."""
         p, t = predicted.reshape(-1).double(), true.reshape(-1).double()
         sums = torch.stack([p @ t, p @ p, t @ t])
         self.share.total(sums)
         dot, pp, tt = sums.tolist()
-        return dot / max(math.sqrt(pp * tt), 1e-12)
+        return dot, pp, tt
 
     def _rescale(self, target: torch.Tensor) -> float:
         """Fold `target`'s RMS (over the whole batch) into the running scale and return it: the
@@ -267,13 +286,15 @@ class Predictor:
 
     def state_dict(self) -> dict:
         return {"sg": self.model.state_dict(), "sg_optimizer": self.optimizer.state_dict(),
-                "sg_trust": self.trust, "sg_scale": self.scale}
+                "sg_trust": self.trust, "sg_scale": self.scale, "sg_fit": list(self.fit)}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["sg"])
         self.optimizer.load_state_dict(state["sg_optimizer"])
         self.trust = float(state.get("sg_trust", self.trust))
         self.scale = float(state.get("sg_scale", self.scale))
+        dot, pp = state.get("sg_fit", self.fit)
+        self.fit = (float(dot), float(pp))
 
     def take_stats(self) -> dict:
         return self.stats.take()

@@ -365,3 +365,22 @@ def test_stages_auto_is_refused_where_the_stages_run_on_other_hosts():
         train(RunConfig(mode="locked", stages="auto"), bind="tcp://127.0.0.1:0")
     with pytest.raises(ConfigError, match="under torchrun the stages are its ranks: give --stages 4"):
         check_world(RunConfig(mode="locked", stages="auto"), TorchrunEnv(0, 5, 0, "127.0.0.1", 1))
+
+
+def test_on_stream_data_a_position_wise_front_rides_with_the_first_layer_that_mixes_positions():
+    """The default layout, one stage per layer, gives a GPT's embedding (each position alone) the
+    stage of the first attention block: a per-position head on the embedding alone could learn
+    only a bigram model. A model that mixes positions from its first layer (an LSTM) keeps one
+    stage per layer, and so does a GPT whose split is given by hand."""
+    from bench.models import small_gpt
+    from synthgrad.common.models import build_units, position_wise_front
+    text = dict(mode="local", dataset="text", input_shape=(8, 11), label_shape=(8,), num_classes=11)
+    gpt = RunConfig(**text, model="bench.models:small_gpt")
+    assert position_wise_front(build_units(gpt), (8, 11)) == 1
+    assert plan_layout(gpt)[0].stage_groups == (2, 1, 1, 1, 1)
+    assert plan_layout(gpt.replace(groups=(1, 1, 1, 1, 1, 1)))[0].stage_groups == (1, 1, 1, 1, 1, 1)
+    assert plan_layout(RunConfig(**text, model="lstm"))[0].stage_groups == (1, 1)
+    # position-wise throughout (nothing mixes): no claim, one stage per layer
+    units = [nn.Linear(11, 16), nn.Sequential(nn.ReLU(), nn.Linear(16, 11))]
+    assert position_wise_front(units, (8, 11)) == 0
+    assert position_wise_front(small_gpt((8, 11), 11, width=16, heads=2, blocks=1), (8, 11)) == 1

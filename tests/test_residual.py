@@ -78,3 +78,18 @@ def test_a_stage_that_affords_no_useful_predictor_steps_on_its_head_alone():
     assert choose_helpers(prior.replace(sg_prior="none"), **cheap).predictor.rank == 1
     assert choose_helpers(prior, out_shape=(64, 12, 12), stage_flops=6e7, is_last=False).predictor.rank >= 8
     assert choose_helpers(prior.replace(sg_hidden=2), **cheap).predictor.rank == 2  # asked for: built
+
+
+def test_a_correction_counts_by_its_least_squares_gain_not_its_cosine():
+    """A correction pointing the right way at a hundred times the right size has cosine 1 but
+    would swamp the head's gradient: the head prior takes it at its gain E[p.t]/E[p.p] (about
+    0.01 here), one of the right size in full, one pointing the wrong way not at all."""
+    cfg = RunConfig(**BASE, mode="unlocked", true_grad_every=1)
+    with one_thread():
+        predictor = chain(cfg)[0].parts.predictor
+    g = torch.randn(16, 32, generator=torch.Generator().manual_seed(1)) / 16  # a batch mean's gradient
+    for size, gain in ((1.0, 1.0), (-1.0, 0.0), (100.0, 0.01)):
+        for step in range(40):  # long enough for the running means to forget the last case
+            predictor.score(step, g * 16 * size, g)
+        assert abs(predictor.trust - (1.0 if size > 0 else -1.0)) < 1e-3, predictor.trust
+        assert abs(predictor.correction_scale() - gain) < 1e-3 + 0.02 * gain, (size, predictor.correction_scale())
