@@ -29,6 +29,13 @@ The stage-by-stage diagnosis (docs/results.md, "Synthetic gradients at depth"):
 (the batch it just ran, the same labels) is set beside what the stage stepped on: their cosine
 and relative error, per stage and per quarter of the run. `--oracle I`: stage I steps on that
 exact gradient every step (everything else as the rule says): what stage I's own error costs.
+`--heads-from-readout`: every local head is the model's last stage at its current weights (for
+residual models, whose stages all hand on the readout's input).
+
+A small GPT (docs/results.md, "A small GPT on text"):
+
+    python bench/rules.py --model bench.models:small_gpt --dataset text --set bptt=64 --batch-size 32 \
+        --steps 1000 --rules backprop,local,residual:10 --probe-every 100
 """
 from __future__ import annotations
 
@@ -61,6 +68,23 @@ class Swapped(Corrected):
     def local_gradient(self, step, h, labels, kept):
         head = self.parts.head.gradient(step, h, labels)  # the head learns from every step
         return None if kept is not None and kept.h is not None else head
+
+
+class ReadoutHead(nn.Module):
+    """--heads-from-readout: a stage's local head is the model's own last stage, at its current
+    weights (detached: the head's loss trains the stage, never the readout). The logit lens as
+    a local loss, for models whose stages all hand on the readout's input shape (a residual
+    stream): the readout's gradient at a stage's output is the direct path's share of the true
+    gradient there."""
+
+    def __init__(self, readout: nn.Module):
+        super().__init__()
+        self.__dict__["readout"] = readout  # not a submodule: the head's optimiser must not step it
+        self.decoder = None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        weights = {name: p.detach() for name, p in self.readout.named_parameters()}
+        return torch.func.functional_call(self.readout, weights, (h,))
 
 
 def make_rule(name: str) -> tuple[dict, type[UpdateRule] | None]:
@@ -159,7 +183,7 @@ class Probe:
 
 
 def train_rule(name: str, cfg: RunConfig, ds, hop_delay: int, probe_every: int = 0,
-               oracle: int | None = None) -> dict:
+               oracle: int | None = None, heads_from_readout: bool = False) -> dict:
     fields, rule = make_rule(name)
     cfg = cfg.replace(**fields)
     rule = rule or cfg.rule
@@ -169,6 +193,10 @@ def train_rule(name: str, cfg: RunConfig, ds, hop_delay: int, probe_every: int =
     k = len(cfg.stage_groups)
     stages = [StageLogic(cfg, i, k, nn.Sequential(*units[a:b]), shapes[i][0], shapes[i][1], rule=rule)
               for i, (a, b) in enumerate(stage_bounds(cfg))]
+    if heads_from_readout:
+        for st in stages[:-1]:
+            if st.parts.head is not None:
+                st.parts.head.model = ReadoutHead(stages[-1].module)
     probe = Probe(stages, probe_every, oracle)
     if probe_every or oracle is not None:
         if oracle is not None and not 0 <= oracle < k - 1:
@@ -239,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-every", type=int, default=0,
                    help="every P steps, set each stage's gradient beside the exact one (0: never)")
     p.add_argument("--oracle", type=int, default=None, help="this stage steps on exact gradients every step")
+    p.add_argument("--heads-from-readout", action="store_true",
+                   help="every local head is the model's last stage at its current weights (residual models)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "rules.json"))
     return p
 
@@ -272,8 +302,8 @@ def main() -> None:
     rows = []
     seeds = [int(v) for v in args.seeds.split(",")]
     for name in args.rules.split(","):
-        runs = [train_rule(name, cfg.replace(seed=seed), ds, args.hop_delay, args.probe_every, args.oracle)
-                for seed in seeds]
+        runs = [train_rule(name, cfg.replace(seed=seed), ds, args.hop_delay, args.probe_every, args.oracle,
+                           args.heads_from_readout) for seed in seeds]
         accs = [r["test_accuracy"] for r in runs]
         bits = [r["test_loss"] / math.log(2) for r in runs]
         mean = sum(accs) / len(accs)

@@ -28,7 +28,6 @@ from synthgrad.common.costs import HeadChoice, PredictorChoice
 from synthgrad.common.models import LocalHead, SyntheticGradient, loss_function, make_optimizer
 from synthgrad.common.reports import RunFailed
 
-CORRECTION_MIN_COSINE = 0.1  # a head prior's correction is taken from this running cosine on
 TRUST_DECAY = 0.8  # the predictor's running cosine: each true-gradient step's weighs 1 - this
 SCALE_DECAY = 0.9  # the true gradients' running RMS (--sg-normalize): each target's weighs 1 - this
 SNAPSHOT_ROWS, SNAPSHOT_COLS = 16, 64  # samples x units kept per snapshot (for a heatmap)
@@ -154,10 +153,11 @@ class PredictorSettings:
     normalize: bool = False  # --sg-normalize: learn gradients over their running RMS
     min_cosine: float = 0.0  # --sg-min-cosine: no step on it below this running cosine
     trust_scale: bool = True  # --sg-trust-scale: the step scales with the running cosine
+    correction_min_cosine: float = 0.1  # --sg-correction-min-cosine: the head prior's bar
 
     @classmethod
     def of(cls, cfg: Any) -> "PredictorSettings":
-        return cls(cfg.sg_normalize, cfg.sg_min_cosine, cfg.sg_trust_scale)
+        return cls(cfg.sg_normalize, cfg.sg_min_cosine, cfg.sg_trust_scale, cfg.sg_correction_min_cosine)
 
 
 class Predictor:
@@ -217,12 +217,12 @@ class Predictor:
         corrections hundreds of times the target's size at cosine 0.001, noise that swamped the
         head's gradient (the small GPT: docs/results.md). The gain is the scale at which the
         correction's expected squared error is least, so an oversized one counts for little.
-        A correction whose running cosine is below CORRECTION_MIN_COSINE is not taken at all:
+        A correction whose running cosine is below --sg-correction-min-cosine (0.1) is not taken:
         the gain is a ratio of running means over a few true gradients, and where the predictor
         learns nothing (the small GPT's blocks: cosines 0.001-0.004) its noise alone cost 0.10
         bits per character against `local`; the digits CNN's corrections run at 0.22-0.33."""
         dot, pp = self.fit
-        if self.trust < CORRECTION_MIN_COSINE or pp <= 0:
+        if self.trust < self.settings.correction_min_cosine or pp <= 0:
             return self._taken(0.0)
         return self._taken(min(max(dot / pp, 0.0), 1.0))
 

@@ -131,6 +131,7 @@ def check_synthetic(cfg: RunConfig) -> None:
     within(cfg, "sg_update_lr_scale", 0, 100)
     within(cfg, "sg_discount", 0, 1)
     within(cfg, "sg_min_cosine", 0, 1)
+    within(cfg, "sg_correction_min_cosine", 0, 1)
     within(cfg, "sg_budget", 0, 10, lo_open=True)
     need(cfg.true_grad_every >= 1, "--true-grad-every must be at least 1")
     need(cfg.sg_hidden is None or cfg.sg_hidden >= 1, "--sg-hidden must be at least 1")

@@ -48,3 +48,16 @@ def test_the_probe_changes_nothing_it_watches():
     probed = train_rule("dni:2", cfg, ds, hop_delay=1, probe_every=2)
     assert probed["test_loss"] == plain["test_loss"] and probed["test_accuracy"] == plain["test_accuracy"]
     assert torch.isfinite(torch.tensor(plain["test_loss"]))
+
+
+def test_heads_from_the_readout_give_the_stage_before_it_the_exact_gradient():
+    """--heads-from-readout: every head is the model's last stage at its current weights, so on
+    the stage just before it the head's gradient is the exact one (cosine 1 at every probe),
+    and the heads never step the read-out's weights."""
+    cfg = RunConfig(**{**SMALL, "layers": (784, 32, 32, 32, 10)})
+    ds = run_dataset(cfg)
+    tied = train_rule("local", cfg, ds, hop_delay=1, probe_every=1, heads_from_readout=True)
+    last_hidden = tied["probes"][-1]
+    assert last_hidden["probes"] == 8 and last_hidden["cosine"] > 0.9999, last_hidden
+    own = train_rule("local", cfg, ds, hop_delay=1, probe_every=1)
+    assert own["probes"][-1]["cosine"] < 0.999, own["probes"][-1]

@@ -93,3 +93,33 @@ def test_a_correction_counts_by_its_least_squares_gain_not_its_cosine():
             predictor.score(step, g * 16 * size, g)
         assert abs(predictor.trust - (1.0 if size > 0 else -1.0)) < 1e-3, predictor.trust
         assert abs(predictor.correction_scale() - gain) < 1e-3 + 0.02 * gain, (size, predictor.correction_scale())
+
+
+def test_a_correction_is_never_larger_than_the_prior():
+    """One prediction far out of line on a new batch (a spike Adam would turn into several
+    outsized steps) is shrunk to the head's gradient's norm; one within it is left alone."""
+    from synthgrad.common.modes import bounded
+    prior = torch.full((4, 8), 0.1)
+    spike = torch.randn(4, 8, generator=torch.Generator().manual_seed(0)) * 1e3
+    shrunk = bounded(spike, prior)
+    assert torch.allclose(shrunk.norm(), prior.norm()) and torch.allclose(shrunk / shrunk.norm(), spike / spike.norm())
+    small = prior * 0.5
+    assert torch.equal(bounded(small, prior), small)
+
+
+def test_a_correction_below_its_cosine_bar_is_not_taken():
+    """--sg-correction-min-cosine: a correction running at cosine about 0.3 is taken at its gain
+    under the default bar (0.1) and not at all under a bar of 0.5."""
+    g = torch.randn(16, 32, generator=torch.Generator().manual_seed(2)) / 16
+    noise = torch.randn(16, 32, generator=torch.Generator().manual_seed(3))
+    noisy = g * 16 + noise * (3 * (g * 16).norm() / noise.norm())  # cosine about 1/sqrt(10)
+    scales = {}
+    for bar in (0.1, 0.5):
+        cfg = RunConfig(**BASE, mode="unlocked", true_grad_every=1, sg_correction_min_cosine=bar)
+        with one_thread():
+            predictor = chain(cfg)[0].parts.predictor
+        for step in range(20):
+            predictor.score(step, noisy, g)
+        assert 0.2 < predictor.trust < 0.45, predictor.trust
+        scales[bar] = predictor.correction_scale()
+    assert 0.05 < scales[0.1] < 0.2 and scales[0.5] == 0.0, scales

@@ -41,8 +41,11 @@ VARIANTS = {
     "local": (dict(mode="local"), 0),
     "delayed": (dict(mode="delayed"), 2),
     "corrected": (dict(mode="corrected", true_grad_every=2), 1),
-    "unlocked-head-prior": (dict(mode="unlocked", true_grad_every=2), 1),
-    "unlocked-head-prior-bootstrap": (dict(mode="unlocked", true_grad_every=3, bootstrap=True), 1),
+    # (no bar on the correction's cosine: in 16 steps it would never be taken, and the resumed
+    # stages must step on it)
+    "unlocked-head-prior": (dict(mode="unlocked", true_grad_every=2, sg_correction_min_cosine=0.0), 1),
+    "unlocked-head-prior-bootstrap": (dict(mode="unlocked", true_grad_every=3, bootstrap=True,
+                                           sg_correction_min_cosine=0.0), 1),
 }
 
 
