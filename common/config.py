@@ -131,7 +131,7 @@ class RunConfig:
     sg_min_cosine: float = SYNTHETIC.opt(0.0, "a stage steps on its predictor only while the predictor's running "
                                          "cosine with the true gradients (over true-gradient steps) is at "
                                          "least this; below it the layers keep their weights (0 = no bar)")
-    sg_correction_min_cosine: float = SYNTHETIC.opt(0.1, "with --sg-prior head: the predictor's correction is "
+    sg_correction_min_cosine: float = SYNTHETIC.opt(0.3, "with --sg-prior head: the predictor's correction is "
                                                     "taken only while its running cosine with the true "
                                                     "corrections is at least this (below it the stage steps "
                                                     "on its head alone)")

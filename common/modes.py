@@ -305,10 +305,12 @@ class Residual(UpdateRule):
     local head's. Step now on dL_head/dh + c SG(h), where the predictor learns only the
     correction (true - head gradient) from every N-th true
     gradient, and c is the predictor's own evidence: the least-squares gain of its corrections
-    on the true ones, clamped to [0, 1] (Predictor.correction_scale; --sg-trust-scale,
-    --sg-min-cosine). The gain, not the cosine, since the correction is added to a gradient
-    whose size matters: an oversized correction counts for little. With no true gradient (N = infinity) it is `local`; the better the
-    predictor learns the correction, the nearer each step is to backprop's. A correction taken
+    on the true ones, clamped to [0, 1], and 0 while their running cosine is below
+    --sg-correction-min-cosine (Predictor.correction_scale). The gain, not the cosine, since
+    the correction is added to a gradient whose size matters; the correction is also never
+    larger than the head's gradient (`bounded`). With no true gradient (N = infinity) it is
+    `local`; the better the predictor learns the correction, the nearer each step is to
+    backprop's. A correction taken
     at full size before it predicts kills units (measured on the digits CNN: docs/results.md).
     The head's part is an exact gradient of a local loss and is always taken in full; the true
     gradients train the predictor only."""
@@ -350,8 +352,8 @@ def bounded(correction: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     """The correction, shrunk where needed to at most the prior's norm (over the whole batch).
     A gain is measured on past batches; one prediction far out of line on a new batch would
     be a gradient spike, which Adam turns into several steps of about 3x the learning rate in
-    its direction. On the small GPT one such step at stage 0 (its running cosine near 0.1) took
-    the loss from 1.6 to 3.5 nats within ten steps, and it never came back."""
+    its direction. (It does not stop a correction that feeds itself step after step: on the
+    small GPT that took the cosine bar, docs/results.md.)"""
     limit = prior.norm()
     size = correction.norm()
     return correction * (limit / size) if size > limit else correction

@@ -153,7 +153,7 @@ class PredictorSettings:
     normalize: bool = False  # --sg-normalize: learn gradients over their running RMS
     min_cosine: float = 0.0  # --sg-min-cosine: no step on it below this running cosine
     trust_scale: bool = True  # --sg-trust-scale: the step scales with the running cosine
-    correction_min_cosine: float = 0.1  # --sg-correction-min-cosine: the head prior's bar
+    correction_min_cosine: float = 0.3  # --sg-correction-min-cosine: the head prior's bar
 
     @classmethod
     def of(cls, cfg: Any) -> "PredictorSettings":
@@ -217,10 +217,11 @@ class Predictor:
         corrections hundreds of times the target's size at cosine 0.001, noise that swamped the
         head's gradient (the small GPT: docs/results.md). The gain is the scale at which the
         correction's expected squared error is least, so an oversized one counts for little.
-        A correction whose running cosine is below --sg-correction-min-cosine (0.1) is not taken:
+        A correction whose running cosine is below --sg-correction-min-cosine (0.3) is not taken:
         the gain is a ratio of running means over a few true gradients, and where the predictor
         learns nothing (the small GPT's blocks: cosines 0.001-0.004) its noise alone cost 0.10
-        bits per character against `local`; the digits CNN's corrections run at 0.22-0.33."""
+        bits per character against `local`; at 0.10-0.12 (the GPT's first stage) taking it
+        wrecked a run. The digits CNN's corrections ran at 0.22-0.36."""
         dot, pp = self.fit
         if self.trust < self.settings.correction_min_cosine or pp <= 0:
             return self._taken(0.0)
