@@ -259,8 +259,8 @@ def position_wise_front(units: Sequence[nn.Module], sample_shape: Sequence[int])
     window and the same window with its first position changed, through each unit; a unit
     mixes when any later position's output moves.
     Why it matters: a per-position local head on such a unit can learn at best a bigram model,
-    while the layers after it need what attention reads (position, keys, queries). On the small
-    GPT a stage of the embedding alone lost 0.56 of local's 0.76 bits (docs/results.md)."""
+    while the layers after it need what attention reads (position, keys, queries): on the small
+    GPT a stage of the embedding alone was most of local's gap (docs/results.md)."""
     if len(sample_shape) < 2:
         return 0
     g = torch.Generator().manual_seed(0)

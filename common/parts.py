@@ -213,15 +213,13 @@ class Predictor:
     def correction_scale(self) -> float:
         """step_scale for a prediction added to another gradient (the head prior's correction):
         the least-squares gain of the predictions on their targets, E[p.t] / E[p.p], clamped
-        to [0, 1]. There the size matters as much as the direction: the cosine alone took
-        corrections hundreds of times the target's size at cosine 0.001, noise that swamped the
-        head's gradient (the small GPT: docs/results.md). The gain is the scale at which the
-        correction's expected squared error is least, so an oversized one counts for little.
-        A correction whose running cosine is below --sg-correction-min-cosine (0.3) is not taken:
-        the gain is a ratio of running means over a few true gradients, and where the predictor
-        learns nothing (the small GPT's blocks: cosines 0.001-0.004) its noise alone cost 0.10
-        bits per character against `local`; at 0.10-0.12 (the GPT's first stage) taking it
-        wrecked a run. The digits CNN's corrections ran at 0.22-0.36."""
+        to [0, 1]. There the size matters as much as the direction: at the cosine alone, an
+        oversized correction that barely predicts is noise that swamps the head's gradient. The
+        gain is the scale at which the correction's expected squared error is least, so an
+        oversized one counts for little. A correction whose running cosine is below
+        --sg-correction-min-cosine is not taken at all: the gain is a ratio of running means
+        over a few true gradients, so a predictor that learns nothing still adds noise, and a
+        weakly predicting one can feed itself (the small GPT, docs/results.md)."""
         dot, pp = self.fit
         if self.trust < self.settings.correction_min_cosine or pp <= 0:
             return self._taken(0.0)
