@@ -58,6 +58,7 @@ from synthgrad.common.datasets import run_dataset  # noqa: E402
 from synthgrad.common.evaluation import EvalTally  # noqa: E402
 from synthgrad.common.models import build_units, stage_bounds, stage_io_shapes  # noqa: E402
 from synthgrad.common.modes import Corrected, Mode, UpdateRule  # noqa: E402
+from synthgrad.common.costs import helper_models, unit_costs  # noqa: E402
 from synthgrad.workers.stage import StageLogic  # noqa: E402
 
 
@@ -191,7 +192,10 @@ def train_rule(name: str, cfg: RunConfig, ds, hop_delay: int, probe_every: int =
     units = build_units(cfg)
     shapes = stage_io_shapes(cfg, units)
     k = len(cfg.stage_groups)
-    stages = [StageLogic(cfg, i, k, nn.Sequential(*units[a:b]), shapes[i][0], shapes[i][1], rule=rule)
+    # the helper models the layout gives each stage (chosen over them all: --head-depth auto)
+    helpers = helper_models(cfg.replace(mode=rule.mode), units, unit_costs(cfg, units))[1]
+    stages = [StageLogic(cfg, i, k, nn.Sequential(*units[a:b]), shapes[i][0], shapes[i][1], rule=rule,
+                         helpers=helpers[i])
               for i, (a, b) in enumerate(stage_bounds(cfg))]
     if heads_from_readout:
         for st in stages[:-1]:

@@ -154,13 +154,22 @@ class RunConfig:
                                   "head, which holds where a predictor alone cannot learn the gradient: "
                                   "docs/results.md) | none (the predictor alone, as in the DNI paper)")
     bootstrap: bool = SYNTHETIC.opt(False, "train SG_i also on the next stage's synthetic gradient")
-    head_depth: int = SYNTHETIC.opt(0, "local heads (modes local, corrected, unlocked): hidden layers before "
-                                    "the classifier, each a 3x3 conv of the activation's channels (conv "
-                                    "activations) or a dense layer of its width")
+    head_depth: Optional[int] = SYNTHETIC.opt(None, "local heads (modes local, corrected, unlocked): hidden "
+                                              "layers before the classifier, each a 3x3 conv of the "
+                                              "activation's channels (conv activations) or a dense layer of "
+                                              "its width; default auto: one on each stage that costs at most "
+                                              "--sg-budget x the heaviest stage (a cheap stem), while those "
+                                              "hidden layers together cost at most --sg-budget x the model; "
+                                              "none elsewhere", auto=True)
     head_reconstruct: float = SYNTHETIC.opt(0.0, "local heads: the weight of a second local loss, the mean "
                                             "squared error of decoding the stage's input from its output "
                                             "(InfoPro's reconstruction term: an early stage keeps what later "
                                             "ones need); 0: none")
+    head_attention: bool = SYNTHETIC.opt(False, "local heads on stream data (a target at every position) "
+                                         "also read the earlier positions, through one causal attention "
+                                         "layer: a stage whose layers mix positions is then asked for what "
+                                         "a later layer's attention reads, not only for what its own "
+                                         "position predicts")
     head_norm: bool = SYNTHETIC.opt(True, "local heads read the stage's output over its root mean square, so "
                                     "their loss cannot grow the stage's activations (a classifier's loss "
                                     "otherwise grows an early stage's, and the next stage's units die: "

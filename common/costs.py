@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -190,10 +191,11 @@ class HeadChoice:
     # the stage's input shape, decoded from its output (--head-reconstruct); None: no decoder
     reconstructs: Optional[tuple[int, ...]] = None
     scale_free: bool = False  # reads its input over its RMS (--head-norm)
+    attention: bool = False  # per position, also reads the earlier positions (--head-attention)
 
     def build(self, cfg: RunConfig, out_shape: Sequence[int]) -> LocalHead:
         return LocalHead(out_shape, cfg.classes, self.pool, cfg.per_position, self.depth, self.reconstructs,
-                         self.scale_free)
+                         self.scale_free, self.attention)
 
 
 HEAD_POOLS = (2, 1)  # a conv activation's head pools to 2x2 (DGL's auxiliary nets), else 1x1
@@ -201,30 +203,68 @@ HEAD_POOLS = (2, 1)  # a conv activation's head pools to 2x2 (DGL's auxiliary ne
 
 @functools.lru_cache(maxsize=1024)
 def _head_flops(out_shape: tuple[int, ...], classes: int, pool: int, per_position: bool = False,
-                depth: int = 0, reconstructs: Optional[tuple[int, ...]] = None) -> float:
-    head = LocalHead(out_shape, classes, pool, per_position, depth, reconstructs)
+                depth: int = 0, reconstructs: Optional[tuple[int, ...]] = None, attention: bool = False) -> float:
+    head = LocalHead(out_shape, classes, pool, per_position, depth, reconstructs, attention=attention)
     decoding = training_flops(head.decoder, out_shape) if head.decoder is not None else 0.0
     return training_flops(head, out_shape) + decoding
 
 
 def choose_head(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
-                in_shape: Optional[Sequence[int]] = None) -> HeadChoice:
+                in_shape: Optional[Sequence[int]] = None, depth: int = 0) -> HeadChoice:
     """The local head a stage gets: priced against the stage's own training FLOPs like a
     predictor (`--sg-budget`). A conv activation's head pools to 2x2, or to 1x1 when 2x2 is
     over the budget. A head is at least a linear map from the activation's features to the
-    classes; a stage cheaper than that keeps it, and the layout reports its share."""
+    classes; a stage cheaper than that keeps it, and the layout reports its share. `depth`:
+    its hidden layers where --head-depth is auto (`head_depths` chose them); a given
+    --head-depth overrides it."""
+    depth = cfg.head_depth if cfg.head_depth is not None else depth
+    return _head_of_depth(cfg, out_shape, stage_flops, in_shape, depth)
+
+
+def _head_of_depth(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
+                   in_shape: Optional[Sequence[int]], depth: int) -> HeadChoice:
     shape = tuple(out_shape)
     pools = HEAD_POOLS if len(shape) == 3 else (HEAD_POOLS[0],)
     budget = cfg.sg_budget * stage_flops
-    depth = cfg.head_depth
     wanted = cfg.head_reconstruct > 0 and in_shape is not None and Reconstruction.fits(shape, in_shape)
     reconstructs = tuple(in_shape) if wanted and in_shape is not None else None
+    attention = cfg.head_attention and cfg.per_position
     for pool in pools:
-        flops = _head_flops(shape, cfg.classes, pool, cfg.per_position, depth, reconstructs)
+        flops = _head_flops(shape, cfg.classes, pool, cfg.per_position, depth, reconstructs, attention)
         if flops <= budget:
-            return HeadChoice(pool, flops, depth, reconstructs, cfg.head_norm)
-    return HeadChoice(pools[-1], _head_flops(shape, cfg.classes, pools[-1], cfg.per_position, depth, reconstructs),
-                      depth, reconstructs, cfg.head_norm)
+            return HeadChoice(pool, flops, depth, reconstructs, cfg.head_norm, attention)
+    return HeadChoice(pools[-1], _head_flops(shape, cfg.classes, pools[-1], cfg.per_position, depth, reconstructs,
+                                             attention), depth, reconstructs, cfg.head_norm, attention)
+
+
+def head_depths(cfg: RunConfig, own_flops: Sequence[float], deeper: Sequence[Optional[float]]) -> tuple[int, ...]:
+    """--head-depth auto: the hidden layers each stage's head gets, given each stage's own
+    training FLOPs and what one hidden layer would add to its head (None: no head there).
+    A linear head on a cheap early stage (a conv stem) asks it for features a linear map can
+    sort by class already, and the stage throws away what later stages need: on a CNN with a
+    cheap stem `local` lost 5.9 points of Fashion-MNIST that way, 0.7 with a hidden layer
+    (docs/results.md). On a cheap stage the hidden layer also costs the least, since the
+    pipeline moves at its heaviest stage's pace. So a stage that costs at most --sg-budget x
+    the heaviest stage's own FLOPs gets one, from the first stage on, while all the hidden
+    layers given cost at most --sg-budget x the model's FLOPs (on few cores every stage's work
+    counts). Stages of about equal cost (a transformer's blocks, where a hidden layer bought
+    nothing: docs/results.md) keep linear heads."""
+    if cfg.head_depth is not None:
+        return tuple(cfg.head_depth for _ in own_flops)
+    heaviest, allowance = max(own_flops, default=0.0), cfg.sg_budget * sum(own_flops)
+    depths, spent = [], 0.0
+    for own, extra in zip(own_flops, deeper):
+        fits = extra is not None and own <= cfg.sg_budget * heaviest and spent + extra <= allowance
+        depths.append(1 if fits else 0)
+        spent += extra if fits and extra is not None else 0.0
+    return tuple(depths)
+
+
+def deeper_head_flops(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
+                      in_shape: Optional[Sequence[int]] = None) -> float:
+    """What one hidden layer adds to the head `choose_head` gives a stage (for `head_depths`)."""
+    return (_head_of_depth(cfg, out_shape, stage_flops, in_shape, 1).flops
+            - _head_of_depth(cfg, out_shape, stage_flops, in_shape, 0).flops)
 
 
 def predictor_cost(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float = 0.0,
@@ -251,11 +291,14 @@ class Helpers:
 
 
 def choose_helpers(cfg: RunConfig, *, is_last: bool, out_shape: Sequence[int], stage_flops: float,
-                   state_widths: Sequence[int] = (), in_shape: Optional[Sequence[int]] = None) -> Helpers:
+                   state_widths: Sequence[int] = (), in_shape: Optional[Sequence[int]] = None,
+                   head_depth: int = 0) -> Helpers:
     """The helper models the run's rule gives a stage: a predictor of its output and a local
     head (not on the last stage, whose gradient is exact) where the rule uses them, and a state
     predictor per recurrent layer (`state_widths`) where the rule predicts gradients on stream
-    data, every one priced against the stage's own training FLOPs (`stage_flops`)."""
+    data, every one priced against the stage's own training FLOPs (`stage_flops`).
+    `head_depth`: the head's hidden layers where --head-depth is auto (the layout's
+    `head_depths`, which sees every stage)."""
     rule = cfg.stage_rule  # None for the modes with processes of their own (pipeline)
     if rule is None:
         return Helpers()
@@ -269,10 +312,35 @@ def choose_helpers(cfg: RunConfig, *, is_last: bool, out_shape: Sequence[int], s
         # work on a large map costs the stage a quarter of its time. With a head's gradient to
         # step on, the stage goes without; without one, it keeps what it can afford
         predictor = None
-    head = choose_head(cfg, out_shape, stage_flops, in_shape) if rule.uses_head and not is_last else None
+    head = choose_head(cfg, out_shape, stage_flops, in_shape, head_depth) if rule.uses_head and not is_last else None
     states = tuple(choose_predictor(cfg.replace(conditioned=False), (width,), stage_flops)
                    for width in state_widths) if rule.uses_predictor and cfg.per_position else ()
     return Helpers(predictor, head, states)
+
+
+def helper_models(cfg: RunConfig, units: Sequence[nn.Module], costs: Sequence[float]
+                  ) -> tuple[tuple[float, ...], tuple[Helpers, ...]]:
+    """Each stage's own training FLOPs (`costs`: each unit's), and the helper models its rule
+    gets (choose_helpers, priced against those FLOPs; the heads' depths chosen over all the
+    stages, head_depths): what the layout records and START carries to the stage."""
+    from synthgrad.common.recurrent import state_sizes
+    shapes = [cfg.sample_shape, *unit_shapes(units, cfg.sample_shape)]
+    rule = cfg.stage_rule
+    bounds = [0, *itertools.accumulate(cfg.stage_groups)]
+    spans = list(zip(bounds, bounds[1:]))
+    own_flops = [sum(costs[a:b]) for a, b in spans]
+    last = len(spans) - 1
+    deeper = [deeper_head_flops(cfg, shapes[b], own, shapes[a])
+              if rule is not None and rule.uses_head and i < last else None
+              for i, ((a, b), own) in enumerate(zip(spans, own_flops))]
+    depths = head_depths(cfg, own_flops, deeper)
+    helpers = []
+    for i, ((a, b), own) in enumerate(zip(spans, own_flops)):
+        widths = (state_sizes(nn.Sequential(*units[a:b]), shapes[a])
+                  if rule is not None and rule.uses_predictor and cfg.per_position else [])
+        helpers.append(choose_helpers(cfg, is_last=i == last, out_shape=shapes[b], stage_flops=own,
+                                      state_widths=widths, in_shape=shapes[a], head_depth=depths[i]))
+    return tuple(own_flops), tuple(helpers)
 
 
 def stage_costs(cfg: RunConfig, groups: Sequence[int], units: Optional[Sequence[nn.Module]] = None,

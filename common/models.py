@@ -379,7 +379,7 @@ class LocalHead(nn.Module):
 
     def __init__(self, shape: Sequence[int], num_classes: int = NUM_CLASSES, pool: int = 2,
                  per_position: bool = False, depth: int = 0, reconstructs: Optional[Sequence[int]] = None,
-                 scale_free: bool = False):
+                 scale_free: bool = False, attention: bool = False):
         super().__init__()
         shape = tuple(shape)
         # reads h over its root mean square (per sample; per position with targets at every
@@ -394,8 +394,10 @@ class LocalHead(nn.Module):
             if len(shape) != 2:
                 raise ValueError(f"a local head for targets at every position needs [time, features] "
                                  f"activations, got {shape}")
-            self.net = nn.Sequential(*norm, *_hidden_dense(shape[1], depth),
-                                     nn.Linear(_read_width(shape[1], depth), num_classes))
+            context = [CausalContext(shape[1])] if attention else []
+            width = shape[1] + (context[0].width if attention else 0)
+            self.net = nn.Sequential(*norm, *context, *_hidden_dense(width, depth),
+                                     nn.Linear(_read_width(width, depth), num_classes))
         elif len(shape) == 1:
             self.net = nn.Sequential(*norm, *_hidden_dense(shape[0], depth),
                                      nn.Linear(_read_width(shape[0], depth), num_classes))
@@ -421,6 +423,26 @@ class LocalHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.net(h)
+
+
+class CausalContext(nn.Module):
+    """What a per-position head reads besides its position: one causal self-attention layer of
+    `width` (the features' up to 64, heads of 32), its output beside the input. Causal, as
+    the model is: a head that saw later positions would learn to read the next target from
+    them."""
+    HEAD_WIDTH = 32
+
+    def __init__(self, features: int, width: int = 64):
+        super().__init__()
+        self.width = min(features, width)
+        self.heads = max(1, self.width // self.HEAD_WIDTH)
+        self.qkv = nn.Linear(features, 3 * self.width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, t, _ = h.shape
+        q, k, v = (x.reshape(b, t, self.heads, -1).transpose(1, 2) for x in self.qkv(h).chunk(3, dim=-1))
+        read = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return torch.cat([h, read.transpose(1, 2).reshape(b, t, self.width)], dim=-1)
 
 
 class _RootMeanSquare(nn.Module):

@@ -135,7 +135,8 @@ def check_synthetic(cfg: RunConfig) -> None:
     within(cfg, "sg_budget", 0, 10, lo_open=True)
     need(cfg.true_grad_every >= 1, "--true-grad-every must be at least 1")
     need(cfg.sg_hidden is None or cfg.sg_hidden >= 1, "--sg-hidden must be at least 1")
-    within(cfg, "head_depth", 0, 8)
+    if cfg.head_depth is not None:
+        within(cfg, "head_depth", 0, 8)
     within(cfg, "head_reconstruct", 0, 1000)
     need(cfg.sg_prior in SG_PRIORS, f"unknown --sg-prior {cfg.sg_prior!r}; choose one of {', '.join(SG_PRIORS)}")
     rule = cfg.stage_rule

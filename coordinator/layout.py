@@ -18,6 +18,7 @@ from synthgrad.common.costs import (
     PredictorChoice,
     choose_helpers,
     core_flops_per_s,
+    helper_models,
     predictor_cost,
     stage_costs,
     unit_costs,
@@ -102,7 +103,8 @@ class Layout:
                 "predictors": [None if c is None else {"rank": c.rank, "kernel": c.kernel,
                                                        "share_of_stage_flops": round(share, 4)}
                                for c, share in zip(self.predictors, self.predictor_shares)],
-                "heads": [None if c is None else {"pool": c.pool, "share_of_stage_flops": round(share, 4)}
+                "heads": [None if c is None else {"pool": c.pool, "depth": c.depth, "attention": c.attention,
+                                                  "share_of_stage_flops": round(share, 4)}
                           for c, share in zip(self.heads, self.head_shares)],
                 "state_predictors": [[{"rank": c.rank, "share_of_stage_flops": round(share, 4)}
                                       for c, share in zip(cs, shares)]
@@ -113,8 +115,8 @@ class Layout:
         ceiling = self.ceiling_samples_per_s
         sg = [f"{i}: rank {c.rank}{' 1x1' if c.kernel == 1 else ''} {100 * share:.0f}%"
               for i, (c, share) in enumerate(zip(self.predictors, self.predictor_shares)) if c is not None]
-        heads = [f"{i}: {100 * share:.1f}%" for i, (c, share) in enumerate(zip(self.heads, self.head_shares))
-                 if c is not None]
+        heads = [f"{i}: {'hidden layer ' * c.depth}{'attention ' if c.attention else ''}{100 * share:.1f}%"
+                 for i, (c, share) in enumerate(zip(self.heads, self.head_shares)) if c is not None]
         states = [f"{i}: rank {c.rank} {100 * share:.1f}%" for i, (cs, shares) in
                   enumerate(zip(self.state_predictors, self.state_predictor_shares)) for c, share in zip(cs, shares)]
         return (f"layout: layers per stage {list(self.groups)}{f' ({self.auto})' if self.auto else ''}, "
@@ -201,33 +203,12 @@ def plan_layout(cfg: RunConfig) -> tuple[RunConfig, Optional[Layout]]:
     # else one stage per layer, every layer trainable: groups stay unset, as the options gave them
     flops = stage_costs(cfg, cfg.stage_groups, units, costs)
     on_cpu = all(d.strip() == "cpu" for d in cfg.device.split(","))
-    own, helpers = _helper_models(cfg, units, costs)
+    own, helpers = helper_models(cfg, units, costs)
     rate = core_flops_per_s(cfg.batch_size)
     usable = tuple(useful_threads(f * cfg.batch_size / rate) for f in flops)  # threads each stage's step can use
     placement = plan_placement(flops, cfg.placement, threads=cfg.stage_thread_counts(), usable=usable)
     return cfg, Layout(tuple(cfg.stage_groups), tuple(flops), placement, rate, on_cpu, cfg.stage_replica_counts(),
                        helpers, own, auto)
-
-
-def _helper_models(cfg: RunConfig, units, costs) -> tuple[tuple[float, ...], tuple[Helpers, ...]]:
-    """Each stage's own training FLOPs, and the helper models its rule gets (common/costs.py
-    choose_helpers, priced against those FLOPs): what START carries to the stage."""
-    from torch import nn
-
-    from synthgrad.common.recurrent import state_sizes
-    shapes = [cfg.sample_shape, *unit_shapes(units, cfg.sample_shape)]
-    rule = cfg.stage_rule
-    own_flops, helpers, start = [], [], 0
-    for i, n in enumerate(cfg.stage_groups):
-        end = start + n
-        own = sum(costs[start:end])
-        widths = (state_sizes(nn.Sequential(*units[start:end]), shapes[start])
-                  if rule is not None and rule.uses_predictor and cfg.per_position else [])
-        own_flops.append(own)
-        helpers.append(choose_helpers(cfg, is_last=i == len(cfg.stage_groups) - 1, out_shape=shapes[end],
-                                      stage_flops=own, state_widths=widths, in_shape=shapes[start]))
-        start = end
-    return tuple(own_flops), tuple(helpers)
 
 
 def _check_every_stage_trains(cfg: RunConfig, units) -> None:

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from synthgrad.common.config import RunConfig
+from synthgrad.common.costs import helper_models, unit_costs
 from synthgrad.common.models import build_units, stage_bounds, stage_io_shapes
 from synthgrad.workers.checkpointing import StageCheckpoints, periodic_path
 from synthgrad.workers.stage import StageLogic
@@ -41,7 +42,8 @@ def chain(cfg: RunConfig) -> list[StageLogic]:
     units = build_units(cfg)
     shapes = stage_io_shapes(cfg)
     k = len(cfg.stage_groups)
-    return [StageLogic(cfg, i, k, nn.Sequential(*units[a:b]), shapes[i][0], shapes[i][1])
+    helpers = helper_models(cfg, units, unit_costs(cfg, units))[1]  # as the layout chooses them
+    return [StageLogic(cfg, i, k, nn.Sequential(*units[a:b]), shapes[i][0], shapes[i][1], helpers=helpers[i])
             for i, (a, b) in enumerate(stage_bounds(cfg))]
 
 

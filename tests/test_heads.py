@@ -103,3 +103,53 @@ def test_a_conv_heads_hidden_layers_run_on_a_small_map():
     conv.register_forward_hook(lambda m, i, o: seen.update(side=i[0].shape[-1]))
     head(torch.randn(2, 16, 26, 26))
     assert seen["side"] == 8  # HEAD_CONV_SIDE: the early map is pooled first
+
+
+def test_a_context_head_reads_earlier_positions_and_never_later_ones():
+    torch.manual_seed(0)
+    head = LocalHead((12, 24), 10, per_position=True, scale_free=True, attention=True)
+    x = torch.randn(2, 12, 24)
+    moved = x.clone()
+    moved[:, 5] += 1.0
+    change = (head(moved) - head(x)).abs().amax(dim=(0, 2))
+    assert torch.all(change[:5] == 0)  # causal: the targets before position 5 are not read from it
+    assert torch.all(change[6:] > 0)  # later positions read it, through the attention
+    plain = LocalHead((12, 24), 10, per_position=True, scale_free=True)
+    assert torch.all((plain(moved) - plain(x)).abs().amax(dim=(0, 2))[6:] == 0)
+
+
+def test_the_context_head_is_given_on_stream_data_only_and_priced():
+    stream = RunConfig(mode="local", dataset="text", model="lstm", input_shape=(64, 32), label_shape=(64,),
+                       num_classes=32)
+    plain = choose_head(stream, (64, 128), 1e9)
+    asked = choose_head(stream.replace(head_attention=True), (64, 128), 1e9)
+    assert not plain.attention and asked.attention and asked.flops > plain.flops
+    assert any(isinstance(m, torch.nn.Linear) and m.in_features == 128 + 64
+               for m in asked.build(stream.replace(head_attention=True), (64, 128)).modules())
+    images = RunConfig(mode="local", input_shape=(1, 28, 28), num_classes=10, head_attention=True)
+    assert not choose_head(images, (32, 26, 26), 1e9).attention  # one target per sample: nothing to read
+
+
+def test_auto_head_depth_gives_cheap_stages_a_hidden_layer_within_the_budget():
+    """One hidden layer on each stage that costs at most budget x the heaviest stage, from the
+    first stage on, while the hidden layers together cost at most budget x the model."""
+    from synthgrad.common.costs import head_depths
+    cfg = RunConfig(mode="local", sg_budget=0.2)
+    # a cheap stem, a heavy block, a light stage, the last stage (no head)
+    assert head_depths(cfg, [1.0, 100.0, 10.0, 0.1], [3.0, 5.0, 5.0, None]) == (1, 0, 1, 0)
+    # a stage over budget x the heaviest keeps a linear head, however cheap its hidden layer
+    assert head_depths(cfg, [1.0, 100.0, 30.0, 0.1], [3.0, 5.0, 1.0, None]) == (1, 0, 0, 0)
+    # the model's allowance (0.2 x 111.1 = 22.2) is spent from the first stage on
+    assert head_depths(cfg, [1.0, 100.0, 10.0, 0.1], [20.0, 5.0, 5.0, None]) == (1, 0, 0, 0)
+    # stages of equal cost (a transformer's blocks): linear heads
+    assert head_depths(cfg, [75.0, 75.0, 75.0, 5.0], [6.0, 6.0, 6.0, None]) == (0, 0, 0, 0)
+    assert head_depths(cfg.replace(head_depth=2), [1.0, 100.0], [3.0, None]) == (2, 2)  # given: as given
+
+
+def test_the_layout_gives_the_depths_it_chose_to_every_stage():
+    from synthgrad.coordinator.layout import plan_layout
+    cnn = RunConfig(mode="local", model="bench.models:digits_cnn", model_layers=4, input_shape=(1, 28, 28),
+                    num_classes=10)
+    heads = [h.head for h in plan_layout(cnn)[1].helpers]
+    assert [h.depth for h in heads[:-1]] == [1, 0, 1] and heads[-1] is None  # the heavy conv keeps a linear head
+    assert [h.head.depth for h in plan_layout(cnn.replace(head_depth=0))[1].helpers[:-1]] == [0, 0, 0]

@@ -177,9 +177,10 @@ def test_the_default_predictor_costs_at_most_its_budget(shape, stage_flops, ever
     ((256,), 3 * 2 * 784 * 256, None),  # dense: one linear map to the classes
     ((28, 64), 28 * 3 * 2 * 28 * 64, None),  # a sequence: the mean over positions, then linear
 ], ids=["costly-conv", "cheap-conv", "dense", "sequence"])
-def test_the_default_local_head_costs_at_most_its_budget(shape, stage_flops, pool):
+def test_a_linear_local_head_costs_at_most_its_budget(shape, stage_flops, pool):
     """A local head is priced against its stage like a predictor: within --sg-budget of the
-    stage's FLOPs, a conv activation pooled to 1x1 when 2x2 would be over it."""
+    stage's FLOPs, a conv activation pooled to 1x1 when 2x2 would be over it. (A hidden layer,
+    --head-depth auto, is priced against the pipeline instead: tests/test_heads.py.)"""
     from synthgrad.common.costs import choose_head, training_flops
     cfg = RunConfig(mode="local")
     choice = choose_head(cfg, shape, stage_flops)
@@ -189,7 +190,7 @@ def test_the_default_local_head_costs_at_most_its_budget(shape, stage_flops, poo
         assert choice.pool == pool
     assert choice.build(cfg, shape)(torch.randn(3, *shape)).shape == (3, 10)
     # the layout reports each stage's head and its share, and the stage builds that head
-    _, layout = plan_layout(RunConfig(mode="local", model="cnn"))
+    _, layout = plan_layout(RunConfig(mode="local", model="cnn", head_depth=0))
     heads = layout.record()["heads"]
     assert len(heads) == 4 and heads[-1] is None
     assert all(h["share_of_stage_flops"] <= cfg.sg_budget for h in heads[:-1])

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from synthgrad.common.config import RunConfig
-from synthgrad.common.costs import Helpers, choose_helpers, training_flops
+from synthgrad.common.costs import Helpers, choose_helpers, helper_models, training_flops, unit_costs
 from synthgrad.common.devices import Compute
 from synthgrad.common.evaluation import count_correct
 from synthgrad.common.models import SyntheticGradient, build_units, loss_function, make_optimizer, stage_bounds, \
@@ -393,8 +393,9 @@ class StageLogic:
 
 def stage_helpers(cfg: RunConfig, module: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
                   is_last: bool) -> Helpers:
-    """The helper models the layout chooses for a stage of these layers (coordinator/layout.py
-    chooses them the same way, from the same counts)."""
+    """The helper models for a stage of these layers built alone (tests, tools): as the layout
+    chooses them (common/costs.py helper_models), except that a head's hidden layers, which
+    the layout chooses over every stage's cost (--head-depth auto), are none unless given."""
     rule = cfg.rule
     predicts_states = rule.uses_predictor and cfg.per_position and bool(recurrent_layers(module))
     if not (rule.uses_predictor or rule.uses_head):
@@ -423,6 +424,8 @@ def build_stage(cfg: RunConfig, stage: int, total_steps: int, dev: Compute,
     first_unit, end_unit = stage_bounds(cfg)[stage]
     units = build_units(cfg)
     shapes = stage_io_shapes(cfg, units)
+    if helpers is None:  # as the layout chooses them, from every stage's cost
+        helpers = helper_models(cfg, units, unit_costs(cfg, units))[1][stage]
     in_shape, out_shape = shapes[stage]
     num_stages = len(cfg.stage_groups)
     logic = StageLogic(cfg, stage, num_stages, nn.Sequential(*units[first_unit:end_unit]), in_shape, out_shape,
