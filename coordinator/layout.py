@@ -201,9 +201,11 @@ def plan_layout(cfg: RunConfig) -> tuple[RunConfig, Optional[Layout]]:
         bounds = [0, *itertools.accumulate(block_groups)]
         cfg = cfg.replace(groups=tuple(runs[b - 1][1] - runs[a][0] for a, b in zip(bounds, bounds[1:])))
     # else one stage per layer, every layer trainable: groups stay unset, as the options gave them
-    flops = stage_costs(cfg, cfg.stage_groups, units, costs)
-    on_cpu = all(d.strip() == "cpu" for d in cfg.device.split(","))
     own, helpers = helper_models(cfg, units, costs)
+    # each stage's layers and the predictor and head it was given (as stage_costs counts them,
+    # with the heads' depths the layout chose over every stage)
+    flops = [o + sum(c.flops for c in (h.predictor, h.head) if c is not None) for o, h in zip(own, helpers)]
+    on_cpu = all(d.strip() == "cpu" for d in cfg.device.split(","))
     rate = core_flops_per_s(cfg.batch_size)
     usable = tuple(useful_threads(f * cfg.batch_size / rate) for f in flops)  # threads each stage's step can use
     placement = plan_placement(flops, cfg.placement, threads=cfg.stage_thread_counts(), usable=usable)
