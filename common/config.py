@@ -157,10 +157,10 @@ class RunConfig:
     head_depth: Optional[int] = SYNTHETIC.opt(None, "local heads (modes local, corrected, unlocked): hidden "
                                               "layers before the classifier, each a 3x3 conv of the "
                                               "activation's channels (conv activations) or a dense layer of "
-                                              "its width; default auto: one on each stage that costs at most "
-                                              "--sg-budget x the heaviest stage (a cheap stem), while those "
-                                              "hidden layers together cost at most --sg-budget x the model; "
-                                              "none elsewhere", auto=True)
+                                              "its width; default auto: one, from the first stage on, where it "
+                                              "leaves the stage within (1 + --sg-budget) x the heaviest "
+                                              "stage's FLOPs and those hidden layers together within "
+                                              "--sg-budget x the model's; none on stream data", auto=True)
     head_reconstruct: float = SYNTHETIC.opt(0.0, "local heads: the weight of a second local loss, the mean "
                                             "squared error of decoding the stage's input from its output "
                                             "(InfoPro's reconstruction term: an early stage keeps what later "

@@ -239,22 +239,22 @@ def _head_of_depth(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
 
 def head_depths(cfg: RunConfig, own_flops: Sequence[float], deeper: Sequence[Optional[float]]) -> tuple[int, ...]:
     """--head-depth auto: the hidden layers each stage's head gets, given each stage's own
-    training FLOPs and what one hidden layer would add to its head (None: no head there).
-    A linear head on a cheap early stage (a conv stem) asks it for features a linear map can
-    sort by class already, and the stage throws away what later stages need: on a CNN with a
-    cheap stem `local` lost 5.9 points of Fashion-MNIST that way, 0.7 with a hidden layer
-    (docs/results.md). On a cheap stage the hidden layer also costs the least, since the
-    pipeline moves at its heaviest stage's pace. So a stage that costs at most --sg-budget x
-    the heaviest stage's own FLOPs gets one, from the first stage on, while all the hidden
-    layers given cost at most --sg-budget x the model's FLOPs (on few cores every stage's work
-    counts). Stages of about equal cost (a transformer's blocks, where a hidden layer bought
-    nothing: docs/results.md) keep linear heads."""
+    training FLOPs and what one hidden layer would add to its head (None: none offered there).
+    A linear head asks its stage for features a linear map can already sort by class, and the
+    stage throws away what later stages need: on a CNN with a cheap stem and one heavy block,
+    `local` lost 5.9 points of Fashion-MNIST with linear heads and 0.7 with a hidden layer in
+    every head; a hidden layer in the stem's head alone left 3.4 (docs/results.md). So every
+    stage gets one, from the first on, where that leaves the stage within (1 + --sg-budget) x
+    the heaviest stage's own FLOPs (the pipeline's pace slows by at most the budget) and all
+    the hidden layers given cost at most --sg-budget x the model's (on few cores every stage's
+    work counts); a stage the budget does not cover keeps a linear head."""
     if cfg.head_depth is not None:
         return tuple(cfg.head_depth for _ in own_flops)
     heaviest, allowance = max(own_flops, default=0.0), cfg.sg_budget * sum(own_flops)
     depths, spent = [], 0.0
     for own, extra in zip(own_flops, deeper):
-        fits = extra is not None and own <= cfg.sg_budget * heaviest and spent + extra <= allowance
+        fits = (extra is not None and own + extra <= (1 + cfg.sg_budget) * heaviest
+                and spent + extra <= allowance)
         depths.append(1 if fits else 0)
         spent += extra if fits and extra is not None else 0.0
     return tuple(depths)
@@ -330,8 +330,10 @@ def helper_models(cfg: RunConfig, units: Sequence[nn.Module], costs: Sequence[fl
     spans = list(zip(bounds, bounds[1:]))
     own_flops = [sum(costs[a:b]) for a, b in spans]
     last = len(spans) - 1
+    # per-position heads (stream data) are offered none: on the small GPT a hidden layer in
+    # every head bought nothing (docs/results.md); --head-attention is theirs
     deeper = [deeper_head_flops(cfg, shapes[b], own, shapes[a])
-              if rule is not None and rule.uses_head and i < last else None
+              if rule is not None and rule.uses_head and i < last and not cfg.per_position else None
               for i, ((a, b), own) in enumerate(zip(spans, own_flops))]
     depths = head_depths(cfg, own_flops, deeper)
     helpers = []

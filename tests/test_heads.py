@@ -130,19 +130,18 @@ def test_the_context_head_is_given_on_stream_data_only_and_priced():
     assert not choose_head(images, (32, 26, 26), 1e9).attention  # one target per sample: nothing to read
 
 
-def test_auto_head_depth_gives_cheap_stages_a_hidden_layer_within_the_budget():
-    """One hidden layer on each stage that costs at most budget x the heaviest stage, from the
-    first stage on, while the hidden layers together cost at most budget x the model."""
+def test_auto_head_depth_gives_a_hidden_layer_where_the_pipeline_can_pay_for_it():
+    """One hidden layer per head, from the first stage on, where it leaves the stage within
+    (1 + budget) x the heaviest stage's FLOPs and all of them within budget x the model's."""
     from synthgrad.common.costs import head_depths
     cfg = RunConfig(mode="local", sg_budget=0.2)
-    # a cheap stem, a heavy block, a light stage, the last stage (no head)
-    assert head_depths(cfg, [1.0, 100.0, 10.0, 0.1], [3.0, 5.0, 5.0, None]) == (1, 0, 1, 0)
-    # a stage over budget x the heaviest keeps a linear head, however cheap its hidden layer
-    assert head_depths(cfg, [1.0, 100.0, 30.0, 0.1], [3.0, 5.0, 1.0, None]) == (1, 0, 0, 0)
+    # a cheap stem, a heavy block, a light stage, the last stage (none offered)
+    assert head_depths(cfg, [1.0, 100.0, 10.0, 0.1], [3.0, 14.0, 5.0, None]) == (1, 1, 1, 0)
+    # the heaviest stage's hidden layer would slow the pipeline's pace by more than the budget
+    assert head_depths(cfg, [1.0, 100.0, 10.0, 0.1], [3.0, 21.0, 5.0, None]) == (1, 0, 1, 0)
     # the model's allowance (0.2 x 111.1 = 22.2) is spent from the first stage on
-    assert head_depths(cfg, [1.0, 100.0, 10.0, 0.1], [20.0, 5.0, 5.0, None]) == (1, 0, 0, 0)
-    # stages of equal cost (a transformer's blocks): linear heads
-    assert head_depths(cfg, [75.0, 75.0, 75.0, 5.0], [6.0, 6.0, 6.0, None]) == (0, 0, 0, 0)
+    assert head_depths(cfg, [1.0, 100.0, 10.0, 0.1], [3.0, 19.0, 5.0, None]) == (1, 1, 0, 0)
+    assert head_depths(cfg, [1.0, 100.0], [None, None]) == (0, 0)  # none offered: linear heads
     assert head_depths(cfg.replace(head_depth=2), [1.0, 100.0], [3.0, None]) == (2, 2)  # given: as given
 
 
@@ -151,5 +150,8 @@ def test_the_layout_gives_the_depths_it_chose_to_every_stage():
     cnn = RunConfig(mode="local", model="bench.models:digits_cnn", model_layers=4, input_shape=(1, 28, 28),
                     num_classes=10)
     heads = [h.head for h in plan_layout(cnn)[1].helpers]
-    assert [h.depth for h in heads[:-1]] == [1, 0, 1] and heads[-1] is None  # the heavy conv keeps a linear head
+    assert [h.depth for h in heads[:-1]] == [1, 0, 1] and heads[-1] is None  # the heavy conv's is over budget
     assert [h.head.depth for h in plan_layout(cnn.replace(head_depth=0))[1].helpers[:-1]] == [0, 0, 0]
+    stream = RunConfig(mode="local", dataset="text", model="lstm", input_shape=(16, 11), label_shape=(16,),
+                       num_classes=11, groups=(1, 1))
+    assert [h.head.depth for h in plan_layout(stream)[1].helpers[:-1]] == [0]  # per position: none offered
