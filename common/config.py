@@ -383,6 +383,7 @@ class RunConfig:
             kwargs.setdefault("threads", [kwargs.pop("threads_per_worker")])
         if "sg_trust_scale" not in kwargs:  # a run folder from before --sg-trust-scale and
             kwargs.update(sg_trust_scale=False, sg_true_updates=False)  # --sg-true-updates: its rule, the DNI paper's
+        kwargs.setdefault("head_depth", 0)  # a run folder from before --head-depth auto: linear heads
         for k in ("layers", "groups", "slow_stage", "fail_saves", "input_shape", "label_shape", "threads",
                   "replicas"):
             if kwargs.get(k) is not None and not isinstance(kwargs[k], str):  # "auto": __post_init__

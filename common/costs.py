@@ -23,7 +23,14 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from synthgrad.common.models import LocalHead, Reconstruction, SyntheticGradient, build_units, unit_shapes
+from synthgrad.common.models import (
+    CausalContext,
+    LocalHead,
+    Reconstruction,
+    SyntheticGradient,
+    build_units,
+    unit_shapes,
+)
 
 if TYPE_CHECKING:  # annotations only
     from synthgrad.common.config import RunConfig
@@ -206,7 +213,15 @@ def _head_flops(out_shape: tuple[int, ...], classes: int, pool: int, per_positio
                 depth: int = 0, reconstructs: Optional[tuple[int, ...]] = None, attention: bool = False) -> float:
     head = LocalHead(out_shape, classes, pool, per_position, depth, reconstructs, attention=attention)
     decoding = training_flops(head.decoder, out_shape) if head.decoder is not None else 0.0
-    return training_flops(head, out_shape) + decoding
+    return training_flops(head, out_shape) + decoding + (_attention_flops(out_shape) if attention else 0.0)
+
+
+def _attention_flops(out_shape: tuple[int, ...]) -> float:
+    """The causal attention's scores and weighted sum, which the counter does not see (the CPU's
+    fused attention kernel has no FLOP formula): two (T x T x width) products forward, twice
+    that backward, per sample; counted in full although causal attention needs half."""
+    positions, width = out_shape[0], CausalContext(out_shape[-1]).width
+    return 3 * 2 * (2 * positions * positions * width)
 
 
 def choose_head(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
@@ -332,8 +347,8 @@ def helper_models(cfg: RunConfig, units: Sequence[nn.Module], costs: Sequence[fl
     last = len(spans) - 1
     # per-position heads (stream data) are offered none: on the small GPT a hidden layer in
     # every head bought nothing (docs/results.md); --head-attention is theirs
-    deeper = [deeper_head_flops(cfg, shapes[b], own, shapes[a])
-              if rule is not None and rule.uses_head and i < last and not cfg.per_position else None
+    offered = rule is not None and rule.uses_head and cfg.head_depth is None and not cfg.per_position
+    deeper = [deeper_head_flops(cfg, shapes[b], own, shapes[a]) if offered and i < last else None
               for i, ((a, b), own) in enumerate(zip(spans, own_flops))]
     depths = head_depths(cfg, own_flops, deeper)
     helpers = []

@@ -16,11 +16,9 @@ from synthgrad.common.costs import (
     HeadChoice,
     Helpers,
     PredictorChoice,
-    choose_helpers,
     core_flops_per_s,
     helper_models,
     predictor_cost,
-    stage_costs,
     unit_costs,
 )
 from synthgrad.common.models import build_units, position_wise_front, unit_shapes
@@ -202,8 +200,8 @@ def plan_layout(cfg: RunConfig) -> tuple[RunConfig, Optional[Layout]]:
         cfg = cfg.replace(groups=tuple(runs[b - 1][1] - runs[a][0] for a, b in zip(bounds, bounds[1:])))
     # else one stage per layer, every layer trainable: groups stay unset, as the options gave them
     own, helpers = helper_models(cfg, units, costs)
-    # each stage's layers and the predictor and head it was given (as stage_costs counts them,
-    # with the heads' depths the layout chose over every stage)
+    # each stage's layers and the predictor and head it was given, the heads' hidden layers
+    # included (the split by cost above priced linear heads: the depths are chosen after it)
     flops = [o + sum(c.flops for c in (h.predictor, h.head) if c is not None) for o, h in zip(own, helpers)]
     on_cpu = all(d.strip() == "cpu" for d in cfg.device.split(","))
     rate = core_flops_per_s(cfg.batch_size)

@@ -126,7 +126,8 @@ class StageLogic:
                  sync: Optional[GradientSync] = None, helpers: Optional[Helpers] = None):
         """`in_shape`, `out_shape`: one sample's, in and out. `rule`: the mode's unless given
         (bench/rules.py tries rules that are not modes yet). `helpers`: the helper models the
-        layout chose (START carries them); chosen here the same way when not given. `dev`: the
+        layout chose (START carries them); when not given, chosen here for this stage alone
+        (`stage_helpers`: linear heads unless --head-depth is given). `dev`: the
         device and precision (default: the CPU, in the run's precision). What comes in (data,
         activations, gradients) is moved onto the device; what goes out comes back in the
         wire's dtype, in host memory. `sync`: this stage runs as one of several replicas, each
