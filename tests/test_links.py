@@ -67,3 +67,16 @@ def test_a_message_the_coordinator_socket_cannot_queue_never_waits_forever(tmp_p
         assert time.monotonic() - started < 10
     finally:
         links.close()
+
+
+def test_a_stage_whose_input_is_always_ready_still_keeps_its_heartbeats(links, monkeypatch):
+    """A heavy stage working through a backlog (every evaluation batch queued before it) finds
+    its input ready at every wait: it must still beat, or the coordinator takes it for hung."""
+    cfg = RunConfig(mode="unlocked", dataset="synthetic", layers=(784, 32, 32, 10))
+    handlers = Handlers(lambda g: None, lambda reason: None, lambda step, drop: None, lambda: None)
+    links.configure(cfg, (32,), 10, False, "127.0.0.1", "ipc", handlers)
+    checks = []
+    monkeypatch.setattr(links, "beat", lambda: checks.append(time.monotonic()))
+    for _ in range(3):
+        links.wait("wait_input", lambda: True)
+    assert len(checks) == 3

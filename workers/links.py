@@ -241,13 +241,17 @@ class Links:
         """Restart the silence clock (after a long blocking step such as building the model)."""
         self.alive.heard()
 
+    def beat(self) -> None:
+        """This stage's heartbeat to the coordinator, when one is due (once configured)."""
+        cfg = self.terms.cfg
+        if cfg is not None and time.monotonic() - self.alive.last_sent >= cfg.heartbeat_every:
+            self.send_coord(wire.Heartbeat(self.stage))
+
     def check_liveness(self) -> None:
         """Heartbeats both ways once the run is configured; raises ProcessFailure when the watch
         finds the coordinator gone (same host) or silent past --heartbeat-timeout."""
+        self.beat()
         now = time.monotonic()
-        cfg = self.terms.cfg
-        if cfg is not None and now - self.alive.last_sent >= cfg.heartbeat_every:
-            self.send_coord(wire.Heartbeat(self.stage))
         verdict = self.alive.watch.verdict(now)
         # a message waiting to be read is word from the coordinator, however late it is read
         if verdict is not None and not (verdict.cause is Cause.SILENT and self.sockets.coord.poll(0)):
@@ -312,6 +316,9 @@ class Links:
         poller = self._poller(sock, event)
         while True:
             self.handle_coord()
+            # before `ready`: a stage working through a backlog (a heavy stage's evaluation
+            # batches, all queued) finds its input ready every time, and must still beat
+            self.beat()
             if ready():
                 break
             self.check_liveness()
