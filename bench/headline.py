@@ -10,10 +10,12 @@ its range (one invocation can hold a lucky pair).
     python bench/headline.py run ... --rules unlocked:10+sg-true-updates=false+sg-trust-scale=false
     python bench/headline.py summary bench/results/headline-cnn.jsonl
 
-`run` appends one JSON line per pair to --out; `summary` prints, per rule: samples/s ratio to
-backprop (median [min-max]), test accuracy minus backprop's in points (median [min-max]),
-the wall-clock ratio at which the rule first came within 0.5 point of backprop's final
-accuracy (when it did), and the invocations counted.
+`run` appends one JSON line per pair to --out (a pair that failed as a line with its reason)
+and keeps every run's folder under bench/results/runs/headline/<invocation>/; `summary` prints,
+per rule: samples/s ratio to backprop (median [min-max]), test accuracy minus backprop's in
+points (median [min-max]), the wall-clock ratio at which the rule first came within 0.5 point
+of backprop's final accuracy (when it did), and the invocations counted; failed pairs are
+listed and left out of the medians.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from synthgrad.common.config import RunConfig  # noqa: E402
+from synthgrad.common.reports import RunFailed  # noqa: E402
 from synthgrad.common.procs import available_cores  # noqa: E402
 from synthgrad.coordinator.train import train  # noqa: E402
 
@@ -82,12 +85,24 @@ def _first_within(evals: list[dict], target: float) -> float | None:
 def run(args) -> None:
     cores = len(available_cores())
     invocation = f"{os.getpid()}-{int(time.time())}"
-    runs = ROOT / "bench" / "results" / "runs" / "headline"
+    # a folder per invocation and per run: a later invocation never overwrites the records
+    # of one whose figures (or failure) are still being read
+    runs = ROOT / "bench" / "results" / "runs" / "headline" / invocation
+    print(f"run folders under {runs}", flush=True)
     with open(args.out, "a") as sink:
-        for rule in args.rules.split(","):
-            _, bp = train(_config(args, "backprop", runs / "backprop"), log=lambda _: None)
+        for i, rule in enumerate(args.rules.split(",")):
             folder = rule.replace(":", "").replace("+", "-").replace("/", "").replace("=", "")
-            _, got = train(_config(args, rule, runs / folder), log=lambda _: None)
+            folders = [runs / f"{i}-backprop", runs / f"{i}-{folder}"]
+            try:
+                _, bp = train(_config(args, "backprop", folders[0]), log=lambda _: None)
+                _, got = train(_config(args, rule, folders[1]), log=lambda _: None)
+            except RunFailed as exc:  # recorded, and left out of the medians: `summary` counts it
+                sink.write(json.dumps({"invocation": invocation, "cores": cores, "model": args.model,
+                                       "seed": args.seed, "rule": rule, "failed": str(exc),
+                                       "run_folders": [str(f) for f in folders]}) + "\n")
+                sink.flush()
+                print(f"{rule:>14}: FAILED ({exc}); its run folders: {folders[0]}, {folders[1]}", flush=True)
+                continue
             reached = _first_within(got["evals"], bp["test_accuracy"])
             bp_reached = _first_within(bp["evals"], bp["test_accuracy"])
             row = {"invocation": invocation, "cores": cores, "model": args.model, "layers": args.layers,
@@ -99,7 +114,7 @@ def run(args) -> None:
                    "accuracy_gap_points": 100 * (got["test_accuracy"] - bp["test_accuracy"]),
                    "backprop_reached_s": bp_reached, "reached_s": reached,
                    "time_to_accuracy_ratio": None if reached is None or not bp_reached else reached / bp_reached,
-                   "layout": got.get("layout")}
+                   "layout": got.get("layout"), "run_folders": [str(f) for f in folders]}
             sink.write(json.dumps(row) + "\n")
             sink.flush()
             print(f"{rule:>14}: {row['ratio']:.2f}x backprop ({got['samples_per_s']:,.0f} vs "
@@ -113,6 +128,13 @@ def _spread(values: list[float], fmt: str) -> str:
 
 def summary(args) -> None:
     rows = [json.loads(line) for line in Path(args.file).read_text().splitlines() if line.strip()]
+    failed = [r for r in rows if "failed" in r]
+    rows = [r for r in rows if "failed" not in r]
+    for r in failed:
+        print(f"left out: {r['rule']} (seed {r.get('seed')}, invocation {r['invocation']}) failed: {r['failed']}")
+    if not rows:
+        print("no finished pairs")
+        return
     print(f"{len({r['invocation'] for r in rows})} invocations, {rows[0]['cores']} cores, {rows[0]['model']}")
     print(f"{'rule':>14} {'samples/s ratio':>22} {'accuracy gap (pt)':>24} {'time to bp acc ratio':>24} n")
     for rule in dict.fromkeys(r["rule"] for r in rows):
