@@ -268,10 +268,11 @@ def head_depths(cfg: RunConfig, own_flops: Sequence[float], deeper: Sequence[Opt
     heaviest, allowance = max(own_flops, default=0.0), cfg.sg_budget * sum(own_flops)
     depths, spent = [], 0.0
     for own, extra in zip(own_flops, deeper):
-        fits = (extra is not None and own + extra <= (1 + cfg.sg_budget) * heaviest
-                and spent + extra <= allowance)
-        depths.append(1 if fits else 0)
-        spent += extra if fits and extra is not None else 0.0
+        if extra is not None and own + extra <= (1 + cfg.sg_budget) * heaviest and spent + extra <= allowance:
+            depths.append(1)
+            spent += extra
+        else:
+            depths.append(0)
     return tuple(depths)
 
 
@@ -282,12 +283,16 @@ def deeper_head_flops(cfg: RunConfig, out_shape: Sequence[int], stage_flops: flo
             - _head_of_depth(cfg, out_shape, stage_flops, in_shape, 0).flops)
 
 
-def predictor_cost(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float = 0.0,
-                   in_shape: Optional[Sequence[int]] = None) -> float:
+def helper_flops(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float = 0.0,
+                 in_shape: Optional[Sequence[int]] = None) -> float:
     """FLOPs per sample a (non-last) stage spends on its own helper models, averaged over steps:
     a synthetic-gradient model predicts every step and trains (forward and backward) on
     true-gradient steps; a local classifier head trains every step. `stage_flops`: the stage's
-    own layers, which auto-sized helpers are priced against."""
+    own layers, which auto-sized helpers are priced against. The split by cost
+    (coordinator/layout.py) prices candidate stages with it before the stages exist, so a head
+    here has the depth a given --head-depth says, and none under auto: `head_depths` chooses
+    those over the stages the split made, each within --sg-budget x the heaviest stage, and
+    the layout's stage FLOPs (`helper_models`) count them."""
     helpers = choose_helpers(cfg, is_last=False, out_shape=out_shape, stage_flops=stage_flops, in_shape=in_shape)
     return sum(c.flops for c in (helpers.predictor, helpers.head) if c is not None)
 
@@ -358,25 +363,6 @@ def helper_models(cfg: RunConfig, units: Sequence[nn.Module], costs: Sequence[fl
         helpers.append(choose_helpers(cfg, is_last=i == last, out_shape=shapes[b], stage_flops=own,
                                       state_widths=widths, in_shape=shapes[a], head_depth=depths[i]))
     return tuple(own_flops), tuple(helpers)
-
-
-def stage_costs(cfg: RunConfig, groups: Sequence[int], units: Optional[Sequence[nn.Module]] = None,
-                costs: Optional[Sequence[float]] = None) -> list[float]:
-    """FLOPs per sample of each stage when the units are split into `groups` (layers per stage):
-    its units, plus its predictor when the mode has one (not on the last stage, which has the
-    loss)."""
-    units = list(units) if units is not None else build_units(cfg)
-    costs = list(costs) if costs is not None else unit_costs(cfg, units)
-    shapes = [cfg.sample_shape, *unit_shapes(units, cfg.sample_shape)]
-    out, start = [], 0
-    for i, n in enumerate(groups):
-        end = start + n
-        cost = sum(costs[start:end])
-        if i < len(groups) - 1:
-            cost += predictor_cost(cfg, shapes[end], cost, shapes[start])
-        out.append(cost)
-        start = end
-    return out
 
 
 def core_flops_per_s(batch: int = 256, width: int = 1024, repeats: int = 5) -> float:

@@ -18,7 +18,7 @@ from synthgrad.common.costs import (
     PredictorChoice,
     core_flops_per_s,
     helper_models,
-    predictor_cost,
+    helper_flops,
     unit_costs,
 )
 from synthgrad.common.models import build_units, position_wise_front, unit_shapes
@@ -193,7 +193,7 @@ def plan_layout(cfg: RunConfig) -> tuple[RunConfig, Optional[Layout]]:
         def group_cost(a: int, b: int) -> float:  # blocks a..b-1: their units, and the predictor unless last
             first, end = runs[a][0], runs[b - 1][1]
             own = sum(costs[first:end])
-            return own + (predictor_cost(cfg, shapes[end], own, shapes[first]) if end < n else 0.0)
+            return own + (helper_flops(cfg, shapes[end], own, shapes[first]) if end < n else 0.0)
 
         block_groups = partition(len(runs), k, group_cost)
         bounds = [0, *itertools.accumulate(block_groups)]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from synthgrad.common.config import ConfigError, RunConfig
-from synthgrad.common.costs import Helpers, predictor_cost, stage_costs, training_flops, unit_costs
+from synthgrad.common.costs import Helpers, helper_flops, training_flops, unit_costs
 from synthgrad.common.placement import balance, partition, plan_placement, shared_bound
 from synthgrad.coordinator.layout import plan_layout
 
@@ -134,15 +134,17 @@ def test_stages_auto_splits_by_cost_on_the_cores_this_process_may_use(monkeypatc
 def test_an_unlocked_stage_pays_for_its_predictor():
     cfg = RunConfig(mode="unlocked", sg_prior="none", layers=(784, 256, 10), true_grad_every=10, sg_model="linear")
     locked = cfg.replace(mode="locked")
-    assert predictor_cost(locked, (256,)) == 0.0
+    assert helper_flops(locked, (256,)) == 0.0
     # linear predictor of (256 + 10 labels) -> 256: a forward every step, training every 10th
-    assert predictor_cost(cfg, (256,)) == pytest.approx(2 * 266 * 256 * (1 + 3 / 10))
-    assert stage_costs(cfg, (1, 1))[0] == pytest.approx(stage_costs(locked, (1, 1))[0] + 2 * 266 * 256 * 1.3)
-    assert stage_costs(cfg, (1, 1))[1] == stage_costs(locked, (1, 1))[1]  # the last has no predictor
+    assert helper_flops(cfg, (256,)) == pytest.approx(2 * 266 * 256 * (1 + 3 / 10))
+    # the layout's stage FLOPs: the stage's own layers, plus its predictor unless it is the last
+    unlocked_flops, locked_flops = plan_layout(cfg)[1].stage_flops, plan_layout(locked)[1].stage_flops
+    assert unlocked_flops[0] == pytest.approx(locked_flops[0] + 2 * 266 * 256 * 1.3)
+    assert unlocked_flops[1] == locked_flops[1]
     lowrank = cfg.replace(sg_model="lowrank", sg_hidden=16)  # (256 + 10) -> 16 -> 256
-    assert predictor_cost(lowrank, (256,)) == pytest.approx(2 * (266 * 16 + 16 * 256) * (1 + 3 / 10))
+    assert helper_flops(lowrank, (256,)) == pytest.approx(2 * (266 * 16 + 16 * 256) * (1 + 3 / 10))
     local = cfg.replace(mode="local")  # a linear head 256 -> 10, trained every step
-    assert predictor_cost(local, (256,)) == 3 * 2 * 256 * 10
+    assert helper_flops(local, (256,)) == 3 * 2 * 256 * 10
 
 
 @pytest.mark.parametrize("shape, stage_flops", [
