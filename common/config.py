@@ -155,12 +155,19 @@ class RunConfig:
                                   "docs/results.md) | none (the predictor alone, as in the DNI paper)")
     bootstrap: bool = SYNTHETIC.opt(False, "train SG_i also on the next stage's synthetic gradient")
     head_depth: Optional[int] = SYNTHETIC.opt(None, "local heads (modes local, corrected, unlocked): hidden "
-                                              "layers before the classifier, each a 3x3 conv of the "
-                                              "activation's channels (conv activations) or a dense layer of "
-                                              "its width; default auto: one, from the first stage on, where it "
-                                              "leaves the stage within (1 + --sg-budget) x the heaviest "
-                                              "stage's FLOPs and those hidden layers together within "
-                                              "--sg-budget x the model's; none on stream data", auto=True)
+                                              "layers before the classifier, each a 3x3 conv (conv "
+                                              "activations, on a map of at most --head-side a side) or a dense "
+                                              "layer of its width; default auto: one, from the first stage on, "
+                                              "of the activation's channels, a half or a quarter, the widest "
+                                              "that leaves the stage within (1 + --head-budget) x the heaviest "
+                                              "stage's FLOPs with those hidden layers together within "
+                                              "--head-budget x the model's; none on stream data", auto=True)
+    head_budget: float = SYNTHETIC.opt(0.2, "with --head-depth auto: what the heads' hidden layers may add, "
+                                       "as a fraction of the heaviest stage's FLOPs (each stage) and of the "
+                                       "model's (all of them); a hidden 3x3 conv at 4x4 costs a third of a "
+                                       "same-width conv stage on a 7x7 map")
+    head_side: int = SYNTHETIC.opt(4, "a conv head's hidden layers run on the stage's output average-pooled "
+                                   "to at most this many pixels a side")
     head_reconstruct: float = SYNTHETIC.opt(0.0, "local heads: the weight of a second local loss, the mean "
                                             "squared error of decoding the stage's input from its output "
                                             "(InfoPro's reconstruction term: an early stage keeps what later "
@@ -384,6 +391,8 @@ class RunConfig:
         if "sg_trust_scale" not in kwargs:  # a run folder from before --sg-trust-scale and
             kwargs.update(sg_trust_scale=False, sg_true_updates=False)  # --sg-true-updates: its rule, the DNI paper's
         kwargs.setdefault("head_depth", 0)  # a run folder from before --head-depth auto: linear heads
+        if "head_side" not in kwargs:  # from before --head-side and --head-budget: their hidden convs
+            kwargs.update(head_side=8, head_budget=kwargs.get("sg_budget", 0.2))  # ran at 8x8, by that rule
         for k in ("layers", "groups", "slow_stage", "fail_saves", "input_shape", "label_shape", "threads",
                   "replicas"):
             if kwargs.get(k) is not None and not isinstance(kwargs[k], str):  # "auto": __post_init__

@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from synthgrad.common.models import (
+    HEAD_CONV_SIDE,
     CausalContext,
     LocalHead,
     Reconstruction,
@@ -199,10 +200,12 @@ class HeadChoice:
     reconstructs: Optional[tuple[int, ...]] = None
     scale_free: bool = False  # reads its input over its RMS (--head-norm)
     attention: bool = False  # per position, also reads the earlier positions (--head-attention)
+    hidden: Optional[int] = None  # a conv head's hidden channels; None: the activation's
+    side: int = HEAD_CONV_SIDE  # the largest map a conv head's hidden layers run on (--head-side)
 
     def build(self, cfg: RunConfig, out_shape: Sequence[int]) -> LocalHead:
         return LocalHead(out_shape, cfg.classes, self.pool, cfg.per_position, self.depth, self.reconstructs,
-                         self.scale_free, self.attention)
+                         self.scale_free, self.attention, self.hidden, self.side)
 
 
 HEAD_POOLS = (2, 1)  # a conv activation's head pools to 2x2 (DGL's auxiliary nets), else 1x1
@@ -210,8 +213,10 @@ HEAD_POOLS = (2, 1)  # a conv activation's head pools to 2x2 (DGL's auxiliary ne
 
 @functools.lru_cache(maxsize=1024)
 def _head_flops(out_shape: tuple[int, ...], classes: int, pool: int, per_position: bool = False,
-                depth: int = 0, reconstructs: Optional[tuple[int, ...]] = None, attention: bool = False) -> float:
-    head = LocalHead(out_shape, classes, pool, per_position, depth, reconstructs, attention=attention)
+                depth: int = 0, reconstructs: Optional[tuple[int, ...]] = None, attention: bool = False,
+                hidden: Optional[int] = None, side: int = HEAD_CONV_SIDE) -> float:
+    head = LocalHead(out_shape, classes, pool, per_position, depth, reconstructs, attention=attention,
+                     hidden=hidden, side=side)
     decoding = training_flops(head.decoder, out_shape) if head.decoder is not None else 0.0
     return training_flops(head, out_shape) + decoding + (_attention_flops(out_shape) if attention else 0.0)
 
@@ -225,62 +230,76 @@ def _attention_flops(out_shape: tuple[int, ...]) -> float:
 
 
 def choose_head(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
-                in_shape: Optional[Sequence[int]] = None, depth: int = 0) -> HeadChoice:
+                in_shape: Optional[Sequence[int]] = None, depth: int = 0, hidden: Optional[int] = None) -> HeadChoice:
     """The local head a stage gets: priced against the stage's own training FLOPs like a
     predictor (`--sg-budget`). A conv activation's head pools to 2x2, or to 1x1 when 2x2 is
     over the budget. A head is at least a linear map from the activation's features to the
-    classes; a stage cheaper than that keeps it, and the layout reports its share. `depth`:
-    its hidden layers where --head-depth is auto (`head_depths` chose them); a given
-    --head-depth overrides it."""
-    depth = cfg.head_depth if cfg.head_depth is not None else depth
-    return _head_of_depth(cfg, out_shape, stage_flops, in_shape, depth)
+    classes; a stage cheaper than that keeps it, and the layout reports its share. `depth`,
+    `hidden`: its hidden layers and a conv head's hidden channels where --head-depth is auto
+    (`head_depths` chose them); a given --head-depth overrides the depth (full width)."""
+    if cfg.head_depth is not None:
+        depth, hidden = cfg.head_depth, None
+    return _head_of_depth(cfg, out_shape, stage_flops, in_shape, depth, hidden)
 
 
 def _head_of_depth(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
-                   in_shape: Optional[Sequence[int]], depth: int) -> HeadChoice:
+                   in_shape: Optional[Sequence[int]], depth: int, hidden: Optional[int] = None) -> HeadChoice:
     shape = tuple(out_shape)
     pools = HEAD_POOLS if len(shape) == 3 else (HEAD_POOLS[0],)
     budget = cfg.sg_budget * stage_flops
     wanted = cfg.head_reconstruct > 0 and in_shape is not None and Reconstruction.fits(shape, in_shape)
     reconstructs = tuple(in_shape) if wanted and in_shape is not None else None
     attention = cfg.head_attention and cfg.per_position
+    hidden = hidden if depth and len(shape) == 3 else None
     for pool in pools:
-        flops = _head_flops(shape, cfg.classes, pool, cfg.per_position, depth, reconstructs, attention)
-        if flops <= budget:
-            return HeadChoice(pool, flops, depth, reconstructs, cfg.head_norm, attention)
-    return HeadChoice(pools[-1], _head_flops(shape, cfg.classes, pools[-1], cfg.per_position, depth, reconstructs,
-                                             attention), depth, reconstructs, cfg.head_norm, attention)
+        flops = _head_flops(shape, cfg.classes, pool, cfg.per_position, depth, reconstructs, attention, hidden,
+                            cfg.head_side)
+        if flops <= budget or pool == pools[-1]:
+            return HeadChoice(pool, flops, depth, reconstructs, cfg.head_norm, attention, hidden, cfg.head_side)
+    raise AssertionError("unreachable: the last pool always returns")
 
 
-def head_depths(cfg: RunConfig, own_flops: Sequence[float], deeper: Sequence[Optional[float]]) -> tuple[int, ...]:
-    """--head-depth auto: the hidden layers each stage's head gets, given each stage's own
-    training FLOPs and what one hidden layer would add to its head (None: none offered there).
-    A linear head asks its stage for features a linear map can already sort by class, and the
-    stage throws away what later stages need: on a CNN with a cheap stem and one heavy block,
-    `local` lost 5.9 points of Fashion-MNIST with linear heads and 0.7 with a hidden layer in
-    every head; a hidden layer in the stem's head alone left 3.4 (docs/results.md). So every
-    stage gets one, from the first on, where that leaves the stage within (1 + --sg-budget) x
-    the heaviest stage's own FLOPs (the pipeline's pace slows by at most the budget) and all
-    the hidden layers given cost at most --sg-budget x the model's (on few cores every stage's
-    work counts); a stage the budget does not cover keeps a linear head."""
+def head_depths(cfg: RunConfig, own_flops: Sequence[float], offered: Sequence[Sequence[tuple[Optional[int], float]]]
+                ) -> tuple[tuple[int, Optional[int]], ...]:
+    """--head-depth auto: each stage's head's hidden layers and (conv) hidden channels, given
+    each stage's own training FLOPs and the hidden layers offered it (`hidden_layer_options`:
+    (channels, FLOPs it adds), widest first; none offered: a linear head). A linear head asks
+    its stage for features a linear map can already sort by class, and the stage throws away
+    what later stages need: on a CNN with one dominant block `local` lost 5.9 points with
+    linear heads and 0.7 with a hidden layer in every head; on an eight-stage CNN, 26.8 and
+    1.9 (docs/results.md). So every stage gets one, from the first on, the widest offered that
+    leaves the stage within (1 + --head-budget) x the heaviest stage's own FLOPs (the pipeline's
+    pace slows by at most that) with all the hidden layers given within --head-budget x the
+    model's (on few cores every stage's work counts); a stage none fits keeps a linear head."""
     if cfg.head_depth is not None:
-        return tuple(cfg.head_depth for _ in own_flops)
-    heaviest, allowance = max(own_flops, default=0.0), cfg.sg_budget * sum(own_flops)
-    depths, spent = [], 0.0
-    for own, extra in zip(own_flops, deeper):
-        if extra is not None and own + extra <= (1 + cfg.sg_budget) * heaviest and spent + extra <= allowance:
-            depths.append(1)
-            spent += extra
+        return tuple((cfg.head_depth, None) for _ in own_flops)
+    heaviest, allowance = max(own_flops, default=0.0), cfg.head_budget * sum(own_flops)
+    chosen: list[tuple[int, Optional[int]]] = []
+    spent = 0.0
+    for own, options in zip(own_flops, offered):
+        fitting = [(hidden, extra) for hidden, extra in options
+                   if own + extra <= (1 + cfg.head_budget) * heaviest and spent + extra <= allowance]
+        if fitting:
+            chosen.append((1, fitting[0][0]))
+            spent += fitting[0][1]
         else:
-            depths.append(0)
-    return tuple(depths)
+            chosen.append((0, None))
+    return tuple(chosen)
 
 
-def deeper_head_flops(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
-                      in_shape: Optional[Sequence[int]] = None) -> float:
-    """What one hidden layer adds to the head `choose_head` gives a stage (for `head_depths`)."""
-    return (_head_of_depth(cfg, out_shape, stage_flops, in_shape, 1).flops
-            - _head_of_depth(cfg, out_shape, stage_flops, in_shape, 0).flops)
+HEAD_HIDDEN_FRACTIONS = (1, 2, 4)  # a conv head's hidden channels: the activation's, a half, a quarter
+
+
+def hidden_layer_options(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
+                         in_shape: Optional[Sequence[int]] = None) -> list[tuple[Optional[int], float]]:
+    """The hidden layers `head_depths` may give the head `choose_head` gives a stage, widest
+    first, each with what it adds to the head's FLOPs: on a conv activation a 3x3 conv of its
+    channels, a half or a quarter of them; otherwise one, a dense layer of its width (up to
+    HEAD_HIDDEN_MAX)."""
+    base = _head_of_depth(cfg, out_shape, stage_flops, in_shape, 0).flops
+    widths = (sorted({max(1, out_shape[0] // f) for f in HEAD_HIDDEN_FRACTIONS}, reverse=True)
+              if len(out_shape) == 3 else [None])
+    return [(w, _head_of_depth(cfg, out_shape, stage_flops, in_shape, 1, w).flops - base) for w in widths]
 
 
 def helper_flops(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float = 0.0,
@@ -312,13 +331,13 @@ class Helpers:
 
 def choose_helpers(cfg: RunConfig, *, is_last: bool, out_shape: Sequence[int], stage_flops: float,
                    state_widths: Sequence[int] = (), in_shape: Optional[Sequence[int]] = None,
-                   head_depth: int = 0) -> Helpers:
+                   head_depth: int = 0, head_hidden: Optional[int] = None) -> Helpers:
     """The helper models the run's rule gives a stage: a predictor of its output and a local
     head (not on the last stage, whose gradient is exact) where the rule uses them, and a state
     predictor per recurrent layer (`state_widths`) where the rule predicts gradients on stream
     data, every one priced against the stage's own training FLOPs (`stage_flops`).
-    `head_depth`: the head's hidden layers where --head-depth is auto (the layout's
-    `head_depths`, which sees every stage)."""
+    `head_depth`, `head_hidden`: the head's hidden layers and channels where --head-depth is
+    auto (the layout's `head_depths`, which sees every stage)."""
     rule = cfg.stage_rule  # None for the modes with processes of their own (pipeline)
     if rule is None:
         return Helpers()
@@ -332,7 +351,8 @@ def choose_helpers(cfg: RunConfig, *, is_last: bool, out_shape: Sequence[int], s
         # work on a large map costs the stage a quarter of its time. With a head's gradient to
         # step on, the stage goes without; without one, it keeps what it can afford
         predictor = None
-    head = choose_head(cfg, out_shape, stage_flops, in_shape, head_depth) if rule.uses_head and not is_last else None
+    head = (choose_head(cfg, out_shape, stage_flops, in_shape, head_depth, head_hidden)
+            if rule.uses_head and not is_last else None)
     states = tuple(choose_predictor(cfg.replace(conditioned=False), (width,), stage_flops)
                    for width in state_widths) if rule.uses_predictor and cfg.per_position else ()
     return Helpers(predictor, head, states)
@@ -353,15 +373,16 @@ def helper_models(cfg: RunConfig, units: Sequence[nn.Module], costs: Sequence[fl
     # per-position heads (stream data) are offered none: on the small GPT a hidden layer in
     # every head bought nothing (docs/results.md); --head-attention is theirs
     offered = rule is not None and rule.uses_head and cfg.head_depth is None and not cfg.per_position
-    deeper = [deeper_head_flops(cfg, shapes[b], own, shapes[a]) if offered and i < last else None
-              for i, ((a, b), own) in enumerate(zip(spans, own_flops))]
-    depths = head_depths(cfg, own_flops, deeper)
+    options = [hidden_layer_options(cfg, shapes[b], own, shapes[a]) if offered and i < last else []
+               for i, ((a, b), own) in enumerate(zip(spans, own_flops))]
+    depths = head_depths(cfg, own_flops, options)
     helpers = []
     for i, ((a, b), own) in enumerate(zip(spans, own_flops)):
         widths = (state_sizes(nn.Sequential(*units[a:b]), shapes[a])
                   if rule is not None and rule.uses_predictor and cfg.per_position else [])
         helpers.append(choose_helpers(cfg, is_last=i == last, out_shape=shapes[b], stage_flops=own,
-                                      state_widths=widths, in_shape=shapes[a], head_depth=depths[i]))
+                                      state_widths=widths, in_shape=shapes[a], head_depth=depths[i][0],
+                                      head_hidden=depths[i][1]))
     return tuple(own_flops), tuple(helpers)
 
 

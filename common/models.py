@@ -379,7 +379,10 @@ class LocalHead(nn.Module):
 
     def __init__(self, shape: Sequence[int], num_classes: int = NUM_CLASSES, pool: int = 2,
                  per_position: bool = False, depth: int = 0, reconstructs: Optional[Sequence[int]] = None,
-                 scale_free: bool = False, attention: bool = False):
+                 scale_free: bool = False, attention: bool = False, hidden: Optional[int] = None,
+                 side: Optional[int] = None):
+        """`hidden`: a conv head's hidden channels (default: the activation's); `side`: the
+        largest map its hidden convs run on, a side (default HEAD_CONV_SIDE)."""
         super().__init__()
         shape = tuple(shape)
         # reads h over its root mean square (per sample; per position with targets at every
@@ -402,17 +405,19 @@ class LocalHead(nn.Module):
             self.net = nn.Sequential(*norm, *_hidden_dense(shape[0], depth),
                                      nn.Linear(_read_width(shape[0], depth), num_classes))
         elif len(shape) == 3:
-            c = shape[0]
-            convs = [m for _ in range(depth) for m in (nn.Conv2d(c, c, 3, padding=1), nn.ReLU())]
-            # hidden convs see the map pooled to at most HEAD_CONV_SIDE a side, so a head on a
-            # large early map costs about what one on a late map does
-            shrink = ([nn.AdaptiveAvgPool2d((min(shape[1], HEAD_CONV_SIDE), min(shape[2], HEAD_CONV_SIDE)))]
-                      if depth and max(shape[1:]) > HEAD_CONV_SIDE else [])
+            c, side = shape[0], side or HEAD_CONV_SIDE
+            width = hidden or c
+            convs = [m for i in range(depth) for m in (nn.Conv2d(c if i == 0 else width, width, 3, padding=1),
+                                                       nn.ReLU())]
+            # hidden convs see the map pooled to at most `side` a side, so a head on a large
+            # early map costs about what one on a late map does
+            shrink = ([nn.AdaptiveAvgPool2d((min(shape[1], side), min(shape[2], side)))]
+                      if depth and max(shape[1:]) > side else [])
             if depth:
                 layers = [*shrink, *norm, *convs, nn.AdaptiveAvgPool2d(pool), nn.Flatten()]
             else:
-                layers = [nn.AdaptiveAvgPool2d(pool), nn.Flatten(), *norm]
-            self.net = nn.Sequential(*layers, nn.Linear(c * pool * pool, num_classes))
+                layers, width = [nn.AdaptiveAvgPool2d(pool), nn.Flatten(), *norm], c
+            self.net = nn.Sequential(*layers, nn.Linear(width * pool * pool, num_classes))
         elif len(shape) == 2:
             self.net = nn.Sequential(_MeanOverPositions(), *norm, *_hidden_dense(shape[1], depth),
                                      nn.Linear(_read_width(shape[1], depth), num_classes))
@@ -456,7 +461,10 @@ class _RootMeanSquare(nn.Module):
 
 
 HEAD_HIDDEN_MAX = 256  # a dense head's hidden width: the activation's, up to this
-HEAD_CONV_SIDE = 8  # a conv head's hidden layers run on a map of at most this many pixels a side
+# a conv head's hidden layers run on a map of at most this many pixels a side: on a deep CNN's
+# 7x7 stages a 3x3 conv at 4x4 bought `local` more than one at 8x8 (docs/results.md), for a third
+# of the FLOPs; at 2x2 it lost most of what the hidden layer gives
+HEAD_CONV_SIDE = 4
 
 
 def _hidden_dense(width: int, depth: int) -> list[nn.Module]:

@@ -70,7 +70,7 @@ def test_the_decoders_loss_is_part_of_the_gradient_a_stage_steps_on():
 
 def test_head_options_are_checked():
     for bad in ({"head_depth": -1}, {"head_depth": 9}, {"head_reconstruct": -0.5},
-                {"head_reconstruct": float("nan")}):
+                {"head_reconstruct": float("nan")}, {"head_budget": -0.1}, {"head_side": 0}):
         with pytest.raises(ConfigError, match="head"):
             RunConfig(mode="local", **bad).validate()
 
@@ -102,7 +102,13 @@ def test_a_conv_heads_hidden_layers_run_on_a_small_map():
     seen = {}
     conv.register_forward_hook(lambda m, i, o: seen.update(side=i[0].shape[-1]))
     head(torch.randn(2, 16, 26, 26))
-    assert seen["side"] == 8  # HEAD_CONV_SIDE: the early map is pooled first
+    assert seen["side"] == 4  # HEAD_CONV_SIDE: the early map is pooled first
+    narrow = LocalHead((16, 26, 26), 10, depth=2, hidden=4, side=8)  # --head-side, and a narrower hidden layer
+    convs = [m for m in narrow.net if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(16, 4), (4, 4)]
+    assert narrow.net[-1].in_features == 4 * 2 * 2
+    convs[0].register_forward_hook(lambda m, i, o: seen.update(side=i[0].shape[-1]))
+    assert narrow(torch.randn(2, 16, 26, 26)).shape == (2, 10) and seen["side"] == 8
 
 
 def test_a_context_head_reads_earlier_positions_and_never_later_ones():
@@ -133,18 +139,40 @@ def test_the_context_head_is_given_on_stream_data_only_and_priced():
 
 
 def test_auto_head_depth_gives_a_hidden_layer_where_the_pipeline_can_pay_for_it():
-    """One hidden layer per head, from the first stage on, where it leaves the stage within
-    (1 + budget) x the heaviest stage's FLOPs and all of them within budget x the model's."""
+    """One hidden layer per head, from the first stage on, the widest offered that leaves the
+    stage within (1 + budget) x the heaviest stage's FLOPs with all of them within budget x
+    the model's."""
     from synthgrad.common.costs import head_depths
-    cfg = RunConfig(mode="local", sg_budget=0.2)
-    # a cheap stem, a heavy block, a light stage, the last stage (none offered)
-    assert head_depths(cfg, [1.0, 100.0, 10.0, 0.1], [3.0, 14.0, 5.0, None]) == (1, 1, 1, 0)
+
+    def one(extra):  # a single option (a dense activation's), None: none offered
+        return [] if extra is None else [(None, extra)]
+
+    cfg = RunConfig(mode="local", head_budget=0.2)
+    own = [1.0, 100.0, 10.0, 0.1]  # a cheap stem, a heavy block, a light stage, the last stage
+    assert head_depths(cfg, own, [one(3.0), one(14.0), one(5.0), one(None)]) == ((1, None),) * 3 + ((0, None),)
     # the heaviest stage's hidden layer would slow the pipeline's pace by more than the budget
-    assert head_depths(cfg, [1.0, 100.0, 10.0, 0.1], [3.0, 21.0, 5.0, None]) == (1, 0, 1, 0)
+    got = head_depths(cfg, own, [one(3.0), one(21.0), one(5.0), one(None)])
+    assert [d for d, _ in got] == [1, 0, 1, 0]
+    # ... unless a narrower one is offered: the widest that fits is given
+    got = head_depths(cfg, own, [one(3.0), [(64, 21.0), (32, 10.5), (16, 5.2)], one(5.0), one(None)])
+    assert got == ((1, None), (1, 32), (1, None), (0, None))
     # the model's allowance (0.2 x 111.1 = 22.2) is spent from the first stage on
-    assert head_depths(cfg, [1.0, 100.0, 10.0, 0.1], [3.0, 19.0, 5.0, None]) == (1, 1, 0, 0)
-    assert head_depths(cfg, [1.0, 100.0], [None, None]) == (0, 0)  # none offered: linear heads
-    assert head_depths(cfg.replace(head_depth=2), [1.0, 100.0], [3.0, None]) == (2, 2)  # given: as given
+    got = head_depths(cfg, own, [one(3.0), one(19.0), one(5.0), one(None)])
+    assert [d for d, _ in got] == [1, 1, 0, 0]
+    assert head_depths(cfg, [1.0, 100.0], [[], []]) == ((0, None), (0, None))  # none offered: linear heads
+    assert head_depths(cfg.replace(head_depth=2), [1.0, 100.0], [one(3.0), []]) == ((2, None), (2, None))
+
+
+def test_a_conv_head_is_offered_narrower_hidden_layers_at_lower_prices():
+    from synthgrad.common.costs import hidden_layer_options
+    cfg = RunConfig(mode="local", input_shape=(1, 28, 28), num_classes=10)
+    options = hidden_layer_options(cfg, (128, 7, 7), 4e7)
+    assert [w for w, _ in options] == [128, 64, 32]
+    prices = [extra for _, extra in options]
+    assert prices[0] > prices[1] > prices[2] > 0
+    # a 3x3 conv of w channels on a 4x4 map, forward and backward (3x its forward's 2 x MACs)
+    assert prices[0] == pytest.approx(3 * 2 * 128 * 128 * 9 * 16, rel=0.05)
+    assert [w for w, _ in hidden_layer_options(cfg, (256,), 1e6)] == [None]  # dense: one
 
 
 def test_the_layout_gives_the_depths_it_chose_to_every_stage():
@@ -152,7 +180,12 @@ def test_the_layout_gives_the_depths_it_chose_to_every_stage():
     cnn = RunConfig(mode="local", model="bench.models:digits_cnn", model_layers=4, input_shape=(1, 28, 28),
                     num_classes=10)
     heads = [h.head for h in plan_layout(cnn)[1].helpers]
-    assert [h.depth for h in heads[:-1]] == [1, 0, 1] and heads[-1] is None  # the heavy conv's is over budget
+    assert [h.depth for h in heads[:-1]] == [1, 0, 1] and heads[-1] is None  # the heavy stage's is over budget
+    deep = RunConfig(mode="local", model="bench.models:deep_cnn", model_layers=9, input_shape=(1, 28, 28),
+                     num_classes=10, stages=8)
+    heads = [h.head for h in plan_layout(deep)[1].helpers[:-1]]
+    # every stage gets one; the 128-channel stages on a 7x7 map at the budget's widths
+    assert [(h.depth, h.hidden) for h in heads] == [(1, 32), (1, 32), (1, 64), (1, 64), (1, 128), (1, 64), (1, 64)]
     assert [h.head.depth for h in plan_layout(cnn.replace(head_depth=0))[1].helpers[:-1]] == [0, 0, 0]
     stream = RunConfig(mode="local", dataset="text", model="lstm", input_shape=(16, 11), label_shape=(16,),
                        num_classes=11, groups=(1, 1))
@@ -164,5 +197,7 @@ def test_a_run_folder_from_before_auto_depth_resumes_with_linear_heads():
     saved = RunConfig(mode="local").to_dict()
     del saved["head_depth"]  # config.json from before the field had an auto default
     assert RunConfig.from_dict(saved).head_depth == 0
+    del saved["head_side"], saved["head_budget"]  # from before --head-side: hidden convs at 8x8
+    assert (RunConfig.from_dict(saved).head_side, RunConfig.from_dict(saved).head_budget) == (8, saved["sg_budget"])
     assert RunConfig().head_depth is None  # a new run: auto
     assert dataclasses.replace(RunConfig(), head_depth=None).validate().head_depth is None
