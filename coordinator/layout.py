@@ -101,7 +101,8 @@ class Layout:
                 "predictors": [None if c is None else {"rank": c.rank, "kernel": c.kernel,
                                                        "share_of_stage_flops": round(share, 4)}
                                for c, share in zip(self.predictors, self.predictor_shares)],
-                "heads": [None if c is None else {"pool": c.pool, "depth": c.depth, "attention": c.attention,
+                "heads": [None if c is None else {"pool": c.pool, "depth": c.depth, "hidden": c.hidden,
+                                                  "side": c.side, "attention": c.attention,
                                                   "share_of_stage_flops": round(share, 4)}
                           for c, share in zip(self.heads, self.head_shares)],
                 "state_predictors": [[{"rank": c.rank, "share_of_stage_flops": round(share, 4)}
@@ -113,7 +114,8 @@ class Layout:
         ceiling = self.ceiling_samples_per_s
         sg = [f"{i}: rank {c.rank}{' 1x1' if c.kernel == 1 else ''} {100 * share:.0f}%"
               for i, (c, share) in enumerate(zip(self.predictors, self.predictor_shares)) if c is not None]
-        heads = [f"{i}: {'hidden layer ' * c.depth}{'attention ' if c.attention else ''}{100 * share:.1f}%"
+        heads = [f"{i}: {'hidden layer ' * c.depth}{f'of {c.hidden} ' if c.depth and c.hidden else ''}"
+                 f"{'attention ' if c.attention else ''}{100 * share:.1f}%"
                  for i, (c, share) in enumerate(zip(self.heads, self.head_shares)) if c is not None]
         states = [f"{i}: rank {c.rank} {100 * share:.1f}%" for i, (cs, shares) in
                   enumerate(zip(self.state_predictors, self.state_predictor_shares)) for c, share in zip(cs, shares)]

@@ -183,9 +183,12 @@ def test_the_layout_gives_the_depths_it_chose_to_every_stage():
     assert [h.depth for h in heads[:-1]] == [1, 0, 1] and heads[-1] is None  # the heavy stage's is over budget
     deep = RunConfig(mode="local", model="bench.models:deep_cnn", model_layers=9, input_shape=(1, 28, 28),
                      num_classes=10, stages=8)
-    heads = [h.head for h in plan_layout(deep)[1].helpers[:-1]]
+    layout = plan_layout(deep)[1]
+    heads = [h.head for h in layout.helpers[:-1]]
     # every stage gets one; the 128-channel stages on a 7x7 map at the budget's widths
     assert [(h.depth, h.hidden) for h in heads] == [(1, 32), (1, 32), (1, 64), (1, 64), (1, 128), (1, 64), (1, 64)]
+    assert layout.record()["heads"][5]["hidden"] == 64 and layout.record()["heads"][5]["side"] == 4
+    assert "5: hidden layer of 64 " in layout.describe()
     assert [h.head.depth for h in plan_layout(cnn.replace(head_depth=0))[1].helpers[:-1]] == [0, 0, 0]
     stream = RunConfig(mode="local", dataset="text", model="lstm", input_shape=(16, 11), label_shape=(16,),
                        num_classes=11, groups=(1, 1))
