@@ -93,15 +93,19 @@ def run(args) -> None:
         for i, rule in enumerate(args.rules.split(",")):
             folder = rule.replace(":", "").replace("+", "-").replace("/", "").replace("=", "")
             folders = [runs / f"{i}-backprop", runs / f"{i}-{folder}"]
+            running = "backprop"
             try:
                 _, bp = train(_config(args, "backprop", folders[0]), log=lambda _: None)
+                running = rule
                 _, got = train(_config(args, rule, folders[1]), log=lambda _: None)
             except RunFailed as exc:  # recorded, and left out of the medians: `summary` counts it
                 sink.write(json.dumps({"invocation": invocation, "cores": cores, "model": args.model,
-                                       "seed": args.seed, "rule": rule, "failed": str(exc),
+                                       "layers": args.layers, "seed": args.seed, "rule": rule,
+                                       "failed": f"{running}: {exc}",
                                        "run_folders": [str(f) for f in folders]}) + "\n")
                 sink.flush()
-                print(f"{rule:>14}: FAILED ({exc}); its run folders: {folders[0]}, {folders[1]}", flush=True)
+                print(f"{rule:>14}: FAILED in {running} ({exc}); its run folders: {folders[0]}, {folders[1]}",
+                      flush=True)
                 continue
             reached = _first_within(got["evals"], bp["test_accuracy"])
             bp_reached = _first_within(bp["evals"], bp["test_accuracy"])

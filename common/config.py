@@ -168,6 +168,9 @@ class RunConfig:
                                        "same-width conv stage on a 7x7 map")
     head_side: int = SYNTHETIC.opt(4, "a conv head's hidden layers run on the stage's output average-pooled "
                                    "to at most this many pixels a side")
+    head_narrowest: int = SYNTHETIC.opt(4, "with --head-depth auto: a conv head's hidden layer is offered the "
+                                        "activation's channels, a half, a quarter, ... down to 1/this (1: "
+                                        "all of them or none)")
     head_reconstruct: float = SYNTHETIC.opt(0.0, "local heads: the weight of a second local loss, the mean "
                                             "squared error of decoding the stage's input from its output "
                                             "(InfoPro's reconstruction term: an early stage keeps what later "
@@ -391,8 +394,10 @@ class RunConfig:
         if "sg_trust_scale" not in kwargs:  # a run folder from before --sg-trust-scale and
             kwargs.update(sg_trust_scale=False, sg_true_updates=False)  # --sg-true-updates: its rule, the DNI paper's
         kwargs.setdefault("head_depth", 0)  # a run folder from before --head-depth auto: linear heads
-        if "head_side" not in kwargs:  # from before --head-side and --head-budget: their hidden convs
-            kwargs.update(head_side=8, head_budget=kwargs.get("sg_budget", 0.2))  # ran at 8x8, by that rule
+        if "head_side" not in kwargs:  # from before --head-side, --head-budget and --head-narrowest:
+            # their hidden convs ran at 8x8, all of the channels or none, by the predictors' budget
+            kwargs.update(head_side=8, head_narrowest=1,
+                          head_budget=kwargs.get("sg_budget", cls.__dataclass_fields__["sg_budget"].default))
         for k in ("layers", "groups", "slow_stage", "fail_saves", "input_shape", "label_shape", "threads",
                   "replicas"):
             if kwargs.get(k) is not None and not isinstance(kwargs[k], str):  # "auto": __post_init__

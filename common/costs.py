@@ -24,7 +24,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from synthgrad.common.models import (
-    HEAD_CONV_SIDE,
     CausalContext,
     LocalHead,
     Reconstruction,
@@ -200,8 +199,8 @@ class HeadChoice:
     reconstructs: Optional[tuple[int, ...]] = None
     scale_free: bool = False  # reads its input over its RMS (--head-norm)
     attention: bool = False  # per position, also reads the earlier positions (--head-attention)
-    hidden: Optional[int] = None  # a conv head's hidden channels; None: the activation's
-    side: int = HEAD_CONV_SIDE  # the largest map a conv head's hidden layers run on (--head-side)
+    hidden: Optional[int] = None  # a conv head's hidden channels; None: the activation's (or not a conv head)
+    side: Optional[int] = None  # the largest map a conv head's hidden layers run on (--head-side); None: none run
 
     def build(self, cfg: RunConfig, out_shape: Sequence[int]) -> LocalHead:
         return LocalHead(out_shape, cfg.classes, self.pool, cfg.per_position, self.depth, self.reconstructs,
@@ -214,7 +213,7 @@ HEAD_POOLS = (2, 1)  # a conv activation's head pools to 2x2 (DGL's auxiliary ne
 @functools.lru_cache(maxsize=1024)
 def _head_flops(out_shape: tuple[int, ...], classes: int, pool: int, per_position: bool = False,
                 depth: int = 0, reconstructs: Optional[tuple[int, ...]] = None, attention: bool = False,
-                hidden: Optional[int] = None, side: int = HEAD_CONV_SIDE) -> float:
+                hidden: Optional[int] = None, side: Optional[int] = None) -> float:
     head = LocalHead(out_shape, classes, pool, per_position, depth, reconstructs, attention=attention,
                      hidden=hidden, side=side)
     decoding = training_flops(head.decoder, out_shape) if head.decoder is not None else 0.0
@@ -233,7 +232,7 @@ def choose_head(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
                 in_shape: Optional[Sequence[int]] = None, depth: int = 0, hidden: Optional[int] = None) -> HeadChoice:
     """The local head a stage gets: priced against the stage's own training FLOPs like a
     predictor (`--sg-budget`). A conv activation's head pools to 2x2, or to 1x1 when 2x2 is
-    over the budget. A head is at least a linear map from the activation's features to the
+    over the budget (its hidden layers are chosen against --head-budget, by `head_depths`). A head is at least a linear map from the activation's features to the
     classes; a stage cheaper than that keeps it, and the layout reports its share. `depth`,
     `hidden`: its hidden layers and a conv head's hidden channels where --head-depth is auto
     (`head_depths` chose them); a given --head-depth overrides the depth (full width)."""
@@ -250,12 +249,13 @@ def _head_of_depth(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
     wanted = cfg.head_reconstruct > 0 and in_shape is not None and Reconstruction.fits(shape, in_shape)
     reconstructs = tuple(in_shape) if wanted and in_shape is not None else None
     attention = cfg.head_attention and cfg.per_position
-    hidden = hidden if depth and len(shape) == 3 else None
+    hidden_convs = depth > 0 and len(shape) == 3
+    hidden = hidden if hidden_convs and hidden != shape[0] else None  # None: all of the channels
+    side = cfg.head_side if hidden_convs else None
     for pool in pools:
-        flops = _head_flops(shape, cfg.classes, pool, cfg.per_position, depth, reconstructs, attention, hidden,
-                            cfg.head_side)
+        flops = _head_flops(shape, cfg.classes, pool, cfg.per_position, depth, reconstructs, attention, hidden, side)
         if flops <= budget or pool == pools[-1]:
-            return HeadChoice(pool, flops, depth, reconstructs, cfg.head_norm, attention, hidden, cfg.head_side)
+            return HeadChoice(pool, flops, depth, reconstructs, cfg.head_norm, attention, hidden, side)
     raise AssertionError("unreachable: the last pool always returns")
 
 
@@ -287,18 +287,17 @@ def head_depths(cfg: RunConfig, own_flops: Sequence[float], offered: Sequence[Se
     return tuple(chosen)
 
 
-HEAD_HIDDEN_FRACTIONS = (1, 2, 4)  # a conv head's hidden channels: the activation's, a half, a quarter
-
-
 def hidden_layer_options(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
                          in_shape: Optional[Sequence[int]] = None) -> list[tuple[Optional[int], float]]:
     """The hidden layers `head_depths` may give the head `choose_head` gives a stage, widest
     first, each with what it adds to the head's FLOPs: on a conv activation a 3x3 conv of its
-    channels, a half or a quarter of them; otherwise one, a dense layer of its width (up to
-    HEAD_HIDDEN_MAX)."""
+    channels (None), a half, a quarter, ... down to 1/--head-narrowest of them; otherwise one,
+    a dense layer of its width (up to HEAD_HIDDEN_MAX)."""
     base = _head_of_depth(cfg, out_shape, stage_flops, in_shape, 0).flops
-    widths = (sorted({max(1, out_shape[0] // f) for f in HEAD_HIDDEN_FRACTIONS}, reverse=True)
-              if len(out_shape) == 3 else [None])
+    widths: list[Optional[int]] = [None]
+    if len(out_shape) == 3:
+        divisors = itertools.takewhile(lambda d: d <= cfg.head_narrowest, (2 ** i for i in range(1, 7)))
+        widths += sorted({out_shape[0] // d for d in divisors if out_shape[0] // d >= 1}, reverse=True)
     return [(w, _head_of_depth(cfg, out_shape, stage_flops, in_shape, 1, w).flops - base) for w in widths]
 
 
@@ -308,10 +307,9 @@ def helper_flops(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float = 
     a synthetic-gradient model predicts every step and trains (forward and backward) on
     true-gradient steps; a local classifier head trains every step. `stage_flops`: the stage's
     own layers, which auto-sized helpers are priced against. The split by cost
-    (coordinator/layout.py) prices candidate stages with it before the stages exist, so a head
-    here has the depth a given --head-depth says, and none under auto: `head_depths` chooses
-    those over the stages the split made, each within --sg-budget x the heaviest stage, and
-    the layout's stage FLOPs (`helper_models`) count them."""
+    (coordinator/layout.py) prices candidate stages with it before the stages exist, so under
+    --head-depth auto a head here is linear: the hidden layers are chosen over the stages the
+    split made (`helper_models`), which the layout's stage FLOPs count."""
     helpers = choose_helpers(cfg, is_last=False, out_shape=out_shape, stage_flops=stage_flops, in_shape=in_shape)
     return sum(c.flops for c in (helpers.predictor, helpers.head) if c is not None)
 

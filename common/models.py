@@ -381,8 +381,8 @@ class LocalHead(nn.Module):
                  per_position: bool = False, depth: int = 0, reconstructs: Optional[Sequence[int]] = None,
                  scale_free: bool = False, attention: bool = False, hidden: Optional[int] = None,
                  side: Optional[int] = None):
-        """`hidden`: a conv head's hidden channels (default: the activation's); `side`: the
-        largest map its hidden convs run on, a side (default HEAD_CONV_SIDE)."""
+        """`hidden`: a conv head's hidden channels (None: the activation's); `side`: the
+        largest map its hidden convs run on, a side (None: HEAD_CONV_SIDE)."""
         super().__init__()
         shape = tuple(shape)
         # reads h over its root mean square (per sample; per position with targets at every
@@ -405,8 +405,11 @@ class LocalHead(nn.Module):
             self.net = nn.Sequential(*norm, *_hidden_dense(shape[0], depth),
                                      nn.Linear(_read_width(shape[0], depth), num_classes))
         elif len(shape) == 3:
-            c, side = shape[0], side or HEAD_CONV_SIDE
-            width = hidden or c
+            c = shape[0]
+            side = HEAD_CONV_SIDE if side is None else side
+            width = c if hidden is None else hidden
+            if side < 1 or width < 1:
+                raise ValueError(f"a conv head needs a hidden width and map side of at least 1, got {width}, {side}")
             convs = [m for i in range(depth) for m in (nn.Conv2d(c if i == 0 else width, width, 3, padding=1),
                                                        nn.ReLU())]
             # hidden convs see the map pooled to at most `side` a side, so a head on a large

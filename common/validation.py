@@ -139,7 +139,10 @@ def check_synthetic(cfg: RunConfig) -> None:
         within(cfg, "head_depth", 0, 8)
     within(cfg, "head_reconstruct", 0, 1000)
     within(cfg, "head_budget", 0, 10)
-    need(isinstance(cfg.head_side, int) and 1 <= cfg.head_side <= 64, f"--head-side must be 1 to 64, got {cfg.head_side!r}")
+    for name in ("head_side", "head_narrowest"):
+        need(type(getattr(cfg, name)) is int, f"--{name.replace('_', '-')} must be a whole number, "
+                                               f"got {getattr(cfg, name)!r}")
+        within(cfg, name, 1, 64)
     need(cfg.sg_prior in SG_PRIORS, f"unknown --sg-prior {cfg.sg_prior!r}; choose one of {', '.join(SG_PRIORS)}")
     rule = cfg.stage_rule
     need(not cfg.bootstrap or (rule is not None and rule.uses_predictor),

@@ -32,3 +32,25 @@ def test_only_failed_pairs_say_so(tmp_path, capsys):
                                 "failed": "boom"}) + "\n")
     summary(argparse.Namespace(file=str(path)))
     assert "no finished pairs" in capsys.readouterr().out
+
+
+def test_a_run_that_fails_is_written_down_and_the_invocation_goes_on(tmp_path, monkeypatch, capsys):
+    import bench.headline as headline
+    from synthgrad.common.reports import RunFailed
+
+    def fake_train(cfg, log):
+        if cfg.mode == "local":
+            raise RunFailed("stage 1 sent nothing for 10.1 s")
+        return None, {"samples_per_s": 100.0, "test_accuracy": 0.9, "evals": [], "layout": None}
+
+    monkeypatch.setattr(headline, "train", fake_train)
+    monkeypatch.setattr(headline, "ROOT", tmp_path)
+    out = tmp_path / "h.jsonl"
+    args = headline.build_parser().parse_args(["run", "--rules", "local,locked", "--dataset", "synthetic",
+                                               "--out", str(out)])
+    headline.run(args)
+    failed, done = [json.loads(line) for line in out.read_text().splitlines()]
+    assert failed["failed"] == "local: stage 1 sent nothing for 10.1 s" and failed["rule"] == "local"
+    assert done["rule"] == "locked" and done["ratio"] == 1.0
+    assert len({f for row in (failed, done) for f in row["run_folders"]}) == 4  # none reused
+    assert all(str(tmp_path) in f for f in failed["run_folders"])

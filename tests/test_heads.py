@@ -70,7 +70,8 @@ def test_the_decoders_loss_is_part_of_the_gradient_a_stage_steps_on():
 
 def test_head_options_are_checked():
     for bad in ({"head_depth": -1}, {"head_depth": 9}, {"head_reconstruct": -0.5},
-                {"head_reconstruct": float("nan")}, {"head_budget": -0.1}, {"head_side": 0}):
+                {"head_reconstruct": float("nan")}, {"head_budget": -0.1}, {"head_side": 0},
+                {"head_side": 2.5}, {"head_narrowest": 0}):
         with pytest.raises(ConfigError, match="head"):
             RunConfig(mode="local", **bad).validate()
 
@@ -167,12 +168,42 @@ def test_a_conv_head_is_offered_narrower_hidden_layers_at_lower_prices():
     from synthgrad.common.costs import hidden_layer_options
     cfg = RunConfig(mode="local", input_shape=(1, 28, 28), num_classes=10)
     options = hidden_layer_options(cfg, (128, 7, 7), 4e7)
-    assert [w for w, _ in options] == [128, 64, 32]
+    assert [w for w, _ in options] == [None, 64, 32]  # None: all of the channels
     prices = [extra for _, extra in options]
     assert prices[0] > prices[1] > prices[2] > 0
     # a 3x3 conv of w channels on a 4x4 map, forward and backward (3x its forward's 2 x MACs)
     assert prices[0] == pytest.approx(3 * 2 * 128 * 128 * 9 * 16, rel=0.05)
     assert [w for w, _ in hidden_layer_options(cfg, (256,), 1e6)] == [None]  # dense: one
+    assert [w for w, _ in hidden_layer_options(cfg, (3, 7, 7), 1e6)] == [None, 1]  # 3 // 4 is none
+    assert [w for w, _ in hidden_layer_options(cfg.replace(head_narrowest=8), (128, 7, 7), 4e7)] == [None, 64, 32, 16]
+
+
+@pytest.mark.parametrize("hidden,side", [(None, 4), (32, 4), (16, 8), (None, 2)])
+def test_a_conv_head_costs_what_the_layout_priced(hidden, side):
+    """The FLOPs the layout charges a stage for its head are those of the head the stage builds."""
+    from synthgrad.common.costs import _head_of_depth, training_flops
+    cfg = RunConfig(mode="local", input_shape=(1, 28, 28), num_classes=10, head_side=side)
+    choice = _head_of_depth(cfg, (64, 14, 14), 1e8, None, 1, hidden)
+    assert (choice.hidden, choice.side) == (hidden, side)
+    built = choice.build(cfg, (64, 14, 14))
+    assert choice.flops == pytest.approx(training_flops(built, (64, 14, 14)))
+    convs = [m for m in built.net if isinstance(m, torch.nn.Conv2d)]
+    assert convs[0].out_channels == (hidden or 64)
+
+
+def test_a_given_head_depth_overrides_the_width_auto_chose():
+    cfg = RunConfig(mode="local", input_shape=(1, 28, 28), num_classes=10)
+    assert choose_head(cfg, (64, 14, 14), 1e8, depth=1, hidden=16).hidden == 16
+    given = choose_head(cfg.replace(head_depth=1), (64, 14, 14), 1e8, depth=1, hidden=16)
+    assert (given.depth, given.hidden) == (1, None)
+    dense = choose_head(cfg, (300,), 1e8, depth=1, hidden=16)
+    assert (dense.hidden, dense.side) == (None, None)  # a width and a side are a conv head's
+
+
+def test_a_conv_head_refuses_a_zero_width_or_side():
+    for bad in ({"hidden": 0}, {"side": 0}):
+        with pytest.raises(ValueError, match="at least 1"):
+            LocalHead((16, 8, 8), 10, depth=1, **bad)
 
 
 def test_the_layout_gives_the_depths_it_chose_to_every_stage():
@@ -186,9 +217,11 @@ def test_the_layout_gives_the_depths_it_chose_to_every_stage():
     layout = plan_layout(deep)[1]
     heads = [h.head for h in layout.helpers[:-1]]
     # every stage gets one; the 128-channel stages on a 7x7 map at the budget's widths
-    assert [(h.depth, h.hidden) for h in heads] == [(1, 32), (1, 32), (1, 64), (1, 64), (1, 128), (1, 64), (1, 64)]
+    assert [(h.depth, h.hidden) for h in heads] == [(1, None)] * 5 + [(1, 64), (1, 64)]  # None: all channels
     assert layout.record()["heads"][5]["hidden"] == 64 and layout.record()["heads"][5]["side"] == 4
-    assert "5: hidden layer of 64 " in layout.describe()
+    assert "5: hidden layer of 64 " in layout.describe() and "4: hidden layer 65" in layout.describe()
+    narrow = plan_layout(deep.replace(head_narrowest=1))[1]  # all of the channels or none
+    assert [h.head.depth for h in narrow.helpers[:-1]] == [1, 1, 1, 1, 1, 0, 0]
     assert [h.head.depth for h in plan_layout(cnn.replace(head_depth=0))[1].helpers[:-1]] == [0, 0, 0]
     stream = RunConfig(mode="local", dataset="text", model="lstm", input_shape=(16, 11), label_shape=(16,),
                        num_classes=11, groups=(1, 1))
@@ -200,7 +233,20 @@ def test_a_run_folder_from_before_auto_depth_resumes_with_linear_heads():
     saved = RunConfig(mode="local").to_dict()
     del saved["head_depth"]  # config.json from before the field had an auto default
     assert RunConfig.from_dict(saved).head_depth == 0
-    del saved["head_side"], saved["head_budget"]  # from before --head-side: hidden convs at 8x8
-    assert (RunConfig.from_dict(saved).head_side, RunConfig.from_dict(saved).head_budget) == (8, saved["sg_budget"])
+    del saved["head_side"], saved["head_budget"], saved["head_narrowest"]  # from before --head-side
+    old = RunConfig.from_dict(saved)  # hidden convs at 8x8, all of the channels or none, by sg_budget
+    assert (old.head_side, old.head_narrowest, old.head_budget) == (8, 1, saved["sg_budget"])
     assert RunConfig().head_depth is None  # a new run: auto
     assert dataclasses.replace(RunConfig(), head_depth=None).validate().head_depth is None
+
+
+def test_a_run_folder_from_before_narrower_heads_resumes_with_the_heads_it_had():
+    """The digits CNN under the rule before --head-side: hidden layers in the heads of stages 0
+    and 2, all channels, at 8x8; its heavy stage's head linear, as its checkpoint holds them."""
+    from synthgrad.coordinator.layout import plan_layout
+    saved = RunConfig(mode="local", model="bench.models:digits_cnn", model_layers=4, input_shape=(1, 28, 28),
+                      num_classes=10).to_dict()
+    for field in ("head_side", "head_budget", "head_narrowest"):
+        del saved[field]
+    heads = [h.head for h in plan_layout(RunConfig.from_dict(saved))[1].helpers[:-1]]
+    assert [(h.depth, h.hidden, h.side) for h in heads] == [(1, None, 8), (0, None, None), (1, None, None)]

@@ -211,7 +211,8 @@ def test_a_summarys_missing_or_mistyped_field_is_named():
 def _start() -> wire.Start:
     cfg = RunConfig(mode="local", groups=(1, 2), threads=(2,), input_shape=(1, 28, 28), num_classes=10,
                     label_shape=())
-    helpers = Helpers(PredictorChoice(8, 3, 1.5), HeadChoice(2, 3.0), (PredictorChoice(4, 1, 2.0),))
+    helpers = Helpers(PredictorChoice(8, 3, 1.5), HeadChoice(2, 3.0, depth=1, hidden=16, side=4),
+                      (PredictorChoice(4, 1, 2.0),))
     return wire.Start(cfg, "/runs/a", 3, 100, helpers, threads=2)
 
 
@@ -222,6 +223,7 @@ def test_start_carries_the_config_and_helpers_typed():
     got = wire.decode(wire.encode(start))
     assert got == start and got.config.mode is Mode.LOCAL and got.config.groups == (1, 2)
     assert isinstance(got.helpers.predictor, PredictorChoice) and isinstance(got.helpers.state_predictors, tuple)
+    assert (got.helpers.head.hidden, got.helpers.head.side) == (16, 4)
 
 
 def _start_header(change: Callable[[dict], None]) -> list[bytes]:
@@ -237,6 +239,7 @@ def _start_header(change: Callable[[dict], None]) -> list[bytes]:
     (lambda f: f["config"].update(surprise=1), "START.config", r"unknown \['surprise'\]"),
     (lambda f: f["config"].pop("seed"), "START.config", r"missing \['seed'\]"),
     (lambda f: f["helpers"]["predictor"].update(rank=1.5), "START.helpers.predictor.rank", "expected int"),
+    (lambda f: f["helpers"]["head"].update(hidden="wide"), "START.helpers.head.hidden", "expected"),
     (lambda f: f["helpers"]["state_predictors"][0].pop("kernel"), "START.helpers.state_predictors.0",
      r"missing \['kernel'\]"),
     (lambda f: f.update(helpers={}), "START.helpers", "missing"),
