@@ -158,19 +158,20 @@ class RunConfig:
                                               "layers before the classifier, each a 3x3 conv (conv "
                                               "activations, on a map of at most --head-side a side) or a dense "
                                               "layer of its width; default auto: one, from the first stage on, "
-                                              "of the activation's channels, a half or a quarter, the widest "
-                                              "that leaves the stage within (1 + --head-budget) x the heaviest "
+                                              "the largest (see --head-narrowest) that leaves the stage "
+                                              "within (1 + --head-budget) x the heaviest "
                                               "stage's FLOPs with those hidden layers together within "
                                               "--head-budget x the model's; none on stream data", auto=True)
     head_budget: float = SYNTHETIC.opt(0.2, "with --head-depth auto: what the heads' hidden layers may add, "
                                        "as a fraction of the heaviest stage's FLOPs (each stage) and of the "
                                        "model's (all of them); a hidden 3x3 conv at 4x4 costs a third of a "
                                        "same-width conv stage on a 7x7 map")
-    head_side: int = SYNTHETIC.opt(4, "a conv head's hidden layers run on the stage's output average-pooled "
+    head_side: int = SYNTHETIC.opt(8, "a conv head's hidden layers run on the stage's output average-pooled "
                                    "to at most this many pixels a side")
-    head_narrowest: int = SYNTHETIC.opt(4, "with --head-depth auto: a conv head's hidden layer is offered the "
+    head_narrowest: int = SYNTHETIC.opt(4, "with --head-depth auto: where a conv head's hidden layer at "
+                                        "--head-side is over the budget, it is offered one on a 4x4 map, of the "
                                         "activation's channels, a half, a quarter, ... down to 1/this (1: "
-                                        "all of them or none)")
+                                        "none of these)")
     head_reconstruct: float = SYNTHETIC.opt(0.0, "local heads: the weight of a second local loss, the mean "
                                             "squared error of decoding the stage's input from its output "
                                             "(InfoPro's reconstruction term: an early stage keeps what later "

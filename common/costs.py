@@ -16,7 +16,7 @@ import functools
 import itertools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -229,7 +229,8 @@ def _attention_flops(out_shape: tuple[int, ...]) -> float:
 
 
 def choose_head(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
-                in_shape: Optional[Sequence[int]] = None, depth: int = 0, hidden: Optional[int] = None) -> HeadChoice:
+                in_shape: Optional[Sequence[int]] = None, depth: int = 0, hidden: Optional[int] = None,
+                side: Optional[int] = None) -> HeadChoice:
     """The local head a stage gets: priced against the stage's own training FLOPs like a
     predictor (`--sg-budget`). A conv activation's head pools to 2x2, or to 1x1 when 2x2 is
     over the budget (its hidden layers are chosen against --head-budget, by `head_depths`). A head is at least a linear map from the activation's features to the
@@ -237,12 +238,13 @@ def choose_head(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
     `hidden`: its hidden layers and a conv head's hidden channels where --head-depth is auto
     (`head_depths` chose them); a given --head-depth overrides the depth (full width)."""
     if cfg.head_depth is not None:
-        depth, hidden = cfg.head_depth, None
-    return _head_of_depth(cfg, out_shape, stage_flops, in_shape, depth, hidden)
+        depth, hidden, side = cfg.head_depth, None, None
+    return _head_of_depth(cfg, out_shape, stage_flops, in_shape, depth, hidden, side)
 
 
 def _head_of_depth(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
-                   in_shape: Optional[Sequence[int]], depth: int, hidden: Optional[int] = None) -> HeadChoice:
+                   in_shape: Optional[Sequence[int]], depth: int, hidden: Optional[int] = None,
+                   side: Optional[int] = None) -> HeadChoice:
     shape = tuple(out_shape)
     pools = HEAD_POOLS if len(shape) == 3 else (HEAD_POOLS[0],)
     budget = cfg.sg_budget * stage_flops
@@ -251,7 +253,7 @@ def _head_of_depth(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
     attention = cfg.head_attention and cfg.per_position
     hidden_convs = depth > 0 and len(shape) == 3
     hidden = hidden if hidden_convs and hidden != shape[0] else None  # None: all of the channels
-    side = cfg.head_side if hidden_convs else None
+    side = (side or cfg.head_side) if hidden_convs else None  # None: --head-side
     for pool in pools:
         flops = _head_flops(shape, cfg.classes, pool, cfg.per_position, depth, reconstructs, attention, hidden, side)
         if flops <= budget or pool == pools[-1]:
@@ -259,46 +261,68 @@ def _head_of_depth(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
     raise AssertionError("unreachable: the last pool always returns")
 
 
-def head_depths(cfg: RunConfig, own_flops: Sequence[float], offered: Sequence[Sequence[tuple[Optional[int], float]]]
-                ) -> tuple[tuple[int, Optional[int]], ...]:
-    """--head-depth auto: each stage's head's hidden layers and (conv) hidden channels, given
-    each stage's own training FLOPs and the hidden layers offered it (`hidden_layer_options`:
-    (channels, FLOPs it adds), widest first; none offered: a linear head). A linear head asks
-    its stage for features a linear map can already sort by class, and the stage throws away
-    what later stages need: on a CNN with one dominant block `local` lost 5.9 points with
-    linear heads and 0.7 with a hidden layer in every head; on an eight-stage CNN, 26.8 and
-    1.9 (docs/results.md). So every stage gets one, from the first on, the widest offered that
-    leaves the stage within (1 + --head-budget) x the heaviest stage's own FLOPs (the pipeline's
-    pace slows by at most that) with all the hidden layers given within --head-budget x the
-    model's (on few cores every stage's work counts); a stage none fits keeps a linear head."""
+class HiddenLayer(NamedTuple):
+    """What --head-depth auto gives a stage's head: `depth` hidden layers; on a conv activation
+    `hidden` channels (None: the activation's) on a map of at most `side` a side (None:
+    --head-side)."""
+    depth: int
+    hidden: Optional[int] = None
+    side: Optional[int] = None
+
+
+def head_depths(cfg: RunConfig, own_flops: Sequence[float],
+                offered: Sequence[Sequence[tuple[HiddenLayer, float]]]) -> tuple[HiddenLayer, ...]:
+    """--head-depth auto: each stage's head's hidden layer, given each stage's own training
+    FLOPs and the hidden layers offered it (`hidden_layer_options`: each with the FLOPs it
+    adds, the largest first; none offered: a linear head). A linear head asks its stage for
+    features a linear map can already sort by class, and the stage throws away what later
+    stages need: on a CNN with one dominant block `local` lost 5.9 points with linear heads
+    and 0.7 with a hidden layer in every head; on an eight-stage CNN, 26.8 and 1.9
+    (docs/results.md). So every stage gets one, from the first on, the first offered that
+    leaves the stage within (1 + --head-budget) x the heaviest stage's own FLOPs (the
+    pipeline's pace slows by at most that) with all the hidden layers given within
+    --head-budget x the model's (on few cores every stage's work counts); a stage none fits
+    keeps a linear head."""
     if cfg.head_depth is not None:
-        return tuple((cfg.head_depth, None) for _ in own_flops)
+        return tuple(HiddenLayer(cfg.head_depth) for _ in own_flops)
     heaviest, allowance = max(own_flops, default=0.0), cfg.head_budget * sum(own_flops)
-    chosen: list[tuple[int, Optional[int]]] = []
+    chosen: list[HiddenLayer] = []
     spent = 0.0
     for own, options in zip(own_flops, offered):
-        fitting = [(hidden, extra) for hidden, extra in options
+        fitting = [(layer, extra) for layer, extra in options
                    if own + extra <= (1 + cfg.head_budget) * heaviest and spent + extra <= allowance]
         if fitting:
-            chosen.append((1, fitting[0][0]))
+            chosen.append(fitting[0][0])
             spent += fitting[0][1]
         else:
-            chosen.append((0, None))
+            chosen.append(HiddenLayer(0))
     return tuple(chosen)
 
 
+SMALL_HEAD_SIDE = 4  # where --head-side's map is over the budget, a conv head's hidden layer tries this
+
+
 def hidden_layer_options(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
-                         in_shape: Optional[Sequence[int]] = None) -> list[tuple[Optional[int], float]]:
-    """The hidden layers `head_depths` may give the head `choose_head` gives a stage, widest
-    first, each with what it adds to the head's FLOPs: on a conv activation a 3x3 conv of its
-    channels (None), a half, a quarter, ... down to 1/--head-narrowest of them; otherwise one,
-    a dense layer of its width (up to HEAD_HIDDEN_MAX)."""
+                         in_shape: Optional[Sequence[int]] = None) -> list[tuple[HiddenLayer, float]]:
+    """The hidden layers `head_depths` may give the head `choose_head` gives a stage, the
+    largest first, each with what it adds to the head's FLOPs. On a conv activation a 3x3 conv
+    of its channels on the map pooled to at most --head-side (8) a side; then, as the pooling
+    of a head does (2x2 before 1x1), on a smaller map (4x4) and with a half, a quarter, ...
+    down to 1/--head-narrowest of the channels: a larger map kept more for the head on the
+    CNNs whose early maps are large, and on an eight-stage CNN's 7x7 stages the 4x4 conv was
+    what the budget could pay for (docs/results.md). Otherwise one, a dense layer of the
+    activation's width (up to HEAD_HIDDEN_MAX)."""
     base = _head_of_depth(cfg, out_shape, stage_flops, in_shape, 0).flops
-    widths: list[Optional[int]] = [None]
-    if len(out_shape) == 3:
+    layers = [HiddenLayer(1, None, cfg.head_side)]
+    if len(out_shape) == 3 and cfg.head_narrowest > 1:
+        small = min(cfg.head_side, SMALL_HEAD_SIDE)
+        if small < cfg.head_side:
+            layers.append(HiddenLayer(1, None, small))
         divisors = itertools.takewhile(lambda d: d <= cfg.head_narrowest, (2 ** i for i in range(1, 7)))
-        widths += sorted({out_shape[0] // d for d in divisors if out_shape[0] // d >= 1}, reverse=True)
-    return [(w, _head_of_depth(cfg, out_shape, stage_flops, in_shape, 1, w).flops - base) for w in widths]
+        layers += [HiddenLayer(1, w, small)
+                   for w in sorted({out_shape[0] // d for d in divisors if out_shape[0] // d >= 1}, reverse=True)]
+    return [(layer, _head_of_depth(cfg, out_shape, stage_flops, in_shape, 1, layer.hidden, layer.side).flops - base)
+            for layer in layers]
 
 
 def helper_flops(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float = 0.0,
@@ -329,13 +353,13 @@ class Helpers:
 
 def choose_helpers(cfg: RunConfig, *, is_last: bool, out_shape: Sequence[int], stage_flops: float,
                    state_widths: Sequence[int] = (), in_shape: Optional[Sequence[int]] = None,
-                   head_depth: int = 0, head_hidden: Optional[int] = None) -> Helpers:
+                   head_layer: HiddenLayer = HiddenLayer(0)) -> Helpers:
     """The helper models the run's rule gives a stage: a predictor of its output and a local
     head (not on the last stage, whose gradient is exact) where the rule uses them, and a state
     predictor per recurrent layer (`state_widths`) where the rule predicts gradients on stream
     data, every one priced against the stage's own training FLOPs (`stage_flops`).
-    `head_depth`, `head_hidden`: the head's hidden layers and channels where --head-depth is
-    auto (the layout's `head_depths`, which sees every stage)."""
+    `head_layer`: the head's hidden layers where --head-depth is auto (the layout's
+    `head_depths`, which sees every stage)."""
     rule = cfg.stage_rule  # None for the modes with processes of their own (pipeline)
     if rule is None:
         return Helpers()
@@ -349,7 +373,7 @@ def choose_helpers(cfg: RunConfig, *, is_last: bool, out_shape: Sequence[int], s
         # work on a large map costs the stage a quarter of its time. With a head's gradient to
         # step on, the stage goes without; without one, it keeps what it can afford
         predictor = None
-    head = (choose_head(cfg, out_shape, stage_flops, in_shape, head_depth, head_hidden)
+    head = (choose_head(cfg, out_shape, stage_flops, in_shape, *head_layer)
             if rule.uses_head and not is_last else None)
     states = tuple(choose_predictor(cfg.replace(conditioned=False), (width,), stage_flops)
                    for width in state_widths) if rule.uses_predictor and cfg.per_position else ()
@@ -379,8 +403,7 @@ def helper_models(cfg: RunConfig, units: Sequence[nn.Module], costs: Sequence[fl
         widths = (state_sizes(nn.Sequential(*units[a:b]), shapes[a])
                   if rule is not None and rule.uses_predictor and cfg.per_position else [])
         helpers.append(choose_helpers(cfg, is_last=i == last, out_shape=shapes[b], stage_flops=own,
-                                      state_widths=widths, in_shape=shapes[a], head_depth=depths[i][0],
-                                      head_hidden=depths[i][1]))
+                                      state_widths=widths, in_shape=shapes[a], head_layer=depths[i]))
     return tuple(own_flops), tuple(helpers)
 
 

@@ -464,10 +464,7 @@ class _RootMeanSquare(nn.Module):
 
 
 HEAD_HIDDEN_MAX = 256  # a dense head's hidden width: the activation's, up to this
-# a conv head's hidden layers run on a map of at most this many pixels a side: on a deep CNN's
-# 7x7 stages a 3x3 conv at 4x4 bought `local` more than one at 8x8 (docs/results.md), for a third
-# of the FLOPs; at 2x2 it lost most of what the hidden layer gives
-HEAD_CONV_SIDE = 4
+HEAD_CONV_SIDE = 8  # a conv head's hidden layers run on a map of at most this many pixels a side (--head-side)
 
 
 def _hidden_dense(width: int, depth: int) -> list[nn.Module]:

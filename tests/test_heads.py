@@ -103,13 +103,13 @@ def test_a_conv_heads_hidden_layers_run_on_a_small_map():
     seen = {}
     conv.register_forward_hook(lambda m, i, o: seen.update(side=i[0].shape[-1]))
     head(torch.randn(2, 16, 26, 26))
-    assert seen["side"] == 4  # HEAD_CONV_SIDE: the early map is pooled first
-    narrow = LocalHead((16, 26, 26), 10, depth=2, hidden=4, side=8)  # --head-side, and a narrower hidden layer
+    assert seen["side"] == 8  # HEAD_CONV_SIDE: the early map is pooled first
+    narrow = LocalHead((16, 26, 26), 10, depth=2, hidden=4, side=4)  # a smaller map, a narrower hidden layer
     convs = [m for m in narrow.net if isinstance(m, torch.nn.Conv2d)]
     assert [(c.in_channels, c.out_channels) for c in convs] == [(16, 4), (4, 4)]
     assert narrow.net[-1].in_features == 4 * 2 * 2
     convs[0].register_forward_hook(lambda m, i, o: seen.update(side=i[0].shape[-1]))
-    assert narrow(torch.randn(2, 16, 26, 26)).shape == (2, 10) and seen["side"] == 8
+    assert narrow(torch.randn(2, 16, 26, 26)).shape == (2, 10) and seen["side"] == 4
 
 
 def test_a_context_head_reads_earlier_positions_and_never_later_ones():
@@ -140,42 +140,46 @@ def test_the_context_head_is_given_on_stream_data_only_and_priced():
 
 
 def test_auto_head_depth_gives_a_hidden_layer_where_the_pipeline_can_pay_for_it():
-    """One hidden layer per head, from the first stage on, the widest offered that leaves the
+    """One hidden layer per head, from the first stage on, the first offered that leaves the
     stage within (1 + budget) x the heaviest stage's FLOPs with all of them within budget x
     the model's."""
-    from synthgrad.common.costs import head_depths
+    from synthgrad.common.costs import HiddenLayer, head_depths
+    one = HiddenLayer(1, None, 8)
 
-    def one(extra):  # a single option (a dense activation's), None: none offered
-        return [] if extra is None else [(None, extra)]
+    def offer(*extras):  # what each option adds, the largest first
+        return [(HiddenLayer(1, None if i == 0 else 64 >> i, 8 if i == 0 else 4), e) for i, e in enumerate(extras)]
 
     cfg = RunConfig(mode="local", head_budget=0.2)
     own = [1.0, 100.0, 10.0, 0.1]  # a cheap stem, a heavy block, a light stage, the last stage
-    assert head_depths(cfg, own, [one(3.0), one(14.0), one(5.0), one(None)]) == ((1, None),) * 3 + ((0, None),)
+    assert head_depths(cfg, own, [offer(3.0), offer(14.0), offer(5.0), []]) == (one, one, one, HiddenLayer(0))
     # the heaviest stage's hidden layer would slow the pipeline's pace by more than the budget
-    got = head_depths(cfg, own, [one(3.0), one(21.0), one(5.0), one(None)])
-    assert [d for d, _ in got] == [1, 0, 1, 0]
-    # ... unless a narrower one is offered: the widest that fits is given
-    got = head_depths(cfg, own, [one(3.0), [(64, 21.0), (32, 10.5), (16, 5.2)], one(5.0), one(None)])
-    assert got == ((1, None), (1, 32), (1, None), (0, None))
+    got = head_depths(cfg, own, [offer(3.0), offer(21.0), offer(5.0), []])
+    assert [layer.depth for layer in got] == [1, 0, 1, 0]
+    # ... unless a smaller one is offered: the first that fits is given
+    got = head_depths(cfg, own, [offer(3.0), offer(21.0, 10.5, 5.2), offer(5.0), []])
+    assert got[1] == HiddenLayer(1, 32, 4)
     # the model's allowance (0.2 x 111.1 = 22.2) is spent from the first stage on
-    got = head_depths(cfg, own, [one(3.0), one(19.0), one(5.0), one(None)])
-    assert [d for d, _ in got] == [1, 1, 0, 0]
-    assert head_depths(cfg, [1.0, 100.0], [[], []]) == ((0, None), (0, None))  # none offered: linear heads
-    assert head_depths(cfg.replace(head_depth=2), [1.0, 100.0], [one(3.0), []]) == ((2, None), (2, None))
+    got = head_depths(cfg, own, [offer(3.0), offer(19.0), offer(5.0), []])
+    assert [layer.depth for layer in got] == [1, 1, 0, 0]
+    assert head_depths(cfg, [1.0, 100.0], [[], []]) == (HiddenLayer(0), HiddenLayer(0))  # none offered
+    assert head_depths(cfg.replace(head_depth=2), [1.0, 100.0], [offer(3.0), []]) == (HiddenLayer(2),) * 2
 
 
 def test_a_conv_head_is_offered_narrower_hidden_layers_at_lower_prices():
     from synthgrad.common.costs import hidden_layer_options
     cfg = RunConfig(mode="local", input_shape=(1, 28, 28), num_classes=10)
     options = hidden_layer_options(cfg, (128, 7, 7), 4e7)
-    assert [w for w, _ in options] == [None, 64, 32]  # None: all of the channels
+    # at --head-side (8: the 7x7 map as it is), then at 4x4: all of the channels (None), a half, a quarter
+    assert [(o.hidden, o.side) for o, _ in options] == [(None, 8), (None, 4), (64, 4), (32, 4)]
     prices = [extra for _, extra in options]
     assert prices[0] > prices[1] > prices[2] > 0
-    # a 3x3 conv of w channels on a 4x4 map, forward and backward (3x its forward's 2 x MACs)
-    assert prices[0] == pytest.approx(3 * 2 * 128 * 128 * 9 * 16, rel=0.05)
-    assert [w for w, _ in hidden_layer_options(cfg, (256,), 1e6)] == [None]  # dense: one
-    assert [w for w, _ in hidden_layer_options(cfg, (3, 7, 7), 1e6)] == [None, 1]  # 3 // 4 is none
-    assert [w for w, _ in hidden_layer_options(cfg.replace(head_narrowest=8), (128, 7, 7), 4e7)] == [None, 64, 32, 16]
+    # a 3x3 conv of 128 channels on a 7x7 map, then a 4x4 one, forward and backward (3x its forward's 2 x MACs)
+    assert prices[0] == pytest.approx(3 * 2 * 128 * 128 * 9 * 49, rel=0.05)
+    assert prices[1] == pytest.approx(3 * 2 * 128 * 128 * 9 * 16, rel=0.05)
+    assert [o for o, _ in hidden_layer_options(cfg, (256,), 1e6)] == [(1, None, 8)]  # dense: one (side unused)
+    assert [o.hidden for o, _ in hidden_layer_options(cfg, (3, 7, 7), 1e6)] == [None, None, 1]  # 3 // 4 is none
+    assert [o.hidden for o, _ in hidden_layer_options(cfg.replace(head_narrowest=8), (128, 7, 7), 4e7)][-1] == 16
+    assert len(hidden_layer_options(cfg.replace(head_narrowest=1), (128, 7, 7), 4e7)) == 1  # as before: 8x8 or none
 
 
 @pytest.mark.parametrize("hidden,side", [(None, 4), (32, 4), (16, 8), (None, 2)])
@@ -217,11 +221,13 @@ def test_the_layout_gives_the_depths_it_chose_to_every_stage():
     layout = plan_layout(deep)[1]
     heads = [h.head for h in layout.helpers[:-1]]
     # every stage gets one; the 128-channel stages on a 7x7 map at the budget's widths
-    assert [(h.depth, h.hidden) for h in heads] == [(1, None)] * 5 + [(1, 64), (1, 64)]  # None: all channels
+    # every stage gets one: 8x8 on the early maps, 4x4 on the 7x7 ones, the last two narrower
+    assert [(h.depth, h.hidden, h.side) for h in heads] == [(1, None, 8)] * 3 + [(1, None, 4)] * 2 + [(1, 64, 4),
+                                                                                                      (1, 32, 4)]
     assert layout.record()["heads"][5]["hidden"] == 64 and layout.record()["heads"][5]["side"] == 4
     assert "5: hidden layer of 64 " in layout.describe() and "4: hidden layer 65" in layout.describe()
-    narrow = plan_layout(deep.replace(head_narrowest=1))[1]  # all of the channels or none
-    assert [h.head.depth for h in narrow.helpers[:-1]] == [1, 1, 1, 1, 1, 0, 0]
+    narrow = plan_layout(deep.replace(head_narrowest=1))[1]  # 8x8 with all of the channels, or none
+    assert [h.head.depth for h in narrow.helpers[:-1]] == [1, 1, 1, 0, 0, 0, 0]
     assert [h.head.depth for h in plan_layout(cnn.replace(head_depth=0))[1].helpers[:-1]] == [0, 0, 0]
     stream = RunConfig(mode="local", dataset="text", model="lstm", input_shape=(16, 11), label_shape=(16,),
                        num_classes=11, groups=(1, 1))
