@@ -233,10 +233,12 @@ def choose_head(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
                 side: Optional[int] = None) -> HeadChoice:
     """The local head a stage gets: priced against the stage's own training FLOPs like a
     predictor (`--sg-budget`). A conv activation's head pools to 2x2, or to 1x1 when 2x2 is
-    over the budget (its hidden layers are chosen against --head-budget, by `head_depths`). A head is at least a linear map from the activation's features to the
-    classes; a stage cheaper than that keeps it, and the layout reports its share. `depth`,
-    `hidden`: its hidden layers and a conv head's hidden channels where --head-depth is auto
-    (`head_depths` chose them); a given --head-depth overrides the depth (full width)."""
+    over the budget; its hidden layers are chosen against --head-budget (`head_depths`). A head
+    is at least a linear map from the activation's features to the classes; a stage cheaper
+    than that keeps it, and the layout reports its share. `depth`, `hidden`, `side`: its hidden
+    layers, a conv head's hidden channels and map side where --head-depth is auto
+    (`head_depths` chose them); a given --head-depth overrides them (all the channels, at
+    --head-side)."""
     if cfg.head_depth is not None:
         depth, hidden, side = cfg.head_depth, None, None
     return _head_of_depth(cfg, out_shape, stage_flops, in_shape, depth, hidden, side)
