@@ -156,6 +156,16 @@ def warm_up(env: Optional[Mapping[str, str]] = None) -> None:
     _spawn_env = env
 
 
+def warm_up_early() -> None:
+    """Start the fork server before this process imports torch, with what most runs' workers
+    add to the environment (nothing): its imports (about 3 s of CPU) then run beside this
+    process's own on another core, instead of after them. A run whose layout asks for another
+    environment replaces it (warm_up); where workers are spawned this does nothing."""
+    server = fork_server()
+    if server is not None and server.pid is None:
+        server.start({})
+
+
 def cpu_priority() -> str:
     """This process's CPU priority as the OS holds it: "idle" (SCHED_IDLE), "nice N", or
     "normal"; what a stage's summary reports."""

@@ -48,6 +48,7 @@ _EXPORTS = {
     "CONNECT_TIMEOUT_S": ("synthgrad.common.endpoints", "CONNECT_TIMEOUT_S"),
     "RemoteStages": ("synthgrad.workers.remote", "RemoteStages"),
     "run_stages": ("synthgrad.workers.remote", "run_stages"),
+    "warm_up_early": ("synthgrad.common.procs", "warm_up_early"),
 }
 __all__ = sorted(_EXPORTS)
 

@@ -217,8 +217,11 @@ def exit_code_of(job: Callable[[], None]) -> int:
 def cmd_train(ns: argparse.Namespace) -> int:
     def job() -> None:
         cfg = config_from_args(ns)  # a bad option is refused before torch is even imported
-        torchrun, format_summary, train = synthgrad.torchrun, synthgrad.format_summary, synthgrad.train
+        torchrun = synthgrad.torchrun
         env = torchrun.detect()
+        if env is None and cfg.mode != synthgrad.Mode.BACKPROP:  # its workers will be forked here
+            synthgrad.warm_up_early()
+        format_summary, train = synthgrad.format_summary, synthgrad.train
         if env is not None:  # started by torchrun: this process is the coordinator or one stage
             if env.rank == 0 and sys.stdout.isatty():
                 _train_live(cfg, lambda c, **kw: torchrun.run_rank(c, env, **kw))
@@ -247,6 +250,7 @@ def cmd_coordinator(ns: argparse.Namespace) -> int:
 
 
 def cmd_worker(ns: argparse.Namespace) -> int:
+    synthgrad.warm_up_early()  # the stages are forked from it once this process has its imports
     RemoteStages, run_stages = synthgrad.RemoteStages, synthgrad.run_stages
     stages = (ns.stage,) if ns.stage is not None else ns.stages
     try:

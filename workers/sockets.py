@@ -55,6 +55,9 @@ class Sockets:
                 self.guard.client(self.outbox, self.guard.keys.worker_public)
 
     def close(self) -> None:
+        self.handshake_watch.failure()  # reads the handshake events so far
+        if not self.handshake_watch.succeeded:  # no coordinator ever answered: what is queued
+            self.coord.setsockopt(zmq.LINGER, 0)  # for it has nowhere to go, so do not wait on it
         self.handshake_watch.close()
         for s in (self.outbox, self.inbox, self.coord):
             if s is not None:
