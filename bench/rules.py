@@ -118,10 +118,11 @@ class Probe:
     weights of every stage after it to the loss, with the random number generator and every
     buffer (batch norm's statistics) put back, so the run goes on exactly as without it."""
 
-    def __init__(self, stages: list[StageLogic], every: int, oracle: int | None):
+    def __init__(self, stages: list[StageLogic], every: int, oracle: int | None, on_probe=None):
         self.stages = stages
         self.every = every
         self.oracle = oracle
+        self.on_probe = on_probe  # called (stage, step, h, labels, stepped on, exact) at every probe
         self.rows: list[list[tuple[int, float, float]]] = [[] for _ in stages[:-1]]  # (step, cos, rel. error)
 
     def exact(self, i: int, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -157,6 +158,8 @@ class Probe:
                     a, b = g.reshape(-1).double(), exact.reshape(-1).double()
                     cos = float(a @ b / max(float(a.norm() * b.norm()), 1e-30))
                     self.rows[i].append((step, cos, float((a - b).norm() / max(float(b.norm()), 1e-30))))
+                    if self.on_probe is not None:
+                        self.on_probe(i, step, h, labels, g, exact)
                 if i == self.oracle:
                     return exact
             return g
@@ -184,7 +187,7 @@ class Probe:
 
 
 def train_rule(name: str, cfg: RunConfig, ds, hop_delay: int, probe_every: int = 0,
-               oracle: int | None = None, heads_from_readout: bool = False) -> dict:
+               oracle: int | None = None, heads_from_readout: bool = False, on_probe=None) -> dict:
     fields, rule = make_rule(name)
     cfg = cfg.replace(**fields)
     rule = rule or cfg.rule
@@ -201,7 +204,7 @@ def train_rule(name: str, cfg: RunConfig, ds, hop_delay: int, probe_every: int =
         for st in stages[:-1]:
             if st.parts.head is not None:
                 st.parts.head.model = ReadoutHead(stages[-1].module)
-    probe = Probe(stages, probe_every, oracle)
+    probe = Probe(stages, probe_every, oracle, on_probe)
     if probe_every or oracle is not None:
         if oracle is not None and not 0 <= oracle < k - 1:
             raise SystemExit(f"--oracle {oracle}: a stage before the last (0..{k - 2})")
@@ -277,13 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main() -> None:
-    p = build_parser()
-    args = p.parse_args()
-    torch.set_num_threads(1)
-    fields = dict(dataset=args.dataset, epochs=args.epochs, layers=tuple(int(v) for v in args.layers.split(",")),
-                  model=args.model or "mlp", batch_size=args.batch_size, steps=args.steps)
-    for item in args.set:
+def parse_fields(p: argparse.ArgumentParser, items: list[str]) -> dict:
+    """`--set field=value` items as RunConfig fields (values as JSON where they parse)."""
+    fields = {}
+    for item in items:
         key, _, value = item.partition("=")
         key = key.replace("-", "_")
         if key in ("mode", "true_grad_every"):
@@ -293,6 +293,16 @@ def main() -> None:
         except json.JSONDecodeError:
             parsed = value  # a plain word: sgd, lowrank
         fields[key] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return fields
+
+
+def main() -> None:
+    p = build_parser()
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    fields = dict(dataset=args.dataset, epochs=args.epochs, layers=tuple(int(v) for v in args.layers.split(",")),
+                  model=args.model or "mlp", batch_size=args.batch_size, steps=args.steps)
+    fields.update(parse_fields(p, args.set))
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be at least 1")
     cfg = RunConfig(**fields)

@@ -142,6 +142,9 @@ class RunConfig:
     sg_normalize: bool = SYNTHETIC.opt(False, "the predictor learns the true gradients divided by their running RMS "
                                        "and predicts in those units times it, so --sg-lr means the same "
                                        "whatever the size of a stage's gradients")
+    sg_replay: int = SYNTHETIC.opt(0, "each true gradient that comes back also replays the last this many (activation, "
+                                   "true gradient) pairs to the predictor, one step each: it learns from more than "
+                                   "one step in N (0: from each once)")
     sg_true_updates: Optional[bool] = SYNTHETIC.opt(None, "a true gradient that comes back also steps the layers, at "
                                                     "the weights its forward pass used (as mode delayed), at lr x "
                                                     "(1 - the predictor's running cosine); off: it only trains the "

@@ -154,10 +154,12 @@ class PredictorSettings:
     min_cosine: float = 0.0  # --sg-min-cosine: no step on it below this running cosine
     trust_scale: bool = True  # --sg-trust-scale: the step scales with the running cosine
     correction_min_cosine: float = 0.3  # --sg-correction-min-cosine: the head prior's bar
+    replay: int = 0  # --sg-replay: earlier true gradients stepped on again with each new one
 
     @classmethod
     def of(cls, cfg: Any) -> "PredictorSettings":
-        return cls(cfg.sg_normalize, cfg.sg_min_cosine, cfg.sg_trust_scale, cfg.sg_correction_min_cosine)
+        return cls(cfg.sg_normalize, cfg.sg_min_cosine, cfg.sg_trust_scale, cfg.sg_correction_min_cosine,
+                   cfg.sg_replay)
 
 
 class Predictor:
@@ -178,6 +180,8 @@ class Predictor:
         self.scale = 0.0  # the running RMS of the per-sample gradients it learns (--sg-normalize)
         self.stats = PredictorStats()
         self.snapshots: list[dict] = []  # predicted beside true gradient at a few steps
+        # --sg-replay: the last few (h, labels, per-sample true gradient), oldest first
+        self.memory: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     @classmethod
     def build(cls, choice: PredictorChoice, cfg: Any, out_shape: Sequence[int], seed: int,
@@ -255,20 +259,30 @@ class Predictor:
         return cos
 
     def learn(self, h: torch.Tensor, labels: torch.Tensor, g: torch.Tensor) -> None:
-        """One step of the predictor towards `g` (a mean over the batch) at the output `h`."""
+        """One step of the predictor towards `g` (a mean over the batch) at the output `h`; with
+        --sg-replay R, then one step on each of the R true gradients before it, oldest first. A
+        true gradient comes back one step in N, and one step on each is too little for a
+        predictor to learn a stage's gradient: offline, the same predictors learn it from the
+        same number of pairs seen several times (bench/predictability.py, docs/results.md)."""
         t0 = time.perf_counter()
-        target = g.float() * self.share.rows(g)
-        if self.settings.normalize:
-            target = target / self._rescale(target)
-        pred = self.model(h.float(), labels)
-        loss = F.mse_loss(pred, target)
+        per_sample = g.float() * self.share.rows(g)
+        scale = self._rescale(per_sample) if self.settings.normalize else 1.0
+        loss = self._step(h.float(), labels, per_sample / scale)
+        for old_h, old_labels, old_target in self.memory:  # in today's units
+            self._step(old_h, old_labels, old_target / scale)
+        if self.settings.replay:
+            self.memory = [*self.memory, (h.detach().float().clone(), labels.clone(), per_sample)][-self.settings.replay:]
+        self.stats.seconds += time.perf_counter() - t0
+        self.stats.loss_sum += loss
+        self.stats.loss_n += 1
+
+    def _step(self, h: torch.Tensor, labels: torch.Tensor, target: torch.Tensor) -> float:
+        loss = F.mse_loss(self.model(h, labels), target)
         self.optimizer.zero_grad(set_to_none=True)
         self.share.loss(loss).backward()
         self.share.reduce(self.model)
         self.optimizer.step()
-        self.stats.seconds += time.perf_counter() - t0
-        self.stats.loss_sum += loss.item()
-        self.stats.loss_n += 1
+        return loss.item()
 
     def _whole_batch_products(self, predicted: torch.Tensor, true: torch.Tensor) -> tuple[float, float, float]:
         """p.t, p.p and t.t over the whole batch (summed over a replicated stage's processes, so
@@ -291,12 +305,18 @@ class Predictor:
         return max(self.scale, 1e-30)
 
     def state_dict(self) -> dict:
-        return {"sg": self.model.state_dict(), "sg_optimizer": self.optimizer.state_dict(),
-                "sg_trust": self.trust, "sg_scale": self.scale, "sg_fit": list(self.fit)}
+        state = {"sg": self.model.state_dict(), "sg_optimizer": self.optimizer.state_dict(),
+                 "sg_trust": self.trust, "sg_scale": self.scale, "sg_fit": list(self.fit)}
+        if self.settings.replay:
+            state["sg_memory"] = [list(pair) for pair in self.memory]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["sg"])
         self.optimizer.load_state_dict(state["sg_optimizer"])
+        device = next(self.model.parameters()).device
+        self.memory = [tuple(t.to(device) for t in pair)
+                       for pair in state.get("sg_memory", [])][-self.settings.replay:] if self.settings.replay else []
         self.trust = float(state.get("sg_trust", self.trust))
         self.scale = float(state.get("sg_scale", self.scale))
         dot, pp = state.get("sg_fit", self.fit)

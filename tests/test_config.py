@@ -31,6 +31,8 @@ from tests.helpers import ROOT
     ({"checkpoint_every": -1.0}, "--checkpoint-every must be a number >= 0"),
     ({"lr": float("inf")}, "--lr must be a number > 0 and <= 100, got inf"),
     ({"sg_lr": float("nan")}, "--sg-lr must be a number > 0"),
+    ({"sg_replay": -1}, "--sg-replay must be"),
+    ({"sg_replay": 1.5}, "--sg-replay must be a whole number"),
     ({"lr": 0.0}, "--lr must be a number > 0"),
     ({"momentum": 1.5}, "--momentum must be a number >= 0 and <= 1"),
     ({"metrics_every": 0.0}, "--metrics-every must be a number > 0"),

@@ -77,6 +77,28 @@ def test_unlocked_true_gradient_uses_the_weights_of_its_step():
     assert mid.outstanding() == 1
 
 
+def test_replay_steps_the_predictor_on_each_kept_true_gradient_again():
+    """--sg-replay R: each true gradient steps the predictor once, then once more on each of the
+    last R before it, oldest first; R = 0 keeps nothing. With the same pairs seen again, a
+    predictor of a fixed linear gradient gets nearer it than one that saw each pair once."""
+    torch.manual_seed(0)
+    target_map = torch.randn(32, 32) / 8
+    pairs = [(torch.randn(16, 32), torch.randint(0, 10, (16,))) for _ in range(12)]
+    errors = {}
+    for replay in (0, 3):
+        cfg = RunConfig(mode="unlocked", layers=(784, 32, 32, 10), true_grad_every=1, sg_model="linear",
+                        sg_lr=1e-2, sg_replay=replay)
+        predictor = chain(cfg)[0].parts.predictor
+        for n, (h, y) in enumerate(pairs, start=1):
+            predictor.learn(h, y, h @ target_map / 16)
+            steps = predictor.optimizer.state[next(iter(predictor.model.parameters()))]["step"]
+            assert int(steps) == sum(1 + min(k, replay) for k in range(n))  # the new pair, then R old
+            assert len(predictor.memory) == min(n, replay)
+        h = torch.randn(256, 32)
+        errors[replay] = float((predictor.predict(h, torch.randint(0, 10, (256,))) - h @ target_map).norm())
+    assert errors[3] < 0.8 * errors[0], errors
+
+
 def test_unlocked_update_moves_weights_once_the_sg_has_learned():
     """The DNI paper's rule: the true gradient only trains the predictor, whose steps are full."""
     cfg = RunConfig(mode="unlocked", sg_prior="none", layers=(784, 32, 10), sg_lr=1e-2, sg_trust_scale=False, sg_true_updates=False)
