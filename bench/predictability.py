@@ -40,9 +40,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-from rules import parse_fields, train_rule  # noqa: E402
+from bench.rules import parse_fields, train_rule  # noqa: E402
 from synthgrad.common.config import RunConfig  # noqa: E402
 from synthgrad.common.datasets import run_dataset  # noqa: E402
 from synthgrad.common.models import SyntheticGradient, one_hot  # noqa: E402
