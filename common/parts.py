@@ -181,7 +181,7 @@ class Predictor:
         self.stats = PredictorStats()
         self.snapshots: list[dict] = []  # predicted beside true gradient at a few steps
         # --sg-replay: the last few (h, labels, per-sample true gradient), oldest first
-        self.memory: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.memory: list[tuple] = []
 
     @classmethod
     def build(cls, choice: PredictorChoice, cfg: Any, out_shape: Sequence[int], seed: int,
@@ -271,7 +271,8 @@ class Predictor:
         for old_h, old_labels, old_target in self.memory:  # in today's units
             self._step(old_h, old_labels, old_target / scale)
         if self.settings.replay:
-            self.memory = [*self.memory, (h.detach().float().clone(), labels.clone(), per_sample)][-self.settings.replay:]
+            kept = (h.detach().float().clone(), None if labels is None else labels.clone(), per_sample)
+            self.memory = [*self.memory, kept][-self.settings.replay:]
         self.stats.seconds += time.perf_counter() - t0
         self.stats.loss_sum += loss
         self.stats.loss_n += 1
@@ -315,8 +316,9 @@ class Predictor:
         self.model.load_state_dict(state["sg"])
         self.optimizer.load_state_dict(state["sg_optimizer"])
         device = next(self.model.parameters()).device
-        self.memory = [tuple(t.to(device) for t in pair)
-                       for pair in state.get("sg_memory", [])][-self.settings.replay:] if self.settings.replay else []
+        kept = state.get("sg_memory", []) if self.settings.replay else []
+        self.memory = [tuple(None if t is None else t.to(device) for t in pair)
+                       for pair in kept][-self.settings.replay:]
         self.trust = float(state.get("sg_trust", self.trust))
         self.scale = float(state.get("sg_scale", self.scale))
         dot, pp = state.get("sg_fit", self.fit)
