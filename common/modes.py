@@ -313,7 +313,11 @@ class Residual(UpdateRule):
     backprop's. A correction taken
     at full size before it predicts kills units (measured on the digits CNN: docs/results.md).
     The head's part is an exact gradient of a local loss and is always taken in full; the true
-    gradients train the predictor only."""
+    gradients train the predictor only. Before it is scored or taken, a correction loses its
+    batch mean (`centered`) and its part along the output (`tangent`), and its cosine and gain
+    are measured on the weights' gradients (`weight_products`): errors that add up over the
+    batch move the weights while hardly moving the outputs' cosine (the small GPT,
+    docs/results.md). Each is an option (--sg-correction-center, -tangent, -weights)."""
     mode = Mode.UNLOCKED
     uses_head = True
     uses_predictor = True
@@ -328,6 +332,10 @@ class Residual(UpdateRule):
         if predictor is None:  # none fits its budget here (common/costs.py): the head's gradient alone
             return head
         correction = predictor.predict(h, labels)
+        if predictor.settings.center:
+            correction = centered(correction)
+        if predictor.settings.tangent:
+            correction = tangent(correction, h)
         if kept is not None:  # a gradient will come back for this step (true, or bootstrapped)
             kept.prior = head
             if kept.h is not None:  # scored against the true gradient only
@@ -343,9 +351,56 @@ class Residual(UpdateRule):
             return true_dx(kept, g) if true_grad else None
         wanted = g - kept.prior.to(g.dtype)
         if kept.prediction is not None:
-            predictor.score(step, kept.prediction, wanted)
+            on_weights = None
+            if predictor.settings.on_weights and kept.h is not None and kept.weights:
+                def on_weights(p, t):
+                    return weight_products(kept, p, t, predictor.share)
+            predictor.score(step, kept.prediction, wanted, on_weights)
         predictor.learn(kept.h_detached, kept.labels, wanted)
         return true_dx(kept, g) if true_grad else None
+
+
+def weight_products(kept: Any, p: "torch.Tensor", t: "torch.Tensor", share: Any) -> tuple[float, float, float]:
+    """P.T, P.P and T.T, where P and T are the gradients of the weights a kept step's forward
+    pass used (kept.weights) that output gradients p and t give, summed over a replicated
+    stage's processes before the products. Two backward passes through the stage; the kept
+    graph stays for the step's own dL/dx."""
+    import torch
+    weights = list(kept.weights.values())
+    flat = []
+    for out in (p, t):
+        grads = torch.autograd.grad(kept.h, weights, out.to(kept.h.dtype), retain_graph=True, allow_unused=True)
+        flat.append(torch.cat([(torch.zeros_like(w) if d is None else d).reshape(-1).double()
+                               for w, d in zip(weights, grads)]))
+    both = torch.cat(flat)
+    share.total(both)
+    a, b = both.split(len(flat[0]))
+    return float(a @ b), float(a @ a), float(b @ b)
+
+
+def centered(correction: torch.Tensor) -> torch.Tensor:
+    """The correction less its mean over the batch. The layers' gradient sums each sample's
+    input times its output gradient: an error the predictor makes alike for every sample adds up
+    over the batch (and positions) where the samples' own errors cancel, and Adam, which steps
+    by sign more than by size, follows it step after step. On the small GPT one stage's
+    correction became one vector for every sample and position within 20 steps of being taken
+    (docs/results.md); the true corrections' common part was 4-7% of their size."""
+    return correction - correction.mean(0, keepdim=True)
+
+
+def tangent(correction: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The correction less its part along the stage's output, sample by sample. A step on that
+    part changes the output's size, and a predictor whose input is the output can answer a
+    bigger output with a bigger push the same way: on the small GPT one stage's corrections
+    turned, within 20 steps, into one vector along its output for every sample and position,
+    and the residual stream went from an RMS of 1.2 to 75 (docs/results.md). A true gradient
+    through a normalising layer has no such part; where the model's has one, the head's
+    gradient, taken whole, carries it."""
+    flat = correction.reshape(len(correction), -1)
+    along = h.detach().reshape(len(h), -1).to(flat.dtype)
+    size = along.pow(2).sum(1, keepdim=True)
+    share = (flat * along).sum(1, keepdim=True) / size.clamp_min(1e-30)
+    return (flat - share * along).reshape(correction.shape)
 
 
 def bounded(correction: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -155,11 +155,14 @@ class PredictorSettings:
     trust_scale: bool = True  # --sg-trust-scale: the step scales with the running cosine
     correction_min_cosine: float = 0.3  # --sg-correction-min-cosine: the head prior's bar
     replay: int = 0  # --sg-replay: earlier true gradients stepped on again with each new one
+    tangent: bool = True  # --sg-correction-tangent: a correction loses its part along the output
+    center: bool = True  # --sg-correction-center: a correction loses its mean over the batch
+    on_weights: bool = True  # --sg-correction-weights: a correction is scored on the layers' gradients
 
     @classmethod
     def of(cls, cfg: Any) -> "PredictorSettings":
         return cls(cfg.sg_normalize, cfg.sg_min_cosine, cfg.sg_trust_scale, cfg.sg_correction_min_cosine,
-                   cfg.sg_replay)
+                   cfg.sg_replay, cfg.sg_correction_tangent, cfg.sg_correction_center, cfg.sg_correction_weights)
 
 
 class Predictor:
@@ -240,15 +243,21 @@ class Predictor:
             self.stats.untrusted_steps += 1  # asked once a step: a step on it not taken
         return scale
 
-    def score(self, step: int, predicted: torch.Tensor, g: torch.Tensor) -> float:
+    def score(self, step: int, predicted: torch.Tensor, g: torch.Tensor,
+              on_weights: Optional[Callable[[torch.Tensor, torch.Tensor], tuple[float, float, float]]] = None) -> float:
         """The cosine of a prediction made at forward time with the gradient `g` (a mean over
-        the batch) that came back for it, folded into the running trust."""
+        the batch) that came back for it, folded into the running trust. `on_weights`: the
+        products p.t, p.p and t.t of the layers' gradients that output gradients p and t (means
+        over the batch) give; where given, the trust and the gain are measured there (the
+        output's cosine is still what the records report)."""
         target = g.float() * self.share.rows(g)
         dot, pp, tt = self._whole_batch_products(predicted, target)
         cos = dot / max(math.sqrt(pp * tt), 1e-12)
         self.stats.cos_sum += cos
         self.stats.cos_n += 1
-        self.trust = TRUST_DECAY * self.trust + (1 - TRUST_DECAY) * cos
+        if on_weights is not None:
+            dot, pp, tt = on_weights(predicted / self.share.rows(predicted), g)
+        self.trust = TRUST_DECAY * self.trust + (1 - TRUST_DECAY) * dot / max(math.sqrt(pp * tt), 1e-30)
         self.fit = (TRUST_DECAY * self.fit[0] + (1 - TRUST_DECAY) * dot,
                     TRUST_DECAY * self.fit[1] + (1 - TRUST_DECAY) * pp)
         if step in self.snapshot_steps:

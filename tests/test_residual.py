@@ -123,3 +123,96 @@ def test_a_correction_below_its_cosine_bar_is_not_taken():
         assert 0.2 < predictor.trust < 0.45, predictor.trust
         scales[bar] = predictor.correction_scale()
     assert 0.05 < scales[0.1] < 0.2 and scales[0.5] == 0.0, scales
+
+
+def test_a_correction_loses_its_part_along_the_output():
+    """Sample by sample, what is left of a correction is orthogonal to the stage's output; a
+    correction along the output (the push that grew the small GPT's residual stream without
+    end) is dropped, and one already orthogonal to it is left as it is."""
+    from synthgrad.common.modes import tangent
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randn(6, 4, 5, generator=gen)
+    c = torch.randn(6, 4, 5, generator=gen)
+    left = tangent(c, h)
+    assert (left * h).sum((1, 2)).abs().max() < 1e-5 * c.norm() * h.norm()
+    assert tangent(h * torch.linspace(-3, 3, 6).view(6, 1, 1), h).abs().max() < 1e-5
+    assert torch.allclose(tangent(left, h), left, atol=1e-6)
+    assert torch.equal(tangent(c, torch.zeros_like(h)), c)  # no output, nothing to leave out
+
+
+def test_the_stage_steps_on_the_head_alone_where_the_correction_is_along_its_output():
+    """Through the rule: a predictor whose correction is -3 x the output (taken in full) adds
+    nothing to the head's gradient (--sg-correction-tangent, the default), and is taken, up to
+    the head's norm, with --no-sg-correction-tangent."""
+    x, y = _batches(1)[0]
+    stepped = {}
+    for keep in (True, False):
+        cfg = RunConfig(**BASE, mode="unlocked", true_grad_every=1, sg_correction_tangent=keep,
+                        sg_correction_center=False)
+        with one_thread():
+            first = chain(cfg)[0]
+            predictor = first.parts.predictor
+            predictor.predict = lambda h, labels: -3.0 * h.detach()
+            predictor.correction_scale = lambda: 1.0
+            heads = []  # the head's gradient the rule got (a head steps itself when asked for one)
+            own = first.parts.head.gradient
+            first.parts.head.gradient = lambda *a: heads.append(own(*a)) or heads[-1]
+            h = first.module(x)
+            stepped[keep] = (first.rule.local_gradient(0, h, y, None), heads[0], (3.0 * h / 16).norm())
+    # what is left of a correction along the output is float32 rounding of its size: a few eps
+    took, head, size = stepped[True]
+    assert (took - head).norm() < 1e-5 * size, (float((took - head).norm()), float(size))
+    took, head, _ = stepped[False]
+    assert (took - head).norm() > 0.5 * head.norm()
+
+
+def test_a_correction_common_to_the_batch_is_not_taken():
+    """--sg-correction-center (the default): a correction that is the same for every sample
+    (the GPT's runaway: one vector for all) adds nothing to the head's gradient; each sample's
+    own part is taken as predicted."""
+    from synthgrad.common.modes import centered
+    gen = torch.Generator().manual_seed(5)
+    own = torch.randn(16, 32, generator=gen)
+    own -= own.mean(0)
+    common = torch.randn(1, 32, generator=gen).expand(16, 32)
+    assert centered(common).abs().max() < 1e-6
+    assert torch.allclose(centered(own + 5 * common), own, atol=1e-5)
+    x, y = _batches(1)[0]
+    cfg = RunConfig(**BASE, mode="unlocked", true_grad_every=1, sg_correction_tangent=False)
+    with one_thread():
+        first = chain(cfg)[0]
+        predictor = first.parts.predictor
+        predictor.predict = lambda h, labels: common.clone()
+        predictor.correction_scale = lambda: 1.0
+        heads = []
+        own_head = first.parts.head.gradient
+        first.parts.head.gradient = lambda *a: heads.append(own_head(*a)) or heads[-1]
+        took = first.rule.local_gradient(0, first.module(x), y, None)
+    assert (took - heads[0]).norm() < 1e-5 * common.norm() / 16
+
+
+def test_a_correction_is_scored_on_the_layers_gradients_it_gives():
+    """--sg-correction-weights (the default): the bar and the gain read the cosine of the
+    weights' gradients a correction and the true one give, which an error shared over the
+    batch can turn round while the outputs' cosine stays high; the records still report the
+    outputs' cosine. weight_products is that product, computed through a kept graph."""
+    from types import SimpleNamespace
+    from synthgrad.common.modes import weight_products
+    from synthgrad.common.parts import Share
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(16, 8, generator=gen)
+    w, b = torch.randn(4, 8, generator=gen).requires_grad_(), torch.zeros(4).requires_grad_()
+    kept = SimpleNamespace(h=x @ w.T + b, weights={"w": w, "b": b})
+    p, t = torch.randn(16, 4, generator=gen), torch.randn(16, 4, generator=gen)
+    (wp, bp), (wt, bt) = (p.T @ x, p.sum(0)), (t.T @ x, t.sum(0))
+    expect = ((wp * wt).sum() + bp @ bt, (wp * wp).sum() + bp @ bp, (wt * wt).sum() + bt @ bt)
+    got = weight_products(kept, p, t, Share())
+    assert all(abs(a - float(e)) < 1e-4 * abs(float(e)) + 1e-6 for a, e in zip(got, expect)), (got, expect)
+    cfg = RunConfig(**BASE, mode="unlocked", true_grad_every=1)
+    with one_thread():
+        predictor = chain(cfg)[0].parts.predictor
+    g = torch.randn(16, 32, generator=gen) / 16
+    for step in range(20):
+        cos = predictor.score(step, g * 16, g, on_weights=lambda p, t: (-1.0, 1.0, 1.0))
+    assert abs(cos - 1.0) < 1e-6 and predictor.trust < -0.9 and predictor.correction_scale() == 0.0
+    assert abs(predictor.stats.take()["sg_cosine"] - 1.0) < 1e-6
