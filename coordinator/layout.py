@@ -115,6 +115,7 @@ class Layout:
         sg = [f"{i}: rank {c.rank}{' 1x1' if c.kernel == 1 else ''} {100 * share:.0f}%"
               for i, (c, share) in enumerate(zip(self.predictors, self.predictor_shares)) if c is not None]
         heads = [f"{i}: {'hidden layer ' * c.depth}{f'of {c.hidden} ' if c.depth and c.hidden else ''}"
+                 f"{f'at {c.side}x{c.side} ' if c.depth and c.side else ''}"
                  f"{'attention ' if c.attention else ''}{100 * share:.1f}%"
                  for i, (c, share) in enumerate(zip(self.heads, self.head_shares)) if c is not None]
         states = [f"{i}: rank {c.rank} {100 * share:.1f}%" for i, (cs, shares) in

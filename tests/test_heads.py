@@ -225,7 +225,8 @@ def test_the_layout_gives_the_depths_it_chose_to_every_stage():
     assert [(h.depth, h.hidden, h.side) for h in heads] == [(1, None, 8)] * 3 + [(1, None, 4)] * 2 + [(1, 64, 4),
                                                                                                       (1, 32, 4)]
     assert layout.record()["heads"][5]["hidden"] == 64 and layout.record()["heads"][5]["side"] == 4
-    assert "5: hidden layer of 64 " in layout.describe() and "4: hidden layer 65" in layout.describe()
+    assert "5: hidden layer of 64 at 4x4 " in layout.describe() and "4: hidden layer at 4x4 65" in layout.describe()
+    assert "0: hidden layer at 8x8 " in layout.describe()
     narrow = plan_layout(deep.replace(head_narrowest=1))[1]  # 8x8 with all of the channels, or none
     assert [h.head.depth for h in narrow.helpers[:-1]] == [1, 1, 1, 0, 0, 0, 0]
     assert [h.head.depth for h in plan_layout(cnn.replace(head_depth=0))[1].helpers[:-1]] == [0, 0, 0]
