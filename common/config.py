@@ -135,13 +135,13 @@ class RunConfig:
                                                     "taken only while its running cosine with the true "
                                                     "corrections is at least this (below it the stage steps "
                                                     "on its head alone)")
-    sg_correction_weights: bool = SYNTHETIC.opt(True, "with --sg-prior head: the correction's running cosine "
-                                                "and gain (its bar and its scale) are measured on the layers' "
-                                                "gradients it gives beside the true correction's, not on the "
-                                                "output's: what the step changes is the weights, and an error "
-                                                "the output's cosine hardly sees can add up over the batch "
-                                                "there (docs/results.md); two more backward passes through "
-                                                "the stage per true gradient")
+    sg_correction_weights: bool = SYNTHETIC.opt(True, "with --sg-prior head: once the correction's running "
+                                                "cosine on the output passes its bar, it must pass it again on "
+                                                "the layers' gradients it gives beside the true correction's, "
+                                                "and is taken at its gain there: what the step changes is the "
+                                                "weights, and an error the output's cosine hardly sees can add "
+                                                "up over the batch there (docs/results.md); two more backward "
+                                                "passes through the stage per true gradient while measured")
     sg_correction_center: bool = SYNTHETIC.opt(True, "with --sg-prior head: a correction loses its mean over the "
                                                "batch before it is taken and scored: an error common to every "
                                                "sample adds up in the weights' gradient where the samples' own "

@@ -162,7 +162,15 @@ class PredictorSettings:
     @classmethod
     def of(cls, cfg: Any) -> "PredictorSettings":
         return cls(cfg.sg_normalize, cfg.sg_min_cosine, cfg.sg_trust_scale, cfg.sg_correction_min_cosine,
-                   cfg.sg_replay, cfg.sg_correction_tangent, cfg.sg_correction_center, cfg.sg_correction_weights)
+                   cfg.sg_replay, cfg.sg_correction_tangent, cfg.sg_correction_center,
+                   cfg.sg_correction_weights and cfg.sg_prior == "head")  # a correction's option
+
+
+def _folded(trust: float, fit: tuple[float, float], cos: float, dot: float,
+            pp: float) -> tuple[float, tuple[float, float]]:
+    """A running cosine and running (p.t, p.p) with one more true gradient's folded in."""
+    return (TRUST_DECAY * trust + (1 - TRUST_DECAY) * cos,
+            (TRUST_DECAY * fit[0] + (1 - TRUST_DECAY) * dot, TRUST_DECAY * fit[1] + (1 - TRUST_DECAY) * pp))
 
 
 class Predictor:
@@ -180,6 +188,9 @@ class Predictor:
         self.snapshot_steps = snapshot_steps
         self.trust = 0.0  # the running cosine with the true gradients
         self.fit = (0.0, 0.0)  # running means of prediction . target and prediction . prediction
+        # the same two on the gradients of the stage's weights (--sg-correction-weights)
+        self.weight_trust = 0.0
+        self.weight_fit = (0.0, 0.0)
         self.scale = 0.0  # the running RMS of the per-sample gradients it learns (--sg-normalize)
         self.stats = PredictorStats()
         self.snapshots: list[dict] = []  # predicted beside true gradient at a few steps
@@ -230,6 +241,10 @@ class Predictor:
         dot, pp = self.fit
         if self.trust < self.settings.correction_min_cosine or pp <= 0:
             return self._taken(0.0)
+        if self.settings.on_weights:  # the bar again, and the gain, where the step acts
+            dot, pp = self.weight_fit
+            if self.weight_trust < self.settings.correction_min_cosine or pp <= 0:
+                return self._taken(0.0)
         return self._taken(min(max(dot / pp, 0.0), 1.0))
 
     def _taken(self, evidence: float) -> float:
@@ -248,18 +263,22 @@ class Predictor:
         """The cosine of a prediction made at forward time with the gradient `g` (a mean over
         the batch) that came back for it, folded into the running trust. `on_weights`: the
         products p.t, p.p and t.t of the layers' gradients that output gradients p and t (means
-        over the batch) give; where given, the trust and the gain are measured there (the
-        output's cosine is still what the records report)."""
+        over the batch) give; where given, and the outputs' running cosine is at least
+        --sg-correction-min-cosine, the same running cosine and gain are kept there too
+        (weight_trust, weight_fit), which correction_scale then reads. The records report the
+        outputs' cosine."""
         target = g.float() * self.share.rows(g)
         dot, pp, tt = self._whole_batch_products(predicted, target)
         cos = dot / max(math.sqrt(pp * tt), 1e-12)
         self.stats.cos_sum += cos
         self.stats.cos_n += 1
-        if on_weights is not None:
-            dot, pp, tt = on_weights(predicted / self.share.rows(predicted), g)
-        self.trust = TRUST_DECAY * self.trust + (1 - TRUST_DECAY) * dot / max(math.sqrt(pp * tt), 1e-30)
-        self.fit = (TRUST_DECAY * self.fit[0] + (1 - TRUST_DECAY) * dot,
-                    TRUST_DECAY * self.fit[1] + (1 - TRUST_DECAY) * pp)
+        self.trust, self.fit = _folded(self.trust, self.fit, cos, dot, pp)
+        if on_weights is not None and self.trust >= self.settings.correction_min_cosine:
+            # measured only where the outputs' cosine would take the correction (two backward
+            # passes a time): below the bar there it is not taken whatever the weights say
+            wdot, wpp, wtt = on_weights(predicted / self.share.rows(predicted), g)
+            self.weight_trust, self.weight_fit = _folded(self.weight_trust, self.weight_fit,
+                                                         wdot / max(math.sqrt(wpp * wtt), 1e-30), wdot, wpp)
         if step in self.snapshot_steps:
             def corner(t: torch.Tensor) -> list:
                 return t.reshape(t.shape[0], -1)[:SNAPSHOT_ROWS, :SNAPSHOT_COLS].tolist()
@@ -317,6 +336,8 @@ class Predictor:
     def state_dict(self) -> dict:
         state = {"sg": self.model.state_dict(), "sg_optimizer": self.optimizer.state_dict(),
                  "sg_trust": self.trust, "sg_scale": self.scale, "sg_fit": list(self.fit)}
+        if self.settings.on_weights:
+            state.update(sg_weight_trust=self.weight_trust, sg_weight_fit=list(self.weight_fit))
         if self.settings.replay:
             state["sg_memory"] = [list(pair) for pair in self.memory]
         return state
@@ -332,6 +353,9 @@ class Predictor:
         self.scale = float(state.get("sg_scale", self.scale))
         dot, pp = state.get("sg_fit", self.fit)
         self.fit = (float(dot), float(pp))
+        self.weight_trust = float(state.get("sg_weight_trust", self.weight_trust))
+        dot, pp = state.get("sg_weight_fit", self.weight_fit)
+        self.weight_fit = (float(dot), float(pp))
 
     def take_stats(self) -> dict:
         return self.stats.take()

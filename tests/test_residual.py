@@ -84,7 +84,7 @@ def test_a_correction_counts_by_its_least_squares_gain_not_its_cosine():
     """A correction pointing the right way at a hundred times the right size has cosine 1 but
     would swamp the head's gradient: the head prior takes it at its gain E[p.t]/E[p.p] (about
     0.01 here), one of the right size in full, one pointing the wrong way not at all."""
-    cfg = RunConfig(**BASE, mode="unlocked", true_grad_every=1)
+    cfg = RunConfig(**BASE, mode="unlocked", true_grad_every=1, sg_correction_weights=False)  # the outputs' gain
     with one_thread():
         predictor = chain(cfg)[0].parts.predictor
     g = torch.randn(16, 32, generator=torch.Generator().manual_seed(1)) / 16  # a batch mean's gradient
@@ -115,7 +115,8 @@ def test_a_correction_below_its_cosine_bar_is_not_taken():
     noisy = g * 16 + noise * (3 * (g * 16).norm() / noise.norm())  # cosine about 1/sqrt(10)
     scales = {}
     for bar in (0.1, 0.5):
-        cfg = RunConfig(**BASE, mode="unlocked", true_grad_every=1, sg_correction_min_cosine=bar)
+        cfg = RunConfig(**BASE, mode="unlocked", true_grad_every=1, sg_correction_min_cosine=bar,
+                        sg_correction_weights=False)  # the outputs' bar alone
         with one_thread():
             predictor = chain(cfg)[0].parts.predictor
         for step in range(20):
@@ -214,5 +215,13 @@ def test_a_correction_is_scored_on_the_layers_gradients_it_gives():
     g = torch.randn(16, 32, generator=gen) / 16
     for step in range(20):
         cos = predictor.score(step, g * 16, g, on_weights=lambda p, t: (-1.0, 1.0, 1.0))
-    assert abs(cos - 1.0) < 1e-6 and predictor.trust < -0.9 and predictor.correction_scale() == 0.0
+    assert abs(cos - 1.0) < 1e-6 and predictor.trust > 0.98 and predictor.weight_trust < -0.9
+    assert predictor.correction_scale() == 0.0  # right on the outputs, turned round on the weights
     assert abs(predictor.stats.take()["sg_cosine"] - 1.0) < 1e-6
+    for step in range(20, 40):  # agreeing on both: taken, at the weights' gain
+        predictor.score(step, g * 16, g, on_weights=lambda p, t: (0.5, 1.0, 1.0))
+    assert abs(predictor.correction_scale() - 0.5) < 0.03, predictor.correction_scale()  # 0.8^20 of the last
+    asked = []
+    for step in range(40, 80):  # below the bar on the outputs: the weights are not asked (no backward)
+        predictor.score(step, -g * 16, g, on_weights=lambda p, t: asked.append(step) or (1.0, 1.0, 1.0))
+    assert predictor.trust < 0 and predictor.correction_scale() == 0.0 and max(asked) < 45, asked
