@@ -314,8 +314,9 @@ class Residual(UpdateRule):
     at full size before it predicts kills units (measured on the digits CNN: docs/results.md).
     The head's part is an exact gradient of a local loss and is always taken in full; the true
     gradients train the predictor only. Before it is scored or taken, a correction loses its
-    batch mean (`centered`) and its part along the output (`tangent`), and its cosine and gain
-    are measured on the weights' gradients (`weight_products`): errors that add up over the
+    batch mean (`centered`) and its part along the output (`tangent`), and once its cosine
+    passes the bar it must pass it on the weights' gradients too, at its gain there
+    (`weight_products`): errors that add up over the
     batch move the weights while hardly moving the outputs' cosine (the small GPT,
     docs/results.md). Each is an option (--sg-correction-center, -tangent, -weights)."""
     mode = Mode.UNLOCKED
