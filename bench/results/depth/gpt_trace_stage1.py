@@ -4,7 +4,7 @@ steps 280-420 of stage 1 (the second block). Every step: its output's RMS, the c
 of a correction taken, its size against the head's gradient, its cosine with the (centred) output per
 position (radial) and its common part (the norm of its mean over the batch and positions over its RMS),
 beside the head's. Every 2nd step the same for what it stepped on and for the exact gradient.
-Run from the checkout: python bench/results/depth/gpt_trace_stage1.py
+Run from the checkout: python bench/results/depth/gpt_trace_stage1.py"""
 import sys, math
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3]))
 import torch

@@ -3,7 +3,7 @@
 stepped on, on its output (act) and on its weights' gradients (weights), the head's alone on the
 weights, and of a correction taken, its cosine with the exact correction on the output and on the
 weights. Options as key=value after the script (e.g. sg_correction_weights=false).
-Run from the checkout: python bench/results/depth/gpt_trace_weights.py [steps=1000] [option=value ...]
+Run from the checkout: python bench/results/depth/gpt_trace_weights.py [steps=1000] [option=value ...]"""
 import sys, math
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3]))
 import torch
