@@ -142,16 +142,16 @@ class RunConfig:
                                                 "weights, and an error the output's cosine hardly sees can add "
                                                 "up over the batch there (docs/results.md); two more backward "
                                                 "passes through the stage per true gradient while measured")
-    sg_correction_center: bool = SYNTHETIC.opt(True, "with --sg-prior head: a correction loses its mean over the "
-                                               "batch before it is taken and scored: an error common to every "
-                                               "sample adds up in the weights' gradient where the samples' own "
-                                               "errors cancel, and an optimiser follows it step after step "
-                                               "(docs/results.md); off: taken whole")
-    sg_correction_tangent: bool = SYNTHETIC.opt(True, "with --sg-prior head: a correction loses its part along "
-                                                "the stage's output, sample by sample, before it is taken "
-                                                "and scored: a step on that part changes the output's size, "
-                                                "which a predictor of the output can feed without end "
-                                                "(docs/results.md); off: taken whole")
+    sg_correction_center: bool = SYNTHETIC.opt(False, "with --sg-prior head: a correction loses its mean over the "
+                                               "batch before it is taken and scored (an error common to every "
+                                               "sample adds up in the weights' gradient); off by default: "
+                                               "where the true gradient's batch mean is large it takes that "
+                                               "too (docs/results.md)")
+    sg_correction_tangent: bool = SYNTHETIC.opt(False, "with --sg-prior head: a correction loses its part along "
+                                                "the stage's output, sample by sample, before it is taken and "
+                                                "scored (a step on that part changes the output's size, which a "
+                                                "predictor of the output can feed); off by default, as "
+                                                "--sg-correction-center (docs/results.md)")
     sg_trust_scale: bool = SYNTHETIC.opt(True, "a step on the predictor is taken at lr x --sg-update-lr-scale x the "
                                          "predictor's running cosine with the true gradients (clamped to 0..1): "
                                          "one that does not predict yet moves nothing (off: full steps from the "

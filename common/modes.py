@@ -313,12 +313,12 @@ class Residual(UpdateRule):
     backprop's. A correction taken
     at full size before it predicts kills units (measured on the digits CNN: docs/results.md).
     The head's part is an exact gradient of a local loss and is always taken in full; the true
-    gradients train the predictor only. Before it is scored or taken, a correction loses its
-    batch mean (`centered`) and its part along the output (`tangent`), and once its cosine
-    passes the bar it must pass it on the weights' gradients too, at its gain there
-    (`weight_products`): errors that add up over the batch move the weights while hardly
-    moving the outputs' cosine (the small GPT, docs/results.md). Each is an option
-    (--sg-correction-center, -tangent, -weights)."""
+    gradients train the predictor only. Once a correction's cosine passes the bar it must pass
+    it on the weights' gradients too, and is taken at its gain there (`weight_products`,
+    --sg-correction-weights): errors that add up over the batch move the weights while hardly
+    moving the outputs' cosine (the small GPT, docs/results.md). Two guards on its shape are
+    options, off by default: less its batch mean (`centered`, --sg-correction-center) and its
+    part along the output (`tangent`, --sg-correction-tangent)."""
     mode = Mode.UNLOCKED
     uses_head = True
     uses_predictor = True

@@ -155,8 +155,8 @@ class PredictorSettings:
     trust_scale: bool = True  # --sg-trust-scale: the step scales with the running cosine
     correction_min_cosine: float = 0.3  # --sg-correction-min-cosine: the head prior's bar
     replay: int = 0  # --sg-replay: earlier true gradients stepped on again with each new one
-    tangent: bool = True  # --sg-correction-tangent: a correction loses its part along the output
-    center: bool = True  # --sg-correction-center: a correction loses its mean over the batch
+    tangent: bool = False  # --sg-correction-tangent: a correction loses its part along the output
+    center: bool = False  # --sg-correction-center: a correction loses its mean over the batch
     on_weights: bool = True  # --sg-correction-weights: a correction is scored on the layers' gradients
 
     @classmethod

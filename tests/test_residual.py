@@ -143,8 +143,8 @@ def test_a_correction_loses_its_part_along_the_output():
 
 def test_the_stage_steps_on_the_head_alone_where_the_correction_is_along_its_output():
     """Through the rule: a predictor whose correction is -3 x the output (taken in full) adds
-    nothing to the head's gradient (--sg-correction-tangent, the default), and is taken, up to
-    the head's norm, with --no-sg-correction-tangent."""
+    nothing to the head's gradient with --sg-correction-tangent, and is taken, up to the head's
+    norm, without it (the default)."""
     x, y = _batches(1)[0]
     stepped = {}
     for keep in (True, False):
@@ -168,7 +168,7 @@ def test_the_stage_steps_on_the_head_alone_where_the_correction_is_along_its_out
 
 
 def test_a_correction_common_to_the_batch_is_not_taken():
-    """--sg-correction-center (the default): a correction that is the same for every sample
+    """--sg-correction-center: a correction that is the same for every sample
     (the GPT's runaway: one vector for all) adds nothing to the head's gradient; each sample's
     own part is taken as predicted."""
     from synthgrad.common.modes import centered
@@ -179,7 +179,7 @@ def test_a_correction_common_to_the_batch_is_not_taken():
     assert centered(common).abs().max() < 1e-6
     assert torch.allclose(centered(own + 5 * common), own, atol=1e-5)
     x, y = _batches(1)[0]
-    cfg = RunConfig(**BASE, mode="unlocked", true_grad_every=1, sg_correction_tangent=False)
+    cfg = RunConfig(**BASE, mode="unlocked", true_grad_every=1, sg_correction_center=True)
     with one_thread():
         first = chain(cfg)[0]
         predictor = first.parts.predictor
