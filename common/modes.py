@@ -383,9 +383,9 @@ def centered(correction: torch.Tensor) -> torch.Tensor:
     """The correction less its mean over the batch. The layers' gradient sums each sample's
     input times its output gradient: an error the predictor makes alike for every sample adds up
     over the batch (and positions) where the samples' own errors cancel, and Adam, which steps
-    by sign more than by size, follows it step after step. On the small GPT one stage's
-    correction became one vector for every sample and position within 16 steps of being taken
-    (docs/results.md), where the exact gradient's common part was 3-8% of its size."""
+    by sign more than by size, follows it step after step: on the small GPT one stage's
+    correction became one vector for every sample and position (docs/results.md). Off by
+    default: where the true gradient's batch mean is large, it goes too."""
     return correction - correction.mean(0, keepdim=True)
 
 
@@ -393,10 +393,9 @@ def tangent(correction: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """The correction less its part along the stage's output, sample by sample. A step on that
     part changes the output's size, and a predictor whose input is the output can answer a
     bigger output with a bigger push the same way: on the small GPT one stage's corrections
-    turned, within 16 steps, into one vector along its output for every sample and position,
-    and the residual stream went from an RMS of 1.2 to 75 (docs/results.md). A true gradient
-    through a normalising layer has no such part (the GPT's: cosines within 0.01 of 0); the
-    head's gradient is left whole."""
+    turned into one vector along its output and blew the residual stream up
+    (docs/results.md). A true gradient through a normalising layer has next to no such part;
+    the head's gradient is left whole."""
     flat = correction.reshape(len(correction), -1)
     along = h.detach().reshape(len(h), -1).to(flat.dtype)
     size = along.pow(2).sum(1, keepdim=True)
