@@ -18,7 +18,7 @@ train: setup data
 	$(PYTHON) launch.py train $(ARGS)
 
 test: setup
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n auto --dist worksteal
 
 # every import in the checkout resolves at its path for static tools (CI runs it before the tests)
 imports: setup

@@ -136,6 +136,39 @@ def _dumps(target: Callable[..., Any], args: tuple) -> tuple[bytes, list[int]]:
         context.set_spawning_popen(None)
 
 
+class _ServerHere:
+    """A server forked from this process (ForkServer.start(here=True)): the part of
+    subprocess.Popen that ForkServer uses (pid, poll, wait, kill)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: Optional[int] = None
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = 255  # reaped by someone else: its status is lost
+            else:
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(SERVER_NAME, timeout)
+            time.sleep(0.005)
+        assert self.returncode is not None
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+
 class ForkServer:
     """The server this process asks for workers; started by `start`, started again when found
     dead. Only the process that made it may use it."""
@@ -144,21 +177,31 @@ class ForkServer:
         self.preload = list(preload)
         self.env: dict[str, str] = {}
         self.restarts = 0
-        self._proc: Optional[subprocess.Popen] = None
+        self._proc: Optional[Any] = None  # subprocess.Popen, or _ServerHere
         self._sock: Optional[socket.socket] = None
         self._owner = os.getpid()
         self._lock = threading.Lock()
+
+    def owned_here(self) -> bool:
+        """Whether this process made this server (a forked copy of the object is not its owner)."""
+        return os.getpid() == self._owner
 
     @property
     def pid(self) -> Optional[int]:
         return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
-    def start(self, env: Optional[Mapping[str, str]] = None) -> None:
+    def start(self, env: Optional[Mapping[str, str]] = None, *, here: bool = False) -> None:
         """Start the server now (its imports run while this process prepares the run), with
         `env` added to its environment, which every worker it forks has from the start. A
         server running with other additions is replaced; running workers are not its children
-        and go on."""
+        and go on. `here`: fork the server from this process rather than start a new
+        interpreter, for a process that already holds the imports and has run nothing yet
+        (no thread pool to fork): a process forked from another fork server, as the test
+        suite's launchers are (tests/zygote.py). It saves the server's imports (about 3 s of
+        one core); it needs no additions to the environment, which torch has already read."""
         env = dict(env or {})
+        if here and env:
+            raise ValueError("a server forked from this process has this process's environment")
         with self._lock:
             if self._proc is not None and self._proc.poll() is not None:
                 self._replace_dead()
@@ -166,12 +209,35 @@ class ForkServer:
                 return
             self._stop()
             self.env = env
-            self._start()
+            self._start(here)
 
-    def _start(self) -> None:
+    def _start(self, here: bool = False) -> None:
         if not _prctl(PR_SET_CHILD_SUBREAPER, 1):
             raise OSError("cannot make this process a child subreaper")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        if here:
+            missing = [m for m in self.preload if m not in sys.modules]
+            if missing:
+                raise RuntimeError(f"cannot fork the workers' server from a process without {missing}")
+            pid = os.fork()
+            if pid == 0:  # the server: it never returns to the caller's code
+                code = 0
+                try:
+                    ours.close()
+                    devnull = os.open(os.devnull, os.O_RDONLY)
+                    os.dup2(devnull, 0)
+                    os.close(devnull)
+                    serve(theirs.fileno(), self.preload)
+                except SystemExit as exc:
+                    code = exc.code if isinstance(exc.code, int) else 1
+                except BaseException:
+                    code = 1
+                finally:
+                    os._exit(code)
+            theirs.close()
+            self._proc = _ServerHere(pid)
+            self._sock = ours
+            return
         code = (f"import sys; sys.path[:0] = {sys.path!r}; "
                 f"from synthgrad.common.forkserver import serve; serve({theirs.fileno()}, {self.preload!r})")
         try:

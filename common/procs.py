@@ -103,6 +103,8 @@ _spawn_env: dict[str, str] = {}  # elsewhere: what the last warm_up added to thi
 def fork_server() -> Optional[ForkServer]:
     """This process's fork server (common/forkserver.py), or None where workers are spawned."""
     global _server
+    if _server is not None and not _server.owned_here():
+        _server = None  # forked from a process that had one (a server forked from its asker): not ours
     if _server is None and forkserver.supported():
         _server = ForkServer(PRELOAD)
     return _server

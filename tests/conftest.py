@@ -23,7 +23,7 @@ if str(Path(__file__).resolve().parent.parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from synthgrad.common import forkserver  # noqa: E402
-from tests.helpers import LOCKED, ROOT, is_mp_helper  # noqa: E402
+from tests.helpers import LOCKED, is_mp_helper  # noqa: E402
 
 # processes that exit by themselves this soon after their test ends were on their way out (a
 # parent-death signal, a pipe's EOF); anything slower is a leftover
@@ -50,12 +50,14 @@ def pytest_configure(config) -> None:
 
 def _exempt(p: psutil.Process) -> bool:
     """This process's own helpers, which live as long as it does: its fork server and
-    multiprocessing's resource tracker. A fork server whose launcher has gone is not exempt."""
+    multiprocessing's resource tracker, and the launcher zygote (tests/zygote.py). A fork server
+    whose launcher has gone is not exempt."""
     from synthgrad.common.procs import fork_server
+    from tests.zygote import zygote_pid
     server = fork_server()
     try:
         if p.name() == forkserver.SERVER_NAME:
-            return server is not None and p.pid == server.pid
+            return (server is not None and p.pid == server.pid) or p.pid == zygote_pid()
     except psutil.Error:
         return True  # gone
     return is_mp_helper(p)
@@ -126,11 +128,9 @@ def tiny_cfg(tmp_path):
 @pytest.fixture(scope="session")
 def locked_reference(tmp_path_factory):
     """The parameters of LOCKED run undisturbed (computed once per test session)."""
-    import subprocess
-
     from synthgrad.common.files import load_model_state
+    from tests.zygote import run_launch
     out = tmp_path_factory.mktemp("locked-reference")
-    done = subprocess.run([sys.executable, str(ROOT / "launch.py"), "train", *LOCKED, "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=150)
+    done = run_launch("train", *LOCKED, "--out", str(out), timeout=150)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return load_model_state(out)

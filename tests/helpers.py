@@ -33,8 +33,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import typing
 from pathlib import Path
@@ -131,10 +129,10 @@ def run(cfg, **changes):
 
 
 def start_launcher(tmp_path, *extra):
-    cmd = [sys.executable, "-u", "launch.py", "train", "--dataset", "synthetic", "--mode", "unlocked",
-           "--epochs", "50", "--layers", "784,64,64,64,10", "--batch-size", "64",
-           "--synthetic-train", "4096", "--progress-every", "0.5", "--out", str(tmp_path / "run"), *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    from tests.zygote import launch
+    return launch("train", "--dataset", "synthetic", "--mode", "unlocked",
+                  "--epochs", "50", "--layers", "784,64,64,64,10", "--batch-size", "64",
+                  "--synthetic-train", "4096", "--progress-every", "0.5", "--out", str(tmp_path / "run"), *extra)
 
 
 def wait_for_line(proc, needle, timeout=90.0) -> tuple[str, list[str]]:

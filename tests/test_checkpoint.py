@@ -103,15 +103,12 @@ def test_a_stage_whose_saves_fail_never_costs_the_last_complete_checkpoint(tmp_p
     the others keep the last complete checkpoint (they delete only what is older than the last
     one the coordinator committed), so Ctrl-C and --resume continue from it, and the result is
     bitwise the undisturbed run's."""
-    import subprocess
-    import sys
-
     from synthgrad.common.files import load_model_state
-    from tests.helpers import LOCKED, ROOT, assert_states_equal, interrupt_after
+    from tests.helpers import LOCKED, assert_states_equal, interrupt_after
+    from tests.zygote import launch, run_launch
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-u", str(ROOT / "launch.py"), "train", *LOCKED, "--out", str(run_dir)]
-    first = subprocess.Popen([*args, "--checkpoint-every", "0.2", "--link-delay-ms", "3", "--fail-saves", "2,1"],
-                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = launch("train", *LOCKED, "--out", str(run_dir), "--checkpoint-every", "0.2", "--link-delay-ms", "3",
+                   "--fail-saves", "2,1")
     # one complete checkpoint, then three that failed on stage 2 (the others saved theirs)
     out = interrupt_after(first, "checkpoint: step", *["failed on stage 2"] * 3)
     assert first.returncode == 130, out
@@ -122,8 +119,7 @@ def test_a_stage_whose_saves_fail_never_costs_the_last_complete_checkpoint(tmp_p
         assert torch.load(where["path"], weights_only=True)["step"] == manifest["step"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["last_checkpoint"]["step"] == manifest["step"]
-    resumed = subprocess.run([sys.executable, str(ROOT / "launch.py"), "train", "--resume", str(run_dir),
-                              "--fail-saves", "2,1000"], cwd=ROOT, capture_output=True, text=True, timeout=150)
+    resumed = run_launch("train", "--resume", str(run_dir), "--fail-saves", "2,1000", timeout=150)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resuming from the checkpoint at step {manifest['step']}" in resumed.stdout
     assert_states_equal(locked_reference, load_model_state(run_dir), "after failed saves and a resume")

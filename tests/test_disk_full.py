@@ -7,14 +7,14 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from synthgrad.common.files import load_model_state
-from tests.helpers import LOCKED, ROOT, assert_states_equal, wait_for_line
+from tests.helpers import LOCKED, assert_states_equal, wait_for_line
+from tests.zygote import launch
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
@@ -55,9 +55,8 @@ def test_full_disk_fails_checkpoints_not_the_last_good_one_nor_the_run(tmp_path,
         pytest.skip("needs root to mount a small tmpfs")
     try:
         run_dir = disk / "run"
-        cmd = [sys.executable, "-u", str(ROOT / "launch.py"), "train", *LOCKED, "--checkpoint-every", "0.3",
-               "--link-delay-ms", "5", "--progress-every", "0.1", "--out", str(run_dir)]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = launch("train", *LOCKED, "--checkpoint-every", "0.3", "--link-delay-ms", "5",
+                      "--progress-every", "0.1", "--out", str(run_dir))
         try:
             first, seen = wait_for_line(proc, "checkpoint: step", timeout=90)
             good = _step_of(first, r"checkpoint: step (\d+) saved")

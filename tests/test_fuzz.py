@@ -13,6 +13,7 @@ import pytest
 
 from synthgrad.common.files import load_model_state
 from tests.helpers import LOCKED, ROOT, assert_states_equal, wait_for_line
+from tests.zygote import launch
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
@@ -35,10 +36,8 @@ def test_malformed_and_forged_messages_are_rejected_counted_and_change_nothing(t
     fuzz = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fuzz.py"), "--targets-from-stdin",
                              "--count", str(COUNT), "--max-bytes", str(1 << 20), "--hold"], cwd=ROOT, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    run = subprocess.Popen([sys.executable, "-u", str(ROOT / "launch.py"), "train", *LOCKED, "--transport", "tcp",
-                            "--no-secure", "--max-message-mb", "1", "--link-delay-ms", "5", "--stall-timeout", "60",
-                            "--out", str(tmp_path / "fuzzed")],
-                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = launch("train", *LOCKED, "--transport", "tcp", "--no-secure", "--max-message-mb", "1",
+                 "--link-delay-ms", "5", "--stall-timeout", "60", "--out", str(tmp_path / "fuzzed"))
     try:
         line, seen = wait_for_line(run, "stage inputs:", timeout=90)
         coordinator = re.search(r"coordinator at (\S+);", "".join(seen)).group(1)

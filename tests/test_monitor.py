@@ -11,23 +11,22 @@ import sys
 import pytest
 
 from tests.helpers import ROOT, sg_cosines, start_launcher, wait_for_line
+from tests.zygote import Launched, launch, run_launch
 
 WORKER_KEYS = {"stage", "pid", "samples_per_s", "steps_per_s", "busy_fraction", "wait_input_fraction",
                "wait_send_fraction", "wait_grad_fraction", "outstanding_steps", "cpu_percent",
                "rss_mb", "loss", "sg_loss", "sg_cosine"}
 
 
-def _monitor(endpoint: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "monitor", "--connect", endpoint,
-                             "--timeout", "30", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=ROOT)
+def _monitor(endpoint: str, *args: str) -> Launched:
+    return launch("monitor", "--connect", endpoint, "--timeout", "30", *args, merge_stderr=False)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_monitors_attach_receive_status_and_never_disturb_the_run(tmp_path):
     run = start_launcher(tmp_path, "--epochs", "30", "--true-grad-every", "2", "--metrics-every", "0.2")
-    monitors: list[subprocess.Popen] = []
+    monitors: list[Launched] = []
     try:
         line, _ = wait_for_line(run, "monitor --connect")
         endpoint = re.search(r"monitor --connect (\S+)", line).group(1)
@@ -69,9 +68,7 @@ def test_monitors_attach_receive_status_and_never_disturb_the_run(tmp_path):
 
 @pytest.mark.slow
 def test_monitor_gives_up_clearly_when_nothing_is_there(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "monitor", "--connect",
-                           f"ipc://{tmp_path}/nobody", "--timeout", "1"],
-                          capture_output=True, text=True, timeout=30, cwd=ROOT)
+    proc = run_launch("monitor", "--connect", f"ipc://{tmp_path}/nobody", "--timeout", "1", timeout=30)
     assert proc.returncode == 1
     assert "nothing from" in proc.stdout
 
@@ -122,8 +119,7 @@ def test_train_draws_a_live_table_on_a_terminal_and_plain_lines_elsewhere(tmp_pa
     assert "\x1b[" in shown  # drawn with terminal control codes
     assert "samples/s" in shown and "wait grad" in shown and "rss MB" in shown  # the worker table
     assert "test accuracy" in shown  # and the summary after it
-    plain = subprocess.run(args + ["--out", str(tmp_path / "pipe")], capture_output=True, text=True,
-                           timeout=100, cwd=ROOT)
+    plain = run_launch(*args[2:], "--out", str(tmp_path / "pipe"), timeout=100)  # the same, on a pipe
     assert plain.returncode == 0, plain.stderr[-2000:]
     assert "\x1b[" not in plain.stdout
     assert "train step" in plain.stdout and "test accuracy" in plain.stdout

@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
+from tests import zygote
 from tests.helpers import ROOT, wait_for_line
 
 pytestmark = pytest.mark.slow  # every test here starts processes
@@ -18,7 +20,11 @@ JOB = ["--dataset", "synthetic", "--mode", "unlocked", "--layers", "784,64,64,64
 RUN = [*JOB, "--no-secure"]  # plain tcp on loopback (tests/test_security.py runs JOB with keys)
 
 
-def launch(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+def launch(*args: str, prefix: tuple[str, ...] = ()) -> Any:
+    """`launch.py *args`, forked from the test zygote; under `prefix` (`ip netns exec NS`) a new
+    interpreter."""
+    if not prefix:
+        return zygote.launch(*args)
     return subprocess.Popen([*prefix, sys.executable, "-u", str(ROOT / "launch.py"), *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -6,8 +6,6 @@ run."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import psutil
 import pytest
@@ -20,13 +18,13 @@ from tests.helpers import (
     EXACT_SGD,
     LOCKED,
     LOCKED_EQUALS_BACKPROP,
-    ROOT,
     assert_states_close,
     assert_states_equal,
     is_mp_helper,
     kill_after,
     run,
 )
+from tests.zygote import launch
 
 # The model has no batch norm: a replica normalises by its own rows' statistics (as a pipeline's
 # microbatch does), which is another computation; everything else is row by row or a sum over rows.
@@ -121,10 +119,8 @@ def _replica_of(stage_pid: int) -> int:
 @pytest.mark.timeout(240)
 def test_a_killed_replica_is_named_and_its_stage_restarts_from_the_checkpoint(tmp_path, replicated):
     run_dir = tmp_path / "restarted"
-    proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "launch.py"), "train", *JOB, *REPLICAS,
-                             "--checkpoint-every", "0.3", "--on-failure", "restart", "--link-delay-ms", "3",
-                             "--out", str(run_dir)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = launch("train", *JOB, *REPLICAS, "--checkpoint-every", "0.3", "--on-failure", "restart",
+                  "--link-delay-ms", "3", "--out", str(run_dir))
     def replica_of_stage1(seen: list[str]) -> int:
         return _replica_of(int(next(l for l in seen if "stage 1 registered: pid" in l).split("pid ")[1].split()[0]))
     out, victim = kill_after(proc, "checkpoint: step", replica_of_stage1)

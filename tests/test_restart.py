@@ -9,15 +9,14 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 
 import psutil
 import pytest
 
 from synthgrad.common.files import load_model_state
 from synthgrad.common.forkserver import SERVER_NAME
-from tests.helpers import LOCKED, ROOT, assert_states_equal, kill_after, worker_pids
+from tests.helpers import LOCKED, assert_states_equal, kill_after, worker_pids
+from tests.zygote import launch
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
@@ -25,9 +24,8 @@ pytestmark = pytest.mark.slow  # every test here starts processes
 @pytest.mark.timeout(240)
 def test_killed_stage_restarts_from_the_checkpoint_and_the_result_is_unchanged(tmp_path, locked_reference):
     run_dir = tmp_path / "restarted"
-    cmd = [sys.executable, "-u", str(ROOT / "launch.py"), "train", *LOCKED, "--checkpoint-every", "0.5",
-           "--on-failure", "restart", "--link-delay-ms", "3", "--out", str(run_dir)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = launch("train", *LOCKED, "--checkpoint-every", "0.5", "--on-failure", "restart",
+                  "--link-delay-ms", "3", "--out", str(run_dir))
     servers: list[int] = []
 
     def after_hostile_bytes_and_a_dead_fork_server(seen: list[str]) -> int:

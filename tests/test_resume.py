@@ -6,23 +6,21 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from synthgrad.common.config import ConfigError
 from synthgrad.common.files import load_model_state
-from tests.helpers import LOCKED, ROOT, assert_states_equal, interrupt_after
+from tests.helpers import LOCKED, assert_states_equal, interrupt_after
+from tests.zygote import Launched, launch, run_launch
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
 
 
-def _launch(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-u", str(ROOT / "launch.py"), "train", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _launch(*args: str) -> Launched:
+    return launch("train", *args)
 
 
 @pytest.mark.timeout(240)
@@ -55,8 +53,7 @@ def test_locked_run_resumed_after_ctrl_c_equals_an_uninterrupted_one(tmp_path, l
 
 def test_resume_refuses_what_it_cannot_do(tmp_path):
     def run(*args):
-        return subprocess.run([sys.executable, str(ROOT / "launch.py"), "train", *args], cwd=ROOT,
-                              capture_output=True, text=True, timeout=60)
+        return run_launch("train", *args, timeout=60)
     nothing = run("--resume", str(tmp_path))
     assert nothing.returncode == 2 and "not a run folder" in nothing.stderr
     (tmp_path / "config.json").write_text(json.dumps({"mode": "locked", "dataset": "synthetic"}))

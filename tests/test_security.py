@@ -7,11 +7,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import psutil
 import pytest
@@ -20,8 +18,9 @@ import zmq.auth
 
 from synthgrad.common.config import ConfigError
 from synthgrad.common.security import ROLES, Guard, Keys, MonitorKeys, local_run_keys, make_keys, resolve_keys
-from tests.helpers import ROOT, wait_for_line
+from tests.helpers import wait_for_line
 from tests.test_multihost import JOB, launch, stop_all
+from tests.zygote import Launched, run_launch
 
 
 def test_tcp_links_need_keys_unless_said_otherwise(tmp_path):
@@ -102,12 +101,10 @@ def test_a_monitor_key_opens_only_the_status_stream(tmp_path):
 
 @pytest.mark.slow
 def test_keys_command_and_loading(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "launch.py"), "keys", str(tmp_path / "k")],
-                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    done = run_launch("keys", str(tmp_path / "k"), timeout=60)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "k" / "worker.key_secret").stat().st_mode & 0o077 == 0  # owner only
-    again = subprocess.run([sys.executable, str(ROOT / "launch.py"), "keys", str(tmp_path / "k")],
-                           capture_output=True, text=True, timeout=60, cwd=ROOT)
+    again = run_launch("keys", str(tmp_path / "k"), timeout=60)
     assert again.returncode == 2 and "--force" in again.stderr  # never overwrites silently
     keys = Keys.load(tmp_path / "k", "worker")
     assert keys.admits("links") == {keys.worker_public} and not keys.admits("status")
@@ -151,7 +148,7 @@ def knock(ctx: zmq.Context, port: int, curve: Optional[tuple[bytes, bytes, bytes
     return sock
 
 
-def wait_for_stage_refusals(proc: subprocess.Popen, needle: str, stages: set[int],
+def wait_for_stage_refusals(proc: Any, needle: str, stages: set[int],
                             timeout: float = 60.0) -> list[str]:
     """Read `proc`'s output until each of `stages` has logged a refusal containing `needle`."""
     seen: list[str] = []
@@ -173,10 +170,8 @@ def assert_no_secret_in(folder: Path, secrets: list[bytes]) -> None:
         assert not any(s in data for s in secrets) and b"secret-key" not in data, path
 
 
-def _monitor(endpoint: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "monitor", "--connect", endpoint,
-                             "--json", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=ROOT)
+def _monitor(endpoint: str, *args: str) -> Launched:
+    return launch("monitor", "--connect", endpoint, "--json", *args)
 
 
 @pytest.mark.slow
@@ -205,10 +200,8 @@ def test_secure_runs_refuse_strangers_and_go_on(tmp_path):
                    "--epochs", "10", "--slow-stage", "3,10", "--metrics-every", "0.2", "--out", str(tmp_path / "a"))
     # B runs until it is interrupted (its last stage sleeping 25 ms a step: 40 s for its 50
     # epochs): its strangers, started after it listens, knock while it runs
-    run = subprocess.Popen([sys.executable, "-u", str(ROOT / "launch.py"), "train", *JOB, "--transport", "tcp",
-                            "--epochs", "50", "--slow-stage", "3,25", "--metrics-every", "0.2",
-                            "--out", str(tmp_path / "b")],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    run = launch("train", *JOB, "--transport", "tcp", "--epochs", "50", "--slow-stage", "3,25",
+                 "--metrics-every", "0.2", "--out", str(tmp_path / "b"))
     procs = [coord, run]
     ctx = zmq.Context()
     knocks: list[zmq.Socket] = []
