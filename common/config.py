@@ -142,6 +142,11 @@ class RunConfig:
                                                 "weights, and an error the output's cosine hardly sees can add "
                                                 "up over the batch there (docs/results.md); two more backward "
                                                 "passes through the stage per true gradient while measured")
+    sg_correction_weights_every: int = SYNTHETIC.opt(2, "with --sg-correction-weights: measure the weights' "
+                                                     "gradients on every this-many-th true gradient that reaches "
+                                                     "the output's bar (1 = each): each measure is two backward "
+                                                     "passes through the stage, on the stage that bounds the "
+                                                     "pipeline")
     sg_correction_center: bool = SYNTHETIC.opt(False, "with --sg-prior head: a correction loses its mean over the "
                                                "batch before it is taken and scored (an error common to every "
                                                "sample adds up in the weights' gradient); off by default: "

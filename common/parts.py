@@ -158,12 +158,14 @@ class PredictorSettings:
     tangent: bool = False  # --sg-correction-tangent: a correction loses its part along the output
     center: bool = False  # --sg-correction-center: a correction loses its mean over the batch
     on_weights: bool = True  # --sg-correction-weights: a correction is scored on the layers' gradients
+    weights_every: int = 2  # --sg-correction-weights-every: on every this-many-th true gradient at the bar
 
     @classmethod
     def of(cls, cfg: Any) -> "PredictorSettings":
         return cls(cfg.sg_normalize, cfg.sg_min_cosine, cfg.sg_trust_scale, cfg.sg_correction_min_cosine,
                    cfg.sg_replay, cfg.sg_correction_tangent, cfg.sg_correction_center,
-                   cfg.sg_correction_weights and cfg.sg_prior == "head")  # a correction's option
+                   cfg.sg_correction_weights and cfg.sg_prior == "head",  # a correction's option
+                   cfg.sg_correction_weights_every)
 
 
 def _folded(trust: float, fit: tuple[float, float], cos: float, dot: float,
@@ -191,6 +193,7 @@ class Predictor:
         # the same two on the gradients of the stage's weights (--sg-correction-weights)
         self.weight_trust = 0.0
         self.weight_fit = (0.0, 0.0)
+        self.weight_asks = 0  # true gradients that reached the outputs' bar (every K-th is measured)
         self.scale = 0.0  # the running RMS of the per-sample gradients it learns (--sg-normalize)
         self.stats = PredictorStats()
         self.snapshots: list[dict] = []  # predicted beside true gradient at a few steps
@@ -274,11 +277,14 @@ class Predictor:
         self.stats.cos_n += 1
         self.trust, self.fit = _folded(self.trust, self.fit, cos, dot, pp)
         if on_weights is not None and self.trust >= self.settings.correction_min_cosine:
-            # measured only where the outputs' cosine would take the correction (two backward
-            # passes a time): below the bar there it is not taken whatever the weights say
-            wdot, wpp, wtt = on_weights(predicted / self.share.rows(predicted), g)
-            self.weight_trust, self.weight_fit = _folded(self.weight_trust, self.weight_fit,
-                                                         wdot / max(math.sqrt(wpp * wtt), 1e-30), wdot, wpp)
+            # measured only where the outputs' cosine would take the correction, and there on
+            # every K-th (two backward passes a time): below the bar it is not taken whatever
+            # the weights say; the first time at the bar it is always measured
+            if self.weight_asks % self.settings.weights_every == 0:
+                wdot, wpp, wtt = on_weights(predicted / self.share.rows(predicted), g)
+                self.weight_trust, self.weight_fit = _folded(self.weight_trust, self.weight_fit,
+                                                             wdot / max(math.sqrt(wpp * wtt), 1e-30), wdot, wpp)
+            self.weight_asks += 1
         if step in self.snapshot_steps:
             def corner(t: torch.Tensor) -> list:
                 return t.reshape(t.shape[0], -1)[:SNAPSHOT_ROWS, :SNAPSHOT_COLS].tolist()
@@ -337,7 +343,8 @@ class Predictor:
         state = {"sg": self.model.state_dict(), "sg_optimizer": self.optimizer.state_dict(),
                  "sg_trust": self.trust, "sg_scale": self.scale, "sg_fit": list(self.fit)}
         if self.settings.on_weights:
-            state.update(sg_weight_trust=self.weight_trust, sg_weight_fit=list(self.weight_fit))
+            state.update(sg_weight_trust=self.weight_trust, sg_weight_fit=list(self.weight_fit),
+                         sg_weight_asks=self.weight_asks)
         if self.settings.replay:
             state["sg_memory"] = [list(pair) for pair in self.memory]
         return state
@@ -356,6 +363,7 @@ class Predictor:
         self.weight_trust = float(state.get("sg_weight_trust", self.weight_trust))
         dot, pp = state.get("sg_weight_fit", self.weight_fit)
         self.weight_fit = (float(dot), float(pp))
+        self.weight_asks = int(state.get("sg_weight_asks", self.weight_asks))
 
     def take_stats(self) -> dict:
         return self.stats.take()

@@ -134,6 +134,9 @@ def check_synthetic(cfg: RunConfig) -> None:
     within(cfg, "sg_correction_min_cosine", 0, 1)
     within(cfg, "sg_budget", 0, 10, lo_open=True)
     need(type(cfg.sg_replay) is int, f"--sg-replay must be a whole number, got {cfg.sg_replay!r}")
+    need(type(cfg.sg_correction_weights_every) is int,
+         f"--sg-correction-weights-every must be a whole number, got {cfg.sg_correction_weights_every!r}")
+    within(cfg, "sg_correction_weights_every", 1, 1000)
     within(cfg, "sg_replay", 0, 64)
     need(cfg.true_grad_every >= 1, "--true-grad-every must be at least 1")
     need(cfg.sg_hidden is None or cfg.sg_hidden >= 1, "--sg-hidden must be at least 1")

@@ -209,7 +209,7 @@ def test_a_correction_is_scored_on_the_layers_gradients_it_gives():
     expect = ((wp * wt).sum() + bp @ bt, (wp * wp).sum() + bp @ bp, (wt * wt).sum() + bt @ bt)
     got = weight_products(kept, p, t, Share())
     assert all(abs(a - float(e)) < 1e-4 * abs(float(e)) + 1e-6 for a, e in zip(got, expect)), (got, expect)
-    cfg = RunConfig(**BASE, mode="unlocked", true_grad_every=1)
+    cfg = RunConfig(**BASE, mode="unlocked", true_grad_every=1, sg_correction_weights_every=1)
     with one_thread():
         predictor = chain(cfg)[0].parts.predictor
     g = torch.randn(16, 32, generator=gen) / 16
@@ -225,3 +225,24 @@ def test_a_correction_is_scored_on_the_layers_gradients_it_gives():
     for step in range(40, 80):  # below the bar on the outputs: the weights are not asked (no backward)
         predictor.score(step, -g * 16, g, on_weights=lambda p, t: asked.append(step) or (1.0, 1.0, 1.0))
     assert predictor.trust < 0 and predictor.correction_scale() == 0.0 and max(asked) < 45, asked
+
+
+def test_the_weights_are_measured_on_every_kth_true_gradient_at_the_bar():
+    """--sg-correction-weights-every K: of the true gradients whose outputs' running cosine is
+    at the bar, the first and then every K-th pay the two backward passes; the count travels
+    in the checkpoint, so a resumed stage measures on the same ones."""
+    cfg = RunConfig(**BASE, mode="unlocked", true_grad_every=1, sg_correction_weights_every=3)
+    with one_thread():
+        predictor = chain(cfg)[0].parts.predictor
+    g = torch.randn(16, 32, generator=torch.Generator().manual_seed(7)) / 16
+    asked: list[int] = []
+    for step in range(10):
+        predictor.score(step, g * 16, g, on_weights=lambda p, t: asked.append(step) or (0.5, 1.0, 1.0))
+    assert asked == [1, 4, 7], asked  # the running cosine reaches the bar (0.3) at the second
+    state = predictor.state_dict()
+    assert state["sg_weight_asks"] == 9
+    predictor.weight_asks = 0
+    predictor.load_state_dict(state)
+    predictor.score(10, g * 16, g, on_weights=lambda p, t: asked.append(10) or (0.5, 1.0, 1.0))
+    predictor.score(11, g * 16, g, on_weights=lambda p, t: asked.append(11) or (0.5, 1.0, 1.0))
+    assert asked[-1] == 10 and 11 not in asked, asked  # the 10th and 11th at the bar: the 10th
