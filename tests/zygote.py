@@ -120,6 +120,11 @@ class Launched:
             child = zygote().fork("launch.py", _run_launcher,
                                   (list(argv), str(cwd), _Passed(out_w),
                                    None if err_w is None else _Passed(err_w)))
+        except BaseException:
+            for fd in (out_r, err_r):
+                if fd is not None:
+                    os.close(fd)
+            raise
         finally:
             os.close(out_w)
             if err_w is not None:
