@@ -229,15 +229,16 @@ def test_other_modes_run_to_the_end(tiny_cfg, changes):
 
 @pytest.mark.timeout(180)
 def test_queues_bound_how_far_stage_0_runs_ahead(tiny_cfg):
-    """With the last stage slow (30 ms a step; stage 0 takes a few), stage 0 runs ahead as far
+    """With the last stage slow (100 ms a step; stage 0 takes a few), stage 0 runs ahead as far
     as the links let it: with --queue-depth 1 it waits on a full link and never holds more than
     a few steps per link awaiting their true gradients (10 here), while the same run with room
-    for 1000 messages per link runs far further ahead (40-51 of its 60 steps; at least twice
-    as far even on a loaded machine). Activations of 256 x 256 floats: an OS socket buffer holds
-    less than one, so the queues are what bound."""
+    for 1000 messages per link runs far further ahead (40-51 of its 60 steps at 30 ms; at least
+    twice as far). The last stage sleeps long enough that stage 0 keeps ahead on a machine
+    loaded by the suite's other worker: at 30 ms it reached 12 steps there against 10. Activations
+    of 256 x 256 floats: an OS socket buffer holds less than one, so the queues are what bound."""
     k, steps = 4, 60
     slow = dict(mode="unlocked", layers=(784, 256, 256, 256, 10), batch_size=256, synthetic_train=256 * steps,
-                steps=steps, slow_stage=(k - 1, 30))
+                steps=steps, slow_stage=(k - 1, 100))
     _, held = run(tiny_cfg, queue_depth=1, **slow)
     ahead = held["workers"][0]["max_outstanding_steps"]
     assert 1 <= ahead <= 4 * (1 + 1) * (k - 1), ahead
