@@ -136,12 +136,14 @@ def _dumps(target: Callable[..., Any], args: tuple) -> tuple[bytes, list[int]]:
         context.set_spawning_popen(None)
 
 
-class _ServerHere:
-    """A server forked from this process (ForkServer.start(here=True)): the part of
-    subprocess.Popen that ForkServer uses (pid, poll, wait, kill)."""
+class ChildPid:
+    """A child of this process known by its pid (a server forked here, ForkServer.start(here=True);
+    the test suite's forked launchers): the part of subprocess.Popen its users need (args, pid,
+    returncode, poll, wait, send_signal, kill)."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, args: Any = SERVER_NAME) -> None:
         self.pid = pid
+        self.args = args
         self.returncode: Optional[int] = None
 
     def poll(self) -> Optional[int]:
@@ -159,14 +161,17 @@ class _ServerHere:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.poll() is None:
             if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(SERVER_NAME, timeout)
+                raise subprocess.TimeoutExpired(self.args, timeout)
             time.sleep(0.005)
         assert self.returncode is not None
         return self.returncode
 
-    def kill(self) -> None:
+    def send_signal(self, sig: int) -> None:
         if self.poll() is None:
-            os.kill(self.pid, signal.SIGKILL)
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 class ForkServer:
@@ -177,7 +182,7 @@ class ForkServer:
         self.preload = list(preload)
         self.env: dict[str, str] = {}
         self.restarts = 0
-        self._proc: Optional[Any] = None  # subprocess.Popen, or _ServerHere
+        self._proc: Optional[Any] = None  # subprocess.Popen, or ChildPid
         self._sock: Optional[socket.socket] = None
         self._owner = os.getpid()
         self._lock = threading.Lock()
@@ -235,7 +240,7 @@ class ForkServer:
                 finally:
                     os._exit(code)
             theirs.close()
-            self._proc = _ServerHere(pid)
+            self._proc = ChildPid(pid)
             self._sock = ours
             return
         code = (f"import sys; sys.path[:0] = {sys.path!r}; "

@@ -30,7 +30,7 @@ from multiprocessing import reduction
 from pathlib import Path
 from typing import Optional
 
-from synthgrad.common.forkserver import ForkServer
+from synthgrad.common.forkserver import ChildPid, ForkServer
 from synthgrad.common.procs import PRELOAD
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,11 +109,10 @@ def _run_launcher(argv: list[str], cwd: str, out_fd: int, err_fd: Optional[int])
         os._exit(code)
 
 
-class Launched:
+class Launched(ChildPid):
     """A launcher forked from the zygote, as the tests use a subprocess.Popen of launch.py."""
 
     def __init__(self, argv: list[str], cwd: Path = ROOT, merge_stderr: bool = True) -> None:
-        self.args = ["launch.py", *argv]
         out_r, out_w = os.pipe()
         err_r, err_w = (None, None) if merge_stderr else os.pipe()
         try:
@@ -129,38 +128,10 @@ class Launched:
             os.close(out_w)
             if err_w is not None:
                 os.close(err_w)
-        self.pid = child.pid
+        super().__init__(child.pid, ["launch.py", *argv])
         self.stdout = io.TextIOWrapper(io.FileIO(out_r, "r"), encoding="utf-8", errors="replace")
         self.stderr = None if err_r is None else io.TextIOWrapper(io.FileIO(err_r, "r"), encoding="utf-8",
                                                                     errors="replace")
-        self.returncode: Optional[int] = None
-
-    def poll(self) -> Optional[int]:
-        if self.returncode is None:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                self.returncode = 255  # reaped elsewhere (the conftest reaper after a test)
-            else:
-                if pid:
-                    self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def wait(self, timeout: Optional[float] = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(self.args, timeout)
-            time.sleep(0.01)
-        assert self.returncode is not None
-        return self.returncode
-
-    def send_signal(self, sig: int) -> None:
-        if self.poll() is None:
-            os.kill(self.pid, sig)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
