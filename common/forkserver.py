@@ -81,21 +81,13 @@ class Forked:
         self.name = name
         self.pid = pid
         self._owner = os.getpid()
-        self._exitcode: Optional[int] = None
+        self._child = ChildPid(pid, name)
 
     @property
     def exitcode(self) -> Optional[int]:
         """None while it runs; its exit code, or minus the signal that killed it (as
-        multiprocessing reports them)."""
-        if self._exitcode is None and os.getpid() == self._owner:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                self._exitcode = 255  # reaped by someone else: its status is lost
-            else:
-                if pid:
-                    self._exitcode = os.waitstatus_to_exitcode(status)
-        return self._exitcode
+        multiprocessing reports them). Only its parent can tell (a forked copy sees None)."""
+        return self._child.poll() if os.getpid() == self._owner else self._child.returncode
 
     def is_alive(self) -> bool:
         return self.exitcode is None
