@@ -142,7 +142,7 @@ class RunConfig:
                                                 "weights, and an error the output's cosine hardly sees can add "
                                                 "up over the batch there (docs/results.md); two more backward "
                                                 "passes through the stage per true gradient while measured")
-    sg_correction_weights_every: int = SYNTHETIC.opt(2, "with --sg-correction-weights: measure the weights' "
+    sg_correction_weights_every: int = SYNTHETIC.opt(1, "with --sg-correction-weights: measure the weights' "
                                                      "gradients on every this-many-th true gradient that reaches "
                                                      "the output's bar (1 = each): each measure is two backward "
                                                      "passes through the stage, on the stage that bounds the "

@@ -158,7 +158,7 @@ class PredictorSettings:
     tangent: bool = False  # --sg-correction-tangent: a correction loses its part along the output
     center: bool = False  # --sg-correction-center: a correction loses its mean over the batch
     on_weights: bool = True  # --sg-correction-weights: a correction is scored on the layers' gradients
-    weights_every: int = 2  # --sg-correction-weights-every: on every this-many-th true gradient at the bar
+    weights_every: int = 1  # --sg-correction-weights-every: on every this-many-th true gradient at the bar
 
     @classmethod
     def of(cls, cfg: Any) -> "PredictorSettings":
