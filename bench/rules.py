@@ -157,7 +157,8 @@ class Probe:
                 if probing and g is not None:
                     a, b = g.reshape(-1).double(), exact.reshape(-1).double()
                     cos = float(a @ b / max(float(a.norm() * b.norm()), 1e-30))
-                    self.rows[i].append((step, cos, float((a - b).norm() / max(float(b.norm()), 1e-30))))
+                    self.rows[i].append((step, cos, float((a - b).norm() / max(float(b.norm()), 1e-30)),
+                                         *on_weights(st.parts.layers.module, h, g, exact)))
                     if self.on_probe is not None:
                         self.on_probe(i, step, h, labels, g, exact)
                 if i == self.oracle:
@@ -171,19 +172,50 @@ class Probe:
             rule.step_scale = step_scale
 
     def summary(self, steps: int) -> list[dict]:
-        """Per stage: mean cosine and relative error over the run and per quarter of it."""
+        """Per stage: mean cosine and relative error over the run and per quarter of it; on the
+        weights' gradients, the cosine, and the split-half cosine of the error's (on_weights)."""
         out = []
         for i, rows in enumerate(self.rows):
             if not rows:
                 out.append({"stage": i, "probes": 0})
                 continue
             quarters = [[r for r in rows if q * steps <= 4 * r[0] < (q + 1) * steps] for q in range(4)]
+            split = sum(r[4] for r in rows) / len(rows)
             out.append({"stage": i, "probes": len(rows),
                         "cosine": sum(r[1] for r in rows) / len(rows),
                         "relative_error": sum(r[2] for r in rows) / len(rows),
+                        "weights_cosine": sum(r[3] for r in rows) / len(rows),
+                        "error_split_half": split,
+                        "error_ceiling": math.sqrt(2 * max(split, 0.0) / (1 + max(split, 0.0))),
                         "cosine_by_quarter": [round(sum(r[1] for r in q) / len(q), 3) if q else None
                                               for q in quarters]})
         return out
+
+
+def _flat_grad(module: nn.Module, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The gradients of `module`'s weights that output gradient g gives, flat (h's graph kept)."""
+    params = list(module.parameters())
+    grads = torch.autograd.grad(h, params, g.to(h.dtype), retain_graph=True, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if d is None else d).reshape(-1).double() for p, d in zip(params, grads)])
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(a @ b / max(float(a.norm() * b.norm()), 1e-30))
+
+
+def on_weights(module: nn.Module, h: torch.Tensor, stepped: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
+    """On the gradients of the stage's weights: the cosine of what it stepped on with the exact
+    gradient's, and the cosine between the two halves of the batch of the error's (exact less
+    what it stepped on). A predictor of per-sample gradients can get right at most the part of
+    that error the halves share: with rho their cosine, and the shared part S and the rest N
+    alike in each half, rho = |S|^2 / (|S|^2 + 2 |N|^2), and a whole batch's error is predicted
+    at a cosine of at most sqrt(2 rho / (1 + rho)) (summary's error_ceiling)."""
+    exact_w = _flat_grad(module, h, exact)
+    error = exact - stepped
+    half = torch.zeros_like(error)
+    half[: len(error) // 2] = 1
+    first, second = _flat_grad(module, h, error * half), _flat_grad(module, h, error * (1 - half))
+    return _cos(_flat_grad(module, h, stepped), exact_w), _cos(first, second)
 
 
 def train_rule(name: str, cfg: RunConfig, ds, hop_delay: int, probe_every: int = 0,
@@ -255,6 +287,12 @@ def train_rule(name: str, cfg: RunConfig, ds, hop_delay: int, probe_every: int =
     return {"rule": name, "test_accuracy": tally.accuracy, "test_loss": tally.loss, "steps": step,
             "dead_units": dead, "probes": probe.summary(step),
             "sg_cosine": [round(st.parts.predictor.trust, 3) for st in stages if st.parts.predictor is not None],
+            # on the weights' gradients (where measured: --sg-correction-weights), and the steps
+            # that took no correction (or no step on the predictor)
+            "sg_weight_cosine": [round(st.parts.predictor.weight_trust, 3) for st in stages
+                                 if st.parts.predictor is not None],
+            "steps_without_prediction": [st.parts.predictor.stats.untrusted_steps for st in stages
+                                         if st.parts.predictor is not None],
             "gradients_back_per_step": sent_back / step, "seconds": time.perf_counter() - t0}
 
 
@@ -326,17 +364,22 @@ def main() -> None:
                      "test_loss": [r["test_loss"] for r in runs], "oracle": args.oracle,
                      "dead_units": [r["dead_units"] for r in runs],
                      "sg_cosine": [r["sg_cosine"] for r in runs], "probes": [r["probes"] for r in runs],
+                     "sg_weight_cosine": [r["sg_weight_cosine"] for r in runs],
+                     "steps_without_prediction": [r["steps_without_prediction"] for r in runs],
                      "gradients_back_per_step": runs[0]["gradients_back_per_step"]})
         in_bits = f"  bits per target {sum(bits) / len(bits):.3f}" if cfg.per_position else ""
         print(f"{name:>14}  test accuracy {100 * mean:6.2f}% +- {100 * spread:.2f} ({len(seeds)} seeds){in_bits}  "
               f"gradients back per step {runs[0]['gradients_back_per_step']:.2f}  "
               f"({sum(r['seconds'] for r in runs):.0f}s)"
-              + (f"  predictors' running cosine {runs[0]['sg_cosine']}" if runs[0]["sg_cosine"] else "")
+              + (f"  predictors' running cosine {runs[0]['sg_cosine']} (weights {runs[0]['sg_weight_cosine']}; "
+                 f"steps without one {runs[0]['steps_without_prediction']})" if runs[0]["sg_cosine"] else "")
               + f"  dead units per stage {runs[0]['dead_units']}", flush=True)
         for stage in runs[0]["probes"]:
             if stage["probes"]:
                 print(f"{'':>16}stage {stage['stage']}: cosine with the exact gradient {stage['cosine']:.3f} "
-                      f"(by quarter {stage['cosine_by_quarter']}), relative error {stage['relative_error']:.3f}",
+                      f"(by quarter {stage['cosine_by_quarter']}), relative error {stage['relative_error']:.3f}; "
+                      f"on the weights {stage['weights_cosine']:.3f}, the error's halves agree at "
+                      f"{stage['error_split_half']:.3f} (a per-sample predictor's ceiling {stage['error_ceiling']:.2f})",
                       flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"epochs": args.epochs, "layers": args.layers,

@@ -147,6 +147,12 @@ class RunConfig:
                                                      "the output's bar (1 = each): each measure is two backward "
                                                      "passes through the stage, on the stage that bounds the "
                                                      "pipeline")
+    sg_learn_weights: float = SYNTHETIC.opt(0.0, "with --sg-prior head and --sg-correction-weights: the "
+                                            "predictor learns this share (0-1) of the error of the weights' "
+                                            "gradients its corrections give, ||J^T (p - t)||^2, beside the "
+                                            "output's squared error, and its corrections are judged on the "
+                                            "weights alone; one backward and two forward passes through the "
+                                            "stage more per true gradient (docs/results.md)")
     sg_correction_center: bool = SYNTHETIC.opt(False, "with --sg-prior head: a correction loses its mean over the "
                                                "batch before it is taken and scored (an error common to every "
                                                "sample adds up in the weights' gradient); off by default: "

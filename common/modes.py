@@ -19,6 +19,7 @@ through the `Stage` protocol below.
 """
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import TYPE_CHECKING, Any, ClassVar, Optional, Protocol
 
@@ -357,7 +358,13 @@ class Residual(UpdateRule):
                 def on_weights(p, t):
                     return weight_products(kept, p, t, predictor.share)
             predictor.score(step, kept.prediction, wanted, on_weights)
-        predictor.learn(kept.h_detached, kept.labels, wanted)
+        through = None
+        if kept.h is not None and kept.weights and kept.rerun is not None:  # --sg-learn-weights
+            module = self.parts.layers.module
+
+            def through(r):
+                return through_weights(kept, module, r, predictor.share)
+        predictor.learn(kept.h_detached, kept.labels, wanted, through)
         return true_dx(kept, g) if true_grad else None
 
 
@@ -377,6 +384,37 @@ def weight_products(kept: Any, p: "torch.Tensor", t: "torch.Tensor", share: Any)
     share.total(both)
     a, b = both.split(len(flat[0]))
     return float(a @ b), float(a @ a), float(b @ b)
+
+
+FD_STEP = 1e-3  # through_weights' finite difference: its step, as a share of the weights' norm
+
+
+def through_weights(kept: Any, module: Any, r: "torch.Tensor", share: Any) -> "torch.Tensor":
+    """J J^T r for a kept step, J the Jacobian of its output in its weights: r back through the
+    kept graph to the weights its forward pass used (their gradients summed over a replicated
+    stage's processes), then forward again along them by a central difference of that forward
+    pass rerun (kept.rerun). What a predictor learning the weights' error follows
+    (--sg-learn-weights, Predictor._step). Two forward passes and one backward through the
+    stage; the kept graph stays for the step's own dL/dx. A step of FD_STEP of the weights'
+    norm keeps float32's rounding (about 1e-7 of the output) well below the change it
+    measures (about 1e-3 of it) and the curvature's error, of the step's square, smaller."""
+    import torch
+    names = list(kept.weights)
+    weights = [kept.weights[n] for n in names]
+    grads = torch.autograd.grad(kept.h, weights, r.to(kept.h.dtype), retain_graph=True, allow_unused=True)
+    flat = torch.cat([(torch.zeros_like(w) if d is None else d).reshape(-1).float() for w, d in zip(weights, grads)])
+    share.total(flat)
+    size = float(flat.norm())
+    if size == 0:
+        return torch.zeros_like(r)
+    at = {n: w.detach() for n, w in zip(names, weights)}
+    eps = FD_STEP * max(math.sqrt(sum(float(w.float().pow(2).sum()) for w in at.values())), 1e-12) / size
+    pieces = dict(zip(names, flat.split([w.numel() for w in weights])))
+
+    def moved(sign: float) -> dict:
+        return {n: w + (sign * eps) * pieces[n].view_as(w).to(w.dtype) for n, w in at.items()}
+    ahead, behind = kept.rerun.output(module, moved(1.0)), kept.rerun.output(module, moved(-1.0))
+    return ((ahead - behind) / (2 * eps)).reshape(r.shape)
 
 
 def centered(correction: torch.Tensor) -> torch.Tensor:

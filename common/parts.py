@@ -159,13 +159,15 @@ class PredictorSettings:
     center: bool = False  # --sg-correction-center: a correction loses its mean over the batch
     on_weights: bool = True  # --sg-correction-weights: a correction is scored on the layers' gradients
     weights_every: int = 1  # --sg-correction-weights-every: on every this-many-th true gradient at the bar
+    learn_weights: float = 0.0  # --sg-learn-weights: the share of the weights' error in what it learns
 
     @classmethod
     def of(cls, cfg: Any) -> "PredictorSettings":
         return cls(cfg.sg_normalize, cfg.sg_min_cosine, cfg.sg_trust_scale, cfg.sg_correction_min_cosine,
                    cfg.sg_replay, cfg.sg_correction_tangent, cfg.sg_correction_center,
                    cfg.sg_correction_weights and cfg.sg_prior == "head",  # a correction's option
-                   cfg.sg_correction_weights_every)
+                   cfg.sg_correction_weights_every,
+                   cfg.sg_learn_weights if cfg.sg_prior == "head" else 0.0)
 
 
 def _folded(trust: float, fit: tuple[float, float], cos: float, dot: float,
@@ -242,13 +244,20 @@ class Predictor:
         over a few true gradients, so a predictor that learns nothing still adds noise, and a
         weakly predicting one can feed itself (the small GPT, docs/results.md)."""
         dot, pp = self.fit
-        if self.trust < self.settings.correction_min_cosine or pp <= 0:
+        if not self.judged_on_weights_alone and (self.trust < self.settings.correction_min_cosine or pp <= 0):
             return self._taken(0.0)
         if self.settings.on_weights:  # the bar again, and the gain, where the step acts
             dot, pp = self.weight_fit
             if self.weight_trust < self.settings.correction_min_cosine or pp <= 0:
                 return self._taken(0.0)
         return self._taken(min(max(dot / pp, 0.0), 1.0))
+
+    @property
+    def judged_on_weights_alone(self) -> bool:
+        """A predictor that learns the weights' error (--sg-learn-weights) is not asked to
+        predict the output's gradient well, only what it gives the weights: its corrections are
+        measured and judged there alone, on every K-th true gradient."""
+        return self.settings.on_weights and self.settings.learn_weights > 0
 
     def _taken(self, evidence: float) -> float:
         """The step's scale given the evidence, as the run's options say (--sg-trust-scale,
@@ -276,7 +285,8 @@ class Predictor:
         self.stats.cos_sum += cos
         self.stats.cos_n += 1
         self.trust, self.fit = _folded(self.trust, self.fit, cos, dot, pp)
-        if on_weights is not None and self.trust >= self.settings.correction_min_cosine:
+        if on_weights is not None and (self.trust >= self.settings.correction_min_cosine
+                                       or self.judged_on_weights_alone):
             # measured only where the outputs' cosine would take the correction, and there on
             # every K-th (two backward passes a time): below the bar it is not taken whatever
             # the weights say; the first time at the bar it is always measured
@@ -292,16 +302,20 @@ class Predictor:
                                    "true": corner(target)})
         return cos
 
-    def learn(self, h: torch.Tensor, labels: torch.Tensor, g: torch.Tensor) -> None:
+    def learn(self, h: torch.Tensor, labels: torch.Tensor, g: torch.Tensor,
+              through_weights: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
         """One step of the predictor towards `g` (a mean over the batch) at the output `h`; with
         --sg-replay R, then one step on each of the R true gradients before it, oldest first. A
         true gradient comes back one step in N, and one step on each is too little for a
         predictor to learn a stage's gradient: offline, the same predictors learn it from the
-        same number of pairs seen several times (bench/predictability.py, docs/results.md)."""
+        same number of pairs seen several times (bench/predictability.py, docs/results.md).
+        `through_weights`: r -> J J^T r for this step's stage (J: its output's Jacobian in its
+        weights), given where it learns on the weights' error too (--sg-learn-weights)."""
         t0 = time.perf_counter()
         per_sample = g.float() * self.share.rows(g)
         scale = self._rescale(per_sample) if self.settings.normalize else 1.0
-        loss = self._step(h.float(), labels, per_sample / scale)
+        loss = self._step(h.float(), labels, per_sample / scale,
+                          through_weights if self.settings.learn_weights > 0 else None)
         for old_h, old_labels, old_target in self.memory:  # in today's units
             self._step(old_h, old_labels, old_target / scale)
         if self.settings.replay:
@@ -311,10 +325,27 @@ class Predictor:
         self.stats.loss_sum += loss
         self.stats.loss_n += 1
 
-    def _step(self, h: torch.Tensor, labels: torch.Tensor, target: torch.Tensor) -> float:
-        loss = F.mse_loss(self.model(h, labels), target)
+    def _step(self, h: torch.Tensor, labels: torch.Tensor, target: torch.Tensor,
+              through_weights: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> float:
+        """One optimiser step on the squared error of the prediction at `h`; with
+        `through_weights`, on a blend of it and the error of the weights' gradients it gives,
+        ||J^T (p - t)||^2, whose gradient in p is J J^T (p - t). The layers step on J^T of
+        what they are given, and an error the predictor makes alike over the batch adds up
+        there while the output's squared error hardly counts it (docs/results.md). The weights'
+        term is scaled to the output's error's size: a direction, so the blend's share
+        (--sg-learn-weights) means the same at any scale of the stage's Jacobian."""
+        out = self.model(h, labels)
+        loss = F.mse_loss(out, target)
         self.optimizer.zero_grad(set_to_none=True)
-        self.share.loss(loss).backward()
+        if through_weights is None:
+            self.share.loss(loss).backward()
+        else:
+            error = out.detach() - target
+            in_weights = through_weights(error).to(error.dtype)
+            in_weights = in_weights * (error.norm() / in_weights.norm().clamp_min(1e-30))
+            share = self.settings.learn_weights
+            blend = (1 - share) * error + share * in_weights
+            out.backward(self.share.loss(blend * (2.0 / out.numel())))
         self.share.reduce(self.model)
         self.optimizer.step()
         return loss.item()
@@ -446,6 +477,35 @@ class Head:
 
 
 # ---------------------------------------------------------------------------- stash
+@dataclass
+class Rerun:
+    """What a kept step's forward pass needs to run again at other weights and be the same
+    function of them: its input and the random state it began with (dropout draws the same
+    masks). A finite difference through it is the forward-mode product J u that double
+    backward cannot give where an op's backward has no derivative (CPU flash attention)."""
+    x: torch.Tensor
+    cpu_rng: torch.Tensor
+    device: torch.device
+    device_rng: Optional[torch.Tensor] = None
+
+    @classmethod
+    def before(cls, x: torch.Tensor, device: torch.device) -> "Rerun":
+        """Taken just before the forward pass it reruns."""
+        on_cuda = device.type == "cuda"
+        return cls(x.detach(), torch.get_rng_state(), device, torch.cuda.get_rng_state(device) if on_cuda else None)
+
+    def output(self, module: nn.Module, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`module`'s output on the kept input at `weights` (its buffers untouched), in float32
+        whatever the run's precision: the product it serves is taken on differences of it."""
+        buffers = {name: b.clone() for name, b in module.named_buffers()}
+        devices = [self.device] if self.device_rng is not None else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.set_rng_state(self.cpu_rng)
+            if self.device_rng is not None:
+                torch.cuda.set_rng_state(self.device_rng, self.device)
+            return functional_call(module, {**weights, **buffers}, (self.x,)).float()
+
+
 @dataclass
 class DelayStats:
     """Steps between a step's forward pass and its gradient's update."""

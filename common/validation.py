@@ -132,6 +132,7 @@ def check_synthetic(cfg: RunConfig) -> None:
     within(cfg, "sg_discount", 0, 1)
     within(cfg, "sg_min_cosine", 0, 1)
     within(cfg, "sg_correction_min_cosine", 0, 1)
+    within(cfg, "sg_learn_weights", 0, 1)
     within(cfg, "sg_budget", 0, 10, lo_open=True)
     need(type(cfg.sg_replay) is int, f"--sg-replay must be a whole number, got {cfg.sg_replay!r}")
     need(type(cfg.sg_correction_weights_every) is int,

@@ -33,6 +33,8 @@ from tests.helpers import ROOT
     ({"sg_lr": float("nan")}, "--sg-lr must be a number > 0"),
     ({"sg_replay": -1}, "--sg-replay must be"),
     ({"sg_replay": 1.5}, "--sg-replay must be a whole number"),
+    ({"sg_learn_weights": 1.5}, "--sg-learn-weights must be a number >= 0 and <= 1"),
+    ({"sg_learn_weights": float("nan")}, "--sg-learn-weights must be"),
     ({"lr": 0.0}, "--lr must be a number > 0"),
     ({"momentum": 1.5}, "--momentum must be a number >= 0 and <= 1"),
     ({"metrics_every": 0.0}, "--metrics-every must be a number > 0"),

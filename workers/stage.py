@@ -33,6 +33,7 @@ from synthgrad.common.parts import (  # noqa: F401  (NonFinite, require_finite: 
     NonFinite,
     Parts,
     Predictor,
+    Rerun,
     Share,
     Stash,
     require_finite,
@@ -62,6 +63,8 @@ class Kept:
     prediction: Optional[torch.Tensor] = None  # what the rule's predictor said at forward time
     prior: Optional[torch.Tensor] = None  # what the rule stepped on besides (residual: the head's)
     weights: Optional[dict] = None  # the stashed weights h was computed with (name -> clone)
+    # the forward pass again at other weights (--sg-learn-weights): its input and random state
+    rerun: Optional["Rerun"] = None
 
 
 @dataclass
@@ -148,6 +151,8 @@ class StageLogic:
                                  Share(sync), snapshot_steps, self.streams.learn)
         self.streams.synths = self._state_synths(helpers, widths)
         self.rule: UpdateRule = rule_class(self.parts, self)
+        # a predictor that learns on the weights' error runs true-gradient steps' forwards again
+        self._reruns = self.parts.predictor is not None and self.parts.predictor.settings.learn_weights > 0
         self.latest_step = -1  # the latest step this stage has run forward
         self.loss_fn = loss_function(cfg.loss, cfg.per_position)  # the last stage's
         self.kept: dict[int, Kept] = {}
@@ -243,13 +248,15 @@ class StageLogic:
         keep_graph = true_grad
         need_dx = keep_graph or self.cfg.bootstrap
         x = self._input(x, need_dx)
-        h, stash = self._forward(x, stash_weights=keep_graph and self.rule.stashes)
+        stash_weights = keep_graph and self.rule.stashes
+        rerun = Rerun.before(x, self.dev.device) if stash_weights and self._reruns else None
+        h, stash = self._forward(x, stash_weights=stash_weights)
         require_finite(h, "the output", self.stage, step)
         self.latest_step = step
         if keep_graph or self.cfg.bootstrap:
             self._bound_kept(step)
             self.kept[step] = Kept(x if need_dx and not self.is_first else None,
-                                   h if keep_graph else None, h.detach(), labels, weights=stash)
+                                   h if keep_graph else None, h.detach(), labels, weights=stash, rerun=rerun)
         self._pending = (step, h, x, keep_graph, labels)
         return self.dev.leave(h)
 
