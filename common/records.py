@@ -5,7 +5,7 @@ dict's keys; metrics.jsonl and summary.json hold them as JSON (`dataclasses.asdi
 field as before."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 
