@@ -26,6 +26,7 @@ from torch.func import functional_call
 
 from synthgrad.common.costs import HeadChoice, PredictorChoice
 from synthgrad.common.models import LocalHead, SyntheticGradient, loss_function, make_optimizer
+from synthgrad.common.recurrent import recurrent_layers
 from synthgrad.common.reports import RunFailed
 
 TRUST_DECAY = 0.8  # the predictor's running cosine: each true-gradient step's weighs 1 - this
@@ -481,29 +482,41 @@ class Head:
 class Rerun:
     """What a kept step's forward pass needs to run again at other weights and be the same
     function of them: its input and the random state it began with (dropout draws the same
-    masks). A finite difference through it is the forward-mode product J u that double
-    backward cannot give where an op's backward has no derivative (CPU flash attention)."""
+    masks), and the state its recurrent layers' streams carried in. A finite difference
+    through it is the forward-mode product J u that double backward cannot give where an op's
+    backward has no derivative (CPU flash attention)."""
     x: torch.Tensor
     cpu_rng: torch.Tensor
     device: torch.device
     device_rng: Optional[torch.Tensor] = None
+    streams: list = field(default_factory=list)  # each recurrent layer's carried state
 
     @classmethod
-    def before(cls, x: torch.Tensor, device: torch.device) -> "Rerun":
-        """Taken just before the forward pass it reruns."""
+    def before(cls, x: torch.Tensor, device: torch.device, module: nn.Module) -> "Rerun":
+        """Taken just before `module`'s forward pass it reruns."""
         on_cuda = device.type == "cuda"
-        return cls(x.detach(), torch.get_rng_state(), device, torch.cuda.get_rng_state(device) if on_cuda else None)
+        return cls(x.detach(), torch.get_rng_state(), device, torch.cuda.get_rng_state(device) if on_cuda else None,
+                   [layer.carried() for layer in recurrent_layers(module)])
 
     def output(self, module: nn.Module, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-        """`module`'s output on the kept input at `weights` (its buffers untouched), in float32
-        whatever the run's precision: the product it serves is taken on differences of it."""
+        """`module`'s output on the kept input at `weights`, in float32 whatever the run's
+        precision (the product it serves is taken on differences of it). Its buffers, random
+        state and streams are as they were before: the run goes on as without it."""
         buffers = {name: b.clone() for name, b in module.named_buffers()}
         devices = [self.device] if self.device_rng is not None else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            torch.set_rng_state(self.cpu_rng)
-            if self.device_rng is not None:
-                torch.cuda.set_rng_state(self.device_rng, self.device)
-            return functional_call(module, {**weights, **buffers}, (self.x,)).float()
+        layers = recurrent_layers(module)
+        now = [layer.carried() for layer in layers]
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                torch.set_rng_state(self.cpu_rng)
+                if self.device_rng is not None:
+                    torch.cuda.set_rng_state(self.device_rng, self.device)
+                for layer, state in zip(layers, self.streams):
+                    layer.carry(state)
+                return functional_call(module, {**weights, **buffers}, (self.x,)).float()
+        finally:
+            for layer, state in zip(layers, now):
+                layer.carry(state)
 
 
 @dataclass

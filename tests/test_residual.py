@@ -265,7 +265,7 @@ def test_through_weights_is_j_jt_of_the_kept_forward_pass():
     module = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Dropout(0.3),
                                  torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 5)).train()
     x = torch.randn(16, 6)
-    rerun = Rerun.before(x, torch.device("cpu"))
+    rerun = Rerun.before(x, torch.device("cpu"), module)
     weights = {n: p.clone() for n, p in module.named_parameters()}
     buffers = {n: b.clone() for n, b in module.named_buffers()}
     h = functional_call(module, {**weights, **buffers}, (x,))
@@ -305,3 +305,25 @@ def test_a_predictor_that_learns_the_weights_error_is_judged_on_the_weights():
         first = chain(plain)[0]
         first.forward(0, x, y, True)
         assert first.kept[0].rerun is None  # nothing kept for it unless asked
+
+
+def test_a_rerun_starts_from_the_streams_state_of_its_step_and_leaves_the_run_s():
+    """A recurrent stage carries its state from window to window: the rerun of a kept step
+    starts from the state that step began with, not the state the stream has reached since,
+    and leaves the stream where it is."""
+    from synthgrad.common.parts import Rerun
+    from synthgrad.common.recurrent import Recurrent, stream_through
+    torch.manual_seed(4)
+    module = torch.nn.Sequential(Recurrent(torch.nn.LSTM(3, 5, batch_first=True))).train()
+    stream_through(module)
+    layer = module[0]
+    windows = torch.randn(3, 2, 4, 3)
+    with torch.no_grad():
+        module(windows[0])
+        rerun = Rerun.before(windows[1], torch.device("cpu"), module)
+        kept = module(windows[1])
+        module(windows[2])
+    reached = layer.carried()
+    again = rerun.output(module, {n: p.detach() for n, p in module.named_parameters()})
+    assert torch.equal(again, kept)
+    assert all(a is b for a, b in zip(layer.carried(), reached))

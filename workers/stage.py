@@ -249,7 +249,7 @@ class StageLogic:
         need_dx = keep_graph or self.cfg.bootstrap
         x = self._input(x, need_dx)
         stash_weights = keep_graph and self.rule.stashes
-        rerun = Rerun.before(x, self.dev.device) if stash_weights and self._reruns else None
+        rerun = Rerun.before(x, self.dev.device, self.module) if stash_weights and self._reruns else None
         h, stash = self._forward(x, stash_weights=stash_weights)
         require_finite(h, "the output", self.stage, step)
         self.latest_step = step
