@@ -288,9 +288,10 @@ class Predictor:
         self.trust, self.fit = _folded(self.trust, self.fit, cos, dot, pp)
         if on_weights is not None and (self.trust >= self.settings.correction_min_cosine
                                        or self.judged_on_weights_alone):
-            # measured only where the outputs' cosine would take the correction, and there on
-            # every K-th (two backward passes a time): below the bar it is not taken whatever
-            # the weights say; the first time at the bar it is always measured
+            # measured only where the outputs' cosine would take the correction (a predictor
+            # judged on the weights alone: always), and there on every K-th (two backward
+            # passes a time): below the bar it is not taken whatever the weights say; the first
+            # time at the bar it is always measured
             if self.weight_asks % self.settings.weights_every == 0:
                 wdot, wpp, wtt = on_weights(predicted / self.share.rows(predicted), g)
                 self.weight_trust, self.weight_fit = _folded(self.weight_trust, self.weight_fit,
