@@ -27,7 +27,9 @@ The stage-by-stage diagnosis (docs/results.md, "Synthetic gradients at depth"):
 
 `--probe-every P`: every P steps, each stage's exact dL/dh at the current weights downstream
 (the batch it just ran, the same labels) is set beside what the stage stepped on: their cosine
-and relative error, per stage and per quarter of the run. `--oracle I`: stage I steps on that
+and relative error, per stage and per quarter of the run; on the weights' gradients, their
+cosine, and how far the two halves of the batch agree on the step's error there (the most a
+predictor of per-sample gradients could get right: `on_weights`). `--oracle I`: stage I steps on that
 exact gradient every step (everything else as the rule says): what stage I's own error costs.
 `--heads-from-readout`: every local head is the model's last stage at its current weights (for
 residual models, whose stages all hand on the readout's input).
