@@ -33,10 +33,30 @@ def test_the_oracle_stage_steps_on_the_exact_gradient():
     probed = train_rule("local", cfg, ds, hop_delay=1, probe_every=1, oracle=None)
     stages = probed["probes"]
     assert [s["probes"] for s in stages] == [8, 8]
-    assert all(-1 <= s["cosine"] <= 1 for s in stages)
+    assert all(-1 <= s["cosine"] <= 1 and -1 <= s["weights_cosine"] <= 1 and 0 <= s["error_ceiling"] <= 1
+               for s in stages)
     # stage 0 stepped on the exact gradient instead of its head's: a different run
     oracle = train_rule("local", cfg, ds, hop_delay=1, probe_every=0, oracle=0)
     assert oracle["test_loss"] != probed["test_loss"]
+
+
+def test_the_probe_sets_the_step_beside_the_exact_gradient_on_the_weights():
+    """on_weights: the cosine of the weights' gradients the step and the exact gradient give,
+    and how far the batch's two halves agree on the error's: fully where the second half
+    repeats the first, hardly where the error is noise independent of the input."""
+    from bench.rules import on_weights
+    gen = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4, generator=gen).repeat(2, 1)
+    exact = torch.randn(2, 3, generator=gen).repeat(2, 1)
+    along, halves = on_weights(layer, layer(x), 0.5 * exact, exact)
+    assert abs(along - 1) < 1e-9 and abs(halves - 1) < 1e-9
+    layer = torch.nn.Linear(64, 32)
+    x = torch.randn(512, 64, generator=gen)
+    stepped, exact = torch.randn(512, 32, generator=gen), torch.randn(512, 32, generator=gen)
+    along, halves = on_weights(layer, layer(x), stepped, exact)
+    # independent directions among 2,080 weights: cosines of about 1/sqrt(2080) = 0.02
+    assert abs(halves) < 0.1 and abs(along) < 0.1, (halves, along)
 
 
 def test_the_probe_changes_nothing_it_watches():
