@@ -59,7 +59,7 @@ from synthgrad.common.data import eval_batches, train_batches  # noqa: E402
 from synthgrad.common.datasets import run_dataset  # noqa: E402
 from synthgrad.common.evaluation import EvalTally  # noqa: E402
 from synthgrad.common.models import build_units, stage_bounds, stage_io_shapes  # noqa: E402
-from synthgrad.common.modes import Corrected, Mode, UpdateRule  # noqa: E402
+from synthgrad.common.modes import Corrected, Mode, UpdateRule, weight_gradients  # noqa: E402
 from synthgrad.common.costs import helper_models, unit_costs  # noqa: E402
 from synthgrad.workers.stage import StageLogic  # noqa: E402
 
@@ -158,7 +158,7 @@ class Probe:
                 exact = self.exact(i, h, labels)
                 if probing and g is not None:
                     a, b = g.reshape(-1).double(), exact.reshape(-1).double()
-                    cos = float(a @ b / max(float(a.norm() * b.norm()), 1e-30))
+                    cos = _cos(a, b)
                     self.rows[i].append((step, cos, float((a - b).norm() / max(float(b.norm()), 1e-30)),
                                          *on_weights(st.parts.layers.module, h, g, exact)))
                     if self.on_probe is not None:
@@ -195,10 +195,7 @@ class Probe:
 
 
 def _flat_grad(module: nn.Module, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """The gradients of `module`'s weights that output gradient g gives, flat (h's graph kept)."""
-    params = list(module.parameters())
-    grads = torch.autograd.grad(h, params, g.to(h.dtype), retain_graph=True, allow_unused=True)
-    return torch.cat([(torch.zeros_like(p) if d is None else d).reshape(-1).double() for p, d in zip(params, grads)])
+    return weight_gradients(h, list(module.parameters()), g)
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:

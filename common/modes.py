@@ -375,15 +375,19 @@ def weight_products(kept: Any, p: "torch.Tensor", t: "torch.Tensor", share: Any)
     graph stays for the step's own dL/dx."""
     import torch
     weights = list(kept.weights.values())
-    flat = []
-    for out in (p, t):
-        grads = torch.autograd.grad(kept.h, weights, out.to(kept.h.dtype), retain_graph=True, allow_unused=True)
-        flat.append(torch.cat([(torch.zeros_like(w) if d is None else d).reshape(-1).double()
-                               for w, d in zip(weights, grads)]))
+    flat = [weight_gradients(kept.h, weights, out) for out in (p, t)]
     both = torch.cat(flat)
     share.total(both)
     a, b = both.split(len(flat[0]))
     return float(a @ b), float(a @ a), float(b @ b)
+
+
+def weight_gradients(h: "torch.Tensor", weights: list, g: "torch.Tensor") -> "torch.Tensor":
+    """The gradients of `weights` that output gradient `g` gives through `h`'s graph (kept for
+    more), flat and in float64, zeros for a weight `h` does not use."""
+    import torch
+    grads = torch.autograd.grad(h, weights, g.to(h.dtype), retain_graph=True, allow_unused=True)
+    return torch.cat([(torch.zeros_like(w) if d is None else d).reshape(-1).double() for w, d in zip(weights, grads)])
 
 
 FD_STEP = 1e-3  # through_weights' finite difference: its step, as a share of the weights' norm
@@ -401,8 +405,7 @@ def through_weights(kept: Any, module: Any, r: "torch.Tensor", share: Any) -> "t
     import torch
     names = list(kept.weights)
     weights = [kept.weights[n] for n in names]
-    grads = torch.autograd.grad(kept.h, weights, r.to(kept.h.dtype), retain_graph=True, allow_unused=True)
-    flat = torch.cat([(torch.zeros_like(w) if d is None else d).reshape(-1).float() for w, d in zip(weights, grads)])
+    flat = weight_gradients(kept.h, weights, r)
     share.total(flat)
     size = float(flat.norm())
     if size == 0:

@@ -63,7 +63,7 @@ class Kept:
     prediction: Optional[torch.Tensor] = None  # what the rule's predictor said at forward time
     prior: Optional[torch.Tensor] = None  # what the rule stepped on besides (residual: the head's)
     weights: Optional[dict] = None  # the stashed weights h was computed with (name -> clone)
-    # the forward pass again at other weights (--sg-learn-weights): its input and random state
+    # the forward pass again at other weights (--sg-learn-weights): its input, random and stream state
     rerun: Optional["Rerun"] = None
 
 
