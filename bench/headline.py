@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from synthgrad.common.config import RunConfig  # noqa: E402
+from synthgrad.coordinator.compare import rule_options  # noqa: E402
 from synthgrad.common.reports import RunFailed  # noqa: E402
 from synthgrad.common.procs import available_cores  # noqa: E402
 from synthgrad.coordinator.train import train  # noqa: E402
@@ -38,32 +39,8 @@ from synthgrad.coordinator.train import train  # noqa: E402
 WITHIN = 0.005  # "reaches backprop's accuracy": within half a point of its final test accuracy
 
 
-def _options(rule: str) -> tuple[str, dict]:
-    """`local+replicas=1/2/1/1+groups=2/2` -> ("local", {"replicas": (1, 2, 1, 1), "groups": (2, 2)}):
-    a rule with options of its own (a list's entries separated by "/", as "," separates rules)."""
-    name, *opts = rule.split("+")
-    changes: dict = {}
-    for opt in opts:
-        key, _, value = opt.partition("=")
-        changes[key.replace("-", "_")] = (tuple(int(v) for v in value.split("/")) if "/" in value or key in
-                                          ("replicas", "threads", "groups") else _scalar(value))
-    return name, changes
-
-
-def _scalar(value: str):
-    """An option's value as the config wants it: true/false, a number, or the word itself."""
-    if value in ("true", "false"):
-        return value == "true"
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
-
-
 def _config(args, rule: str, out: Path) -> RunConfig:
-    rule, options = _options(rule)
+    rule, options = rule_options(rule)
     mode, _, n = rule.partition(":")
     changes = {"mode": mode, "out": str(out), **options}
     if n:

@@ -54,7 +54,7 @@ import torch.nn as nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from synthgrad.common.config import RunConfig  # noqa: E402
+from synthgrad.common.config import ConfigError, RunConfig, field_value  # noqa: E402
 from synthgrad.common.data import eval_batches, train_batches  # noqa: E402
 from synthgrad.common.datasets import run_dataset  # noqa: E402
 from synthgrad.common.evaluation import EvalTally  # noqa: E402
@@ -321,15 +321,13 @@ def parse_fields(p: argparse.ArgumentParser, items: list[str]) -> dict:
     """`--set field=value` items as RunConfig fields (values as JSON where they parse)."""
     fields = {}
     for item in items:
-        key, _, value = item.partition("=")
-        key = key.replace("-", "_")
+        try:
+            key, value = field_value(item)
+        except ConfigError as exc:
+            p.error(f"--set {exc}")
         if key in ("mode", "true_grad_every"):
             p.error(f"--set {key}: each rule sets it (unlocked:10)")
-        try:
-            parsed = json.loads(value)  # numbers, true/false, null, lists
-        except json.JSONDecodeError:
-            parsed = value  # a plain word: sgd, lowrank
-        fields[key] = tuple(parsed) if isinstance(parsed, list) else parsed
+        fields[key] = value
     return fields
 
 

@@ -212,6 +212,12 @@ class RunConfig:
                                          "layer: a stage whose layers mix positions is then asked for what "
                                          "a later layer's attention reads, not only for what its own "
                                          "position predicts")
+    head_next_layer: int = SYNTHETIC.opt(0, "local heads: the first this many stages' heads begin with a "
+                                         "freshly initialised copy of the layer after their stage (on a GPT, "
+                                         "a transformer block), then read out as usual: the stage is asked "
+                                         "for what that layer reads, not for what a classifier reads off "
+                                         "it (the first stage's head held most of local's gap on the small "
+                                         "GPT: docs/results.md); costs that layer's work again; 0: none")
     head_norm: bool = SYNTHETIC.opt(True, "local heads read the stage's output over its root mean square, so "
                                     "their loss cannot grow the stage's activations (a classifier's loss "
                                     "otherwise grows an early stage's, and the next stage's units die: "
@@ -451,6 +457,37 @@ AUTO_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.metadata.
 
 def default_backprop_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def field_value(text: str) -> tuple[str, Any]:
+    """`field=value` (a bench script's `--set` item, a compare contender's `+field=value`) as a
+    RunConfig field and its value: JSON where it parses (numbers, true/false, null; a list as a
+    tuple), numbers separated by "/" as a tuple (where "," already separates contenders; one
+    number alone for a tuple field is a tuple of one), else the word itself (sgd, lowrank).
+    Raises ConfigError naming an unknown field."""
+    import json
+    key, sep, value = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key:
+        raise ConfigError(f"{text!r}: expected field=value, e.g. head_next_layer=1")
+    if key not in RunConfig.__dataclass_fields__:
+        raise ConfigError(f"{text!r}: unknown option {key} (the names are those of `launch.py train --help`)")
+
+    def parsed(word: str) -> Any:
+        try:
+            return json.loads(word)
+        except json.JSONDecodeError:
+            return word
+
+    parts = [parsed(v) for v in value.split("/")]
+    if len(parts) > 1 and all(isinstance(v, (int, float)) for v in parts):
+        return key, tuple(parts)
+    got = parsed(value)
+    if isinstance(got, list):
+        return key, tuple(got)
+    if isinstance(got, int) and "tuple" in str(RunConfig.__dataclass_fields__[key].type):
+        return key, (got,)
+    return key, got
 
 
 # the fields a run's config.json holds that belong to that run, not to a new one started from it

@@ -201,10 +201,27 @@ class HeadChoice:
     attention: bool = False  # per position, also reads the earlier positions (--head-attention)
     hidden: Optional[int] = None  # a conv head's hidden channels; None: the activation's (or not a conv head)
     side: Optional[int] = None  # the largest map a conv head's hidden layers run on (--head-side); None: none run
+    # the layer (unit index) after the stage, whose fresh copy the head runs first
+    # (--head-next-layer); None: none
+    lead: Optional[int] = None
+    lead_is_output: bool = False  # that layer is the model's last: its output is the head's logits
 
-    def build(self, cfg: RunConfig, out_shape: Sequence[int]) -> LocalHead:
+    def build(self, cfg: RunConfig, out_shape: Sequence[int], seed: int = 0) -> LocalHead:
+        """`seed`: draws the lead's weights (a model of the run's shape built from it, the
+        one layer kept), so that it does not start as the next stage's own layer."""
+        lead = None if self.lead is None else build_units(cfg.replace(seed=seed))[self.lead]
         return LocalHead(out_shape, cfg.classes, self.pool, cfg.per_position, self.depth, self.reconstructs,
-                         self.scale_free, self.attention, self.hidden, self.side)
+                         self.scale_free, self.attention, self.hidden, self.side, lead, self.lead_is_output)
+
+
+class Lead(NamedTuple):
+    """The layer after a stage, offered as the start of its head (--head-next-layer): its
+    index among the model's layers, its training FLOPs per sample, its output shape, and
+    whether it is the model's last."""
+    index: int
+    flops: float
+    out_shape: tuple[int, ...]
+    is_output: bool
 
 
 HEAD_POOLS = (2, 1)  # a conv activation's head pools to 2x2 (DGL's auxiliary nets), else 1x1
@@ -213,11 +230,15 @@ HEAD_POOLS = (2, 1)  # a conv activation's head pools to 2x2 (DGL's auxiliary ne
 @functools.lru_cache(maxsize=1024)
 def _head_flops(out_shape: tuple[int, ...], classes: int, pool: int, per_position: bool = False,
                 depth: int = 0, reconstructs: Optional[tuple[int, ...]] = None, attention: bool = False,
-                hidden: Optional[int] = None, side: Optional[int] = None) -> float:
-    head = LocalHead(out_shape, classes, pool, per_position, depth, reconstructs, attention=attention,
-                     hidden=hidden, side=side)
-    decoding = training_flops(head.decoder, out_shape) if head.decoder is not None else 0.0
-    return training_flops(head, out_shape) + decoding + (_attention_flops(out_shape) if attention else 0.0)
+                hidden: Optional[int] = None, side: Optional[int] = None,
+                read_shape: Optional[tuple[int, ...]] = None) -> float:
+    """A head's training FLOPs per sample, less its lead's (`read_shape`: what the lead gives
+    the rest of the head; a decoder reads `out_shape`)."""
+    read = out_shape if read_shape is None else read_shape
+    head = LocalHead(read, classes, pool, per_position, depth, attention=attention, hidden=hidden, side=side)
+    decoding = (training_flops(Reconstruction(out_shape, reconstructs), out_shape)
+                if reconstructs is not None else 0.0)
+    return training_flops(head, read) + decoding + (_attention_flops(read) if attention else 0.0)
 
 
 def _attention_flops(out_shape: tuple[int, ...]) -> float:
@@ -230,7 +251,7 @@ def _attention_flops(out_shape: tuple[int, ...]) -> float:
 
 def choose_head(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
                 in_shape: Optional[Sequence[int]] = None, depth: int = 0, hidden: Optional[int] = None,
-                side: Optional[int] = None) -> HeadChoice:
+                side: Optional[int] = None, lead: Optional[Lead] = None) -> HeadChoice:
     """The local head a stage gets: priced against the stage's own training FLOPs like a
     predictor (`--sg-budget`). A conv activation's head pools to 2x2, or to 1x1 when 2x2 is
     over the budget; its hidden layers are chosen against --head-budget (`head_depths`). A head
@@ -238,28 +259,35 @@ def choose_head(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
     than that keeps it, and the layout reports its share. `depth`, `hidden`, `side`: its hidden
     layers, a conv head's hidden channels and map side where --head-depth is auto
     (`head_depths` chose them); a given --head-depth overrides them (all the channels, at
-    --head-side)."""
+    --head-side). `lead`: the layer after the stage, which the head runs first
+    (--head-next-layer); its cost is the head's too, but not what the pooling is chosen by."""
     if cfg.head_depth is not None:
         depth, hidden, side = cfg.head_depth, None, None
-    return _head_of_depth(cfg, out_shape, stage_flops, in_shape, depth, hidden, side)
+    return _head_of_depth(cfg, out_shape, stage_flops, in_shape, depth, hidden, side, lead)
 
 
 def _head_of_depth(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
                    in_shape: Optional[Sequence[int]], depth: int, hidden: Optional[int] = None,
-                   side: Optional[int] = None) -> HeadChoice:
-    shape = tuple(out_shape)
+                   side: Optional[int] = None, lead: Optional[Lead] = None) -> HeadChoice:
+    if lead is not None and lead.is_output:  # the head is that layer alone
+        return HeadChoice(HEAD_POOLS[0], lead.flops, 0, None, cfg.head_norm, False, None, None, lead.index, True)
+    shape = tuple(out_shape) if lead is None else tuple(lead.out_shape)
+    reconstruct_from = tuple(out_shape)
     pools = HEAD_POOLS if len(shape) == 3 else (HEAD_POOLS[0],)
     budget = cfg.sg_budget * stage_flops
-    wanted = cfg.head_reconstruct > 0 and in_shape is not None and Reconstruction.fits(shape, in_shape)
+    wanted = (cfg.head_reconstruct > 0 and in_shape is not None
+              and Reconstruction.fits(reconstruct_from, in_shape))
     reconstructs = tuple(in_shape) if wanted and in_shape is not None else None
     attention = cfg.head_attention and cfg.per_position
     hidden_convs = depth > 0 and len(shape) == 3
     hidden = hidden if hidden_convs and hidden != shape[0] else None  # None: all of the channels
     side = (side or cfg.head_side) if hidden_convs else None  # None: --head-side
     for pool in pools:
-        flops = _head_flops(shape, cfg.classes, pool, cfg.per_position, depth, reconstructs, attention, hidden, side)
+        flops = _head_flops(reconstruct_from, cfg.classes, pool, cfg.per_position, depth, reconstructs, attention,
+                            hidden, side, None if lead is None else shape)
         if flops <= budget or pool == pools[-1]:
-            return HeadChoice(pool, flops, depth, reconstructs, cfg.head_norm, attention, hidden, side)
+            return HeadChoice(pool, flops + (0.0 if lead is None else lead.flops), depth, reconstructs,
+                              cfg.head_norm, attention, hidden, side, None if lead is None else lead.index)
     raise AssertionError("unreachable: the last pool always returns")
 
 
@@ -355,13 +383,14 @@ class Helpers:
 
 def choose_helpers(cfg: RunConfig, *, is_last: bool, out_shape: Sequence[int], stage_flops: float,
                    state_widths: Sequence[int] = (), in_shape: Optional[Sequence[int]] = None,
-                   head_layer: HiddenLayer = HiddenLayer(0)) -> Helpers:
+                   head_layer: HiddenLayer = HiddenLayer(0), lead: Optional[Lead] = None) -> Helpers:
     """The helper models the run's rule gives a stage: a predictor of its output and a local
     head (not on the last stage, whose gradient is exact) where the rule uses them, and a state
     predictor per recurrent layer (`state_widths`) where the rule predicts gradients on stream
     data, every one priced against the stage's own training FLOPs (`stage_flops`).
     `head_layer`: the head's hidden layers where --head-depth is auto (the layout's
-    `head_depths`, which sees every stage)."""
+    `head_depths`, which sees every stage); `lead`: the layer after the stage, where
+    --head-next-layer gives the head a copy of it (the layout's, which sees every layer)."""
     rule = cfg.stage_rule  # None for the modes with processes of their own (pipeline)
     if rule is None:
         return Helpers()
@@ -375,7 +404,7 @@ def choose_helpers(cfg: RunConfig, *, is_last: bool, out_shape: Sequence[int], s
         # work on a large map costs the stage a quarter of its time. With a head's gradient to
         # step on, the stage goes without; without one, it keeps what it can afford
         predictor = None
-    head = (choose_head(cfg, out_shape, stage_flops, in_shape, *head_layer)
+    head = (choose_head(cfg, out_shape, stage_flops, in_shape, *head_layer, lead=lead)
             if rule.uses_head and not is_last else None)
     states = tuple(choose_predictor(cfg.replace(conditioned=False), (width,), stage_flops)
                    for width in state_widths) if rule.uses_predictor and cfg.per_position else ()
@@ -404,9 +433,23 @@ def helper_models(cfg: RunConfig, units: Sequence[nn.Module], costs: Sequence[fl
     for i, ((a, b), own) in enumerate(zip(spans, own_flops)):
         widths = (state_sizes(nn.Sequential(*units[a:b]), shapes[a])
                   if rule is not None and rule.uses_predictor and cfg.per_position else [])
+        lead = next_layer_lead(units, costs, shapes, b) if i < min(cfg.head_next_layer, last) else None
         helpers.append(choose_helpers(cfg, is_last=i == last, out_shape=shapes[b], stage_flops=own,
-                                      state_widths=widths, in_shape=shapes[a], head_layer=depths[i]))
+                                      state_widths=widths, in_shape=shapes[a], head_layer=depths[i], lead=lead))
     return tuple(own_flops), tuple(helpers)
+
+
+def next_layer_lead(units: Sequence[nn.Module], costs: Sequence[float], shapes: Sequence[Sequence[int]],
+                    index: int) -> Lead:
+    """The layer at `index` (the one after a stage) as the start of that stage's head
+    (--head-next-layer). A recurrent layer is refused: a head has no stream to carry its
+    state along, and a fresh state every window is not the layer the stage feeds."""
+    from synthgrad.common.validation import ConfigError
+    from synthgrad.common.recurrent import recurrent_layers
+    if recurrent_layers(units[index]):
+        raise ConfigError(f"--head-next-layer: layer {index} ({type(units[index]).__name__}) is recurrent; a "
+                         f"head cannot begin with a copy of it (take fewer stages' heads, or 0)")
+    return Lead(index, costs[index], tuple(shapes[index + 1]), index == len(units) - 1)
 
 
 def core_flops_per_s(batch: int = 256, width: int = 1024, repeats: int = 5) -> float:

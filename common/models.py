@@ -380,19 +380,25 @@ class LocalHead(nn.Module):
     def __init__(self, shape: Sequence[int], num_classes: int = NUM_CLASSES, pool: int = 2,
                  per_position: bool = False, depth: int = 0, reconstructs: Optional[Sequence[int]] = None,
                  scale_free: bool = False, attention: bool = False, hidden: Optional[int] = None,
-                 side: Optional[int] = None):
+                 side: Optional[int] = None, lead: Optional[nn.Module] = None, lead_is_output: bool = False):
         """`hidden`: a conv head's hidden channels (None: the activation's); `side`: the
-        largest map its hidden convs run on, a side (None: HEAD_CONV_SIDE)."""
+        largest map its hidden convs run on, a side (None: HEAD_CONV_SIDE). `lead`: a layer the
+        head runs first (--head-next-layer: a fresh copy of the layer after the stage), the rest
+        of the head reading its output; `lead_is_output`: that layer is the model's last, whose
+        output is already the logits, so nothing reads it."""
         super().__init__()
         shape = tuple(shape)
+        decoded = shape  # a decoder reads the stage's output itself, a lead or not
+        if lead is not None:
+            shape = unit_shapes([lead], shape)[0]
         # reads h over its root mean square (per sample; per position with targets at every
         # position): the head's loss then has no gradient along h itself, so it cannot grow the
         # stage's activations, which a classifier's loss otherwise does without bound. A conv
         # map is pooled first (pooling is linear, so the head stays scale-free): on an early,
         # large map the normalisation would otherwise cost more than the stage's own layers
-        norm = [_RootMeanSquare(per_position)] if scale_free else []
+        norm = [_RootMeanSquare(per_position)] if scale_free and lead is None else []
         # decodes the stage's input (of shape `reconstructs`) from its output: --head-reconstruct
-        self.decoder = Reconstruction(shape, reconstructs) if reconstructs is not None else None
+        self.decoder = Reconstruction(decoded, reconstructs) if reconstructs is not None else None
         if per_position:
             if len(shape) != 2:
                 raise ValueError(f"a local head for targets at every position needs [time, features] "
@@ -428,6 +434,9 @@ class LocalHead(nn.Module):
             self.net = nn.Sequential(nn.Flatten(), *norm, nn.Linear(math.prod(shape), num_classes))
         else:
             raise ValueError(f"no local head for activations of shape {shape}")
+        if lead is not None:  # the norm, where asked for, comes before the lead: it reads h
+            first = [_RootMeanSquare(per_position)] if scale_free else []
+            self.net = nn.Sequential(*first, lead, *([] if lead_is_output else [self.net]))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.net(h)

@@ -439,7 +439,7 @@ class Head:
     def build(cls, choice: HeadChoice, cfg: Any, out_shape: Sequence[int], seed: int, device: torch.device,
               share: Share, stage: int = 0) -> "Head":
         torch.manual_seed(seed)
-        model = choice.build(cfg, out_shape).to(device)
+        model = choice.build(cfg, out_shape, seed).to(device)
         return cls(model, make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum), choice, share,
                    cfg.per_position, stage, cfg.head_reconstruct)
 

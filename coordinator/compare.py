@@ -8,13 +8,14 @@ every position) by test loss, in bits per target with perplexity beside (common/
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from synthgrad.common import scores
-from synthgrad.common.config import ConfigError, RunConfig
+from synthgrad.common.config import ConfigError, RunConfig, field_value
 from synthgrad.common.datasets import StreamOptions, data_spec
 from synthgrad.common.modes import MODE_NAMES, Mode, spoken
 from synthgrad.common.files import atomic_write_json
@@ -109,14 +110,29 @@ class Contender:
     config: RunConfig
 
 
+def rule_options(item: str) -> tuple[str, dict]:
+    """`local+head_next_layer=1+groups=2/2` -> ("local", {"head_next_layer": 1, "groups": (2, 2)}):
+    a contender with options of its own, each `+field=value` (common/config.py field_value)."""
+    rule, *options = item.split("+")
+    return rule.strip(), dict(field_value(o) for o in options)
+
+
 def parse_contenders(text: str, base: RunConfig, out: Path) -> list[Contender]:
-    """'backprop,pipeline,locked,unlocked,unlocked:10,stale:10' -> validated configs.
-    A mode's ':N' sets its --true-grad-every; without it the base config's value is used."""
+    """'backprop,pipeline,locked,unlocked,unlocked:10,stale:10,local+head_next_layer=1' ->
+    validated configs. A mode's ':N' sets its --true-grad-every; without it the base config's
+    value is used. `+field=value` sets an option for that contender alone (on top of the
+    invocation's), so that one invocation measures a rule with and without it."""
     cores = len(available_cores())
     result: list[Contender] = []
     for item in [t.strip() for t in text.split(",") if t.strip()]:
-        mode, _, n = item.partition(":")
-        changes: dict = {"mode": mode}
+        try:
+            rule, options = rule_options(item)
+        except ConfigError as exc:
+            raise ConfigError(f"contender {item!r}: {exc}") from None
+        if {"mode", "true_grad_every", "out"} & set(options):
+            raise ConfigError(f"contender {item!r}: the mode, its N (':N') and the folder are not options here")
+        mode, _, n = rule.partition(":")
+        changes: dict = {"mode": mode, **options}
         if n:
             if mode in MODE_NAMES and not Mode(mode).takes_n:
                 takers = spoken(tuple(m.value for m in Mode if m.takes_n))
@@ -132,7 +148,8 @@ def parse_contenders(text: str, base: RunConfig, out: Path) -> list[Contender]:
             name = f"{mode} N={changes.get('true_grad_every', base.true_grad_every)}"
         elif mode == Mode.PIPELINE:
             name = f"pipeline {base.schedule} x{base.microbatches}"
-        folder = name.replace(" ", "_").replace("=", "").replace(":", "")
+        name += "".join(f" {o.strip()}" for o in item.split("+")[1:])
+        folder = re.sub(r"[^A-Za-z0-9_.-]+", "", name.replace(" ", "_"))
         try:
             cfg = base.replace(**changes, out=str(out / "runs" / folder))
         except ConfigError as exc:

@@ -103,6 +103,7 @@ class Layout:
                                for c, share in zip(self.predictors, self.predictor_shares)],
                 "heads": [None if c is None else {"pool": c.pool, "depth": c.depth, "hidden": c.hidden,
                                                   "side": c.side, "attention": c.attention,
+                                                  "next_layer": c.lead,
                                                   "share_of_stage_flops": round(share, 4)}
                           for c, share in zip(self.heads, self.head_shares)],
                 "state_predictors": [[{"rank": c.rank, "share_of_stage_flops": round(share, 4)}
@@ -114,7 +115,7 @@ class Layout:
         ceiling = self.ceiling_samples_per_s
         sg = [f"{i}: rank {c.rank}{' 1x1' if c.kernel == 1 else ''} {100 * share:.0f}%"
               for i, (c, share) in enumerate(zip(self.predictors, self.predictor_shares)) if c is not None]
-        heads = [f"{i}: {'hidden layer ' * c.depth}{f'of {c.hidden} ' if c.depth and c.hidden else ''}"
+        heads = [f"{i}: {f'layer {c.lead} copied ' if c.lead is not None else ''}{'hidden layer ' * c.depth}{f'of {c.hidden} ' if c.depth and c.hidden else ''}"
                  f"{f'at {c.side}x{c.side} ' if c.depth and c.side else ''}"
                  f"{'attention ' if c.attention else ''}{100 * share:.1f}%"
                  for i, (c, share) in enumerate(zip(self.heads, self.head_shares)) if c is not None]

@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="run several contenders one after another; write compare.json/.md and plots",
         formatter_class=DefaultsOnce, allow_abbrev=False)
     compare.add_argument("--contenders", default=None,
-                         help="modes to run, in order; unlocked:N / stale:N set their --true-grad-every "
-                              "(default: backprop,pipeline,locked,unlocked,stale; on stream data without "
+                         help="modes to run, in order; unlocked:N / stale:N set their --true-grad-every; "
+                              "+field=value sets an option for one contender alone, e.g. "
+                              "local,local+head_next_layer=1 (a list's numbers separated by /) (default: backprop,pipeline,locked,unlocked,stale; on stream data without "
                               "pipeline, which does not take it)")
     compare.add_argument("--target-accuracy", type=float, default=None,
                          help="class data: time_to_target_s is the wall clock at which a test evaluation "

@@ -57,6 +57,31 @@ def test_contenders_parse_and_fail_before_anything_runs(tmp_path):
         parse_contenders("locked,locked", base, tmp_path)
 
 
+def test_a_contender_takes_options_of_its_own(tmp_path):
+    """`local+head_next_layer=1` runs local with that option and the invocation's others; the
+    plain `local` beside it keeps the invocation's value."""
+    base = RunConfig(dataset="synthetic", lr=0.01)
+    plain, own, split = parse_contenders("local,local+head_next_layer=1,unlocked:5+groups=2/1/1+sg_model=mlp",
+                                         base, tmp_path)
+    assert plain.config.head_next_layer == 0 and own.config.head_next_layer == 1 and own.config.lr == 0.01
+    assert own.name == "local head_next_layer=1" and plain.config.out != own.config.out
+    assert own.config.out.endswith("local_head_next_layer1")
+    assert split.config.groups == (2, 1, 1) and split.config.sg_model == "mlp" and split.config.true_grad_every == 5
+    for bad, needle in (("local+no_such=1", "unknown option no_such"), ("local+head_next_layer", "field=value"),
+                        ("local+head_next_layer=-1", "head-next-layer"), ("local+mode=unlocked", "not options")):
+        with pytest.raises(ConfigError, match=needle):
+            parse_contenders(bad, base, tmp_path)
+
+
+def test_a_field_value_reads_as_the_config_wants_it():
+    from synthgrad.common.config import field_value
+    assert field_value("sg-model=lowrank") == ("sg_model", "lowrank")
+    assert field_value("lr=0.002") == ("lr", 0.002) and field_value("bootstrap=true") == ("bootstrap", True)
+    assert field_value("groups=[3,1,1]") == ("groups", (3, 1, 1)) == field_value("groups=3/1/1")
+    assert field_value("replicas=2") == ("replicas", (2,)) and field_value("head_depth=null") == ("head_depth", None)
+    assert field_value("data_dir=/data/x") == ("data_dir", "/data/x")  # a path's slashes stay
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_compare_writes_table_json_and_plots(tmp_path):

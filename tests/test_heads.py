@@ -71,7 +71,7 @@ def test_the_decoders_loss_is_part_of_the_gradient_a_stage_steps_on():
 def test_head_options_are_checked():
     for bad in ({"head_depth": -1}, {"head_depth": 9}, {"head_reconstruct": -0.5},
                 {"head_reconstruct": float("nan")}, {"head_budget": -0.1}, {"head_side": 0},
-                {"head_side": 2.5}, {"head_narrowest": 0}):
+                {"head_side": 2.5}, {"head_narrowest": 0}, {"head_next_layer": -1}, {"head_next_layer": 1.5}):
         with pytest.raises(ConfigError, match="head"):
             RunConfig(mode="local", **bad).validate()
 
@@ -257,3 +257,55 @@ def test_a_run_folder_from_before_narrower_heads_resumes_with_the_heads_it_had()
         del saved[field]
     heads = [h.head for h in plan_layout(RunConfig.from_dict(saved))[1].helpers[:-1]]
     assert [(h.depth, h.hidden, h.side) for h in heads] == [(1, None, 8), (0, None, None), (1, None, None)]
+
+
+def _gpt(**options) -> RunConfig:
+    return RunConfig(mode="local", dataset="text", model="bench.models:small_gpt", input_shape=(16, 32),
+                     label_shape=(16,), num_classes=32, **options)
+
+
+def test_a_head_can_begin_with_a_fresh_copy_of_the_layer_after_its_stage():
+    """--head-next-layer 1: the first stage's head runs a block of the model's own shape (its
+    own weights, drawn from the head's seed), then reads out every position; the layout prices
+    it at that block's cost on top of the head's; the other stages keep theirs."""
+    from synthgrad.common.costs import unit_costs
+    from synthgrad.common.models import build_units
+    from synthgrad.coordinator.layout import plan_layout
+    cfg = _gpt(head_next_layer=1)
+    units = build_units(cfg)
+    layout = plan_layout(cfg)[1]
+    plain = plan_layout(cfg.replace(head_next_layer=0))[1]
+    heads, plains = [h.head for h in layout.helpers[:-1]], [h.head for h in plain.helpers[:-1]]
+    assert layout.groups == (2, 1, 1, 1, 1) and heads[0].lead == 2 and not heads[0].lead_is_output
+    assert heads[1:] == plains[1:]  # only the first stage's head
+    assert heads[0].flops == pytest.approx(plains[0].flops + unit_costs(cfg, units)[2])
+    assert layout.record()["heads"][0]["next_layer"] == 2 and "0: layer 2 copied " in layout.describe()
+    model = heads[0].build(cfg, (16, 128), seed=5)
+    lead = model.net[1]  # after the norm: the head reads the stage's output over its RMS first
+    assert type(lead) is type(units[2])
+    pairs = list(zip(lead.state_dict().values(), units[2].state_dict().values()))
+    assert all(a.shape == b.shape for a, b in pairs)
+    assert any(not torch.equal(a, b) for a, b in pairs)  # a fresh draw, not the next stage's own start
+    assert model(torch.randn(3, 16, 128)).shape == (3, 16, 32)
+    again = heads[0].build(cfg, (16, 128), seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_a_head_whose_next_layer_is_the_read_out_is_that_layer_alone():
+    from synthgrad.coordinator.layout import plan_layout
+    heads = [h.head for h in plan_layout(_gpt(head_next_layer=99))[1].helpers[:-1]]
+    assert [h.lead for h in heads] == [2, 3, 4, 5]
+    assert [h.lead_is_output for h in heads] == [False, False, False, True]
+    last = heads[-1].build(_gpt(head_next_layer=99), (16, 128), seed=1)
+    assert len(last.net) == 2 and isinstance(last.net[1][-1], torch.nn.Linear)  # the norm, then the read-out
+    assert last(torch.randn(2, 16, 128)).shape == (2, 16, 32)
+
+
+def test_a_recurrent_next_layer_is_refused_by_name():
+    from synthgrad.common.costs import helper_models
+    from synthgrad.common.recurrent import Recurrent
+    cfg = RunConfig(mode="local", dataset="text", input_shape=(8, 4), label_shape=(8,), num_classes=5,
+                    groups=(1, 1, 1), head_next_layer=1)
+    units = [torch.nn.Linear(4, 16), Recurrent(torch.nn.LSTM(16, 16, batch_first=True)), torch.nn.Linear(16, 5)]
+    with pytest.raises(ConfigError, match="layer 1 .*recurrent"):
+        helper_models(cfg, units, [1.0, 1.0, 1.0])

@@ -211,7 +211,7 @@ def test_a_summarys_missing_or_mistyped_field_is_named():
 def _start() -> wire.Start:
     cfg = RunConfig(mode="local", groups=(1, 2), threads=(2,), input_shape=(1, 28, 28), num_classes=10,
                     label_shape=())
-    helpers = Helpers(PredictorChoice(8, 3, 1.5), HeadChoice(2, 3.0, depth=1, hidden=16, side=4),
+    helpers = Helpers(PredictorChoice(8, 3, 1.5), HeadChoice(2, 3.0, depth=1, hidden=16, side=4, lead=2),
                       (PredictorChoice(4, 1, 2.0),))
     return wire.Start(cfg, "/runs/a", 3, 100, helpers, threads=2)
 
