@@ -42,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from synthgrad.common.config import RunConfig, field_value  # noqa: E402
+from synthgrad.common.config import ConfigError, RunConfig, field_value  # noqa: E402
 from synthgrad.common.data import eval_batches, train_batches  # noqa: E402
 from synthgrad.common.datasets import StreamOptions, load_dataset  # noqa: E402
 from synthgrad.common.devices import CPU  # noqa: E402
@@ -228,7 +228,10 @@ def shared_fields(args) -> dict:
     fields = dict(model=args.model, batch_size=args.batch_size, lr=args.lr, progress_every=1e9)
     if args.sg_discount is not None:
         fields["sg_discount"] = args.sg_discount
-    fields.update(field_value(item) for item in args.set)
+    try:
+        fields.update(field_value(item) for item in args.set)
+    except ConfigError as exc:
+        raise SystemExit(f"--set {exc}") from None
     return fields
 
 

@@ -30,8 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from synthgrad.common.config import RunConfig  # noqa: E402
-from synthgrad.coordinator.compare import rule_options  # noqa: E402
+from synthgrad.common.config import RunConfig, rule_options  # noqa: E402
 from synthgrad.common.reports import RunFailed  # noqa: E402
 from synthgrad.common.procs import available_cores  # noqa: E402
 from synthgrad.coordinator.train import train  # noqa: E402

@@ -462,9 +462,10 @@ def default_backprop_threads() -> int:
 def field_value(text: str) -> tuple[str, Any]:
     """`field=value` (a bench script's `--set` item, a compare contender's `+field=value`) as a
     RunConfig field and its value: JSON where it parses (numbers, true/false, null; a list as a
-    tuple), numbers separated by "/" as a tuple (where "," already separates contenders; one
-    number alone for a tuple field is a tuple of one), else the word itself (sgd, lowrank).
-    Raises ConfigError naming an unknown field."""
+    tuple), a number as Python reads it (.5, inf), else the word itself (sgd, lowrank). A
+    tuple field (groups, replicas, ...) also takes numbers separated by "/" (where ","
+    already separates contenders) and one number alone. Raises ConfigError naming an unknown
+    field."""
     import json
     key, sep, value = text.partition("=")
     key = key.strip().replace("-", "_")
@@ -477,17 +478,27 @@ def field_value(text: str) -> tuple[str, Any]:
         try:
             return json.loads(word)
         except json.JSONDecodeError:
+            pass
+        try:
+            return float(word)
+        except ValueError:
             return word
 
-    parts = [parsed(v) for v in value.split("/")]
-    if len(parts) > 1 and all(isinstance(v, (int, float)) for v in parts):
-        return key, tuple(parts)
+    if "tuple" in str(RunConfig.__dataclass_fields__[key].type):
+        if "/" in value:
+            return key, tuple(parsed(v) for v in value.split("/"))
+        got = parsed(value)
+        return key, tuple(got) if isinstance(got, list) else (got,) if isinstance(got, int) else got
     got = parsed(value)
-    if isinstance(got, list):
-        return key, tuple(got)
-    if isinstance(got, int) and "tuple" in str(RunConfig.__dataclass_fields__[key].type):
-        return key, (got,)
-    return key, got
+    return key, tuple(got) if isinstance(got, list) else got
+
+
+def rule_options(item: str) -> tuple[str, dict[str, Any]]:
+    """`local+head_next_layer=1+groups=2/2` -> ("local", {"head_next_layer": 1, "groups": (2, 2)}):
+    a rule (a compare contender, a bench script's rule) with options of its own, each
+    `+field=value` (field_value)."""
+    rule, *options = item.split("+")
+    return rule.strip(), dict(field_value(o) for o in options)
 
 
 # the fields a run's config.json holds that belong to that run, not to a new one started from it

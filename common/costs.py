@@ -207,11 +207,16 @@ class HeadChoice:
     lead_is_output: bool = False  # that layer is the model's last: its output is the head's logits
 
     def build(self, cfg: RunConfig, out_shape: Sequence[int], seed: int = 0) -> LocalHead:
-        """`seed`: draws the lead's weights (a model of the run's shape built from it, the
-        one layer kept), so that it does not start as the next stage's own layer."""
-        lead = None if self.lead is None else build_units(cfg.replace(seed=seed))[self.lead]
+        """`seed`: the head's; the lead's weights are drawn from a seed of their own beside it
+        (a model of the run's shape built from it, the one layer kept), never the run's, so the
+        lead does not start as the next stage's own layer (the head's seed is the run's for
+        stage 0 at --seed 0)."""
+        lead = None if self.lead is None else build_units(cfg.replace(seed=LEAD_SEED + seed))[self.lead]
         return LocalHead(out_shape, cfg.classes, self.pool, cfg.per_position, self.depth, self.reconstructs,
                          self.scale_free, self.attention, self.hidden, self.side, lead, self.lead_is_output)
+
+
+LEAD_SEED = 1_000_003  # a head's lead is built from its head's seed plus this, never from the run's own seed
 
 
 class Lead(NamedTuple):
@@ -236,9 +241,13 @@ def _head_flops(out_shape: tuple[int, ...], classes: int, pool: int, per_positio
     the rest of the head; a decoder reads `out_shape`)."""
     read = out_shape if read_shape is None else read_shape
     head = LocalHead(read, classes, pool, per_position, depth, attention=attention, hidden=hidden, side=side)
-    decoding = (training_flops(Reconstruction(out_shape, reconstructs), out_shape)
-                if reconstructs is not None else 0.0)
-    return training_flops(head, read) + decoding + (_attention_flops(read) if attention else 0.0)
+    return (training_flops(head, read) + _decoder_flops(out_shape, reconstructs)
+            + (_attention_flops(read) if attention else 0.0))
+
+
+def _decoder_flops(out_shape: tuple[int, ...], reconstructs: Optional[tuple[int, ...]]) -> float:
+    """--head-reconstruct's decoder, reading the stage's output (0 without one)."""
+    return training_flops(Reconstruction(out_shape, reconstructs), out_shape) if reconstructs is not None else 0.0
 
 
 def _attention_flops(out_shape: tuple[int, ...]) -> float:
@@ -269,15 +278,16 @@ def choose_head(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
 def _head_of_depth(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
                    in_shape: Optional[Sequence[int]], depth: int, hidden: Optional[int] = None,
                    side: Optional[int] = None, lead: Optional[Lead] = None) -> HeadChoice:
-    if lead is not None and lead.is_output:  # the head is that layer alone
-        return HeadChoice(HEAD_POOLS[0], lead.flops, 0, None, cfg.head_norm, False, None, None, lead.index, True)
     shape = tuple(out_shape) if lead is None else tuple(lead.out_shape)
     reconstruct_from = tuple(out_shape)
-    pools = HEAD_POOLS if len(shape) == 3 else (HEAD_POOLS[0],)
-    budget = cfg.sg_budget * stage_flops
     wanted = (cfg.head_reconstruct > 0 and in_shape is not None
               and Reconstruction.fits(reconstruct_from, in_shape))
     reconstructs = tuple(in_shape) if wanted and in_shape is not None else None
+    if lead is not None and lead.is_output:  # the head is that layer alone (and a decoder where asked)
+        return HeadChoice(HEAD_POOLS[0], lead.flops + _decoder_flops(reconstruct_from, reconstructs), 0, reconstructs, cfg.head_norm, False, None, None,
+                          lead.index, True)
+    pools = HEAD_POOLS if len(shape) == 3 else (HEAD_POOLS[0],)
+    budget = cfg.sg_budget * stage_flops
     attention = cfg.head_attention and cfg.per_position
     hidden_convs = depth > 0 and len(shape) == 3
     hidden = hidden if hidden_convs and hidden != shape[0] else None  # None: all of the channels
@@ -426,14 +436,19 @@ def helper_models(cfg: RunConfig, units: Sequence[nn.Module], costs: Sequence[fl
     # per-position heads (stream data) are offered none: on the small GPT a hidden layer in
     # every head bought nothing (docs/results.md); --head-attention is theirs
     offered = rule is not None and rule.uses_head and cfg.head_depth is None and not cfg.per_position
-    options = [hidden_layer_options(cfg, shapes[b], own, shapes[a]) if offered and i < last else []
-               for i, ((a, b), own) in enumerate(zip(spans, own_flops))]
+    # --head-next-layer: the first stages' heads begin with the layer after them, which is
+    # their hidden depth (none more is offered them under auto; a given --head-depth adds it)
+    leads = [next_layer_lead(units, costs, shapes, b)
+             if rule is not None and rule.uses_head and i < min(cfg.head_next_layer, last) else None
+             for i, (a, b) in enumerate(spans)]
+    options = [hidden_layer_options(cfg, shapes[b], own, shapes[a]) if offered and i < last and leads[i] is None
+               else [] for i, ((a, b), own) in enumerate(zip(spans, own_flops))]
     depths = head_depths(cfg, own_flops, options)
     helpers = []
     for i, ((a, b), own) in enumerate(zip(spans, own_flops)):
         widths = (state_sizes(nn.Sequential(*units[a:b]), shapes[a])
                   if rule is not None and rule.uses_predictor and cfg.per_position else [])
-        lead = next_layer_lead(units, costs, shapes, b) if i < min(cfg.head_next_layer, last) else None
+        lead = leads[i]
         helpers.append(choose_helpers(cfg, is_last=i == last, out_shape=shapes[b], stage_flops=own,
                                       state_widths=widths, in_shape=shapes[a], head_layer=depths[i], lead=lead))
     return tuple(own_flops), tuple(helpers)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from synthgrad.common import scores
-from synthgrad.common.config import ConfigError, RunConfig, field_value
+from synthgrad.common.config import ConfigError, RunConfig, rule_options
 from synthgrad.common.datasets import StreamOptions, data_spec
 from synthgrad.common.modes import MODE_NAMES, Mode, spoken
 from synthgrad.common.files import atomic_write_json
@@ -110,11 +110,10 @@ class Contender:
     config: RunConfig
 
 
-def rule_options(item: str) -> tuple[str, dict]:
-    """`local+head_next_layer=1+groups=2/2` -> ("local", {"head_next_layer": 1, "groups": (2, 2)}):
-    a contender with options of its own, each `+field=value` (common/config.py field_value)."""
-    rule, *options = item.split("+")
-    return rule.strip(), dict(field_value(o) for o in options)
+def _spelled(value) -> str:
+    """An option's value as a contender's name spells it: a tuple's numbers separated by "/"."""
+    return "/".join(str(v) for v in value) if isinstance(value, tuple) else str(value).lower() \
+        if isinstance(value, bool) else str(value)
 
 
 def parse_contenders(text: str, base: RunConfig, out: Path) -> list[Contender]:
@@ -142,21 +141,21 @@ def parse_contenders(text: str, base: RunConfig, out: Path) -> list[Contender]:
             except ValueError:
                 raise ConfigError(f"contender {item!r}: N must be an integer") from None
         if mode == Mode.BACKPROP:
-            changes["backprop_threads"] = base.backprop_threads or cores
-        name = mode
-        if mode in MODE_NAMES and Mode(mode).takes_n:
-            name = f"{mode} N={changes.get('true_grad_every', base.true_grad_every)}"
-        elif mode == Mode.PIPELINE:
-            name = f"pipeline {base.schedule} x{base.microbatches}"
-        name += "".join(f" {o.strip()}" for o in item.split("+")[1:])
-        folder = re.sub(r"[^A-Za-z0-9_.-]+", "", name.replace(" ", "_"))
+            changes.setdefault("backprop_threads", base.backprop_threads or cores)
         try:
-            cfg = base.replace(**changes, out=str(out / "runs" / folder))
+            cfg = base.replace(**changes)
         except ConfigError as exc:
             raise ConfigError(f"contender {item!r}: {exc}") from None
-        if any(c.name == name for c in result):
+        name = mode
+        if mode in MODE_NAMES and Mode(mode).takes_n:
+            name = f"{mode} N={cfg.true_grad_every}"
+        elif mode == Mode.PIPELINE:
+            name = f"pipeline {cfg.schedule} x{cfg.microbatches}"
+        name += "".join(f" {k}={_spelled(v)}" for k, v in options.items())
+        folder = re.sub(r"[^A-Za-z0-9_.-]+", "", name.replace(" ", "_").replace("/", "-"))
+        if any(c.name == name or Path(c.config.out).name == folder for c in result):
             raise ConfigError(f"contender {name!r} is listed twice")
-        result.append(Contender(name, cfg))
+        result.append(Contender(name, cfg.replace(out=str(out / "runs" / folder))))
     if not result:
         raise ConfigError("--contenders is empty; e.g. backprop,pipeline,locked,unlocked,stale")
     return result

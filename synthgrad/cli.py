@@ -196,8 +196,26 @@ def _train_live(cfg: RunConfig, train):
 
 def exit_code_of(job: Callable[[], None]) -> int:
     """Run a training job and map how it ended to the exit code (and message) users rely on:
-    0 done, 2 bad config or data (before any process started), 1 run failed, 130 Ctrl-C."""
+    0 done, 2 bad config or data (before any process started), 1 run failed, 130 Ctrl-C or
+    SIGTERM. SIGTERM is taken as Ctrl-C where it would otherwise kill the process where it
+    stands (a backprop run, which trains in this process, or compare between its
+    contenders; a stage-worker run's coordinator takes both itself and checkpoints first), so
+    that a run stopped by it still writes its summary and stops what it started. Not under
+    torchrun, whose SIGTERM must stop a rank waiting in its rendezvous at once, and not where
+    SIGTERM is ignored or handled already."""
+    import os
+    import signal
+    import threading
     DataError, RunFailed = synthgrad.DataError, synthgrad.RunFailed
+
+    def interrupt(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    under_torchrun = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    takes_sigterm = (threading.current_thread() is threading.main_thread()  # only it may set a handler
+                     and not under_torchrun and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    if takes_sigterm:
+        signal.signal(signal.SIGTERM, interrupt)
     try:
         job()
     except (ConfigError, DataError) as exc:
@@ -212,6 +230,9 @@ def exit_code_of(job: Callable[[], None]) -> int:
     except KeyboardInterrupt:
         print("interrupted: every worker was stopped", file=sys.stderr)
         return 130
+    finally:
+        if takes_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return 0
 
 

@@ -77,6 +77,19 @@ def test_sigterm_saves_a_checkpoint_too(tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_sigterm_stops_a_backprop_run_with_its_summary(tmp_path):
+    """Backprop trains in the launcher's own process, where no coordinator takes SIGTERM: it
+    is taken as Ctrl-C, so the run still says how it ended (without it the process died where
+    it stood and left no summary.json)."""
+    with training_launcher(tmp_path, "--mode", "backprop") as (proc, _):
+        os.kill(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130, out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["error"] == "interrupted (Ctrl-C or SIGTERM)"
+
+
+@pytest.mark.timeout(120)
 def test_ctrl_c_twice_stops_at_once_and_leaves_no_orphans(tmp_path):
     """"At once" means without the checkpoint a single Ctrl-C waits for (that one:
     test_ctrl_c_saves_a_checkpoint_then_stops). Each link here takes 300 ms, so the checkpoint

@@ -291,6 +291,40 @@ def test_a_head_can_begin_with_a_fresh_copy_of_the_layer_after_its_stage():
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
 
+def test_the_lead_is_a_fresh_draw_at_the_runs_own_seed_too():
+    """Stage 0's head seed is the run's at --seed 0; the lead is still not the next stage's
+    starting layer."""
+    from synthgrad.common.models import build_units
+    from synthgrad.coordinator.layout import plan_layout
+    cfg = _gpt(head_next_layer=1, seed=0)
+    choice = plan_layout(cfg)[1].helpers[0].head
+    head = Head.build(choice, cfg, (16, 128), seed=cfg.seed * 7919 + 0, device=torch.device("cpu"), share=Share())
+    lead, block = head.model.net[1], build_units(cfg)[2]
+    assert any(not torch.equal(a, b) for a, b in zip(lead.state_dict().values(), block.state_dict().values()))
+
+
+def test_a_conv_head_with_a_lead_is_offered_no_other_hidden_layer():
+    """Under --head-depth auto the lead is the head's hidden depth: the budget's hidden conv
+    goes to the heads without one, and what a lead costs is the next layer's training."""
+    from synthgrad.coordinator.layout import plan_layout
+    cnn = RunConfig(mode="local", model="bench.models:digits_cnn", model_layers=4, input_shape=(1, 28, 28),
+                    num_classes=10)
+    plain = [h.head for h in plan_layout(cnn)[1].helpers[:-1]]
+    led = [h.head for h in plan_layout(cnn.replace(head_next_layer=1))[1].helpers[:-1]]
+    assert plain[0].depth == 1 and led[0].depth == 0 and led[0].lead == 1
+    assert [(h.depth, h.lead) for h in led[1:]] == [(h.depth, None) for h in plain[1:]]
+    assert led[0].build(cnn, (32, 26, 26), seed=3)(torch.randn(2, 32, 26, 26)).shape == (2, 10)
+
+
+def test_a_lead_is_refused_only_where_the_rule_has_heads():
+    from synthgrad.common.costs import helper_models
+    from synthgrad.common.recurrent import Recurrent
+    cfg = RunConfig(mode="locked", dataset="text", input_shape=(8, 4), label_shape=(8,), num_classes=5,
+                    groups=(1, 1, 1), head_next_layer=1)
+    units = [torch.nn.Linear(4, 16), Recurrent(torch.nn.LSTM(16, 16, batch_first=True)), torch.nn.Linear(16, 5)]
+    helper_models(cfg, units, [1.0, 1.0, 1.0])  # locked has no heads: nothing to refuse
+
+
 def test_a_head_whose_next_layer_is_the_read_out_is_that_layer_alone():
     from synthgrad.coordinator.layout import plan_layout
     heads = [h.head for h in plan_layout(_gpt(head_next_layer=99))[1].helpers[:-1]]
