@@ -284,8 +284,8 @@ def _head_of_depth(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
               and Reconstruction.fits(reconstruct_from, in_shape))
     reconstructs = tuple(in_shape) if wanted and in_shape is not None else None
     if lead is not None and lead.is_output:  # the head is that layer alone (and a decoder where asked)
-        return HeadChoice(HEAD_POOLS[0], lead.flops + _decoder_flops(reconstruct_from, reconstructs), 0, reconstructs, cfg.head_norm, False, None, None,
-                          lead.index, True)
+        return HeadChoice(HEAD_POOLS[0], lead.flops + _decoder_flops(reconstruct_from, reconstructs), 0,
+                          reconstructs, cfg.head_norm, False, None, None, lead.index, True)
     pools = HEAD_POOLS if len(shape) == 3 else (HEAD_POOLS[0],)
     budget = cfg.sg_budget * stage_flops
     attention = cfg.head_attention and cfg.per_position
@@ -463,7 +463,7 @@ def next_layer_lead(units: Sequence[nn.Module], costs: Sequence[float], shapes: 
     from synthgrad.common.recurrent import recurrent_layers
     if recurrent_layers(units[index]):
         raise ConfigError(f"--head-next-layer: layer {index} ({type(units[index]).__name__}) is recurrent; a "
-                         f"head cannot begin with a copy of it (take fewer stages' heads, or 0)")
+                          f"head cannot begin with a copy of it (take fewer stages' heads, or 0)")
     return Lead(index, costs[index], tuple(shapes[index + 1]), index == len(units) - 1)
 
 
