@@ -197,6 +197,11 @@ class RunConfig:
                                        "as a fraction of the heaviest stage's FLOPs (each stage) and of the "
                                        "model's (all of them); a hidden 3x3 conv at 4x4 costs a third of a "
                                        "same-width conv stage on a 7x7 map")
+    head_fill: str = SYNTHETIC.opt("width", "with --head-depth auto: how the heads' hidden layers are chosen "
+                                   "within --head-budget. width: every stage first a hidden layer of all "
+                                   "its channels at its smallest map, then narrower ones where that does "
+                                   "not fit, then larger maps where they keep the pace | stages: each "
+                                   "stage in turn the largest that keeps the pace (runs before this option)")
     head_side: int = SYNTHETIC.opt(8, "a conv head's hidden layers run on the stage's output average-pooled "
                                    "to at most this many pixels a side")
     head_narrowest: int = SYNTHETIC.opt(4, "with --head-depth auto: where a conv head's hidden layer at "
@@ -436,6 +441,7 @@ class RunConfig:
             # their hidden convs ran at 8x8, all of the channels or none, by the predictors' budget
             kwargs.update(head_side=8, head_narrowest=1,
                           head_budget=kwargs.get("sg_budget", cls.__dataclass_fields__["sg_budget"].default))
+        kwargs.setdefault("head_fill", "stages")  # a run folder from before --head-fill: its heads' rule
         for k in ("layers", "groups", "slow_stage", "fail_saves", "input_shape", "label_shape", "threads",
                   "replicas"):
             if kwargs.get(k) is not None and not isinstance(kwargs[k], str):  # "auto": __post_init__

@@ -458,6 +458,8 @@ def bounded(correction: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
 # what --sg-prior names: the rule of mode unlocked whose predictor has that prior
 SG_PRIORS: dict[str, type[UpdateRule]] = {"head": Residual, "none": Unlocked}
 DEFAULT_SG_PRIOR = "head"
+# what --head-fill names: how --head-depth auto spends --head-budget (common/costs.py head_depths)
+HEAD_FILLS = ("width", "stages")
 RULES: dict[Mode, type[UpdateRule]] = {rule.mode: rule for rule in
                                        (Locked, Unlocked, Stale, Local, Delayed, Corrected)}
 RULES[Mode.UNLOCKED] = SG_PRIORS[DEFAULT_SG_PRIOR]

@@ -139,17 +139,21 @@ def test_the_context_head_is_given_on_stream_data_only_and_priced():
     assert not choose_head(images, (32, 26, 26), 1e9).attention  # one target per sample: nothing to read
 
 
-def test_auto_head_depth_gives_a_hidden_layer_where_the_pipeline_can_pay_for_it():
-    """One hidden layer per head, from the first stage on, the first offered that leaves the
-    stage within (1 + budget) x the heaviest stage's FLOPs with all of them within budget x
-    the model's."""
+def offer(*extras):
+    """What head_depths is offered: the hidden layers' extra FLOPs, the largest first: all the
+    channels at 8x8, then at 4x4, then a half, a quarter ... of them at 4x4."""
+    from synthgrad.common.costs import HiddenLayer
+    layers = [HiddenLayer(1, None, 8), HiddenLayer(1, None, 4), *(HiddenLayer(1, 64 >> i, 4) for i in range(6))]
+    return list(zip(layers, extras))
+
+
+def test_auto_head_depth_stage_by_stage_keeps_the_pace_and_the_allowance():
+    """--head-fill stages (and width's fallback): one hidden layer per head, from the first
+    stage on, the first offered that leaves the stage within (1 + budget) x the heaviest
+    stage's FLOPs with all of them within budget x the model's."""
     from synthgrad.common.costs import HiddenLayer, head_depths
     one = HiddenLayer(1, None, 8)
-
-    def offer(*extras):  # what each option adds, the largest first
-        return [(HiddenLayer(1, None if i == 0 else 64 >> i, 8 if i == 0 else 4), e) for i, e in enumerate(extras)]
-
-    cfg = RunConfig(mode="local", head_budget=0.2)
+    cfg = RunConfig(mode="local", head_budget=0.2, head_fill="stages")
     own = [1.0, 100.0, 10.0, 0.1]  # a cheap stem, a heavy block, a light stage, the last stage
     assert head_depths(cfg, own, [offer(3.0), offer(14.0), offer(5.0), []]) == (one, one, one, HiddenLayer(0))
     # the heaviest stage's hidden layer would slow the pipeline's pace by more than the budget
@@ -157,12 +161,45 @@ def test_auto_head_depth_gives_a_hidden_layer_where_the_pipeline_can_pay_for_it(
     assert [layer.depth for layer in got] == [1, 0, 1, 0]
     # ... unless a smaller one is offered: the first that fits is given
     got = head_depths(cfg, own, [offer(3.0), offer(21.0, 10.5, 5.2), offer(5.0), []])
-    assert got[1] == HiddenLayer(1, 32, 4)
+    assert got[1] == HiddenLayer(1, None, 4)
     # the model's allowance (0.2 x 111.1 = 22.2) is spent from the first stage on
     got = head_depths(cfg, own, [offer(3.0), offer(19.0), offer(5.0), []])
     assert [layer.depth for layer in got] == [1, 1, 0, 0]
     assert head_depths(cfg, [1.0, 100.0], [[], []]) == (HiddenLayer(0), HiddenLayer(0))  # none offered
     assert head_depths(cfg.replace(head_depth=2), [1.0, 100.0], [offer(3.0), []]) == (HiddenLayer(2),) * 2
+
+
+def test_auto_head_depth_gives_every_head_all_its_channels_where_the_allowance_pays():
+    """--head-fill width (the default): where the allowance pays for the cheapest full-width
+    hidden layer in every head, each gets it, even where that slows the pipeline's pace by
+    more than the budget (an eight-stage CNN's 7x7 stages: a third); then larger maps, from
+    the first stage on, within both bounds. Where it does not pay, stage by stage."""
+    from synthgrad.common.costs import HiddenLayer, head_depths
+    cfg = RunConfig(mode="local", head_budget=0.2)
+    assert cfg.head_fill == "width"
+    small, large = HiddenLayer(1, None, 4), HiddenLayer(1, None, 8)
+    own = [10.0, 100.0, 100.0, 100.0, 0.1]  # allowance 62.02; the pace allows a stage 120
+    offered = [offer(12.0, 3.0, 1.5), offer(40.0, 30.0, 15.0), offer(40.0, 15.0, 7.5), offer(40.0, 14.0, 7.0), []]
+    # stage by stage: stage 0 takes its 8x8 map first, and the pace narrows stage 1 to a half
+    stages = head_depths(cfg.replace(head_fill="stages"), own, offered)
+    assert stages == (large, HiddenLayer(1, 64, 4), small, small, HiddenLayer(0))
+    # all the channels everywhere costs 3 + 30 + 15 + 14 = 62: stage 1 goes to 130, past the
+    # pace; stage 0's 8x8 (+9) would then take the total past the allowance
+    assert head_depths(cfg, own, offered) == (small, small, small, small, HiddenLayer(0))
+    # with room for it (allowance 93, pace 130), the larger map goes where it fits both
+    assert head_depths(cfg.replace(head_budget=0.3), own, offered) == (large, small, small, small, HiddenLayer(0))
+    # where the allowance cannot pay for every head's full width (3 + 30 + 15 + 20 = 68): stage by stage
+    tight = [*offered[:3], offer(40.0, 20.0, 10.0), []]
+    assert head_depths(cfg, own, tight) == head_depths(cfg.replace(head_fill="stages"), own, tight)
+    assert head_depths(cfg, [1.0, 100.0], [[], []]) == (HiddenLayer(0), HiddenLayer(0))  # none offered
+
+
+def test_head_fill_is_checked_and_old_runs_keep_their_rule():
+    with pytest.raises(ConfigError, match="--head-fill"):
+        RunConfig(mode="local", head_fill="widest").validate()
+    saved = RunConfig(mode="local").to_dict()
+    del saved["head_fill"]
+    assert RunConfig.from_dict(saved).head_fill == "stages"  # a run folder from before --head-fill
 
 
 def test_a_conv_head_is_offered_narrower_hidden_layers_at_lower_prices():
@@ -220,13 +257,15 @@ def test_the_layout_gives_the_depths_it_chose_to_every_stage():
                      num_classes=10, stages=8)
     layout = plan_layout(deep)[1]
     heads = [h.head for h in layout.helpers[:-1]]
-    # every stage gets one; the 128-channel stages on a 7x7 map at the budget's widths
-    # every stage gets one: 8x8 on the early maps, 4x4 on the 7x7 ones, the last two narrower
-    assert [(h.depth, h.hidden, h.side) for h in heads] == [(1, None, 8)] * 3 + [(1, None, 4)] * 2 + [(1, 64, 4),
-                                                                                                      (1, 32, 4)]
-    assert layout.record()["heads"][5]["hidden"] == 64 and layout.record()["heads"][5]["side"] == 4
-    assert "5: hidden layer of 64 at 4x4 " in layout.describe() and "4: hidden layer at 4x4 65" in layout.describe()
-    assert "0: hidden layer at 8x8 " in layout.describe()
+    # the allowance pays for a full-width 3x3 conv at 4x4 in every head, so every head gets one
+    # (the 7x7 stages' go a third past the pace); no 8x8 map fits what is left
+    assert [(h.depth, h.hidden, h.side) for h in heads] == [(1, None, 4)] * 7
+    assert layout.record()["heads"][5]["hidden"] is None and layout.record()["heads"][5]["side"] == 4
+    assert "5: hidden layer at 4x4 32.7%" in layout.describe() and "4: hidden layer at 4x4 65" in layout.describe()
+    stages = [h.head for h in plan_layout(deep.replace(head_fill="stages"))[1].helpers[:-1]]
+    # stage by stage: 8x8 on the early maps, 4x4 on the 7x7 ones, the last two narrower
+    assert [(h.depth, h.hidden, h.side) for h in stages] == [(1, None, 8)] * 3 + [(1, None, 4)] * 2 + [(1, 64, 4),
+                                                                                                       (1, 32, 4)]
     narrow = plan_layout(deep.replace(head_narrowest=1))[1]  # 8x8 with all of the channels, or none
     assert [h.head.depth for h in narrow.helpers[:-1]] == [1, 1, 1, 0, 0, 0, 0]
     assert [h.head.depth for h in plan_layout(cnn.replace(head_depth=0))[1].helpers[:-1]] == [0, 0, 0]
@@ -312,7 +351,10 @@ def test_a_conv_head_with_a_lead_is_offered_no_other_hidden_layer():
     plain = [h.head for h in plan_layout(cnn)[1].helpers[:-1]]
     led = [h.head for h in plan_layout(cnn.replace(head_next_layer=1))[1].helpers[:-1]]
     assert plain[0].depth == 1 and led[0].depth == 0 and led[0].lead == 1
-    assert [(h.depth, h.lead) for h in led[1:]] == [(h.depth, None) for h in plain[1:]]
+    assert [(h.depth, h.lead) for h in plain[1:]] == [(0, None), (1, None)]
+    # what stage 0 no longer spends pays for a hidden layer in every other head (the heavy
+    # stage's, past the pace: all of its channels, --head-fill width)
+    assert [(h.depth, h.lead) for h in led[1:]] == [(1, None), (1, None)]
     assert led[0].build(cnn, (32, 26, 26), seed=3)(torch.randn(2, 32, 26, 26)).shape == (2, 10)
 
 
