@@ -188,20 +188,21 @@ class RunConfig:
     head_depth: Optional[int] = SYNTHETIC.opt(None, "local heads (modes local, corrected, unlocked): hidden "
                                               "layers before the classifier, each a 3x3 conv (conv "
                                               "activations, on a map of at most --head-side a side) or a dense "
-                                              "layer of its width; default auto: one, from the first stage on, "
-                                              "the largest (see --head-narrowest) that leaves the stage "
-                                              "within (1 + --head-budget) x the heaviest "
-                                              "stage's FLOPs with those hidden layers together within "
-                                              "--head-budget x the model's; none on stream data", auto=True)
+                                              "layer of its width; default auto: one per head, together within "
+                                              "--head-budget x the model's FLOPs, chosen as --head-fill says; "
+                                              "none on stream data", auto=True)
     head_budget: float = SYNTHETIC.opt(0.2, "with --head-depth auto: what the heads' hidden layers may add, "
-                                       "as a fraction of the heaviest stage's FLOPs (each stage) and of the "
-                                       "model's (all of them); a hidden 3x3 conv at 4x4 costs a third of a "
+                                       "as a fraction of the model's FLOPs (all of them) and, for all but a "
+                                       "full-width layer under --head-fill width, of the heaviest stage's "
+                                       "(each stage); a hidden 3x3 conv at 4x4 costs a third of a "
                                        "same-width conv stage on a 7x7 map")
     head_fill: str = SYNTHETIC.opt("width", "with --head-depth auto: how the heads' hidden layers are chosen "
-                                   "within --head-budget. width: every stage first a hidden layer of all "
-                                   "its channels at its smallest map, then narrower ones where that does "
-                                   "not fit, then larger maps where they keep the pace | stages: each "
-                                   "stage in turn the largest that keeps the pace (runs before this option)")
+                                   "within --head-budget. width: where the budget pays for a hidden layer "
+                                   "of all its channels (on a conv map the smallest) in every head, each "
+                                   "gets one, then larger maps from the first stage on where they keep "
+                                   "the pace; else as stages | stages: each stage in turn the largest "
+                                   "offered that keeps the pace and the budget (runs from before this "
+                                   "option)")
     head_side: int = SYNTHETIC.opt(8, "a conv head's hidden layers run on the stage's output average-pooled "
                                    "to at most this many pixels a side")
     head_narrowest: int = SYNTHETIC.opt(4, "with --head-depth auto: where a conv head's hidden layer at "
@@ -217,12 +218,15 @@ class RunConfig:
                                          "layer: a stage whose layers mix positions is then asked for what "
                                          "a later layer's attention reads, not only for what its own "
                                          "position predicts")
-    head_next_layer: int = SYNTHETIC.opt(0, "local heads: the first this many stages' heads begin with a "
-                                         "freshly initialised copy of the layer after their stage (on a GPT, "
-                                         "a transformer block), then read out as usual: the stage is asked "
-                                         "for what that layer reads, not for what a classifier reads off "
-                                         "it (the first stage's head held most of local's gap on the small "
-                                         "GPT: docs/results.md); costs that layer's work again; 0: none")
+    head_next_layer: Optional[int] = SYNTHETIC.opt(None, "local heads: the first this many stages' heads begin "
+                                                   "with a freshly initialised copy of the layer after their "
+                                                   "stage (on a GPT, a transformer block), then read out as "
+                                                   "usual: the stage is asked for what that layer reads, not "
+                                                   "for what a classifier reads off it (the first stage's head "
+                                                   "held most of local's gap on the small GPT: "
+                                                   "docs/results.md); costs that layer's work again; 0: none; "
+                                                   "default auto: 1 on stream data where that layer is not "
+                                                   "recurrent, else 0", auto=True)
     head_norm: bool = SYNTHETIC.opt(True, "local heads read the stage's output over its root mean square, so "
                                     "their loss cannot grow the stage's activations (a classifier's loss "
                                     "otherwise grows an early stage's, and the next stage's units die: "
@@ -442,6 +446,7 @@ class RunConfig:
             kwargs.update(head_side=8, head_narrowest=1,
                           head_budget=kwargs.get("sg_budget", cls.__dataclass_fields__["sg_budget"].default))
         kwargs.setdefault("head_fill", "stages")  # a run folder from before --head-fill: its heads' rule
+        kwargs.setdefault("head_next_layer", 0)  # from before --head-next-layer: heads without a lead
         for k in ("layers", "groups", "slow_stage", "fail_saves", "input_shape", "label_shape", "threads",
                   "replicas"):
             if kwargs.get(k) is not None and not isinstance(kwargs[k], str):  # "auto": __post_init__

@@ -145,7 +145,7 @@ def check_synthetic(cfg: RunConfig) -> None:
         within(cfg, "head_depth", 0, 8)
     within(cfg, "head_reconstruct", 0, 1000)
     within(cfg, "head_budget", 0, 10)
-    need(type(cfg.head_next_layer) is int and cfg.head_next_layer >= 0,
+    need(cfg.head_next_layer is None or (type(cfg.head_next_layer) is int and cfg.head_next_layer >= 0),
          f"--head-next-layer must be a whole number of stages, 0 or more, got {cfg.head_next_layer!r}")
     for name in ("head_side", "head_narrowest"):
         need(type(getattr(cfg, name)) is int, f"--{name.replace('_', '-')} must be a whole number, "

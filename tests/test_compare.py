@@ -63,7 +63,7 @@ def test_a_contender_takes_options_of_its_own(tmp_path):
     base = RunConfig(dataset="synthetic", lr=0.01)
     plain, own, split = parse_contenders("local,local+head_next_layer=1,unlocked:5+groups=2/1/1+sg_model=mlp",
                                          base, tmp_path)
-    assert plain.config.head_next_layer == 0 and own.config.head_next_layer == 1 and own.config.lr == 0.01
+    assert plain.config.head_next_layer is None and own.config.head_next_layer == 1 and own.config.lr == 0.01
     assert own.name == "local head_next_layer=1" and plain.config.out != own.config.out
     assert own.config.out.endswith("local_head_next_layer1")
     assert split.config.groups == (2, 1, 1) and split.config.sg_model == "mlp" and split.config.true_grad_every == 5

@@ -253,6 +253,11 @@ def test_the_layout_gives_the_depths_it_chose_to_every_stage():
                     num_classes=10)
     heads = [h.head for h in plan_layout(cnn)[1].helpers]
     assert [h.depth for h in heads[:-1]] == [1, 0, 1] and heads[-1] is None  # the heavy stage's is over budget
+    # the CNNs of the README's first rows get the same heads under either --head-fill
+    dominant = RunConfig(mode="unlocked", model="bench.models:dominant_cnn", model_layers=5,
+                         input_shape=(1, 28, 28), num_classes=10)
+    for run in (cnn, cnn.replace(mode="unlocked"), dominant, dominant.replace(mode="local")):
+        assert plan_layout(run)[1].helpers == plan_layout(run.replace(head_fill="stages"))[1].helpers
     deep = RunConfig(mode="local", model="bench.models:deep_cnn", model_layers=9, input_shape=(1, 28, 28),
                      num_classes=10, stages=8)
     layout = plan_layout(deep)[1]
@@ -375,6 +380,27 @@ def test_a_head_whose_next_layer_is_the_read_out_is_that_layer_alone():
     last = heads[-1].build(_gpt(head_next_layer=99), (16, 128), seed=1)
     assert len(last.net) == 2 and isinstance(last.net[1][-1], torch.nn.Linear)  # the norm, then the read-out
     assert last(torch.randn(2, 16, 128)).shape == (2, 16, 32)
+
+
+def test_by_default_only_a_stream_models_first_head_begins_with_its_next_layer():
+    """--head-next-layer auto: 1 on stream data where the layer after the first stage is not
+    recurrent (the GPT's second block), 0 on images and before a recurrent layer."""
+    from synthgrad.common.costs import helper_models
+    from synthgrad.common.recurrent import Recurrent
+    from synthgrad.coordinator.layout import plan_layout
+    assert _gpt().head_next_layer is None
+    assert [h.head.lead for h in plan_layout(_gpt())[1].helpers[:-1]] == [2, None, None, None]
+    assert [h.head.lead for h in plan_layout(_gpt(head_next_layer=0))[1].helpers[:-1]] == [None] * 4
+    cnn = RunConfig(mode="local", model="bench.models:digits_cnn", model_layers=4, input_shape=(1, 28, 28),
+                    num_classes=10)
+    assert all(h.head.lead is None for h in plan_layout(cnn)[1].helpers[:-1])
+    lstm = RunConfig(mode="local", dataset="text", input_shape=(8, 4), label_shape=(8,), num_classes=5,
+                     groups=(1, 1, 1))
+    units = [torch.nn.Linear(4, 16), Recurrent(torch.nn.LSTM(16, 16, batch_first=True)), torch.nn.Linear(16, 5)]
+    assert all(h.head is None or h.head.lead is None for h in helper_models(lstm, units, [1.0, 1.0, 1.0])[1])
+    saved = _gpt().to_dict()
+    del saved["head_next_layer"]  # a run folder from before the option: no lead
+    assert RunConfig.from_dict(saved).head_next_layer == 0
 
 
 def test_a_recurrent_next_layer_is_refused_by_name():
