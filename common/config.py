@@ -225,8 +225,8 @@ class RunConfig:
                                                    "for what a classifier reads off it (the first stage's head "
                                                    "held most of local's gap on the small GPT: "
                                                    "docs/results.md); costs that layer's work again; 0: none; "
-                                                   "default auto: 1 on stream data where that layer is not "
-                                                   "recurrent, else 0", auto=True)
+                                                   "default auto: 1 on stream data where that layer is a "
+                                                   "hidden one without a recurrent state, else 0", auto=True)
     head_norm: bool = SYNTHETIC.opt(True, "local heads read the stage's output over its root mean square, so "
                                     "their loss cannot grow the stage's activations (a classifier's loss "
                                     "otherwise grows an early stage's, and the next stage's units die: "

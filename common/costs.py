@@ -334,15 +334,16 @@ def head_depths(cfg: RunConfig, own_flops: Sequence[float],
     if cfg.head_depth is not None:
         return tuple(HiddenLayer(cfg.head_depth) for _ in own_flops)
     heaviest, allowance = max(own_flops, default=0.0), cfg.head_budget * sum(own_flops)
-    widest = [[o for o in options if o[0].hidden is None][-1:] for options in offered]
-    uniform = sum(extra for option in widest for _, extra in option)
-    if cfg.head_fill == "width" and uniform <= allowance:
-        given, spent = [option[0] if option else None for option in widest], uniform
-        first_pass = [[o for o in options if o[0].hidden is None and given[i] is not None and o[1] > given[i][1]]
+    full_width = [[o for o in options if o[0].hidden is None][-1:] for options in offered]  # the cheapest
+    every_head = sum(extra for option in full_width for _, extra in option)
+    given: list[Optional[tuple[HiddenLayer, float]]]
+    if cfg.head_fill == "width" and every_head <= allowance:
+        given, spent = [option[0] if option else None for option in full_width], every_head
+        candidates = [[o for o in options if o[0].hidden is None and given[i] is not None and o[1] > given[i][1]]
                       for i, options in enumerate(offered)]  # larger maps, the largest first
     else:
-        given, spent, first_pass = [None] * len(own_flops), 0.0, [list(options) for options in offered]
-    for stage, options in enumerate(first_pass):
+        given, spent, candidates = [None] * len(own_flops), 0.0, [list(options) for options in offered]
+    for stage, options in enumerate(candidates):
         held = given[stage][1] if given[stage] is not None else 0.0
         for layer, extra in options:
             if spent - held + extra <= allowance and own_flops[stage] + extra <= (1 + cfg.head_budget) * heaviest:
@@ -469,13 +470,13 @@ def helper_models(cfg: RunConfig, units: Sequence[nn.Module], costs: Sequence[fl
 
 def auto_next_layer(cfg: RunConfig, units: Sequence[nn.Module], bounds: Sequence[int]) -> int:
     """--head-next-layer auto: 1 on stream data (per-position heads) where the layer after the
-    first stage is not recurrent, else 0. On the small GPT, five processes, 2,000 steps, three
-    seeds, the first stage's head led by a copy of the second block took `local` from +0.250 to
-    +0.162 bits per character behind backprop for 0.2x of its speed; on an eight-stage CNN
-    every head led so bought nothing, and on the conv nets the first stage's next layer is the
-    heavy one (docs/results.md)."""
+    first stage is a hidden layer (not the read-out) without a recurrent state, else 0. On
+    the small GPT, five processes, 2,000 steps, three seeds, the first stage's head led by a
+    copy of the second block took `local` from +0.250 to +0.162 bits per character behind
+    backprop for 0.2x of its speed; on an eight-stage CNN every head led so bought nothing,
+    and on the conv nets the first stage's next layer is the heavy one (docs/results.md)."""
     from synthgrad.common.recurrent import recurrent_layers
-    if not cfg.per_position or len(bounds) < 3:
+    if not cfg.per_position or len(bounds) < 3 or bounds[1] >= len(units) - 1:
         return 0
     return 0 if recurrent_layers(units[bounds[1]]) else 1
 

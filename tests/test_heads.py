@@ -383,8 +383,9 @@ def test_a_head_whose_next_layer_is_the_read_out_is_that_layer_alone():
 
 
 def test_by_default_only_a_stream_models_first_head_begins_with_its_next_layer():
-    """--head-next-layer auto: 1 on stream data where the layer after the first stage is not
-    recurrent (the GPT's second block), 0 on images and before a recurrent layer."""
+    """--head-next-layer auto: 1 on stream data where the layer after the first stage is a
+    hidden one without a recurrent state (the GPT's second block); 0 on images, before a
+    recurrent layer and before the read-out."""
     from synthgrad.common.costs import helper_models
     from synthgrad.common.recurrent import Recurrent
     from synthgrad.coordinator.layout import plan_layout
@@ -398,6 +399,8 @@ def test_by_default_only_a_stream_models_first_head_begins_with_its_next_layer()
                      groups=(1, 1, 1))
     units = [torch.nn.Linear(4, 16), Recurrent(torch.nn.LSTM(16, 16, batch_first=True)), torch.nn.Linear(16, 5)]
     assert all(h.head is None or h.head.lead is None for h in helper_models(lstm, units, [1.0, 1.0, 1.0])[1])
+    # nor where the layer after the first stage is the read-out: that would be a linear head
+    assert [h.head.lead for h in plan_layout(_gpt(groups=(5, 1)))[1].helpers[:-1]] == [None]
     saved = _gpt().to_dict()
     del saved["head_next_layer"]  # a run folder from before the option: no lead
     assert RunConfig.from_dict(saved).head_next_layer == 0
