@@ -327,10 +327,10 @@ def head_depths(cfg: RunConfig, own_flops: Sequence[float],
     --head-fill width (the default) first asks whether the allowance pays for the cheapest
     hidden layer of all its channels (on a conv map, the smallest map) in every head offered
     one. If so, every head gets that, not held to the pace, and then, from the first stage
-    on, a larger map where one fits both bounds. On the eight-stage CNN the width is what
-    counts: a full-width 3x3 conv at 4x4 in every head ended 1.9 points behind backprop, half
-    width 4.6, and stage by stage the early stages' 8x8 maps left the late ones a half and a
-    quarter (4.5), where a full-width 4x4 conv adds a third to a 7x7 stage."""
+    on, a larger map where one fits both bounds. On an eight-stage CNN the heads' width
+    counted for more than their map, and stage by stage the early stages' larger maps left
+    the late ones narrow heads, because a full-width one takes a late stage past the pace
+    (docs/results.md, "A deeper CNN at K=8")."""
     if cfg.head_depth is not None:
         return tuple(HiddenLayer(cfg.head_depth) for _ in own_flops)
     heaviest, allowance = max(own_flops, default=0.0), cfg.head_budget * sum(own_flops)
@@ -471,10 +471,9 @@ def helper_models(cfg: RunConfig, units: Sequence[nn.Module], costs: Sequence[fl
 def auto_next_layer(cfg: RunConfig, units: Sequence[nn.Module], bounds: Sequence[int]) -> int:
     """--head-next-layer auto: 1 on stream data (per-position heads) where the layer after the
     first stage is a hidden layer (not the read-out) without a recurrent state, else 0. On
-    the small GPT, five processes, 2,000 steps, three seeds, the first stage's head led by a
-    copy of the second block took `local` from +0.250 to +0.162 bits per character behind
-    backprop for 0.2x of its speed; on an eight-stage CNN every head led so bought nothing,
-    and on the conv nets the first stage's next layer is the heavy one (docs/results.md)."""
+    the small GPT the first stage's head held most of `local`'s gap and this lead took back a
+    third of it; on an eight-stage CNN it bought nothing, and on conv nets the first stage's
+    next layer is the heavy one, which the lead would double (docs/results.md)."""
     from synthgrad.common.recurrent import recurrent_layers
     if not cfg.per_position or len(bounds) < 3 or bounds[1] >= len(units) - 1:
         return 0
