@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from enum import Enum
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, Optional, Protocol
 
 if TYPE_CHECKING:  # only for annotations: this module stays importable without torch loaded
@@ -333,16 +334,19 @@ class Residual(UpdateRule):
         predictor = self.parts.predictor
         if predictor is None:  # none fits its budget here (common/costs.py): the head's gradient alone
             return head
+        if kept is not None:  # a gradient will come back for this step (true, or bootstrapped)
+            kept.prior = head
+        scale = predictor.correction_scale()
+        scored = kept is not None and kept.h is not None  # scored against the true gradient only
+        if scale <= 0 and not scored:  # a correction neither taken nor scored: not predicted (a
+            return head  # predictor may cost a fifth of its stage's work; 9 steps in 10 at N=10)
         correction = predictor.predict(h, labels)
         if predictor.settings.center:
             correction = centered(correction)
         if predictor.settings.tangent:
             correction = tangent(correction, h)
-        if kept is not None:  # a gradient will come back for this step (true, or bootstrapped)
-            kept.prior = head
-            if kept.h is not None:  # scored against the true gradient only
-                kept.prediction = correction
-        scale = predictor.correction_scale()
+        if scored:
+            kept.prediction = correction
         if scale <= 0:
             return head
         return head + bounded(correction * (scale / predictor.share.rows(h)), head)
@@ -352,18 +356,13 @@ class Residual(UpdateRule):
         if predictor is None:
             return true_dx(kept, g) if true_grad else None
         wanted = g - kept.prior.to(g.dtype)
+        kept_graph = kept.h is not None and bool(kept.weights)
         if kept.prediction is not None:
-            on_weights = None
-            if predictor.settings.on_weights and kept.h is not None and kept.weights:
-                def on_weights(p, t):
-                    return weight_products(kept, p, t, predictor.share)
+            on_weights = (partial(weight_products, kept, share=predictor.share)
+                          if predictor.settings.on_weights and kept_graph else None)
             predictor.score(step, kept.prediction, wanted, on_weights)
-        through = None
-        if kept.h is not None and kept.weights and kept.rerun is not None:  # --sg-learn-weights
-            module = self.parts.layers.module
-
-            def through(r):
-                return through_weights(kept, module, r, predictor.share)
+        through = (partial(through_weights, kept, self.parts.layers.module, share=predictor.share)
+                   if kept_graph and kept.rerun is not None else None)  # --sg-learn-weights
         predictor.learn(kept.h_detached, kept.labels, wanted, through)
         return true_dx(kept, g) if true_grad else None
 

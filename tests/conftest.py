@@ -43,8 +43,19 @@ def _refuse_processes_in_fast_tests(event: str, args: tuple) -> None:
                            f"@pytest.mark.slow: the fast tier (-m 'not slow') starts none")
 
 
+def _warm_font_cache() -> None:
+    """matplotlib's first import on a machine runs `fc-list` to build its font cache: the
+    tool's one-time cache, not a process a test starts. Built here, before the hook, so the
+    fast test that happens to import it first on a fresh machine is not refused for it."""
+    try:
+        import matplotlib.font_manager  # noqa: F401
+    except ImportError:  # plots are optional: no cache to build
+        pass
+
+
 def pytest_configure(config) -> None:
     forkserver._prctl(forkserver.PR_SET_CHILD_SUBREAPER, 1)  # orphans below come back here
+    _warm_font_cache()
     sys.addaudithook(_refuse_processes_in_fast_tests)
 
 

@@ -327,3 +327,27 @@ def test_a_rerun_starts_from_the_streams_state_of_its_step_and_leaves_the_run_s(
     again = rerun.output(module, {n: p.detach() for n, p in module.named_parameters()})
     assert torch.equal(again, kept)
     assert all(a is b for a, b in zip(layer.carried(), reached))
+
+
+def test_a_correction_neither_taken_nor_scored_is_not_predicted():
+    """Below its bar a correction is only needed on the steps whose true gradient will score
+    it (every N-th): the predictor runs on those alone, and every step still counts as one not
+    taken. Once it passes the bar, it runs on every step."""
+    cfg = RunConfig(**BASE, mode="unlocked", true_grad_every=5, sg_correction_weights=False)
+    with one_thread():
+        stage = chain(cfg)[0]
+        predictor = stage.parts.predictor
+        calls = []
+        real = predictor.predict
+        predictor.predict = lambda h, labels: calls.append(1) or real(h, labels)
+        for step, (x, y) in enumerate(_batches(10)):
+            true_grad = cfg.rule.true_grad_at(step, cfg.true_grad_every)
+            stage.forward(step, x, y, true_grad)
+            stage.local_update(step)
+            assert len(calls) == (step + 1) // 5, (step, len(calls))  # steps 4 and 9 only
+        assert predictor.stats.untrusted_steps == 10
+        predictor.trust, predictor.fit = 1.0, (1.0, 1.0)  # past the bar, at a gain of 1
+        for step, (x, y) in enumerate(_batches(3), start=10):
+            stage.forward(step, x, y, False)
+            stage.local_update(step)
+        assert len(calls) == 2 + 3 and predictor.stats.untrusted_steps == 10
