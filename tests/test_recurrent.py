@@ -186,17 +186,19 @@ def test_the_state_synthetic_gradient_learns_a_dependency_longer_than_the_window
     """Copy sequences of 3 symbols with windows of T=2: every output depends on an input 4
     positions back, beyond any window, so truncated BPTT (locked) cannot learn to copy and stays
     near chance (log2 9 = 3.2 bits per target), while unlocked's synthetic gradient for the
-    state at each window's end carries the later loss back and learns it. Seeded; measured on
-    seeds 0-2: BPTT 3.06 bits, DNI 1.50-1.79 (1.58 for seed 0 under ATEN_CPU_CAPABILITY=default),
-    so the margin of 1 bit is not a matter of rounding."""
+    state at each window's end carries the later loss back and learns it. Seeded; measured at
+    3,000 steps on seeds 0-2: BPTT 3.06 bits, DNI 1.90-2.11 (seed 0, the test's: 1.97, and 1.97
+    under ATEN_CPU_CAPABILITY=default), so a margin of 0.75 bits is not a matter of rounding; the
+    test's seed clears it by a third of a bit. (At 6,000 steps DNI reaches 1.50-1.79, at twice
+    the time: the slowest test of the suite then.)"""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
-    steps = 6000
+    steps = 3000
     # a core each; spawned, so that nothing outlives the test (multiprocessing's fork server would)
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         bptt, dni = pool.map(copy_bits, ("locked", "unlocked"), (steps, steps))
     assert bptt > 2.5, f"truncated BPTT learnt to copy past its window ({bptt:.2f} bits): the test proves nothing"
-    assert dni < bptt - 1.0, f"the state's synthetic gradient did not learn past the window ({dni:.2f} bits, BPTT {bptt:.2f})"
+    assert dni < bptt - 0.75, f"the state's synthetic gradient did not learn past the window ({dni:.2f} bits, BPTT {bptt:.2f})"
 
 
 def test_bad_stream_input_is_refused_before_anything_starts():
