@@ -147,6 +147,12 @@ class RunConfig:
                                                      "the output's bar (1 = each): each measure is two backward "
                                                      "passes through the stage, on the stage that bounds the "
                                                      "pipeline")
+    sg_correction_gain: str = SYNTHETIC.opt("fit", "with --sg-correction-weights: the size at which a correction "
+                                            "is taken, on the layers' gradients: fit (the gain at which it best "
+                                            "fits the true correction: least squares) | direction (the gain, "
+                                            "0-1, at which the step, head plus correction, points nearest the "
+                                            "true gradient: 0 where the correction only turns it away; one "
+                                            "backward pass more per measure)")
     sg_learn_weights: float = SYNTHETIC.opt(0.0, "with --sg-prior head and --sg-correction-weights: the "
                                             "predictor learns this share (0-1) of the error of the weights' "
                                             "gradients its corrections give, ||J^T (p - t)||^2, beside the "

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional, Protocol
 if TYPE_CHECKING:  # only for annotations: this module stays importable without torch loaded
     import torch
 
-    from synthgrad.common.parts import Parts
+    from synthgrad.common.parts import Parts, WeightProducts
 
 
 class Mode(str, Enum):
@@ -358,7 +358,8 @@ class Residual(UpdateRule):
         wanted = g - kept.prior.to(g.dtype)
         kept_graph = kept.h is not None and bool(kept.weights)
         if kept.prediction is not None:
-            on_weights = (partial(weight_products, kept, share=predictor.share)
+            on_weights = (partial(weight_products, kept, share=predictor.share,
+                                  with_head=predictor.settings.gain == "direction")
                           if predictor.settings.on_weights and kept_graph else None)
             predictor.score(step, kept.prediction, wanted, on_weights)
         through = (partial(through_weights, kept, self.parts.layers.module, share=predictor.share)
@@ -367,18 +368,25 @@ class Residual(UpdateRule):
         return true_dx(kept, g) if true_grad else None
 
 
-def weight_products(kept: Any, p: "torch.Tensor", t: "torch.Tensor", share: Any) -> tuple[float, float, float]:
-    """P.T, P.P and T.T, where P and T are the gradients of the weights a kept step's forward
-    pass used (kept.weights) that output gradients p and t give, summed over a replicated
-    stage's processes before the products. Two backward passes through the stage; the kept
-    graph stays for the step's own dL/dx."""
+def weight_products(kept: Any, p: "torch.Tensor", t: "torch.Tensor", share: Any,
+                    with_head: bool = False) -> "WeightProducts":
+    """The products of the gradients of the weights a kept step's forward pass used
+    (kept.weights) that output gradients p (a correction) and t (its target) give, and with
+    `with_head` those of the head's own (kept.prior) too; each summed over a replicated stage's
+    processes before the products. A backward pass through the stage for each; the kept graph
+    stays for the step's own dL/dx."""
     import torch
+
+    from synthgrad.common.parts import WeightProducts
     weights = list(kept.weights.values())
-    flat = [weight_gradients(kept.h, weights, out) for out in (p, t)]
+    outs = (p, t, kept.prior) if with_head else (p, t)
+    flat = [weight_gradients(kept.h, weights, out) for out in outs]
     both = torch.cat(flat)
     share.total(both)
-    a, b = both.split(len(flat[0]))
-    return float(a @ b), float(a @ a), float(b @ b)
+    g = both.view(len(flat), -1)
+    gram = (g @ g.T).tolist()
+    return WeightProducts(gram[0][1], gram[0][0], gram[1][1],
+                          (gram[2][2], gram[2][0], gram[2][1]) if with_head else None)
 
 
 def weight_gradients(h: "torch.Tensor", weights: list, g: "torch.Tensor") -> "torch.Tensor":
@@ -459,6 +467,8 @@ SG_PRIORS: dict[str, type[UpdateRule]] = {"head": Residual, "none": Unlocked}
 DEFAULT_SG_PRIOR = "head"
 # what --head-fill names: how --head-depth auto spends --head-budget (common/costs.py head_depths)
 HEAD_FILLS = ("width", "stages")
+# what --sg-correction-gain names: how large a correction is taken (common/parts.py Predictor.correction_scale)
+CORRECTION_GAINS = ("fit", "direction")
 RULES: dict[Mode, type[UpdateRule]] = {rule.mode: rule for rule in
                                        (Locked, Unlocked, Stale, Local, Delayed, Corrected)}
 RULES[Mode.UNLOCKED] = SG_PRIORS[DEFAULT_SG_PRIOR]

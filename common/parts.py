@@ -161,6 +161,7 @@ class PredictorSettings:
     on_weights: bool = True  # --sg-correction-weights: a correction is scored on the layers' gradients
     weights_every: int = 1  # --sg-correction-weights-every: on every this-many-th true gradient at the bar
     learn_weights: float = 0.0  # --sg-learn-weights: the share of the weights' error in what it learns
+    gain: str = "fit"  # --sg-correction-gain: a correction's size on the weights, fit or direction
 
     @classmethod
     def of(cls, cfg: Any) -> "PredictorSettings":
@@ -168,7 +169,42 @@ class PredictorSettings:
                    cfg.sg_replay, cfg.sg_correction_tangent, cfg.sg_correction_center,
                    cfg.sg_correction_weights and cfg.sg_prior == "head",  # a correction's option
                    cfg.sg_correction_weights_every,
-                   cfg.sg_learn_weights if cfg.sg_prior == "head" else 0.0)
+                   cfg.sg_learn_weights if cfg.sg_prior == "head" else 0.0,
+                   cfg.sg_correction_gain)
+
+
+@dataclass(frozen=True)
+class WeightProducts:
+    """Dot products of the layers' gradients that a stage's output gradients give
+    (common/modes.py weight_products): P a correction's, T its target's (the true gradient less
+    the head's), and, where the gain follows the step's direction, H the head's own."""
+    pt: float
+    pp: float
+    tt: float
+    head: Optional[tuple[float, float, float]] = None  # H.H, H.P, H.T
+
+
+def direction_gain(pt: float, pp: float, hh: float, hp: float, ht: float) -> float:
+    """The gain c in [0, 1] at which the step H + cP points nearest the true gradient
+    E = H + T, from the products of their weights' gradients (--sg-correction-gain direction).
+    Adam steps by direction more than by size: a correction that fits its target in the least-
+    squares sense can still turn the step away from E. Where the head's gradient is many times
+    E's size, the target is mostly minus the head, easy to predict, and taking it shrinks the
+    head and leaves the prediction's error a larger share of the step (the deeper CNN at K=4,
+    docs/results.md). cos(c) is (H.E + c P.E) / |H + cP|, up to |E|; its one stationary point
+    and the ends of [0, 1] are the candidates, and a tie goes to the smaller gain."""
+    he, pe = hh + ht, hp + pt
+
+    def cosine(c: float) -> float:
+        size = hh + 2 * c * hp + c * c * pp
+        return (he + c * pe) / math.sqrt(size) if size > 0 else -math.inf
+    candidates = [0.0, 1.0]
+    turn = pe * hp - he * pp
+    if turn != 0:
+        c = (he * hp - pe * hh) / turn
+        if 0 < c < 1:
+            candidates.append(c)
+    return max(candidates, key=lambda c: (cosine(c), -c))
 
 
 def _folded(trust: float, fit: tuple[float, float], cos: float, dot: float,
@@ -196,6 +232,7 @@ class Predictor:
         # the same two on the gradients of the stage's weights (--sg-correction-weights)
         self.weight_trust = 0.0
         self.weight_fit = (0.0, 0.0)
+        self.weight_head = (0.0, 0.0, 0.0)  # running H.H, H.P, H.T there (--sg-correction-gain direction)
         self.weight_asks = 0  # true gradients that reached the outputs' bar (every K-th is measured)
         self.scale = 0.0  # the running RMS of the per-sample gradients it learns (--sg-normalize)
         self.stats = PredictorStats()
@@ -251,6 +288,8 @@ class Predictor:
             dot, pp = self.weight_fit
             if self.weight_trust < self.settings.correction_min_cosine or pp <= 0:
                 return self._taken(0.0)
+            if self.settings.gain == "direction":
+                return self._taken(direction_gain(dot, pp, *self.weight_head))
         return self._taken(min(max(dot / pp, 0.0), 1.0))
 
     @property
@@ -272,14 +311,14 @@ class Predictor:
         return scale
 
     def score(self, step: int, predicted: torch.Tensor, g: torch.Tensor,
-              on_weights: Optional[Callable[[torch.Tensor, torch.Tensor], tuple[float, float, float]]] = None) -> float:
+              on_weights: Optional[Callable[[torch.Tensor, torch.Tensor], WeightProducts]] = None) -> float:
         """The cosine of a prediction made at forward time with the gradient `g` (a mean over
         the batch) that came back for it, folded into the running trust. `on_weights`: the
-        products p.t, p.p and t.t of the layers' gradients that output gradients p and t (means
-        over the batch) give; where given, and the outputs' running cosine is at least
-        --sg-correction-min-cosine, the same running cosine and gain are kept there too
-        (weight_trust, weight_fit), which correction_scale then reads. The records report the
-        outputs' cosine."""
+        products of the layers' gradients that output gradients p and t (means over the batch)
+        give, and the head's where asked; where given, and the outputs' running cosine is at
+        least --sg-correction-min-cosine, the same running cosine and gain are kept there too
+        (weight_trust, weight_fit, weight_head), which correction_scale then reads. The records
+        report the outputs' cosine."""
         target = g.float() * self.share.rows(g)
         dot, pp, tt = self._whole_batch_products(predicted, target)
         cos = dot / max(math.sqrt(pp * tt), 1e-12)
@@ -293,9 +332,12 @@ class Predictor:
             # passes a time): below the bar it is not taken whatever the weights say; the first
             # time at the bar it is always measured
             if self.weight_asks % self.settings.weights_every == 0:
-                wdot, wpp, wtt = on_weights(predicted / self.share.rows(predicted), g)
+                w = on_weights(predicted / self.share.rows(predicted), g)
                 self.weight_trust, self.weight_fit = _folded(self.weight_trust, self.weight_fit,
-                                                             wdot / max(math.sqrt(wpp * wtt), 1e-30), wdot, wpp)
+                                                             w.pt / max(math.sqrt(w.pp * w.tt), 1e-30), w.pt, w.pp)
+                if w.head is not None:
+                    self.weight_head = tuple(TRUST_DECAY * old + (1 - TRUST_DECAY) * new
+                                             for old, new in zip(self.weight_head, w.head))
             self.weight_asks += 1
         if step in self.snapshot_steps:
             def corner(t: torch.Tensor) -> list:
@@ -377,7 +419,7 @@ class Predictor:
                  "sg_trust": self.trust, "sg_scale": self.scale, "sg_fit": list(self.fit)}
         if self.settings.on_weights:
             state.update(sg_weight_trust=self.weight_trust, sg_weight_fit=list(self.weight_fit),
-                         sg_weight_asks=self.weight_asks)
+                         sg_weight_asks=self.weight_asks, sg_weight_head=list(self.weight_head))
         if self.settings.replay:
             state["sg_memory"] = [list(pair) for pair in self.memory]
         return state
@@ -397,6 +439,7 @@ class Predictor:
         dot, pp = state.get("sg_weight_fit", self.weight_fit)
         self.weight_fit = (float(dot), float(pp))
         self.weight_asks = int(state.get("sg_weight_asks", self.weight_asks))
+        self.weight_head = tuple(float(v) for v in state.get("sg_weight_head", self.weight_head))
 
     def take_stats(self) -> dict:
         return self.stats.take()

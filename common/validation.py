@@ -13,7 +13,7 @@ import re
 from typing import TYPE_CHECKING, Callable, Optional
 
 from synthgrad.common.imports import is_import_path
-from synthgrad.common.modes import HEAD_FILLS, SG_PRIORS, STAGE_WORKER_MODES, Mode, spoken
+from synthgrad.common.modes import CORRECTION_GAINS, HEAD_FILLS, SG_PRIORS, STAGE_WORKER_MODES, Mode, spoken
 
 if TYPE_CHECKING:
     from synthgrad.common.config import RunConfig
@@ -152,6 +152,10 @@ def check_synthetic(cfg: RunConfig) -> None:
                                                f"got {getattr(cfg, name)!r}")
         within(cfg, name, 1, 64)
     need(cfg.head_fill in HEAD_FILLS, f"unknown --head-fill {cfg.head_fill!r}; choose one of {', '.join(HEAD_FILLS)}")
+    need(cfg.sg_correction_gain in CORRECTION_GAINS, f"unknown --sg-correction-gain {cfg.sg_correction_gain!r}; "
+                                                     f"choose one of {', '.join(CORRECTION_GAINS)}")
+    need(cfg.sg_correction_gain == "fit" or cfg.sg_correction_weights,
+         "--sg-correction-gain direction is measured on the layers' gradients: it needs --sg-correction-weights")
     need(cfg.sg_prior in SG_PRIORS, f"unknown --sg-prior {cfg.sg_prior!r}; choose one of {', '.join(SG_PRIORS)}")
     rule = cfg.stage_rule
     need(not cfg.bootstrap or (rule is not None and rule.uses_predictor),

@@ -199,7 +199,7 @@ def test_a_correction_is_scored_on_the_layers_gradients_it_gives():
     outputs' cosine. weight_products is that product, computed through a kept graph."""
     from types import SimpleNamespace
     from synthgrad.common.modes import weight_products
-    from synthgrad.common.parts import Share
+    from synthgrad.common.parts import Share, WeightProducts
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(16, 8, generator=gen)
     w, b = torch.randn(4, 8, generator=gen).requires_grad_(), torch.zeros(4).requires_grad_()
@@ -208,22 +208,24 @@ def test_a_correction_is_scored_on_the_layers_gradients_it_gives():
     (wp, bp), (wt, bt) = (p.T @ x, p.sum(0)), (t.T @ x, t.sum(0))
     expect = ((wp * wt).sum() + bp @ bt, (wp * wp).sum() + bp @ bp, (wt * wt).sum() + bt @ bt)
     got = weight_products(kept, p, t, Share())
-    assert all(abs(a - float(e)) < 1e-4 * abs(float(e)) + 1e-6 for a, e in zip(got, expect)), (got, expect)
+    assert got.head is None
+    assert all(abs(a - float(e)) < 1e-4 * abs(float(e)) + 1e-6
+               for a, e in zip((got.pt, got.pp, got.tt), expect)), (got, expect)
     cfg = RunConfig(**BASE, mode="unlocked", true_grad_every=1, sg_correction_weights_every=1)
     with one_thread():
         predictor = chain(cfg)[0].parts.predictor
     g = torch.randn(16, 32, generator=gen) / 16
     for step in range(20):
-        cos = predictor.score(step, g * 16, g, on_weights=lambda p, t: (-1.0, 1.0, 1.0))
+        cos = predictor.score(step, g * 16, g, on_weights=lambda p, t: WeightProducts(-1.0, 1.0, 1.0))
     assert abs(cos - 1.0) < 1e-6 and predictor.trust > 0.98 and predictor.weight_trust < -0.9
     assert predictor.correction_scale() == 0.0  # right on the outputs, turned round on the weights
     assert abs(predictor.stats.take()["sg_cosine"] - 1.0) < 1e-6
     for step in range(20, 40):  # agreeing on both: taken, at the weights' gain
-        predictor.score(step, g * 16, g, on_weights=lambda p, t: (0.5, 1.0, 1.0))
+        predictor.score(step, g * 16, g, on_weights=lambda p, t: WeightProducts(0.5, 1.0, 1.0))
     assert abs(predictor.correction_scale() - 0.5) < 0.03, predictor.correction_scale()  # 0.8^20 of the last
     asked = []
     for step in range(40, 80):  # below the bar on the outputs: the weights are not asked (no backward)
-        predictor.score(step, -g * 16, g, on_weights=lambda p, t: asked.append(step) or (1.0, 1.0, 1.0))
+        predictor.score(step, -g * 16, g, on_weights=lambda p, t: asked.append(step) or WeightProducts(1.0, 1.0, 1.0))
     assert predictor.trust < 0 and predictor.correction_scale() == 0.0 and max(asked) < 45, asked
 
 
@@ -234,18 +236,103 @@ def test_the_weights_are_measured_on_every_kth_true_gradient_at_the_bar():
     cfg = RunConfig(**BASE, mode="unlocked", true_grad_every=1, sg_correction_weights_every=3)
     with one_thread():
         predictor = chain(cfg)[0].parts.predictor
+    from synthgrad.common.parts import WeightProducts
     g = torch.randn(16, 32, generator=torch.Generator().manual_seed(7)) / 16
     asked: list[int] = []
     for step in range(10):
-        predictor.score(step, g * 16, g, on_weights=lambda p, t: asked.append(step) or (0.5, 1.0, 1.0))
+        predictor.score(step, g * 16, g, on_weights=lambda p, t: asked.append(step) or WeightProducts(0.5, 1.0, 1.0))
     assert asked == [1, 4, 7], asked  # the running cosine reaches the bar (0.3) at the second
     state = predictor.state_dict()
     assert state["sg_weight_asks"] == 9
     predictor.weight_asks = 0
     predictor.load_state_dict(state)
-    predictor.score(10, g * 16, g, on_weights=lambda p, t: asked.append(10) or (0.5, 1.0, 1.0))
-    predictor.score(11, g * 16, g, on_weights=lambda p, t: asked.append(11) or (0.5, 1.0, 1.0))
+    predictor.score(10, g * 16, g, on_weights=lambda p, t: asked.append(10) or WeightProducts(0.5, 1.0, 1.0))
+    predictor.score(11, g * 16, g, on_weights=lambda p, t: asked.append(11) or WeightProducts(0.5, 1.0, 1.0))
     assert asked[-1] == 10 and 11 not in asked, asked  # the 10th and 11th at the bar: the 10th
+
+
+def test_the_direction_gain_takes_a_correction_only_where_it_turns_the_step_towards_the_true_gradient():
+    """--sg-correction-gain direction: the gain in [0, 1] that brings the step, head plus
+    correction, nearest the true gradient in direction, from the products of their weights'
+    gradients. Checked on vectors against a fine grid of gains; and on the case that broke the
+    least-squares gain on the deeper CNN: a head many times the true gradient's size whose
+    target (true less head) is mostly minus the head, predicted well enough to pass the bar."""
+    import math
+
+    from synthgrad.common.parts import direction_gain
+
+    def products(h, p, t):
+        return float(p @ t), float(p @ p), float(h @ h), float(h @ p), float(h @ t)
+
+    def cosine(h, p, t, c):
+        steps, exact = h + torch.as_tensor(c, dtype=h.dtype).reshape(-1, 1) * p, h + t
+        return (steps @ exact) / (steps.norm(dim=1) * exact.norm())
+    grid = torch.linspace(0, 1, 1001, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(200):
+        h, p, t = (torch.randn(12, generator=gen, dtype=torch.float64) * math.exp(float(torch.randn(1, generator=gen)))
+                   for _ in range(3))
+        gain = direction_gain(*products(h, p, t))
+        best = float(cosine(h, p, t, grid).max())
+        assert 0 <= gain <= 1 and float(cosine(h, p, t, gain)) >= best - 1e-9, (gain, best)
+    exact = torch.randn(64, generator=gen, dtype=torch.float64)
+    h = exact + 2 * torch.randn(64, generator=gen, dtype=torch.float64)
+    assert direction_gain(*products(h, exact - h, exact - h)) == 1.0  # a perfect correction: in full
+    assert direction_gain(*products(exact, torch.randn(64, generator=gen, dtype=torch.float64),
+                                    torch.zeros(64, dtype=torch.float64))) == 0.0  # an exact head: none
+    noise = torch.randn(64, generator=gen, dtype=torch.float64)
+    h = 10 * (exact + 1.7 * noise / noise.norm() * exact.norm())  # 10x the size, cosine 0.5 with it
+    t = exact - h
+    p = t + 0.9 * t.norm() * torch.randn(64, generator=gen, dtype=torch.float64) / 8  # cosine about 0.75
+    pt, pp = float(p @ t), float(p @ p)
+    assert 0.3 < pt / math.sqrt(pp * float(t @ t)) and pt / pp > 0.5  # the bar and the fit would take it
+    gain = direction_gain(*products(h, p, t))
+    assert cosine(h, p, t, gain) >= cosine(h, p, t, 0.0) and cosine(h, p, t, pt / pp) < cosine(h, p, t, 0.0)
+
+
+def test_the_direction_gain_reads_the_heads_products_kept_through_the_run():
+    """weight_products with the head's gradient gives H.H, H.P and H.T through the kept graph;
+    the predictor folds them beside its fit, keeps them in its checkpoint, and with
+    --sg-correction-gain direction takes no correction that turns the step away."""
+    from types import SimpleNamespace
+
+    from synthgrad.common.modes import weight_products
+    from synthgrad.common.parts import Share, WeightProducts
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(16, 8, generator=gen)
+    w = torch.randn(4, 8, generator=gen).requires_grad_()
+    p, t, head = (torch.randn(16, 4, generator=gen) for _ in range(3))
+    kept = SimpleNamespace(h=x @ w.T, weights={"w": w}, prior=head)
+    got = weight_products(kept, p, t, Share(), with_head=True)
+    wh, wp, wt = head.T @ x, p.T @ x, t.T @ x
+    expect = ((wh * wh).sum(), (wh * wp).sum(), (wh * wt).sum())
+    assert all(abs(a - float(e)) < 1e-4 * abs(float(e)) + 1e-6 for a, e in zip(got.head, expect)), (got, expect)
+    cfg = RunConfig(**BASE, mode="unlocked", true_grad_every=1, sg_correction_gain="direction")
+    with one_thread():
+        predictor = chain(cfg)[0].parts.predictor
+    g = torch.randn(16, 32, generator=gen) / 16
+    # the correction fits its target (cosine 0.8, gain 0.8), and the target is mostly minus
+    # the head (H.T = -0.9): taking it cancels the head and turns the step away from the true
+    # gradient (cos(c) = (0.1 - 0.1 c) / |H + cP|, largest at c = 0)
+    turned = WeightProducts(0.8, 1.0, 1.0, (1.0, -0.9, -0.9))
+    for step in range(20):
+        predictor.score(step, g * 16, g, on_weights=lambda p, t: turned)
+    assert predictor.weight_trust > 0.75 and predictor.correction_scale() == 0.0
+    state = predictor.state_dict()
+    assert state["sg_weight_head"] == list(predictor.weight_head)
+    helping = WeightProducts(1.0, 1.0, 1.0, (1.0, 0.0, 0.0))  # a correction at right angles to the head
+    for step in range(20, 60):
+        predictor.score(step, g * 16, g, on_weights=lambda p, t: helping)
+    assert abs(predictor.correction_scale() - 1.0) < 1e-3  # cos(c) = (1 + c) / sqrt(1 + c^2): most at 1
+    # (0.8^40 of the turned products is still in the running means)
+    predictor.load_state_dict(state)
+    assert predictor.correction_scale() == 0.0
+    with_fit = RunConfig(**BASE, mode="unlocked", true_grad_every=1)
+    with one_thread():
+        fit = chain(with_fit)[0].parts.predictor
+    for step in range(20):
+        fit.score(step, g * 16, g, on_weights=lambda p, t: turned)
+    assert abs(fit.correction_scale() - 0.8) < 0.01  # the least-squares gain takes it
 
 
 def test_through_weights_is_j_jt_of_the_kept_forward_pass():
