@@ -318,7 +318,9 @@ class Residual(UpdateRule):
     gradients train the predictor only. Once a correction's cosine passes the bar it must pass
     it on the weights' gradients too, and is taken at its gain there (`weight_products`,
     --sg-correction-weights): errors that add up over the batch move the weights while hardly
-    moving the outputs' cosine (the small GPT, docs/results.md). Two guards on its shape are
+    moving the outputs' cosine (the small GPT, docs/results.md); with --sg-correction-gain
+    direction, at the gain at which the step points nearest the true gradient there
+    (common/parts.py direction_gain). Two guards on its shape are
     options, off by default: less its batch mean (`centered`, --sg-correction-center) and its
     part along the output (`tangent`, --sg-correction-tangent)."""
     mode = Mode.UNLOCKED
