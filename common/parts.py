@@ -419,7 +419,9 @@ class Predictor:
                  "sg_trust": self.trust, "sg_scale": self.scale, "sg_fit": list(self.fit)}
         if self.settings.on_weights:
             state.update(sg_weight_trust=self.weight_trust, sg_weight_fit=list(self.weight_fit),
-                         sg_weight_asks=self.weight_asks, sg_weight_head=list(self.weight_head))
+                         sg_weight_asks=self.weight_asks)
+            if self.settings.gain == "direction":
+                state["sg_weight_head"] = list(self.weight_head)
         if self.settings.replay:
             state["sg_memory"] = [list(pair) for pair in self.memory]
         return state

@@ -46,6 +46,9 @@ VARIANTS = {
     "unlocked-head-prior": (dict(mode="unlocked", true_grad_every=2, sg_correction_min_cosine=0.0), 1),
     "unlocked-head-prior-bootstrap": (dict(mode="unlocked", true_grad_every=3, bootstrap=True,
                                            sg_correction_min_cosine=0.0), 1),
+    # the gain that follows the step's direction: the head's running products travel too
+    "unlocked-head-prior-direction": (dict(mode="unlocked", true_grad_every=2, sg_correction_min_cosine=0.0,
+                                           sg_correction_gain="direction"), 1),
     # replayed true gradients: the kept pairs travel in the checkpoint
     "unlocked-head-prior-replay": (dict(mode="unlocked", true_grad_every=2, sg_replay=2, sg_normalize=True,
                                         sg_correction_min_cosine=0.0), 1),
