@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,8 @@ from synthgrad.coordinator.compare import (
     record,
     time_to_target,
 )
-from tests.helpers import ROOT, SG_COSINE_BAR, late_cosine, sg_cosines
+from tests.helpers import SG_COSINE_BAR, late_cosine, sg_cosines
+from tests.zygote import run_launch
 
 
 def test_time_to_target_is_first_evaluation_reaching_it():
@@ -86,7 +85,7 @@ def test_a_field_value_reads_as_the_config_wants_it():
 @pytest.mark.timeout(240)
 def test_compare_writes_table_json_and_plots(tmp_path):
     out = tmp_path / "cmp"
-    cmd = [sys.executable, str(ROOT / "launch.py"), "compare", "--dataset", "synthetic",
+    cmd = ["compare", "--dataset", "synthetic",
            "--layers", "784,64,64,10", "--batch-size", "64", "--synthetic-train", "2048", "--lr", "5e-3",
            "--synthetic-test", "256", "--epochs", "3", "--eval-every", "16", "--stages", "2",
            "--microbatches", "2", "--contenders", "backprop,pipeline,locked,unlocked:4",
@@ -95,7 +94,7 @@ def test_compare_writes_table_json_and_plots(tmp_path):
            # (0.14 here); the default head prior's predictor learns only the head's miss, a
            # smaller target (0.040-0.048 here: too near the bar for a test)
            "--sg-prior", "none"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=220, cwd=ROOT)
+    proc = run_launch(*cmd, timeout=220)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((out / "compare.json").read_text())
     assert [r["contender"] for r in rows] == ["backprop", "pipeline 1f1b x2", "locked", "unlocked N=4"]

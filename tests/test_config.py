@@ -241,3 +241,14 @@ def test_torchrun_with_a_model_by_import_path_needs_the_stage_count():
     check_world(cfg.replace(stages=2), env)
     with pytest.raises(ConfigError, match="needs 4"):
         check_world(cfg.replace(stages=3), env)
+
+
+def test_torchrun_ranks_without_keys_say_how_to_make_them_before_the_rendezvous():
+    """Each rank (the coordinator's and a stage's) refuses a secure run without keys before it
+    waits for the others, so a missing --keys fails every rank at once."""
+    from synthgrad.common.config import ConfigError, RunConfig
+    from synthgrad.coordinator.torchrun import TorchrunEnv, run_rank
+    cfg = RunConfig(mode="unlocked", dataset="synthetic", layers=(784, 64, 64, 64, 10))
+    for rank in (0, 1):
+        with pytest.raises(ConfigError, match="tcp links are CURVE-encrypted and authenticated: make keys with"):
+            run_rank(cfg, TorchrunEnv(rank, 5, rank, "127.0.0.1", 29500), log=lambda _: None)

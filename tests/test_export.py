@@ -13,7 +13,8 @@ import synthgrad
 from synthgrad.common.config import ConfigError
 from synthgrad.common.data import eval_batches
 from synthgrad.common.datasets import load_dataset
-from tests.helpers import EXACT_SGD, LOCKED_EQUALS_BACKPROP, ROOT, run
+from tests.helpers import EXACT_SGD, LOCKED_EQUALS_BACKPROP, run
+from tests.zygote import run_launch
 
 
 def _accuracy(model: torch.nn.Module, cfg) -> float:
@@ -41,8 +42,7 @@ def test_export_gives_the_network_the_run_evaluated(tiny_cfg, tmp_path):
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], **LOCKED_EQUALS_BACKPROP, msg=name)
     out = tmp_path / "export" / "model.pt"
-    done = subprocess.run([sys.executable, str(ROOT / "launch.py"), "export", str(locked_dir), str(out)],
-                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    done = run_launch("export", str(locked_dir), str(out), timeout=60)
     assert done.returncode == 0 and "weights_only=False" in done.stdout, done.stderr
     # torch alone, in a clean interpreter: no synthgrad module is needed to load it
     check = ("import sys, torch; m = torch.load(sys.argv[1], weights_only=False); "

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import re
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import ROOT, sg_cosines, start_launcher, wait_for_line
+from tests.helpers import sg_cosines, start_launcher, wait_for_line
 from tests.zygote import Launched, launch, run_launch
 
 WORKER_KEYS = {"stage", "pid", "samples_per_s", "steps_per_s", "busy_fraction", "wait_input_fraction",
@@ -25,7 +23,10 @@ def _monitor(endpoint: str, *args: str) -> Launched:
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_monitors_attach_receive_status_and_never_disturb_the_run(tmp_path):
-    run = start_launcher(tmp_path, "--epochs", "30", "--true-grad-every", "2", "--metrics-every", "0.2")
+    # 512 steps, paced by a last stage that sleeps 25 ms a step: at least 12.8 s of run for the
+    # monitors to come and go in, however fast or busy the machine, at little CPU
+    run = start_launcher(tmp_path, "--epochs", "8", "--true-grad-every", "2", "--metrics-every", "0.2",
+                         "--slow-stage", "3,25")
     monitors: list[Launched] = []
     try:
         line, _ = wait_for_line(run, "monitor --connect")
@@ -41,7 +42,7 @@ def test_monitors_attach_receive_status_and_never_disturb_the_run(tmp_path):
         status = status[-3:]  # the first may precede the workers' first reports
         for r in status:
             assert {"samples_per_s", "steps_per_s", "eta_s", "staleness_steps", "step", "total_steps", "progress"} <= set(r)
-            assert r["total_steps"] == 30 * 64
+            assert r["total_steps"] == 8 * 64
             assert {w["stage"] for w in r["workers"]} == {0, 1, 2, 3}
             for w in r["workers"]:
                 assert WORKER_KEYS <= set(w)
@@ -56,7 +57,7 @@ def test_monitors_attach_receive_status_and_never_disturb_the_run(tmp_path):
         assert late.returncode == 0  # it saw the final status record
         lines = [line for line in out.splitlines() if " samples/s " in line]
         assert lines and all("\x1b[" not in line for line in lines)  # no terminal escape codes
-        assert "step 1920/1920 (100%)" in lines[-1]
+        assert "step 512/512 (100%)" in lines[-1]
     finally:
         for p in [run, *monitors]:
             if p.poll() is None:
@@ -73,8 +74,8 @@ def test_monitor_gives_up_clearly_when_nothing_is_there(tmp_path):
     assert "nothing from" in proc.stdout
 
 
-def _run_on_a_terminal(cmd: list[str], timeout: float) -> tuple[int, str]:
-    """Run `cmd` with a pseudo-terminal as stdin/stdout/stderr; return (exit code, output)."""
+def _run_on_a_terminal(argv: list[str], timeout: float) -> tuple[int, str]:
+    """`launch.py *argv` with a pseudo-terminal as stdout and stderr; return (exit code, output)."""
     import os
     import pty
     import select
@@ -84,9 +85,11 @@ def _run_on_a_terminal(cmd: list[str], timeout: float) -> tuple[int, str]:
     import termios
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))  # 50 rows, 200 columns
-    env = {**os.environ, "COLUMNS": "200", "LINES": "50"}  # rich reads these before the tty size
-    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=env)
-    os.close(slave)
+    try:
+        # rich reads COLUMNS and LINES before the terminal's size
+        proc = Launched(argv, terminal=slave, environ={"COLUMNS": "200", "LINES": "50"})
+    finally:
+        os.close(slave)
     chunks, deadline = [], time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
@@ -112,14 +115,13 @@ def _run_on_a_terminal(cmd: list[str], timeout: float) -> tuple[int, str]:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_train_draws_a_live_table_on_a_terminal_and_plain_lines_elsewhere(tmp_path):
-    args = [sys.executable, str(ROOT / "launch.py"), "train", "--dataset", "synthetic", "--epochs", "2",
-            "--metrics-every", "0.2", "--progress-every", "0.2"]
+    args = ["train", "--dataset", "synthetic", "--steps", "100", "--metrics-every", "0.2", "--progress-every", "0.2"]
     rc, shown = _run_on_a_terminal(args + ["--out", str(tmp_path / "tty")], timeout=100)
     assert rc == 0, shown[-2000:]
     assert "\x1b[" in shown  # drawn with terminal control codes
     assert "samples/s" in shown and "wait grad" in shown and "rss MB" in shown  # the worker table
     assert "test accuracy" in shown  # and the summary after it
-    plain = run_launch(*args[2:], "--out", str(tmp_path / "pipe"), timeout=100)  # the same, on a pipe
+    plain = run_launch(*args, "--out", str(tmp_path / "pipe"), timeout=100)  # the same, on a pipe
     assert plain.returncode == 0, plain.stderr[-2000:]
     assert "\x1b[" not in plain.stdout
     assert "train step" in plain.stdout and "test accuracy" in plain.stdout
@@ -186,8 +188,8 @@ def test_tensorboard_folder_of_an_earlier_run_is_cleared(tiny_cfg, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_pipeline_mode_draws_the_live_table_too(tmp_path):
-    args = [sys.executable, str(ROOT / "launch.py"), "train", "--mode", "pipeline", "--dataset",
-            "synthetic", "--steps", "60", "--metrics-every", "0.2", "--out", str(tmp_path / "tty")]
+    args = ["train", "--mode", "pipeline", "--dataset", "synthetic", "--steps", "60", "--metrics-every", "0.2",
+            "--out", str(tmp_path / "tty")]
     rc, shown = _run_on_a_terminal(args, timeout=100)
     assert rc == 0, shown[-2000:]
     assert "\x1b[" in shown and "rss MB" in shown and "step 60/60" in shown

@@ -175,6 +175,13 @@ def _monitor(endpoint: str, *args: str) -> Launched:
 
 
 @pytest.mark.slow
+def test_a_coordinator_bound_on_tcp_without_keys_is_refused_before_it_starts(tmp_path):
+    done = run_launch("coordinator", "--bind", "tcp://127.0.0.1:0", *JOB, "--out", str(tmp_path / "run"), timeout=60)
+    assert done.returncode == 2 and "is a tcp link, and tcp links are CURVE-encrypted" in done.stderr, done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_secure_runs_refuse_strangers_and_go_on(tmp_path):
     """Two secure runs side by side, each disturbed once both listen, so they share one start-up:

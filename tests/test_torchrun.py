@@ -2,6 +2,7 @@
 torchrun's environment. Locked training under torchrun must still equal single-process backprop."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 from synthgrad.common.files import load_model_state
 from synthgrad.common.security import make_keys
 from tests.helpers import EXACT_SGD, LOCKED_EQUALS_BACKPROP, ROOT, assert_states_close, quiet
+from tests.netns import unavailable
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
@@ -26,33 +28,68 @@ def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150)
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(240)
 def test_locked_under_torchrun_reproduces_backprop(tiny_cfg, tmp_path):
+    """The README's two-host example, 2 nodes x 3 ranks = the coordinator and 5 stages, locked:
+    it ends where single-process backprop ends. On two 'hosts' (network namespaces,
+    tests/netns.py) where they can be made (as root, as in CI), else with both nodes' ranks on
+    this host (`--standalone`): one run proves the rendezvous, CURVE, the ranks' placement and
+    the equivalence at once."""
     from synthgrad.coordinator.train import train
-    ref_dir, ref = train(tiny_cfg.replace(mode="backprop", backprop_threads=1, out=str(tmp_path / "bp"),
-                                          **EXACT_SGD), log=quiet)
-    sgd = ["--optimizer", "sgd", "--lr", str(EXACT_SGD["lr"]), "--momentum", str(EXACT_SGD["momentum"]),
-           "--threads", "1"]
-    make_keys(tmp_path / "keys")  # torchrun's ranks are started by torchrun: they share a keys folder
-    done = torchrun(5, *TINY, *sgd, "--mode", "locked", "--keys", str(tmp_path / "keys"),
-                    "--out", str(tmp_path / "trun"))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "CURVE-encrypted and authenticated with the keys in" in done.stdout
-    assert "mode locked: 20 steps" in done.stdout
+    layers = (784, 64, 64, 64, 64, 10)
+    ref_dir, _ = train(tiny_cfg.replace(mode="backprop", layers=layers, backprop_threads=1,
+                                        out=str(tmp_path / "bp"), **EXACT_SGD), log=quiet)
+    keys = tmp_path / "keys"
+    make_keys(keys)  # torchrun's ranks are started by torchrun: they share a keys folder
+    args = [*TINY, "--layers", ",".join(map(str, layers)), "--stages", "5",  # (the later --layers counts)
+            "--mode", "locked", "--optimizer", "sgd",
+            "--lr", str(EXACT_SGD["lr"]), "--momentum", str(EXACT_SGD["momentum"]), "--threads", "1",
+            "--keys", str(keys), "--out", str(tmp_path / "trun")]
+    if unavailable() is None:  # network namespaces can be made here
+        addresses, outs = _on_two_hosts(args)
+    else:
+        done = torchrun(6, *args)
+        addresses, outs = None, [done.stdout + done.stderr]
+        assert done.returncode == 0, outs[0][-3000:]
+    assert "CURVE-encrypted and authenticated with the keys in" in outs[0]
+    assert "mode locked: 20 steps" in outs[0]
     a, b = load_model_state(ref_dir), load_model_state(tmp_path / "trun")
-    assert sorted(a) == [0, 1, 2, 3]
+    assert sorted(a) == [0, 1, 2, 3, 4]
     assert_states_close(a, b, **LOCKED_EQUALS_BACKPROP)
+    summary = json.loads((tmp_path / "trun" / "summary.json").read_text())
+    assert summary["secure"] and len(summary["workers"]) == 5
+    if addresses is not None:  # ranks 1,2 (stages 0,1) on node 0, ranks 3-5 (stages 2-4) on node 1
+        listening = {w["stage"]: w["input_endpoint"].split("//")[1].split(":")[0]
+                     for w in summary["workers"] if w["stage"] > 0}  # stage 0 has no input link
+        assert listening[1] == addresses[0] and {listening[s] for s in (2, 3, 4)} == {addresses[1]}
+
+
+def _on_two_hosts(args: list[str]) -> tuple[list[str], list[str]]:
+    """Run one torchrun node (3 ranks) in each of two network namespaces; their addresses and
+    outputs (node 0's first)."""
+    from tests.netns import Hosts
+    from tests.test_multihost import stop_all
+    procs = []
+    with Hosts(2) as hosts:
+        try:
+            for node in (0, 1):
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "3",
+                       "--node-rank", str(node), "--master-addr", hosts.addresses[0], "--master-port", "29500",
+                       str(ROOT / "launch.py"), "train", *args]
+                procs.append(hosts.popen(node, cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True))
+            outs = [p.communicate(timeout=200)[0] for p in procs]
+            assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(o[-2000:] for o in outs)
+        finally:
+            stop_all(*procs)
+    assert not Hosts.leftovers()
+    return hosts.addresses, outs
 
 
 @pytest.mark.timeout(120)
 def test_torchrun_world_size_must_be_stages_plus_one(tmp_path):
-    done = torchrun(3, *TINY, "--mode", "unlocked", "--no-secure", "--out", str(tmp_path / "trun"))
+    """A rank's refusal reaches the user through torchrun. (Every rank checks its world and its
+    keys before the rendezvous: tests/test_config.py checks both on run_rank in-process.)"""
+    done = torchrun(2, *TINY, "--mode", "unlocked", "--no-secure", "--out", str(tmp_path / "trun"))
     assert done.returncode != 0
-    assert "torchrun started 3 processes, but this run needs 5" in done.stdout + done.stderr
-
-
-@pytest.mark.timeout(120)
-def test_torchrun_without_keys_says_how_to_make_them(tmp_path):
-    done = torchrun(5, *TINY, "--mode", "unlocked", "--out", str(tmp_path / "trun"))
-    assert done.returncode != 0
-    assert "tcp links are CURVE-encrypted and authenticated: make keys with" in done.stdout + done.stderr
+    assert "torchrun started 2 processes, but this run needs 5" in done.stdout + done.stderr

@@ -10,8 +10,8 @@ workers' server from itself (ForkServer.start(here=True)) instead of importing a
 
 What still runs as a new interpreter (`subprocess.Popen` of `python launch.py`): a launcher that
 needs another environment (torch reads it at import), one inside a network namespace or under
-torchrun, one on a terminal, and tests/test_config.py's command line, which keeps the path a
-user's shell takes under test.
+torchrun, and tests/test_config.py's command line, which keeps the path a user's shell takes
+under test. A launcher on a terminal is forked with a pseudo-terminal as its stdout and stderr.
 
 `Launched` is the part of subprocess.Popen the tests use: pid, stdout (and stderr, unless
 merged), poll, wait, kill, send_signal, communicate, returncode.
@@ -70,9 +70,12 @@ def _received(handle) -> int:
     return handle.detach()
 
 
-def _run_launcher(argv: list[str], cwd: str, out_fd: int, err_fd: Optional[int]) -> None:
+def _run_launcher(argv: list[str], cwd: str, out_fd: int, err_fd: Optional[int],
+                  environ: Optional[dict] = None) -> None:
     """In the forked launcher: stdout and stderr onto the test's pipes (unbuffered, as `python
-    -u`), then `launch.py` with `argv`; exits as the interpreter would, running atexit."""
+    -u`), `environ` added to its environment (only what is read after the imports: a terminal's
+    size, say), then `launch.py` with `argv`; exits as the interpreter would, running atexit."""
+    os.environ.update(environ or {})
     err_fd = out_fd if err_fd is None else err_fd
     os.dup2(out_fd, 1)
     os.dup2(err_fd, 2)
@@ -112,24 +115,29 @@ def _run_launcher(argv: list[str], cwd: str, out_fd: int, err_fd: Optional[int])
 class Launched(ChildPid):
     """A launcher forked from the zygote, as the tests use a subprocess.Popen of launch.py."""
 
-    def __init__(self, argv: list[str], cwd: Path = ROOT, merge_stderr: bool = True) -> None:
-        out_r, out_w = os.pipe()
-        err_r, err_w = (None, None) if merge_stderr else os.pipe()
+    def __init__(self, argv: list[str], cwd: Path = ROOT, merge_stderr: bool = True,
+                 terminal: Optional[int] = None, environ: Optional[dict] = None) -> None:
+        """`terminal`: a pseudo-terminal's slave end, the launcher's stdout and stderr (the test
+        reads its master end; `stdout` is then None). `environ`: see _run_launcher."""
+        out_r, out_w = (None, terminal) if terminal is not None else os.pipe()
+        err_r, err_w = (None, None) if merge_stderr or terminal is not None else os.pipe()
         try:
             child = zygote().fork("launch.py", _run_launcher,
                                   (list(argv), str(cwd), _Passed(out_w),
-                                   None if err_w is None else _Passed(err_w)))
+                                   None if err_w is None else _Passed(err_w), environ))
         except BaseException:
             for fd in (out_r, err_r):
                 if fd is not None:
                     os.close(fd)
             raise
         finally:
-            os.close(out_w)
+            if terminal is None:
+                os.close(out_w)
             if err_w is not None:
                 os.close(err_w)
         super().__init__(child.pid, ["launch.py", *argv])
-        self.stdout = io.TextIOWrapper(io.FileIO(out_r, "r"), encoding="utf-8", errors="replace")
+        self.stdout = None if out_r is None else io.TextIOWrapper(io.FileIO(out_r, "r"), encoding="utf-8",
+                                                                  errors="replace")
         self.stderr = None if err_r is None else io.TextIOWrapper(io.FileIO(err_r, "r"), encoding="utf-8",
                                                                     errors="replace")
 
