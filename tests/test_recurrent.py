@@ -180,7 +180,7 @@ def copy_bits(mode: str, steps: int, seed: int = 0, batch: int = 32) -> float:
     return tally.loss / math.log(2)
 
 
-@pytest.mark.slow  # 25 s of training
+@pytest.mark.slow  # trains two models to the end: no process, but not fast
 @pytest.mark.timeout(150)
 def test_the_state_synthetic_gradient_learns_a_dependency_longer_than_the_window():
     """Copy sequences of 3 symbols with windows of T=2: every output depends on an input 4
@@ -191,8 +191,8 @@ def test_the_state_synthetic_gradient_learns_a_dependency_longer_than_the_window
     under ATEN_CPU_CAPABILITY=default), so a margin of 0.75 bits is not a matter of rounding; the
     test's seed clears it by a third of a bit. (At 6,000 steps DNI reaches 1.50-1.79, at twice
     the time: the slowest test of the suite then.)"""
-    # in this process, one after the other: two processes of their own cost two imports of torch
-    # (11 s of CPU), and the suite keeps both cores busy anyway
+    # in this process, one after the other: two processes of their own would each import torch
+    # again, and the suite keeps both cores busy anyway
     threads = torch.get_num_threads()
     try:
         bptt, dni = copy_bits("locked", 3000), copy_bits("unlocked", 3000)
