@@ -14,7 +14,8 @@ window's end is synthetic). copy raises the sequence length N from 1 until a run
 criterion: test error under 0.15 bits per target after --steps windows; it reports the
 longest N solved (each N a fresh run; no curriculum). timescales trains
 examples/two_timescales.py (a fast LSTM in one stage process, a slow one ticking every 4
-characters in another) locked and unlocked, alternating, --repeats times: BPC and wall clock.
+characters in another) locked and unlocked, alternating, --repeats times: BPC and wall clock;
+unlocked with the example's rule (its DNI_RULE; --set sg_prior=head and the like override it).
 Each run's record is appended to bench/results/recurrent-<command>.jsonl.
 """
 from __future__ import annotations
@@ -30,9 +31,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from synthgrad.common.config import RunConfig  # noqa: E402
+from synthgrad.common.config import ConfigError, RunConfig, field_value  # noqa: E402
 from synthgrad.common.procs import available_cores  # noqa: E402
 from synthgrad.coordinator.train import train  # noqa: E402
+from examples.two_timescales import DNI_RULE  # noqa: E402  (timescales runs the example's rule)
 
 SOLVED_BITS = 0.15  # the criterion: test error under this many bits per target
 RESULTS = ROOT / "bench" / "results"
@@ -73,7 +75,7 @@ def copy(args) -> None:
             cfg = RunConfig(dataset=args.task, model="lstm", mode=mode, stages=1, bptt=window, copy_length=n,
                             batch_size=args.batch_size, synthetic_train=args.batch_size * args.steps,
                             synthetic_test=args.batch_size * 50, epochs=1, lr=args.lr, seed=args.seed,
-                            progress_every=1e9, out=str(RESULTS / "runs" / "recurrent"))
+                            progress_every=1e9, out=str(RESULTS / "runs" / "recurrent"), **extra(args))
             rec = one_run(cfg, {"task": args.task, "setting": label, "window": window, "mode": mode, "length": n,
                                 "seed": args.seed}, out)
             print(f"{label:>10}  N={n:<3} {rec['bits']:.3f} bits/target  ({rec['run_s']:.0f}s)", flush=True)
@@ -93,7 +95,7 @@ def text(args) -> None:
     for label, window, mode in settings([int(t) for t in args.windows.split(",")]):
         cfg = RunConfig(dataset="text", model="lstm", mode=mode, stages=1, bptt=window, text_chars=args.text_chars,
                         batch_size=args.batch_size, steps=args.steps, epochs=100, lr=args.lr, seed=args.seed,
-                        progress_every=1e9, out=str(RESULTS / "runs" / "recurrent"))
+                        progress_every=1e9, out=str(RESULTS / "runs" / "recurrent"), **extra(args))
         rec = one_run(cfg, {"setting": label, "window": window, "mode": mode, "seed": args.seed}, out)
         print(f"{label:>10}  {rec['bits']:.3f} bits per character  ({rec['wall_clock_s']:.0f}s)", flush=True)
 
@@ -108,8 +110,9 @@ def timescales(args) -> None:
             cfg = RunConfig(dataset="text", model="examples.two_timescales:make", groups=(1, 2), mode=mode,
                             bptt=args.window, text_chars=args.text_chars, batch_size=args.batch_size,
                             steps=args.steps, epochs=100, lr=args.lr, seed=args.seed, progress_every=1e9,
-                            out=str(RESULTS / "runs" / "recurrent"))
-            rec = one_run(cfg, {"mode": mode, "invocation": i, "window": args.window}, out)
+                            out=str(RESULTS / "runs" / "recurrent"), **{**DNI_RULE, **extra(args)})
+            rec = one_run(cfg, {"mode": mode, "invocation": i, "window": args.window,
+                                "options": {**DNI_RULE, **extra(args)}}, out)
             rows[mode].append(rec)
             print(f"{mode:>9} #{i}: {rec['bits']:.3f} BPC, {rec['wall_clock_s']:.1f}s, "
                   f"{rec['samples_per_s']:.0f} windows/s", flush=True)
@@ -145,7 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--batch-size", type=int, default=32)
         q.add_argument("--lr", type=float, default=1e-3)
         q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--sg-discount", type=float, default=None, help="default: the run config's")
+        q.add_argument("--set", action="append", default=[],
+                       help="a RunConfig field=value for every run (repeatable): sg_prior=none")
     return p
+
+
+def extra(args) -> dict:
+    """The RunConfig fields given on the command line (--sg-discount, --set); the config's
+    defaults hold for the rest."""
+    fields = {} if args.sg_discount is None else {"sg_discount": args.sg_discount}
+    try:
+        fields.update(field_value(item) for item in args.set)
+    except ConfigError as exc:
+        raise SystemExit(f"--set {exc}") from None
+    return fields
 
 
 def main() -> None:

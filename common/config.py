@@ -183,9 +183,12 @@ class RunConfig:
                                                     "the weights its forward pass used (as mode delayed), at lr x "
                                                     "(1 - the predictor's running cosine); off: it only trains the "
                                                     "predictor (the DNI paper's rule); default: on when N > 1")
-    sg_discount: float = SYNTHETIC.opt(0.1, "a recurrent layer's state synthetic gradient enters its window's "
+    sg_discount: float = SYNTHETIC.opt(0.2, "a recurrent layer's state synthetic gradient enters its window's "
                                        "backward pass x this; below 1 it keeps the bootstrapped targets (each "
-                                       "holds the next window's prediction) from growing without bound")
+                                       "holds the next window's prediction) from growing without bound. Lower, "
+                                       "the future gets in too little to learn past the window; higher, Copy-like "
+                                       "tasks can lock at their targets' marginal (docs/results.md, the recurrent "
+                                       "claim with a curriculum)")
     sg_prior: str = SYNTHETIC.opt(DEFAULT_SG_PRIOR, "mode unlocked: what a stage's synthetic gradient adds "
                                   "its predictor's output to: head (the gradient of a small local classifier "
                                   "head, which holds where a predictor alone cannot learn the gradient: "

@@ -36,14 +36,13 @@ import signal
 import time
 import typing
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping
 
 import psutil
 import pytest
 import torch
 
 from synthgrad.common import wire
-from synthgrad.common.files import largest_difference  # noqa: F401  (re-exported for the tests)
 from synthgrad.common.forkserver import SERVER_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
