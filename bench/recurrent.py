@@ -105,14 +105,15 @@ def timescales(args) -> None:
     print(f"{len(available_cores())} cores; examples/two_timescales.py on text ({args.text_chars:,} characters), "
           f"windows of {args.window}, {args.steps} steps of batch {args.batch_size}; locked and unlocked alternate")
     rows: dict[str, list[dict]] = {"locked": [], "unlocked": []}
+    options = {**DNI_RULE, **extra(args)}
     for i in range(args.repeats):
         for mode in rows:
             cfg = RunConfig(dataset="text", model="examples.two_timescales:make", groups=(1, 2), mode=mode,
                             bptt=args.window, text_chars=args.text_chars, batch_size=args.batch_size,
                             steps=args.steps, epochs=100, lr=args.lr, seed=args.seed, progress_every=1e9,
-                            out=str(RESULTS / "runs" / "recurrent"), **{**DNI_RULE, **extra(args)})
+                            out=str(RESULTS / "runs" / "recurrent"), **options)
             rec = one_run(cfg, {"mode": mode, "invocation": i, "window": args.window,
-                                "options": {**DNI_RULE, **extra(args)}}, out)
+                                "options": options}, out)
             rows[mode].append(rec)
             print(f"{mode:>9} #{i}: {rec['bits']:.3f} BPC, {rec['wall_clock_s']:.1f}s, "
                   f"{rec['samples_per_s']:.0f} windows/s", flush=True)
