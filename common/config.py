@@ -236,6 +236,11 @@ class RunConfig:
                                                    "docs/results.md); costs that layer's work again; 0: none; "
                                                    "default auto: 1 on stream data where that layer is a "
                                                    "hidden one without a recurrent state, else 0", auto=True)
+    head_lead_depth: int = SYNTHETIC.opt(1, "local heads with a lead (--head-next-layer): the first stage's "
+                                         "lead copies this many layers after it, not one (the later stages' "
+                                         "leads stay one layer), never the read-out: a deeper lookahead "
+                                         "where the first cut costs most (AugLocal's deeper auxiliary nets "
+                                         "early); costs those layers' work again")
     head_norm: bool = SYNTHETIC.opt(True, "local heads read the stage's output over its root mean square, so "
                                     "their loss cannot grow the stage's activations (a classifier's loss "
                                     "otherwise grows an early stage's, and the next stage's units die: "

@@ -205,13 +205,17 @@ class HeadChoice:
     # (--head-next-layer); None: none
     lead: Optional[int] = None
     lead_is_output: bool = False  # that layer is the model's last: its output is the head's logits
+    lead_depth: int = 1  # how many layers from `lead` on the head copies (--head-lead-depth)
 
     def build(self, cfg: RunConfig, out_shape: Sequence[int], seed: int = 0) -> LocalHead:
         """`seed`: the head's; the lead's weights are drawn from a seed of their own beside it
         (a model of the run's shape built from it, the one layer kept), never the run's, so the
         lead does not start as the next stage's own layer (the head's seed is the run's for
         stage 0 at --seed 0)."""
-        lead = None if self.lead is None else build_units(cfg.replace(seed=LEAD_SEED + seed))[self.lead]
+        lead = None
+        if self.lead is not None:
+            drawn = build_units(cfg.replace(seed=LEAD_SEED + seed))[self.lead:self.lead + self.lead_depth]
+            lead = drawn[0] if len(drawn) == 1 else nn.Sequential(*drawn)
         return LocalHead(out_shape, cfg.classes, self.pool, cfg.per_position, self.depth, self.reconstructs,
                          self.scale_free, self.attention, self.hidden, self.side, lead, self.lead_is_output)
 
@@ -220,13 +224,15 @@ LEAD_SEED = 1_000_003  # a head's lead is built from its head's seed plus this, 
 
 
 class Lead(NamedTuple):
-    """The layer after a stage, offered as the start of its head (--head-next-layer): its
-    index among the model's layers, its training FLOPs per sample, its output shape, and
-    whether it is the model's last."""
+    """The layers after a stage, offered as the start of its head (--head-next-layer): the
+    first one's index among the model's layers, their training FLOPs per sample, the last
+    one's output shape, whether that is the model's last layer, and how many there are
+    (--head-lead-depth)."""
     index: int
     flops: float
     out_shape: tuple[int, ...]
     is_output: bool
+    depth: int = 1
 
 
 HEAD_POOLS = (2, 1)  # a conv activation's head pools to 2x2 (DGL's auxiliary nets), else 1x1
@@ -285,7 +291,7 @@ def _head_of_depth(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
     reconstructs = tuple(in_shape) if wanted and in_shape is not None else None
     if lead is not None and lead.is_output:  # the head is that layer alone (and a decoder where asked)
         return HeadChoice(HEAD_POOLS[0], lead.flops + _decoder_flops(reconstruct_from, reconstructs), 0,
-                          reconstructs, cfg.head_norm, False, None, None, lead.index, True)
+                          reconstructs, cfg.head_norm, False, None, None, lead.index, True, lead.depth)
     pools = HEAD_POOLS if len(shape) == 3 else (HEAD_POOLS[0],)
     budget = cfg.sg_budget * stage_flops
     attention = cfg.head_attention and cfg.per_position
@@ -297,7 +303,8 @@ def _head_of_depth(cfg: RunConfig, out_shape: Sequence[int], stage_flops: float,
                             hidden, side, None if lead is None else shape)
         if flops <= budget or pool == pools[-1]:
             return HeadChoice(pool, flops + (0.0 if lead is None else lead.flops), depth, reconstructs,
-                              cfg.head_norm, attention, hidden, side, None if lead is None else lead.index)
+                              cfg.head_norm, attention, hidden, side, None if lead is None else lead.index,
+                              False, 1 if lead is None else lead.depth)
     raise AssertionError("unreachable: the last pool always returns")
 
 
@@ -452,7 +459,7 @@ def helper_models(cfg: RunConfig, units: Sequence[nn.Module], costs: Sequence[fl
     # --head-next-layer: the first stages' heads begin with the layer after them, which is
     # their hidden depth (none more is offered them under auto; a given --head-depth adds it)
     led = auto_next_layer(cfg, units, bounds) if cfg.head_next_layer is None else cfg.head_next_layer
-    leads = [next_layer_lead(units, costs, shapes, b)
+    leads = [next_layer_lead(units, costs, shapes, b, cfg.head_lead_depth if i == 0 else 1)
              if rule is not None and rule.uses_head and i < min(led, last) else None
              for i, (a, b) in enumerate(spans)]
     options = [hidden_layer_options(cfg, shapes[b], own, shapes[a]) if offered and i < last and leads[i] is None
@@ -481,16 +488,21 @@ def auto_next_layer(cfg: RunConfig, units: Sequence[nn.Module], bounds: Sequence
 
 
 def next_layer_lead(units: Sequence[nn.Module], costs: Sequence[float], shapes: Sequence[Sequence[int]],
-                    index: int) -> Lead:
-    """The layer at `index` (the one after a stage) as the start of that stage's head
-    (--head-next-layer). A recurrent layer is refused: a head has no stream to carry its
-    state along, and a fresh state every window is not the layer the stage feeds."""
+                    index: int, depth: int = 1) -> Lead:
+    """The layer at `index` (the one after a stage), and up to depth - 1 more after it but never
+    the model's last (the head reads out itself), as the start of that stage's head
+    (--head-next-layer, --head-lead-depth). A recurrent layer is refused: a head has no stream
+    to carry its state along, and a fresh state every window is not the layer the stage feeds."""
     from synthgrad.common.validation import ConfigError
     from synthgrad.common.recurrent import recurrent_layers
-    if recurrent_layers(units[index]):
-        raise ConfigError(f"--head-next-layer: layer {index} ({type(units[index]).__name__}) is recurrent; a "
-                          f"head cannot begin with a copy of it (take fewer stages' heads, or 0)")
-    return Lead(index, costs[index], tuple(shapes[index + 1]), index == len(units) - 1)
+    depth = max(1, min(depth, len(units) - 1 - index))
+    for i in range(index, index + depth):
+        if recurrent_layers(units[i]):
+            raise ConfigError(f"--head-next-layer: layer {i} ({type(units[i]).__name__}) is recurrent; a "
+                              f"head cannot begin with a copy of it (take fewer stages' heads or a shallower "
+                              f"lead, or 0)")
+    end = index + depth
+    return Lead(index, sum(costs[index:end]), tuple(shapes[end]), end == len(units), depth)
 
 
 def core_flops_per_s(batch: int = 256, width: int = 1024, repeats: int = 5) -> float:

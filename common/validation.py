@@ -147,6 +147,8 @@ def check_synthetic(cfg: RunConfig) -> None:
     within(cfg, "head_budget", 0, 10)
     need(cfg.head_next_layer is None or (type(cfg.head_next_layer) is int and cfg.head_next_layer >= 0),
          f"--head-next-layer must be a whole number of stages, 0 or more, got {cfg.head_next_layer!r}")
+    need(type(cfg.head_lead_depth) is int and cfg.head_lead_depth >= 1,
+         f"--head-lead-depth must be a whole number of layers, 1 or more, got {cfg.head_lead_depth!r}")
     for name in ("head_side", "head_narrowest"):
         need(type(getattr(cfg, name)) is int, f"--{name.replace('_', '-')} must be a whole number, "
                                                f"got {getattr(cfg, name)!r}")

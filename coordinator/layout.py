@@ -103,7 +103,7 @@ class Layout:
                                for c, share in zip(self.predictors, self.predictor_shares)],
                 "heads": [None if c is None else {"pool": c.pool, "depth": c.depth, "hidden": c.hidden,
                                                   "side": c.side, "attention": c.attention,
-                                                  "next_layer": c.lead,
+                                                  "next_layer": c.lead, "next_layers": c.lead_depth,
                                                   "share_of_stage_flops": round(share, 4)}
                           for c, share in zip(self.heads, self.head_shares)],
                 "state_predictors": [[{"rank": c.rank, "share_of_stage_flops": round(share, 4)}
@@ -115,7 +115,7 @@ class Layout:
         ceiling = self.ceiling_samples_per_s
         sg = [f"{i}: rank {c.rank}{' 1x1' if c.kernel == 1 else ''} {100 * share:.0f}%"
               for i, (c, share) in enumerate(zip(self.predictors, self.predictor_shares)) if c is not None]
-        heads = [f"{i}: {f'layer {c.lead} copied ' if c.lead is not None else ''}{'hidden layer ' * c.depth}{f'of {c.hidden} ' if c.depth and c.hidden else ''}"
+        heads = [f"{i}: {_copied(c)}{'hidden layer ' * c.depth}{f'of {c.hidden} ' if c.depth and c.hidden else ''}"
                  f"{f'at {c.side}x{c.side} ' if c.depth and c.side else ''}"
                  f"{'attention ' if c.attention else ''}{100 * share:.1f}%"
                  for i, (c, share) in enumerate(zip(self.heads, self.head_shares)) if c is not None]
@@ -224,3 +224,12 @@ def _check_every_stage_trains(cfg: RunConfig, units) -> None:
                               f"give its layers to a neighbouring stage (layers per stage now "
                               f"{','.join(map(str, cfg.stage_groups))})")
         start += n
+
+
+def _copied(head: HeadChoice) -> str:
+    """What a head's lead copies, for the layout's line: 'layer 2 copied ', 'layers 2-3 copied '."""
+    if head.lead is None:
+        return ""
+    if head.lead_depth == 1:
+        return f"layer {head.lead} copied "
+    return f"layers {head.lead}-{head.lead + head.lead_depth - 1} copied "

@@ -335,6 +335,34 @@ def test_a_head_can_begin_with_a_fresh_copy_of_the_layer_after_its_stage():
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
 
+def test_the_first_stages_lead_can_copy_more_than_one_layer():
+    """--head-lead-depth 2: the first stage's head runs fresh copies of the next two blocks, the
+    later led stages' heads one each; a lead never takes the read-out (the head reads out
+    itself), and the layout prices each lead at the layers it copies."""
+    from synthgrad.common.costs import unit_costs
+    from synthgrad.common.models import build_units
+    from synthgrad.coordinator.layout import plan_layout
+    cfg = _gpt(head_next_layer=3, head_lead_depth=2)
+    units, costs = build_units(cfg), unit_costs(cfg, build_units(cfg))
+    layout = plan_layout(cfg)[1]
+    plain = [h.head for h in plan_layout(cfg.replace(head_next_layer=0))[1].helpers[:-1]]
+    heads = [h.head for h in layout.helpers[:-1]]
+    assert [(h.lead, h.lead_depth) for h in heads] == [(2, 2), (3, 1), (4, 1), (None, 1)]
+    assert heads[0].flops == pytest.approx(plain[0].flops + costs[2] + costs[3])
+    assert heads[1].flops == pytest.approx(plain[1].flops + costs[3])
+    assert "0: layers 2-3 copied " in layout.describe() and layout.record()["heads"][0]["next_layers"] == 2
+    model = heads[0].build(cfg, (16, 128), seed=5)
+    lead = model.net[1]
+    assert [type(m) for m in lead] == [type(units[2]), type(units[3])]
+    assert model(torch.randn(3, 16, 128)).shape == (3, 16, 32)
+    # deeper than the layers before the read-out: as deep as there are
+    deep = plan_layout(cfg.replace(head_next_layer=1, head_lead_depth=9))[1].helpers[0].head
+    assert (deep.lead, deep.lead_depth, deep.lead_is_output) == (2, 3, False)
+    from synthgrad.common.validation import check_synthetic
+    with pytest.raises(ConfigError, match="--head-lead-depth"):
+        check_synthetic(cfg.replace(head_lead_depth=0))
+
+
 def test_the_lead_is_a_fresh_draw_at_the_runs_own_seed_too():
     """Stage 0's head seed is the run's at --seed 0; the lead is still not the next stage's
     starting layer."""
