@@ -241,6 +241,12 @@ class RunConfig:
                                          "leads stay one layer), never the read-out: a deeper lookahead "
                                          "where the first cut costs most (AugLocal's deeper auxiliary nets "
                                          "early); costs those layers' work again")
+    head_lr_scale: Optional[float] = SYNTHETIC.opt(None, "local heads learn at this times the layers' "
+                                                   "learning rate, so a head keeps up with the stage it "
+                                                   "reads; default auto: 3 for the per-position heads "
+                                                   "of stages without a recurrent layer on stream data "
+                                                   "(on the small GPT, 2,000 steps: 0.03-0.08 bits of "
+                                                   "local's 0.16, docs/results.md), 1 elsewhere", auto=True)
     head_norm: bool = SYNTHETIC.opt(True, "local heads read the stage's output over its root mean square, so "
                                     "their loss cannot grow the stage's activations (a classifier's loss "
                                     "otherwise grows an early stage's, and the next stage's units die: "
@@ -461,6 +467,7 @@ class RunConfig:
                           head_budget=kwargs.get("sg_budget", cls.__dataclass_fields__["sg_budget"].default))
         kwargs.setdefault("head_fill", "stages")  # a run folder from before --head-fill: its heads' rule
         kwargs.setdefault("head_next_layer", 0)  # from before --head-next-layer: heads without a lead
+        kwargs.setdefault("head_lr_scale", 1.0)  # from before --head-lr-scale: heads at the layers' rate
         for k in ("layers", "groups", "slow_stage", "fail_saves", "input_shape", "label_shape", "threads",
                   "replicas"):
             if kwargs.get(k) is not None and not isinstance(kwargs[k], str):  # "auto": __post_init__

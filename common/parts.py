@@ -485,7 +485,8 @@ class Head:
               share: Share, stage: int = 0) -> "Head":
         torch.manual_seed(seed)
         model = choice.build(cfg, out_shape, seed).to(device)
-        return cls(model, make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum), choice, share,
+        optimizer = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr * choice.lr_scale, cfg.momentum)
+        return cls(model, optimizer, choice, share,
                    cfg.per_position, stage, cfg.head_reconstruct)
 
     def gradient(self, step: int, h: torch.Tensor, labels: torch.Tensor,

@@ -145,6 +145,8 @@ def check_synthetic(cfg: RunConfig) -> None:
         within(cfg, "head_depth", 0, 8)
     within(cfg, "head_reconstruct", 0, 1000)
     within(cfg, "head_budget", 0, 10)
+    if cfg.head_lr_scale is not None:
+        within(cfg, "head_lr_scale", 0, 1000, lo_open=True)
     need(cfg.head_next_layer is None or (type(cfg.head_next_layer) is int and cfg.head_next_layer >= 0),
          f"--head-next-layer must be a whole number of stages, 0 or more, got {cfg.head_next_layer!r}")
     need(type(cfg.head_lead_depth) is int and cfg.head_lead_depth >= 1,

@@ -104,6 +104,7 @@ class Layout:
                 "heads": [None if c is None else {"pool": c.pool, "depth": c.depth, "hidden": c.hidden,
                                                   "side": c.side, "attention": c.attention,
                                                   "next_layer": c.lead, "next_layers": c.lead_depth,
+                                                  "lr_scale": c.lr_scale,
                                                   "share_of_stage_flops": round(share, 4)}
                           for c, share in zip(self.heads, self.head_shares)],
                 "state_predictors": [[{"rank": c.rank, "share_of_stage_flops": round(share, 4)}
@@ -117,7 +118,8 @@ class Layout:
               for i, (c, share) in enumerate(zip(self.predictors, self.predictor_shares)) if c is not None]
         heads = [f"{i}: {_copied(c)}{'hidden layer ' * c.depth}{f'of {c.hidden} ' if c.depth and c.hidden else ''}"
                  f"{f'at {c.side}x{c.side} ' if c.depth and c.side else ''}"
-                 f"{'attention ' if c.attention else ''}{100 * share:.1f}%"
+                 f"{'attention ' if c.attention else ''}{f'lr x{c.lr_scale:g} ' if c.lr_scale != 1 else ''}"
+                 f"{100 * share:.1f}%"
                  for i, (c, share) in enumerate(zip(self.heads, self.head_shares)) if c is not None]
         states = [f"{i}: rank {c.rank} {100 * share:.1f}%" for i, (cs, shares) in
                   enumerate(zip(self.state_predictors, self.state_predictor_shares)) for c, share in zip(cs, shares)]

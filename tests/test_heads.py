@@ -363,6 +363,36 @@ def test_the_first_stages_lead_can_copy_more_than_one_layer():
         check_synthetic(cfg.replace(head_lead_depth=0))
 
 
+def test_heads_learn_at_their_own_scale_of_the_learning_rate():
+    """--head-lr-scale: the head's optimiser runs at that times --lr; the layers keep --lr.
+    Auto is HEAD_LR_SCALE_STREAM for per-position heads of stages without a recurrent layer
+    and 1 elsewhere (images; an LSTM's stage); a run folder from before the option resumes at 1."""
+    from synthgrad.common.costs import HEAD_LR_SCALE_STREAM, head_lr_scale
+    from synthgrad.common.validation import check_synthetic
+    from synthgrad.coordinator.layout import plan_layout
+
+    def scales(cfg):
+        return [h.head.lr_scale for h in plan_layout(cfg)[1].helpers[:-1]]
+
+    assert HEAD_LR_SCALE_STREAM > 1 and scales(_gpt()) == [HEAD_LR_SCALE_STREAM] * 4
+    assert head_lr_scale(_gpt(head_lr_scale=0.5), recurrent=False) == 0.5
+    old = {k: v for k, v in _gpt().to_dict().items() if k != "head_lr_scale"}
+    assert head_lr_scale(RunConfig.from_dict(old), recurrent=False) == 1.0
+    cnn = RunConfig(mode="local", model="bench.models:digits_cnn", model_layers=4, input_shape=(1, 28, 28),
+                    num_classes=10)
+    assert scales(cnn) == [1.0] * 3
+    lstm = RunConfig(mode="local", dataset="text", model="lstm", input_shape=(16, 32), label_shape=(16,),
+                     num_classes=32)
+    assert scales(lstm) == [1.0]
+    cfg = _gpt(head_lr_scale=3.0, lr=2e-3)
+    choice = plan_layout(cfg)[1].helpers[1].head
+    head = Head.build(choice, cfg, (16, 128), seed=1, device=torch.device("cpu"), share=Share())
+    assert [g["lr"] for g in head.optimizer.param_groups] == [pytest.approx(6e-3)]
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match="--head-lr-scale"):
+            check_synthetic(cfg.replace(head_lr_scale=bad))
+
+
 def test_the_lead_is_a_fresh_draw_at_the_runs_own_seed_too():
     """Stage 0's head seed is the run's at --seed 0; the lead is still not the next stage's
     starting layer."""

@@ -410,7 +410,7 @@ def stage_helpers(cfg: RunConfig, module: nn.Module, in_shape: tuple[int, ...], 
         return Helpers()
     widths = state_sizes(module, in_shape) if predicts_states else []
     return choose_helpers(cfg, is_last=is_last, out_shape=out_shape, stage_flops=training_flops(module, in_shape),
-                          state_widths=widths, in_shape=in_shape)
+                          state_widths=widths, in_shape=in_shape, recurrent=bool(recurrent_layers(module)))
 
 
 @dataclass(frozen=True)

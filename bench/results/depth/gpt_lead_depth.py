@@ -22,7 +22,7 @@ steps = int(sys.argv[3]) if len(sys.argv) > 3 else 1000
 rule = sys.argv[4] if len(sys.argv) > 4 else "local"
 led = sum(1 for d in depths if d > 0)
 cfg = _resolve(RunConfig(dataset="text", model="bench.models:small_gpt", bptt=64, batch_size=32, steps=steps,
-                         epochs=3, mode="local", seed=seed, head_next_layer=led))[0]
+                         epochs=3, mode="local", seed=seed, head_next_layer=led, head_lr_scale=1.0))[0]
 ds = run_dataset(cfg)
 first_lead = 2  # stage 0 is the embedding and block 1: its next layer is unit 2
 
