@@ -245,8 +245,8 @@ class RunConfig:
                                                    "learning rate, so a head keeps up with the stage it "
                                                    "reads; default auto: 3 for the per-position heads "
                                                    "of stages without a recurrent layer on stream data "
-                                                   "(on the small GPT, 2,000 steps: 0.03-0.08 bits of "
-                                                   "local's 0.16, docs/results.md), 1 elsewhere", auto=True)
+                                                   "(on the small GPT it narrowed local's gap in every "
+                                                   "seed: docs/results.md), 1 elsewhere", auto=True)
     head_norm: bool = SYNTHETIC.opt(True, "local heads read the stage's output over its root mean square, so "
                                     "their loss cannot grow the stage's activations (a classifier's loss "
                                     "otherwise grows an early stage's, and the next stage's units die: "
