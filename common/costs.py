@@ -211,7 +211,7 @@ class HeadChoice:
 
     def build(self, cfg: RunConfig, out_shape: Sequence[int], seed: int = 0) -> LocalHead:
         """`seed`: the head's; the lead's weights are drawn from a seed of their own beside it
-        (a model of the run's shape built from it, the one layer kept), never the run's, so the
+        (a model of the run's shape built from it, the lead's layers kept), never the run's, so the
         lead does not start as the next stage's own layer (the head's seed is the run's for
         stage 0 at --seed 0)."""
         lead = None
