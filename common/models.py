@@ -252,20 +252,18 @@ def unit_shapes(units: Sequence[nn.Module], sample_shape: Sequence[int] = (1, 28
     return shapes
 
 
-def position_wise_front(units: Sequence[nn.Module], sample_shape: Sequence[int]) -> int:
-    """How many units at the front see one position at a time (an embedding of tokens and
-    positions) before the first that mixes positions (attention, a recurrence, a convolution
-    over time); 0 when the first mixes or none does. Found by a probe, not by type: a random
-    window and the same window with its first position changed, through each unit; a unit
-    mixes when any later position's output moves.
-    Why it matters: a per-position local head on such a unit can learn at best a bigram model,
-    while the layers after it need what attention reads (position, keys, queries): on the small
-    GPT a stage of the embedding alone was most of local's gap (docs/results.md)."""
+def mixes_positions(units: Sequence[nn.Module], sample_shape: Sequence[int]) -> list[bool]:
+    """Whether each unit mixes positions (attention, a recurrence, a convolution over time), for
+    as many units from the front as the probe can tell: it stops at a unit that cannot take it
+    or whose output has no positions left. Found by a probe, not by type: a random window and
+    the same window with its first position changed, through each unit in turn; a unit mixes
+    when any later position's output moves."""
     if len(sample_shape) < 2:
-        return 0
+        return []
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, *sample_shape, generator=g)
-    for i, u in enumerate(units):
+    found: list[bool] = []
+    for u in units:
         moved = x.clone()
         moved[:, 0] = torch.randn(moved[:, 0].shape, generator=g)
         was = u.training
@@ -275,17 +273,37 @@ def position_wise_front(units: Sequence[nn.Module], sample_shape: Sequence[int])
                 out = u(x)
                 reset_streams(u, training=False)  # the second window starts where the first did
                 out_moved = u(moved)
-        except Exception:  # a unit that cannot take the probe: no claim about it
-            return 0
+        except Exception:  # a unit that cannot take the probe: no claim about it or after it
+            return found
         finally:
             u.train(was)
             reset_streams(u, training=False)
         if not isinstance(out, torch.Tensor) or out.dim() < 3 or out.shape[1] < 2:
-            return 0  # no positions left to tell apart
-        if not torch.allclose(out[:, 1:], out_moved[:, 1:]):
-            return i
+            return found  # no positions left to tell apart
+        found.append(not torch.allclose(out[:, 1:], out_moved[:, 1:]))
         x = out
-    return 0
+    return found
+
+
+def position_wise_front(mixing: Sequence[bool]) -> int:
+    """How many units at the front see one position at a time (an embedding of tokens and
+    positions) before the first that mixes positions; 0 when the first mixes or none does
+    (`mixing`: mixes_positions). Why it matters: a per-position local head on such a unit can
+    learn at best a bigram model, while the layers after it need what attention reads
+    (position, keys, queries): on the small GPT a stage of the embedding alone was most of
+    local's gap (docs/results.md)."""
+    return next((i for i, m in enumerate(mixing) if m), 0)
+
+
+def position_wise_back(mixing: Sequence[bool], units: int) -> int:
+    """Where the units at the back that see one position at a time (a final norm, the
+    read-out) begin, after the last that mixes positions; `units` when the probe did not reach
+    the end, nothing mixes, or the last unit mixes. Why: a stage of a final norm alone trains
+    almost nothing, and its head is the read-out again; it would only add a process and a hop."""
+    if len(mixing) < units or not any(mixing):
+        return units
+    last = max(i for i, m in enumerate(mixing) if m)
+    return last + 1 if last + 1 < units else units
 
 
 def stage_io_shapes(cfg: RunConfig, units: Optional[Sequence[nn.Module]] = None

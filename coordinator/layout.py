@@ -21,7 +21,7 @@ from synthgrad.common.costs import (
     helper_flops,
     unit_costs,
 )
-from synthgrad.common.models import build_units, position_wise_front, unit_shapes
+from synthgrad.common.models import build_units, mixes_positions, position_wise_back, position_wise_front, unit_shapes
 from synthgrad.common.modes import Mode
 from synthgrad.common.placement import Placement, blocks, partition, plan_placement, useful_threads
 from synthgrad.common.procs import available_cores
@@ -175,15 +175,19 @@ def plan_layout(cfg: RunConfig) -> tuple[RunConfig, Optional[Layout]]:
     Stages are cut between blocks (common/placement.py `blocks`): a layer without parameters
     rides with the layer before it, so no stage is left with nothing to train; on stream data
     the position-wise layers in front (an embedding) ride with the first layer that mixes
-    positions (common/models.py `position_wise_front`)."""
+    positions (common/models.py `position_wise_front`), and those at the back share the last
+    stage (`position_wise_back`)."""
     if cfg.mode == Mode.BACKPROP:
         return cfg, None
     units = build_units(cfg)
     costs = unit_costs(cfg, units)
     trainable = [any(p.requires_grad for p in u.parameters()) for u in units]
-    # on stream data, position-wise layers in front ride with the first that mixes positions
-    front = position_wise_front(units, cfg.sample_shape) if cfg.per_position else 0
-    runs = blocks([t and i >= front for i, t in enumerate(trainable)])
+    # on stream data, position-wise layers in front ride with the first that mixes positions,
+    # and those at the back (a final norm, the read-out) share one stage
+    mixing = mixes_positions(units, cfg.sample_shape) if cfg.per_position else []
+    front, back = position_wise_front(mixing), position_wise_back(mixing, len(units))
+    tail = next((i for i in range(back, len(units)) if trainable[i]), None)
+    runs = blocks([t and i >= front and (i < back or i == tail) for i, t in enumerate(trainable)])
     cfg, auto = _resolve_auto(cfg, len(runs))
     if cfg.groups is not None:  # a split by hand (--groups, --split-at)
         _check_every_stage_trains(cfg, units)

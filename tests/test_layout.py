@@ -376,14 +376,33 @@ def test_on_stream_data_a_position_wise_front_rides_with_the_first_layer_that_mi
     only a bigram model. A model that mixes positions from its first layer (an LSTM) keeps one
     stage per layer, and so does a GPT whose split is given by hand."""
     from bench.models import small_gpt
-    from synthgrad.common.models import build_units, position_wise_front
+    from synthgrad.common.models import build_units, mixes_positions, position_wise_back, position_wise_front
     text = dict(mode="local", dataset="text", input_shape=(8, 11), label_shape=(8,), num_classes=11)
     gpt = RunConfig(**text, model="bench.models:small_gpt")
-    assert position_wise_front(build_units(gpt), (8, 11)) == 1
+    assert position_wise_front(mixes_positions(build_units(gpt), (8, 11))) == 1
     assert plan_layout(gpt)[0].stage_groups == (2, 1, 1, 1, 1)
     assert plan_layout(gpt.replace(groups=(1, 1, 1, 1, 1, 1)))[0].stage_groups == (1, 1, 1, 1, 1, 1)
     assert plan_layout(RunConfig(**text, model="lstm"))[0].stage_groups == (1, 1)
     # position-wise throughout (nothing mixes): no claim, one stage per layer
     units = [nn.Linear(11, 16), nn.Sequential(nn.ReLU(), nn.Linear(16, 11))]
-    assert position_wise_front(units, (8, 11)) == 0
-    assert position_wise_front(small_gpt((8, 11), 11, width=16, heads=2, blocks=1), (8, 11)) == 1
+    assert mixes_positions(units, (8, 11)) == [False, False]
+    assert position_wise_front(mixes_positions(units, (8, 11))) == 0
+    assert position_wise_back(mixes_positions(units, (8, 11)), 2) == 2
+    assert position_wise_front(mixes_positions(small_gpt((8, 11), 11, width=16, heads=2, blocks=1), (8, 11))) == 1
+
+
+def test_on_stream_data_a_final_norm_shares_the_read_outs_stage():
+    """A GPT written with its final norm and read-out as children of their own (ln_f, lm_head)
+    gets one stage for both, as the one-layer read-out of bench.models:small_gpt does: a stage of
+    the norm alone trains almost nothing, and its local head would be the read-out again. A model
+    whose last layer mixes positions, and a split by hand, keep their stages."""
+    from synthgrad.common.models import build_units, mixes_positions, position_wise_back
+    text = dict(mode="local", dataset="text", input_shape=(8, 11), label_shape=(8,), num_classes=11)
+    gpt = RunConfig(**text, model="tests.user_models:gpt_split_readout")
+    mixing = mixes_positions(build_units(gpt), (8, 11))
+    assert mixing == [False, True, True, False, False]
+    assert position_wise_back(mixing, 5) == 3
+    assert plan_layout(gpt)[0].stage_groups == (2, 1, 2)
+    assert plan_layout(gpt.replace(groups=(2, 1, 1, 1)))[0].stage_groups == (2, 1, 1, 1)
+    assert position_wise_back([False, True], 2) == 2  # the last layer mixes: nothing to share
+    assert position_wise_back([True, False], 3) == 3  # the probe stopped short: no claim

@@ -110,3 +110,11 @@ def two_timescales_every_3(input_shape, num_classes):
 def small_lstm(input_shape, num_classes):
     """An LSTM of 32 units and a read-out at every position: --model lstm, smaller."""
     return [nn.LSTM(input_shape[-1], 32, batch_first=True), nn.Linear(32, num_classes)]
+
+
+def gpt_split_readout(input_shape, num_classes):
+    """A GPT whose final norm and read-out are children of their own, as many are written
+    (`ln_f`, `lm_head`): position-wise layers at the back."""
+    from bench.models import small_gpt
+    gpt = small_gpt(input_shape, num_classes, width=16, heads=2, blocks=2)
+    return nn.Sequential(*gpt[:-1], *gpt[-1])
