@@ -14,9 +14,15 @@ kinds are what the figures are checked on.
     --model bench.models:small_gpt         stream data (--dataset text): one-hot characters and
                                            learned positions, 4 pre-norm causal blocks (d 128, 4
                                            heads), a norm and a read-out at every position (6 layers)
+    --model bench.models:encoder_gpt       stream data, written another way: torch's own
+                                           nn.TransformerEncoderLayer (pre-norm, causal mask,
+                                           dropout 0.1) x 5, d 96, 3 heads, fixed sinusoidal
+                                           positions, the final norm and the read-out as layers of
+                                           their own (8 layers); the defaults were not tuned on it
 """
 from __future__ import annotations
 
+import math
 
 import torch
 from torch import nn
@@ -119,4 +125,41 @@ def small_gpt(input_shape, num_classes, width: int = 128, heads: int = 4, blocks
                          nn.Sequential(nn.LayerNorm(width), nn.Linear(width, num_classes)))
 
 
-__all__ = ["digits_cnn", "row_transformer", "dominant_cnn", "deep_cnn", "small_gpt"]
+class _SinusoidEmbed(nn.Module):
+    """One-hot characters [B, T, V] to vectors, plus fixed sine and cosine positions."""
+
+    def __init__(self, vocab: int, width: int, positions: int):
+        super().__init__()
+        self.tokens = nn.Linear(vocab, width, bias=False)
+        position = torch.arange(positions).unsqueeze(1)
+        frequency = torch.exp(torch.arange(0, width, 2) * (-math.log(10000.0) / width))
+        table = torch.zeros(positions, width)
+        table[:, 0::2] = torch.sin(position * frequency)
+        table[:, 1::2] = torch.cos(position * frequency)
+        self.register_buffer("table", table)
+
+    def forward(self, x):
+        return self.tokens(x) + self.table[: x.shape[1]]
+
+
+class _CausalEncoderLayer(nn.Module):
+    """torch's encoder layer, pre-norm, with a causal mask: a GPT block as torch ships it."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(width, heads, 3 * width, dropout=0.1, activation="gelu",
+                                                batch_first=True, norm_first=True)
+
+    def forward(self, x):
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=x.device)
+        return self.layer(x, src_mask=mask, is_causal=True)
+
+
+def encoder_gpt(input_shape, num_classes, width: int = 96, heads: int = 3, blocks: int = 5):
+    positions, vocab = input_shape
+    return nn.Sequential(_SinusoidEmbed(vocab, width, positions),
+                         *[_CausalEncoderLayer(width, heads) for _ in range(blocks)],
+                         nn.LayerNorm(width), nn.Linear(width, num_classes))
+
+
+__all__ = ["digits_cnn", "row_transformer", "dominant_cnn", "deep_cnn", "small_gpt", "encoder_gpt"]

@@ -404,5 +404,7 @@ def test_on_stream_data_a_final_norm_shares_the_read_outs_stage():
     assert position_wise_back(mixing, 5) == 3
     assert plan_layout(gpt)[0].stage_groups == (2, 1, 2)
     assert plan_layout(gpt.replace(groups=(2, 1, 1, 1)))[0].stage_groups == (2, 1, 1, 1)
+    # torch's own encoder layers, with the norm and the read-out as children of their own
+    assert plan_layout(gpt.replace(model="bench.models:encoder_gpt"))[0].stage_groups == (2, 1, 1, 1, 1, 2)
     assert position_wise_back([False, True], 2) == 2  # the last layer mixes: nothing to share
     assert position_wise_back([True, False], 3) == 3  # the probe stopped short: no claim
