@@ -302,8 +302,7 @@ def position_wise_back(mixing: Sequence[bool], units: int) -> int:
     almost nothing, and its head is the read-out again; it would only add a process and a hop."""
     if len(mixing) < units or not any(mixing):
         return units
-    last = max(i for i, m in enumerate(mixing) if m)
-    return last + 1 if last + 1 < units else units
+    return max(i for i, m in enumerate(mixing) if m) + 1
 
 
 def stage_io_shapes(cfg: RunConfig, units: Optional[Sequence[nn.Module]] = None
