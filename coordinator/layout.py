@@ -114,14 +114,14 @@ class Layout:
     def describe(self) -> str:
         mflops = ", ".join(f"{f / 1e6:.2f}" for f in self.stage_flops)
         ceiling = self.ceiling_samples_per_s
-        sg = [f"{i}: rank {c.rank}{' 1x1' if c.kernel == 1 else ''} {100 * share:.0f}%"
+        sg = [f"{i}: rank {c.rank}{' 1x1' if c.kernel == 1 else ''} {_share(share, 0)}"
               for i, (c, share) in enumerate(zip(self.predictors, self.predictor_shares)) if c is not None]
         heads = [f"{i}: {_copied(c)}{'hidden layer ' * c.depth}{f'of {c.hidden} ' if c.depth and c.hidden else ''}"
                  f"{f'at {c.side}x{c.side} ' if c.depth and c.side else ''}"
                  f"{'attention ' if c.attention else ''}{f'lr x{c.lr_scale:g} ' if c.lr_scale != 1 else ''}"
-                 f"{100 * share:.1f}%"
+                 f"{_share(share)}"
                  for i, (c, share) in enumerate(zip(self.heads, self.head_shares)) if c is not None]
-        states = [f"{i}: rank {c.rank} {100 * share:.1f}%" for i, (cs, shares) in
+        states = [f"{i}: rank {c.rank} {_share(share)}" for i, (cs, shares) in
                   enumerate(zip(self.state_predictors, self.state_predictor_shares)) for c, share in zip(cs, shares)]
         return (f"layout: layers per stage {list(self.groups)}{f' ({self.auto})' if self.auto else ''}, "
                 f"MFLOPs per sample {mflops}; "
@@ -132,6 +132,12 @@ class Layout:
                 + (f"; predictors (share of their stage) {', '.join(sg)}" if sg else "")
                 + (f"; local heads (share of their stage) {', '.join(heads)}" if heads else "")
                 + (f"; state predictors (share of their stage) {', '.join(states)}" if states else ""))
+
+
+def _share(share: float, digits: int = 1) -> str:
+    """A helper's FLOPs as a share of its stage's: a percentage, or a multiple past 10 times (a
+    stage of almost no FLOPs, a norm alone, would show millions of percent)."""
+    return f"{share:,.0f}x" if share >= 10 else f"{100 * share:.{digits}f}%"
 
 
 def auto_stages(cfg: RunConfig, blocks: int, cores: int, cuda_devices: int) -> tuple[int, str]:
