@@ -68,6 +68,9 @@ class RunConfig:
     groups: Optional[tuple[int, ...]] = MODEL.opt(None, "explicit layers per stage, e.g. 2,1,1")
     split_at: Optional[str] = MODEL.opt(None, "the layers where a new stage begins, by name, e.g. conv2,head "
                                               "(names of your nn.Sequential's children; built-in layers: 0, 1, ...)")
+    untie_weights: bool = MODEL.opt(False, "train weights your layers share (a GPT's embedding and read-out tied) as "
+                                           "separate copies from the same start: every stage holds its own layers, "
+                                           "so a tie across layers cannot hold; without this such a model is refused")
 
     dataset: str = DATA.opt("fashion-mnist", "fashion-mnist | mnist (IDX files of any image size; needs --data-dir) | "
                                              "cifar10 (the binary version; needs --data-dir) | synthetic (generated in "

@@ -6,6 +6,7 @@ initial weights equal the single-process reference's bit for bit.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -84,11 +85,36 @@ def build_units(cfg: RunConfig) -> list[nn.Module]:
     """The whole network as a list of layers ("units"), from the seed: every process builds
     the same one and keeps its own stage's units. On stream data its recurrent layers carry
     their state from one window to the next."""
-    units = [unit for _, unit in _named_units(cfg)]
+    named = _named_units(cfg)
+    units = [unit for _, unit in named]
+    ties = tied_parameters(units)
+    if ties and not cfg.untie_weights:
+        first, later, name = ties[0]
+        raise ModelError(
+            f"layers {named[first][0]} and {named[later][0]} share a parameter ({name} of {named[later][0]}"
+            f"{f', and {len(ties) - 1} more' if len(ties) > 1 else ''}): weights tied across layers, as a GPT's "
+            f"embedding and read-out often are. Every stage process holds its own copy of its layers, so the tie "
+            f"cannot hold across stages. Pass --untie-weights to train them as separate copies that start from "
+            f"the same values (in every mode, backprop's too), or tie them inside one layer")
+    for later in sorted({later for _, later, _ in ties}):
+        units[later] = copy.deepcopy(units[later])  # its own parameters, at the values they started from
     if cfg.per_position:
         for unit in units:
             stream_through(unit)
     return units
+
+
+def tied_parameters(units: Sequence[nn.Module]) -> list[tuple[int, int, str]]:
+    """(the first layer holding it, a later layer holding it too, its name there) for every
+    parameter that more than one layer holds: weights tied across layers."""
+    owner: dict[int, int] = {}
+    ties = []
+    for i, unit in enumerate(units):
+        for name, p in unit.named_parameters():
+            first = owner.setdefault(id(p), i)
+            if first != i:
+                ties.append((first, i, name))
+    return ties
 
 
 def _named_units(cfg: RunConfig) -> list[tuple[str, nn.Module]]:

@@ -96,6 +96,26 @@ def test_locked_equals_backprop_on_a_users_model_and_data(tmp_path):
     assert s["status"] == "done" and s["steps"] == 12
 
 
+def test_weights_tied_across_layers_are_refused_or_untied():
+    """A GPT whose read-out shares the token embedding's weights (nanoGPT's `lm_head.weight =
+    wte.weight`): every stage holds its own layers, so the tie cannot hold across stages and
+    would break silently. It is refused, naming the layers and the way out; with --untie-weights
+    every layer owns its parameters from the tied start, in every mode alike (all build the
+    network with build_units), so locked still equals backprop on it."""
+    from synthgrad.common.models import build_units, tied_parameters
+    from synthgrad.coordinator.train import _resolve
+    cfg = RunConfig(mode="local", dataset="text", model="tests.user_models:tied_gpt", bptt=8, batch_size=4, steps=3)
+    with pytest.raises(ConfigError, match=r"layers 0 and 3 share a parameter \(weight of 3\).*--untie-weights"):
+        _resolve(cfg)
+    untied, layout = _resolve(cfg.replace(untie_weights=True))
+    assert sum(layout.groups) == 4
+    units = build_units(untied)
+    assert tied_parameters(units) == [] and torch.equal(units[0].wte.weight, units[3].weight)
+    units[3].weight.data.add_(1.0)  # the read-out's copy moves alone
+    assert not torch.equal(units[0].wte.weight, units[3].weight)
+    assert sorted(tied_parameters([units[0], units[0]])) == [(0, 1, "wpe"), (0, 1, "wte.weight")]
+
+
 def test_split_points_by_layer_name(tmp_path):
     base = RunConfig(mode="locked", model="tests.user_models:named", **TINY)
     from synthgrad.coordinator.train import _resolve

@@ -1,6 +1,7 @@
 """Models a user might bring, given to --model by import path (tests/test_user_model.py)."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -118,3 +119,23 @@ def gpt_split_readout(input_shape, num_classes):
     from bench.models import small_gpt
     gpt = small_gpt(input_shape, num_classes, width=16, heads=2, blocks=2)
     return nn.Sequential(*gpt[:-1], *gpt[-1])
+
+
+class _Embedding(nn.Module):
+    def __init__(self, vocab, width, positions):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, width)
+        self.wpe = nn.Parameter(torch.randn(positions, width) * 0.02)
+
+    def forward(self, x):
+        return self.wte(x.argmax(-1)) + self.wpe[: x.shape[1]]
+
+
+def tied_gpt(input_shape, num_classes):
+    """A GPT-like stack whose read-out shares the token embedding's weights, as nanoGPT's does
+    (`lm_head.weight = wte.weight`): one parameter held by the first layer and the last."""
+    positions, vocab = input_shape
+    embed = _Embedding(vocab, 16, positions)
+    readout = nn.Linear(16, num_classes, bias=False)
+    readout.weight = embed.wte.weight
+    return nn.Sequential(embed, nn.Linear(16, 16), nn.LayerNorm(16), readout)
