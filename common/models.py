@@ -266,8 +266,12 @@ def unit_shapes(units: Sequence[nn.Module], sample_shape: Sequence[int] = (1, 28
             try:
                 out = u(x)
             except Exception as exc:
-                raise ModelError(f"layer {i} ({type(u).__name__}) cannot take the output of the layer before "
-                                 f"it, per sample {tuple(x.shape[1:])}: {type(exc).__name__}: {exc}") from None
+                what = "the data's samples" if i == 0 else "the output of the layer before it"
+                hint = (f". The data comes as floats (one-hot where it is tokens); an nn.Embedding wants token "
+                        f"ids: give it x.argmax(-1), or use nn.Linear({sample_shape[-1]}, width, bias=False), the same map"
+                        if i == 0 and any(isinstance(m, nn.Embedding) for m in u.modules()) else "")
+                raise ModelError(f"layer {i} ({type(u).__name__}) cannot take {what}, per sample "
+                                 f"{tuple(x.shape[1:])}: {type(exc).__name__}: {exc}{hint}") from None
             finally:
                 u.train(was)
                 reset_streams(u, training=False)  # a probe is not an evaluation's stream

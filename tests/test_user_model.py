@@ -17,6 +17,8 @@ TINY = dict(dataset="synthetic", batch_size=32, synthetic_train=512, synthetic_t
 @pytest.mark.parametrize("path, needle", [
     ("tests.user_models:not_a_model", "returned int; it must return an nn.Sequential"),
     ("tests.user_models:broken_chain", r"layer 1 \(Linear\) cannot take the output of the layer before it, per sample \(784,\)"),
+    ("tests.user_models:token_embedding", r"layer 0 \(Embedding\) cannot take the data's samples, per sample "
+                                          r"\(1, 28, 28\): .*an nn.Embedding wants token ids: give it x.argmax\(-1\)"),
     ("tests.user_models:wrong_classes", r"the last layer gives \(3,\) per sample; the data has 10 classes"),
     ("tests.user_models:raises", "the factory failed: RuntimeError: the user's bug"),
     ("tests.no_such_module:make", "cannot import tests.no_such_module"),

@@ -29,6 +29,11 @@ def broken_chain(num_classes):
     return [nn.Flatten(), nn.Linear(10, 5), nn.Linear(5, num_classes)]
 
 
+def token_embedding(num_classes):
+    """A first layer that wants token ids (nn.Embedding), where the data gives floats."""
+    return nn.Sequential(nn.Embedding(784, 8), nn.Flatten(), nn.Linear(8 * 784, num_classes))
+
+
 def wrong_classes():
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 3))
 
